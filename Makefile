@@ -1,0 +1,30 @@
+# DPIP: `make run` starts a local system, `make test` runs the whole suite from a clean clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+
+.PHONY: install run test e2e bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: install
+	$(PY) scripts/run_local.py
+
+test: install
+	$(PY) -m pytest -q
+
+e2e: install
+	$(PY) scripts/e2e_local.py
+
+bench: install
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

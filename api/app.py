@@ -1,0 +1,108 @@
+"""The app factory: ``create_app(settings)`` builds the whole server process.
+
+The HTTP routes live here; the datastore, the image store, the controller's membership and
+the scheduler are opened and closed in ``cleanup_ctx``, so tests and ``main.py`` start the
+same thing. Errors of every kind leave as JSON ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from api import handlers
+from api.keys import AUTH, IMAGES, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
+from api.settings import ServerSettings
+from common.config import tcp_url
+from controller.auth import Auth, load_or_create_secret
+from controller.images import ImageStore
+from controller.membership import Membership
+from controller.models import BadInput, Conflict, DpipError, Forbidden, NotFound, TooLarge, Unauthorized, UnsupportedMedia
+from controller.store import Store
+from scheduler.dispatcher import Scheduler, SchedulerSettings
+
+logger = logging.getLogger(__name__)
+
+_STATUS = [
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (TooLarge, 413),
+    (UnsupportedMedia, 415),
+    (BadInput, 400),
+]
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
+    """Map domain errors and aiohttp's own HTTP errors to JSON; never leak a stack trace."""
+    try:
+        return await handler(request)
+    except DpipError as e:
+        status = next(code for cls, code in _STATUS if isinstance(e, cls)) if not type(e) is DpipError else 500
+        headers = {"WWW-Authenticate": 'Bearer realm="dpip"'} if status == 401 else None
+        return error_response(status, str(e), headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "WWW-Authenticate", "Retry-After")}
+        reason = {
+            404: f"no such endpoint: {request.method} {request.path}",
+            405: f"method {request.method} not allowed on {request.path}; allowed: {e.headers.get('Allow', '')}",
+            413: "request body too large",
+        }.get(e.status, e.text or e.reason)
+        return error_response(e.status, reason, headers)
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal server error")
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    """Open the datastore, auth, image store, controller and scheduler; close them in reverse."""
+    s = app[SETTINGS]
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    s.images_dir.mkdir(exist_ok=True)
+    s.incoming_dir.mkdir(exist_ok=True)
+    store = Store(s.db_path)
+    await store.open()
+    auth = Auth(store, load_or_create_secret(s.data_dir / "jwt-secret"), s.token_ttl)
+    await auth.load()
+    await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
+    membership = Membership(store, auth, s.port, s.public_url, s.heartbeat_interval, s.worker_ttl)
+    scheduler = Scheduler(store, membership, SchedulerSettings(s.job_timeout, s.max_attempts))
+    app[STORE], app[AUTH], app[MEMBERSHIP], app[SCHEDULER] = store, auth, membership, scheduler
+    app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
+    app[UPLOAD_LOCKS] = {}
+    await membership.start(tcp_url(s.host, s.controller_port))
+    await scheduler.start()
+    try:
+        yield
+    finally:
+        await scheduler.close()
+        await membership.close()
+        await store.close()
+
+
+def create_app(settings: ServerSettings) -> web.Application:
+    """The server: HTTP API plus, in its lifecycle, controller and scheduler."""
+    app = web.Application(middlewares=[errors_as_json], client_max_size=1024 * 1024)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_services)
+    r = app.router
+    r.add_route("GET", "/login", handlers.login)
+    r.add_route("POST", "/login", handlers.login)
+    r.add_route("DELETE", "/logout", handlers.logout)
+    r.add_route("GET", "/status", handlers.status)
+    r.add_route("POST", "/workloads", handlers.create_workload)
+    r.add_route("GET", "/workloads/{workload_id}", handlers.get_workload)
+    r.add_route("POST", "/images", handlers.upload_image)
+    r.add_route("GET", "/images", handlers.list_images)
+    r.add_route("GET", "/images/{image_id}", handlers.download_image)
+    return app

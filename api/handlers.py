@@ -1,0 +1,192 @@
+"""HTTP handlers: parse, call a service, return JSON. Domain errors become statuses in app.py."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import BodyPartReader, web
+
+from api.keys import AUTH, CLAIMS, IMAGES, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
+from api.params import basic_credentials, bearer_token, int_param, request_params, required
+from controller.auth import USER, WORKER, Claims
+from controller.images import StoredFile, check_workload_name
+from common.formats import FORMATS
+from controller.models import BadInput, Filter, Forbidden, ImageType, WorkloadStatus
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FILE_FIELDS = ("data", "image", "file")
+
+
+def requires(*scopes: str) -> Callable[[Handler], Handler]:
+    """Check the bearer token (signature, expiry, revocation, scope) before the handler runs."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def checked(request: web.Request) -> web.StreamResponse:
+            request[CLAIMS] = request.app[AUTH].verify(bearer_token(request), scopes)
+            return await handler(request)
+
+        return checked
+
+    return wrap
+
+
+def _owner(claims: Claims) -> str | None:
+    """Users see their own workloads; workers (which serve every user) see all."""
+    return claims.subject if claims.scope == USER else None
+
+
+async def login(request: web.Request) -> web.Response:
+    user, password = basic_credentials(request)
+    token = await request.app[AUTH].login(user, password)
+    return web.json_response({"user": user, "token": token})
+
+
+@requires(USER)
+async def logout(request: web.Request) -> web.Response:
+    claims: Claims = request[CLAIMS]
+    await request.app[AUTH].revoke(claims)
+    return web.json_response({"logout_message": f"Bye {claims.subject}, your token has been revoked"})
+
+
+@requires(USER)
+async def status(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    claims: Claims = request[CLAIMS]
+    active = []
+    for wid in await store.workload_ids(claims.subject):
+        view = await store.workload_view(await store.get_workload(wid))
+        if view.status != WorkloadStatus.COMPLETED:
+            active.append(view.to_json())
+    workers = sorted(request.app[MEMBERSHIP].snapshot(), key=lambda w: w.name)
+    return web.json_response({
+        "system_name": request.app[SETTINGS].system_name,
+        "server_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "active_workloads": active,
+        "workers": [w.to_json() for w in workers],
+        "queued_jobs": request.app[SCHEDULER].queued(),
+    })
+
+
+@requires(USER)
+async def create_workload(request: web.Request) -> web.Response:
+    params = await request_params(request)
+    raw_filter = params.get("filter", "").strip().lower() or Filter.GRAYSCALE.value
+    try:
+        filter_ = Filter(raw_filter)
+    except ValueError as e:
+        known = ", ".join(f.value for f in Filter)
+        raise BadInput(f"unknown filter {raw_filter!r}; use one of: {known}") from e
+    name = params.get("workload_name", "").strip() or None
+    if name is not None:
+        check_workload_name(name)
+    tags = tuple(sorted({t.strip() for t in params.get("tags", "").split(",") if t.strip()}))
+    store = request.app[STORE]
+    workload = await store.create_workload(name, request[CLAIMS].subject, filter_, tags)
+    return web.json_response((await store.workload_view(workload)).to_json())
+
+
+@requires(USER)
+async def get_workload(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    workload = await store.get_workload(request.match_info["workload_id"], _owner(request[CLAIMS]))
+    return web.json_response((await store.workload_view(workload)).to_json())
+
+
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(1 << 20):
+        yield chunk
+
+
+def _image_type(params: dict[str, str], default: ImageType | None) -> ImageType | None:
+    raw = params.get("type", "").strip().lower()
+    if not raw:
+        return default
+    try:
+        return ImageType(raw)
+    except ValueError as e:
+        raise BadInput(f"type must be 'original' or 'filtered', got {raw!r}") from e
+
+
+@requires(USER, WORKER)
+async def upload_image(request: web.Request) -> web.Response:
+    """Stream the file to disk, then give it the next id of its workload and queue its job."""
+    if request.content_type != "multipart/form-data":
+        raise BadInput("upload as multipart/form-data with the image in field 'data'")
+    images = request.app[IMAGES]
+    params: dict[str, str] = dict(request.query)
+    stored: StoredFile | None = None
+    try:
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name in FILE_FIELDS or (part.filename and part.name not in params):
+                    if stored is not None:
+                        raise BadInput("send one image per request")
+                    stored = await images.receive(_part_chunks(part))
+                elif part.name:
+                    params[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
+        except (ValueError, AssertionError) as e:
+            raise BadInput(f"malformed multipart body: {e}") from e
+        if stored is None:
+            raise BadInput("no image in the request: put the file in multipart field 'data'")
+        return web.json_response(await _accept(request, params, stored))
+    finally:
+        if stored is not None:
+            await images.discard(stored)  # a no-op once the file was moved into place
+
+
+async def _accept(request: web.Request, params: dict[str, str], stored: StoredFile) -> dict:
+    app = request.app
+    store, images, claims = app[STORE], app[IMAGES], request[CLAIMS]
+    workload = await store.get_workload(required(params, "workload_id"), _owner(claims))
+    type_ = _image_type(params, ImageType.ORIGINAL)
+    lock = app[UPLOAD_LOCKS].setdefault(workload.id, asyncio.Lock())
+    if type_ == ImageType.ORIGINAL:
+        if claims.scope != USER:
+            raise Forbidden("workers upload filtered images only")
+        async with lock:  # ids follow arrival order; the file is in place before the row
+            image_id = await store.next_image_id(workload.id)
+            await images.commit(stored, images.path(workload.name, type_, image_id, stored.format))
+            job = await store.add_original(workload, image_id, stored.format, stored.size)
+        app[SCHEDULER].submit(job)
+    else:
+        if claims.scope != WORKER:
+            raise Forbidden("only workers upload filtered images")
+        image_id = int_param(params, "image_id")
+        assert image_id is not None
+        if image_id >= await store.next_image_id(workload.id):
+            raise BadInput(f"workload has no original image {image_id}")
+        async with lock:  # first result wins; a late or duplicate one changes nothing
+            await images.commit(
+                stored, images.path(workload.name, type_, image_id, stored.format), replace=False
+            )
+            await store.add_filtered(workload.id, image_id, stored.format, stored.size)
+    return {"workload_id": workload.id, "image_id": image_id, "type": type_.value}
+
+
+@requires(USER, WORKER)
+async def download_image(request: web.Request) -> web.StreamResponse:
+    params = await request_params(request)
+    image_id = int_param({"image_id": request.match_info["image_id"]}, "image_id")
+    assert image_id is not None
+    store = request.app[STORE]
+    workload = await store.get_workload(required(params, "workload_id"), _owner(request[CLAIMS]))
+    type_ = _image_type(params, ImageType.ORIGINAL)
+    assert type_ is not None
+    fmt = await store.get_image(workload.id, image_id, type_)
+    path = request.app[IMAGES].path(workload.name, type_, image_id, fmt)
+    return web.FileResponse(path, headers={"Content-Type": FORMATS[fmt][1]})
+
+
+@requires(USER, WORKER)
+async def list_images(request: web.Request) -> web.Response:
+    params = await request_params(request)
+    store = request.app[STORE]
+    workload = await store.get_workload(required(params, "workload_id"), _owner(request[CLAIMS]))
+    return web.json_response(await store.list_images(workload.id, _image_type(params, None)))

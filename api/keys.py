@@ -1,0 +1,24 @@
+"""Typed application state: one ``web.AppKey`` per shared resource."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from api.settings import ServerSettings
+from controller.auth import Auth, Claims
+from controller.images import ImageStore
+from controller.membership import Membership
+from controller.store import Store
+from scheduler.dispatcher import Scheduler
+
+SETTINGS = web.AppKey("settings", ServerSettings)
+STORE = web.AppKey("store", Store)
+AUTH = web.AppKey("auth", Auth)
+IMAGES = web.AppKey("images", ImageStore)
+MEMBERSHIP = web.AppKey("membership", Membership)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
+CLAIMS = "dpip.claims"  # request-scoped: who is calling
+__all__ = ["SETTINGS", "STORE", "AUTH", "IMAGES", "MEMBERSHIP", "SCHEDULER", "UPLOAD_LOCKS", "CLAIMS", "Claims"]

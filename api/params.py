@@ -1,0 +1,103 @@
+"""Request parsing: parameters may come in the query string, a form, a JSON body or a multipart
+body, on any method (the reference's pull client sends a form body on a GET)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from controller.models import BadInput, Unauthorized
+
+
+async def request_params(request: web.Request) -> dict[str, str]:
+    """Query-string parameters, overlaid with those of the body, whatever its encoding."""
+    params: dict[str, str] = dict(request.query)
+    if not request.body_exists:
+        return params
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name and not part.filename:
+                    params[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
+        except (ValueError, AssertionError) as e:
+            raise BadInput(f"malformed multipart body: {e}") from e
+        return params
+    body = await request.read()  # bounded by client_max_size (413 beyond)
+    if not body.strip():
+        return params
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput("request body is not UTF-8") from e
+    if ctype == "application/json" or (ctype == "application/octet-stream" and text.lstrip()[:1] == "{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"malformed JSON body: {e}") from e
+        if not isinstance(obj, dict):
+            raise BadInput("JSON body must be an object")
+        params.update({k: _scalar(v) for k, v in obj.items() if v is not None})
+        return params
+    # Form-encoded, or anything else that looks like it (curl -d sends x-www-form-urlencoded).
+    try:
+        params.update(parse_qsl(text, keep_blank_values=True, strict_parsing=False))
+    except ValueError as e:
+        raise BadInput(f"malformed form body: {e}") from e
+    return params
+
+
+def _scalar(v: object) -> str:
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def basic_credentials(request: web.Request) -> tuple[str, str]:
+    """User and password from ``Authorization: Basic ...``."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        raise Unauthorized("log in with HTTP Basic authentication (curl -u user:password)")
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError) as e:
+        raise Unauthorized("malformed Basic credentials") from e
+    if not sep or not user:
+        raise Unauthorized("malformed Basic credentials: expected user:password")
+    return user, password
+
+
+def bearer_token(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("missing token: send 'Authorization: Bearer <token>' (get one from /login)")
+    return value.strip()
+
+
+def int_param(params: dict[str, str], name: str, required: bool = True) -> int | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        if required:
+            raise BadInput(f"missing parameter {name!r}")
+        return None
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise BadInput(f"{name} must be an integer, got {raw!r}") from e
+    if value < 0:
+        raise BadInput(f"{name} must not be negative")
+    return value
+
+
+def required(params: dict[str, str], name: str) -> str:
+    value = params.get(name, "").strip()
+    if not value:
+        raise BadInput(f"missing parameter {name!r}")
+    return value

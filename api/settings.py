@@ -1,0 +1,81 @@
+"""Settings of the server process (API + controller + scheduler), from flags and DPIP_* env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import EnvDefaultsParser
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    controller_port: int = 40899
+    data_dir: Path = Path("data")
+    public_url: str = ""  # what workers use to reach the API, if not controller-host:port
+    admin_user: str = "admin"
+    admin_password: str = ""  # empty: generate one on first start
+    token_ttl: float = 24 * 3600.0
+    heartbeat_interval: float = 1.0
+    worker_ttl: float = 3.0  # silent this long (3 heartbeats) = dead
+    job_timeout: float = 120.0
+    max_attempts: int = 3
+    max_upload_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    fsync: bool = True
+    system_name: str = "DPIP"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "dpip.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.data_dir / "incoming"
+
+
+def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, str]:
+    """Parse ``main.py``'s flags; returns the settings and the log level."""
+    d = ServerSettings()
+    p = EnvDefaultsParser(prog="main.py", description="DPIP server: HTTP API, controller and scheduler.")
+    p.add_argument("--host", default=d.host, help="address for the API and the controller (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=d.port, help="HTTP API port")
+    p.add_argument("--controller-port", type=int, default=d.controller_port, help="nng controller port")
+    p.add_argument("--data-dir", type=Path, default=d.data_dir, help="SQLite file and images live here")
+    p.add_argument("--public-url", default="", help="URL workers use for the API (default: controller host + API port)")
+    p.add_argument("--admin-user", default=d.admin_user, help="admin user created on first start")
+    p.add_argument("--admin-password", default="", help="its password (default: generated, saved in the data dir)")
+    p.add_argument("--token-ttl", type=float, default=d.token_ttl, help="token lifetime in seconds")
+    p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval,
+                   help="seconds between worker heartbeats, told to workers")
+    p.add_argument("--worker-ttl", type=float, default=d.worker_ttl, help="a worker silent this long is dead")
+    p.add_argument("--job-timeout", type=float, default=d.job_timeout, help="longest a job attempt may take")
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="attempts before a job fails")
+    p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes, help="largest accepted upload")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false", default=True,
+                   help="do not fsync uploads (faster, but a power cut may lose accepted ones)")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    settings = ServerSettings(
+        host=a.host,
+        port=a.port,
+        controller_port=a.controller_port,
+        data_dir=a.data_dir,
+        public_url=a.public_url,
+        admin_user=a.admin_user,
+        admin_password=a.admin_password,
+        token_ttl=a.token_ttl,
+        heartbeat_interval=a.heartbeat_interval,
+        worker_ttl=a.worker_ttl,
+        job_timeout=a.job_timeout,
+        max_attempts=a.max_attempts,
+        max_upload_bytes=a.max_upload_bytes,
+        fsync=a.fsync,
+    )
+    return settings, a.log_level

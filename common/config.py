@@ -1,0 +1,68 @@
+"""Command-line parsing shared by the server and the worker: every flag has a DPIP_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+
+class EnvDefaultsParser(argparse.ArgumentParser):
+    """An ArgumentParser whose options default to ``DPIP_<DEST>`` from the environment.
+
+    ``--controller-port`` reads ``DPIP_CONTROLLER_PORT``; a flag on the command line wins.
+    """
+
+    def add_argument(self, *args, **kwargs):  # type: ignore[override]
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and action.dest != "help":
+            env = "DPIP_" + action.dest.upper()
+            action.help = f"{action.help or ''} [env {env}]".strip()
+            raw = os.environ.get(env)
+            if raw is not None and raw != "":
+                if action.type is not None:
+                    action.default = action.type(raw)
+                elif isinstance(action.default, bool) or action.nargs == 0:
+                    action.default = raw.lower() in ("1", "true", "yes", "on")
+                else:
+                    action.default = raw
+        return action
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One log format for every DPIP process."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # nng logs every failed redial as an ERROR; one line per second per peer is noise.
+    logging.getLogger("pynng").setLevel(logging.CRITICAL)
+
+
+def split_host_port(value: str, default_host: str, default_port: int) -> tuple[str, int]:
+    """Parse ``host:port``, ``:port``, ``host`` or ``[v6]:port``; fill in what is missing."""
+    value = value.strip()
+    if value.startswith("tcp://"):
+        value = value[len("tcp://") :]
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":")
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, ""
+    return (host or default_host), (int(port) if port else default_port)
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local IP this machine uses to reach ``host`` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        return s.getsockname()[0]
+
+
+def tcp_url(host: str, port: int) -> str:
+    """An nng tcp:// address, bracketing IPv6 literals."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"

@@ -1,0 +1,145 @@
+"""Users, password hashes and JWTs: who may do what.
+
+Passwords are stored as scrypt hashes. Tokens are HS256 JWTs signed with a secret generated on
+first start and kept in the data dir (0600); each has a ``scope`` (``user`` or ``worker``), an
+expiry, and a ``jti`` that logout revokes, persistently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+from controller.models import Forbidden, Unauthorized
+from controller.store import Store
+
+logger = logging.getLogger(__name__)
+
+USER = "user"
+WORKER = "worker"
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def hash_password(password: str) -> str:
+    """``scrypt$n$r$p$salt$hash``, both base64."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    b64 = base64.b64encode
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        _, n, r, p, salt, digest = stored.split("$")
+        got = hashlib.scrypt(
+            password.encode(), salt=base64.b64decode(salt), dklen=32, n=int(n), r=int(r), p=int(p)
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create ``path`` readable by its owner only (0600), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    secret = secrets.token_bytes(32)
+    write_private(path, secret.hex())
+    return secret
+
+
+@dataclass(frozen=True)
+class Claims:
+    subject: str
+    scope: str
+    jti: str
+    expires_at: float
+
+
+class Auth:
+    """Logs users in, issues and checks tokens, revokes them."""
+
+    def __init__(self, store: Store, secret: bytes, token_ttl: float) -> None:
+        self.store = store
+        self.secret = secret
+        self.token_ttl = token_ttl
+        self._revoked: set[str] = set()
+
+    async def load(self) -> None:
+        self._revoked = await self.store.revoked_tokens()
+
+    async def bootstrap_admin(self, data_dir: Path, user: str, password: str | None) -> None:
+        """First start: create the admin user; a generated password is printed once and saved."""
+        if await self.store.count_users() > 0:
+            return
+        if not password:
+            password = secrets.token_urlsafe(12)
+            path = data_dir / "admin-password"
+            write_private(path, password + "\n")
+            print(f"DPIP admin user {user!r} created with password {password} (saved in {path})", flush=True)
+        await self.store.add_user(user, await asyncio.to_thread(hash_password, password))
+        logger.info("created admin user %r", user)
+
+    async def add_user(self, name: str, password: str) -> None:
+        await self.store.add_user(name, await asyncio.to_thread(hash_password, password))
+
+    async def login(self, name: str, password: str) -> str:
+        stored = await self.store.password_hash(name)
+        # Hash even for unknown users so timing does not tell which names exist.
+        ok = await asyncio.to_thread(verify_password, password, stored or _DUMMY_HASH)
+        if stored is None or not ok:
+            raise Unauthorized("wrong user name or password")
+        return self.issue(name, USER)
+
+    def issue(self, subject: str, scope: str, ttl: float | None = None) -> str:
+        now = time.time()
+        claims = {
+            "sub": subject,
+            "scope": scope,
+            "jti": uuid.uuid4().hex,
+            "iat": int(now),
+            "exp": int(now + (ttl or self.token_ttl)),
+        }
+        return jwt.encode(claims, self.secret, algorithm="HS256")
+
+    def verify(self, token: str, scopes: tuple[str, ...]) -> Claims:
+        """Check signature, expiry, revocation and scope; raise Unauthorized / Forbidden."""
+        try:
+            raw = jwt.decode(
+                token, self.secret, algorithms=["HS256"], options={"require": ["exp", "sub", "jti"]}
+            )
+        except jwt.ExpiredSignatureError as e:
+            raise Unauthorized("token expired: log in again") from e
+        except jwt.InvalidTokenError as e:
+            raise Unauthorized(f"invalid token: {e}") from e
+        if raw["jti"] in self._revoked:
+            raise Unauthorized("token revoked (logged out): log in again")
+        claims = Claims(str(raw["sub"]), str(raw.get("scope", "")), raw["jti"], float(raw["exp"]))
+        if claims.scope not in scopes:
+            raise Forbidden(f"a {claims.scope or 'unscoped'} token cannot do this")
+        return claims
+
+    async def revoke(self, claims: Claims) -> None:
+        self._revoked.add(claims.jti)
+        await self.store.revoke_token(claims.jti, claims.expires_at)
+
+
+_DUMMY_HASH = hash_password(secrets.token_hex(8))

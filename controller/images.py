@@ -1,0 +1,136 @@
+"""The image store: files under ``<data-dir>/images/<workload_name>/<type>/<id>.<ext>``.
+
+Uploads are streamed into a temporary file under ``<data-dir>/incoming/``, fsynced, judged by their
+header (never fully decoded here), then renamed into place: a file at its final name is
+always complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from common.formats import FORMATS, sniff_format
+from controller.models import BadInput, ImageType, TooLarge, UnsupportedMedia
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+def check_workload_name(name: str) -> str:
+    """A workload name becomes a directory: only ``[A-Za-z0-9._-]``, 1..64 chars, not dots."""
+    if not NAME_RE.match(name) or name in (".", ".."):
+        raise BadInput(
+            "workload_name must be 1-64 characters of letters, digits, '.', '_' or '-'"
+            f" (got {name!r})"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    format: str
+    size: int
+    width: int
+    height: int
+
+
+class ImageStore:
+    """Where image files live, and how uploads get there safely."""
+
+    def __init__(
+        self, root: Path, incoming: Path, max_bytes: int, max_pixels: int, fsync: bool = True
+    ) -> None:
+        self.root = root
+        self.incoming = incoming
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.fsync = fsync
+
+    def path(self, workload_name: str, type_: ImageType, image_id: int, fmt: str) -> Path:
+        return self.root / workload_name / type_.value / f"{image_id}.{FORMATS[fmt][0]}"
+
+    async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+        """Stream ``chunks`` into a file under ``incoming`` and validate it; then :meth:`commit`."""
+        loop = asyncio.get_running_loop()
+        tmp = self.incoming / f"{uuid.uuid4().hex}.upload"
+        f = await loop.run_in_executor(None, _open_tmp, tmp)
+        size = 0
+        head = b""
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise TooLarge(f"image larger than the limit of {self.max_bytes} bytes")
+                if len(head) < 16:
+                    head += chunk[:16]
+                    if len(head) >= 16 and sniff_format(head) is None:
+                        raise UnsupportedMedia("the uploaded file is not an image (unknown format)")
+                await loop.run_in_executor(None, f.write, chunk)
+            if size == 0:
+                raise BadInput("the uploaded file is empty")
+            fmt, width, height = await loop.run_in_executor(None, self._finish, f, tmp)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        if width * height > self.max_pixels:
+            tmp.unlink(missing_ok=True)
+            raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
+        return StoredFile(tmp, fmt, size, width, height)
+
+    def _finish(self, f, tmp: Path) -> tuple[str, int, int]:
+        """Flush to disk, then read the header (only) to learn format and size."""
+        f.flush()
+        if self.fsync:
+            os.fsync(f.fileno())
+        f.close()
+        with open(tmp, "rb") as g:
+            fmt = sniff_format(g.read(16))
+        if fmt is None:
+            raise UnsupportedMedia("the uploaded file is not an image (unknown format)")
+        try:
+            with Image.open(tmp, formats=[fmt]) as im:  # parses the header, decodes no pixels
+                width, height = im.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadInput(f"the uploaded {fmt} image has a broken header: {e}") from e
+        return fmt, width, height
+
+    async def commit(self, stored: StoredFile, final: Path, replace: bool = True) -> bool:
+        """Move a received file to its final name. With ``replace=False`` an existing file wins
+        (returns False and drops the new one): that keeps result writes idempotent."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, _place, stored.path, final, replace, self.fsync)
+
+    async def discard(self, stored: StoredFile) -> None:
+        stored.path.unlink(missing_ok=True)
+
+
+def _open_tmp(tmp: Path):
+    return open(tmp, "wb")
+
+
+def _place(src: Path, dst: Path, replace: bool, fsync: bool) -> bool:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if replace:
+        os.replace(src, dst)
+    else:
+        try:
+            os.link(src, dst)  # atomic "create if absent"
+        except FileExistsError:
+            src.unlink(missing_ok=True)
+            return False
+        src.unlink()
+    if fsync:
+        fd = os.open(dst.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return True

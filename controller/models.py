@@ -1,0 +1,125 @@
+"""Domain types shared by the datastore, the API and the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class DpipError(Exception):
+    """Base of every domain error; the API maps subclasses to HTTP statuses."""
+
+
+class NotFound(DpipError):
+    """The thing asked for does not exist (or is not the caller's)."""
+
+
+class Unauthorized(DpipError):
+    """No credentials, or credentials that are wrong, expired or revoked."""
+
+
+class Forbidden(DpipError):
+    """Valid credentials that do not allow this action."""
+
+
+class Conflict(DpipError):
+    """The request clashes with existing state, e.g. a workload name in use."""
+
+
+class BadInput(DpipError):
+    """The request is malformed or the data is not acceptable."""
+
+
+class TooLarge(BadInput):
+    """The upload exceeds the size limit."""
+
+
+class UnsupportedMedia(BadInput):
+    """The bytes are not an image of a format we accept."""
+
+
+class Filter(str, Enum):
+    """The filters a workload may ask for."""
+
+    GRAYSCALE = "grayscale"
+    BLUR = "blur"
+
+
+class ImageType(str, Enum):
+    ORIGINAL = "original"
+    FILTERED = "filtered"
+
+
+class JobState(str, Enum):
+    """``queued -> dispatched -> done | failed``; a dispatched job may go back to queued."""
+
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class WorkloadStatus(str, Enum):
+    SCHEDULING = "scheduling"
+    RUNNING = "running"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True)
+class Workload:
+    id: str
+    name: str
+    owner: str
+    filter: Filter
+    tags: tuple[str, ...]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class WorkloadView:
+    """What ``GET /workloads/{id}`` shows: the row plus counts derived from images and jobs."""
+
+    workload: Workload
+    image_count: int
+    filtered_images: list[int]
+    failed_images: list[dict]
+    running_jobs: int
+    started: bool
+
+    @property
+    def status(self) -> WorkloadStatus:
+        finished = len(self.filtered_images) + len(self.failed_images)
+        if self.image_count > 0 and finished >= self.image_count:
+            return WorkloadStatus.COMPLETED
+        if self.running_jobs > 0 or self.started:
+            return WorkloadStatus.RUNNING
+        return WorkloadStatus.SCHEDULING
+
+    def to_json(self) -> dict:
+        w = self.workload
+        return {
+            "workload_id": w.id,
+            "filter": w.filter.value,
+            "workload_name": w.name,
+            "status": self.status.value,
+            "running_jobs": self.running_jobs,
+            "filtered_images": self.filtered_images,
+            "images": self.image_count,
+            "failed_images": self.failed_images,
+            "tags": list(w.tags),
+        }
+
+
+@dataclass
+class Job:
+    """A persisted unit of work: filter image ``image_id`` of ``workload_id``."""
+
+    id: int
+    workload_id: str
+    image_id: int
+    filter: Filter
+    tags: tuple[str, ...] = ()
+    attempts: int = 0
+    state: JobState = JobState.QUEUED
+    avoid: set[str] = field(default_factory=set)  # workers that failed this job already
+    not_before: float = 0.0  # monotonic time before which it is not retried

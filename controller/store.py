@@ -1,0 +1,336 @@
+"""The datastore: one SQLite file (aiosqlite) with users, tokens, workloads, images, jobs, workers.
+
+All writes go through one connection, so SQLite's single-writer rule never surprises us; WAL
+lets readers proceed meanwhile. Every method is a short transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import aiosqlite
+
+from controller.models import (
+    Conflict,
+    Filter,
+    ImageType,
+    Job,
+    JobState,
+    NotFound,
+    Workload,
+    WorkloadView,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workloads (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    next_image_id INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS images (
+    workload_id TEXT NOT NULL REFERENCES workloads(id),
+    image_id INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    format TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (workload_id, type, image_id)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    workload_id TEXT NOT NULL REFERENCES workloads(id),
+    image_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    dispatched_at REAL,
+    finished_at REAL,
+    UNIQUE (workload_id, image_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS workers (
+    name TEXT PRIMARY KEY,
+    tags TEXT NOT NULL,
+    rpc_address TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+"""
+
+
+def _tags(text: str) -> tuple[str, ...]:
+    return tuple(t for t in text.split(",") if t)
+
+
+class Store:
+    """Async access to the SQLite datastore."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "Store.open() first"
+        return self._db
+
+    async def open(self) -> None:
+        self._db = await aiosqlite.connect(self.path)
+        self._db.row_factory = aiosqlite.Row
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before we answer 2xx, power loss included.
+        await self._db.execute("PRAGMA synchronous=FULL")
+        await self._db.execute("PRAGMA foreign_keys=ON")
+        await self._db.executescript(SCHEMA)
+        await self._db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    # -- users and tokens -------------------------------------------------------------------
+
+    async def count_users(self) -> int:
+        async with self.db.execute("SELECT COUNT(*) FROM users") as cur:
+            return (await cur.fetchone())[0]
+
+    async def add_user(self, name: str, password_hash: str) -> None:
+        try:
+            await self.db.execute(
+                "INSERT INTO users(name, password_hash, created_at) VALUES (?, ?, ?)",
+                (name, password_hash, time.time()),
+            )
+            await self.db.commit()
+        except aiosqlite.IntegrityError as e:
+            raise Conflict(f"user {name!r} exists") from e
+
+    async def password_hash(self, name: str) -> str | None:
+        async with self.db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def revoke_token(self, jti: str, expires_at: float) -> None:
+        await self.db.execute(
+            "INSERT OR IGNORE INTO revoked_tokens(jti, expires_at) VALUES (?, ?)", (jti, expires_at)
+        )
+        await self.db.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (time.time(),))
+        await self.db.commit()
+
+    async def revoked_tokens(self) -> set[str]:
+        async with self.db.execute(
+            "SELECT jti FROM revoked_tokens WHERE expires_at >= ?", (time.time(),)
+        ) as cur:
+            return {r[0] for r in await cur.fetchall()}
+
+    # -- workloads --------------------------------------------------------------------------
+
+    async def create_workload(
+        self, name: str | None, owner: str, filter: Filter, tags: tuple[str, ...]
+    ) -> Workload:
+        wid = str(uuid.uuid4())
+        name = name or f"workload-{wid[:8]}"
+        now = time.time()
+        try:
+            await self.db.execute(
+                "INSERT INTO workloads(id, name, owner, filter, tags, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (wid, name, owner, filter.value, ",".join(tags), now),
+            )
+            await self.db.commit()
+        except aiosqlite.IntegrityError as e:
+            raise Conflict(f"workload_name {name!r} is already in use") from e
+        return Workload(wid, name, owner, filter, tags, now)
+
+    async def get_workload(self, workload_id: str, owner: str | None = None) -> Workload:
+        """The workload, or :class:`NotFound` (also when ``owner`` is given and differs)."""
+        async with self.db.execute("SELECT * FROM workloads WHERE id = ?", (workload_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None or (owner is not None and row["owner"] != owner):
+            raise NotFound(f"workload {workload_id!r} not found")
+        return Workload(
+            row["id"], row["name"], row["owner"], Filter(row["filter"]), _tags(row["tags"]),
+            row["created_at"],
+        )
+
+    async def workload_ids(self, owner: str) -> list[str]:
+        async with self.db.execute(
+            "SELECT id FROM workloads WHERE owner = ? ORDER BY created_at", (owner,)
+        ) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def workload_view(self, workload: Workload) -> WorkloadView:
+        db, wid = self.db, workload.id
+        async with db.execute("SELECT next_image_id FROM workloads WHERE id = ?", (wid,)) as cur:
+            image_count = (await cur.fetchone())[0]
+        async with db.execute(
+            "SELECT image_id FROM images WHERE workload_id = ? AND type = ? ORDER BY image_id",
+            (wid, ImageType.FILTERED.value),
+        ) as cur:
+            filtered = [r[0] for r in await cur.fetchall()]
+        async with db.execute(
+            "SELECT image_id, error FROM jobs WHERE workload_id = ? AND state = ? ORDER BY image_id",
+            (wid, JobState.FAILED.value),
+        ) as cur:
+            failed = [{"image_id": r[0], "reason": r[1]} for r in await cur.fetchall()]
+        async with db.execute(
+            "SELECT SUM(state = ?), SUM(attempts > 0) FROM jobs WHERE workload_id = ?",
+            (JobState.DISPATCHED.value, wid),
+        ) as cur:
+            running, started = await cur.fetchone()
+        return WorkloadView(workload, image_count, filtered, failed, running or 0, bool(started))
+
+    # -- images -----------------------------------------------------------------------------
+
+    async def next_image_id(self, workload_id: str) -> int:
+        async with self.db.execute(
+            "SELECT next_image_id FROM workloads WHERE id = ?", (workload_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"workload {workload_id!r} not found")
+        return row[0]
+
+    async def add_original(
+        self, workload: Workload, image_id: int, fmt: str, size: int
+    ) -> Job:
+        """Record original ``image_id`` (its file already in place) and queue its job, atomically."""
+        now = time.time()
+        db = self.db
+        await db.execute(
+            "UPDATE workloads SET next_image_id = ? WHERE id = ?", (image_id + 1, workload.id)
+        )
+        await db.execute(
+            "INSERT OR REPLACE INTO images(workload_id, image_id, type, format, size, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now),
+        )
+        cur = await db.execute(
+            "INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)",
+            (workload.id, image_id, JobState.QUEUED.value, now),
+        )
+        job_id = cur.lastrowid
+        await db.commit()
+        return Job(job_id, workload.id, image_id, workload.filter, workload.tags)
+
+    async def add_filtered(self, workload_id: str, image_id: int, fmt: str, size: int) -> None:
+        """Record the filtered image and finish its job; the caller checked it is new."""
+        now = time.time()
+        await self.db.execute(
+            "INSERT OR IGNORE INTO images(workload_id, image_id, type, format, size, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (workload_id, image_id, ImageType.FILTERED.value, fmt, size, now),
+        )
+        await self.db.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, error = NULL"
+            " WHERE workload_id = ? AND image_id = ?",
+            (JobState.DONE.value, now, workload_id, image_id),
+        )
+        await self.db.commit()
+
+    async def get_image(self, workload_id: str, image_id: int, type_: ImageType) -> str:
+        """The stored format of an image, or :class:`NotFound`."""
+        async with self.db.execute(
+            "SELECT format FROM images WHERE workload_id = ? AND image_id = ? AND type = ?",
+            (workload_id, image_id, type_.value),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"{type_.value} image {image_id} of workload {workload_id!r} not found")
+        return row[0]
+
+    async def list_images(self, workload_id: str, type_: ImageType | None) -> list[dict]:
+        sql = "SELECT image_id, type FROM images WHERE workload_id = ?"
+        args: tuple = (workload_id,)
+        if type_ is not None:
+            sql += " AND type = ?"
+            args += (type_.value,)
+        async with self.db.execute(sql + " ORDER BY type, image_id", args) as cur:
+            rows = await cur.fetchall()
+        return [{"image_id": r[0], "type": r[1], "workload_id": workload_id} for r in rows]
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def unfinished_jobs(self) -> list[Job]:
+        """Jobs to (re)queue after a start: queued ones and those dispatched before a crash."""
+        async with self.db.execute(
+            "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags"
+            " FROM jobs j JOIN workloads w ON w.id = j.workload_id"
+            " WHERE j.state IN (?, ?) ORDER BY j.id",
+            (JobState.QUEUED.value, JobState.DISPATCHED.value),
+        ) as cur:
+            rows = await cur.fetchall()
+        await self.db.execute(
+            "UPDATE jobs SET state = ?, worker = NULL WHERE state = ?",
+            (JobState.QUEUED.value, JobState.DISPATCHED.value),
+        )
+        await self.db.commit()
+        return [
+            Job(r[0], r[1], r[2], Filter(r[4]), _tags(r[5]), attempts=r[3]) for r in rows
+        ]
+
+    async def mark_dispatched(self, job: Job, worker: str) -> bool:
+        """queued -> dispatched, counting the attempt; False if the job is no longer queued."""
+        cur = await self.db.execute(
+            "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?"
+            " WHERE id = ? AND state = ?",
+            (JobState.DISPATCHED.value, worker, time.time(), job.id, JobState.QUEUED.value),
+        )
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    async def job_state(self, job_id: int) -> JobState:
+        async with self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        return JobState(row[0])
+
+    async def requeue(self, job: Job, error: str) -> bool:
+        """dispatched -> queued after a failed attempt; False if it finished meanwhile."""
+        cur = await self.db.execute(
+            "UPDATE jobs SET state = ?, worker = NULL, error = ? WHERE id = ? AND state = ?",
+            (JobState.QUEUED.value, error, job.id, JobState.DISPATCHED.value),
+        )
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    async def fail_job(self, job: Job, error: str) -> None:
+        await self.db.execute(
+            "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state != ?",
+            (JobState.FAILED.value, error, time.time(), job.id, JobState.DONE.value),
+        )
+        await self.db.commit()
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def upsert_worker(self, name: str, tags: list[str], rpc_address: str) -> None:
+        now = time.time()
+        await self.db.execute(
+            "INSERT INTO workers(name, tags, rpc_address, first_seen, last_seen)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET tags = excluded.tags,"
+            " rpc_address = excluded.rpc_address, last_seen = excluded.last_seen",
+            (name, json.dumps(tags), rpc_address, now, now),
+        )
+        await self.db.commit()
+
+    async def known_workers(self) -> list[dict]:
+        async with self.db.execute("SELECT name, tags, last_seen FROM workers") as cur:
+            rows = await cur.fetchall()
+        return [{"name": r[0], "tags": json.loads(r[1]), "last_seen": r[2]} for r in rows]

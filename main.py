@@ -1,0 +1,52 @@
+"""DPIP server: the HTTP API, the controller and the scheduler in one process (like main.go).
+
+    .venv/bin/python main.py [--host H] [--port P] [--controller-port C] [--data-dir D]
+
+Every flag also reads a DPIP_* variable (``--controller-port`` <- ``DPIP_CONTROLLER_PORT``).
+SIGINT or SIGTERM stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from api.app import create_app
+from api.settings import ServerSettings, parse_server_args
+from common.config import setup_logging
+
+logger = logging.getLogger("dpip")
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGINT/SIGTERM, then close the API, controller and scheduler in order."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    logger.info("API on http://%s:%d, controller on tcp://%s:%d, data in %s",
+                settings.host, settings.port, settings.host, settings.controller_port, settings.data_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        await runner.cleanup()
+    logger.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, level = parse_server_args(argv)
+    setup_logging(level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

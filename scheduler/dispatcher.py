@@ -1,0 +1,203 @@
+"""The scheduler: a fair queue of persisted jobs, placed by :func:`placement.place` and carried
+to workers over nng req/rep.
+
+A job is a row in the datastore (``queued -> dispatched -> done | failed``). The queue in
+memory is rebuilt from those rows at start, so a crash loses nothing. Workloads are served
+round-robin, so a huge workload never starves a small one that came after it. A failed attempt
+(error reply, timeout, worker death) goes back to the queue with a backoff and a preference
+for another worker, until ``max_attempts``; then the job is ``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from common import wire
+from common.rpc import RpcError
+from controller.membership import Membership
+from controller.models import Job, JobState
+from controller.store import Store
+from scheduler.placement import JobView, WorkerView, place
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    job_timeout: float = 120.0  # longest one attempt may take, download to upload
+    max_attempts: int = 3
+    retry_backoff: float = 0.5  # seconds, doubled per attempt
+
+
+class Scheduler:
+    """Owns the queue and the jobs in flight; wakes up on new jobs and on worker news."""
+
+    def __init__(self, store: Store, membership: Membership, settings: SchedulerSettings) -> None:
+        self.store = store
+        self.membership = membership
+        self.settings = settings
+        self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # workload -> jobs, FIFO
+        self._in_flight: dict[str, dict[int, Job]] = {}  # worker -> job id -> job
+        self._tasks: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        membership.subscribe(on_change=self.wake, on_lost=lambda name: self.wake())
+
+    # -- public -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Requeue what the datastore says is unfinished, then start placing."""
+        jobs = await self.store.unfinished_jobs()
+        for job in jobs:
+            self._enqueue(job)
+        if jobs:
+            logger.info("resumed %d unfinished jobs", len(jobs))
+        self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job that the datastore already holds as ``queued``."""
+        self._enqueue(job)
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def in_flight(self, worker: str) -> int:
+        return len(self._in_flight.get(worker, ()))
+
+    # -- placing ----------------------------------------------------------------------------
+
+    def _enqueue(self, job: Job) -> None:
+        self._queues.setdefault(job.workload_id, deque()).append(job)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._place_what_fits()
+
+    def _views(self) -> list[WorkerView]:
+        return [
+            WorkerView(
+                name=w.name,
+                tags=frozenset(w.tags),
+                cpu_percent=w.cpu_percent,
+                memory_percent=w.memory_percent,
+                gpu_count=w.gpu.count,
+                gpu_utilization=w.gpu.utilization_percent,
+                in_flight=self.in_flight(w.name),
+                capacity=w.capacity,
+                ready=w.alive and w.welcomed and not w.draining and w.capacity > 0,
+            )
+            for w in self.membership.snapshot()
+        ]
+
+    def _place_what_fits(self) -> None:
+        """Round-robin over workloads: each turn places the head job of the next workload."""
+        views = {v.name: v for v in self._views()}
+        now = time.monotonic()
+        next_retry: float | None = None
+        blocked: set[str] = set()
+        while True:
+            progressed = False
+            for wid in list(self._queues):
+                if wid in blocked:
+                    continue
+                queue = self._queues[wid]
+                job = queue[0]
+                if job.not_before > now:
+                    next_retry = min(next_retry or job.not_before, job.not_before)
+                    blocked.add(wid)
+                    continue
+                name = place(JobView(frozenset(job.tags), frozenset(job.avoid)), views.values())
+                if name is None:
+                    blocked.add(wid)
+                    continue
+                queue.popleft()
+                if not queue:
+                    del self._queues[wid]
+                else:
+                    self._queues.move_to_end(wid)  # fairness: this workload goes to the back
+                self._in_flight.setdefault(name, {})[job.id] = job
+                v = views[name]
+                views[name] = WorkerView(**{**v.__dict__, "in_flight": v.in_flight + 1})
+                task = asyncio.create_task(self._dispatch(job, name), name=f"job-{job.id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                progressed = True
+                break  # restart the round from the (rotated) front
+            if not progressed:
+                break
+        if next_retry is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(
+                max(0.0, next_retry - time.monotonic()), self.wake
+            )
+
+    # -- carrying ---------------------------------------------------------------------------
+
+    async def _dispatch(self, job: Job, worker: str) -> None:
+        try:
+            if not await self.store.mark_dispatched(job, worker):
+                return  # finished or failed meanwhile
+            job.attempts += 1
+            job.state = JobState.DISPATCHED
+            error = await self._call(job, worker)
+            if error is None:
+                return
+            await self._attempt_failed(job, worker, error)
+        finally:
+            self._in_flight.get(worker, {}).pop(job.id, None)
+            self.wake()
+
+    async def _call(self, job: Job, worker: str) -> str | None:
+        """Run the job on ``worker``; None when its result is stored, else what went wrong."""
+        client = self.membership.client(worker)
+        if client is None:
+            return f"worker {worker} went away before the job was sent"
+        msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts)
+        try:
+            reply = await client.call(msg, timeout=self.settings.job_timeout)
+        except RpcError as e:
+            info = self.membership.workers.get(worker)
+            if info is not None and not info.alive:
+                return f"worker {worker} died while running the job"
+            return str(e)
+        if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
+            if reply.ok:
+                if await self.store.job_state(job.id) == JobState.DONE:
+                    return None
+                return f"worker {worker} reported success but no result was stored"
+            if not reply.retryable:
+                job.attempts = self.settings.max_attempts
+            return f"worker {worker}: {reply.error}"
+        return f"worker {worker} gave an unexpected reply: {reply}"
+
+    async def _attempt_failed(self, job: Job, worker: str, error: str) -> None:
+        if job.attempts >= self.settings.max_attempts:
+            logger.error("job %d (workload %s, image %d) failed for good after %d attempts: %s",
+                         job.id, job.workload_id, job.image_id, job.attempts, error)
+            await self.store.fail_job(job, error)
+            return
+        if not await self.store.requeue(job, error):
+            return  # its result arrived meanwhile (e.g. the upload beat a lost reply)
+        logger.warning("job %d attempt %d on %s failed, retrying: %s", job.id, job.attempts, worker, error)
+        job.state = JobState.QUEUED
+        job.avoid.add(worker)
+        job.not_before = time.monotonic() + self.settings.retry_backoff * 2 ** (job.attempts - 1)
+        self._enqueue(job)

@@ -1,0 +1,59 @@
+"""Placement: a pure function of (job, worker snapshots) -> the worker to run it, or None.
+
+No sockets, no clocks: it can be tested with plain data and swapped for another policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What placement needs to know of a worker at one instant."""
+
+    name: str
+    tags: frozenset[str]
+    cpu_percent: float
+    memory_percent: float
+    gpu_count: int
+    gpu_utilization: float
+    in_flight: int  # jobs the scheduler has on it now (its own count, fresher than telemetry)
+    capacity: int
+    ready: bool = True  # alive, welcomed and not draining
+
+
+@dataclass(frozen=True)
+class JobView:
+    tags: frozenset[str] = frozenset()
+    avoid: frozenset[str] = frozenset()  # workers that already failed this job
+    wants_gpu: bool = False
+
+
+def eligible(job: JobView, w: WorkerView) -> bool:
+    """A worker may take a job if it is ready, has a free slot and every tag the job needs."""
+    return w.ready and w.in_flight < w.capacity and job.tags <= w.tags
+
+
+def score(job: JobView, w: WorkerView) -> float:
+    """Higher is better: free slots weigh most, then idle CPU, free memory, and a free GPU."""
+    free_slots = 1.0 - w.in_flight / w.capacity
+    s = 0.5 * free_slots + 0.3 * (1.0 - w.cpu_percent / 100.0) + 0.2 * (1.0 - w.memory_percent / 100.0)
+    if w.gpu_count > 0:
+        s += (0.3 if job.wants_gpu else 0.05) * (1.0 - w.gpu_utilization / 100.0)
+    if w.name in job.avoid:
+        s -= 10.0  # only if nobody else can take it
+    return s
+
+
+def place(job: JobView, workers: Iterable[WorkerView]) -> str | None:
+    """The best eligible worker's name, ties broken by name; None if nobody can take it."""
+    best: tuple[float, str] | None = None
+    for w in workers:
+        if not eligible(job, w):
+            continue
+        key = (score(job, w), w.name)
+        if best is None or key[0] > best[0] or (key[0] == best[0] and key[1] < best[1]):
+            best = key
+    return best[1] if best else None

@@ -1,0 +1,81 @@
+"""``python -m worker`` / ``worker/main.py``: parse flags (and DPIP_* env), run a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from common.config import EnvDefaultsParser, setup_logging, split_host_port
+from worker.filters import EncodeOptions
+from worker.service import Worker, WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerSettings:
+    p = EnvDefaultsParser(prog="worker", description="A DPIP worker: filters images for the server.")
+    p.add_argument("--controller", default="localhost:40899", help="controller HOST:PORT")
+    p.add_argument("--worker-name", "--node-name", dest="worker_name", default=None,
+                   help="unique name of this worker (default: host name and pid)")
+    p.add_argument("--tags", default="", help="comma-separated tags, e.g. gpu,largeMemory")
+    p.add_argument("--capacity", type=int, default=os.cpu_count() or 1,
+                   help="jobs run at once (default: number of cores)")
+    p.add_argument("--advertise-host", default="",
+                   help="address the server dials for RPC (default: our address towards the controller)")
+    p.add_argument("--rpc-bind", default="", help="address to listen on for RPC (default: the advertised one)")
+    p.add_argument("--rpc-port", type=int, default=0, help="RPC port (default: any free port)")
+    p.add_argument("--image-store-endpoint", default="", help="API URL, overriding what the controller says")
+    p.add_argument("--image-store-token", default="", help="API token, overriding what the controller sends")
+    p.add_argument("--png-compress-level", type=int, default=1, choices=range(0, 10), metavar="0-9",
+                   help="zlib level for PNG output (default 1: fast; Pillow's own default is 6)")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    setup_logging(a.log_level)
+    host, port = split_host_port(a.controller, "localhost", 40899)
+    if a.capacity < 1:
+        p.error("--capacity must be at least 1")
+    return WorkerSettings(
+        controller_host=host,
+        controller_port=port,
+        name=a.worker_name or f"{os.uname().nodename}-{os.getpid()}",
+        tags=tuple(t.strip() for t in a.tags.split(",") if t.strip()),
+        capacity=a.capacity,
+        advertise_host=a.advertise_host,
+        rpc_bind=a.rpc_bind,
+        rpc_port=a.rpc_port,
+        image_store_endpoint=a.image_store_endpoint,
+        image_store_token=a.image_store_token,
+        heartbeat_interval=a.heartbeat_interval,
+        encode=EncodeOptions(png_compress_level=a.png_compress_level),
+    )
+
+
+async def run(settings: WorkerSettings) -> None:
+    """Run until SIGINT/SIGTERM: the first drains (finish running jobs), a second exits at once."""
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            logger.warning("second signal: exiting now")
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    await worker.start()
+    try:
+        await stop.wait()
+        logger.info("stopping: no new jobs, finishing running ones")
+        await worker.drain()
+    finally:
+        await worker.close()
+    logger.info("worker %s stopped", settings.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(run(parse_args(argv)))

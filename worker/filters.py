@@ -1,0 +1,70 @@
+"""Image filters: pure functions from bytes to bytes, no sockets, no clocks.
+
+:func:`process` decodes an image, applies a named filter and encodes it back in the input's
+format and size. PNG is written at a fast zlib level (1 by default): on 720p frames that is
+about 4x faster than Pillow's default 6 for ~15% more bytes, and encoding dominates a job.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image, ImageFilter
+
+
+class FilterError(ValueError):
+    """The image cannot be processed (unknown filter, undecodable bytes)."""
+
+
+def grayscale(im: Image.Image, params: dict) -> Image.Image:
+    """Luminance (ITU-R 601-2), keeping an alpha channel if there is one."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("LA")
+    return im.convert("L")
+
+
+def blur(im: Image.Image, params: dict) -> Image.Image:
+    """Gaussian blur, radius ``params['radius']`` (2 by default)."""
+    radius = float(params.get("radius", 2))
+    if im.mode in ("P", "1"):
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    return im.filter(ImageFilter.GaussianBlur(radius))
+
+
+FILTERS: dict[str, Callable[[Image.Image, dict], Image.Image]] = {
+    "grayscale": grayscale,
+    "blur": blur,
+}
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    png_compress_level: int = 1
+    jpeg_quality: int = 90
+
+
+def process(data: bytes, name: str, params: dict | None = None,
+            options: EncodeOptions = EncodeOptions()) -> tuple[bytes, str]:
+    """Filter image ``data`` with filter ``name``; return (encoded bytes, Pillow format)."""
+    fn = FILTERS.get(name)
+    if fn is None:
+        raise FilterError(f"unknown filter {name!r} (known: {', '.join(FILTERS)})")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or "PNG"
+            im.load()
+            out = fn(im, params or {})
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise FilterError(f"cannot decode the image: {e}") from e
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        out.save(buf, "PNG", compress_level=options.png_compress_level)
+    elif fmt == "JPEG":
+        if out.mode in ("LA", "RGBA"):
+            out = out.convert(out.mode[:-1])
+        out.save(buf, "JPEG", quality=options.jpeg_quality)
+    else:
+        out.save(buf, fmt)
+    return buf.getvalue(), fmt

@@ -1,0 +1,255 @@
+"""The worker process: heartbeats to the controller, serves job RPCs, filters with Pillow.
+
+It dials the controller's pub/sub port with a Pub0 and publishes a heartbeat every interval.
+It listens on a Rep0 (its RPC address, advertised in the heartbeat) for the controller's
+:class:`~common.wire.Welcome` (API endpoint and token) and the scheduler's jobs. A job is:
+download the original from the API, filter it in a thread, upload the result, reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import aiohttp
+import pynng
+
+from common import wire
+from common.formats import FORMATS
+from common.config import local_address_towards, tcp_url
+from common.rpc import RpcServer
+from worker.filters import EncodeOptions, FilterError, process
+from worker.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    controller_host: str
+    controller_port: int
+    name: str
+    tags: tuple[str, ...] = ()
+    capacity: int = os.cpu_count() or 1
+    advertise_host: str = ""  # default: our address towards the controller
+    rpc_bind: str = ""  # default: the advertise host
+    rpc_port: int = 0  # 0: any free port
+    image_store_endpoint: str = ""  # overrides what the controller says
+    image_store_token: str = ""
+    heartbeat_interval: float = 1.0
+    encode: EncodeOptions = EncodeOptions()
+    http_timeout: float = 60.0
+    drain_timeout: float = 60.0
+
+
+class JobFailed(Exception):
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Worker:
+    """One worker process's state and loops."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.s = settings
+        self.session = uuid.uuid4().hex
+        self.telemetry = Telemetry()
+        self.executor = ThreadPoolExecutor(settings.capacity, thread_name_prefix="filter")
+        self.jobs: dict[int, asyncio.Task[wire.JobResult]] = {}
+        self.jobs_done = 0
+        self.draining = False
+        self.api_url = ""
+        self.token = ""
+        self.welcomed_by = ""
+        self.rpc_address = ""
+        self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 2 + 4)
+        self._pub: pynng.Pub0 | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.s
+        advertise = s.advertise_host or local_address_towards(s.controller_host, s.controller_port)
+        bound = self._rpc.listen(tcp_url(s.rpc_bind or advertise, s.rpc_port))
+        port = bound.rsplit(":", 1)[1]
+        self.rpc_address = tcp_url(advertise, int(port))
+        self._rpc.start()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.http_timeout))
+        self._pub = pynng.Pub0(send_timeout=1000)
+        self._pub.reconnect_time_min = 100
+        self._pub.reconnect_time_max = 1000
+        self._pub.dial(tcp_url(s.controller_host, s.controller_port), block=False)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        logger.info("worker %s serving RPC at %s, controller %s:%d, capacity %d",
+                    s.name, self.rpc_address, s.controller_host, s.controller_port, s.capacity)
+
+    async def drain(self) -> None:
+        """Stop taking jobs, tell the controller, let running jobs finish (bounded)."""
+        self.draining = True
+        await self._send_heartbeat()
+        running = [t for t in self.jobs.values() if not t.done()]
+        if running:
+            logger.info("draining: waiting for %d running jobs", len(running))
+            await asyncio.wait(running, timeout=self.s.drain_timeout)
+
+    async def close(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        for t in self.jobs.values():
+            t.cancel()
+        await self._rpc.close()
+        if self._pub is not None:
+            self._pub.close()
+        if self._http is not None:
+            await self._http.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- heartbeats -------------------------------------------------------------------------
+
+    def heartbeat(self) -> wire.Heartbeat:
+        return wire.Heartbeat(
+            name=self.s.name,
+            session=self.session,
+            rpc_address=self.rpc_address,
+            tags=list(self.s.tags),
+            cpu_percent=self.telemetry.cpu_percent(),
+            memory_percent=self.telemetry.memory_percent(),
+            gpu=self.telemetry.gpu(),
+            running_jobs=self.running(),
+            capacity=self.s.capacity,
+            jobs_done=self.jobs_done,
+            welcomed_by=self.welcomed_by,
+            draining=self.draining,
+        )
+
+    def running(self) -> int:
+        return sum(1 for t in self.jobs.values() if not t.done())
+
+    async def _send_heartbeat(self) -> None:
+        assert self._pub is not None
+        try:
+            await self._pub.asend(wire.encode(self.heartbeat()))
+        except pynng.NNGException as e:
+            logger.debug("heartbeat not sent: %s", e)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._send_heartbeat()
+            await asyncio.sleep(self.s.heartbeat_interval)
+
+    # -- RPC --------------------------------------------------------------------------------
+
+    async def _handle(self, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Welcome):
+            return self._welcome(msg)
+        if isinstance(msg, wire.RunJob):
+            return await self._run_job(msg)
+        if isinstance(msg, wire.CancelJob):
+            task = self.jobs.get(msg.job_id)
+            if task is not None and not task.done():
+                task.cancel()
+            return wire.Ack()
+        return wire.Ack(ok=False, error=f"a worker does not take {msg.TYPE}")
+
+    def _welcome(self, msg: wire.Welcome) -> wire.Ack:
+        host = self.s.controller_host
+        host = f"[{host}]" if ":" in host else host
+        self.api_url = (
+            self.s.image_store_endpoint or msg.public_url or f"http://{host}:{msg.api_port}"
+        ).rstrip("/")
+        self.token = self.s.image_store_token or msg.token
+        if self.welcomed_by != msg.epoch:
+            logger.info("welcomed by controller %s; API at %s", msg.epoch, self.api_url)
+        self.welcomed_by = msg.epoch
+        return wire.Ack()
+
+    async def _run_job(self, msg: wire.RunJob) -> wire.JobResult:
+        task = self.jobs.get(msg.job_id)
+        if task is None or (task.done() and not self._succeeded(task)):
+            # nng may deliver the same request twice: a duplicate joins the running job.
+            if not self.token:
+                return wire.JobResult(msg.job_id, ok=False, error="worker not welcomed yet", worker=self.s.name)
+            if self.draining:
+                return wire.JobResult(msg.job_id, ok=False, error="worker is shutting down", worker=self.s.name)
+            if self.running() >= self.s.capacity:
+                return wire.JobResult(msg.job_id, ok=False, error="worker is full", worker=self.s.name)
+            task = asyncio.create_task(self._execute(msg), name=f"job-{msg.job_id}")
+            self.jobs[msg.job_id] = task
+            task.add_done_callback(lambda t, jid=msg.job_id: self._forget_later(jid))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name)
+            raise
+
+    @staticmethod
+    def _succeeded(task: asyncio.Task) -> bool:
+        return not task.cancelled() and task.exception() is None and task.result().ok
+
+    def _forget_later(self, job_id: int) -> None:
+        # Keep finished jobs a while so a re-sent request gets the same answer.
+        asyncio.get_running_loop().call_later(30.0, self.jobs.pop, job_id, None)
+
+    async def _execute(self, msg: wire.RunJob) -> wire.JobResult:
+        t0 = time.perf_counter()
+        try:
+            data = await self._download(msg)
+            t1 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            try:
+                out, fmt = await loop.run_in_executor(
+                    self.executor, process, data, msg.filter, msg.params, self.s.encode
+                )
+            except FilterError as e:
+                raise JobFailed(str(e), retryable=False) from e
+            t2 = time.perf_counter()
+            await self._upload(msg, out, fmt)
+            t3 = time.perf_counter()
+        except JobFailed as e:
+            logger.warning("job %d (image %d of %s) failed: %s", msg.job_id, msg.image_id, msg.workload_id, e)
+            return wire.JobResult(msg.job_id, ok=False, error=str(e), retryable=e.retryable, worker=self.s.name)
+        self.jobs_done += 1
+        return wire.JobResult(
+            msg.job_id, ok=True, worker=self.s.name,
+            download_ms=(t1 - t0) * 1000, process_ms=(t2 - t1) * 1000, upload_ms=(t3 - t2) * 1000,
+        )
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def _download(self, msg: wire.RunJob) -> bytes:
+        assert self._http is not None
+        url = f"{self.api_url}/images/{msg.image_id}"
+        params = {"workload_id": msg.workload_id, "type": "original"}
+        try:
+            async with self._http.get(url, params=params, headers=self._auth()) as r:
+                if r.status != 200:
+                    raise JobFailed(f"download failed: HTTP {r.status}: {(await r.text())[:200]}",
+                                    retryable=r.status >= 500 or r.status == 401)
+                return await r.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise JobFailed(f"download failed: {e!r}") from e
+
+    async def _upload(self, msg: wire.RunJob, data: bytes, fmt: str) -> None:
+        assert self._http is not None
+        ext, ctype = FORMATS.get(fmt, ("bin", "application/octet-stream"))
+        form = aiohttp.FormData()
+        form.add_field("workload_id", msg.workload_id)
+        form.add_field("type", "filtered")
+        form.add_field("image_id", str(msg.image_id))
+        form.add_field("data", data, filename=f"{msg.image_id}.{ext}", content_type=ctype)
+        try:
+            async with self._http.post(f"{self.api_url}/images", data=form, headers=self._auth()) as r:
+                if r.status not in (200, 201):
+                    raise JobFailed(f"upload failed: HTTP {r.status}: {(await r.text())[:200]}",
+                                    retryable=r.status >= 500 or r.status == 401)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise JobFailed(f"upload failed: {e!r}") from e
