@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import BodyPartReader, web
 
 from api.keys import AUTH, CLAIMS, IMAGES, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
-from api.params import basic_credentials, bearer_token, int_param, request_params, required
+from api.params import MULTIPART_ERRORS, basic_credentials, bearer_token, int_param, request_params, required
 from controller.auth import USER, WORKER, Claims
 from controller.images import StoredFile, check_workload_name
 from common.formats import FORMATS
-from controller.models import BadInput, Filter, Forbidden, ImageType, WorkloadStatus
+from controller.models import BadInput, Filter, Forbidden, ImageType, UnsupportedMedia, WorkloadStatus
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FILE_FIELDS = ("data", "image", "file")
@@ -115,7 +115,7 @@ def _image_type(params: dict[str, str], default: ImageType | None) -> ImageType 
 async def upload_image(request: web.Request) -> web.Response:
     """Stream the file to disk, then give it the next id of its workload and queue its job."""
     if request.content_type != "multipart/form-data":
-        raise BadInput("upload as multipart/form-data with the image in field 'data'")
+        raise UnsupportedMedia("upload as multipart/form-data with the image in field 'data'")
     images = request.app[IMAGES]
     params: dict[str, str] = dict(request.query)
     stored: StoredFile | None = None
@@ -131,7 +131,7 @@ async def upload_image(request: web.Request) -> web.Response:
                     stored = await images.receive(_part_chunks(part))
                 elif part.name:
                     params[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
-        except (ValueError, AssertionError) as e:
+        except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         if stored is None:
             raise BadInput("no image in the request: put the file in multipart field 'data'")

@@ -20,5 +20,5 @@ IMAGES = web.AppKey("images", ImageStore)
 MEMBERSHIP = web.AppKey("membership", Membership)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
-CLAIMS = "dpip.claims"  # request-scoped: who is calling
+CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
 __all__ = ["SETTINGS", "STORE", "AUTH", "IMAGES", "MEMBERSHIP", "SCHEDULER", "UPLOAD_LOCKS", "CLAIMS", "Claims"]

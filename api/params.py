@@ -9,8 +9,13 @@ import json
 from urllib.parse import parse_qsl
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from controller.models import BadInput, Unauthorized
+
+
+#: What aiohttp's multipart reader raises on a malformed body.
+MULTIPART_ERRORS = (ValueError, AssertionError, HttpProcessingError)
 
 
 async def request_params(request: web.Request) -> dict[str, str]:
@@ -25,7 +30,7 @@ async def request_params(request: web.Request) -> dict[str, str]:
             async for part in reader:
                 if part.name and not part.filename:
                     params[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
-        except (ValueError, AssertionError) as e:
+        except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         return params
     body = await request.read()  # bounded by client_max_size (413 beyond)

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from common.formats import FORMATS, sniff_format
-from controller.models import BadInput, ImageType, TooLarge, UnsupportedMedia
+from controller.models import BadInput, ImageType, TooLarge
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -71,7 +71,7 @@ class ImageStore:
                 if len(head) < 16:
                     head += chunk[:16]
                     if len(head) >= 16 and sniff_format(head) is None:
-                        raise UnsupportedMedia("the uploaded file is not an image (unknown format)")
+                        raise BadInput("the uploaded file is not an image (unknown format)")
                 await loop.run_in_executor(None, f.write, chunk)
             if size == 0:
                 raise BadInput("the uploaded file is empty")
@@ -94,7 +94,7 @@ class ImageStore:
         with open(tmp, "rb") as g:
             fmt = sniff_format(g.read(16))
         if fmt is None:
-            raise UnsupportedMedia("the uploaded file is not an image (unknown format)")
+            raise BadInput("the uploaded file is not an image (unknown format)")
         try:
             with Image.open(tmp, formats=[fmt]) as im:  # parses the header, decodes no pixels
                 width, height = im.size

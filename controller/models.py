@@ -35,7 +35,7 @@ class TooLarge(BadInput):
 
 
 class UnsupportedMedia(BadInput):
-    """The bytes are not an image of a format we accept."""
+    """The request body is not of a media type the endpoint takes."""
 
 
 class Filter(str, Enum):

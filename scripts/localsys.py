@@ -1,0 +1,204 @@
+"""Start and stop a real DPIP system (``main.py`` + workers as subprocesses) on this machine.
+
+Used by ``make run``, ``make e2e``, ``make bench`` and the end-to-end tests, so they all start
+the system the same way an operator does: with the real commands, over real sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``cond`` until it returns something truthy; raise TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any DPIP_* setting of the caller's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPIP_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class LocalSystem:
+    """A server and its workers as child processes, with a tiny HTTP client for readiness."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        log_dir: Path | None = None,
+        port: int | None = None,
+        controller_port: int | None = None,
+        admin_password: str = "dpip-test-password",
+        server_args: tuple[str, ...] = (),
+        python: str = sys.executable,
+        inherit_env: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.port = port or free_port()
+        self.controller_port = controller_port or free_port()
+        self.admin_password = admin_password
+        self.server_args = server_args
+        self.python = python
+        self.inherit_env = inherit_env
+        self.server: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+        self._logs: list[IO] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def controller(self) -> str:
+        return f"127.0.0.1:{self.controller_port}"
+
+    def _spawn(self, name: str, argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+        out: Any = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")
+            self._logs.append(out)
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+
+    def start_server(self, wait: bool = True) -> subprocess.Popen:
+        argv = [
+            self.python, "main.py", "--host", "127.0.0.1", "--port", str(self.port),
+            "--controller-port", str(self.controller_port), "--data-dir", str(self.data_dir),
+            *self.server_args,
+        ]
+        env = self._env()
+        if self.admin_password:
+            env["DPIP_ADMIN_PASSWORD"] = self.admin_password
+        self.server = self._spawn("server", argv, ROOT, env)
+        if wait:
+            wait_until(self._api_up, 30, "the API to answer")
+        return self.server
+
+    def start_worker(
+        self, name: str, *args: str, reference_form: bool = False,
+        name_flag: str = "--worker-name", env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:
+        """Start a worker; ``reference_form`` runs ``cd worker/ && python main.py`` instead of -m."""
+        flags = ["--controller", self.controller, name_flag, name, *args]
+        if reference_form:
+            argv, cwd = [self.python, "main.py", *flags], ROOT / "worker"
+        else:
+            argv, cwd = [self.python, "-m", "worker", *flags], ROOT
+        proc = self._spawn(f"worker-{name}", argv, cwd, self._env(**(env or {})))
+        self.workers[name] = proc
+        return proc
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        if self.inherit_env:
+            return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+        return clean_env(**extra)
+
+    def _api_up(self) -> bool:
+        if self.server is not None and self.server.poll() is not None:
+            raise RuntimeError(f"server exited with {self.server.returncode}")
+        try:
+            urllib.request.urlopen(self.url + "/status", timeout=1)
+        except urllib.error.HTTPError:
+            return True  # 401: it is up
+        except OSError:
+            return False
+        return True
+
+    def login(self, user: str = "admin", password: str | None = None) -> str:
+        cred = base64.b64encode(f"{user}:{password or self.admin_password}".encode()).decode()
+        req = urllib.request.Request(self.url + "/login", headers={"Authorization": f"Basic {cred}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)["token"]
+
+    def get(self, path: str, token: str) -> Any:
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def alive_workers(self, token: str) -> set[str]:
+        return {w["name"] for w in self.get("/status", token)["workers"] if w["alive"]}
+
+    def wait_workers(self, names: set[str] | int, token: str | None = None, timeout: float = 30) -> None:
+        token = token or self.login()
+        if isinstance(names, int):
+            n = names
+            wait_until(lambda: len(self.alive_workers(token)) >= n, timeout, f"{n} live workers")
+        else:
+            wait_until(lambda: names <= self.alive_workers(token), timeout, f"workers {sorted(names)}")
+
+    def signal_worker(self, name: str, sig: int) -> None:
+        self.workers[name].send_signal(sig)
+
+    def stop(self, timeout: float = 15, grace: float = 0.0) -> None:
+        """SIGTERM everything (workers first), wait, SIGKILL what is left.
+
+        ``grace``: seconds to let processes that were already signalled (Ctrl-C reaches the
+        whole process group) finish on their own before they get a SIGTERM.
+        """
+        procs = [*self.workers.values(), *([self.server] if self.server else [])]
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    def logs(self) -> str:
+        """Every process's log, for a failing test's report."""
+        if self.log_dir is None:
+            return ""
+        parts = []
+        for f in sorted(self.log_dir.glob("*.log")):
+            parts.append(f"----- {f.name} -----\n{f.read_text(errors='replace')[-20000:]}")
+        return "\n".join(parts)
+
+    def __enter__(self) -> LocalSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

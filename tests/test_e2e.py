@@ -1,0 +1,119 @@
+"""End to end: the real server and two real workers, driven the way the reference's clients do."""
+
+from __future__ import annotations
+
+import io
+import time
+
+from PIL import Image, ImageFilter
+
+from scripts.frames import frame_png
+from scripts.localsys import wait_until
+from tests import refclient as ref
+from tests.conftest import ADMIN_PASSWORD
+
+
+def wait_completed(url: str, token: str, workload_id: str, timeout: float = 120) -> dict:
+    def done():
+        w = ref.get_json(url, token, f"/workloads/{workload_id}")
+        return w if w["status"] == "completed" else None
+
+    return wait_until(done, timeout, f"workload {workload_id} to complete", interval=0.2)
+
+
+def test_reference_clients_grayscale_round_trip(system, tmp_path):
+    url = system.url
+    token = ref.login(url, "admin", ADMIN_PASSWORD)
+    workload = ref.create_workload(url, token)
+    assert workload["filter"] == "grayscale" and workload["status"] == "scheduling"
+    assert workload["running_jobs"] == 0 and workload["filtered_images"] == []
+    wid = workload["workload_id"]
+
+    frames = [frame_png(i, 320, 180) for i in range(20)]
+    for i, data in enumerate(frames):
+        r = ref.upload(url, token, wid, f"{i}.png", data, with_type=(i % 3 != 0))
+        assert r.status == 200, r.body
+        assert r.json() == {"workload_id": wid, "image_id": i, "type": "original"}
+
+    final = wait_completed(url, token, wid)
+    assert final["filtered_images"] == list(range(20))
+    assert final["running_jobs"] == 0
+
+    out = tmp_path / "pulled"
+    out.mkdir()
+    for i in range(20):
+        r = ref.pull(url, token, wid, i)
+        assert r.status == 200, r.body
+        assert r.headers["content-type"] == "image/png"
+        (out / f"{i}.png").write_bytes(r.body)
+    for i in range(20):
+        with Image.open(out / f"{i}.png") as got, Image.open(io.BytesIO(frames[i])) as src:
+            assert got.format == "PNG" and got.size == src.size == (320, 180)
+            assert got.mode == "L"
+            assert got.tobytes() == src.convert("L").tobytes(), f"frame {i} is not its own grayscale"
+
+
+def test_blur_workload_and_original_byte_identical(system):
+    url = system.url
+    token = ref.login(url, "admin", ADMIN_PASSWORD)
+    r = ref.request(url, "POST", "/workloads", b'{"filter": "blur", "workload_name": "blurry"}',
+                    {**ref.bearer(token), "Content-Type": "application/json"})
+    assert r.status == 200, r.body
+    wid = r.json()["workload_id"]
+    assert r.json()["filter"] == "blur" and r.json()["workload_name"] == "blurry"
+    frames = [frame_png(100 + i, 200, 120) for i in range(4)]
+    for i, data in enumerate(frames):
+        assert ref.upload(url, token, wid, f"{i}.png", data).status == 200
+    wait_completed(url, token, wid)
+    for i, data in enumerate(frames):
+        original = ref.pull(url, token, wid, i, "original")
+        assert original.status == 200 and original.body == data
+        blurred = ref.pull(url, token, wid, i, "filtered")
+        with Image.open(io.BytesIO(blurred.body)) as got, Image.open(io.BytesIO(data)) as src:
+            assert got.size == src.size and got.format == "PNG"
+            assert got.tobytes() == src.filter(ImageFilter.GaussianBlur(2)).tobytes()
+    # The files are where the contract says: a directory per workload.
+    assert (system.data_dir / "images" / "blurry" / "original" / "0.png").read_bytes() == frames[0]
+
+
+def test_status_shows_live_workers_with_telemetry(system):
+    url = system.url
+    token = ref.login(url, "admin", ADMIN_PASSWORD)
+    pending = ref.create_workload(url, token)  # no images yet: stays active
+    status = ref.get_json(url, token, "/status")
+    assert status["system_name"] and status["server_time"]
+    assert pending["workload_id"] in {w["workload_id"] for w in status["active_workloads"]}
+    workers = {w["name"]: w for w in status["workers"]}
+    assert {"w1", "w2"} <= set(workers)
+    for w in workers.values():
+        assert w["alive"] is True
+        assert 0.0 <= w["cpu_percent"] <= 100.0
+        assert 0.0 < w["memory_percent"] <= 100.0
+        assert w["gpu"]["count"] == 0  # no GPU on this machine: NVML reports none
+        assert isinstance(w["running_jobs"], int) and w["capacity"] >= 1
+        assert isinstance(w["jobs_done"], int)
+        assert time.time() - w["last_seen"] < 5
+    assert workers["w1"]["tags"] == ["fast", "blue"]
+    assert workers["w2"]["tags"] == []
+
+
+def test_running_jobs_reported_while_work_is_in_flight(system):
+    """Under load, the workload shows jobs running, then every image done."""
+    url = system.url
+    token = ref.login(url, "admin", ADMIN_PASSWORD)
+    wid = ref.create_workload(url, token)["workload_id"]
+    data = frame_png(7, 1280, 720)
+    for i in range(12):
+        assert ref.upload(url, token, wid, f"{i}.png", data).status == 200
+    seen = {"workload": False}
+
+    def observe():
+        w = ref.get_json(url, token, f"/workloads/{wid}")
+        seen["workload"] |= w["running_jobs"] > 0 and w["status"] == "running"
+        return w["status"] == "completed"
+
+    wait_until(observe, 120, "the workload to complete", interval=0.05)
+    assert seen["workload"], "never saw the workload running"
+    assert ref.get_json(url, token, f"/workloads/{wid}")["filtered_images"] == list(range(12))
+    totals = ref.get_json(url, token, "/status")["workers"]
+    assert sum(w["jobs_done"] for w in totals) >= 12
