@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import BodyPartReader, web
 
 from api.keys import AUTH, CLAIMS, IMAGES, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
-from api.params import MULTIPART_ERRORS, basic_credentials, bearer_token, int_param, request_params, required
+from api.params import MULTIPART_ERRORS, basic_credentials, content_type, bearer_token, int_param, request_params, required
 from controller.auth import USER, WORKER, Claims
 from controller.images import StoredFile, check_workload_name
 from common.formats import FORMATS
@@ -114,7 +114,7 @@ def _image_type(params: dict[str, str], default: ImageType | None) -> ImageType 
 @requires(USER, WORKER)
 async def upload_image(request: web.Request) -> web.Response:
     """Stream the file to disk, then give it the next id of its workload and queue its job."""
-    if request.content_type != "multipart/form-data":
+    if content_type(request) != "multipart/form-data":
         raise UnsupportedMedia("upload as multipart/form-data with the image in field 'data'")
     images = request.app[IMAGES]
     params: dict[str, str] = dict(request.query)
@@ -125,12 +125,13 @@ async def upload_image(request: web.Request) -> web.Response:
             async for part in reader:
                 if not isinstance(part, BodyPartReader):
                     continue
-                if part.name in FILE_FIELDS or (part.filename and part.name not in params):
+                name = part.name  # a property that re-parses the header on every access
+                if name in FILE_FIELDS or (name not in params and part.filename):
                     if stored is not None:
                         raise BadInput("send one image per request")
                     stored = await images.receive(_part_chunks(part))
-                elif part.name:
-                    params[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
+                elif name:
+                    params[name] = (await part.read(decode=True)).decode("utf-8", "replace")
         except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         if stored is None:

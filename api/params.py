@@ -18,12 +18,18 @@ from controller.models import BadInput, Unauthorized
 MULTIPART_ERRORS = (ValueError, AssertionError, HttpProcessingError)
 
 
+def content_type(request: web.Request) -> str:
+    """The bare media type, lower-cased. (aiohttp's ``request.content_type`` runs the email
+    package's header parser on every call: a tenth of a small upload's server time.)"""
+    return request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+
+
 async def request_params(request: web.Request) -> dict[str, str]:
     """Query-string parameters, overlaid with those of the body, whatever its encoding."""
     params: dict[str, str] = dict(request.query)
     if not request.body_exists:
         return params
-    ctype = request.content_type
+    ctype = content_type(request)
     if ctype == "multipart/form-data":
         try:
             reader = await request.multipart()

@@ -9,6 +9,7 @@ log, count and drop garbage without ever crashing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -142,16 +143,22 @@ def decode(data: bytes) -> Message:
     return _build(cls, obj, cls.TYPE)
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
+    """Each field of a message class with its resolved type (resolving is slow: cache it)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
+
+
 def _build(cls: type, obj: dict[str, Any], where: str) -> Any:
     """Build dataclass ``cls`` from ``obj``, checking every field; unknown keys are ignored."""
-    hints = typing.get_type_hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
+    for f, hint in _fields(cls):
         if f.name not in obj:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise DecodeError(f"{where}: missing field {f.name!r}")
             continue
-        kwargs[f.name] = _check(hints[f.name], obj[f.name], f"{where}.{f.name}")
+        kwargs[f.name] = _check(hint, obj[f.name], f"{where}.{f.name}")
     return cls(**kwargs)
 
 

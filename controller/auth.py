@@ -82,6 +82,7 @@ class Auth:
         self.secret = secret
         self.token_ttl = token_ttl
         self._revoked: set[str] = set()
+        self._verified: dict[str, Claims] = {}  # token -> claims whose signature checked out
 
     async def load(self) -> None:
         self._revoked = await self.store.revoked_tokens()
@@ -122,6 +123,20 @@ class Auth:
 
     def verify(self, token: str, scopes: tuple[str, ...]) -> Claims:
         """Check signature, expiry, revocation and scope; raise Unauthorized / Forbidden."""
+        claims = self._verified.get(token)
+        if claims is None or claims.expires_at < time.time():
+            claims = self._decode(token)
+            if len(self._verified) >= 4096:
+                self._verified.clear()  # a crude bound; re-verifying is only a little slower
+            self._verified[token] = claims
+        if claims.jti in self._revoked:
+            raise Unauthorized("token revoked (logged out): log in again")
+        if claims.scope not in scopes:
+            raise Forbidden(f"a {claims.scope or 'unscoped'} token cannot do this")
+        return claims
+
+    def _decode(self, token: str) -> Claims:
+        """Signature and expiry, via PyJWT (a few hundred microseconds: hence the cache)."""
         try:
             raw = jwt.decode(
                 token, self.secret, algorithms=["HS256"], options={"require": ["exp", "sub", "jti"]}
@@ -130,12 +145,7 @@ class Auth:
             raise Unauthorized("token expired: log in again") from e
         except jwt.InvalidTokenError as e:
             raise Unauthorized(f"invalid token: {e}") from e
-        if raw["jti"] in self._revoked:
-            raise Unauthorized("token revoked (logged out): log in again")
-        claims = Claims(str(raw["sub"]), str(raw.get("scope", "")), raw["jti"], float(raw["exp"]))
-        if claims.scope not in scopes:
-            raise Forbidden(f"a {claims.scope or 'unscoped'} token cannot do this")
-        return claims
+        return Claims(str(raw["sub"]), str(raw.get("scope", "")), str(raw["jti"]), float(raw["exp"]))
 
     async def revoke(self, claims: Claims) -> None:
         self._revoked.add(claims.jti)

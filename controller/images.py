@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -57,27 +58,35 @@ class ImageStore:
         return self.root / workload_name / type_.value / f"{image_id}.{FORMATS[fmt][0]}"
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
-        """Stream ``chunks`` into a file under ``incoming`` and validate it; then :meth:`commit`."""
+        """Stream ``chunks`` into a file under ``incoming`` and validate it; then :meth:`commit`.
+
+        Bytes are buffered up to 1 MiB between writes, so a small image costs one trip to
+        the executor and a large one a few, instead of one per network chunk.
+        """
         loop = asyncio.get_running_loop()
         tmp = self.incoming / f"{uuid.uuid4().hex}.upload"
-        f = await loop.run_in_executor(None, _open_tmp, tmp)
-        size = 0
-        head = b""
+        writer = _TmpWriter(tmp)
+        buffered: list[bytes] = []
+        pending = size = 0
         try:
             async for chunk in chunks:
+                if size == 0 and len(chunk) >= 16 and sniff_format(chunk[:16]) is None:
+                    raise BadInput("the uploaded file is not an image (unknown format)")
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise TooLarge(f"image larger than the limit of {self.max_bytes} bytes")
-                if len(head) < 16:
-                    head += chunk[:16]
-                    if len(head) >= 16 and sniff_format(head) is None:
-                        raise BadInput("the uploaded file is not an image (unknown format)")
-                await loop.run_in_executor(None, f.write, chunk)
+                buffered.append(chunk)
+                pending += len(chunk)
+                if pending >= _FLUSH_BYTES:
+                    await loop.run_in_executor(None, writer.write, buffered)
+                    buffered, pending = [], 0
             if size == 0:
                 raise BadInput("the uploaded file is empty")
-            fmt, width, height = await loop.run_in_executor(None, self._finish, f, tmp)
+            fmt, width, height = await loop.run_in_executor(
+                None, self._finish, writer, buffered
+            )
         except BaseException:
-            f.close()
+            writer.close()
             tmp.unlink(missing_ok=True)
             raise
         if width * height > self.max_pixels:
@@ -85,18 +94,16 @@ class ImageStore:
             raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
         return StoredFile(tmp, fmt, size, width, height)
 
-    def _finish(self, f, tmp: Path) -> tuple[str, int, int]:
-        """Flush to disk, then read the header (only) to learn format and size."""
-        f.flush()
-        if self.fsync:
-            os.fsync(f.fileno())
-        f.close()
-        with open(tmp, "rb") as g:
+    def _finish(self, writer: _TmpWriter, rest: list[bytes]) -> tuple[str, int, int]:
+        """Write the rest, flush to disk, then read the header (only): format and size."""
+        writer.write(rest)
+        writer.close(fsync=self.fsync)
+        with open(writer.path, "rb") as g:
             fmt = sniff_format(g.read(16))
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
         try:
-            with Image.open(tmp, formats=[fmt]) as im:  # parses the header, decodes no pixels
+            with Image.open(writer.path, formats=[fmt]) as im:  # parses the header, no pixels
                 width, height = im.size
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise BadInput(f"the uploaded {fmt} image has a broken header: {e}") from e
@@ -112,8 +119,29 @@ class ImageStore:
         stored.path.unlink(missing_ok=True)
 
 
-def _open_tmp(tmp: Path):
-    return open(tmp, "wb")
+_FLUSH_BYTES = 1 << 20
+
+
+class _TmpWriter:
+    """A temporary file opened lazily, written in batches from the executor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: BinaryIO | None = None
+
+    def write(self, chunks: list[bytes]) -> None:
+        if self._f is None:
+            self._f = open(self.path, "wb")
+        self._f.writelines(chunks)
+
+    def close(self, fsync: bool = False) -> None:
+        if self._f is None:
+            return
+        if fsync:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
 
 
 def _place(src: Path, dst: Path, replace: bool, fsync: bool) -> bool:

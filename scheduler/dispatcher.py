@@ -180,9 +180,7 @@ class Scheduler:
             return str(e)
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
             if reply.ok:
-                if await self.store.job_state(job.id) == JobState.DONE:
-                    return None
-                return f"worker {worker} reported success but no result was stored"
+                return None  # the worker's upload got its 2xx: the result is stored, job done
             if not reply.retryable:
                 job.attempts = self.settings.max_attempts
             return f"worker {worker}: {reply.error}"

@@ -1,0 +1,176 @@
+"""Pure functions: the wire format, placement, filters and flag parsing, with plain data."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image, ImageFilter
+
+from common import wire
+from common.config import EnvDefaultsParser, split_host_port
+from common.formats import sniff_format
+from scheduler.placement import JobView, WorkerView, place
+from worker.filters import EncodeOptions, FilterError, process
+from tests.conftest import png_bytes
+
+# -- wire -----------------------------------------------------------------------------------
+
+MESSAGES = [
+    wire.Heartbeat("w1", "s1", "tcp://10.0.0.2:5000", ["gpu"], 12.5, 40.0, wire.Gpu(1, 50.0, 25.0), 1, 2, 7,
+                   welcomed_by="e", draining=True),
+    wire.Welcome("epoch", 8080, "", "tok", 1.0),
+    wire.RunJob(3, "wid", 4, "blur", 2, {"radius": 3}),
+    wire.CancelJob(3),
+    wire.JobResult(3, False, "boom", retryable=False, worker="w1", process_ms=1.5),
+    wire.Ack(),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: m.TYPE)
+def test_every_message_round_trips(msg):
+    assert wire.decode(wire.encode(msg)) == msg
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"\xff\xfe garbage", "not JSON"),
+    (b'{"type": "heartbeat", "v": 1, "name": "w"', "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"type": "ack", "v": 99}', "unsupported version"),
+    (b'{"type": "ack"}', "unsupported version"),
+    (b'{"type": "launch_missiles", "v": 1}', "unknown message type"),
+    (b'{"type": "cancel_job", "v": 1}', "missing field 'job_id'"),
+    (b'{"type": "cancel_job", "v": 1, "job_id": "3"}', "expected an integer"),
+    (b'{"type": "cancel_job", "v": 1, "job_id": true}', "expected an integer"),
+    (b'{"type": "run_job", "v": 1, "job_id": 1, "workload_id": "w", "image_id": 1, "filter": "x",'
+     b' "attempt": 1, "params": []}', "expected an object"),
+    (b"x" * (wire.MAX_MESSAGE_BYTES + 1), "exceeds"),
+])
+def test_decode_rejects_garbage_with_a_reason(data, words):
+    with pytest.raises(wire.DecodeError, match=words):
+        wire.decode(data)
+
+
+def test_decode_ignores_unknown_fields_from_newer_peers():
+    body = json.loads(wire.encode(wire.CancelJob(5)))
+    body["priority"] = "high"
+    assert wire.decode(json.dumps(body).encode()) == wire.CancelJob(5)
+
+
+# -- placement ------------------------------------------------------------------------------
+
+def worker(name, cpu=10.0, mem=10.0, in_flight=0, capacity=2, tags=(), gpu=0, ready=True):
+    return WorkerView(name, frozenset(tags), cpu, mem, gpu, 0.0, in_flight, capacity, ready)
+
+
+def test_placement_prefers_free_slots_then_idle_cpu():
+    busy = worker("a", in_flight=1)
+    idle = worker("b")
+    assert place(JobView(), [busy, idle]) == "b"
+    assert place(JobView(), [worker("a", cpu=90), worker("b", cpu=5)]) == "b"
+    assert place(JobView(), [worker("a", mem=95), worker("b", mem=5)]) == "b"
+
+
+def test_placement_never_exceeds_capacity_or_uses_unready_workers():
+    assert place(JobView(), [worker("a", in_flight=2), worker("b", ready=False)]) is None
+    assert place(JobView(), []) is None
+
+
+def test_placement_honours_required_tags():
+    job = JobView(tags=frozenset({"gpu"}))
+    assert place(job, [worker("plain")]) is None
+    assert place(job, [worker("plain"), worker("g", cpu=99, tags=("gpu", "x"))]) == "g"
+
+
+def test_placement_avoids_workers_that_failed_the_job_unless_alone():
+    job = JobView(avoid=frozenset({"a"}))
+    assert place(job, [worker("a"), worker("b", cpu=90, in_flight=1)]) == "b"
+    assert place(job, [worker("a")]) == "a"
+
+
+def test_placement_is_deterministic_on_ties():
+    assert place(JobView(), [worker("b"), worker("a")]) == "a"
+
+
+# -- filters --------------------------------------------------------------------------------
+
+def rgb_png(size=(40, 30)) -> bytes:
+    im = Image.linear_gradient("L").resize(size).convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_grayscale_keeps_size_and_png_format():
+    data = rgb_png()
+    out, fmt = process(data, "grayscale")
+    with Image.open(io.BytesIO(out)) as im, Image.open(io.BytesIO(data)) as src:
+        assert (fmt, im.format, im.size, im.mode) == ("PNG", "PNG", (40, 30), "L")
+        assert im.tobytes() == src.convert("L").tobytes()
+
+
+def test_grayscale_keeps_alpha():
+    out, _ = process(png_bytes(8, 8, (10, 20, 30, 128), mode="RGBA"), "grayscale")
+    with Image.open(io.BytesIO(out)) as im:
+        assert im.mode == "LA" and im.getpixel((0, 0))[1] == 128
+
+
+def test_blur_is_gaussian_radius_2_by_default_and_configurable():
+    data = rgb_png()
+    with Image.open(io.BytesIO(data)) as src:
+        for params, radius in (({}, 2), ({"radius": 5}, 5)):
+            out, _ = process(data, "blur", params)
+            with Image.open(io.BytesIO(out)) as im:
+                assert im.tobytes() == src.filter(ImageFilter.GaussianBlur(radius)).tobytes()
+
+
+def test_png_compress_level_is_applied():
+    data = rgb_png((200, 200))
+    fast, _ = process(data, "blur", options=EncodeOptions(png_compress_level=1))
+    small, _ = process(data, "blur", options=EncodeOptions(png_compress_level=9))
+    assert len(small) < len(fast)
+
+
+def test_jpeg_in_jpeg_out():
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, "JPEG")
+    out, fmt = process(buf.getvalue(), "grayscale")
+    assert fmt == "JPEG" and out[:3] == b"\xff\xd8\xff"
+
+
+def test_filter_errors():
+    with pytest.raises(FilterError, match="unknown filter"):
+        process(rgb_png(), "sepia")
+    with pytest.raises(FilterError, match="cannot decode"):
+        process(rgb_png()[:60], "grayscale")
+
+
+def test_sniff_format():
+    assert sniff_format(rgb_png()[:16]) == "PNG"
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP"
+    assert sniff_format(b"hello world12345") is None
+
+
+# -- flags ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [
+    ("localhost:40899", ("localhost", 40899)),
+    ("10.1.2.3", ("10.1.2.3", 40899)),
+    (":41000", ("h", 41000)),
+    ("[::1]:5", ("::1", 5)),
+    ("tcp://host:7", ("host", 7)),
+])
+def test_split_host_port(value, expected):
+    assert split_host_port(value, "h", 40899) == expected
+
+
+def test_every_flag_reads_its_dpip_variable(monkeypatch):
+    monkeypatch.setenv("DPIP_CONTROLLER_PORT", "41234")
+    monkeypatch.setenv("DPIP_FSYNC", "false")
+    p = EnvDefaultsParser()
+    p.add_argument("--controller-port", type=int, default=40899)
+    p.add_argument("--no-fsync", dest="fsync", action="store_false", default=True)
+    a = p.parse_args([])
+    assert (a.controller_port, a.fsync) == (41234, False)
+    assert p.parse_args(["--controller-port", "1"]).controller_port == 1
