@@ -161,6 +161,16 @@ class LocalSystem:
     def signal_worker(self, name: str, sig: int) -> None:
         self.workers[name].send_signal(sig)
 
+    def stop_worker(self, name: str, timeout: float = 15) -> int:
+        """SIGTERM one worker (it drains), wait for it, forget it; returns its exit code."""
+        proc = self.workers.pop(name)
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
     def stop(self, timeout: float = 15, grace: float = 0.0) -> None:
         """SIGTERM everything (workers first), wait, SIGKILL what is left.
 

@@ -117,3 +117,59 @@ def test_running_jobs_reported_while_work_is_in_flight(system):
     assert ref.get_json(url, token, f"/workloads/{wid}")["filtered_images"] == list(range(12))
     totals = ref.get_json(url, token, "/status")["workers"]
     assert sum(w["jobs_done"] for w in totals) >= 12
+
+
+def test_tagged_workload_runs_on_a_worker_with_old_style_image_store_flags(system):
+    """--image-store-endpoint overrides what the controller says; tags steer placement."""
+    url = system.url
+    token = ref.login(url, "admin", ADMIN_PASSWORD)
+    system.start_worker("w3", "--tags", "special", "--image-store-endpoint", url)
+    try:
+        system.wait_workers({"w3"}, token)
+        r = ref.request(url, "POST", "/workloads?tags=special", headers=ref.bearer(token))
+        wid = r.json()["workload_id"]
+        assert r.json()["tags"] == ["special"]
+        for i in range(3):
+            assert ref.upload(url, token, wid, f"{i}.png", frame_png(i, 64, 64)).status == 200
+        assert wait_completed(url, token, wid)["filtered_images"] == [0, 1, 2]
+
+        def w3_done():  # telemetry arrives with the next heartbeat
+            w3 = next(w for w in ref.get_json(url, token, "/status")["workers"] if w["name"] == "w3")
+            return w3["jobs_done"] == 3
+
+        wait_until(w3_done, 10, "w3 to report 3 jobs done")
+    finally:
+        system.stop_worker("w3")
+
+
+def test_a_job_that_keeps_failing_ends_visibly_failed(system):
+    """A worker whose API token is wrong fails every attempt: the image ends failed, with why."""
+    url = system.url
+    token = ref.login(url, "admin", ADMIN_PASSWORD)
+    system.start_worker("w4", "--tags", "broken", "--image-store-token", "not-a-valid-token")
+    try:
+        system.wait_workers({"w4"}, token)
+        wid = ref.request(url, "POST", "/workloads?tags=broken", headers=ref.bearer(token)).json()["workload_id"]
+        assert ref.upload(url, token, wid, "0.png", frame_png(0, 64, 64)).status == 200
+        final = wait_completed(url, token, wid, timeout=60)
+        assert final["filtered_images"] == []
+        assert [f["image_id"] for f in final["failed_images"]] == [0]
+        assert "401" in final["failed_images"][0]["reason"]
+    finally:
+        system.stop_worker("w4")
+
+
+def test_the_e2e_script_passes(system):
+    """scripts/e2e.sh (what `make e2e` runs) against the live system."""
+    import os
+    import subprocess
+    import sys
+
+    from scripts.localsys import ROOT
+
+    env = {**os.environ, "DPIP_URL": system.url, "DPIP_PASSWORD": ADMIN_PASSWORD,
+           "PYTHON": sys.executable, "E2E_FRAMES": "6"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "e2e.sh")], env=env,
+                       capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "E2E PASS"
