@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--image-store-token", default="", help="API token, overriding what the controller sends")
     p.add_argument("--png-compress-level", type=int, default=1, choices=range(0, 10), metavar="0-9",
                    help="zlib level for PNG output (default 1: fast; Pillow's own default is 6)")
-    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats until the controller sets it")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)

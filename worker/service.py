@@ -68,6 +68,7 @@ class Worker:
         self.token = ""
         self.welcomed_by = ""
         self.rpc_address = ""
+        self.heartbeat_interval = settings.heartbeat_interval  # until the controller says
         self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 2 + 4)
         self._pub: pynng.Pub0 | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -142,7 +143,7 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await self._send_heartbeat()
-            await asyncio.sleep(self.s.heartbeat_interval)
+            await asyncio.sleep(self.heartbeat_interval)
 
     # -- RPC --------------------------------------------------------------------------------
 
@@ -165,6 +166,8 @@ class Worker:
             self.s.image_store_endpoint or msg.public_url or f"http://{host}:{msg.api_port}"
         ).rstrip("/")
         self.token = self.s.image_store_token or msg.token
+        if msg.heartbeat_interval > 0:
+            self.heartbeat_interval = min(msg.heartbeat_interval, 5.0)
         if self.welcomed_by != msg.epoch:
             logger.info("welcomed by controller %s; API at %s", msg.epoch, self.api_url)
         self.welcomed_by = msg.epoch
