@@ -70,6 +70,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     s.data_dir.mkdir(parents=True, exist_ok=True)
     s.images_dir.mkdir(exist_ok=True)
     s.incoming_dir.mkdir(exist_ok=True)
+    for leftover in s.incoming_dir.glob("*.upload"):  # uploads cut off by a crash: never accepted
+        leftover.unlink()
     store = Store(s.db_path)
     await store.open()
     auth = Auth(store, load_or_create_secret(s.data_dir / "jwt-secret"), s.token_ttl)

@@ -38,6 +38,7 @@ def setup_logging(level: str = "INFO") -> None:
     )
     # nng logs every failed redial as an ERROR; one line per second per peer is noise.
     logging.getLogger("pynng").setLevel(logging.CRITICAL)
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)  # logs every statement at DEBUG
 
 
 def split_host_port(value: str, default_host: str, default_port: int) -> tuple[str, int]:

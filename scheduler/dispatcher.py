@@ -180,6 +180,8 @@ class Scheduler:
             return str(e)
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
             if reply.ok:
+                logger.debug("job %d done on %s: download %.1f ms, process %.1f ms, upload %.1f ms",
+                             job.id, worker, reply.download_ms, reply.process_ms, reply.upload_ms)
                 return None  # the worker's upload got its 2xx: the result is stored, job done
             if not reply.retryable:
                 job.attempts = self.settings.max_attempts
