@@ -77,7 +77,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     auth = Auth(store, load_or_create_secret(s.data_dir / "jwt-secret"), s.token_ttl)
     await auth.load()
     await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
-    membership = Membership(store, auth, s.port, s.public_url, s.heartbeat_interval, s.worker_ttl)
+    ttl = s.worker_ttl or 3 * s.heartbeat_interval
+    membership = Membership(store, auth, s.port, s.public_url, s.heartbeat_interval, ttl)
     scheduler = Scheduler(store, membership, SchedulerSettings(s.job_timeout, s.max_attempts))
     app[STORE], app[AUTH], app[MEMBERSHIP], app[SCHEDULER] = store, auth, membership, scheduler
     app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)

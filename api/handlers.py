@@ -14,7 +14,15 @@ from api.params import MULTIPART_ERRORS, basic_credentials, content_type, bearer
 from controller.auth import USER, WORKER, Claims
 from controller.images import StoredFile, check_workload_name
 from common.formats import FORMATS
-from controller.models import BadInput, Filter, Forbidden, ImageType, UnsupportedMedia, WorkloadStatus
+from controller.models import (
+    BadInput,
+    Filter,
+    Forbidden,
+    ImageType,
+    UnsupportedMedia,
+    WorkloadStatus,
+    WorkloadView,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FILE_FIELDS = ("data", "image", "file")
@@ -32,6 +40,10 @@ def requires(*scopes: str) -> Callable[[Handler], Handler]:
         return checked
 
     return wrap
+
+
+def _workload_json(request: web.Request, view: WorkloadView) -> dict:
+    return view.to_json(request.app[SCHEDULER].waiting.get(view.workload.id))
 
 
 def _owner(claims: Claims) -> str | None:
@@ -60,7 +72,7 @@ async def status(request: web.Request) -> web.Response:
     for wid in await store.workload_ids(claims.subject):
         view = await store.workload_view(await store.get_workload(wid))
         if view.status != WorkloadStatus.COMPLETED:
-            active.append(view.to_json())
+            active.append(_workload_json(request, view))
     workers = sorted(request.app[MEMBERSHIP].snapshot(), key=lambda w: w.name)
     return web.json_response({
         "system_name": request.app[SETTINGS].system_name,
@@ -86,14 +98,14 @@ async def create_workload(request: web.Request) -> web.Response:
     tags = tuple(sorted({t.strip() for t in params.get("tags", "").split(",") if t.strip()}))
     store = request.app[STORE]
     workload = await store.create_workload(name, request[CLAIMS].subject, filter_, tags)
-    return web.json_response((await store.workload_view(workload)).to_json())
+    return web.json_response(_workload_json(request, await store.workload_view(workload)))
 
 
 @requires(USER)
 async def get_workload(request: web.Request) -> web.Response:
     store = request.app[STORE]
     workload = await store.get_workload(request.match_info["workload_id"], _owner(request[CLAIMS]))
-    return web.json_response((await store.workload_view(workload)).to_json())
+    return web.json_response(_workload_json(request, await store.workload_view(workload)))
 
 
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:

@@ -19,7 +19,7 @@ class ServerSettings:
     admin_password: str = ""  # empty: generate one on first start
     token_ttl: float = 24 * 3600.0
     heartbeat_interval: float = 1.0
-    worker_ttl: float = 3.0  # silent this long (3 heartbeats) = dead
+    worker_ttl: float = 0.0  # silent this long = dead; 0 means 3 heartbeat intervals
     job_timeout: float = 120.0
     max_attempts: int = 3
     max_upload_bytes: int = 32 * 1024 * 1024
@@ -54,7 +54,8 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
     p.add_argument("--token-ttl", type=float, default=d.token_ttl, help="token lifetime in seconds")
     p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval,
                    help="seconds between worker heartbeats, told to workers")
-    p.add_argument("--worker-ttl", type=float, default=d.worker_ttl, help="a worker silent this long is dead")
+    p.add_argument("--worker-ttl", type=float, default=d.worker_ttl,
+                   help="a worker silent this long is dead (default: 3 heartbeat intervals)")
     p.add_argument("--job-timeout", type=float, default=d.job_timeout, help="longest a job attempt may take")
     p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="attempts before a job fails")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes, help="largest accepted upload")

@@ -52,6 +52,16 @@ class Heartbeat:
     jobs_done: int
     welcomed_by: str = ""  # the controller epoch that last welcomed this worker
     draining: bool = False
+    running_job_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """Worker -> controller (pub/sub): I am leaving; my jobs are finished or abandoned."""
+
+    TYPE = "goodbye"
+    name: str
+    session: str
 
 
 @dataclass(frozen=True)
@@ -111,9 +121,9 @@ class Ack:
     error: str = ""
 
 
-Message = Heartbeat | Welcome | RunJob | CancelJob | JobResult | Ack
+Message = Heartbeat | Goodbye | Welcome | RunJob | CancelJob | JobResult | Ack
 MESSAGE_TYPES: dict[str, type] = {
-    cls.TYPE: cls for cls in (Heartbeat, Welcome, RunJob, CancelJob, JobResult, Ack)
+    cls.TYPE: cls for cls in (Heartbeat, Goodbye, Welcome, RunJob, CancelJob, JobResult, Ack)
 }
 
 

@@ -45,6 +45,7 @@ class WorkerInfo:
     alive: bool = False
     welcomed: bool = False
     draining: bool = False
+    running_job_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -137,14 +138,22 @@ class Membership:
             data = await self._sock.arecv()
             try:
                 msg = wire.decode(data)
-                if not isinstance(msg, wire.Heartbeat):
-                    raise wire.DecodeError(f"expected a heartbeat, got {msg.TYPE}")
+                if not isinstance(msg, (wire.Heartbeat, wire.Goodbye)):
+                    raise wire.DecodeError(f"expected a heartbeat or goodbye, got {msg.TYPE}")
             except wire.DecodeError as e:
                 self.bad_messages += 1
                 if self.bad_messages == 1 or self.bad_messages % 100 == 0:
                     logger.warning("dropped bad message on controller (%d so far): %s", self.bad_messages, e)
                 continue
-            self._on_heartbeat(msg)
+            if isinstance(msg, wire.Goodbye):
+                self._on_goodbye(msg)
+            else:
+                self._on_heartbeat(msg)
+
+    def _on_goodbye(self, msg: wire.Goodbye) -> None:
+        info = self.workers.get(msg.name)
+        if info is not None and info.alive and info.session == msg.session:
+            self._lose(info, "it said goodbye")
 
     def _on_heartbeat(self, hb: wire.Heartbeat) -> None:
         info = self.workers.get(hb.name)
@@ -170,6 +179,7 @@ class Membership:
         info.capacity = hb.capacity
         info.jobs_done = hb.jobs_done
         info.draining = hb.draining
+        info.running_job_ids = list(hb.running_job_ids)
         info.last_seen = time.time()
         info.last_seen_mono = now
         if not info.alive:
@@ -211,10 +221,11 @@ class Membership:
                     self._lose(info, f"silent for more than {self.ttl:.1f}s")
 
     def _lose(self, info: WorkerInfo, why: str) -> None:
-        logger.warning("worker %s is dead: %s", info.name, why)
+        logger.warning("worker %s is gone: %s", info.name, why)
         info.alive = False
         info.welcomed = False
         info.running_jobs = 0
+        info.running_job_ids = []
         client = self.clients.pop(info.name, None)
         if client is not None:
             client.close()

@@ -95,7 +95,8 @@ class WorkloadView:
             return WorkloadStatus.RUNNING
         return WorkloadStatus.SCHEDULING
 
-    def to_json(self) -> dict:
+    def to_json(self, waiting_reason: str | None = None) -> dict:
+        """The API's representation; ``waiting_reason`` says why queued jobs are not running."""
         w = self.workload
         return {
             "workload_id": w.id,
@@ -107,6 +108,7 @@ class WorkloadView:
             "images": self.image_count,
             "failed_images": self.failed_images,
             "tags": list(w.tags),
+            "waiting_reason": waiting_reason if self.status != WorkloadStatus.COMPLETED else None,
         }
 
 

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     created_at REAL NOT NULL,
     dispatched_at REAL,
+    deadline REAL,
     finished_at REAL,
     UNIQUE (workload_id, image_id)
 );
@@ -287,20 +288,16 @@ class Store:
             Job(r[0], r[1], r[2], Filter(r[4]), _tags(r[5]), attempts=r[3]) for r in rows
         ]
 
-    async def mark_dispatched(self, job: Job, worker: str) -> bool:
-        """queued -> dispatched, counting the attempt; False if the job is no longer queued."""
+    async def mark_dispatched(self, job: Job, worker: str, timeout: float) -> bool:
+        """queued -> dispatched (worker, attempt + 1, deadline); False if no longer queued."""
+        now = time.time()
         cur = await self.db.execute(
-            "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?"
-            " WHERE id = ? AND state = ?",
-            (JobState.DISPATCHED.value, worker, time.time(), job.id, JobState.QUEUED.value),
+            "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?,"
+            " deadline = ? WHERE id = ? AND state = ?",
+            (JobState.DISPATCHED.value, worker, now, now + timeout, job.id, JobState.QUEUED.value),
         )
         await self.db.commit()
         return cur.rowcount == 1
-
-    async def job_state(self, job_id: int) -> JobState:
-        async with self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
-            row = await cur.fetchone()
-        return JobState(row[0])
 
     async def requeue(self, job: Job, error: str) -> bool:
         """dispatched -> queued after a failed attempt; False if it finished meanwhile."""

@@ -21,7 +21,7 @@ from common.rpc import RpcError
 from controller.membership import Membership
 from controller.models import Job, JobState
 from controller.store import Store
-from scheduler.placement import JobView, WorkerView, place
+from scheduler.placement import JobView, WorkerView, place, why_not
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class Scheduler:
         self.settings = settings
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # workload -> jobs, FIFO
         self._in_flight: dict[str, dict[int, Job]] = {}  # worker -> job id -> job
+        self._finished: dict[int, float] = {}  # job id -> when its call ended (recently)
+        self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -91,20 +93,28 @@ class Scheduler:
             self._place_what_fits()
 
     def _views(self) -> list[WorkerView]:
-        return [
-            WorkerView(
+        now = time.monotonic()
+        for jid, t in list(self._finished.items()):
+            if now - t > 5.0:  # older than any heartbeat that could still report it running
+                del self._finished[jid]
+        views = []
+        for w in self.membership.snapshot():
+            ours = self._in_flight.get(w.name, {})
+            # Jobs the worker reports that we did not send it (e.g. before a server restart)
+            # also take its slots; ours that just ended may still show in a stale heartbeat.
+            foreign = {j for j in w.running_job_ids if j not in ours and j not in self._finished}
+            views.append(WorkerView(
                 name=w.name,
                 tags=frozenset(w.tags),
                 cpu_percent=w.cpu_percent,
                 memory_percent=w.memory_percent,
                 gpu_count=w.gpu.count,
                 gpu_utilization=w.gpu.utilization_percent,
-                in_flight=self.in_flight(w.name),
+                in_flight=len(ours) + len(foreign),
                 capacity=w.capacity,
                 ready=w.alive and w.welcomed and not w.draining and w.capacity > 0,
-            )
-            for w in self.membership.snapshot()
-        ]
+            ))
+        return views
 
     def _place_what_fits(self) -> None:
         """Round-robin over workloads: each turn places the head job of the next workload."""
@@ -123,10 +133,13 @@ class Scheduler:
                     next_retry = min(next_retry or job.not_before, job.not_before)
                     blocked.add(wid)
                     continue
-                name = place(JobView(frozenset(job.tags), frozenset(job.avoid)), views.values())
+                jv = JobView(frozenset(job.tags), frozenset(job.avoid))
+                name = place(jv, views.values())
                 if name is None:
+                    self.waiting[wid] = why_not(jv, views.values())
                     blocked.add(wid)
                     continue
+                self.waiting.pop(wid, None)
                 queue.popleft()
                 if not queue:
                     del self._queues[wid]
@@ -153,7 +166,7 @@ class Scheduler:
 
     async def _dispatch(self, job: Job, worker: str) -> None:
         try:
-            if not await self.store.mark_dispatched(job, worker):
+            if not await self.store.mark_dispatched(job, worker, self.settings.job_timeout):
                 return  # finished or failed meanwhile
             job.attempts += 1
             job.state = JobState.DISPATCHED
@@ -163,6 +176,7 @@ class Scheduler:
             await self._attempt_failed(job, worker, error)
         finally:
             self._in_flight.get(worker, {}).pop(job.id, None)
+            self._finished[job.id] = time.monotonic()
             self.wake()
 
     async def _call(self, job: Job, worker: str) -> str | None:

@@ -47,6 +47,17 @@ def score(job: JobView, w: WorkerView) -> float:
     return s
 
 
+def why_not(job: JobView, workers: Iterable[WorkerView]) -> str:
+    """Why ``place`` found nobody, in words a user can act on."""
+    ready = [w for w in workers if w.ready]
+    if not ready:
+        return "waiting for a live worker"
+    tagged = [w for w in ready if job.tags <= w.tags]
+    if not tagged:
+        return f"waiting for a live worker with tags {','.join(sorted(job.tags))}"
+    return f"waiting for a free slot: {len(tagged)} eligible worker(s) are full"
+
+
 def place(job: JobView, workers: Iterable[WorkerView]) -> str | None:
     """The best eligible worker's name, ties broken by name; None if nobody can take it."""
     best: tuple[float, str] | None = None

@@ -98,6 +98,20 @@ class Worker:
         if running:
             logger.info("draining: waiting for %d running jobs", len(running))
             await asyncio.wait(running, timeout=self.s.drain_timeout)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()  # a heartbeat after the goodbye would revive us
+        await self._say_goodbye()
+
+    async def _say_goodbye(self) -> None:
+        """Tell the controller we are gone, so it need not wait for the heartbeat TTL.
+        Pub/sub may drop a message: send it twice; the TTL is the fallback."""
+        assert self._pub is not None
+        for _ in range(2):
+            try:
+                await self._pub.asend(wire.encode(wire.Goodbye(self.s.name, self.session)))
+            except pynng.NNGException as e:
+                logger.debug("goodbye not sent: %s", e)
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         if self._heartbeat_task is not None:
@@ -128,6 +142,7 @@ class Worker:
             jobs_done=self.jobs_done,
             welcomed_by=self.welcomed_by,
             draining=self.draining,
+            running_job_ids=[jid for jid, t in self.jobs.items() if not t.done()],
         )
 
     def running(self) -> int:
