@@ -58,7 +58,10 @@ class RpcClient:
         except wire.DecodeError as e:
             raise RpcError(f"{msg.TYPE} to {self.address}: bad reply: {e}") from e
         finally:
-            ctx.close()
+            try:
+                ctx.close()
+            except pynng.Closed:
+                pass  # the socket was closed under us (the peer was declared dead)
 
     def close(self) -> None:
         """Close the socket; calls in flight fail with :class:`RpcError`."""
@@ -117,7 +120,10 @@ class RpcServer:
         except (pynng.Closed, asyncio.CancelledError):
             pass
         finally:
-            ctx.close()
+            try:
+                ctx.close()
+            except pynng.Closed:
+                pass
 
     async def close(self) -> None:
         """Stop serving and close the socket."""

@@ -170,7 +170,11 @@ class Scheduler:
                 return  # finished or failed meanwhile
             job.attempts += 1
             job.state = JobState.DISPATCHED
-            error = await self._call(job, worker)
+            try:
+                error = await self._call(job, worker)
+            except Exception as e:  # a bug here must cost one attempt, never the job
+                logger.exception("dispatching job %d to %s failed", job.id, worker)
+                error = f"internal error while dispatching: {e!r}"
             if error is None:
                 return
             await self._attempt_failed(job, worker, error)

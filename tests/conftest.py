@@ -58,12 +58,36 @@ def system(tmp_path_factory) -> Iterator[LocalSystem]:
         sysm.stop()
 
 
+@pytest.fixture
+def make_system(tmp_path):
+    """A factory of real systems (server started, no workers); all stopped at teardown."""
+    systems: list[LocalSystem] = []
+
+    def make(*server_args: str) -> LocalSystem:
+        n = len(systems)
+        s = LocalSystem(tmp_path / f"data{n}", log_dir=tmp_path / f"logs{n}",
+                        admin_password=ADMIN_PASSWORD, server_args=server_args)
+        systems.append(s)
+        s.start_server()
+        return s
+
+    make.systems = systems  # type: ignore[attr-defined]
+    yield make
+    for s in systems:
+        s.stop()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """On an e2e failure, attach the processes' logs to the report."""
+    """On a failure, attach the DPIP processes' logs to the report."""
     outcome = yield
     report = outcome.get_result()
-    if report.failed and "system" in item.fixturenames:
-        sysm = item.funcargs.get("system")
-        if sysm is not None:
-            report.sections.append(("dpip processes", sysm.logs()))
+    if not report.failed:
+        return
+    systems = []
+    if "system" in item.fixturenames and item.funcargs.get("system") is not None:
+        systems.append(item.funcargs["system"])
+    if "make_system" in item.fixturenames and item.funcargs.get("make_system") is not None:
+        systems.extend(item.funcargs["make_system"].systems)
+    for n, sysm in enumerate(systems):
+        report.sections.append((f"dpip processes ({n})", sysm.logs()))

@@ -31,12 +31,19 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--png-compress-level", type=int, default=1, choices=range(0, 10), metavar="0-9",
                    help="zlib level for PNG output (default 1: fast; Pillow's own default is 6)")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats until the controller sets it")
+    p.add_argument("--slow-rate", type=float, default=0.0, help="fault knob: share of jobs made slow (0-1)")
+    p.add_argument("--slow-ms", type=float, default=0.0, help="fault knob: how much slower, in ms")
+    p.add_argument("--fail-rate", type=float, default=0.0,
+                   help="fault knob: share of jobs dropped without any reply (0-1)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
     host, port = split_host_port(a.controller, "localhost", 40899)
     if a.capacity < 1:
         p.error("--capacity must be at least 1")
+    for flag in ("slow_rate", "fail_rate"):
+        if not 0.0 <= getattr(a, flag) <= 1.0:
+            p.error(f"--{flag.replace('_', '-')} must be between 0 and 1")
     return WorkerSettings(
         controller_host=host,
         controller_port=port,
@@ -50,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         image_store_token=a.image_store_token,
         heartbeat_interval=a.heartbeat_interval,
         encode=EncodeOptions(png_compress_level=a.png_compress_level),
+        slow_rate=a.slow_rate,
+        slow_ms=a.slow_ms,
+        fail_rate=a.fail_rate,
     )
 
 

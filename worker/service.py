@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,10 @@ class WorkerSettings:
     encode: EncodeOptions = EncodeOptions()
     http_timeout: float = 60.0
     drain_timeout: float = 60.0
+    # Fault knobs for operators and tests (off by default):
+    slow_rate: float = 0.0  # this share of jobs takes slow_ms longer
+    slow_ms: float = 0.0
+    fail_rate: float = 0.0  # this share of jobs is dropped: never done, never answered
 
 
 class JobFailed(Exception):
@@ -217,6 +222,11 @@ class Worker:
         asyncio.get_running_loop().call_later(30.0, self.jobs.pop, job_id, None)
 
     async def _execute(self, msg: wire.RunJob) -> wire.JobResult:
+        if self.s.fail_rate and random.random() < self.s.fail_rate:
+            logger.info("fault knob: dropping job %d without a reply", msg.job_id)
+            await asyncio.Event().wait()  # until cancelled; the scheduler's timeout must act
+        if self.s.slow_rate and random.random() < self.s.slow_rate:
+            await asyncio.sleep(self.s.slow_ms / 1000)
         t0 = time.perf_counter()
         try:
             data = await self._download(msg)

@@ -1,0 +1,238 @@
+"""Nothing lost: worker and server crashes, graceful stops, fairness, garbage on the sockets."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pynng
+import pytest
+from PIL import Image
+
+from scripts.frames import frame_png
+from scripts.localsys import LocalSystem, wait_until
+from tests import refclient as ref
+from tests.conftest import ADMIN_PASSWORD
+
+SLOW = ("--slow-rate", "1", "--slow-ms", "150")
+
+
+def workload(url: str, token: str, **params: str) -> str:
+    q = "&".join(f"{k}={v}" for k, v in params.items())
+    r = ref.request(url, "POST", f"/workloads?{q}", headers=ref.bearer(token))
+    assert r.status == 200, r.body
+    return r.json()["workload_id"]
+
+
+def view(url: str, token: str, wid: str) -> dict:
+    return ref.get_json(url, token, f"/workloads/{wid}")
+
+
+def wait_completed(url: str, token: str, wid: str, timeout: float = 120) -> dict:
+    return wait_until(lambda: (v := view(url, token, wid))["status"] == "completed" and v,
+                      timeout, f"workload {wid} to complete", interval=0.1)
+
+
+def check_filtered(system: LocalSystem, token: str, wid: str, frames: dict[int, bytes]) -> None:
+    """Every id filtered exactly once: one file each, the grayscale of its own original."""
+    v = view(system.url, token, wid)
+    assert v["filtered_images"] == sorted(frames) and v["failed_images"] == []
+    folder = system.data_dir / "images" / v["workload_name"] / "filtered"
+    assert sorted(int(p.stem) for p in folder.iterdir()) == sorted(frames)
+    for i, data in frames.items():
+        r = ref.pull(system.url, token, wid, i)
+        with Image.open(io.BytesIO(r.body)) as got, Image.open(io.BytesIO(data)) as src:
+            assert got.tobytes() == src.convert("L").tobytes(), f"image {i} is not its own result"
+
+
+def job_rows(system: LocalSystem, wid: str) -> list[tuple]:
+    with sqlite3.connect(system.data_dir / "dpip.sqlite3") as db:
+        return db.execute("SELECT image_id, state, attempts, worker FROM jobs WHERE workload_id = ?"
+                          " ORDER BY image_id", (wid,)).fetchall()
+
+
+# -- must-show 1: a worker killed mid-way ------------------------------------------------------
+
+def test_kill_9_of_a_worker_mid_workload_loses_nothing(make_system):
+    system = make_system()
+    system.start_worker("a", *SLOW)
+    system.start_worker("b", *SLOW)
+    token = system.login()
+    system.wait_workers({"a", "b"}, token)
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 96, 64) for i in range(40)}
+    for i, data in frames.items():
+        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    wait_until(lambda: len(view(system.url, token, wid)["filtered_images"]) >= 8, 60, "8 results")
+    assert any(w == "a" and s == "dispatched" for _, s, _, w in job_rows(system, wid))
+    system.workers["a"].kill()  # SIGKILL: no goodbye, jobs in flight on it are lost
+    system.workers["a"].wait()
+    wait_completed(system.url, token, wid)
+    check_filtered(system, token, wid, frames)
+    rows = job_rows(system, wid)
+    assert all(state == "done" for _, state, _, _ in rows)
+    assert any(attempts > 1 for _, _, attempts, _ in rows), "no job was retried after the kill"
+    status = ref.get_json(system.url, token, "/status")
+    assert {w["name"]: w["alive"] for w in status["workers"]} == {"a": False, "b": True}
+
+
+# -- must-show 2: the server killed mid-workload ------------------------------------------------
+
+def test_kill_9_of_the_server_mid_workload_loses_no_accepted_upload(make_system):
+    system = make_system()
+    system.start_worker("a", *SLOW)
+    system.start_worker("b", *SLOW)
+    token = system.login()
+    system.wait_workers({"a", "b"}, token)
+    wid = workload(system.url, token)
+    accepted: dict[int, bytes] = {}
+    frames = [frame_png(i, 96, 64) for i in range(60)]
+    sent = {"n": 0}
+    stop = threading.Event()
+
+    def push() -> None:  # like the stress client: one by one, errors ignored, keeps going
+        i = 0
+        while i < len(frames) and not stop.is_set():
+            try:
+                r = ref.upload(system.url, token, wid, f"{i}.png", frames[i])
+            except OSError:
+                time.sleep(0.05)
+                continue  # server down: try this frame again
+            if r.status == 200:
+                accepted[r.json()["image_id"]] = frames[i]
+                i += 1
+            sent["n"] = i
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    try:
+        wait_until(lambda: len(accepted) >= 20, 60, "20 accepted uploads")
+        system.server.kill()  # SIGKILL, mid-upload and mid-processing
+        system.server.wait()
+        time.sleep(0.3)
+        system.start_server()  # same ports, same data dir; the workers are left alone
+        pusher.join(120)
+    finally:
+        stop.set()
+        pusher.join()
+    assert len(accepted) == 60 and sorted(accepted) == list(range(60))
+    wait_completed(system.url, token, wid)
+    for i, data in accepted.items():  # every accepted original, under its id, intact
+        assert ref.pull(system.url, token, wid, i, "original").body == data
+    check_filtered(system, token, wid, accepted)
+    status = ref.get_json(system.url, token, "/status")
+    assert {w["name"] for w in status["workers"] if w["alive"]} == {"a", "b"}
+
+
+# -- graceful stop ---------------------------------------------------------------------------
+
+def test_sigterm_drains_a_worker_then_it_leaves(make_system):
+    system = make_system()
+    system.start_worker("a", "--slow-rate", "1", "--slow-ms", "600")
+    system.start_worker("b", "--slow-rate", "1", "--slow-ms", "600")
+    token = system.login()
+    system.wait_workers({"a", "b"}, token)
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 64, 64) for i in range(12)}
+    for i, data in frames.items():
+        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    wait_until(lambda: any(w == "a" and s == "dispatched" for _, s, _, w in job_rows(system, wid)),
+               30, "a job on worker a")
+    held_by_a = {i for i, s, _, w in job_rows(system, wid) if w == "a" and s == "dispatched"}
+    assert system.stop_worker("a") == 0  # SIGTERM: finish what it holds, say goodbye, exit 0
+    rows = {i: (s, n, w) for i, s, n, w in job_rows(system, wid)}
+    for i in held_by_a:
+        assert rows[i] == ("done", 1, "a"), f"job {i} was not finished by the draining worker"
+    alive = {w["name"]: w["alive"] for w in ref.get_json(system.url, token, "/status")["workers"]}
+    assert alive["a"] is False  # the goodbye, not the TTL, took it out of the pool
+    wait_completed(system.url, token, wid)
+    check_filtered(system, token, wid, frames)
+
+
+def test_a_second_signal_stops_a_worker_at_once_and_its_jobs_go_elsewhere(make_system):
+    system = make_system()
+    system.start_worker("a", "--slow-rate", "1", "--slow-ms", "5000")
+    token = system.login()
+    system.wait_workers({"a"}, token)
+    wid = workload(system.url, token)
+    assert ref.upload(system.url, token, wid, "0.png", frame_png(0, 64, 64)).status == 200
+    wait_until(lambda: job_rows(system, wid)[0][1] == "dispatched", 30, "the job to be dispatched")
+    proc = system.workers["a"]
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(3) != 0  # did not wait for its 5 s job
+    system.workers.pop("a")
+    system.start_worker("b")
+    wait_completed(system.url, token, wid)
+    assert job_rows(system, wid)[0][1:] == ("done", 2, "b")
+
+
+# -- must-show 4: fairness -----------------------------------------------------------------
+
+def test_a_small_workload_is_not_starved_by_a_huge_one(make_system):
+    system = make_system()
+    system.start_worker("a", "--slow-rate", "1", "--slow-ms", "40")
+    system.start_worker("b", "--slow-rate", "1", "--slow-ms", "40")
+    token = system.login()
+    system.wait_workers({"a", "b"}, token)
+    big, small = workload(system.url, token), workload(system.url, token)
+    tiny = frame_png(1, 32, 32)
+    for i in range(200):
+        assert ref.upload(system.url, token, big, f"{i}.png", tiny).status == 200
+    for i in range(5):
+        assert ref.upload(system.url, token, small, f"{i}.png", tiny).status == 200
+    wait_completed(system.url, token, small)
+    big_done = len(view(system.url, token, big)["filtered_images"])
+    assert big_done < 150, f"the small workload waited for {big_done} of the big one's 200 images"
+    wait_completed(system.url, token, big)
+
+
+# -- must-show 5: garbage on the sockets -----------------------------------------------------
+
+def test_garbage_on_controller_and_worker_sockets_is_dropped(make_system):
+    system = make_system()
+    system.start_worker("a")
+    token = system.login()
+    system.wait_workers({"a"}, token)
+    rpc = next(w["rpc_address"] for w in ref.get_json(system.url, token, "/status")["workers"])
+    rng = random.Random(7)
+    junk = [
+        bytes(rng.randrange(256) for _ in range(300)),
+        b'{"type": "heartbeat", "v": 1, "name": "evil", "sess',
+        b'{"type": "heartbeat", "v": 99, "name": "future"}',
+        b'{"type": "run_job", "v": 1}',
+        os.urandom(10 * 1024 * 1024),
+    ]
+    with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
+        time.sleep(0.5)  # let the subscription connect
+        for blob in junk:
+            pub.send(blob)
+    replies = []
+    for blob in junk:
+        with pynng.Req0(dial=rpc, send_timeout=2000, recv_timeout=2000) as req:
+            try:
+                req.send(blob)
+                replies.append(req.recv())
+            except pynng.Timeout:
+                replies.append(None)  # dropped (the 10 MB one exceeds recv_max_size)
+    assert all(r is None or b'"ok":false' in r for r in replies), replies
+    assert sum(r is not None for r in replies) >= 4
+    time.sleep(1.5)
+    # Both still serve: the worker is alive and filters a workload.
+    names = {w["name"]: w["alive"] for w in ref.get_json(system.url, token, "/status")["workers"]}
+    assert names == {"a": True}
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 48, 32) for i in range(3)}
+    for i, data in frames.items():
+        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    wait_completed(system.url, token, wid)
+    check_filtered(system, token, wid, frames)
+    log = (system.log_dir / "server.log").read_text()
+    assert "dropped bad message on controller" in log
