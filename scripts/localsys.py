@@ -92,8 +92,9 @@ class LocalSystem:
             self._logs.append(out)
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
 
-    def start_server(self, wait: bool = True) -> subprocess.Popen:
-        argv = [
+    def start_server(self, wait: bool = True, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start ``main.py``; ``prefix`` wraps the command (e.g. ``ip netns exec NS``)."""
+        argv = [*prefix,
             self.python, "main.py", "--host", "127.0.0.1", "--port", str(self.port),
             "--controller-port", str(self.controller_port), "--data-dir", str(self.data_dir),
             *self.server_args,
@@ -109,13 +110,14 @@ class LocalSystem:
     def start_worker(
         self, name: str, *args: str, reference_form: bool = False,
         name_flag: str = "--worker-name", env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> subprocess.Popen:
         """Start a worker; ``reference_form`` runs ``cd worker/ && python main.py`` instead of -m."""
         flags = ["--controller", self.controller, name_flag, name, *args]
         if reference_form:
-            argv, cwd = [self.python, "main.py", *flags], ROOT / "worker"
+            argv, cwd = [*prefix, self.python, "main.py", *flags], ROOT / "worker"
         else:
-            argv, cwd = [self.python, "-m", "worker", *flags], ROOT
+            argv, cwd = [*prefix, self.python, "-m", "worker", *flags], ROOT
         proc = self._spawn(f"worker-{name}", argv, cwd, self._env(**(env or {})))
         self.workers[name] = proc
         return proc
