@@ -33,6 +33,15 @@ class SchedulerSettings:
     retry_backoff: float = 0.5  # seconds, doubled per attempt
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why an attempt failed, and what that means for the next one."""
+
+    reason: str
+    final: bool = False  # no retry can help (e.g. the image cannot be decoded)
+    backoff: bool = True  # False when the worker, not the job, was the problem
+
+
 class Scheduler:
     """Owns the queue and the jobs in flight; wakes up on new jobs and on worker news."""
 
@@ -171,51 +180,50 @@ class Scheduler:
             job.attempts += 1
             job.state = JobState.DISPATCHED
             try:
-                error = await self._call(job, worker)
+                failure = await self._call(job, worker)
             except Exception as e:  # a bug here must cost one attempt, never the job
                 logger.exception("dispatching job %d to %s failed", job.id, worker)
-                error = f"internal error while dispatching: {e!r}"
-            if error is None:
-                return
-            await self._attempt_failed(job, worker, error)
+                failure = Failure(f"internal error while dispatching: {e!r}")
+            if failure is not None:
+                await self._attempt_failed(job, worker, failure)
         finally:
             self._in_flight.get(worker, {}).pop(job.id, None)
             self._finished[job.id] = time.monotonic()
             self.wake()
 
-    async def _call(self, job: Job, worker: str) -> str | None:
+    async def _call(self, job: Job, worker: str) -> Failure | None:
         """Run the job on ``worker``; None when its result is stored, else what went wrong."""
         client = self.membership.client(worker)
         if client is None:
-            return f"worker {worker} went away before the job was sent"
+            return Failure(f"worker {worker} went away before the job was sent", backoff=False)
         msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts)
         try:
             reply = await client.call(msg, timeout=self.settings.job_timeout)
         except RpcError as e:
             info = self.membership.workers.get(worker)
-            if info is not None and not info.alive:
-                return f"worker {worker} died while running the job"
-            return str(e)
+            if info is not None and not info.alive:  # not the job's fault: straight back in line
+                return Failure(f"worker {worker} died while running the job", backoff=False)
+            return Failure(str(e))
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
             if reply.ok:
                 logger.debug("job %d done on %s: download %.1f ms, process %.1f ms, upload %.1f ms",
                              job.id, worker, reply.download_ms, reply.process_ms, reply.upload_ms)
                 return None  # the worker's upload got its 2xx: the result is stored, job done
-            if not reply.retryable:
-                job.attempts = self.settings.max_attempts
-            return f"worker {worker}: {reply.error}"
-        return f"worker {worker} gave an unexpected reply: {reply}"
+            return Failure(f"worker {worker}: {reply.error}", final=not reply.retryable)
+        return Failure(f"worker {worker} gave an unexpected reply: {reply}")
 
-    async def _attempt_failed(self, job: Job, worker: str, error: str) -> None:
-        if job.attempts >= self.settings.max_attempts:
-            logger.error("job %d (workload %s, image %d) failed for good after %d attempts: %s",
-                         job.id, job.workload_id, job.image_id, job.attempts, error)
-            await self.store.fail_job(job, error)
+    async def _attempt_failed(self, job: Job, worker: str, failure: Failure) -> None:
+        if failure.final or job.attempts >= self.settings.max_attempts:
+            logger.error("job %d (workload %s, image %d) failed for good after %d attempt(s): %s",
+                         job.id, job.workload_id, job.image_id, job.attempts, failure.reason)
+            await self.store.fail_job(job, failure.reason)
             return
-        if not await self.store.requeue(job, error):
+        if not await self.store.requeue(job, failure.reason):
             return  # its result arrived meanwhile (e.g. the upload beat a lost reply)
-        logger.warning("job %d attempt %d on %s failed, retrying: %s", job.id, job.attempts, worker, error)
+        logger.warning("job %d attempt %d on %s failed, retrying: %s",
+                       job.id, job.attempts, worker, failure.reason)
         job.state = JobState.QUEUED
         job.avoid.add(worker)
-        job.not_before = time.monotonic() + self.settings.retry_backoff * 2 ** (job.attempts - 1)
+        delay = self.settings.retry_backoff * 2 ** (job.attempts - 1) if failure.backoff else 0.0
+        job.not_before = time.monotonic() + delay
         self._enqueue(job)

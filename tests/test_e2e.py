@@ -173,3 +173,19 @@ def test_the_e2e_script_passes(system):
                        capture_output=True, text=True, timeout=170)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1] == "E2E PASS"
+
+
+def test_a_corrupt_image_fails_once_with_its_reason_and_the_workload_completes(system):
+    """Header fine (accepted), data truncated: the worker cannot decode it; no retry can help."""
+    url = system.url
+    token = ref.login(url, "admin", ADMIN_PASSWORD)
+    wid = ref.create_workload(url, token)["workload_id"]
+    good = frame_png(3, 120, 80)
+    assert ref.upload(url, token, wid, "0.png", good[: len(good) // 2]).status == 200
+    assert ref.upload(url, token, wid, "1.png", good).status == 200
+    final = wait_completed(url, token, wid)
+    assert final["filtered_images"] == [1]
+    assert [f["image_id"] for f in final["failed_images"]] == [0]
+    assert "cannot decode" in final["failed_images"][0]["reason"]
+    log = (system.log_dir / "server.log").read_text()
+    assert "failed for good after 1 attempt(s)" in log

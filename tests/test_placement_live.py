@@ -90,11 +90,11 @@ async def test_jobs_go_where_the_score_says_and_tags_wait(make_system, fakes):
         v = await until(lambda: _waiting(api, wid), 10, "a waiting reason")
         assert "full" in v["waiting_reason"] and v["status"] == "running"
         assert full.job_ids() == []
+        idle.release_all()  # idle gets room first: job 4 goes there, busy is still full
+        await until(lambda: _total_jobs(fakes, 5), 10, "job 4 to be placed")
+        assert idle.job_ids() == [0, 1, 4] and busy.job_ids() == [2, 3]
         idle.release_all()
         busy.release_all()
-        await until(lambda: _total_jobs(fakes, 5), 10, "job 4 to be placed")
-        assert idle.job_ids() == [0, 1, 4]  # the best score again, once it had room
-        idle.release_all()
         v = await until(lambda: _completed(api, wid), 20, "the workload to complete")
         assert v["filtered_images"] == [0, 1, 2, 3, 4] and full.job_ids() == []
 
