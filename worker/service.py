@@ -161,9 +161,12 @@ class Worker:
             logger.debug("heartbeat not sent: %s", e)
 
     async def _heartbeat_loop(self) -> None:
+        # Pub/sub drops what is sent before the connection is up: beat fast until welcomed,
+        # so joining takes a round trip, not a whole interval.
         while True:
             await self._send_heartbeat()
-            await asyncio.sleep(self.heartbeat_interval)
+            fast = not self.welcomed_by
+            await asyncio.sleep(min(0.1, self.heartbeat_interval) if fast else self.heartbeat_interval)
 
     # -- RPC --------------------------------------------------------------------------------
 
