@@ -57,6 +57,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._turn = 0
         membership.subscribe(on_change=self.wake, on_lost=lambda name: self.wake())
 
     # -- public -----------------------------------------------------------------------------
@@ -127,7 +128,11 @@ class Scheduler:
 
     def _place_what_fits(self) -> None:
         """Round-robin over workloads: each turn places the head job of the next workload."""
-        views = {v.name: v for v in self._views()}
+        workers = self._views()
+        if workers:  # rotate, so ties between equal workers go round
+            self._turn = (self._turn + 1) % len(workers)
+            workers = workers[self._turn:] + workers[:self._turn]
+        views = {v.name: v for v in workers}
         now = time.monotonic()
         next_retry: float | None = None
         blocked: set[str] = set()

@@ -59,12 +59,16 @@ def why_not(job: JobView, workers: Iterable[WorkerView]) -> str:
 
 
 def place(job: JobView, workers: Iterable[WorkerView]) -> str | None:
-    """The best eligible worker's name, ties broken by name; None if nobody can take it."""
+    """The best eligible worker's name, ties going to the first listed; None if nobody fits.
+
+    The caller rotates the list between calls, so equal workers share the work instead of
+    the same one winning every tie (on one machine all workers report the same CPU).
+    """
     best: tuple[float, str] | None = None
     for w in workers:
         if not eligible(job, w):
             continue
-        key = (score(job, w), w.name)
-        if best is None or key[0] > best[0] or (key[0] == best[0] and key[1] < best[1]):
-            best = key
+        s = score(job, w)
+        if best is None or s > best[0]:
+            best = (s, w.name)
     return best[1] if best else None

@@ -89,8 +89,9 @@ def test_placement_avoids_workers_that_failed_the_job_unless_alone():
     assert place(job, [worker("a")]) == "a"
 
 
-def test_placement_is_deterministic_on_ties():
-    assert place(JobView(), [worker("b"), worker("a")]) == "a"
+def test_placement_ties_go_to_the_first_listed():
+    assert place(JobView(), [worker("b"), worker("a")]) == "b"
+    assert place(JobView(), [worker("a"), worker("b")]) == "a"
 
 
 # -- filters --------------------------------------------------------------------------------
