@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install run test e2e bench clean
+.PHONY: install run test e2e bench bench-tail clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ e2e: install
 
 bench: install
 	$(PY) scripts/bench.py
+
+bench-tail: install
+	$(PY) scripts/bench_tail.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

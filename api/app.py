@@ -21,7 +21,7 @@ from controller.images import ImageStore
 from controller.membership import Membership
 from controller.models import BadInput, Conflict, DpipError, Forbidden, NotFound, TooLarge, Unauthorized, UnsupportedMedia
 from controller.store import Store
-from scheduler.dispatcher import Scheduler, SchedulerSettings
+from scheduler.dispatcher import HedgePolicy, Scheduler, SchedulerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
     ttl = s.worker_ttl or 3 * s.heartbeat_interval
     membership = Membership(store, auth, s.port, s.public_url, s.heartbeat_interval, ttl)
-    scheduler = Scheduler(store, membership, SchedulerSettings(s.job_timeout, s.max_attempts))
+    scheduler = Scheduler(store, membership, SchedulerSettings(
+        job_timeout=s.job_timeout,
+        max_attempts=s.max_attempts,
+        hedge=HedgePolicy(s.hedge),
+        hedge_quantile=s.hedge_quantile,
+        hedge_floor=s.hedge_floor_ms / 1000,
+        hedge_initial=s.hedge_initial_ms / 1000,
+    ))
     app[STORE], app[AUTH], app[MEMBERSHIP], app[SCHEDULER] = store, auth, membership, scheduler
     app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
     app[UPLOAD_LOCKS] = {}
@@ -105,6 +112,7 @@ def create_app(settings: ServerSettings) -> web.Application:
     r.add_route("GET", "/status", handlers.status)
     r.add_route("POST", "/workloads", handlers.create_workload)
     r.add_route("GET", "/workloads/{workload_id}", handlers.get_workload)
+    r.add_route("GET", "/workloads/{workload_id}/jobs", handlers.workload_jobs)
     r.add_route("POST", "/images", handlers.upload_image)
     r.add_route("GET", "/images", handlers.list_images)
     r.add_route("GET", "/images/{image_id}", handlers.download_image)

@@ -80,6 +80,7 @@ async def status(request: web.Request) -> web.Response:
         "active_workloads": active,
         "workers": [w.to_json() for w in workers],
         "queued_jobs": request.app[SCHEDULER].queued(),
+        "scheduler": request.app[SCHEDULER].describe(),
     })
 
 
@@ -106,6 +107,14 @@ async def get_workload(request: web.Request) -> web.Response:
     store = request.app[STORE]
     workload = await store.get_workload(request.match_info["workload_id"], _owner(request[CLAIMS]))
     return web.json_response(_workload_json(request, await store.workload_view(workload)))
+
+
+@requires(USER)
+async def workload_jobs(request: web.Request) -> web.Response:
+    """Per image: state, attempts, copies sent, the winning worker and where the time went."""
+    store = request.app[STORE]
+    workload = await store.get_workload(request.match_info["workload_id"], _owner(request[CLAIMS]))
+    return web.json_response(await store.job_timings(workload.id))
 
 
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:

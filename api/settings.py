@@ -22,6 +22,10 @@ class ServerSettings:
     worker_ttl: float = 0.0  # silent this long = dead; 0 means 3 heartbeat intervals
     job_timeout: float = 120.0
     max_attempts: int = 3
+    hedge: str = "hedged"  # off | hedged | tied
+    hedge_quantile: float = 0.95
+    hedge_floor_ms: float = 50.0
+    hedge_initial_ms: float = 1000.0
     max_upload_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 100_000_000
     fsync: bool = True
@@ -58,6 +62,15 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
                    help="a worker silent this long is dead (default: 3 heartbeat intervals)")
     p.add_argument("--job-timeout", type=float, default=d.job_timeout, help="longest a job attempt may take")
     p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="attempts before a job fails")
+    p.add_argument("--hedge", choices=["off", "hedged", "tied"], default=d.hedge,
+                   help="tail-latency policy: a second copy after the recent p95 (hedged), two"
+                        " copies at once that cancel each other on start (tied), or none")
+    p.add_argument("--hedge-quantile", type=float, default=d.hedge_quantile,
+                   help="hedge once a job is slower than this quantile of recent ones")
+    p.add_argument("--hedge-floor-ms", type=float, default=d.hedge_floor_ms,
+                   help="never hedge sooner than this")
+    p.add_argument("--hedge-initial-ms", type=float, default=d.hedge_initial_ms,
+                   help="hedge delay until 20 latencies of a size are known")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes, help="largest accepted upload")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", default=True,
                    help="do not fsync uploads (faster, but a power cut may lose accepted ones)")
@@ -76,6 +89,10 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         worker_ttl=a.worker_ttl,
         job_timeout=a.job_timeout,
         max_attempts=a.max_attempts,
+        hedge=a.hedge,
+        hedge_quantile=a.hedge_quantile,
+        hedge_floor_ms=a.hedge_floor_ms,
+        hedge_initial_ms=a.hedge_initial_ms,
         max_upload_bytes=a.max_upload_bytes,
         fsync=a.fsync,
     )

@@ -87,6 +87,7 @@ class RunJob:
     filter: str
     attempt: int
     params: dict[str, Any] = field(default_factory=dict)
+    tied_peer: str = ""  # tied request: the other copy's worker RPC address, to cancel on start
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class CancelJob:
 
     TYPE = "cancel_job"
     job_id: int
+    if_not_started: bool = False  # from a tied peer: only a copy still waiting is cancelled
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class JobResult:
     download_ms: float = 0.0
     process_ms: float = 0.0
     upload_ms: float = 0.0
+    started: bool = False  # this copy did (some of) the work: for counting extra work
 
 
 @dataclass(frozen=True)

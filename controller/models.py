@@ -122,6 +122,7 @@ class Job:
     filter: Filter
     tags: tuple[str, ...] = ()
     attempts: int = 0
+    size: int = 0  # bytes of the original: latencies are compared between similar sizes
     state: JobState = JobState.QUEUED
     avoid: set[str] = field(default_factory=set)  # workers that failed this job already
     not_before: float = 0.0  # monotonic time before which it is not retried

@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     dispatched_at REAL,
     deadline REAL,
     finished_at REAL,
+    copies INTEGER NOT NULL DEFAULT 0,
+    download_ms REAL,
+    process_ms REAL,
+    upload_ms REAL,
     UNIQUE (workload_id, image_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -230,7 +234,7 @@ class Store:
         )
         job_id = cur.lastrowid
         await db.commit()
-        return Job(job_id, workload.id, image_id, workload.filter, workload.tags)
+        return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size)
 
     async def add_filtered(self, workload_id: str, image_id: int, fmt: str, size: int) -> None:
         """Record the filtered image and finish its job; the caller checked it is new."""
@@ -273,10 +277,11 @@ class Store:
     async def unfinished_jobs(self) -> list[Job]:
         """Jobs to (re)queue after a start: queued ones and those dispatched before a crash."""
         async with self.db.execute(
-            "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags"
+            "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size"
             " FROM jobs j JOIN workloads w ON w.id = j.workload_id"
-            " WHERE j.state IN (?, ?) ORDER BY j.id",
-            (JobState.QUEUED.value, JobState.DISPATCHED.value),
+            " JOIN images i ON i.workload_id = j.workload_id AND i.image_id = j.image_id"
+            " AND i.type = ? WHERE j.state IN (?, ?) ORDER BY j.id",
+            (ImageType.ORIGINAL.value, JobState.QUEUED.value, JobState.DISPATCHED.value),
         ) as cur:
             rows = await cur.fetchall()
         await self.db.execute(
@@ -285,7 +290,7 @@ class Store:
         )
         await self.db.commit()
         return [
-            Job(r[0], r[1], r[2], Filter(r[4]), _tags(r[5]), attempts=r[3]) for r in rows
+            Job(r[0], r[1], r[2], Filter(r[4]), _tags(r[5]), attempts=r[3], size=r[6]) for r in rows
         ]
 
     async def mark_dispatched(self, job: Job, worker: str, timeout: float) -> bool:
@@ -293,11 +298,43 @@ class Store:
         now = time.time()
         cur = await self.db.execute(
             "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?,"
-            " deadline = ? WHERE id = ? AND state = ?",
+            " deadline = ?, copies = copies + 1 WHERE id = ? AND state = ?",
             (JobState.DISPATCHED.value, worker, now, now + timeout, job.id, JobState.QUEUED.value),
         )
         await self.db.commit()
         return cur.rowcount == 1
+
+    async def add_copy(self, job: Job) -> None:
+        """One more copy of a dispatched job was sent (hedged or tied)."""
+        await self.db.execute("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,))
+        await self.db.commit()
+
+    async def record_result(self, job: Job, worker: str, download_ms: float, process_ms: float,
+                            upload_ms: float) -> None:
+        """Which copy won, and where its time went."""
+        await self.db.execute(
+            "UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ? WHERE id = ?",
+            (worker, download_ms, process_ms, upload_ms, job.id),
+        )
+        await self.db.commit()
+
+    async def job_timings(self, workload_id: str) -> list[dict]:
+        """Per job: state, attempts, copies sent, the winning worker, and its timeline."""
+        async with self.db.execute(
+            "SELECT image_id, state, attempts, copies, worker, error, created_at, dispatched_at,"
+            " finished_at, download_ms, process_ms, upload_ms FROM jobs WHERE workload_id = ?"
+            " ORDER BY image_id",
+            (workload_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            {
+                "image_id": r[0], "state": r[1], "attempts": r[2], "copies": r[3], "worker": r[4],
+                "error": r[5], "queued_at": r[6], "dispatched_at": r[7], "finished_at": r[8],
+                "download_ms": r[9], "process_ms": r[10], "upload_ms": r[11],
+            }
+            for r in rows
+        ]
 
     async def requeue(self, job: Job, error: str) -> bool:
         """dispatched -> queued after a failed attempt; False if it finished meanwhile."""

@@ -23,7 +23,7 @@ import pynng
 from common import wire
 from common.formats import FORMATS
 from common.config import local_address_towards, tcp_url
-from common.rpc import RpcServer
+from common.rpc import RpcClient, RpcError, RpcServer
 from worker.filters import EncodeOptions, FilterError, process
 from worker.telemetry import Telemetry
 
@@ -74,7 +74,10 @@ class Worker:
         self.welcomed_by = ""
         self.rpc_address = ""
         self.heartbeat_interval = settings.heartbeat_interval  # until the controller says
-        self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 2 + 4)
+        self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 4 + 8)
+        self._started: set[int] = set()  # jobs whose work has begun (tied cancels spare them)
+        self._tombstones: dict[int, float] = {}  # cancelled before their copy arrived
+        self._peers: dict[str, RpcClient] = {}  # tied peers' RPC addresses
         self._pub: pynng.Pub0 | None = None
         self._http: aiohttp.ClientSession | None = None
         self._heartbeat_task: asyncio.Task | None = None
@@ -125,6 +128,8 @@ class Worker:
         for t in self.jobs.values():
             t.cancel()
         await self._rpc.close()
+        for client in self._peers.values():
+            client.close()
         if self._pub is not None:
             self._pub.close()
         if self._http is not None:
@@ -176,11 +181,22 @@ class Worker:
         if isinstance(msg, wire.RunJob):
             return await self._run_job(msg)
         if isinstance(msg, wire.CancelJob):
-            task = self.jobs.get(msg.job_id)
-            if task is not None and not task.done():
-                task.cancel()
-            return wire.Ack()
+            return self._cancel(msg)
         return wire.Ack(ok=False, error=f"a worker does not take {msg.TYPE}")
+
+    def _cancel(self, msg: wire.CancelJob) -> wire.Ack:
+        """Stop a job early. A tied peer's cancel (``if_not_started``) spares a started copy, so
+        two copies that start together both finish rather than both being cancelled."""
+        task = self.jobs.get(msg.job_id)
+        if task is None:
+            self._tombstones[msg.job_id] = time.monotonic()  # the copy may still be on its way
+            return wire.Ack()
+        if task.done():
+            return wire.Ack(ok=False, error="already finished")
+        if msg.if_not_started and msg.job_id in self._started:
+            return wire.Ack(ok=False, error="already started")
+        task.cancel()
+        return wire.Ack()
 
     def _welcome(self, msg: wire.Welcome) -> wire.Ack:
         host = self.s.controller_host
@@ -197,6 +213,12 @@ class Worker:
         return wire.Ack()
 
     async def _run_job(self, msg: wire.RunJob) -> wire.JobResult:
+        now = time.monotonic()
+        for jid, t in list(self._tombstones.items()):
+            if now - t > 60:
+                del self._tombstones[jid]
+        if self._tombstones.pop(msg.job_id, None) is not None:
+            return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name)
         task = self.jobs.get(msg.job_id)
         if task is None or (task.done() and not self._succeeded(task)):
             # nng may deliver the same request twice: a duplicate joins the running job.
@@ -213,7 +235,8 @@ class Worker:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled():
-                return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name)
+                return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name,
+                                      started=msg.job_id in self._started)
             raise
 
     @staticmethod
@@ -222,14 +245,22 @@ class Worker:
 
     def _forget_later(self, job_id: int) -> None:
         # Keep finished jobs a while so a re-sent request gets the same answer.
-        asyncio.get_running_loop().call_later(30.0, self.jobs.pop, job_id, None)
+        asyncio.get_running_loop().call_later(30.0, self._forget, job_id)
+
+    def _forget(self, job_id: int) -> None:
+        self.jobs.pop(job_id, None)
+        self._started.discard(job_id)
 
     async def _execute(self, msg: wire.RunJob) -> wire.JobResult:
         if self.s.fail_rate and random.random() < self.s.fail_rate:
             logger.info("fault knob: dropping job %d without a reply", msg.job_id)
             await asyncio.Event().wait()  # until cancelled; the scheduler's timeout must act
         if self.s.slow_rate and random.random() < self.s.slow_rate:
+            # A slow machine: the job waits this long for resources before it starts.
             await asyncio.sleep(self.s.slow_ms / 1000)
+        self._started.add(msg.job_id)
+        if msg.tied_peer:
+            asyncio.create_task(self._cancel_peer(msg))
         t0 = time.perf_counter()
         try:
             data = await self._download(msg)
@@ -246,12 +277,23 @@ class Worker:
             t3 = time.perf_counter()
         except JobFailed as e:
             logger.warning("job %d (image %d of %s) failed: %s", msg.job_id, msg.image_id, msg.workload_id, e)
-            return wire.JobResult(msg.job_id, ok=False, error=str(e), retryable=e.retryable, worker=self.s.name)
+            return wire.JobResult(msg.job_id, ok=False, error=str(e), retryable=e.retryable,
+                                  worker=self.s.name, started=True)
         self.jobs_done += 1
         return wire.JobResult(
-            msg.job_id, ok=True, worker=self.s.name,
+            msg.job_id, ok=True, worker=self.s.name, started=True,
             download_ms=(t1 - t0) * 1000, process_ms=(t2 - t1) * 1000, upload_ms=(t3 - t2) * 1000,
         )
+
+    async def _cancel_peer(self, msg: wire.RunJob) -> None:
+        """Tied requests: we started, so the other copy need not (unless it started too)."""
+        client = self._peers.get(msg.tied_peer)
+        if client is None:
+            client = self._peers[msg.tied_peer] = RpcClient(msg.tied_peer, timeout=2.0)
+        try:
+            await client.call(wire.CancelJob(msg.job_id, if_not_started=True))
+        except RpcError as e:
+            logger.debug("could not cancel job %d at tied peer %s: %s", msg.job_id, msg.tied_peer, e)
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
