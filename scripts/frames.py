@@ -8,10 +8,10 @@ import random
 from PIL import Image, ImageDraw
 
 
-def make_frame(index: int, width: int = 1280, height: int = 720, noise: int = 24) -> Image.Image:
+def make_frame(index: int, width: int = 1280, height: int = 720, noise: int = 40) -> Image.Image:
     """A deterministic RGB frame: moving gradients and shapes plus sensor-like noise.
 
-    At 1280x720 it encodes to ~1.4 MB of PNG at Pillow's default level, like a real
+    At 1280x720 it encodes to ~1.46 MB of PNG at Pillow's default level, like a real
     720p video frame (pure noise would be ~2.7 MB, flat colour a few KB).
     """
     rng = random.Random(index)
@@ -29,7 +29,9 @@ def make_frame(index: int, width: int = 1280, height: int = 720, noise: int = 24
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
     draw.text((10, 10), f"frame {index}", fill=(255, 255, 255))
     if noise:
-        grain = Image.effect_noise((width, height), noise).convert("L")
+        # Seeded grain (Image.effect_noise is not reproducible), scaled to +-noise around grey.
+        raw = Image.frombytes("L", (width, height), rng.randbytes(width * height))
+        grain = raw.point(lambda v: 128 + (v - 128) * noise // 128)
         base = Image.blend(base, Image.merge("RGB", (grain, grain, grain)), 0.25)
     return base
 

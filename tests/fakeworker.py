@@ -30,12 +30,14 @@ class Telemetry:
 
 
 class FakeWorker:
-    def __init__(self, name: str, controller: str, telemetry: Telemetry) -> None:
+    def __init__(self, name: str, controller: str, telemetry: Telemetry, filter_override: str = "") -> None:
         self.name = name
+        self.filter_override = filter_override  # to tell this worker's results apart
         self.controller = controller
         self.telemetry = telemetry
         self.session = uuid.uuid4().hex
         self.jobs: list[wire.RunJob] = []
+        self.uploads = 0  # results it uploaded (answered 200)
         self.token = ""
         self.api_url = ""
         self.epoch = ""
@@ -95,12 +97,13 @@ class FakeWorker:
             async with http.get(f"{self.api_url}/images/{msg.image_id}", params=params) as r:
                 assert r.status == 200, await r.text()
                 data = await r.read()
-            out, _ = process(data, msg.filter)
+            out, _ = process(data, self.filter_override or msg.filter)
             form = aiohttp.FormData({"workload_id": msg.workload_id, "type": "filtered",
                                      "image_id": str(msg.image_id)})
             form.add_field("data", out, filename=f"{msg.image_id}.png")
             async with http.post(f"{self.api_url}/images", data=form) as r:
                 assert r.status == 200, await r.text()
+            self.uploads += 1
 
     async def close(self) -> None:
         if self._task:

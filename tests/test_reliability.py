@@ -157,7 +157,7 @@ def test_sigterm_drains_a_worker_then_it_leaves(make_system):
 
 
 def test_a_second_signal_stops_a_worker_at_once_and_its_jobs_go_elsewhere(make_system):
-    system = make_system()
+    system = make_system("--hedge", "off")  # the retry path, not a hedge, must rescue the job
     system.start_worker("a", "--slow-rate", "1", "--slow-ms", "5000")
     token = system.login()
     system.wait_workers({"a"}, token)

@@ -1,0 +1,149 @@
+"""Tail-latency control: hedged and tied copies, the loser cancelled, one result per image."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import aiohttp
+from PIL import Image
+
+from scheduler.latency import LatencyTracker, size_class
+from scripts.frames import frame_png
+from scripts.localsys import wait_until
+from tests import refclient as ref
+from tests.fakeworker import FakeWorker, Telemetry
+from tests.test_placement_live import Api, _completed, _has, _total_jobs, until
+from tests.test_reliability import check_filtered, wait_completed, workload
+
+INSTANT_HEDGE = ("--hedge", "hedged", "--hedge-floor-ms", "1", "--hedge-initial-ms", "1")
+
+
+def test_latency_tracker_percentiles_by_size_class():
+    t = LatencyTracker(window=100, min_samples=5)
+    assert t.percentile(1000, 0.95) is None
+    for ms in range(1, 101):
+        t.record(1000, ms / 1000)
+    assert t.percentile(1000, 0.95) == 0.096
+    assert t.percentile(2_000_000, 0.95) is None  # another size class knows nothing yet
+    assert size_class(1000) == size_class(60_000) < size_class(200_000) < size_class(2_000_000)
+
+
+def test_one_worker_dropping_30_percent_of_jobs_still_completes(make_system):
+    """--fail-rate drops jobs without any reply: hedging (or the timeout) must finish them."""
+    system = make_system("--job-timeout", "5")
+    system.start_worker("ok-1")
+    system.start_worker("ok-2")
+    system.start_worker("lossy", "--fail-rate", "0.3")
+    token = system.login()
+    system.wait_workers({"ok-1", "ok-2", "lossy"}, token)
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 48, 32) for i in range(60)}
+    for i, data in frames.items():
+        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    wait_completed(system.url, token, wid, timeout=90)
+    check_filtered(system, token, wid, frames)
+    assert "fault knob: dropping job" in (system.log_dir / "worker-lossy.log").read_text()
+
+
+def test_without_hedging_the_job_timeout_recovers_dropped_jobs(make_system):
+    system = make_system("--hedge", "off", "--job-timeout", "1.5")
+    system.start_worker("ok")
+    system.start_worker("lossy", "--fail-rate", "0.5")
+    token = system.login()
+    system.wait_workers({"ok", "lossy"}, token)
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 48, 32) for i in range(16)}
+    for i, data in frames.items():
+        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    wait_completed(system.url, token, wid, timeout=90)
+    check_filtered(system, token, wid, frames)
+    jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
+    assert all(j["copies"] == j["attempts"] for j in jobs)  # off: one copy per attempt
+    assert any(j["attempts"] > 1 for j in jobs), "no job was dropped and retried"
+
+
+def test_hedged_loser_is_cancelled_before_it_does_the_work(make_system):
+    system = make_system(*INSTANT_HEDGE)
+    system.start_worker("fast")
+    system.start_worker("slow", "--slow-rate", "1", "--slow-ms", "4000")
+    token = system.login()
+    system.wait_workers({"fast", "slow"}, token)
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 48, 32) for i in range(6)}
+    for i, data in frames.items():
+        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+        wait_completed(system.url, token, wid, timeout=30)  # one at a time: each gets hedged
+    check_filtered(system, token, wid, frames)
+    jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
+    assert {j["worker"] for j in jobs} == {"fast"}
+    stats = ref.get_json(system.url, token, "/status")["scheduler"]
+    assert stats["hedge"] == "hedged" and stats["jobs_done"] == 6
+    # Every job that went to "slow" was hedged onto "fast" and cancelled while still waiting.
+    sent_to_slow = sum(j["copies"] - 1 for j in jobs)
+    assert sent_to_slow >= 1
+    wait_until(lambda: ref.get_json(system.url, token, "/status")["scheduler"]["copies_sent"]
+               == 6 + sent_to_slow, 10, "the cancelled copies to answer")
+    assert ref.get_json(system.url, token, "/status")["scheduler"]["copies_started"] == 6
+
+
+def test_tied_copies_store_one_result_per_image(make_system):
+    system = make_system("--hedge", "tied")
+    system.start_worker("a")
+    system.start_worker("b", "--slow-rate", "0.5", "--slow-ms", "1500")
+    token = system.login()
+    system.wait_workers({"a", "b"}, token)
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 48, 32) for i in range(12)}
+    for i, data in frames.items():  # one at a time, so both workers have room for two copies
+        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+        wait_completed(system.url, token, wid, timeout=30)
+    check_filtered(system, token, wid, frames)
+    jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
+    assert all(j["copies"] == 2 for j in jobs)
+    stats = ref.get_json(system.url, token, "/status")["scheduler"]
+    assert stats["hedge"] == "tied" and stats["copies_sent"] == 24
+
+
+async def test_a_hedged_pair_that_both_finish_stores_the_first_result_only(make_system):
+    """Both copies do the whole job; the late one's upload must change nothing."""
+    system = make_system(*INSTANT_HEDGE)
+    first = await FakeWorker("first", system.controller, Telemetry(cpu_percent=1)).start()
+    late = await FakeWorker("late", system.controller, Telemetry(cpu_percent=50),
+                            filter_override="blur").start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = Api(http, system.url)
+            await api.login()
+            await until(lambda: _has(api, {"first", "late"}), 20, "two fake workers")
+            await until(lambda: _welcomed(first, late), 10, "welcomes")
+            wid = await api.workload()
+            await api.upload(wid, 0)
+            await until(lambda: _total_jobs([first], 1), 10, "the first copy")
+            await until(lambda: _total_jobs([late], 1), 10, "the hedged copy")
+            first.release_all()
+            v = await until(lambda: _completed(api, wid), 20, "the result of the first copy")
+            late.release_all()  # it ignores the cancel (a fake), finishes and uploads a blur
+            await asyncio.sleep(0.5)
+            await until(lambda: _late_replied(late), 10, "the late copy's upload")
+            assert v["filtered_images"] == [0]
+            async with http.get(f"{system.url}/images/0", params={"workload_id": wid, "type": "filtered"}) as r:
+                stored = await r.read()
+            src = Image.open(io.BytesIO(frame_png(0, 32, 32)))
+            got = Image.open(io.BytesIO(stored))
+            assert got.tobytes() == src.convert("L").tobytes()
+            name = (await api.view(wid))["workload_name"]
+            assert len(list((system.data_dir / "images" / name / "filtered").iterdir())) == 1
+            async with http.get(f"{system.url}/workloads/{wid}/jobs") as r:
+                assert (await r.json())[0]["copies"] == 2
+    finally:
+        await first.close()
+        await late.close()
+
+
+async def _welcomed(*fakes) -> bool:
+    return all(f.token for f in fakes)
+
+
+async def _late_replied(fake) -> bool:
+    return fake.uploads >= 1
