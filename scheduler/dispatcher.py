@@ -140,9 +140,6 @@ class Scheduler:
             "hedges": st.hedges,
         }
 
-    def in_flight(self, worker: str) -> int:
-        return len(self._in_flight.get(worker, ()))
-
     # -- placing ----------------------------------------------------------------------------
 
     def _enqueue(self, job: Job) -> None:
