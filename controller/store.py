@@ -332,6 +332,9 @@ class Store:
                 "image_id": r[0], "state": r[1], "attempts": r[2], "copies": r[3], "worker": r[4],
                 "error": r[5], "queued_at": r[6], "dispatched_at": r[7], "finished_at": r[8],
                 "download_ms": r[9], "process_ms": r[10], "upload_ms": r[11],
+                # The winning copy began its download this long before its result was stored.
+                "started_at": (r[8] - (r[9] + r[10] + r[11]) / 1000)
+                if r[8] is not None and r[9] is not None else None,
             }
             for r in rows
         ]

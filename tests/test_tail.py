@@ -60,6 +60,9 @@ def test_without_hedging_the_job_timeout_recovers_dropped_jobs(make_system):
     check_filtered(system, token, wid, frames)
     jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
     assert all(j["copies"] == j["attempts"] for j in jobs)  # off: one copy per attempt
+    for j in jobs:  # the timeline is in order
+        assert j["queued_at"] <= j["dispatched_at"] <= j["finished_at"]
+        assert j["started_at"] <= j["finished_at"] and j["process_ms"] > 0
     assert any(j["attempts"] > 1 for j in jobs), "no job was dropped and retried"
 
 
