@@ -41,7 +41,7 @@ def ensure_frames(n: int, width: int, height: int, pool: multiprocessing.pool.Po
     missing = [i for i in range(n) if not (folder / f"{i}.png").exists()]
     if missing:
         print(f"generating {len(missing)} {width}x{height} frames into {folder} ...", flush=True)
-        for i, data in zip(missing, pool.starmap(frame_png, [(i, width, height) for i in missing])):
+        for i, data in zip(missing, pool.starmap(frame_png, [(i, width, height) for i in missing]), strict=True):
             (folder / f"{i}.png").write_bytes(data)
     return [(folder / f"{i}.png").read_bytes() for i in range(n)]
 

@@ -122,6 +122,14 @@ class LocalSystem:
         self.workers[name] = proc
         return proc
 
+    def start_workers(self, specs: dict[str, tuple[str, ...]], timeout: float = 30) -> str:
+        """Start workers (name -> extra flags), wait until all are alive; return a user token."""
+        for name, args in specs.items():
+            self.start_worker(name, *args)
+        token = self.login()
+        self.wait_workers(set(specs), token, timeout)
+        return token
+
     def _env(self, **extra: str) -> dict[str, str]:
         if self.inherit_env:
             return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}

@@ -81,9 +81,11 @@ async def test_jobs_go_where_the_score_says_and_tags_wait(make_system, fakes):
         wid = await api.workload()
         # One at a time, so each placement sees the previous one's slot taken.
         expected = ["idle", "idle", "busy", "busy"]
+        by_name = {f.name: f for f in fakes}
         for i, name in enumerate(expected):
             await api.upload(wid, i)
-            await until(lambda: _total_jobs(fakes, i + 1), 10, f"job {i} to be placed")
+            await until(lambda n=i + 1: _total_jobs(fakes, n), 10, f"job {i} to be placed")
+            assert i in by_name[name].job_ids(), f"job {i} should have gone to {name}"
         assert [idle.job_ids(), busy.job_ids(), full.job_ids()] == [[0, 1], [2, 3], []]
         # Everybody is full now: the fifth waits, and the workload says why.
         await api.upload(wid, 4)

@@ -2,73 +2,27 @@
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import signal
-import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import pynng
-import pytest
-from PIL import Image
 
 from scripts.frames import frame_png
-from scripts.localsys import LocalSystem, wait_until
+from scripts.localsys import wait_until
 from tests import refclient as ref
-from tests.conftest import ADMIN_PASSWORD
-
-SLOW = ("--slow-rate", "1", "--slow-ms", "150")
-
-
-def workload(url: str, token: str, **params: str) -> str:
-    q = "&".join(f"{k}={v}" for k, v in params.items())
-    r = ref.request(url, "POST", f"/workloads?{q}", headers=ref.bearer(token))
-    assert r.status == 200, r.body
-    return r.json()["workload_id"]
-
-
-def view(url: str, token: str, wid: str) -> dict:
-    return ref.get_json(url, token, f"/workloads/{wid}")
-
-
-def wait_completed(url: str, token: str, wid: str, timeout: float = 120) -> dict:
-    return wait_until(lambda: (v := view(url, token, wid))["status"] == "completed" and v,
-                      timeout, f"workload {wid} to complete", interval=0.1)
-
-
-def check_filtered(system: LocalSystem, token: str, wid: str, frames: dict[int, bytes]) -> None:
-    """Every id filtered exactly once: one file each, the grayscale of its own original."""
-    v = view(system.url, token, wid)
-    assert v["filtered_images"] == sorted(frames) and v["failed_images"] == []
-    folder = system.data_dir / "images" / v["workload_name"] / "filtered"
-    assert sorted(int(p.stem) for p in folder.iterdir()) == sorted(frames)
-    for i, data in frames.items():
-        r = ref.pull(system.url, token, wid, i)
-        with Image.open(io.BytesIO(r.body)) as got, Image.open(io.BytesIO(data)) as src:
-            assert got.tobytes() == src.convert("L").tobytes(), f"image {i} is not its own result"
-
-
-def job_rows(system: LocalSystem, wid: str) -> list[tuple]:
-    with sqlite3.connect(system.data_dir / "dpip.sqlite3") as db:
-        return db.execute("SELECT image_id, state, attempts, worker FROM jobs WHERE workload_id = ?"
-                          " ORDER BY image_id", (wid,)).fetchall()
-
+from tests.helpers import SLOW, check_filtered, job_rows, push, slow, view, wait_completed, workload
 
 # -- must-show 1: a worker killed mid-way ------------------------------------------------------
 
 def test_kill_9_of_a_worker_mid_workload_loses_nothing(make_system):
     system = make_system()
-    system.start_worker("a", *SLOW)
-    system.start_worker("b", *SLOW)
-    token = system.login()
-    system.wait_workers({"a", "b"}, token)
+    token = system.start_workers({"a": SLOW, "b": SLOW})
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 96, 64) for i in range(40)}
-    for i, data in frames.items():
-        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    push(system, token, wid, frames)
     wait_until(lambda: len(view(system.url, token, wid)["filtered_images"]) >= 8, 60, "8 results")
     assert any(w == "a" and s == "dispatched" for _, s, _, w in job_rows(system, wid))
     system.workers["a"].kill()  # SIGKILL: no goodbye, jobs in flight on it are lost
@@ -86,17 +40,14 @@ def test_kill_9_of_a_worker_mid_workload_loses_nothing(make_system):
 
 def test_kill_9_of_the_server_mid_workload_loses_no_accepted_upload(make_system):
     system = make_system()
-    system.start_worker("a", *SLOW)
-    system.start_worker("b", *SLOW)
-    token = system.login()
-    system.wait_workers({"a", "b"}, token)
+    token = system.start_workers({"a": SLOW, "b": SLOW})
     wid = workload(system.url, token)
     accepted: dict[int, bytes] = {}
     frames = [frame_png(i, 96, 64) for i in range(60)]
     sent = {"n": 0}
     stop = threading.Event()
 
-    def push() -> None:  # like the stress client: one by one, errors ignored, keeps going
+    def stress_push() -> None:  # like the stress client: one by one, errors ignored, keeps going
         i = 0
         while i < len(frames) and not stop.is_set():
             try:
@@ -109,7 +60,7 @@ def test_kill_9_of_the_server_mid_workload_loses_no_accepted_upload(make_system)
                 i += 1
             sent["n"] = i
 
-    pusher = threading.Thread(target=push)
+    pusher = threading.Thread(target=stress_push)
     pusher.start()
     try:
         wait_until(lambda: len(accepted) >= 20, 60, "20 accepted uploads")
@@ -134,14 +85,10 @@ def test_kill_9_of_the_server_mid_workload_loses_no_accepted_upload(make_system)
 
 def test_sigterm_drains_a_worker_then_it_leaves(make_system):
     system = make_system()
-    system.start_worker("a", "--slow-rate", "1", "--slow-ms", "600")
-    system.start_worker("b", "--slow-rate", "1", "--slow-ms", "600")
-    token = system.login()
-    system.wait_workers({"a", "b"}, token)
+    token = system.start_workers({"a": slow(600), "b": slow(600)})
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 64, 64) for i in range(12)}
-    for i, data in frames.items():
-        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    push(system, token, wid, frames)
     wait_until(lambda: any(w == "a" and s == "dispatched" for _, s, _, w in job_rows(system, wid)),
                30, "a job on worker a")
     held_by_a = {i for i, s, _, w in job_rows(system, wid) if w == "a" and s == "dispatched"}
@@ -158,9 +105,7 @@ def test_sigterm_drains_a_worker_then_it_leaves(make_system):
 
 def test_a_second_signal_stops_a_worker_at_once_and_its_jobs_go_elsewhere(make_system):
     system = make_system("--hedge", "off")  # the retry path, not a hedge, must rescue the job
-    system.start_worker("a", "--slow-rate", "1", "--slow-ms", "5000")
-    token = system.login()
-    system.wait_workers({"a"}, token)
+    token = system.start_workers({"a": slow(5000)})
     wid = workload(system.url, token)
     assert ref.upload(system.url, token, wid, "0.png", frame_png(0, 64, 64)).status == 200
     wait_until(lambda: job_rows(system, wid)[0][1] == "dispatched", 30, "the job to be dispatched")
@@ -180,10 +125,7 @@ def test_a_second_signal_stops_a_worker_at_once_and_its_jobs_go_elsewhere(make_s
 def test_a_small_workload_is_not_starved_by_a_huge_one(make_system):
     system = make_system()
     # Slow enough (4 slots x 250 ms: 16 images/s) that the big one piles up a queue.
-    system.start_worker("a", "--slow-rate", "1", "--slow-ms", "250")
-    system.start_worker("b", "--slow-rate", "1", "--slow-ms", "250")
-    token = system.login()
-    system.wait_workers({"a", "b"}, token)
+    token = system.start_workers({"a": slow(250), "b": slow(250)})
     big, small = workload(system.url, token), workload(system.url, token)
     tiny = frame_png(1, 32, 32)
     for i in range(200):
@@ -200,9 +142,7 @@ def test_a_small_workload_is_not_starved_by_a_huge_one(make_system):
 
 def test_garbage_on_controller_and_worker_sockets_is_dropped(make_system):
     system = make_system()
-    system.start_worker("a")
-    token = system.login()
-    system.wait_workers({"a"}, token)
+    token = system.start_workers({"a": ()})
     rpc = next(w["rpc_address"] for w in ref.get_json(system.url, token, "/status")["workers"])
     rng = random.Random(7)
     junk = [
@@ -232,8 +172,7 @@ def test_garbage_on_controller_and_worker_sockets_is_dropped(make_system):
     assert names == {"a": True}
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 48, 32) for i in range(3)}
-    for i, data in frames.items():
-        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    push(system, token, wid, frames)
     wait_completed(system.url, token, wid)
     check_filtered(system, token, wid, frames)
     log = (system.log_dir / "server.log").read_text()

@@ -14,7 +14,7 @@ from scripts.localsys import wait_until
 from tests import refclient as ref
 from tests.fakeworker import FakeWorker, Telemetry
 from tests.test_placement_live import Api, _completed, _has, _total_jobs, until
-from tests.test_reliability import check_filtered, wait_completed, workload
+from tests.helpers import check_filtered, push, slow, wait_completed, workload
 
 INSTANT_HEDGE = ("--hedge", "hedged", "--hedge-floor-ms", "1", "--hedge-initial-ms", "1")
 
@@ -32,15 +32,10 @@ def test_latency_tracker_percentiles_by_size_class():
 def test_one_worker_dropping_30_percent_of_jobs_still_completes(make_system):
     """--fail-rate drops jobs without any reply: hedging (or the timeout) must finish them."""
     system = make_system("--job-timeout", "5")
-    system.start_worker("ok-1")
-    system.start_worker("ok-2")
-    system.start_worker("lossy", "--fail-rate", "0.3")
-    token = system.login()
-    system.wait_workers({"ok-1", "ok-2", "lossy"}, token)
+    token = system.start_workers({"ok-1": (), "ok-2": (), "lossy": ("--fail-rate", "0.3")})
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 48, 32) for i in range(60)}
-    for i, data in frames.items():
-        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    push(system, token, wid, frames)
     wait_completed(system.url, token, wid, timeout=90)
     check_filtered(system, token, wid, frames)
     assert "fault knob: dropping job" in (system.log_dir / "worker-lossy.log").read_text()
@@ -48,14 +43,10 @@ def test_one_worker_dropping_30_percent_of_jobs_still_completes(make_system):
 
 def test_without_hedging_the_job_timeout_recovers_dropped_jobs(make_system):
     system = make_system("--hedge", "off", "--job-timeout", "1.5")
-    system.start_worker("ok")
-    system.start_worker("lossy", "--fail-rate", "0.5")
-    token = system.login()
-    system.wait_workers({"ok", "lossy"}, token)
+    token = system.start_workers({"ok": (), "lossy": ("--fail-rate", "0.5")})
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 48, 32) for i in range(16)}
-    for i, data in frames.items():
-        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+    push(system, token, wid, frames)
     wait_completed(system.url, token, wid, timeout=90)
     check_filtered(system, token, wid, frames)
     jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
@@ -68,15 +59,12 @@ def test_without_hedging_the_job_timeout_recovers_dropped_jobs(make_system):
 
 def test_hedged_loser_is_cancelled_before_it_does_the_work(make_system):
     system = make_system(*INSTANT_HEDGE)
-    system.start_worker("fast")
-    system.start_worker("slow", "--slow-rate", "1", "--slow-ms", "4000")
-    token = system.login()
-    system.wait_workers({"fast", "slow"}, token)
+    token = system.start_workers({"fast": (), "slow": slow(4000)})
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 48, 32) for i in range(6)}
-    for i, data in frames.items():
-        assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
-        wait_completed(system.url, token, wid, timeout=30)  # one at a time: each gets hedged
+    for i, data in frames.items():  # one at a time: each gets hedged
+        push(system, token, wid, {i: data})
+        wait_completed(system.url, token, wid, timeout=30)
     check_filtered(system, token, wid, frames)
     jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
     assert {j["worker"] for j in jobs} == {"fast"}
@@ -92,10 +80,7 @@ def test_hedged_loser_is_cancelled_before_it_does_the_work(make_system):
 
 def test_tied_copies_store_one_result_per_image(make_system):
     system = make_system("--hedge", "tied")
-    system.start_worker("a")
-    system.start_worker("b", "--slow-rate", "0.5", "--slow-ms", "1500")
-    token = system.login()
-    system.wait_workers({"a", "b"}, token)
+    token = system.start_workers({"a": (), "b": slow(1500, rate=0.5)})
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 48, 32) for i in range(12)}
     for i, data in frames.items():  # one at a time, so both workers have room for two copies
