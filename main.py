@@ -3,6 +3,7 @@
     .venv/bin/python main.py [--host H] [--port P] [--controller-port C] [--data-dir D]
 
 Every flag also reads a DPIP_* variable (``--controller-port`` <- ``DPIP_CONTROLLER_PORT``).
+``python main.py users add|remove|list`` manages users.
 SIGINT or SIGTERM stops it cleanly.
 """
 
@@ -11,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 from aiohttp import web
 
 from api.app import create_app
 from api.settings import ServerSettings, parse_server_args
 from common.config import setup_logging
+from controller import users
 
 logger = logging.getLogger("dpip")
 
@@ -43,6 +46,9 @@ async def serve(settings: ServerSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["users"]:
+        sys.exit(users.main(argv[1:]))
     settings, level = parse_server_args(argv)
     setup_logging(level)
     asyncio.run(serve(settings))

@@ -13,13 +13,24 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from api import handlers
-from api.keys import AUTH, IMAGES, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
+from api.keys import AUTH, IMAGES, LOGIN_LIMITS, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
+from api.ratelimit import FailureLimiter
 from api.settings import ServerSettings
 from common.config import tcp_url
-from controller.auth import Auth, load_or_create_secret
+from controller.auth import Auth, is_loopback, load_join_token, load_or_create_secret
 from controller.images import ImageStore
 from controller.membership import Membership
-from controller.models import BadInput, Conflict, DpipError, Forbidden, NotFound, TooLarge, Unauthorized, UnsupportedMedia
+from controller.models import (
+    BadInput,
+    Conflict,
+    DpipError,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedMedia,
+)
 from controller.store import Store
 from scheduler.dispatcher import HedgePolicy, Scheduler, SchedulerSettings
 
@@ -30,6 +41,7 @@ _STATUS = [
     (Forbidden, 403),
     (NotFound, 404),
     (Conflict, 409),
+    (TooManyRequests, 429),
     (TooLarge, 413),
     (UnsupportedMedia, 415),
     (BadInput, 400),
@@ -48,6 +60,8 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     except DpipError as e:
         status = next(code for cls, code in _STATUS if isinstance(e, cls)) if not type(e) is DpipError else 500
         headers = {"WWW-Authenticate": 'Bearer realm="dpip"'} if status == 401 else None
+        if isinstance(e, TooManyRequests):
+            headers = {"Retry-After": str(max(1, round(e.retry_after)))}
         return error_response(status, str(e), headers)
     except web.HTTPException as e:
         if e.status < 400:
@@ -78,7 +92,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await auth.load()
     await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
     ttl = s.worker_ttl or 3 * s.heartbeat_interval
-    membership = Membership(store, auth, s.port, s.public_url, s.heartbeat_interval, ttl)
+    join_token = s.join_token or load_join_token(s.data_dir, required=not is_loopback(s.host))
+    membership = Membership(store, auth, s.port, s.public_url, s.heartbeat_interval, ttl, join_token)
     scheduler = Scheduler(store, membership, SchedulerSettings(
         job_timeout=s.job_timeout,
         max_attempts=s.max_attempts,
@@ -90,6 +105,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[STORE], app[AUTH], app[MEMBERSHIP], app[SCHEDULER] = store, auth, membership, scheduler
     app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
     app[UPLOAD_LOCKS] = {}
+    app[LOGIN_LIMITS] = (FailureLimiter(s.login_failures, 60.0), FailureLimiter(4 * s.login_failures, 60.0))
     await membership.start(tcp_url(s.host, s.controller_port))
     await scheduler.start()
     try:

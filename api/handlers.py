@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
 
-from api.keys import AUTH, CLAIMS, IMAGES, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
+from api.keys import AUTH, CLAIMS, IMAGES, LOGIN_LIMITS, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
 from api.params import MULTIPART_ERRORS, basic_credentials, content_type, bearer_token, int_param, request_params, required
 from controller.auth import USER, WORKER, Claims
 from controller.images import StoredFile, check_workload_name
@@ -19,6 +19,8 @@ from controller.models import (
     Filter,
     Forbidden,
     ImageType,
+    TooManyRequests,
+    Unauthorized,
     UnsupportedMedia,
     WorkloadStatus,
     WorkloadView,
@@ -53,7 +55,18 @@ def _owner(claims: Claims) -> str | None:
 
 async def login(request: web.Request) -> web.Response:
     user, password = basic_credentials(request)
-    token = await request.app[AUTH].login(user, password)
+    per_user, per_address = request.app[LOGIN_LIMITS]
+    keys = ((per_user, (user, request.remote)), (per_address, request.remote))
+    wait = max(limiter.retry_after(key) for limiter, key in keys)
+    if wait > 0:
+        raise TooManyRequests(f"too many failed logins: try again in {wait:.0f} s", wait)
+    try:
+        token = await request.app[AUTH].login(user, password)
+    except Unauthorized:
+        for limiter, key in keys:
+            limiter.failed(key)
+        raise
+    per_user.succeeded((user, request.remote))
     return web.json_response({"user": user, "token": token})
 
 

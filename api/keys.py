@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from api.ratelimit import FailureLimiter
 from api.settings import ServerSettings
 from controller.auth import Auth, Claims
 from controller.images import ImageStore
@@ -20,5 +21,7 @@ IMAGES = web.AppKey("images", ImageStore)
 MEMBERSHIP = web.AppKey("membership", Membership)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
+LOGIN_LIMITS = web.AppKey("login_limits", tuple[FailureLimiter, FailureLimiter])  # (user, address), address
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
-__all__ = ["SETTINGS", "STORE", "AUTH", "IMAGES", "MEMBERSHIP", "SCHEDULER", "UPLOAD_LOCKS", "CLAIMS", "Claims"]
+__all__ = ["SETTINGS", "STORE", "AUTH", "IMAGES", "MEMBERSHIP", "SCHEDULER", "UPLOAD_LOCKS",
+           "LOGIN_LIMITS", "CLAIMS", "Claims"]

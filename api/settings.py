@@ -22,6 +22,7 @@ class ServerSettings:
     worker_ttl: float = 0.0  # silent this long = dead; 0 means 3 heartbeat intervals
     job_timeout: float = 120.0
     max_attempts: int = 3
+    login_failures: int = 5  # failed logins per user and address per minute (4x per address)
     hedge: str = "hedged"  # off | hedged | tied
     hedge_quantile: float = 0.95
     hedge_floor_ms: float = 50.0
@@ -29,6 +30,7 @@ class ServerSettings:
     max_upload_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 100_000_000
     fsync: bool = True
+    join_token: str = ""  # workers must prove they know it; required off loopback
     system_name: str = "DPIP"
 
     @property
@@ -71,9 +73,13 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
                    help="never hedge sooner than this")
     p.add_argument("--hedge-initial-ms", type=float, default=d.hedge_initial_ms,
                    help="hedge delay until 20 latencies of a size are known")
+    p.add_argument("--login-failures", type=int, default=d.login_failures,
+                   help="failed logins allowed per user and address per minute (4x per address)")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes, help="largest accepted upload")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", default=True,
                    help="do not fsync uploads (faster, but a power cut may lose accepted ones)")
+    p.add_argument("--join-token", default="",
+                   help="workers must present it (generated and saved if unset and --host is not loopback)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     settings = ServerSettings(
@@ -89,11 +95,13 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         worker_ttl=a.worker_ttl,
         job_timeout=a.job_timeout,
         max_attempts=a.max_attempts,
+        login_failures=a.login_failures,
         hedge=a.hedge,
         hedge_quantile=a.hedge_quantile,
         hedge_floor_ms=a.hedge_floor_ms,
         hedge_initial_ms=a.hedge_initial_ms,
         max_upload_bytes=a.max_upload_bytes,
         fsync=a.fsync,
+        join_token=a.join_token,
     )
     return settings, a.log_level

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import hmac
 import json
 import types
 import typing
@@ -53,6 +55,16 @@ class Heartbeat:
     welcomed_by: str = ""  # the controller epoch that last welcomed this worker
     draining: bool = False
     running_job_ids: list[int] = field(default_factory=list)
+    join_proof: str = ""  # HMAC of (name, session, rpc_address) with the join token, if any
+
+
+def join_proof(join_token: str, name: str, session: str, rpc_address: str) -> str:
+    """Proof that a worker knows the join token, bound to who it says it is and where it
+    listens, so a replayed heartbeat can only point the controller at the real worker."""
+    if not join_token:
+        return ""
+    text = f"{name}\n{session}\n{rpc_address}".encode()
+    return hmac.new(join_token.encode(), text, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,24 @@ def load_or_create_secret(path: Path) -> bytes:
     return secret
 
 
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def load_join_token(data_dir: Path, required: bool) -> str:
+    """The join token kept in the data dir; made, saved (0600) and printed if required and new."""
+    path = data_dir / "join-token"
+    if path.exists():
+        return path.read_text().strip()
+    if not required:
+        return ""
+    token = secrets.token_urlsafe(24)
+    write_private(path, token + "\n")
+    print(f"DPIP join token for workers (set DPIP_JOIN_TOKEN on each worker): {token}"
+          f" (saved in {path})", flush=True)
+    return token
+
+
 @dataclass(frozen=True)
 class Claims:
     subject: str
@@ -83,9 +101,11 @@ class Auth:
         self.token_ttl = token_ttl
         self._revoked: set[str] = set()
         self._verified: dict[str, Claims] = {}  # token -> claims whose signature checked out
+        self._users: set[str] = set()  # a removed user's tokens die with the next start
 
     async def load(self) -> None:
         self._revoked = await self.store.revoked_tokens()
+        self._users = {name for name, _ in await self.store.list_users()}
 
     async def bootstrap_admin(self, data_dir: Path, user: str, password: str | None) -> None:
         """First start: create the admin user; a generated password is printed once and saved."""
@@ -96,11 +116,12 @@ class Auth:
             path = data_dir / "admin-password"
             write_private(path, password + "\n")
             print(f"DPIP admin user {user!r} created with password {password} (saved in {path})", flush=True)
-        await self.store.add_user(user, await asyncio.to_thread(hash_password, password))
+        await self.add_user(user, password)
         logger.info("created admin user %r", user)
 
     async def add_user(self, name: str, password: str) -> None:
         await self.store.add_user(name, await asyncio.to_thread(hash_password, password))
+        self._users.add(name)
 
     async def login(self, name: str, password: str) -> str:
         stored = await self.store.password_hash(name)
@@ -108,6 +129,7 @@ class Auth:
         ok = await asyncio.to_thread(verify_password, password, stored or _DUMMY_HASH)
         if stored is None or not ok:
             raise Unauthorized("wrong user name or password")
+        self._users.add(name)  # added by `main.py users add` while we run
         return self.issue(name, USER)
 
     def issue(self, subject: str, scope: str, ttl: float | None = None) -> str:
@@ -131,6 +153,8 @@ class Auth:
             self._verified[token] = claims
         if claims.jti in self._revoked:
             raise Unauthorized("token revoked (logged out): log in again")
+        if claims.scope == USER and claims.subject not in self._users:
+            raise Unauthorized(f"user {claims.subject!r} no longer exists")
         if claims.scope not in scopes:
             raise Forbidden(f"a {claims.scope or 'unscoped'} token cannot do this")
         return claims

@@ -10,6 +10,7 @@ for ``ttl`` seconds is dead; listeners are told so they can requeue its jobs.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -78,6 +79,7 @@ class Membership:
         public_url: str,
         heartbeat_interval: float = 1.0,
         ttl: float = 3.0,
+        join_token: str = "",
     ) -> None:
         self.store = store
         self.auth = auth
@@ -85,6 +87,9 @@ class Membership:
         self.public_url = public_url
         self.heartbeat_interval = heartbeat_interval
         self.ttl = ttl
+        self.join_token = join_token  # if set, heartbeats must prove they know it
+        self.refused = 0
+        self._refused_logged: set[tuple[str, str]] = set()
         self.epoch = uuid.uuid4().hex[:12]  # changes each start: workers get re-welcomed
         self.workers: dict[str, WorkerInfo] = {}
         self.clients: dict[str, RpcClient] = {}
@@ -151,11 +156,22 @@ class Membership:
                 self._on_heartbeat(msg)
 
     def _on_goodbye(self, msg: wire.Goodbye) -> None:
+        # Unauthenticated, but it must name a live worker's session (a random 128-bit id that
+        # only that worker and the controller see), so it cannot be guessed to evict one.
         info = self.workers.get(msg.name)
         if info is not None and info.alive and info.session == msg.session:
             self._lose(info, "it said goodbye")
 
     def _on_heartbeat(self, hb: wire.Heartbeat) -> None:
+        if self.join_token:
+            expected = wire.join_proof(self.join_token, hb.name, hb.session, hb.rpc_address)
+            if not hmac.compare_digest(hb.join_proof, expected):
+                self.refused += 1
+                if (hb.name, hb.rpc_address) not in self._refused_logged:
+                    self._refused_logged.add((hb.name, hb.rpc_address))
+                    logger.warning("ignoring worker %r at %s: missing or wrong join token",
+                                   hb.name, hb.rpc_address)
+                return
         info = self.workers.get(hb.name)
         now = time.monotonic()
         if info is not None and info.alive and info.session and info.session != hb.session:

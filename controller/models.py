@@ -22,6 +22,14 @@ class Forbidden(DpipError):
     """Valid credentials that do not allow this action."""
 
 
+class TooManyRequests(DpipError):
+    """Slow down: try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Conflict(DpipError):
     """The request clashes with existing state, e.g. a workload name in use."""
 

@@ -128,6 +128,15 @@ class Store:
         except aiosqlite.IntegrityError as e:
             raise Conflict(f"user {name!r} exists") from e
 
+    async def list_users(self) -> list[tuple[str, float]]:
+        async with self.db.execute("SELECT name, created_at FROM users ORDER BY name") as cur:
+            return [(r[0], r[1]) for r in await cur.fetchall()]
+
+    async def remove_user(self, name: str) -> bool:
+        cur = await self.db.execute("DELETE FROM users WHERE name = ?", (name,))
+        await self.db.commit()
+        return cur.rowcount == 1
+
     async def password_hash(self, name: str) -> str | None:
         async with self.db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)) as cur:
             row = await cur.fetchone()

@@ -26,6 +26,7 @@ from tests.conftest import ADMIN_PASSWORD
 SUBNET = "10.231.77"
 SERVER_IP = f"{SUBNET}.1"
 CLONE_NEWNET = 0x40000000
+JOIN_TOKEN = "netns-test-join-token"  # off loopback the controller requires one
 
 
 def sh(*cmd: str) -> None:
@@ -106,12 +107,13 @@ def net() -> Iterator[Net]:
 
 def test_partitioned_worker_loses_nothing_and_rejoins(net, tmp_path):
     system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
-                         port=8080, controller_port=40899, server_args=("--host", "0.0.0.0"))
+                         port=8080, controller_port=40899,
+                         server_args=("--host", "0.0.0.0", "--join-token", JOIN_TOKEN))
     system.start_server(wait=False, prefix=net.prefix("srv"))
     controller = f"{SERVER_IP}:40899"
     for key in ("w1", "w2"):
         system.start_worker(key, "--controller", controller, "--slow-rate", "1", "--slow-ms", "300",
-                            prefix=net.prefix(key))
+                            prefix=net.prefix(key), env={"DPIP_JOIN_TOKEN": JOIN_TOKEN})
     url = f"http://{SERVER_IP}:8080"
     on_server = InNamespace(net.hosts["srv"])
     try:

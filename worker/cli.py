@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--slow-ms", type=float, default=0.0, help="fault knob: how much slower, in ms")
     p.add_argument("--fail-rate", type=float, default=0.0,
                    help="fault knob: share of jobs dropped without any reply (0-1)")
+    p.add_argument("--join-token", default="",
+                   help="the controller's join token, if it requires one (better: the env variable)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
@@ -60,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         slow_rate=a.slow_rate,
         slow_ms=a.slow_ms,
         fail_rate=a.fail_rate,
+        join_token=a.join_token,
     )
 
 

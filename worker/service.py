@@ -50,6 +50,7 @@ class WorkerSettings:
     slow_rate: float = 0.0  # this share of jobs takes slow_ms longer
     slow_ms: float = 0.0
     fail_rate: float = 0.0  # this share of jobs is dropped: never done, never answered
+    join_token: str = ""  # the controller's, if it requires one (DPIP_JOIN_TOKEN)
 
 
 class JobFailed(Exception):
@@ -153,6 +154,7 @@ class Worker:
             welcomed_by=self.welcomed_by,
             draining=self.draining,
             running_job_ids=[jid for jid, t in self.jobs.items() if not t.done()],
+            join_proof=wire.join_proof(self.s.join_token, self.s.name, self.session, self.rpc_address),
         )
 
     def running(self) -> int:

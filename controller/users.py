@@ -1,0 +1,66 @@
+"""``python main.py users add|remove|list``: manage users in the data dir's datastore.
+
+Works on a stopped or a running server (SQLite serialises the writers). Passwords are
+prompted for, or read from ``DPIP_PASSWORD`` (for scripts); only scrypt hashes are stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+import time
+from pathlib import Path
+
+from controller.auth import hash_password
+from controller.images import check_workload_name
+from controller.models import BadInput, Conflict
+from controller.store import Store
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main.py users", description="Manage DPIP users.")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DPIP_DATA_DIR", "data")),
+                   help="the server's data dir [env DPIP_DATA_DIR]")
+    sub = p.add_subparsers(dest="action", required=True)
+    add = sub.add_parser("add", help="add a user (password prompted, or DPIP_PASSWORD)")
+    add.add_argument("name")
+    rm = sub.add_parser("remove", help="remove a user (their workloads stay)")
+    rm.add_argument("name")
+    sub.add_parser("list", help="list the users")
+    return p
+
+
+async def _run(a: argparse.Namespace) -> str:
+    store = Store(a.data_dir / "dpip.sqlite3")
+    a.data_dir.mkdir(parents=True, exist_ok=True)
+    await store.open()
+    try:
+        if a.action == "list":
+            users = await store.list_users()
+            return "\n".join(f"{name}\tcreated {time.strftime('%Y-%m-%d %H:%M', time.gmtime(t))}Z"
+                             for name, t in users) or "(no users)"
+        if a.action == "remove":
+            if not await store.remove_user(a.name):
+                raise BadInput(f"no user {a.name!r}")
+            return f"removed user {a.name!r}; their tokens stop working when the server restarts"
+        check_workload_name(a.name)  # same rule: a safe, printable name
+        password = os.environ.get("DPIP_PASSWORD") or getpass.getpass(f"password for {a.name}: ")
+        if len(password) < 8:
+            raise BadInput("the password must have at least 8 characters")
+        await store.add_user(a.name, await asyncio.to_thread(hash_password, password))
+        return f"added user {a.name!r}"
+    finally:
+        await store.close()
+
+
+def main(argv: list[str]) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        print(asyncio.run(_run(a)))
+        return 0
+    except (BadInput, Conflict) as e:
+        print(f"error: {str(e).replace('workload_name', 'user name')}", file=sys.stderr)
+        return 1
