@@ -58,12 +58,13 @@ class Heartbeat:
     join_proof: str = ""  # HMAC of (name, session, rpc_address) with the join token, if any
 
 
-def join_proof(join_token: str, name: str, session: str, rpc_address: str) -> str:
-    """Proof that a worker knows the join token, bound to who it says it is and where it
-    listens, so a replayed heartbeat can only point the controller at the real worker."""
+def join_proof(join_token: str, *parts: object) -> str:
+    """Proof of knowing the join token, bound to ``parts``: a heartbeat's (name, session, RPC
+    address), so a replayed one can only point the controller at the real worker; a welcome's
+    (epoch, api_port, public_url, token), so nobody else can redirect a worker."""
     if not join_token:
         return ""
-    text = f"{name}\n{session}\n{rpc_address}".encode()
+    text = "\n".join(str(p) for p in parts).encode()
     return hmac.new(join_token.encode(), text, hashlib.sha256).hexdigest()
 
 
@@ -86,6 +87,7 @@ class Welcome:
     public_url: str
     token: str
     heartbeat_interval: float
+    proof: str = ""  # join_proof(join token, epoch, api_port, public_url, token), if any
 
 
 @dataclass(frozen=True)

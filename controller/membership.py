@@ -213,7 +213,9 @@ class Membership:
             if client is None:
                 client = self.clients[info.name] = RpcClient(info.rpc_address, timeout=3.0)
             token = self.auth.issue(info.name, WORKER)
-            msg = wire.Welcome(self.epoch, self.api_port, self.public_url, token, self.heartbeat_interval)
+            proof = wire.join_proof(self.join_token, self.epoch, self.api_port, self.public_url, token)
+            msg = wire.Welcome(self.epoch, self.api_port, self.public_url, token,
+                               self.heartbeat_interval, proof)
             reply = await client.call(msg)
             if isinstance(reply, wire.Ack) and reply.ok:
                 if not info.welcomed:

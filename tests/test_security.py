@@ -68,3 +68,26 @@ def test_users_command_adds_lists_and_removes(make_system, tmp_path):
     bad = {"Authorization": "Basic " + base64.b64encode(b"bob:bob-password-1").decode()}
     assert ref.request(system.url, "GET", "/login", headers=bad).status == 401
     assert users("remove", "bob").returncode == 1
+
+
+def test_a_worker_with_a_join_token_refuses_a_forged_welcome(make_system):
+    """Someone who can reach a worker's RPC port cannot redirect it to their own 'API'."""
+    import pynng
+
+    from common import wire
+
+    system = make_system("--join-token", JOIN)
+    system.start_worker("w", env={"DPIP_JOIN_TOKEN": JOIN})
+    token = system.login()
+    system.wait_workers({"w"}, token)
+    rpc = next(w["rpc_address"] for w in ref.get_json(system.url, token, "/status")["workers"])
+    forged = wire.Welcome("evil", 6666, "http://attacker.invalid", "stolen", 1.0, "0" * 64)
+    with pynng.Req0(dial=rpc, send_timeout=3000, recv_timeout=3000) as req:
+        req.send(wire.encode(forged))
+        reply = wire.decode(req.recv())
+    assert isinstance(reply, wire.Ack) and not reply.ok and "join token" in reply.error
+    wid = workload(system.url, token)  # still working for the real controller
+    frames = {0: frame_png(0, 40, 30)}
+    push(system, token, wid, frames)
+    wait_completed(system.url, token, wid)
+    check_filtered(system, token, wid, frames)

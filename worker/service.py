@@ -9,6 +9,7 @@ download the original from the API, filter it in a thread, upload the result, re
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import random
@@ -201,6 +202,11 @@ class Worker:
         return wire.Ack()
 
     def _welcome(self, msg: wire.Welcome) -> wire.Ack:
+        if self.s.join_token:
+            expected = wire.join_proof(self.s.join_token, msg.epoch, msg.api_port, msg.public_url, msg.token)
+            if not hmac.compare_digest(msg.proof, expected):
+                logger.warning("refused a welcome without the join token's proof (not our controller)")
+                return wire.Ack(ok=False, error="welcome refused: wrong join token proof")
         host = self.s.controller_host
         host = f"[{host}]" if ":" in host else host
         self.api_url = (
