@@ -10,6 +10,7 @@ SIGINT or SIGTERM stops it cleanly.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import signal
 import sys
@@ -22,6 +23,14 @@ from common.config import setup_logging
 from controller import users
 
 logger = logging.getLogger("dpip")
+
+
+def dump_tasks() -> None:
+    """Log every asyncio task's stack: the way to see what a stuck server waits for."""
+    for task in asyncio.all_tasks():
+        buf = io.StringIO()
+        task.print_stack(limit=8, file=buf)
+        logger.warning("task %s:\n%s", task.get_name(), buf.getvalue())
 
 
 async def serve(settings: ServerSettings) -> None:
@@ -37,6 +46,7 @@ async def serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)  # `kill -USR1 <pid>`: what is it doing?
     try:
         await stop.wait()
         logger.info("shutting down")

@@ -111,8 +111,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await membership.close()  # closes the RPC sockets, so calls in flight end at once
         await scheduler.close()
-        await membership.close()
         await store.close()
 
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import pynng
 
 from common import wire
+from common.aio import stop_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,6 @@ class RpcServer:
                 pass
 
     async def close(self) -> None:
-        """Stop serving and close the socket."""
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Close the socket (failing every pending receive), then stop the serving loops."""
         self._sock.close()
+        await stop_tasks(self._tasks)

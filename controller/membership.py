@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pynng
 
 from common import wire
+from common.aio import stop_tasks
 from common.rpc import RpcClient, RpcError
 from controller.auth import WORKER, Auth
 from controller.store import Store
@@ -120,14 +121,12 @@ class Membership:
         logger.info("controller listening on %s (epoch %s)", address, self.epoch)
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()  # first: fails the pending arecv (see common.aio.stop_tasks)
         for c in self.clients.values():
             c.close()
         self.clients.clear()
-        if self._sock is not None:
-            self._sock.close()
+        await stop_tasks(self._tasks)
 
     def snapshot(self) -> list[WorkerInfo]:
         return list(self.workers.values())
@@ -140,7 +139,10 @@ class Membership:
     async def _receive_loop(self) -> None:
         assert self._sock is not None
         while True:
-            data = await self._sock.arecv()
+            try:
+                data = await self._sock.arecv()
+            except pynng.Closed:
+                return
             try:
                 msg = wire.decode(data)
                 if not isinstance(msg, (wire.Heartbeat, wire.Goodbye)):

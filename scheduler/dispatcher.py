@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from common import wire
+from common.aio import stop_tasks
 from common.rpc import RpcError
 from controller.membership import Membership
 from controller.models import Job, JobState
@@ -113,10 +114,7 @@ class Scheduler:
         self._loop_task = asyncio.create_task(self._run(), name="scheduler")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks([t for t in (self._loop_task, *self._tasks) if t is not None])
 
     def submit(self, job: Job) -> None:
         """Queue a job that the datastore already holds as ``queued``."""

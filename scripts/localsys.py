@@ -202,6 +202,8 @@ class LocalSystem:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                print(f"localsys: {' '.join(map(str, p.args))[:120]} ignored SIGTERM; killing it",
+                      file=sys.stderr)
                 p.kill()
                 p.wait()
         for f in self._logs:

@@ -22,6 +22,7 @@ import aiohttp
 import pynng
 
 from common import wire
+from common.aio import stop_tasks
 from common.formats import FORMATS
 from common.config import local_address_towards, tcp_url
 from common.rpc import RpcClient, RpcError, RpcServer
@@ -124,16 +125,12 @@ class Worker:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
-        for t in self.jobs.values():
-            t.cancel()
-        await self._rpc.close()
+        if self._pub is not None:
+            self._pub.close()  # sockets first, then the tasks waiting on them (common.aio)
         for client in self._peers.values():
             client.close()
-        if self._pub is not None:
-            self._pub.close()
+        await self._rpc.close()
+        await stop_tasks([t for t in (self._heartbeat_task, *self.jobs.values()) if t is not None])
         if self._http is not None:
             await self._http.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
