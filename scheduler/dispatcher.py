@@ -6,12 +6,7 @@ memory is rebuilt from those rows at start, so a crash loses nothing. Workloads 
 round-robin, so a huge workload never starves a small one that came after it. A failed attempt
 (error reply, timeout, worker death) goes back to the queue with a backoff and a preference
 for another worker, until ``max_attempts``; then the job is ``failed`` with the reason.
-
-Tail latency (Dean and Barroso, "The Tail at Scale"): with ``hedged`` a second copy goes to
-another worker once the first has taken longer than the recent p95 for images of that size;
-with ``tied`` two copies go out at once, each told about the other, and the first to start
-cancels the other. The loser is cancelled over RPC; results are idempotent, so a pair that
-both finish still stores one image.
+How an attempt's copies travel (hedged, tied) is :mod:`scheduler.carrier`'s business.
 """
 
 from __future__ import annotations
@@ -20,66 +15,18 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
-from enum import Enum
 
-from common import wire
 from common.aio import stop_tasks
-from common.rpc import RpcError
 from controller.membership import Membership
 from controller.models import Job, JobState
 from controller.store import Store
+from scheduler.carrier import Carrier, DispatchStats, Failure, HedgePolicy, SchedulerSettings
 from scheduler.latency import LatencyTracker
 from scheduler.placement import JobView, WorkerView, place, why_not
 
 logger = logging.getLogger(__name__)
 
-
-class HedgePolicy(str, Enum):
-    OFF = "off"
-    HEDGED = "hedged"
-    TIED = "tied"
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    job_timeout: float = 120.0  # longest one attempt may take, download to upload
-    max_attempts: int = 3
-    retry_backoff: float = 0.5  # seconds, doubled per attempt
-    hedge: HedgePolicy = HedgePolicy.HEDGED
-    hedge_quantile: float = 0.95
-    hedge_floor: float = 0.05  # never hedge sooner than this (seconds)
-    hedge_initial: float = 1.0  # hedge delay until enough latencies are known
-    tie_delay: float = 0.005  # the second tied copy leaves this much later (so a copy that
-    # starts at once can cancel it before it starts: "2x the network delay" in the paper)
-
-
-@dataclass
-class DispatchStats:
-    """Counters for the tail-latency policies (shown in /status)."""
-
-    jobs_done: int = 0
-    copies_sent: int = 0  # every RunJob sent, first copies included
-    copies_started: int = 0  # copies that did work (a cancelled waiting copy did none)
-    hedges: int = 0
-
-
-@dataclass
-class Outcome:
-    """How one copy of a job ended."""
-
-    worker: str
-    result: wire.JobResult | None = None
-    failure: Failure | None = None
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why an attempt failed, and what that means for the next one."""
-
-    reason: str
-    final: bool = False  # no retry can help (e.g. the image cannot be decoded)
-    backoff: bool = True  # False when the worker, not the job, was the problem
+__all__ = ["HedgePolicy", "Scheduler", "SchedulerSettings"]
 
 
 class Scheduler:
@@ -100,6 +47,7 @@ class Scheduler:
         self._turn = 0
         self.latency = LatencyTracker()
         self.stats = DispatchStats()
+        self.carrier = Carrier(store, membership, settings, self.latency, self.stats, self)
         membership.subscribe(on_change=self.wake, on_lost=lambda name: self.wake())
 
     # -- public -----------------------------------------------------------------------------
@@ -209,9 +157,7 @@ class Scheduler:
                 self._in_flight.setdefault(name, {})[job.id] = job
                 v = views[name]
                 views[name] = WorkerView(**{**v.__dict__, "in_flight": v.in_flight + 1})
-                task = asyncio.create_task(self._dispatch(job, name), name=f"job-{job.id}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self.spawn(self._dispatch(job, name))
                 progressed = True
                 break  # restart the round from the (rotated) front
             if not progressed:
@@ -229,16 +175,16 @@ class Scheduler:
         """One attempt of a job: its copies (one, or two with a tail policy), then the outcome."""
         try:
             if not await self.store.mark_dispatched(job, primary, self.settings.job_timeout):
-                self._release(primary, job)
+                self.release(primary, job)
                 return  # finished or failed meanwhile
             job.attempts += 1
             job.state = JobState.DISPATCHED
             t0 = time.monotonic()
-            copies = await self._send_copies(job, primary)
-            outcome, failure = await self._first_success(copies)
+            copies = await self.carrier.send(job, primary)
+            outcome, failure = await self.carrier.first_success(copies)
             for name, task in copies.items():
                 if (outcome is None or name != outcome.worker) and not task.done():
-                    self._spawn(self._cancel(name, job))  # its slot frees when it answers
+                    self.spawn(self.carrier.cancel(name, job))  # its slot frees when it answers
             if outcome is not None and outcome.result is not None:
                 self.latency.record(job.size, time.monotonic() - t0)
                 self.stats.jobs_done += 1
@@ -252,36 +198,7 @@ class Scheduler:
         finally:
             self.wake()
 
-    async def _send_copies(self, job: Job, primary: str) -> dict[str, asyncio.Task[Outcome]]:
-        policy = self.settings.hedge
-        copies: dict[str, asyncio.Task[Outcome]] = {}
-        if policy == HedgePolicy.TIED:
-            peer = self._reserve_second(job, primary)
-            if peer is not None:
-                copies[primary] = self._start_copy(job, primary, tied_peer=self._address(peer))
-                await asyncio.sleep(self.settings.tie_delay)
-                copies[peer] = self._start_copy(job, peer, tied_peer=self._address(primary))
-                await self.store.add_copy(job)
-                return copies
-        copies[primary] = self._start_copy(job, primary)
-        if policy == HedgePolicy.HEDGED:
-            done, _ = await asyncio.wait(copies.values(), timeout=self.hedge_delay(job))
-            if not done:
-                second = self._reserve_second(job, primary)
-                if second is not None:
-                    logger.debug("hedging job %d on %s after %.0f ms", job.id, second,
-                                 self.hedge_delay(job) * 1000)
-                    self.stats.hedges += 1
-                    copies[second] = self._start_copy(job, second)
-                    await self.store.add_copy(job)
-        return copies
-
-    def hedge_delay(self, job: Job) -> float:
-        """When to send a hedge: the recent p95 latency for this size, never below the floor."""
-        p = self.latency.percentile(job.size, self.settings.hedge_quantile)
-        return max(self.settings.hedge_floor, p if p is not None else self.settings.hedge_initial)
-
-    def _reserve_second(self, job: Job, primary: str) -> str | None:
+    def reserve_second(self, job: Job, primary: str) -> str | None:
         """Another worker with a free slot for a second copy (never beyond capacity), reserved."""
         views = [v for v in self._views() if v.name != primary]
         name = place(JobView(frozenset(job.tags), frozenset(job.avoid)), views)
@@ -289,89 +206,18 @@ class Scheduler:
             self._in_flight.setdefault(name, {})[job.id] = job
         return name
 
-    def _address(self, worker: str) -> str:
-        info = self.membership.workers.get(worker)
-        return info.rpc_address if info is not None else ""
-
-    def _start_copy(self, job: Job, worker: str, tied_peer: str = "") -> asyncio.Task[Outcome]:
-        self.stats.copies_sent += 1
-        return self._spawn(self._copy(job, worker, tied_peer))
-
-    def _spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` as a task that close() will stop."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _release(self, worker: str, job: Job) -> None:
+    def release(self, worker: str, job: Job) -> None:
+        """A copy of ``job`` on ``worker`` has ended: its slot is free."""
         self._in_flight.get(worker, {}).pop(job.id, None)
         self._finished[job.id] = time.monotonic()
         self.wake()
-
-    async def _copy(self, job: Job, worker: str, tied_peer: str) -> Outcome:
-        """One copy on one worker; its slot is held until the worker has answered."""
-        try:
-            outcome = await self._call(job, worker, tied_peer)
-        except Exception as e:
-            logger.exception("job %d on %s", job.id, worker)
-            outcome = Outcome(worker, failure=Failure(f"internal error: {e!r}"))
-        finally:
-            self._release(worker, job)
-        if outcome.result is not None and outcome.result.started:
-            self.stats.copies_started += 1
-        return outcome
-
-    @staticmethod
-    async def _first_success(
-        copies: dict[str, asyncio.Task[Outcome]],
-    ) -> tuple[Outcome | None, Failure | None]:
-        """The first copy to succeed; else (None, the first copy's failure) once all failed."""
-        pending = set(copies.values())
-        failures: dict[str, Failure] = {}
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                outcome = task.result()
-                if outcome.failure is None:
-                    return outcome, None
-                failures[outcome.worker] = outcome.failure
-        first = next(iter(copies))
-        return None, failures.get(first) or next(iter(failures.values()))
-
-    async def _cancel(self, worker: str, job: Job) -> None:
-        client = self.membership.client(worker)
-        if client is None:
-            return
-        try:
-            await client.call(wire.CancelJob(job.id), timeout=2.0)
-        except RpcError as e:
-            logger.debug("could not cancel job %d on %s: %s", job.id, worker, e)
-
-    async def _call(self, job: Job, worker: str, tied_peer: str = "") -> Outcome:
-        """Run the job on ``worker``: success once its result is stored, else what went wrong."""
-        client = self.membership.client(worker)
-        if client is None:
-            return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
-                                                   backoff=False))
-        msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,
-                          tied_peer=tied_peer)
-        try:
-            reply = await client.call(msg, timeout=self.settings.job_timeout)
-        except RpcError as e:
-            info = self.membership.workers.get(worker)
-            if info is not None and not info.alive:  # not the job's fault: straight back in line
-                return Outcome(worker, failure=Failure(f"worker {worker} died while running the job",
-                                                       backoff=False))
-            self._spawn(self._cancel(worker, job))  # it may still hold the job: free the slot
-            return Outcome(worker, failure=Failure(str(e)))
-        if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
-            if reply.ok:
-                logger.debug("job %d done on %s: download %.1f ms, process %.1f ms, upload %.1f ms",
-                             job.id, worker, reply.download_ms, reply.process_ms, reply.upload_ms)
-                return Outcome(worker, result=reply)  # its upload got a 2xx: the result is stored
-            return Outcome(worker, result=reply,
-                           failure=Failure(f"worker {worker}: {reply.error}", final=not reply.retryable))
-        return Outcome(worker, failure=Failure(f"worker {worker} gave an unexpected reply: {reply}"))
 
     async def _attempt_failed(self, job: Job, worker: str, failure: Failure) -> None:
         if failure.final or job.attempts >= self.settings.max_attempts:

@@ -1,0 +1,197 @@
+"""Carrying one attempt of a job to workers: one copy, or two under a tail-latency policy.
+
+Tail latency (Dean and Barroso, "The Tail at Scale"): with ``hedged`` a second copy goes to
+another worker once the first has taken longer than the recent p95 for images of that size;
+with ``tied`` two copies go out at once, each told about the other, and the first to start
+cancels the other. The loser is cancelled over RPC; results are idempotent, so a pair that
+both finish still stores one image. Slots (which worker may take a copy) stay the
+scheduler's business, through the :class:`Slots` it hands in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from common import wire
+from common.rpc import RpcError
+from controller.membership import Membership
+from controller.models import Job
+from controller.store import Store
+from scheduler.latency import LatencyTracker
+
+logger = logging.getLogger(__name__)
+
+
+class HedgePolicy(str, Enum):
+    OFF = "off"
+    HEDGED = "hedged"
+    TIED = "tied"
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    job_timeout: float = 120.0  # longest one attempt may take, download to upload
+    max_attempts: int = 3
+    retry_backoff: float = 0.5  # seconds, doubled per attempt
+    hedge: HedgePolicy = HedgePolicy.HEDGED
+    hedge_quantile: float = 0.95
+    hedge_floor: float = 0.05  # never hedge sooner than this (seconds)
+    hedge_initial: float = 1.0  # hedge delay until enough latencies are known
+    tie_delay: float = 0.005  # the second tied copy leaves this much later (so a copy that
+    # starts at once can cancel it before it starts: "2x the network delay" in the paper)
+
+
+@dataclass
+class DispatchStats:
+    """Counters for the tail-latency policies (shown in /status)."""
+
+    jobs_done: int = 0
+    copies_sent: int = 0  # every RunJob sent, first copies included
+    copies_started: int = 0  # copies that did work (a cancelled waiting copy did none)
+    hedges: int = 0
+
+
+@dataclass
+class Outcome:
+    """How one copy of a job ended."""
+
+    worker: str
+    result: wire.JobResult | None = None
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an attempt failed, and what that means for the next one."""
+
+    reason: str
+    final: bool = False  # no retry can help (e.g. the image cannot be decoded)
+    backoff: bool = True  # False when the worker, not the job, was the problem
+
+
+class Slots(Protocol):
+    """What the carrier needs from the scheduler: slot keeping and task tracking."""
+
+    def reserve_second(self, job: Job, primary: str) -> str | None: ...
+    def release(self, worker: str, job: Job) -> None: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task: ...
+
+
+class Carrier:
+    """Sends the copies of one attempt, and knows when to hedge and whom to cancel."""
+
+    def __init__(self, store: Store, membership: Membership, settings: SchedulerSettings,
+                 latency: LatencyTracker, stats: DispatchStats, slots: Slots) -> None:
+        self.store = store
+        self.membership = membership
+        self.settings = settings
+        self.latency = latency
+        self.stats = stats
+        self.slots = slots
+
+    async def send(self, job: Job, primary: str) -> dict[str, asyncio.Task[Outcome]]:
+        policy = self.settings.hedge
+        copies: dict[str, asyncio.Task[Outcome]] = {}
+        if policy == HedgePolicy.TIED:
+            peer = self.slots.reserve_second(job, primary)
+            if peer is not None:
+                copies[primary] = self._start(job, primary, tied_peer=self._address(peer))
+                await asyncio.sleep(self.settings.tie_delay)
+                copies[peer] = self._start(job, peer, tied_peer=self._address(primary))
+                await self.store.add_copy(job)
+                return copies
+        copies[primary] = self._start(job, primary)
+        if policy == HedgePolicy.HEDGED:
+            done, _ = await asyncio.wait(copies.values(), timeout=self.hedge_delay(job))
+            if not done:
+                second = self.slots.reserve_second(job, primary)
+                if second is not None:
+                    logger.debug("hedging job %d on %s after %.0f ms", job.id, second,
+                                 self.hedge_delay(job) * 1000)
+                    self.stats.hedges += 1
+                    copies[second] = self._start(job, second)
+                    await self.store.add_copy(job)
+        return copies
+
+    def hedge_delay(self, job: Job) -> float:
+        """When to send a hedge: the recent p95 latency for this size, never below the floor."""
+        p = self.latency.percentile(job.size, self.settings.hedge_quantile)
+        return max(self.settings.hedge_floor, p if p is not None else self.settings.hedge_initial)
+
+    def _address(self, worker: str) -> str:
+        info = self.membership.workers.get(worker)
+        return info.rpc_address if info is not None else ""
+
+    def _start(self, job: Job, worker: str, tied_peer: str = "") -> asyncio.Task[Outcome]:
+        self.stats.copies_sent += 1
+        return self.slots.spawn(self._copy(job, worker, tied_peer))
+
+    async def _copy(self, job: Job, worker: str, tied_peer: str) -> Outcome:
+        """One copy on one worker; its slot is held until the worker has answered."""
+        try:
+            outcome = await self._call(job, worker, tied_peer)
+        except Exception as e:
+            logger.exception("job %d on %s", job.id, worker)
+            outcome = Outcome(worker, failure=Failure(f"internal error: {e!r}"))
+        finally:
+            self.slots.release(worker, job)
+        if outcome.result is not None and outcome.result.started:
+            self.stats.copies_started += 1
+        return outcome
+
+    @staticmethod
+    async def first_success(
+        copies: dict[str, asyncio.Task[Outcome]],
+    ) -> tuple[Outcome | None, Failure | None]:
+        """The first copy to succeed; else (None, the first copy's failure) once all failed."""
+        pending = set(copies.values())
+        failures: dict[str, Failure] = {}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                outcome = task.result()
+                if outcome.failure is None:
+                    return outcome, None
+                failures[outcome.worker] = outcome.failure
+        first = next(iter(copies))
+        return None, failures.get(first) or next(iter(failures.values()))
+
+    async def cancel(self, worker: str, job: Job) -> None:
+        client = self.membership.client(worker)
+        if client is None:
+            return
+        try:
+            await client.call(wire.CancelJob(job.id), timeout=2.0)
+        except RpcError as e:
+            logger.debug("could not cancel job %d on %s: %s", job.id, worker, e)
+
+    async def _call(self, job: Job, worker: str, tied_peer: str = "") -> Outcome:
+        """Run the job on ``worker``: success once its result is stored, else what went wrong."""
+        client = self.membership.client(worker)
+        if client is None:
+            return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
+                                                   backoff=False))
+        msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,
+                          tied_peer=tied_peer)
+        try:
+            reply = await client.call(msg, timeout=self.settings.job_timeout)
+        except RpcError as e:
+            info = self.membership.workers.get(worker)
+            if info is not None and not info.alive:  # not the job's fault: straight back in line
+                return Outcome(worker, failure=Failure(f"worker {worker} died while running the job",
+                                                       backoff=False))
+            self.slots.spawn(self.cancel(worker, job))  # it may still hold the job: free the slot
+            return Outcome(worker, failure=Failure(str(e)))
+        if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
+            if reply.ok:
+                logger.debug("job %d done on %s: download %.1f ms, process %.1f ms, upload %.1f ms",
+                             job.id, worker, reply.download_ms, reply.process_ms, reply.upload_ms)
+                return Outcome(worker, result=reply)  # its upload got a 2xx: the result is stored
+            return Outcome(worker, result=reply,
+                           failure=Failure(f"worker {worker}: {reply.error}", final=not reply.retryable))
+        return Outcome(worker, failure=Failure(f"worker {worker} gave an unexpected reply: {reply}"))
