@@ -18,7 +18,6 @@ import pynng
 from PIL import Image
 
 from scripts.frames import frame_png
-from scripts.localsys import wait_until
 from tests import refclient as ref
 from tests.helpers import check_filtered, push, wait_completed, workload
 
