@@ -98,6 +98,7 @@ class Membership:
         self._welcoming: set[str] = set()
         self._sock: pynng.Sub0 | None = None
         self._tasks: list[asyncio.Task] = []
+        self._welcomes: set[asyncio.Task] = set()
         self._on_change: list[Callable[[], None]] = []
         self._on_lost: list[Callable[[str], None]] = []
 
@@ -126,7 +127,7 @@ class Membership:
         for c in self.clients.values():
             c.close()
         self.clients.clear()
-        await stop_tasks(self._tasks)
+        await stop_tasks([*self._tasks, *self._welcomes])
 
     def snapshot(self) -> list[WorkerInfo]:
         return list(self.workers.values())
@@ -206,7 +207,9 @@ class Membership:
                         hb.name, hb.rpc_address, ",".join(hb.tags) or "-", hb.capacity)
         if (not info.welcomed or hb.welcomed_by != self.epoch) and hb.name not in self._welcoming:
             self._welcoming.add(hb.name)
-            asyncio.create_task(self._welcome(info), name=f"welcome-{hb.name}")
+            task = asyncio.create_task(self._welcome(info), name=f"welcome-{hb.name}")
+            self._welcomes.add(task)  # kept, so close() can stop it and it is not collected
+            task.add_done_callback(self._welcomes.discard)
         self._notify_change()
 
     async def _welcome(self, info: WorkerInfo) -> None:
