@@ -77,15 +77,16 @@ async def logout(request: web.Request) -> web.Response:
     return web.json_response({"logout_message": f"Bye {claims.subject}, your token has been revoked"})
 
 
+async def _workloads_of(request: web.Request) -> list[WorkloadView]:
+    store = request.app[STORE]
+    return [await store.workload_view(await store.get_workload(wid))
+            for wid in await store.workload_ids(request[CLAIMS].subject)]
+
+
 @requires(USER)
 async def status(request: web.Request) -> web.Response:
-    store = request.app[STORE]
-    claims: Claims = request[CLAIMS]
-    active = []
-    for wid in await store.workload_ids(claims.subject):
-        view = await store.workload_view(await store.get_workload(wid))
-        if view.status != WorkloadStatus.COMPLETED:
-            active.append(_workload_json(request, view))
+    active = [_workload_json(request, v) for v in await _workloads_of(request)
+              if v.status != WorkloadStatus.COMPLETED]
     workers = sorted(request.app[MEMBERSHIP].snapshot(), key=lambda w: w.name)
     return web.json_response({
         "system_name": request.app[SETTINGS].system_name,
@@ -113,6 +114,12 @@ async def create_workload(request: web.Request) -> web.Response:
     store = request.app[STORE]
     workload = await store.create_workload(name, request[CLAIMS].subject, filter_, tags)
     return web.json_response(_workload_json(request, await store.workload_view(workload)))
+
+
+@requires(USER)
+async def list_workloads(request: web.Request) -> web.Response:
+    """All the caller's workloads, oldest first."""
+    return web.json_response([_workload_json(request, v) for v in await _workloads_of(request)])
 
 
 @requires(USER)

@@ -272,14 +272,14 @@ class Store:
         return row[0]
 
     async def list_images(self, workload_id: str, type_: ImageType | None) -> list[dict]:
-        sql = "SELECT image_id, type FROM images WHERE workload_id = ?"
+        sql = "SELECT image_id, type, size FROM images WHERE workload_id = ?"
         args: tuple = (workload_id,)
         if type_ is not None:
             sql += " AND type = ?"
             args += (type_.value,)
         async with self.db.execute(sql + " ORDER BY type, image_id", args) as cur:
             rows = await cur.fetchall()
-        return [{"image_id": r[0], "type": r[1], "workload_id": workload_id} for r in rows]
+        return [{"image_id": r[0], "type": r[1], "workload_id": workload_id, "size": r[2]} for r in rows]
 
     # -- jobs -------------------------------------------------------------------------------
 

@@ -164,6 +164,15 @@ async def test_workload_name_in_use_is_409(client):
     await assert_error(r, 409, "frames")
 
 
+async def test_list_workloads_shows_only_the_callers(client):
+    token = await login(client)
+    mine = [await new_workload(client, token, workload_name=n) for n in ("one", "two")]
+    await client.app[AUTH].add_user("bob", "bobpw")
+    await new_workload(client, await login(client, "bob", "bobpw"))
+    r = await client.get("/workloads", headers=bearer(token))
+    assert r.status == 200 and await r.json() == mine
+
+
 async def test_unknown_and_foreign_workloads_are_404(client):
     token = await login(client)
     await assert_error(await client.get("/workloads/nope", headers=bearer(token)), 404, "not found")
@@ -191,7 +200,8 @@ async def test_upload_assigns_ids_in_arrival_order_and_keeps_bytes(client):
         assert await r.read() == data
     listing = await client.get("/images", headers=bearer(token), params={"workload_id": w["workload_id"]})
     assert await listing.json() == [
-        {"image_id": i, "type": "original", "workload_id": w["workload_id"]} for i in range(3)
+        {"image_id": i, "type": "original", "workload_id": w["workload_id"], "size": len(blobs[i])}
+        for i in range(3)
     ]
     view = await (await client.get(f"/workloads/{w['workload_id']}", headers=bearer(token))).json()
     assert view["images"] == 3 and view["status"] == "scheduling"  # no worker in this test
