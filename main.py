@@ -36,7 +36,8 @@ def dump_tasks() -> None:
 async def serve(settings: ServerSettings) -> None:
     """Run until SIGINT/SIGTERM, then close the API, controller and scheduler in order."""
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
+    runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()

@@ -32,6 +32,7 @@ class ServerSettings:
     fsync: bool = True
     join_token: str = ""  # workers must prove they know it; required off loopback
     system_name: str = "DPIP"
+    access_log: bool = False
 
     @property
     def db_path(self) -> Path:
@@ -80,6 +81,8 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
                    help="do not fsync uploads (faster, but a power cut may lose accepted ones)")
     p.add_argument("--join-token", default="",
                    help="workers must present it (generated and saved if unset and --host is not loopback)")
+    p.add_argument("--access-log", action="store_true", default=False,
+                   help="log every HTTP request (off by default: it costs time on busy systems)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     settings = ServerSettings(
@@ -103,5 +106,6 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         max_upload_bytes=a.max_upload_bytes,
         fsync=a.fsync,
         join_token=a.join_token,
+        access_log=a.access_log,
     )
     return settings, a.log_level

@@ -116,7 +116,8 @@ class ImageStore:
         return await loop.run_in_executor(None, _place, stored.path, final, replace, self.fsync)
 
     async def discard(self, stored: StoredFile) -> None:
-        stored.path.unlink(missing_ok=True)
+        """Drop a received file that was not committed (a no-op once it was moved into place)."""
+        await asyncio.get_running_loop().run_in_executor(None, _unlink, stored.path)
 
 
 _FLUSH_BYTES = 1 << 20
@@ -142,6 +143,10 @@ class _TmpWriter:
             os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _place(src: Path, dst: Path, replace: bool, fsync: bool) -> bool:
