@@ -79,8 +79,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def _workloads_of(request: web.Request) -> list[WorkloadView]:
     store = request.app[STORE]
-    return [await store.workload_view(await store.get_workload(wid))
-            for wid in await store.workload_ids(request[CLAIMS].subject)]
+    return [await store.workload_view(w) for w in await store.workloads(request[CLAIMS].subject)]
 
 
 @requires(USER)

@@ -85,6 +85,13 @@ def _tags(text: str) -> tuple[str, ...]:
     return tuple(t for t in text.split(",") if t)
 
 
+def _workload(row: aiosqlite.Row) -> Workload:
+    return Workload(
+        row["id"], row["name"], row["owner"], Filter(row["filter"]), _tags(row["tags"]),
+        row["created_at"],
+    )
+
+
 class Store:
     """Async access to the SQLite datastore."""
 
@@ -180,21 +187,18 @@ class Store:
             row = await cur.fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             raise NotFound(f"workload {workload_id!r} not found")
-        return Workload(
-            row["id"], row["name"], row["owner"], Filter(row["filter"]), _tags(row["tags"]),
-            row["created_at"],
-        )
+        return _workload(row)
 
-    async def workload_ids(self, owner: str) -> list[str]:
+    async def workloads(self, owner: str) -> list[Workload]:
+        """The owner's workloads, oldest first."""
         async with self.db.execute(
-            "SELECT id FROM workloads WHERE owner = ? ORDER BY created_at", (owner,)
+            "SELECT * FROM workloads WHERE owner = ? ORDER BY created_at", (owner,)
         ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+            return [_workload(r) for r in await cur.fetchall()]
 
     async def workload_view(self, workload: Workload) -> WorkloadView:
         db, wid = self.db, workload.id
-        async with db.execute("SELECT next_image_id FROM workloads WHERE id = ?", (wid,)) as cur:
-            image_count = (await cur.fetchone())[0]
+        image_count = await self.next_image_id(wid)  # ids are dense: the next one is the count
         async with db.execute(
             "SELECT image_id FROM images WHERE workload_id = ? AND type = ? ORDER BY image_id",
             (wid, ImageType.FILTERED.value),
