@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
 import sqlite3
+import time
+
+import aiohttp
 
 from PIL import Image
 
 from scripts.localsys import LocalSystem, wait_until
+from scripts.frames import frame_png
 from tests import refclient as ref
+from tests.conftest import ADMIN_PASSWORD
 
 
 def slow(ms: int, rate: float = 1) -> tuple[str, ...]:
@@ -59,3 +66,59 @@ def push(system: LocalSystem, token: str, wid: str, frames: dict[int, bytes]) ->
     for i, data in frames.items():
         r = ref.upload(system.url, token, wid, f"{i}.png", data)
         assert r.status == 200, r.body
+
+
+# -- async: for tests that run impersonated workers in their own event loop -------------
+
+async def until(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class Api:
+    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
+        self.http, self.url = http, url
+
+    async def login(self) -> None:
+        auth = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+        async with self.http.get(f"{self.url}/login", headers={"Authorization": f"Basic {auth}"}) as r:
+            token = (await r.json())["token"]
+        self.http.headers["Authorization"] = f"Bearer {token}"
+
+    async def workload(self, **params) -> str:
+        async with self.http.post(f"{self.url}/workloads", data=params or None) as r:
+            return (await r.json())["workload_id"]
+
+    async def upload(self, wid: str, i: int) -> None:
+        form = aiohttp.FormData({"workload_id": wid})
+        form.add_field("data", frame_png(i, 32, 32), filename=f"{i}.png")
+        async with self.http.post(f"{self.url}/images", data=form) as r:
+            assert r.status == 200, await r.text()
+
+    async def view(self, wid: str) -> dict:
+        async with self.http.get(f"{self.url}/workloads/{wid}") as r:
+            return await r.json()
+
+    async def alive(self) -> set[str]:
+        async with self.http.get(f"{self.url}/status") as r:
+            return {w["name"] for w in (await r.json())["workers"] if w["alive"]}
+
+
+async def has_workers(api: Api, names: set[str]) -> bool:
+    return names <= await api.alive()
+
+async def welcomed(*fakes) -> bool:
+    return all(f.token for f in fakes)
+
+async def jobs_placed(fakes, n: int) -> bool:
+    return sum(len(f.jobs) for f in fakes) >= n
+
+async def completed(api: Api, wid: str):
+    v = await api.view(wid)
+    return v if v["status"] == "completed" else None

@@ -13,8 +13,19 @@ from scripts.frames import frame_png
 from scripts.localsys import wait_until
 from tests import refclient as ref
 from tests.fakeworker import FakeWorker, Telemetry
-from tests.test_placement_live import Api, _completed, _has, _total_jobs, until
-from tests.helpers import check_filtered, push, slow, wait_completed, workload
+from tests.helpers import (
+    Api,
+    check_filtered,
+    completed,
+    has_workers,
+    jobs_placed,
+    push,
+    slow,
+    until,
+    wait_completed,
+    welcomed,
+    workload,
+)
 
 INSTANT_HEDGE = ("--hedge", "hedged", "--hedge-floor-ms", "1", "--hedge-initial-ms", "1")
 
@@ -103,14 +114,14 @@ async def test_a_hedged_pair_that_both_finish_stores_the_first_result_only(make_
         async with aiohttp.ClientSession() as http:
             api = Api(http, system.url)
             await api.login()
-            await until(lambda: _has(api, {"first", "late"}), 20, "two fake workers")
-            await until(lambda: _welcomed(first, late), 10, "welcomes")
+            await until(lambda: has_workers(api, {"first", "late"}), 20, "two fake workers")
+            await until(lambda: welcomed(first, late), 10, "welcomes")
             wid = await api.workload()
             await api.upload(wid, 0)
-            await until(lambda: _total_jobs([first], 1), 10, "the first copy")
-            await until(lambda: _total_jobs([late], 1), 10, "the hedged copy")
+            await until(lambda: jobs_placed([first], 1), 10, "the first copy")
+            await until(lambda: jobs_placed([late], 1), 10, "the hedged copy")
             first.release_all()
-            v = await until(lambda: _completed(api, wid), 20, "the result of the first copy")
+            v = await until(lambda: completed(api, wid), 20, "the result of the first copy")
             late.release_all()  # it ignores the cancel (a fake), finishes and uploads a blur
             await asyncio.sleep(0.5)
             await until(lambda: _late_replied(late), 10, "the late copy's upload")
@@ -127,10 +138,6 @@ async def test_a_hedged_pair_that_both_finish_stores_the_first_result_only(make_
     finally:
         await first.close()
         await late.close()
-
-
-async def _welcomed(*fakes) -> bool:
-    return all(f.token for f in fakes)
 
 
 async def _late_replied(fake) -> bool:
