@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -16,6 +17,7 @@ from controller.images import StoredFile, check_workload_name
 from common.formats import FORMATS
 from controller.models import (
     BadInput,
+    Conflict,
     Filter,
     Forbidden,
     ImageType,
@@ -28,6 +30,8 @@ from controller.models import (
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FILE_FIELDS = ("data", "image", "file")
+MAX_META_BYTES = 4096
+MAX_IMAGE_ID = 2**31 - 1
 
 
 def requires(*scopes: str) -> Callable[[Handler], Handler]:
@@ -111,8 +115,24 @@ async def create_workload(request: web.Request) -> web.Response:
         check_workload_name(name)
     tags = tuple(sorted({t.strip() for t in params.get("tags", "").split(",") if t.strip()}))
     store = request.app[STORE]
-    workload = await store.create_workload(name, request[CLAIMS].subject, filter_, tags)
+    meta = _meta(params.get("meta", ""))
+    workload = await store.create_workload(name, request[CLAIMS].subject, filter_, tags, meta)
     return web.json_response(_workload_json(request, await store.workload_view(workload)))
+
+
+def _meta(raw: str) -> dict:
+    """A small JSON object the client keeps with its workload (the CLI: a video's frame rate)."""
+    if not raw.strip():
+        return {}
+    if len(raw.encode()) > MAX_META_BYTES:
+        raise BadInput(f"meta is larger than {MAX_META_BYTES} bytes")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"meta is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise BadInput("meta must be a JSON object")
+    return meta
 
 
 @requires(USER)
@@ -191,8 +211,16 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
     if type_ == ImageType.ORIGINAL:
         if claims.scope != USER:
             raise Forbidden("workers upload filtered images only")
+        chosen = int_param(params, "image_id", required=False)  # the CLI numbers frames itself to keep their order
+        if chosen is not None and chosen > MAX_IMAGE_ID:
+            raise BadInput(f"image_id must be at most {MAX_IMAGE_ID}")
         async with lock:  # ids follow arrival order; the file is in place before the row
-            image_id = await store.next_image_id(workload.id)
+            if chosen is None:
+                image_id = await store.next_image_id(workload.id)
+            elif await store.has_image(workload.id, chosen, ImageType.ORIGINAL):
+                raise Conflict(f"original image {chosen} of workload {workload.id!r} already exists")
+            else:
+                image_id = chosen
             await images.commit(stored, images.path(workload.name, type_, image_id, stored.format))
             job = await store.add_original(workload, image_id, stored.format, stored.size)
         app[SCHEDULER].submit(job)
@@ -201,7 +229,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
             raise Forbidden("only workers upload filtered images")
         image_id = int_param(params, "image_id")
         assert image_id is not None
-        if image_id >= await store.next_image_id(workload.id):
+        if not await store.has_image(workload.id, image_id, ImageType.ORIGINAL):
             raise BadInput(f"workload has no original image {image_id}")
         async with lock:  # first result wins; a late or duplicate one changes nothing
             await images.commit(

@@ -64,6 +64,8 @@ async def request_params(request: web.Request) -> dict[str, str]:
 
 
 def _scalar(v: object) -> str:
+    if isinstance(v, dict):
+        return json.dumps(v)
     if isinstance(v, list):
         return ",".join(str(x) for x in v)
     return str(v)

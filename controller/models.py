@@ -81,6 +81,7 @@ class Workload:
     filter: Filter
     tags: tuple[str, ...]
     created_at: float
+    meta: dict = field(default_factory=dict, compare=False)  # the client's, e.g. a video's rate
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class WorkloadView:
             "images": self.image_count,
             "failed_images": self.failed_images,
             "tags": list(w.tags),
+            "meta": w.meta,
             "waiting_reason": waiting_reason if self.status != WorkloadStatus.COMPLETED else None,
         }
 

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS workloads (
     filter TEXT NOT NULL,
     tags TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    next_image_id INTEGER NOT NULL DEFAULT 0
+    next_image_id INTEGER NOT NULL DEFAULT 0,
+    meta TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS images (
     workload_id TEXT NOT NULL REFERENCES workloads(id),
@@ -88,7 +89,7 @@ def _tags(text: str) -> tuple[str, ...]:
 def _workload(row: aiosqlite.Row) -> Workload:
     return Workload(
         row["id"], row["name"], row["owner"], Filter(row["filter"]), _tags(row["tags"]),
-        row["created_at"],
+        row["created_at"], json.loads(row["meta"]),
     )
 
 
@@ -112,7 +113,15 @@ class Store:
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._db.executescript(SCHEMA)
+        await self._migrate()
         await self._db.commit()
+
+    async def _migrate(self) -> None:
+        """Add the columns later versions introduced to a data dir made by an earlier one."""
+        async with self.db.execute("PRAGMA table_info(workloads)") as cur:
+            columns = {r["name"] for r in await cur.fetchall()}
+        if "meta" not in columns:
+            await self.db.execute("ALTER TABLE workloads ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
 
     async def close(self) -> None:
         if self._db is not None:
@@ -165,21 +174,23 @@ class Store:
     # -- workloads --------------------------------------------------------------------------
 
     async def create_workload(
-        self, name: str | None, owner: str, filter: Filter, tags: tuple[str, ...]
+        self, name: str | None, owner: str, filter: Filter, tags: tuple[str, ...],
+        meta: dict | None = None,
     ) -> Workload:
         wid = str(uuid.uuid4())
         name = name or f"workload-{wid[:8]}"
         now = time.time()
+        meta = meta or {}
         try:
             await self.db.execute(
-                "INSERT INTO workloads(id, name, owner, filter, tags, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (wid, name, owner, filter.value, ",".join(tags), now),
+                "INSERT INTO workloads(id, name, owner, filter, tags, created_at, meta)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (wid, name, owner, filter.value, ",".join(tags), now, json.dumps(meta)),
             )
             await self.db.commit()
         except aiosqlite.IntegrityError as e:
             raise Conflict(f"workload_name {name!r} is already in use") from e
-        return Workload(wid, name, owner, filter, tags, now)
+        return Workload(wid, name, owner, filter, tags, now, meta)
 
     async def get_workload(self, workload_id: str, owner: str | None = None) -> Workload:
         """The workload, or :class:`NotFound` (also when ``owner`` is given and differs)."""
@@ -198,7 +209,11 @@ class Store:
 
     async def workload_view(self, workload: Workload) -> WorkloadView:
         db, wid = self.db, workload.id
-        image_count = await self.next_image_id(wid)  # ids are dense: the next one is the count
+        async with db.execute(
+            "SELECT COUNT(*) FROM images WHERE workload_id = ? AND type = ?",
+            (wid, ImageType.ORIGINAL.value),
+        ) as cur:
+            (image_count,) = await cur.fetchone()
         async with db.execute(
             "SELECT image_id FROM images WHERE workload_id = ? AND type = ? ORDER BY image_id",
             (wid, ImageType.FILTERED.value),
@@ -219,6 +234,7 @@ class Store:
     # -- images -----------------------------------------------------------------------------
 
     async def next_image_id(self, workload_id: str) -> int:
+        """One more than the highest original id so far (ids a client chose may leave gaps)."""
         async with self.db.execute(
             "SELECT next_image_id FROM workloads WHERE id = ?", (workload_id,)
         ) as cur:
@@ -234,7 +250,8 @@ class Store:
         now = time.time()
         db = self.db
         await db.execute(
-            "UPDATE workloads SET next_image_id = ? WHERE id = ?", (image_id + 1, workload.id)
+            "UPDATE workloads SET next_image_id = MAX(next_image_id, ?) WHERE id = ?",
+            (image_id + 1, workload.id),
         )
         await db.execute(
             "INSERT OR REPLACE INTO images(workload_id, image_id, type, format, size, created_at)"
@@ -264,6 +281,13 @@ class Store:
         )
         await self.db.commit()
 
+    async def has_image(self, workload_id: str, image_id: int, type_: ImageType) -> bool:
+        try:
+            await self.get_image(workload_id, image_id, type_)
+        except NotFound:
+            return False
+        return True
+
     async def get_image(self, workload_id: str, image_id: int, type_: ImageType) -> str:
         """The stored format of an image, or :class:`NotFound`."""
         async with self.db.execute(
@@ -276,14 +300,15 @@ class Store:
         return row[0]
 
     async def list_images(self, workload_id: str, type_: ImageType | None) -> list[dict]:
-        sql = "SELECT image_id, type, size FROM images WHERE workload_id = ?"
+        sql = "SELECT image_id, type, size, format FROM images WHERE workload_id = ?"
         args: tuple = (workload_id,)
         if type_ is not None:
             sql += " AND type = ?"
             args += (type_.value,)
         async with self.db.execute(sql + " ORDER BY type, image_id", args) as cur:
             rows = await cur.fetchall()
-        return [{"image_id": r[0], "type": r[1], "workload_id": workload_id, "size": r[2]} for r in rows]
+        return [{"image_id": r[0], "type": r[1], "workload_id": workload_id, "size": r[2], "format": r[3]}
+                for r in rows]
 
     # -- jobs -------------------------------------------------------------------------------
 

@@ -200,11 +200,45 @@ async def test_upload_assigns_ids_in_arrival_order_and_keeps_bytes(client):
         assert await r.read() == data
     listing = await client.get("/images", headers=bearer(token), params={"workload_id": w["workload_id"]})
     assert await listing.json() == [
-        {"image_id": i, "type": "original", "workload_id": w["workload_id"], "size": len(blobs[i])}
+        {"image_id": i, "type": "original", "workload_id": w["workload_id"], "size": len(blobs[i]), "format": "PNG"}
         for i in range(3)
     ]
     view = await (await client.get(f"/workloads/{w['workload_id']}", headers=bearer(token))).json()
     assert view["images"] == 3 and view["status"] == "scheduling"  # no worker in this test
+
+
+async def test_upload_may_choose_its_id_to_keep_an_order(client):
+    """What `dpip push --jobs K` relies on: parallel uploads land at the ids their names give."""
+    token = await login(client)
+    w = await new_workload(client, token)
+    for i in (2, 0):
+        r = await upload(client, token, w["workload_id"], png_bytes(colour=(i, 0, 0)), extra={"image_id": str(i)})
+        assert (await r.json())["image_id"] == i
+    view = await (await client.get(f"/workloads/{w['workload_id']}", headers=bearer(token))).json()
+    assert view["images"] == 2 and view["status"] == "scheduling"
+    r = await upload(client, token, w["workload_id"], png_bytes(), extra={"image_id": "2"})
+    await assert_error(r, 409, "image 2", "already exists")
+    r = await upload(client, token, w["workload_id"], png_bytes())  # no id: after the highest
+    assert (await r.json())["image_id"] == 3
+    for bad, words in (("-1", "negative"), ("x", "integer"), (str(2**31), "at most")):
+        await assert_error(await upload(client, token, w["workload_id"], png_bytes(), extra={"image_id": bad}),
+                           400, *words.split())
+    r = await client.get("/images/2", headers=bearer(token), params={"workload_id": w["workload_id"]})
+    assert await r.read() == png_bytes(colour=(2, 0, 0))
+
+
+async def test_workload_meta_round_trips(client):
+    token = await login(client)
+    meta = {"video": {"fps": "30000/1001", "width": 1280}}
+    r = await client.post("/workloads", headers=bearer(token), json={"filter": "blur", "meta": meta})
+    w = await r.json()
+    assert w["meta"] == meta
+    got = await (await client.get(f"/workloads/{w['workload_id']}", headers=bearer(token))).json()
+    assert got["meta"] == meta
+    assert (await new_workload(client, token))["meta"] == {}
+    for bad, words in (("[1]", "object"), ("{", "JSON"), ('{"a": "' + "x" * 5000 + '"}', "larger")):
+        r = await client.post("/workloads", headers=bearer(token), data={"meta": bad})
+        await assert_error(r, 400, "meta", words)
 
 
 async def test_download_parameters_in_a_form_body_on_a_get(client):

@@ -1,0 +1,1 @@
+"""``dpip``: the command-line client (login, push, watch, pull, tables, video in and out)."""

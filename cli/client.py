@@ -1,0 +1,146 @@
+"""An asyncio client of the DPIP HTTP API: one method per endpoint, errors as :class:`CliError`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from cli.config import EXIT_AUTH, EXIT_FAILED, EXIT_UNREACHABLE, CliError
+
+#: Statuses worth another try: the server or a proxy in front of it is busy or restarting.
+RETRYABLE = {429, 502, 503, 504}
+
+
+class ApiError(CliError):
+    """The server answered with an error; ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, EXIT_AUTH if status == 401 else EXIT_FAILED)
+        self.status = status
+
+
+class Api:
+    """``async with Api(url, token) as api: ...``; ``retries`` covers dropped connections and
+    busy answers (the upload endpoint is idempotent for a given ``image_id``)."""
+
+    def __init__(self, url: str, token: str = "", *, connections: int = 8, retries: int = 3,
+                 timeout: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.retries = retries
+        self._connections = connections
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Api:
+        self._http = aiohttp.ClientSession(
+            timeout=self._timeout, connector=aiohttp.TCPConnector(limit=self._connections)
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def login(self, user: str, password: str) -> str:
+        body = await self._json("POST", "/login", auth=aiohttp.BasicAuth(user, password))
+        return body["token"]
+
+    async def logout(self) -> dict:
+        return await self._json("DELETE", "/logout")
+
+    async def status(self) -> dict:
+        return await self._json("GET", "/status")
+
+    async def workloads(self) -> list[dict]:
+        return await self._json("GET", "/workloads")
+
+    async def workload(self, workload_id: str) -> dict:
+        return await self._json("GET", f"/workloads/{workload_id}")
+
+    async def create_workload(self, filter: str, name: str | None, tags: str | None,
+                              meta: dict | None = None) -> dict:
+        body: dict[str, Any] = {"filter": filter}
+        if name:
+            body["workload_name"] = name
+        if tags:
+            body["tags"] = tags
+        if meta:
+            body["meta"] = meta
+        return await self._json("POST", "/workloads", json=body)
+
+    async def list_images(self, workload_id: str, type_: str) -> list[dict]:
+        return await self._json("GET", "/images", params={"workload_id": workload_id, "type": type_})
+
+    async def upload(self, workload_id: str, image_id: int, filename: str, data: bytes) -> bool:
+        """Upload original ``image_id``; False if the server has it already (a resumed push)."""
+
+        def form() -> aiohttp.FormData:
+            f = aiohttp.FormData()
+            f.add_field("workload_id", workload_id)
+            f.add_field("type", "original")
+            f.add_field("image_id", str(image_id))
+            f.add_field("data", data, filename=filename, content_type="application/octet-stream")
+            return f
+
+        try:
+            await self._json("POST", "/images", data=form)
+        except ApiError as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    async def download(self, workload_id: str, image_id: int, type_: str) -> bytes:
+        params = {"workload_id": workload_id, "type": type_}
+        return await self._request("GET", f"/images/{image_id}", params=params, raw=True)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return await self._request(method, path, **kwargs)
+
+    async def _request(self, method: str, path: str, *, raw: bool = False,
+                       data: Any = None, **kwargs: Any) -> Any:
+        assert self._http is not None, "use `async with Api(...)`"
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                body = data() if callable(data) else data  # a FormData is consumed by a send
+                async with self._http.request(method, self.url + path, headers=headers,
+                                              data=body, **kwargs) as resp:
+                    payload = await resp.read()
+                    if resp.status < 400:
+                        return payload if raw else json.loads(payload)
+                    if resp.status not in RETRYABLE or last:
+                        raise ApiError(_error_message(payload, resp.status), resp.status)
+                    delay = float(resp.headers.get("Retry-After", 0) or 0) or 0.5 * 2**attempt
+            except aiohttp.ClientConnectorError as e:
+                raise CliError(f"cannot reach the server at {self.url}: {e.os_error or e}",
+                               EXIT_UNREACHABLE) from e
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                if last:
+                    detail = str(e) or type(e).__name__
+                    raise CliError(f"{method} {path} failed: {detail}", EXIT_UNREACHABLE) from e
+                delay = 0.5 * 2**attempt
+            except ValueError as e:
+                raise CliError(f"the server at {self.url} did not answer JSON: is it DPIP?") from e
+            await asyncio.sleep(min(delay, 10))
+        raise AssertionError("unreachable")
+
+
+def _error_message(payload: bytes, status: int) -> str:
+    try:
+        message = json.loads(payload)["error"]
+    except (ValueError, KeyError, TypeError):
+        message = payload.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
+    if status == 401:
+        return f"{message} (run `dpip login`)"
+    return message
+
