@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install run test e2e bench bench-tail clean
+.PHONY: install run test e2e bench bench-tail bench-cli clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ bench: install
 
 bench-tail: install
 	$(PY) scripts/bench_tail.py
+
+bench-cli: install
+	$(PY) scripts/bench_cli.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -28,7 +28,7 @@ IMAGE_SUFFIXES = {f".{ext}" for ext, _ in FORMATS.values()} | {".jpeg", ".tif"}
 EXTENSIONS = {fmt: ext for fmt, (ext, _) in FORMATS.items()}
 
 #: Progress and messages go to stderr; stdout carries only results (a workload id, a table).
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def progress_bar(quiet: bool = False) -> Progress:
