@@ -7,13 +7,15 @@ same thing. Errors of every kind leave as JSON ``{"error": ...}``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import handlers
-from api.keys import AUTH, IMAGES, LOGIN_LIMITS, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
+from api import handlers, observe
+from api.keys import AUTH, IMAGES, LOGIN_LIMITS, MEMBERSHIP, METRICS, SCHEDULER, SETTINGS, STOPPING, STORE, UPLOAD_LOCKS
+from api.metrics import Metrics
 from api.ratelimit import FailureLimiter
 from api.settings import ServerSettings
 from common.config import tcp_url
@@ -102,6 +104,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         hedge_floor=s.hedge_floor_ms / 1000,
         hedge_initial=s.hedge_initial_ms / 1000,
     ))
+    scheduler.on_job_done = app[METRICS].job_done
     app[STORE], app[AUTH], app[MEMBERSHIP], app[SCHEDULER] = store, auth, membership, scheduler
     app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
     app[UPLOAD_LOCKS] = {}
@@ -118,8 +121,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: ServerSettings) -> web.Application:
     """The server: HTTP API plus, in its lifecycle, controller and scheduler."""
-    app = web.Application(middlewares=[errors_as_json], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[observe.count_requests, errors_as_json], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.append(_stop_streams)
     app.cleanup_ctx.append(_services)
     r = app.router
     r.add_route("GET", "/login", handlers.login)
@@ -133,4 +139,10 @@ def create_app(settings: ServerSettings) -> web.Application:
     r.add_route("POST", "/images", handlers.upload_image)
     r.add_route("GET", "/images", handlers.list_images)
     r.add_route("GET", "/images/{image_id}", handlers.download_image)
+    observe.add_routes(app)
     return app
+
+
+async def _stop_streams(app: web.Application) -> None:
+    """Event streams would hold a graceful stop for aiohttp's whole shutdown timeout."""
+    app[STOPPING].set()

@@ -86,6 +86,16 @@ async def _workloads_of(request: web.Request) -> list[WorkloadView]:
     return [await store.workload_view(w) for w in await store.workloads(request[CLAIMS].subject)]
 
 
+async def workload_summaries(request: web.Request) -> list[dict]:
+    """The caller's workloads with counts instead of id lists (the dashboard's live feed)."""
+    out = []
+    for view in await _workloads_of(request):
+        body = _workload_json(request, view)
+        body["filtered"], body["failed"] = len(view.filtered_images), len(view.failed_images)
+        out.append(body)
+    return out
+
+
 @requires(USER)
 async def status(request: web.Request) -> web.Response:
     active = [_workload_json(request, v) for v in await _workloads_of(request)
@@ -249,7 +259,11 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     type_ = _image_type(params, ImageType.ORIGINAL)
     assert type_ is not None
     fmt = await store.get_image(workload.id, image_id, type_)
-    path = request.app[IMAGES].path(workload.name, type_, image_id, fmt)
+    images = request.app[IMAGES]
+    if size := params.get("size", "").strip().lower():
+        path = await images.thumbnail(workload.name, type_, image_id, fmt, size)
+    else:
+        path = images.path(workload.name, type_, image_id, fmt)
     return web.FileResponse(path, headers={"Content-Type": FORMATS[fmt][1]})
 
 

@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from api.metrics import Metrics
 from api.ratelimit import FailureLimiter
 from api.settings import ServerSettings
 from controller.auth import Auth, Claims
@@ -22,6 +23,8 @@ MEMBERSHIP = web.AppKey("membership", Membership)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
 LOGIN_LIMITS = web.AppKey("login_limits", tuple[FailureLimiter, FailureLimiter])  # (user, address), address
+METRICS = web.AppKey("metrics", Metrics)
+STOPPING = web.AppKey("stopping", asyncio.Event)  # set on shutdown: long-lived streams end
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
 __all__ = ["SETTINGS", "STORE", "AUTH", "IMAGES", "MEMBERSHIP", "SCHEDULER", "UPLOAD_LOCKS",
-           "LOGIN_LIMITS", "CLAIMS", "Claims"]
+           "LOGIN_LIMITS", "METRICS", "STOPPING", "CLAIMS", "Claims"]

@@ -22,6 +22,8 @@ from common.formats import FORMATS, sniff_format
 from controller.models import BadInput, ImageType, TooLarge
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: Thumbnail sizes: pixels on the long side, aspect kept (never enlarged).
+THUMB_SIZES = {"small": 100, "medium": 300, "large": 600}
 
 def check_workload_name(name: str) -> str:
     """A workload name becomes a directory: only ``[A-Za-z0-9._-]``, 1..64 chars, not dots."""
@@ -56,6 +58,19 @@ class ImageStore:
 
     def path(self, workload_name: str, type_: ImageType, image_id: int, fmt: str) -> Path:
         return self.root / workload_name / type_.value / f"{image_id}.{FORMATS[fmt][0]}"
+
+    async def thumbnail(self, workload_name: str, type_: ImageType, image_id: int, fmt: str, size: str) -> Path:
+        """A scaled copy, made on first request and kept under ``<workload>/thumbs/``. Stored
+        images never change (ids are not reused, results are first-wins), so neither do these."""
+        px = THUMB_SIZES.get(size)
+        if px is None:
+            raise BadInput(f"size must be one of {', '.join(THUMB_SIZES)}, got {size!r}")
+        ext = FORMATS[fmt][0]
+        thumb = self.root / workload_name / "thumbs" / f"{type_.value}-{image_id}-{size}.{ext}"
+        if not thumb.exists():
+            source = self.path(workload_name, type_, image_id, fmt)
+            await asyncio.get_running_loop().run_in_executor(None, _make_thumbnail, source, thumb, px, fmt)
+        return thumb
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
         """Stream ``chunks`` into a file under ``incoming`` and validate it; then :meth:`commit`.
@@ -143,6 +158,18 @@ class _TmpWriter:
             os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
+
+
+def _make_thumbnail(source: Path, thumb: Path, px: int, fmt: str) -> None:
+    with Image.open(source) as im:
+        im.thumbnail((px, px))
+        thumb.parent.mkdir(parents=True, exist_ok=True)
+        tmp = thumb.with_name(f".{uuid.uuid4().hex}.tmp")  # two first requests may race
+        try:
+            im.save(tmp, fmt)
+            os.replace(tmp, thumb)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _unlink(path: Path) -> None:

@@ -312,6 +312,11 @@ class Store:
 
     # -- jobs -------------------------------------------------------------------------------
 
+    async def job_counts(self) -> dict[str, int]:
+        """How many jobs are in each state."""
+        async with self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state") as cur:
+            return {r[0]: r[1] for r in await cur.fetchall()}
+
     async def unfinished_jobs(self) -> list[Job]:
         """Jobs to (re)queue after a start: queued ones and those dispatched before a crash."""
         async with self.db.execute(

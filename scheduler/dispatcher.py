@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from common.aio import stop_tasks
 from controller.membership import Membership
@@ -47,6 +48,7 @@ class Scheduler:
         self._turn = 0
         self.latency = LatencyTracker()
         self.stats = DispatchStats()
+        self.on_job_done: Callable[[Job, float], None] | None = None  # metrics: job, seconds
         self.carrier = Carrier(store, membership, settings, self.latency, self.stats, self)
         membership.subscribe(on_change=self.wake, on_lost=lambda name: self.wake())
 
@@ -190,6 +192,8 @@ class Scheduler:
                 self.stats.jobs_done += 1
                 r = outcome.result
                 await self.store.record_result(job, outcome.worker, r.download_ms, r.process_ms, r.upload_ms)
+                if self.on_job_done is not None:
+                    self.on_job_done(job, time.monotonic() - t0)
             else:
                 await self._attempt_failed(job, primary, failure or Failure("no copy succeeded"))
         except Exception:  # a bug here must cost one attempt, never the job

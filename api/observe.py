@@ -1,0 +1,90 @@
+"""Watching the system: the dashboard page, its live event stream, Prometheus metrics and the
+OpenAPI description."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from api import metrics, openapi
+from api.handlers import requires, workload_summaries
+from api.keys import AUTH, MEMBERSHIP, METRICS, SCHEDULER, SETTINGS, STOPPING, STORE
+from api.params import bearer_token
+from controller.auth import USER, is_loopback
+
+STATIC = Path(__file__).parent / "static"
+EVENT_INTERVAL = 1.0  # seconds between snapshots on /events
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def snapshot(request: web.Request) -> dict:
+    workers = sorted(request.app[MEMBERSHIP].snapshot(), key=lambda w: w.name)
+    return {
+        "server_time": time.time(),
+        "workers": [w.to_json() for w in workers],
+        "workloads": await workload_summaries(request),
+        "queued_jobs": request.app[SCHEDULER].queued(),
+    }
+
+
+@requires(USER)
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: a snapshot of the workers and the caller's workloads every second,
+    until the client goes away or the server stops."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    stopping: asyncio.Event = request.app[STOPPING]
+    try:
+        while not stopping.is_set():
+            data = json.dumps(await snapshot(request), separators=(",", ":"))
+            await resp.write(f"event: snapshot\ndata: {data}\n\n".encode())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), EVENT_INTERVAL)
+    except ConnectionResetError:
+        pass  # the page was closed
+    return resp
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Open to loopback (a local Prometheus or curl); anyone else needs a user token."""
+    if not is_loopback(request.remote or ""):
+        request.app[AUTH].verify(bearer_token(request), (USER,))
+    app = request.app
+    return metrics.response(await app[METRICS].render(app[STORE], app[SCHEDULER], app[MEMBERSHIP]))
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.spec(request.app[SETTINGS].public_url or None))
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler) -> web.StreamResponse:
+    """HTTP requests by route pattern, method and final status (outermost middleware)."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        request.app[METRICS].request(metrics.route_of(request), request.method, status)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_route("GET", "/", index)
+    r.add_static("/static/", STATIC, append_version=False)
+    r.add_route("GET", "/events", events)
+    r.add_route("GET", "/metrics", metrics_endpoint)
+    r.add_route("GET", "/openapi.json", openapi_json)

@@ -1,0 +1,205 @@
+"""The OpenAPI 3 description of the HTTP API, served at ``/openapi.json``.
+
+Written by hand next to the routes it describes; ``tests/test_openapi.py`` keeps it true by
+running schemathesis against a live server (no 5xx, every response matches its schema) and by
+checking that every route of the app is described.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller.images import THUMB_SIZES
+from controller.models import Filter, ImageType, JobState, WorkloadStatus
+
+BEARER = [{"bearer": []}]
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict:
+    text = {400: "bad input", 401: "no valid token", 403: "not allowed with this token", 404: "not found",
+            409: "conflict", 413: "too large", 415: "wrong media type", 429: "too many failed logins"}
+    return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
+
+
+def _param(name: str, where: str, schema: dict, required: bool = False, description: str = "") -> dict:
+    return {"name": name, "in": where, "required": required, "schema": schema, "description": description}
+
+
+WORKLOAD_ID = _param("workload_id", "path", {"type": "string"}, True)
+NULLABLE_STR = {"type": "string", "nullable": True}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "Login": {"type": "object", "required": ["user", "token"],
+              "properties": {"user": {"type": "string"}, "token": {"type": "string"}}},
+    "Workload": {
+        "type": "object",
+        "required": ["workload_id", "filter", "workload_name", "status", "running_jobs", "filtered_images"],
+        "properties": {
+            "workload_id": {"type": "string"},
+            "filter": {"type": "string", "enum": [f.value for f in Filter]},
+            "workload_name": {"type": "string"},
+            "status": {"type": "string", "enum": [s.value for s in WorkloadStatus]},
+            "running_jobs": {"type": "integer", "minimum": 0},
+            "filtered_images": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "images": {"type": "integer", "minimum": 0},
+            "failed_images": {"type": "array", "items": {
+                "type": "object", "required": ["image_id", "reason"],
+                "properties": {"image_id": {"type": "integer"}, "reason": NULLABLE_STR}}},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "meta": {"type": "object"},
+            "waiting_reason": NULLABLE_STR,
+        },
+    },
+    "Worker": {
+        "type": "object",
+        "required": ["name", "tags", "alive", "cpu_percent", "memory_percent", "gpu", "running_jobs", "capacity",
+                     "jobs_done", "last_seen"],
+        "properties": {
+            "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+            "alive": {"type": "boolean"}, "cpu_percent": {"type": "number"}, "memory_percent": {"type": "number"},
+            "gpu": {"type": "object", "required": ["count"], "properties": {
+                "count": {"type": "integer"}, "utilization_percent": {"type": "number"},
+                "memory_percent": {"type": "number"}}},
+            "running_jobs": {"type": "integer"}, "capacity": {"type": "integer"}, "jobs_done": {"type": "integer"},
+            "last_seen": {"type": "number"}, "rpc_address": {"type": "string"},
+        },
+    },
+    "Status": {
+        "type": "object", "required": ["system_name", "server_time", "active_workloads", "workers"],
+        "properties": {
+            "system_name": {"type": "string"}, "server_time": {"type": "string"},
+            "active_workloads": {"type": "array", "items": _ref("Workload")},
+            "workers": {"type": "array", "items": _ref("Worker")},
+            "queued_jobs": {"type": "integer"}, "scheduler": {"type": "object"},
+        },
+    },
+    "JobTiming": {
+        "type": "object", "required": ["image_id", "state", "attempts"],
+        "properties": {"image_id": {"type": "integer"}, "state": {"type": "string", "enum": [s.value for s in JobState]},
+                       "attempts": {"type": "integer"}, "copies": {"type": "integer"}, "worker": NULLABLE_STR,
+                       "error": NULLABLE_STR},
+    },
+    "Uploaded": {
+        "type": "object", "required": ["workload_id", "image_id", "type"],
+        "properties": {"workload_id": {"type": "string"}, "image_id": {"type": "integer"},
+                       "type": {"type": "string", "enum": [t.value for t in ImageType]}},
+    },
+    "ImageEntry": {
+        "type": "object", "required": ["image_id", "type", "workload_id"],
+        "properties": {"image_id": {"type": "integer"}, "type": {"type": "string", "enum": [t.value for t in ImageType]},
+                       "workload_id": {"type": "string"}, "size": {"type": "integer"}, "format": {"type": "string"}},
+    },
+}
+
+WORKLOAD_FORM = {
+    "type": "object",
+    "properties": {
+        "filter": {"type": "string", "enum": [f.value for f in Filter]},
+        "workload_name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+        "tags": {"type": "string", "description": "comma-separated worker tags the jobs need"},
+        "meta": {"type": "string", "description": "a JSON object of the client's, at most 4 KiB"},
+    },
+}
+
+IMAGE_TYPE = {"type": "string", "enum": [t.value for t in ImageType]}
+
+
+def spec(server_url: str | None = None) -> dict:
+    paths: dict[str, Any] = {
+        "/login": {
+            method: {"summary": "Log in with HTTP Basic; returns a bearer token", "security": [{"basic": []}],
+                     "responses": {"200": _json(_ref("Login"), "a token"), **_errors(401, 429)}}
+            for method in ("get", "post")
+        },
+        "/logout": {"delete": {
+            "summary": "Revoke the token", "security": BEARER,
+            "responses": {"200": _json({"type": "object", "required": ["logout_message"],
+                                        "properties": {"logout_message": {"type": "string"}}}, "revoked"),
+                          **_errors(401, 403)}}},
+        "/status": {"get": {
+            "summary": "System name, workers and the caller's active workloads", "security": BEARER,
+            "responses": {"200": _json(_ref("Status"), "status"), **_errors(401, 403)}}},
+        "/workloads": {
+            "post": {"summary": "Create a workload (every parameter optional)", "security": BEARER,
+                     "requestBody": {"required": False, "content": {
+                         "application/json": {"schema": WORKLOAD_FORM},
+                         "application/x-www-form-urlencoded": {"schema": WORKLOAD_FORM}}},
+                     "responses": {"200": _json(_ref("Workload"), "the new workload"), **_errors(400, 401, 403, 409)}},
+            "get": {"summary": "The caller's workloads, oldest first", "security": BEARER,
+                    "responses": {"200": _json({"type": "array", "items": _ref("Workload")}, "workloads"),
+                                  **_errors(401, 403)}},
+        },
+        "/workloads/{workload_id}": {"get": {
+            "summary": "One workload", "security": BEARER, "parameters": [WORKLOAD_ID],
+            "responses": {"200": _json(_ref("Workload"), "the workload"), **_errors(401, 403, 404)}}},
+        "/workloads/{workload_id}/jobs": {"get": {
+            "summary": "Per image: state, attempts, copies, worker, timings", "security": BEARER,
+            "parameters": [WORKLOAD_ID],
+            "responses": {"200": _json({"type": "array", "items": _ref("JobTiming")}, "jobs"),
+                          **_errors(401, 403, 404)}}},
+        "/images": {
+            "post": {"summary": "Upload an original image (multipart, file in field data)", "security": BEARER,
+                     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                         "type": "object", "required": ["data", "workload_id"],
+                         "properties": {"data": {"type": "string", "format": "binary"},
+                                        "workload_id": {"type": "string"},
+                                        "type": IMAGE_TYPE,
+                                        "image_id": {"type": "integer", "minimum": 0}}}}}},
+                     "responses": {"200": _json(_ref("Uploaded"), "stored"),
+                                   **_errors(400, 401, 403, 404, 409, 413, 415)}},
+            "get": {"summary": "A workload's images", "security": BEARER,
+                    "parameters": [_param("workload_id", "query", {"type": "string"}, True),
+                                   _param("type", "query", IMAGE_TYPE)],
+                    "responses": {"200": _json({"type": "array", "items": _ref("ImageEntry")}, "images"),
+                                  **_errors(400, 401, 403, 404)}},
+        },
+        "/images/{image_id}": {"get": {
+            "summary": "Download an image, or a thumbnail of it", "security": BEARER,
+            "parameters": [_param("image_id", "path", {"type": "integer", "minimum": 0}, True),
+                           _param("workload_id", "query", {"type": "string"}, True),
+                           _param("type", "query", IMAGE_TYPE),
+                           _param("size", "query", {"type": "string", "enum": list(THUMB_SIZES)},
+                                  description="a thumbnail: 100, 300 or 600 px on the long side")],
+            "responses": {"200": {"description": "the image bytes", "content": {
+                f"image/{t}": {"schema": {"type": "string", "format": "binary"}}
+                for t in ("png", "jpeg", "gif", "bmp", "webp", "tiff")}},
+                **_errors(400, 401, 403, 404)}}},
+        "/events": {"get": {
+            "summary": "Server-sent events: a snapshot of workers and the caller's workloads every second",
+            "security": BEARER,
+            "responses": {"200": {"description": "an event stream", "content": {"text/event-stream": {
+                "schema": {"type": "string"}}}}, **_errors(401, 403)}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (open on loopback, a user token otherwise)", "security": [{}, *BEARER],
+            "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {
+                "schema": {"type": "string"}}}}, **_errors(401, 403)}}},
+        "/openapi.json": {"get": {
+            "summary": "This description", "security": [],
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3")}}},
+        "/": {"get": {
+            "summary": "The dashboard (a static page; it logs in by itself)", "security": [],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    }
+    doc: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": "DPIP", "version": "1",
+                 "description": "Distributed and Parallel Image Processing: workloads of images filtered by workers."},
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                                "basic": {"type": "http", "scheme": "basic"}},
+        },
+    }
+    if server_url:
+        doc["servers"] = [{"url": server_url}]
+    return doc

@@ -1,0 +1,254 @@
+// DPIP dashboard: plain JavaScript, no build step, no CDN. The token lives in sessionStorage;
+// live data comes from GET /events (server-sent events read with fetch, so the token travels
+// in the Authorization header and never in a URL).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const state = { token: sessionStorage.getItem("dpip-token"), user: sessionStorage.getItem("dpip-user"),
+                snapshot: null, history: new Map(), stream: null, thumbs: new Map() };
+
+// -- HTTP -------------------------------------------------------------------------------------
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  const resp = await fetch(path, { ...options, headers });
+  if (resp.status === 401 && path !== "/login") { logout(false); throw new Error("session expired: log in again"); }
+  if (!resp.ok) {
+    let message = `HTTP ${resp.status}`;
+    try { message = (await resp.json()).error || message; } catch (_) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return resp;
+}
+
+// -- login ------------------------------------------------------------------------------------
+
+async function login(event) {
+  event.preventDefault();
+  const user = $("#user").value, password = $("#password").value;
+  $("#login-error").textContent = "";
+  try {
+    const resp = await api("/login", { method: "POST",
+      headers: { Authorization: "Basic " + btoa(unescape(encodeURIComponent(`${user}:${password}`))) } });
+    const body = await resp.json();
+    state.token = body.token; state.user = body.user;
+    sessionStorage.setItem("dpip-token", state.token); sessionStorage.setItem("dpip-user", state.user);
+    $("#password").value = "";
+    start();
+  } catch (e) { $("#login-error").textContent = e.message; }
+}
+
+function logout(revoke = true) {
+  if (revoke && state.token) fetch("/logout", { method: "DELETE", headers: { Authorization: `Bearer ${state.token}` } });
+  state.token = null; sessionStorage.removeItem("dpip-token");
+  if (state.stream) state.stream.abort();
+  route();
+}
+
+// -- live stream ------------------------------------------------------------------------------
+
+async function follow() {
+  const controller = new AbortController();
+  state.stream = controller;
+  while (state.token && !controller.signal.aborted) {
+    try {
+      const resp = await api("/events", { signal: controller.signal });
+      setLive(true);
+      const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const message = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+          const data = message.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+          if (data) onSnapshot(JSON.parse(data));
+        }
+      }
+    } catch (e) {
+      if (controller.signal.aborted) return;
+    }
+    setLive(false);
+    await new Promise((r) => setTimeout(r, 2000));  // the server restarted or the network blinked
+  }
+}
+
+function setLive(on) { const el = $("#live"); el.textContent = on ? "live" : "offline"; el.classList.toggle("off", !on); }
+
+function onSnapshot(snap) {
+  const now = Date.now();
+  for (const w of snap.workloads) {  // keep ~10 s of (time, finished) to compute a rate
+    const h = state.history.get(w.workload_id) || [];
+    h.push([now, w.filtered + w.failed]);
+    while (h.length > 1 && now - h[0][0] > 10000) h.shift();
+    state.history.set(w.workload_id, h);
+  }
+  state.snapshot = snap;
+  renderHome();
+  renderWorkload();
+}
+
+// -- rendering --------------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v; else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function meter(percent, kind) {
+  const p = Math.max(0, Math.min(100, percent || 0));
+  const bar = el("div", { class: `bar ${kind}` }, el("div", { style: `width:${p}%` }));
+  return el("div", { class: "meter" }, bar, el("span", {}, `${p.toFixed(0)}%`));
+}
+
+function rate(id) {
+  const h = state.history.get(id) || [];
+  if (h.length < 2) return 0;
+  const [t0, n0] = h[0], [t1, n1] = h[h.length - 1];
+  return t1 > t0 ? (n1 - n0) / ((t1 - t0) / 1000) : 0;
+}
+
+function renderHome() {
+  const snap = state.snapshot;
+  if (!snap) return;
+  const alive = snap.workers.filter((w) => w.alive).length;
+  $("#workers-summary").textContent = `${alive} alive of ${snap.workers.length}`;
+  $("#workers tbody").replaceChildren(...snap.workers.map((w) => el("tr", { "data-worker": w.name, class: w.alive ? "alive" : "dead" },
+    el("td", {}, w.name),
+    el("td", {}, el("span", { class: `pill ${w.alive ? "alive" : "dead"}` }, w.alive ? "alive" : "gone")),
+    el("td", {}, w.tags.join(", ") || "–"),
+    el("td", {}, meter(w.cpu_percent, "cpu")),
+    el("td", {}, meter(w.memory_percent, "mem")),
+    el("td", {}, w.gpu && w.gpu.count ? meter(w.gpu.utilization_percent, "gpu") : "none"),
+    el("td", { class: "num" }, `${w.running_jobs}/${w.capacity}`),
+    el("td", { class: "num" }, w.jobs_done))));
+  $("#queued").textContent = `${snap.queued_jobs} jobs queued`;
+  const rows = [...snap.workloads].reverse().map((w) => {
+    const total = w.images || 0, finished = w.filtered + w.failed;
+    const pct = total ? Math.round((100 * finished) / total) : 0;
+    return el("tr", { class: "clickable", "data-workload": w.workload_id, onclick: () => { location.hash = `#/workloads/${w.workload_id}`; } },
+      el("td", {}, w.workload_name), el("td", {}, w.filter),
+      el("td", {}, el("span", { class: `pill ${w.status}` }, w.status)),
+      el("td", {}, el("div", { class: "meter" }, el("div", { class: "bar" }, el("div", { style: `width:${pct}%` })),
+        el("span", { class: "progress" }, `${pct}%`), el("span", {}, `${finished}/${total}`))),
+      el("td", { class: "num" }, `${rate(w.workload_id).toFixed(1)}/s`),
+      el("td", { class: "num" }, w.failed), el("td", { class: "num" }, w.running_jobs));
+  });
+  $("#workloads tbody").replaceChildren(...rows);
+}
+
+function currentWorkload() {
+  const m = location.hash.match(/^#\/workloads\/([\w-]+)/);
+  return m ? m[1] : null;
+}
+
+function renderWorkload() {
+  const id = currentWorkload();
+  const w = id && state.snapshot && state.snapshot.workloads.find((x) => x.workload_id === id);
+  if (!w) return;
+  const total = w.images || 0, finished = w.filtered + w.failed;
+  $("#wl-title").textContent = `${w.workload_name} (${w.filter})`;
+  $("#wl-summary").textContent = `${w.status}: ${w.filtered} filtered, ${w.failed} failed, ${w.running_jobs} running, of ${total} images; ${rate(id).toFixed(1)} images/s`;
+  $("#wl-bar").style.width = `${total ? (100 * finished) / total : 0}%`;
+  $("#wl-failures").replaceChildren(...(w.failed_images || []).map((f) => el("li", {}, `image ${f.image_id}: ${f.reason}`)));
+  renderGallery(w);
+}
+
+async function thumb(workloadId, imageId, type) {
+  const key = `${workloadId}/${type}/${imageId}`;
+  if (!state.thumbs.has(key)) {
+    state.thumbs.set(key, api(`/images/${imageId}?workload_id=${workloadId}&type=${type}&size=small`)
+      .then((r) => r.blob()).then((b) => URL.createObjectURL(b))
+      .catch((e) => { state.thumbs.delete(key); throw e; }));
+  }
+  return state.thumbs.get(key);
+}
+
+const gallery = { workload: null, shown: new Set() };
+
+function renderGallery(w) {
+  const box = $("#gallery");
+  if (gallery.workload !== w.workload_id) { gallery.workload = w.workload_id; gallery.shown = new Set(); box.replaceChildren(); }
+  const filtered = new Set(w.filtered_images);
+  for (let i = 0; i < (w.images || 0); i++) {
+    let pair = box.querySelector(`[data-image="${i}"]`);
+    if (!pair) {
+      pair = el("div", { class: "pair", "data-image": i },
+        el("div", { class: "imgs" }, el("img", { class: "original", alt: `original ${i}` }), el("div", { class: "missing filtered-slot" }, "waiting")),
+        el("p", {}, `image ${i}`));
+      box.append(pair);
+      thumb(w.workload_id, i, "original").then((url) => { pair.querySelector("img.original").src = url; }).catch(() => {});
+    }
+    if (filtered.has(i) && !gallery.shown.has(i)) {
+      gallery.shown.add(i);
+      thumb(w.workload_id, i, "filtered").then((url) => {
+        pair.querySelector(".filtered-slot").replaceWith(el("img", { class: "filtered", alt: `filtered ${i}`, src: url }));
+      }).catch(() => gallery.shown.delete(i));
+    }
+  }
+}
+
+// -- upload -----------------------------------------------------------------------------------
+
+async function uploadFiles(files) {
+  const images = [...files].filter((f) => f.type.startsWith("image/") || /\.(png|jpe?g|gif|bmp|webp|tiff?)$/i.test(f.name));
+  const status = $("#upload-status");
+  if (!images.length) { status.textContent = "no image files in that drop"; return; }
+  images.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
+  try {
+    const body = { filter: $("#new-filter").value };
+    if ($("#new-name").value.trim()) body.workload_name = $("#new-name").value.trim();
+    const w = await (await api("/workloads", { method: "POST", headers: { "Content-Type": "application/json" },
+                                               body: JSON.stringify(body) })).json();
+    let sent = 0;
+    for (const [i, file] of images.entries()) {  // ids follow the names' natural order
+      const form = new FormData();
+      form.append("workload_id", w.workload_id); form.append("image_id", i); form.append("data", file, file.name);
+      await api("/images", { method: "POST", body: form });
+      status.textContent = `uploaded ${++sent}/${images.length} to ${w.workload_name}`;
+    }
+    $("#new-name").value = "";
+  } catch (e) { status.textContent = `upload failed: ${e.message}`; status.classList.add("error"); }
+}
+
+function setupDrop() {
+  const zone = $("#dropzone");
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => { e.preventDefault(); zone.classList.remove("over"); uploadFiles(e.dataTransfer.files); });
+  $("#file-input").addEventListener("change", (e) => uploadFiles(e.target.files));
+}
+
+// -- routing ----------------------------------------------------------------------------------
+
+function route() {
+  const loggedIn = Boolean(state.token);
+  $("#login-view").hidden = loggedIn;
+  $("#logout").hidden = !loggedIn;
+  $("#whoami").textContent = loggedIn ? state.user : "";
+  const id = currentWorkload();
+  $("#home-view").hidden = !loggedIn || Boolean(id);
+  $("#workload-view").hidden = !loggedIn || !id;
+  if (loggedIn) { renderHome(); renderWorkload(); }
+}
+
+function start() {
+  route();
+  if (!state.stream || state.stream.signal.aborted) follow();
+}
+
+window.addEventListener("hashchange", route);
+document.addEventListener("DOMContentLoaded", () => {
+  $("#login-form").addEventListener("submit", login);
+  $("#logout").addEventListener("click", () => logout(true));
+  setupDrop();
+  if (state.token) start(); else route();
+});

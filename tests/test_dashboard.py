@@ -1,0 +1,149 @@
+"""The dashboard in real headless Chromium (Debian's chromium + chromedriver, via Selenium),
+against a real server and two real workers; plus thumbnails and /metrics over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from scripts.localsys import wait_until
+from tests import refclient as ref
+from tests.conftest import ADMIN_PASSWORD
+from tests.helpers import push, view, wait_completed, workload
+
+DROP_FILES = """
+const [selector, files] = arguments;
+const transfer = new DataTransfer();
+for (const [name, b64] of files) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  transfer.items.add(new File([bytes], name, {type: "image/png"}));
+}
+const zone = document.querySelector(selector);
+zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+"""
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1000"):
+        options.add_argument(arg)
+    options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or ""
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def png(colour: tuple[int, int, int], size=(160, 120)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_dashboard_login_live_workers_drop_upload_and_gallery(system, browser, tmp_path):
+    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    browser.get(system.url + "/")
+    browser.find_element(By.ID, "user").clear()
+    browser.find_element(By.ID, "user").send_keys("admin")
+    browser.find_element(By.ID, "password").send_keys(ADMIN_PASSWORD)
+    browser.find_element(By.ID, "login-button").click()
+
+    # live: both workers appear as alive, with CPU and memory bars
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr.alive")) == 2)
+    assert browser.find_element(By.ID, "live").text == "live"
+    names = {row.get_attribute("data-worker") for row in browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")}
+    assert names == {"w1", "w2"}
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#workers .bar.cpu")) == 2
+
+    # drop 3 images into a new workload
+    browser.find_element(By.ID, "new-name").send_keys("dropped")
+    files = [(f"{i}.png", base64.b64encode(png(c)).decode()) for i, c in enumerate([(250, 0, 0), (0, 250, 0), (0, 0, 250)])]
+    browser.execute_script(DROP_FILES, "#dropzone", files)
+    wait.until(lambda d: "uploaded 3/3" in d.find_element(By.ID, "upload-status").text)
+
+    # its progress reaches 100%
+    row = wait.until(lambda d: next((r for r in d.find_elements(By.CSS_SELECTOR, "#workloads tbody tr")
+                                     if "dropped" in r.text and "100%" in r.text), None))
+    assert "completed" in row.text
+
+    # its gallery: 3 originals beside 3 filtered thumbnails, all loaded
+    row.click()
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#gallery img.filtered')].filter(i => i.complete && i.naturalWidth > 0).length") == 3)
+    sizes = browser.execute_script(
+        "return [...document.querySelectorAll('#gallery img')].map(i => [i.className, i.naturalWidth, i.naturalHeight])")
+    assert sorted(sizes) == [["filtered", 100, 75]] * 3 + [["original", 100, 75]] * 3  # small: 100 px long side
+    assert "3 filtered" in browser.find_element(By.ID, "wl-summary").text
+    browser.save_screenshot(str(tmp_path / "dashboard-gallery.png"))
+    browser.get(system.url + "/#/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr.alive")) == 2)
+    browser.save_screenshot(str(tmp_path / "dashboard.png"))
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+def test_thumbnails_keep_aspect_and_are_cached(system):
+    token = system.login()
+    wid = workload(system.url, token)
+    push(system, token, wid, {0: png((10, 200, 30), (1200, 800))})
+    for size, expected in (("small", (100, 67)), ("medium", (300, 200)), ("large", (600, 400))):
+        r = ref.request(system.url, "GET", f"/images/0?workload_id={wid}&size={size}", headers=ref.bearer(token))
+        assert r.status == 200 and r.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(r.body)) as im:
+            assert im.size == expected
+    name = view(system.url, token, wid)["workload_name"]
+    thumbs = system.data_dir / "images" / name / "thumbs"
+    assert sorted(p.name for p in thumbs.iterdir()) == ["original-0-large.png", "original-0-medium.png", "original-0-small.png"]
+    r = ref.request(system.url, "GET", f"/images/0?workload_id={wid}&size=huge", headers=ref.bearer(token))
+    assert r.status == 400 and "size must be one of small, medium, large" in r.json()["error"]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name and ",".join(sorted(filter(None, (m.group(2) or "").split(",")))) == want:
+            return float(m.group(3))
+    raise AssertionError(f"no sample {name}{{{want}}} in /metrics")
+
+
+def test_metrics_after_a_workload(make_system):
+    s = make_system()
+    s.start_worker("m1")
+    s.start_worker("m2")
+    s.wait_workers({"m1", "m2"})
+    token = s.login()
+    r = ref.request(s.url, "GET", "/metrics")  # open on loopback, no token
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain")
+    assert _metric(r.body.decode(), "dpip_jobs", state="done") == 0
+    wid = workload(s.url, token, filter="blur")
+    push(s, token, wid, {i: png((i * 20, 0, 0)) for i in range(6)})
+    wait_completed(s.url, token, wid)
+    text = ref.request(s.url, "GET", "/metrics").body.decode()
+    assert _metric(text, "dpip_jobs", state="done") == 6
+    assert _metric(text, "dpip_jobs", state="queued") == _metric(text, "dpip_jobs", state="failed") == 0
+    assert _metric(text, "dpip_job_duration_seconds_count", filter="blur") == 6
+    assert _metric(text, "dpip_queue_depth") == 0
+    assert _metric(text, "dpip_workers_alive") == 2
+    for name in ("m1", "m2"):
+        assert _metric(text, "dpip_worker_alive", worker=name) == 1
+        assert _metric(text, "dpip_worker_capacity", worker=name) >= 1
+        assert 0 <= _metric(text, "dpip_worker_cpu_percent", worker=name) <= 100
+        assert _metric(text, "dpip_worker_running_jobs", worker=name) == 0
+    # jobs_done comes with the next heartbeat after the last result
+    wait_until(lambda: sum(_metric(ref.request(s.url, "GET", "/metrics").body.decode(), "dpip_worker_jobs_done",
+                                   worker=n) for n in ("m1", "m2")) == 6, 10, "workers' jobs_done")
+    assert _metric(text, "dpip_http_requests_total", route="/images", method="POST", status="200") == 12  # + results
+    assert _metric(text, "dpip_http_requests_total", route="/workloads", method="POST", status="200") == 1
