@@ -1,10 +1,11 @@
 # DPIP: `make run` starts a local system, `make test` runs the whole suite from a clean clone.
 PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install run test e2e bench bench-tail bench-cli clean
+.PHONY: install browser run test e2e bench bench-tail bench-cli clean
 
 install: $(STAMP)
 
@@ -17,7 +18,14 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) scripts/run_local.py
 
-test: install
+# The dashboard test drives Debian's chromium through its chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromedriver (Debian packages) for the dashboard test"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: install browser
 	$(PY) -m pytest -q
 
 e2e: install

@@ -221,9 +221,8 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
     if type_ == ImageType.ORIGINAL:
         if claims.scope != USER:
             raise Forbidden("workers upload filtered images only")
-        chosen = int_param(params, "image_id", required=False)  # the CLI numbers frames itself to keep their order
-        if chosen is not None and chosen > MAX_IMAGE_ID:
-            raise BadInput(f"image_id must be at most {MAX_IMAGE_ID}")
+        # the CLI numbers frames itself to keep their order
+        chosen = int_param(params, "image_id", required=False, maximum=MAX_IMAGE_ID)
         async with lock:  # ids follow arrival order; the file is in place before the row
             if chosen is None:
                 image_id = await store.next_image_id(workload.id)

@@ -94,7 +94,11 @@ def bearer_token(request: web.Request) -> str:
     return value.strip()
 
 
-def int_param(params: dict[str, str], name: str, required: bool = True) -> int | None:
+#: SQLite integers are 64-bit signed; a larger id would be a 500 instead of a 400 or 404.
+MAX_INT = 2**63 - 1
+
+
+def int_param(params: dict[str, str], name: str, required: bool = True, maximum: int = MAX_INT) -> int | None:
     raw = params.get(name)
     if raw is None or raw == "":
         if required:
@@ -106,6 +110,8 @@ def int_param(params: dict[str, str], name: str, required: bool = True) -> int |
         raise BadInput(f"{name} must be an integer, got {raw!r}") from e
     if value < 0:
         raise BadInput(f"{name} must not be negative")
+    if value > maximum:
+        raise BadInput(f"{name} must be at most {maximum}")
     return value
 
 

@@ -326,6 +326,10 @@ async def test_download_errors(client):
     r = await client.get("/images/0", headers=bearer(token), params={**q, "type": "filtered"})
     await assert_error(r, 404, "filtered image 0")
     await assert_error(await client.get("/images/abc", headers=bearer(token), params=q), 400, "integer")
+    r = await client.get(f"/images/{10**20}", headers=bearer(token), params=q)  # beyond SQLite's integers
+    await assert_error(r, 400, "at most")
+    r = await client.get("/images/0", headers=bearer(token), params={**q, "size": "huge"})
+    await assert_error(r, 400, "size must be one of")
     await assert_error(await client.get("/images/0", headers=bearer(token)), 400, "workload_id")
     r = await client.get("/images/0", headers=bearer(token), params={"workload_id": "nope"})
     await assert_error(r, 404, "not found")
