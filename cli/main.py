@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -21,6 +22,7 @@ from cli import config, show, transfer, video
 from cli.client import Api, ApiError
 from cli.config import EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Session
 from cli.transfer import Upload, err, progress_bar
+from rich.progress import Progress
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 FILTERS = ("grayscale", "blur")
@@ -109,26 +111,28 @@ async def _target(api: Api, args: argparse.Namespace, meta: dict | None = None) 
 
 
 async def _push(api: Api, args: argparse.Namespace, workload: dict, uploads: AsyncIterator[Upload],
-                total: int | None) -> None:
+                total: int | None, progress: Progress) -> int:
+    """Upload everything; returns how many images the workload has from this push."""
     wid = workload["workload_id"]
     err.print(f"workload {wid} ({workload['workload_name']}, {workload['filter']})")
     try:
-        with progress_bar(args.quiet) as progress:
-            result = await transfer.upload_all(api, wid, uploads, args.jobs, progress, total)
+        result = await transfer.upload_all(api, wid, uploads, args.jobs, progress, total)
     except (asyncio.CancelledError, KeyboardInterrupt):
         err.print(f"push interrupted: resume with the same command and --workload {wid}")
         raise
     except CliError as e:
         raise CliError(f"{e} (resume with the same command and --workload {wid})", e.code) from e
     skipped = f", {result.skipped} already there" if result.skipped else ""
-    err.print(f"pushed {result.sent} images ({result.bytes / 1e6:.1f} MB){skipped}")
+    progress.console.print(f"pushed {result.sent} images ({result.bytes / 1e6:.1f} MB){skipped}")
+    return result.sent + result.skipped
 
 
 async def cmd_push(args: argparse.Namespace) -> int:
     files = transfer.collect(args.paths)
     async with _api(args, connections=args.jobs) as api:
         workload = await _target(api, args)
-        await _push(api, args, workload, transfer.files_as_uploads(files), len(files))
+        with progress_bar(args.quiet) as progress:
+            await _push(api, args, workload, transfer.files_as_uploads(files), len(files), progress)
     print(workload["workload_id"])
     return EXIT_OK
 
@@ -168,9 +172,9 @@ async def cmd_pull(args: argparse.Namespace) -> int:
 
 # -- video --------------------------------------------------------------------------------------
 
-def _video_thread() -> ThreadPoolExecutor:
-    """PyAV containers are used from one thread only."""
-    return ThreadPoolExecutor(1, thread_name_prefix="video")
+def _video_thread(name: str) -> ThreadPoolExecutor:
+    """A PyAV container is used from one thread only (one for decoding, one for encoding)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name)
 
 
 async def _decoded(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[Upload]:
@@ -186,60 +190,97 @@ async def _decoded(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[Upload
         await loop.run_in_executor(pool, frames.close)
 
 
-async def _video_push(api: Api, args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
+async def _video_target(api: Api, args: argparse.Namespace, pool: ThreadPoolExecutor) -> tuple[dict, int | None]:
     info = await asyncio.get_running_loop().run_in_executor(pool, video.probe, args.input)
     err.print(f"{args.input}: {info.width}x{info.height}, {float(info.fps):.3f} fps, "
               f"{info.frames or 'unknown'} frames, {info.codec}")
-    workload = await _target(api, args, info.meta(args.input.name))
-    await _push(api, args, workload, _decoded(args.input, pool), info.frames or None)
-    return workload
+    return await _target(api, args, info.meta(args.input.name)), info.frames or None
 
 
 async def cmd_video_push(args: argparse.Namespace) -> int:
-    with _video_thread() as pool:
+    with _video_thread("decode") as pool:
         async with _api(args, connections=args.jobs) as api:
-            workload = await _video_push(api, args, pool)
+            workload, frames = await _video_target(api, args, pool)
+            with progress_bar(args.quiet) as progress:
+                await _push(api, args, workload, _decoded(args.input, pool), frames, progress)
     print(workload["workload_id"])
     return EXIT_OK
 
 
-async def _video_pull(api: Api, args: argparse.Namespace, workload_id: str,
-                      pool: ThreadPoolExecutor) -> None:
-    w = await _watch(api, workload_id, args.quiet)
-    count = w.get("images", len(w["filtered_images"]))
-    if w["filtered_images"] != list(range(count)):
-        raise CliError(f"workload {workload_id} is not a sequence of frames 0..{count - 1}")
-    fps = args.fps or video.fps_of(w.get("meta") or {})
+async def _ready_frames(api: Api, workload_id: str, total: asyncio.Future[int] | None,
+                        interval: float = 0.5) -> AsyncIterator[int]:
+    """Frame ids in order, each as soon as its filtered image exists. The count comes from
+    ``total`` (a push still going on) or, without one, from the completed workload."""
+    next_id = 0
+    while True:
+        w = await api.workload(workload_id)
+        if failed := w.get("failed_images"):
+            raise CliError(f"frame {failed[0]['image_id']} failed ({failed[0]['reason']}): no video written")
+        filtered = set(w["filtered_images"])
+        while next_id in filtered:
+            yield next_id
+            next_id += 1
+        if total is None:
+            count = w["images"] if w["status"] == "completed" else None
+        else:
+            count = total.result() if total.done() else None
+        if count is not None and next_id >= count:
+            return
+        if count is not None and total is None:  # completed, yet a frame is missing
+            raise CliError(f"workload {workload_id} has no frame {next_id}: not a video's frames 0..{count - 1}")
+        await asyncio.sleep(interval)
+
+
+async def _video_join(api: Api, args: argparse.Namespace, workload: dict, pool: ThreadPoolExecutor,
+                      progress: Progress, total: asyncio.Future[int] | None = None) -> None:
+    """Join the filtered frames into ``args.output`` while they are being made."""
+    wid = workload["workload_id"]
+    fps = args.fps or video.fps_of(workload.get("meta") or {})
     if fps is None:
         fps = Fraction(25)
         err.print("the workload has no frame rate (not pushed by `dpip video push`): using 25 fps")
     writer = video.Writer(args.output, fps, args.codec)
     loop = asyncio.get_running_loop()
-    fetches = (lambda i=i: api.download(workload_id, i, "filtered") for i in range(count))
+    task = progress.add_task("join", total=workload.get("images") if total is None else None, rate="")
+    started = time.monotonic()
+    ready = _ready_frames(api, wid, total)
     try:
-        with progress_bar(args.quiet) as progress:
-            task = progress.add_task("join", total=count, rate="")
-            async for data in transfer.in_order(fetches, 2 * args.jobs):
-                await loop.run_in_executor(pool, writer.write, data)
-                progress.advance(task)
-    finally:
-        await loop.run_in_executor(pool, writer.close)
-    err.print(f"wrote {args.output}: {writer.count} frames at {float(fps):.3f} fps ({writer.codec})")
+        async for data in transfer.in_order(ready, lambda i: api.download(wid, i, "filtered"), 2 * args.jobs):
+            await loop.run_in_executor(pool, writer.write, data)
+            progress.update(task, advance=1, rate=transfer.rate_text(writer.count, started))
+            if total is not None and total.done():
+                progress.update(task, total=total.result())
+    except BaseException:
+        await asyncio.shield(loop.run_in_executor(pool, writer.abort))
+        raise
+    if writer.count == 0:
+        raise CliError(f"no frames to join: {args.output} not written")
+    await loop.run_in_executor(pool, writer.close)
+    progress.console.print(f"wrote {args.output}: {writer.count} frames at {float(fps):.3f} fps ({writer.codec})")
 
 
 async def cmd_video_pull(args: argparse.Namespace) -> int:
-    with _video_thread() as pool:
+    with _video_thread("encode") as pool:
         async with _api(args, connections=args.jobs) as api:
-            await _video_pull(api, args, args.workload, pool)
+            workload = await api.workload(args.workload)
+            with progress_bar(args.quiet) as progress:
+                await _video_join(api, args, workload, pool, progress)
     return EXIT_OK
 
 
 async def cmd_video_run(args: argparse.Namespace) -> int:
+    """Push and join at once: frame k is encoded as soon as it is filtered."""
     video.Writer._pick(args.output)  # fail on a bad output name before the work, not after
-    with _video_thread() as pool:
-        async with _api(args, connections=args.jobs) as api:
-            workload = await _video_push(api, args, pool)
-            await _video_pull(api, args, workload["workload_id"], pool)
+    with _video_thread("decode") as decode, _video_thread("encode") as encode:
+        async with _api(args, connections=2 * args.jobs) as api:
+            workload, frames = await _video_target(api, args, decode)
+            total: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            with progress_bar(args.quiet) as progress:
+
+                async def push() -> None:
+                    total.set_result(await _push(api, args, workload, _decoded(args.input, decode), frames, progress))
+
+                await transfer.first_error(push(), _video_join(api, args, workload, encode, progress, total))
     return EXIT_OK
 
 

@@ -10,7 +10,6 @@ import asyncio
 import os
 import re
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,20 +169,28 @@ async def bounded(aws: Iterable[Awaitable[T]], limit: int) -> None:
     await first_error(*(lane() for _ in range(limit)))
 
 
-async def in_order(fetches: Iterable[Callable[[], Awaitable[T]]], window: int) -> AsyncIterator[T]:
-    """Run up to ``window`` fetches ahead but yield their results in order (video frames)."""
-    pending: deque[asyncio.Task[T]] = deque()
-    it = iter(fetches)
+async def in_order(ids: AsyncIterator[int], fetch: Callable[[int], Awaitable[T]], window: int) -> AsyncIterator[T]:
+    """Fetch ``ids`` as they come, up to ``window`` at a time, and yield the results in order
+    (video frames: downloads overlap, the encoder sees frame k before k+1)."""
+    pending: asyncio.Queue[asyncio.Future[T] | None] = asyncio.Queue(maxsize=window)
+
+    async def produce() -> None:
+        try:
+            async for i in ids:
+                await pending.put(asyncio.ensure_future(fetch(i)))
+        finally:
+            await pending.put(None)
+
+    producer = asyncio.ensure_future(produce())
     try:
-        while True:
-            while len(pending) < window and (fetch := next(it, None)) is not None:
-                pending.append(asyncio.ensure_future(fetch()))
-            if not pending:
-                return
-            yield await pending.popleft()
+        while (next_fetch := await pending.get()) is not None:
+            yield await next_fetch
+        await producer  # raises what stopped the ids, if anything did
     finally:
-        for t in pending:
-            t.cancel()
+        producer.cancel()
+        while not pending.empty():
+            if (left := pending.get_nowait()) is not None:
+                left.cancel()
 
 
 def _complete(path: Path, size: int | None) -> bool:

@@ -93,6 +93,7 @@ class Writer:
 
     def __init__(self, path: Path, fps: Fraction, codec: str | None = None) -> None:
         self.path, self.fps = path, fps
+        self.partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # renamed when complete
         self.codec = codec or self._pick(path)
         self._out: av.container.OutputContainer | None = None
         self._stream: av.VideoStream | None = None
@@ -110,7 +111,7 @@ class Writer:
 
     def _start(self, size: tuple[int, int]) -> None:
         try:
-            self._out = av.open(str(self.path), "w")
+            self._out = av.open(str(self.partial), "w")
         except (av.FFmpegError, OSError) as e:
             raise CliError(f"{self.path}: cannot write: {e}") from e
         stream = self._out.add_stream(self.codec, rate=self.fps)
@@ -135,12 +136,21 @@ class Writer:
         self.count += 1
 
     def close(self) -> None:
+        """Flush the encoder and put the file in place."""
         if self._out is None:
             return
         assert self._stream is not None
         self._out.mux(self._stream.encode(None))
         self._out.close()
         self._out = None
+        self.partial.replace(self.path)
+
+    def abort(self) -> None:
+        """Drop what was written: a half video must not pass for a result."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        self.partial.unlink(missing_ok=True)
 
 
 def sample(path: Path, seconds: float = 3.0, fps: int = 12, size: tuple[int, int] = (320, 240)) -> int:
@@ -166,6 +176,8 @@ def sample(path: Path, seconds: float = 3.0, fps: int = 12, size: tuple[int, int
             draw.rectangle((w - 70 - x // 2, 10, w - 10 - x // 2, 70), fill=(40, 200, 60))
             draw.text((10, h - 20), f"frame {i}", fill=(255, 255, 255))
             writer.write(png(im))
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     return count

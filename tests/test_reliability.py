@@ -72,11 +72,15 @@ def test_kill_9_of_the_server_mid_workload_loses_no_accepted_upload(make_system)
     finally:
         stop.set()
         pusher.join()
-    assert len(accepted) == 60 and sorted(accepted) == list(range(60))
-    wait_completed(system.url, token, wid)
+    assert len(accepted) == 60  # every frame was accepted once the server was back
+    # If the kill fell between an upload's commit and its reply, the client sent that frame again:
+    # it is then stored twice, once under an id the client never saw. Nothing is ever lost.
+    count = wait_completed(system.url, token, wid)["images"]
+    assert count in (60, 61) and set(accepted) <= set(range(count))
     for i, data in accepted.items():  # every accepted original, under its id, intact
         assert ref.pull(system.url, token, wid, i, "original").body == data
-    check_filtered(system, token, wid, accepted)
+    stored = {i: ref.pull(system.url, token, wid, i, "original").body for i in range(count)}
+    check_filtered(system, token, wid, stored)
     status = ref.get_json(system.url, token, "/status")
     assert {w["name"] for w in status["workers"] if w["alive"]} == {"a", "b"}
 
