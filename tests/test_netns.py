@@ -125,6 +125,10 @@ def test_partitioned_worker_loses_nothing_and_rejoins(net, tmp_path):
 
         wait_until(api_up, 30, "the API on the server host")
         token = on_server(ref.login, url, "admin", ADMIN_PASSWORD)
+        # /metrics is open on loopback only: this client is on the bridge, so it needs the token.
+        assert on_server(ref.request, url, "GET", "/metrics").status == 401
+        metrics = on_server(ref.request, url, "GET", "/metrics", None, ref.bearer(token))
+        assert metrics.status == 200 and b"dpip_workers_alive" in metrics.body
 
         def workers() -> dict[str, dict]:
             return {w["name"]: w for w in on_server(ref.get_json, url, token, "/status")["workers"]}
