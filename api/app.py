@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shlex
+import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from api import handlers, observe
-from api.keys import AUTH, IMAGES, LOGIN_LIMITS, MEMBERSHIP, METRICS, SCHEDULER, SETTINGS, STOPPING, STORE, UPLOAD_LOCKS
+from api.keys import (
+    AUTH,
+    AUTOSCALER,
+    IMAGES,
+    LOGIN_LIMITS,
+    MEMBERSHIP,
+    METRICS,
+    SCHEDULER,
+    SETTINGS,
+    STOPPING,
+    STORE,
+    UPLOAD_LOCKS,
+)
 from api.metrics import Metrics
 from api.ratelimit import FailureLimiter
 from api.settings import ServerSettings
@@ -34,7 +49,9 @@ from controller.models import (
     UnsupportedMedia,
 )
 from controller.store import Store
+from scheduler.autoscale import Autoscaler, ScalePolicy
 from scheduler.dispatcher import HedgePolicy, Scheduler, SchedulerSettings
+from scheduler.provision import ExternalCommand, LocalProcesses, Provisioner
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +128,33 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[LOGIN_LIMITS] = (FailureLimiter(s.login_failures, 60.0), FailureLimiter(4 * s.login_failures, 60.0))
     await membership.start(tcp_url(s.host, s.controller_port))
     await scheduler.start()
+    if s.autoscale is not None:
+        app[AUTOSCALER] = autoscaler = _autoscaler(s, join_token, scheduler, membership)
+        await autoscaler.start()
     try:
         yield
     finally:
+        if AUTOSCALER in app:
+            await app[AUTOSCALER].close()  # the workers it started drain and leave first
         await membership.close()  # closes the RPC sockets, so calls in flight end at once
         await scheduler.close()
         await store.close()
+
+
+def _autoscaler(s: ServerSettings, join_token: str, scheduler: Scheduler, membership: Membership) -> Autoscaler:
+    assert s.autoscale is not None
+    log_dir = s.data_dir / "autoscale"
+    provisioner: Provisioner
+    if s.scale_up_cmd:
+        host = s.host if s.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+        provisioner = ExternalCommand(s.scale_up_cmd, s.scale_down_cmd, f"{host}:{s.controller_port}", log_dir)
+    else:
+        env = {"DPIP_JOIN_TOKEN": join_token} if join_token else {}
+        provisioner = LocalProcesses(f"127.0.0.1:{s.controller_port}", shlex.split(s.autoscale_worker_args),
+                                     log_dir, env)
+    policy = ScalePolicy(minimum=s.autoscale[0], maximum=s.autoscale[1], idle_timeout=s.idle_timeout,
+                         worker_capacity=os.cpu_count() or 1)
+    return Autoscaler(policy, provisioner, scheduler, membership)
 
 
 def create_app(settings: ServerSettings) -> web.Application:

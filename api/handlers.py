@@ -10,11 +10,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
 
-from api.keys import AUTH, CLAIMS, IMAGES, LOGIN_LIMITS, MEMBERSHIP, SCHEDULER, SETTINGS, STORE, UPLOAD_LOCKS
-from api.params import MULTIPART_ERRORS, basic_credentials, content_type, bearer_token, int_param, request_params, required
+from api.keys import (
+    AUTH,
+    AUTOSCALER,
+    CLAIMS,
+    IMAGES,
+    LOGIN_LIMITS,
+    MEMBERSHIP,
+    SCHEDULER,
+    SETTINGS,
+    STORE,
+    UPLOAD_LOCKS,
+)
+from api.params import (
+    MULTIPART_ERRORS,
+    basic_credentials,
+    bearer_token,
+    content_type,
+    int_param,
+    request_params,
+    required,
+)
+from common.formats import FORMATS
 from controller.auth import USER, WORKER, Claims
 from controller.images import StoredFile, check_workload_name
-from common.formats import FORMATS
 from controller.models import (
     BadInput,
     Conflict,
@@ -100,15 +119,23 @@ async def workload_summaries(request: web.Request) -> list[dict]:
 async def status(request: web.Request) -> web.Response:
     active = [_workload_json(request, v) for v in await _workloads_of(request)
               if v.status != WorkloadStatus.COMPLETED]
-    workers = sorted(request.app[MEMBERSHIP].snapshot(), key=lambda w: w.name)
+    app = request.app
     return web.json_response({
-        "system_name": request.app[SETTINGS].system_name,
+        "system_name": app[SETTINGS].system_name,
         "server_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "active_workloads": active,
-        "workers": [w.to_json() for w in workers],
-        "queued_jobs": request.app[SCHEDULER].queued(),
-        "scheduler": request.app[SCHEDULER].describe(),
+        "workers": workers_json(app),
+        "queued_jobs": app[SCHEDULER].queued(),
+        "scheduler": app[SCHEDULER].describe(),
+        "autoscale": app[AUTOSCALER].describe() if AUTOSCALER in app else None,
     })
+
+
+def workers_json(app: web.Application) -> list[dict]:
+    """Every known worker by name, marked if the autoscaler started it."""
+    scaler = app.get(AUTOSCALER)
+    return [{**w.to_json(), "autoscaled": scaler is not None and scaler.is_managed(w.name)}
+            for w in sorted(app[MEMBERSHIP].snapshot(), key=lambda w: w.name)]
 
 
 @requires(USER)

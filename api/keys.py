@@ -13,6 +13,7 @@ from controller.auth import Auth, Claims
 from controller.images import ImageStore
 from controller.membership import Membership
 from controller.store import Store
+from scheduler.autoscale import Autoscaler
 from scheduler.dispatcher import Scheduler
 
 SETTINGS = web.AppKey("settings", ServerSettings)
@@ -24,7 +25,8 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
 LOGIN_LIMITS = web.AppKey("login_limits", tuple[FailureLimiter, FailureLimiter])  # (user, address), address
 METRICS = web.AppKey("metrics", Metrics)
+AUTOSCALER = web.AppKey("autoscaler", Autoscaler)  # set only with --autoscale
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set on shutdown: long-lived streams end
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
-__all__ = ["SETTINGS", "STORE", "AUTH", "IMAGES", "MEMBERSHIP", "SCHEDULER", "UPLOAD_LOCKS",
-           "LOGIN_LIMITS", "METRICS", "STOPPING", "CLAIMS", "Claims"]
+__all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "SCHEDULER",
+           "SETTINGS", "STOPPING", "STORE", "UPLOAD_LOCKS", "Claims"]

@@ -12,8 +12,17 @@ from pathlib import Path
 from aiohttp import web
 
 from api import metrics, openapi
-from api.handlers import requires, workload_summaries
-from api.keys import AUTH, MEMBERSHIP, METRICS, SCHEDULER, SETTINGS, STOPPING, STORE
+from api.handlers import requires, workers_json, workload_summaries
+from api.keys import (
+    AUTH,
+    AUTOSCALER,
+    MEMBERSHIP,
+    METRICS,
+    SCHEDULER,
+    SETTINGS,
+    STOPPING,
+    STORE,
+)
 from api.params import bearer_token
 from controller.auth import USER, is_loopback
 
@@ -26,12 +35,12 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 async def snapshot(request: web.Request) -> dict:
-    workers = sorted(request.app[MEMBERSHIP].snapshot(), key=lambda w: w.name)
     return {
         "server_time": time.time(),
-        "workers": [w.to_json() for w in workers],
+        "workers": workers_json(request.app),
         "workloads": await workload_summaries(request),
         "queued_jobs": request.app[SCHEDULER].queued(),
+        "autoscale": request.app[AUTOSCALER].describe() if AUTOSCALER in request.app else None,
     }
 
 

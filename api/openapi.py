@@ -71,6 +71,7 @@ SCHEMAS: dict[str, Any] = {
                 "memory_percent": {"type": "number"}}},
             "running_jobs": {"type": "integer"}, "capacity": {"type": "integer"}, "jobs_done": {"type": "integer"},
             "last_seen": {"type": "number"}, "rpc_address": {"type": "string"},
+            "autoscaled": {"type": "boolean", "description": "started (and to be retired) by the autoscaler"},
         },
     },
     "Status": {
@@ -80,6 +81,8 @@ SCHEMAS: dict[str, Any] = {
             "active_workloads": {"type": "array", "items": _ref("Workload")},
             "workers": {"type": "array", "items": _ref("Worker")},
             "queued_jobs": {"type": "integer"}, "scheduler": {"type": "object"},
+            "autoscale": {"type": "object", "nullable": True,
+                          "description": "with --autoscale: bounds, its workers and their phase, the last decision"},
         },
     },
     "JobTiming": {

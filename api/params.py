@@ -13,7 +13,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from controller.models import BadInput, Unauthorized
 
-
 #: What aiohttp's multipart reader raises on a malformed body.
 MULTIPART_ERRORS = (ValueError, AssertionError, HttpProcessingError)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import EnvDefaultsParser
+from scheduler.autoscale import parse_range
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class ServerSettings:
     join_token: str = ""  # workers must prove they know it; required off loopback
     system_name: str = "DPIP"
     access_log: bool = False
+    autoscale: tuple[int, int] | None = None  # (MIN, MAX) workers the server starts itself
+    idle_timeout: float = 30.0  # an autoscaled worker idle this long is retired
+    autoscale_worker_args: str = ""  # extra flags for autoscaled local workers
+    scale_up_cmd: str = ""  # start a worker elsewhere instead: {name}, {controller} substituted
+    scale_down_cmd: str = ""
 
     @property
     def db_path(self) -> Path:
@@ -83,8 +89,29 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
                    help="workers must present it (generated and saved if unset and --host is not loopback)")
     p.add_argument("--access-log", action="store_true", default=False,
                    help="log every HTTP request (off by default: it costs time on busy systems)")
+    p.add_argument("--autoscale", default="", metavar="MIN:MAX",
+                   help="start and retire workers with the load, between MIN and MAX (e.g. 0:4)")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
+                   help="seconds an autoscaled worker may stay idle before it is retired")
+    p.add_argument("--autoscale-worker-args", default="",
+                   help="extra flags for autoscaled local workers, e.g. \"--capacity 2 --tags big\"")
+    p.add_argument("--scale-up-cmd", default="",
+                   help="shell command that starts a worker elsewhere; {name} and {controller} are filled in")
+    p.add_argument("--scale-down-cmd", default="", help="shell command that stops worker {name}")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
+    autoscale = None
+    if a.autoscale:
+        try:
+            autoscale = parse_range(a.autoscale)
+        except ValueError as e:
+            p.error(str(e))
+    if bool(a.scale_up_cmd) != bool(a.scale_down_cmd):
+        p.error("--scale-up-cmd and --scale-down-cmd go together")
+    if a.scale_up_cmd and autoscale is None:
+        p.error("--scale-up-cmd needs --autoscale MIN:MAX")
+    if a.idle_timeout <= 0:
+        p.error("--idle-timeout must be positive")
     settings = ServerSettings(
         host=a.host,
         port=a.port,
@@ -107,5 +134,10 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         fsync=a.fsync,
         join_token=a.join_token,
         access_log=a.access_log,
+        autoscale=autoscale,
+        idle_timeout=a.idle_timeout,
+        autoscale_worker_args=a.autoscale_worker_args,
+        scale_up_cmd=a.scale_up_cmd,
+        scale_down_cmd=a.scale_down_cmd,
     )
     return settings, a.log_level

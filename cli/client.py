@@ -124,7 +124,7 @@ class Api:
             except aiohttp.ClientConnectorError as e:
                 raise CliError(f"cannot reach the server at {self.url}: {e.os_error or e}",
                                EXIT_UNREACHABLE) from e
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 if last:
                     detail = str(e) or type(e).__name__
                     raise CliError(f"{method} {path} failed: {detail}", EXIT_UNREACHABLE) from e

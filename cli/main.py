@@ -18,11 +18,19 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from rich.progress import Progress
+
 from cli import config, show, transfer, video
 from cli.client import Api, ApiError
-from cli.config import EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Session
+from cli.config import (
+    EXIT_AUTH,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    CliError,
+    Session,
+)
 from cli.transfer import Upload, err, progress_bar
-from rich.progress import Progress
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 FILTERS = ("grayscale", "blur")

@@ -41,14 +41,14 @@ def _ago(stamp: object) -> str:
 
 def workers_table(workers: list[dict]) -> Table:
     table = Table(title=f"workers ({sum(w.get('alive', False) for w in workers)} alive)", title_justify="left")
-    for col in ("name", "alive", "tags", "cpu", "memory", "gpu", "running", "capacity", "done", "last seen"):
+    for col in ("name", "alive", "tags", "cpu", "memory", "gpu", "running", "capacity", "done", "last seen", "autoscaled"):
         table.add_column(col, justify="right" if col in ("running", "capacity", "done") else "left")
     for w in workers:
         table.add_row(
             w["name"], "yes" if w.get("alive") else "[red]no[/red]", ",".join(w.get("tags", [])) or "-",
             _bar(w.get("cpu_percent")), _bar(w.get("memory_percent")), _gpu(w.get("gpu")),
             str(w.get("running_jobs", 0)), str(w.get("capacity", "-")), str(w.get("jobs_done", 0)),
-            _ago(w.get("last_seen")),
+            _ago(w.get("last_seen")), "yes" if w.get("autoscaled") else "",
         )
     return table
 
@@ -68,5 +68,9 @@ def workloads_table(workloads: list[dict], title: str = "workloads") -> Table:
 def status(body: dict, url: str) -> None:
     out.print(f"{body['system_name']} at {url}, server time {body['server_time']}, "
               f"{body.get('queued_jobs', 0)} jobs queued")
+    if scale := body.get("autoscale"):
+        last = scale["last_action"]
+        out.print(f"autoscale {scale['minimum']}..{scale['maximum']} ({scale['provisioner']}): "
+                  f"{len(scale['workers'])} running; last {last['action']}: {last['reason']}")
     out.print(workers_table(body["workers"]))
     out.print(workloads_table(body["active_workloads"], "active workloads"))

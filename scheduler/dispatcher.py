@@ -21,7 +21,13 @@ from common.aio import stop_tasks
 from controller.membership import Membership
 from controller.models import Job, JobState
 from controller.store import Store
-from scheduler.carrier import Carrier, DispatchStats, Failure, HedgePolicy, SchedulerSettings
+from scheduler.carrier import (
+    Carrier,
+    DispatchStats,
+    Failure,
+    HedgePolicy,
+    SchedulerSettings,
+)
 from scheduler.latency import LatencyTracker
 from scheduler.placement import JobView, WorkerView, place, why_not
 
@@ -76,6 +82,10 @@ class Scheduler:
 
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+    def slots(self) -> dict[str, tuple[int, int]]:
+        """Per worker ready for jobs: (jobs in flight, capacity). The autoscaler reads it."""
+        return {v.name: (v.in_flight, v.capacity) for v in self._views() if v.ready}
 
     def describe(self) -> dict:
         """Policy and counters, for /status."""

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
                    help="fault knob: share of jobs dropped without any reply (0-1)")
     p.add_argument("--join-token", default="",
                    help="the controller's join token, if it requires one (better: the env variable)")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="drain and exit when the process that started us ends (the server's autoscaler uses it)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         slow_ms=a.slow_ms,
         fail_rate=a.fail_rate,
         join_token=a.join_token,
+        exit_with_parent=a.exit_with_parent,
     )
 
 
@@ -80,14 +83,26 @@ async def run(settings: WorkerSettings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    watch = asyncio.create_task(_parent_watch(stop)) if settings.exit_with_parent else None
     await worker.start()
     try:
         await stop.wait()
         logger.info("stopping: no new jobs, finishing running ones")
         await worker.drain()
     finally:
+        if watch is not None:
+            watch.cancel()
         await worker.close()
     logger.info("worker %s stopped", settings.name)
+
+
+async def _parent_watch(stop: asyncio.Event, interval: float = 1.0) -> None:
+    """Orphaned (the server was killed), we would serve nobody forever: drain and leave."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(interval)
+    logger.warning("the process that started us (pid %d) is gone: stopping", parent)
+    stop.set()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,6 +53,7 @@ class WorkerSettings:
     slow_ms: float = 0.0
     fail_rate: float = 0.0  # this share of jobs is dropped: never done, never answered
     join_token: str = ""  # the controller's, if it requires one (DPIP_JOIN_TOKEN)
+    exit_with_parent: bool = False  # an autoscaled worker stops when its server process is gone
 
 
 class JobFailed(Exception):

@@ -120,9 +120,10 @@ function renderHome() {
   const snap = state.snapshot;
   if (!snap) return;
   const alive = snap.workers.filter((w) => w.alive).length;
-  $("#workers-summary").textContent = `${alive} alive of ${snap.workers.length}`;
+  const scale = snap.autoscale ? ` · autoscale ${snap.autoscale.minimum}..${snap.autoscale.maximum}: ${snap.autoscale.last_action.action} (${snap.autoscale.last_action.reason})` : "";
+  $("#workers-summary").textContent = `${alive} alive of ${snap.workers.length}${scale}`;
   $("#workers tbody").replaceChildren(...snap.workers.map((w) => el("tr", { "data-worker": w.name, class: w.alive ? "alive" : "dead" },
-    el("td", {}, w.name),
+    el("td", {}, w.name, w.autoscaled ? el("span", { class: "auto", title: "started by the autoscaler" }, " auto") : ""),
     el("td", {}, el("span", { class: `pill ${w.alive ? "alive" : "dead"}` }, w.alive ? "alive" : "gone")),
     el("td", {}, w.tags.join(", ") || "–"),
     el("td", {}, meter(w.cpu_percent, "cpu")),
