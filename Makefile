@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install browser run test e2e bench bench-tail bench-cli clean
+.PHONY: install browser run test e2e bench bench-tail bench-cli bench-scale clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ bench-tail: install
 
 bench-cli: install
 	$(PY) scripts/bench_cli.py
+
+bench-scale: install
+	$(PY) scripts/bench_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
