@@ -24,7 +24,7 @@ CODECS: dict[str, tuple[str, ...]] = {
     ".m4v": ("libx264", "mpeg4"), ".avi": ("mpeg4",), ".webm": ("libvpx-vp9",),
 }
 #: Near-transparent quality by default: the point is to see the filter, not the codec.
-QUALITY = {"libx264": {"crf": "16", "preset": "medium"}, "libvpx-vp9": {"crf": "20", "b": "0"},
+QUALITY = {"libx264": {"crf": "16", "preset": "veryfast"}, "libvpx-vp9": {"crf": "20", "b": "0"},
            "mpeg4": {"qscale": "2"}}
 
 
