@@ -17,7 +17,7 @@ import sys
 
 from aiohttp import web
 
-from api.app import create_app
+from api.app import before_stop, create_app
 from api.settings import ServerSettings, parse_server_args
 from common.config import setup_logging
 from controller import users
@@ -52,6 +52,7 @@ async def serve(settings: ServerSettings) -> None:
         await stop.wait()
         logger.info("shutting down")
     finally:
+        await before_stop(app)
         await runner.cleanup()
     logger.info("stopped")
 

@@ -135,10 +135,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         if AUTOSCALER in app:
-            await app[AUTOSCALER].close()  # the workers it started drain and leave first
+            await app[AUTOSCALER].close()  # main.py did it already (before_stop); tests may not
         await membership.close()  # closes the RPC sockets, so calls in flight end at once
         await scheduler.close()
         await store.close()
+        app[IMAGES].close()
 
 
 def _autoscaler(s: ServerSettings, join_token: str, scheduler: Scheduler, membership: Membership) -> Autoscaler:
@@ -147,7 +148,8 @@ def _autoscaler(s: ServerSettings, join_token: str, scheduler: Scheduler, member
     provisioner: Provisioner
     if s.scale_up_cmd:
         host = s.host if s.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
-        provisioner = ExternalCommand(s.scale_up_cmd, s.scale_down_cmd, f"{host}:{s.controller_port}", log_dir)
+        provisioner = ExternalCommand(s.scale_up_cmd, s.scale_down_cmd, f"{host}:{s.controller_port}", log_dir,
+                                      join_token)
     else:
         env = {"DPIP_JOIN_TOKEN": join_token} if join_token else {}
         provisioner = LocalProcesses(f"127.0.0.1:{s.controller_port}", shlex.split(s.autoscale_worker_args),
@@ -179,6 +181,13 @@ def create_app(settings: ServerSettings) -> web.Application:
     r.add_route("GET", "/images/{image_id}", handlers.download_image)
     observe.add_routes(app)
     return app
+
+
+async def before_stop(app: web.Application) -> None:
+    """First step of a stop, while the API still serves: the workers the autoscaler started
+    drain (their last results need the API) and leave."""
+    if AUTOSCALER in app:
+        await app[AUTOSCALER].close()
 
 
 async def _stop_streams(app: web.Application) -> None:

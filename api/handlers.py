@@ -164,12 +164,16 @@ def _meta(raw: str) -> dict:
     if len(raw.encode()) > MAX_META_BYTES:
         raise BadInput(f"meta is larger than {MAX_META_BYTES} bytes")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
+        meta = json.loads(raw, parse_constant=_no_constants)
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
         raise BadInput(f"meta is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
         raise BadInput("meta must be a JSON object")
     return meta
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (browsers cannot read it back)")
 
 
 @requires(USER)

@@ -25,6 +25,7 @@ from api.keys import (
 )
 from api.params import bearer_token
 from controller.auth import USER, is_loopback
+from controller.models import DpipError
 
 STATIC = Path(__file__).parent / "static"
 EVENT_INTERVAL = 1.0  # seconds between snapshots on /events
@@ -52,8 +53,13 @@ async def events(request: web.Request) -> web.StreamResponse:
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     stopping: asyncio.Event = request.app[STOPPING]
+    token = bearer_token(request)
     try:
         while not stopping.is_set():
+            try:  # a logout, an expiry or a removed user ends the stream too
+                request.app[AUTH].verify(token, (USER,))
+            except DpipError:
+                break
             data = json.dumps(await snapshot(request), separators=(",", ":"))
             await resp.write(f"event: snapshot\ndata: {data}\n\n".encode())
             with contextlib.suppress(asyncio.TimeoutError):

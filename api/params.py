@@ -48,7 +48,7 @@ async def request_params(request: web.Request) -> dict[str, str]:
     if ctype == "application/json" or (ctype == "application/octet-stream" and text.lstrip()[:1] == "{"):
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise BadInput(f"malformed JSON body: {e}") from e
         if not isinstance(obj, dict):
             raise BadInput("JSON body must be an object")

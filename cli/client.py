@@ -78,7 +78,8 @@ class Api:
         return await self._json("GET", "/images", params={"workload_id": workload_id, "type": type_})
 
     async def upload(self, workload_id: str, image_id: int, filename: str, data: bytes) -> bool:
-        """Upload original ``image_id``; False if the server has it already (a resumed push)."""
+        """Upload original ``image_id``; False if the server has these very bytes under that id
+        already (a resumed push, or a retry whose first reply was lost)."""
 
         def form() -> aiohttp.FormData:
             f = aiohttp.FormData()
@@ -91,9 +92,12 @@ class Api:
         try:
             await self._json("POST", "/images", data=form)
         except ApiError as e:
-            if e.status == 409:
-                return False
-            raise
+            if e.status != 409:
+                raise
+            if await self.download(workload_id, image_id, "original") != data:
+                raise CliError(f"image {image_id} of workload {workload_id} already exists with other"
+                               " content: push into a new workload") from e
+            return False
         return True
 
     async def download(self, workload_id: str, image_id: int, type_: str) -> bytes:

@@ -47,9 +47,16 @@ def config_path() -> Path:
 def load() -> Session:
     """The saved session (or an empty one), with the environment's overrides applied."""
     session = load_saved()
-    session.url = os.environ.get("DPIP_URL") or session.url
+    if url := os.environ.get("DPIP_URL"):
+        session = at_url(session, url)
     session.token = os.environ.get("DPIP_TOKEN") or session.token
     return session
+
+
+def at_url(session: Session, url: str) -> Session:
+    """The session pointed at ``url``: the saved token only goes to the server that issued it."""
+    same = url.rstrip("/") == session.url.rstrip("/")
+    return Session(url, session.user, session.token if same else "")
 
 
 def load_saved() -> Session:

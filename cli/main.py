@@ -39,9 +39,10 @@ FILTERS = ("grayscale", "blur")
 def _session(args: argparse.Namespace, need_token: bool = True) -> Session:
     session = config.load()
     if getattr(args, "url", None):
-        session.url = args.url
+        session = config.at_url(session, args.url)
+        session.token = os.environ.get("DPIP_TOKEN") or session.token
     if need_token and not session.token:
-        raise CliError("not logged in: run `dpip login` first", EXIT_AUTH)
+        raise CliError(f"not logged in to {session.url}: run `dpip login --url {session.url}` first", EXIT_AUTH)
     return session
 
 
@@ -123,8 +124,11 @@ async def _push(api: Api, args: argparse.Namespace, workload: dict, uploads: Asy
     """Upload everything; returns how many images the workload has from this push."""
     wid = workload["workload_id"]
     err.print(f"workload {wid} ({workload['workload_name']}, {workload['filter']})")
+    existing = {}
+    if args.workload:  # resuming: what the server has already
+        existing = {e["image_id"]: e["size"] for e in await api.list_images(wid, "original")}
     try:
-        result = await transfer.upload_all(api, wid, uploads, args.jobs, progress, total)
+        result = await transfer.upload_all(api, wid, uploads, args.jobs, progress, total, existing)
     except (asyncio.CancelledError, KeyboardInterrupt):
         err.print(f"push interrupted: resume with the same command and --workload {wid}")
         raise
@@ -268,6 +272,7 @@ async def _video_join(api: Api, args: argparse.Namespace, workload: dict, pool: 
 
 
 async def cmd_video_pull(args: argparse.Namespace) -> int:
+    video.Writer.check(args.output, args.codec)
     with _video_thread("encode") as pool:
         async with _api(args, connections=args.jobs) as api:
             workload = await api.workload(args.workload)
@@ -278,7 +283,7 @@ async def cmd_video_pull(args: argparse.Namespace) -> int:
 
 async def cmd_video_run(args: argparse.Namespace) -> int:
     """Push and join at once: frame k is encoded as soon as it is filtered."""
-    video.Writer._pick(args.output)  # fail on a bad output name before the work, not after
+    video.Writer.check(args.output, args.codec)  # a bad output name or codec fails before the work
     with _video_thread("decode") as decode, _video_thread("encode") as encode:
         async with _api(args, connections=2 * args.jobs) as api:
             workload, frames = await _video_target(api, args, decode)
@@ -381,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpip: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except EOFError:
+        print("dpip: no password given", file=sys.stderr)
+        return EXIT_AUTH
+    except video.av.FFmpegError as e:  # before OSError: some are both
+        print(f"dpip: video: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as e:  # a local file: unreadable input, unwritable output
         print(f"dpip: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_FAILED

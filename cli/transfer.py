@@ -101,8 +101,11 @@ class PushResult:
 
 
 async def upload_all(api: Api, workload_id: str, uploads: AsyncIterator[Upload], jobs: int,
-                     progress: Progress, total: int | None) -> PushResult:
-    """Upload ``uploads`` ``jobs`` at a time, as they come (a video is decoded meanwhile)."""
+                     progress: Progress, total: int | None, existing: dict[int, int] | None = None) -> PushResult:
+    """Upload ``uploads`` ``jobs`` at a time, as they come (a video is decoded meanwhile).
+    ``existing``: sizes of the originals the workload has (a resumed push); an image of the same
+    size under the same id is taken as sent, another size is an error."""
+    existing = existing or {}
     loop = asyncio.get_running_loop()
     result = PushResult()
     started = time.monotonic()
@@ -118,7 +121,11 @@ async def upload_all(api: Api, workload_id: str, uploads: AsyncIterator[Upload],
     async def send() -> None:
         while (upload := await queue.get()) is not None:
             data = await loop.run_in_executor(None, upload.load)
-            if await api.upload(workload_id, upload.image_id, upload.filename, data):
+            there = existing.get(upload.image_id)
+            if there is not None and there != len(data):
+                raise CliError(f"image {upload.image_id} of workload {workload_id} already exists with other"
+                               f" content ({there} bytes, {upload.filename} has {len(data)}): push into a new workload")
+            if there is None and await api.upload(workload_id, upload.image_id, upload.filename, data):
                 result.sent += 1
                 result.bytes += len(data)
             else:

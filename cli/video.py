@@ -94,10 +94,23 @@ class Writer:
     def __init__(self, path: Path, fps: Fraction, codec: str | None = None) -> None:
         self.path, self.fps = path, fps
         self.partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # renamed when complete
-        self.codec = codec or self._pick(path)
+        self.codec = self.check(path, codec)
         self._out: av.container.OutputContainer | None = None
         self._stream: av.VideoStream | None = None
         self.count = 0
+
+    @classmethod
+    def check(cls, path: Path, codec: str | None) -> str:
+        """The codec to use for ``path``, or a :class:`CliError` saying why there is none."""
+        if codec is None:
+            return cls._pick(path)
+        try:
+            av.Codec(codec, "w")
+        except (av.FFmpegError, ValueError) as e:
+            raise CliError(f"no {codec!r} encoder in this FFmpeg build ({e})") from e
+        if av.Codec(codec, "w").type != "video":
+            raise CliError(f"{codec!r} is not a video encoder")
+        return codec
 
     @staticmethod
     def _pick(path: Path) -> str:

@@ -12,6 +12,7 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +25,7 @@ from controller.models import BadInput, ImageType, TooLarge
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: Thumbnail sizes: pixels on the long side, aspect kept (never enlarged).
 THUMB_SIZES = {"small": 100, "medium": 300, "large": 600}
+THUMB_THREADS = 2  # thumbnails made at once; others wait (uploads keep the default pool)
 
 def check_workload_name(name: str) -> str:
     """A workload name becomes a directory: only ``[A-Za-z0-9._-]``, 1..64 chars, not dots."""
@@ -55,6 +57,11 @@ class ImageStore:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.fsync = fsync
+        self._thumb_pool = ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="thumbs")
+        self._thumb_slots = asyncio.Semaphore(THUMB_THREADS)
+
+    def close(self) -> None:
+        self._thumb_pool.shutdown(wait=False, cancel_futures=True)
 
     def path(self, workload_name: str, type_: ImageType, image_id: int, fmt: str) -> Path:
         return self.root / workload_name / type_.value / f"{image_id}.{FORMATS[fmt][0]}"
@@ -69,7 +76,12 @@ class ImageStore:
         thumb = self.root / workload_name / "thumbs" / f"{type_.value}-{image_id}-{size}.{ext}"
         if not thumb.exists():
             source = self.path(workload_name, type_, image_id, fmt)
-            await asyncio.get_running_loop().run_in_executor(None, _make_thumbnail, source, thumb, px, fmt)
+            async with self._thumb_slots:  # a gallery asks for dozens at once; decoding is heavy
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._thumb_pool, _make_thumbnail, source, thumb, px, fmt)
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                    raise BadInput(f"{type_.value} image {image_id} cannot be decoded for a thumbnail: {e}") from e
         return thumb
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:

@@ -47,7 +47,8 @@ class ScalePolicy:
     idle_timeout: float = 30.0  # an autoscaled worker idle this long is retired (down to minimum)
     up_cooldown: float = 2.0  # at least this long between two scale-ups
     down_cooldown: float = 2.0  # and between two retirements: no flapping, one step at a time
-    launch_timeout: float = 30.0  # a launched worker not alive by then has failed
+    launch_timeout: float = 30.0  # a worker not alive this long after its launch command returned has failed
+    max_backoff: float = 60.0  # after failed launches, wait 2, 4, 8 ... up to this before the next
     worker_capacity: int = 1  # slots a worker brings, assumed until ours report their own
 
 
@@ -63,7 +64,7 @@ class Managed:
 
     name: str
     phase: Phase = Phase.LAUNCHING
-    launched_at: float = 0.0
+    launched_at: float | None = 0.0  # None while the launch command still runs
     idle_since: float | None = None  # None while it has jobs
     capacity: int = 0  # as it reports; 0 until its first heartbeat
 
@@ -91,7 +92,7 @@ def decide(fleet: Fleet, policy: ScalePolicy, last_up: float, last_down: float) 
     retire one idle worker of ours at a time once nothing is queued."""
     active = [m for m in fleet.managed if m.phase != Phase.RETIRING]
     launching = [m for m in active if m.phase == Phase.LAUNCHING]
-    if len(active) < policy.minimum:
+    if len(active) < policy.minimum and fleet.now - last_up >= policy.up_cooldown:
         return Decision("launch", f"{len(active)} autoscaled workers, below the minimum of {policy.minimum}",
                         count=policy.minimum - len(active))
     coming = sum(m.capacity or policy.worker_capacity for m in launching)
@@ -142,8 +143,9 @@ class Autoscaler:
         self.launched = 0
         self.retired = 0
         self.failed = 0
-        self._last_up = -math.inf
+        self._last_up = -math.inf  # pushed into the future after failed launches (backoff)
         self._last_down = -math.inf
+        self._failures_in_a_row = 0
         self._serial = 0
         self._task: asyncio.Task | None = None
         self._ops: set[asyncio.Task] = set()
@@ -206,10 +208,11 @@ class Autoscaler:
             if m.phase == Phase.LAUNCHING:
                 if w is not None and w.alive and m.name in slots:
                     m.phase, m.capacity, m.idle_since = Phase.ALIVE, w.capacity, now
-                    logger.info("autoscaled worker %s is up after %.1f s", m.name, now - m.launched_at)
-                elif now - m.launched_at > self.policy.launch_timeout or self.provisioner.exited(m.name):
-                    self.failed += 1
-                    self._forget(m, f"not alive {now - m.launched_at:.0f} s after its launch")
+                    self._failures_in_a_row = 0
+                    logger.info("autoscaled worker %s is up", m.name)
+                elif m.launched_at is not None and (now - m.launched_at > self.policy.launch_timeout
+                                                    or self.provisioner.exited(m.name)):
+                    self._failed(now, m, f"not alive {now - m.launched_at:.0f} s after its launch")
                     self._spawn(self.provisioner.retire(m.name))
                 continue
             if m.phase == Phase.RETIRING:
@@ -229,7 +232,7 @@ class Autoscaler:
         while name in self.managed or any(w.name == name and w.alive for w in self.membership.snapshot()):
             self._serial += 1
             name = f"auto-{self._serial}"
-        self.managed[name] = Managed(name, Phase.LAUNCHING, now)
+        managed = self.managed[name] = Managed(name, Phase.LAUNCHING, None)
         self.launched += 1
         self.last_action = Record("launch", f"{name}: {reason}", time.time())
         logger.info("autoscale: launching %s: %s", name, reason)
@@ -238,12 +241,20 @@ class Autoscaler:
             try:
                 await self.provisioner.launch(name)
             except ProvisionError as e:
-                self.failed += 1
-                m = self.managed.get(name)
-                if m is not None:
-                    self._forget(m, f"launch failed: {e}")
+                if name in self.managed:
+                    self._failed(time.monotonic(), managed, f"launch failed: {e}")
+                return
+            managed.launched_at = time.monotonic()  # the launch timeout runs from here
 
         self._spawn(launch())
+
+    def _failed(self, now: float, m: Managed, why: str) -> None:
+        """A launch that did not give a live worker: forget it and hold the next one back."""
+        self.failed += 1
+        self._failures_in_a_row += 1
+        backoff = min(self.policy.max_backoff, 2.0 ** self._failures_in_a_row)
+        self._last_up = max(self._last_up, now + backoff - self.policy.up_cooldown)
+        self._forget(m, f"{why}; next launch in {backoff:.0f} s at the earliest")
 
     def _retire(self, name: str, reason: str) -> None:
         self.managed[name].phase = Phase.RETIRING

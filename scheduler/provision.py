@@ -61,7 +61,7 @@ class LocalProcesses(Provisioner):
         self.procs: dict[str, asyncio.subprocess.Process] = {}
 
     def describe(self) -> str:
-        return "local processes" + (f" ({' '.join(self.worker_args)})" if self.worker_args else "")
+        return "local processes"  # not the flags: shown to every user in /status
 
     async def launch(self, name: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -101,17 +101,20 @@ class LocalProcesses(Provisioner):
 
 
 class ExternalCommand(Provisioner):
-    def __init__(self, up: str, down: str, controller: str, log_dir: Path) -> None:
+    def __init__(self, up: str, down: str, controller: str, log_dir: Path, join_token: str = "") -> None:
         self.up, self.down, self.controller = up, down, controller
+        self.join_token = join_token
         self.log = log_dir / "commands.log"
         self.started: set[str] = set()
 
     def describe(self) -> str:
-        return f"external commands (up: {self.up!r})"
+        return "external commands"  # never the commands: they may hold secrets
 
     async def _run(self, template: str, name: str) -> None:
         command = template.replace("{name}", shlex.quote(name)).replace("{controller}", shlex.quote(self.controller))
         env = {**os.environ, "DPIP_WORKER_NAME": name, "DPIP_CONTROLLER": self.controller}
+        if self.join_token:
+            env["DPIP_JOIN_TOKEN"] = self.join_token  # for the command to hand on, never in its text
         self.log.parent.mkdir(parents=True, exist_ok=True)
         # Output goes to a file, not a pipe: a command that leaves a worker running in the
         # background would otherwise hold the pipe open, and us waiting, for its whole life.
@@ -126,14 +129,14 @@ class ExternalCommand(Provisioner):
         except TimeoutError as e:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            raise ProvisionError(f"{command!r} took longer than {COMMAND_TIMEOUT:.0f} s") from e
+            raise ProvisionError(f"the command for {name} took longer than {COMMAND_TIMEOUT:.0f} s") from e
         if proc.returncode != 0:
-            raise ProvisionError(f"{command!r} exited with {proc.returncode} (output in {self.log})")
-        logger.info("ran %r", command)
+            raise ProvisionError(f"the command for {name} exited with {proc.returncode} (see {self.log})")
+        logger.info("ran the command for %s (output in %s)", name, self.log)
 
     async def launch(self, name: str) -> None:
+        self.started.add(name)  # from the start: a launch cut short by a stop is still retired
         await self._run(self.up, name)
-        self.started.add(name)
 
     async def retire(self, name: str) -> None:
         try:

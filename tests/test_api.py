@@ -150,6 +150,13 @@ async def test_bad_workload_parameters_are_400(client, params, words):
     await assert_error(r, 400, *words)
 
 
+async def test_deeply_nested_json_body_is_400(client):
+    token = await login(client)
+    body = '{"filter": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = await client.post("/workloads", headers={**bearer(token), "Content-Type": "application/json"}, data=body)
+    await assert_error(r, 400, "malformed JSON body")
+
+
 async def test_malformed_json_body_is_400(client):
     token = await login(client)
     r = await client.post("/workloads", data=b"{not json",
@@ -236,7 +243,9 @@ async def test_workload_meta_round_trips(client):
     got = await (await client.get(f"/workloads/{w['workload_id']}", headers=bearer(token))).json()
     assert got["meta"] == meta
     assert (await new_workload(client, token))["meta"] == {}
-    for bad, words in (("[1]", "object"), ("{", "JSON"), ('{"a": "' + "x" * 5000 + '"}', "larger")):
+    deep = "[" * 2000 + "]" * 2000  # under 4 KiB, deeper than the JSON parser's recursion
+    for bad, words in (("[1]", "object"), ("{", "JSON"), ('{"a": "' + "x" * 5000 + '"}', "larger"),
+                       ('{"fps": NaN}', "NaN"), ('{"a": ' + deep + "}", "JSON")):
         r = await client.post("/workloads", headers=bearer(token), data={"meta": bad})
         await assert_error(r, 400, "meta", words)
 

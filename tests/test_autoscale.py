@@ -65,6 +65,11 @@ def test_idle_workers_retire_one_at_a_time_down_to_the_minimum():
     assert decide(fleet(100, 1, 0, a, b), POLICY, -1e9, -1e9).action != "retire"  # work waits: keep them
 
 
+def test_the_minimum_respects_the_launch_cooldown():
+    keep_one = ScalePolicy(minimum=1, maximum=3, up_cooldown=2, worker_capacity=2)
+    assert decide(fleet(), keep_one, last_up=99.5, last_down=-1e9).action == "hold"
+
+
 def test_minimum_is_kept_and_retiring_workers_do_not_count():
     keep_two = ScalePolicy(minimum=2, maximum=3, worker_capacity=2)
     assert decide(fleet(), keep_two, -1e9, -1e9) == Decision(
@@ -187,3 +192,13 @@ def test_external_commands_start_and_stop_workers(make_system, tmp_path):
                 os.kill(int(f.read_text()), 9)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def test_failed_launches_back_off(make_system):
+    """A worker flag that makes every autoscaled worker exit at once: launches slow down."""
+    system = make_system("--autoscale", "1:2", "--autoscale-worker-args", "--capacity 0")
+    token = system.login()
+    time.sleep(10)
+    scale = ref.get_json(system.url, token, "/status")["autoscale"]
+    assert 2 <= scale["failed"] <= 3 and scale["launched"] <= 4, scale  # 0 s, ~3 s, ~8 s; not every 2 s
+    assert "next launch in" in (system.log_dir / "server.log").read_text()

@@ -126,6 +126,10 @@ def test_push_then_pull_round_trips_30_frames(cli: Cli, system, tmp_path):
 
     resumed = cli.ok("push", tmp_path / "frames", "--workload", wid)  # a re-run sends nothing
     assert "pushed 0 images" in resumed.stderr and "30 already there" in resumed.stderr
+    other = frames_dir(tmp_path / "other", 2)  # other frames into the same ids: refused, not mixed in
+    Image.new("RGB", (64, 64), "white").save(other[0])
+    one_line_error(cli("push", tmp_path / "other", "--workload", wid), 1, "image 0", "already exists with other content",
+                   alone=False)
 
 
 def test_video_run_gives_the_grayscale_of_each_frame(cli: Cli, tmp_path):
@@ -200,9 +204,16 @@ def test_error_paths_exit_non_zero_with_one_line(cli: Cli, system, tmp_path):
     assert cli("push", tmp_path / "f", "--filter", "sepia").returncode == 2  # argparse's usage error
 
     dead = f"http://127.0.0.1:{free_port()}"
-    one_line_error(cli("status", DPIP_URL=dead), 4, "cannot reach the server")
+    one_line_error(cli("status", DPIP_URL=dead, DPIP_TOKEN="t"), 4, "cannot reach the server")
     one_line_error(cli("login", "--url", dead), 4, "cannot reach the server")
-    one_line_error(cli("video", "run", tmp_path / "none.mp4", tmp_path / "o.mp4", DPIP_URL=dead), 1, "none.mp4")
+    one_line_error(cli("video", "run", tmp_path / "none.mp4", tmp_path / "o.mp4", DPIP_URL=dead, DPIP_TOKEN="t"),
+                   1, "none.mp4")
+    # the saved token goes only to the server that issued it
+    one_line_error(cli("status", "--url", dead), 3, f"not logged in to {dead}")
+    one_line_error(cli("workers", DPIP_URL=dead), 3, "not logged in")
+    one_line_error(cli("video", "run", tmp_path / "none.mp4", tmp_path / "o.mp4", "--codec", "nope"), 1,
+                   "no 'nope' encoder")
+    one_line_error(cli("video", "pull", unknown, tmp_path / "o.mp4", "--codec", "aac"), 1, "not a video encoder")
 
 
 def test_logout_revokes_and_forgets(cli: Cli, tmp_path):

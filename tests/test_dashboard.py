@@ -108,6 +108,10 @@ def test_thumbnails_keep_aspect_and_are_cached(system):
     assert sorted(p.name for p in thumbs.iterdir()) == ["original-0-large.png", "original-0-medium.png", "original-0-small.png"]
     r = ref.request(system.url, "GET", f"/images/0?workload_id={wid}&size=huge", headers=ref.bearer(token))
     assert r.status == 400 and "size must be one of small, medium, large" in r.json()["error"]
+    damaged = png((1, 2, 3), (400, 300))[:300]  # a sound header, a cut body: accepted, undecodable
+    push(system, token, wid, {1: damaged})
+    r = ref.request(system.url, "GET", f"/images/1?workload_id={wid}&size=small", headers=ref.bearer(token))
+    assert r.status == 400 and "cannot be decoded for a thumbnail" in r.json()["error"]
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

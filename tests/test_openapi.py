@@ -100,3 +100,16 @@ def test_event_stream_sends_snapshots(live):
     assert snapshots[1]["server_time"] > snapshots[0]["server_time"]
     r = ref.request(system.url, "GET", "/events")
     assert r.status == 401
+
+
+def test_event_stream_ends_when_its_token_is_revoked(live):
+    system, _ = live
+    token = system.login()  # its own token: the module's one stays valid
+    request = urllib.request.Request(f"{system.url}/events", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        lines = iter(resp)
+        while not next(lines).startswith(b"data: "):
+            pass
+        assert ref.request(system.url, "DELETE", "/logout", headers=ref.bearer(token)).status == 200
+        rest = b"".join(lines)  # the server closes the stream: this returns (a hang would time out)
+    assert rest.count(b"data: ") <= 1

@@ -160,26 +160,46 @@ function renderWorkload() {
   $("#wl-summary").textContent = `${w.status}: ${w.filtered} filtered, ${w.failed} failed, ${w.running_jobs} running, of ${total} images; ${rate(id).toFixed(1)} images/s`;
   $("#wl-bar").style.width = `${total ? (100 * finished) / total : 0}%`;
   $("#wl-failures").replaceChildren(...(w.failed_images || []).map((f) => el("li", {}, `image ${f.image_id}: ${f.reason}`)));
-  renderGallery(w);
+  renderGallery(w).catch(() => {});
+}
+
+const fetchSlots = { free: 4, waiting: [] };  // a big gallery must not fire hundreds of requests at once
+
+async function limited(work) {
+  if (fetchSlots.free > 0) fetchSlots.free--; else await new Promise((r) => fetchSlots.waiting.push(r));
+  try { return await work(); } finally {
+    const next = fetchSlots.waiting.shift();
+    if (next) next(); else fetchSlots.free++;
+  }
 }
 
 async function thumb(workloadId, imageId, type) {
   const key = `${workloadId}/${type}/${imageId}`;
   if (!state.thumbs.has(key)) {
-    state.thumbs.set(key, api(`/images/${imageId}?workload_id=${workloadId}&type=${type}&size=small`)
+    state.thumbs.set(key, limited(() => api(`/images/${imageId}?workload_id=${workloadId}&type=${type}&size=small`))
       .then((r) => r.blob()).then((b) => URL.createObjectURL(b))
       .catch((e) => { state.thumbs.delete(key); throw e; }));
   }
   return state.thumbs.get(key);
 }
 
-const gallery = { workload: null, shown: new Set() };
+const gallery = { workload: null, count: -1, ids: [], shown: new Set() };
 
-function renderGallery(w) {
+async function renderGallery(w) {
   const box = $("#gallery");
-  if (gallery.workload !== w.workload_id) { gallery.workload = w.workload_id; gallery.shown = new Set(); box.replaceChildren(); }
+  if (gallery.workload !== w.workload_id) {  // another workload: drop the old tiles and their blobs
+    for (const url of state.thumbs.values()) url.then((u) => URL.revokeObjectURL(u)).catch(() => {});
+    state.thumbs.clear();
+    Object.assign(gallery, { workload: w.workload_id, count: -1, ids: [], shown: new Set() });
+    box.replaceChildren();
+  }
+  if (gallery.count !== w.images) {  // ids may have gaps (clients may choose them): ask for the list
+    gallery.count = w.images;
+    const list = await (await api(`/images?workload_id=${w.workload_id}&type=original`)).json();
+    gallery.ids = list.map((e) => e.image_id);
+  }
   const filtered = new Set(w.filtered_images);
-  for (let i = 0; i < (w.images || 0); i++) {
+  for (const i of gallery.ids) {
     let pair = box.querySelector(`[data-image="${i}"]`);
     if (!pair) {
       pair = el("div", { class: "pair", "data-image": i },
