@@ -7,6 +7,7 @@ same thing. Errors of every kind leave as JSON ``{"error": ...}``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -150,13 +151,23 @@ def _autoscaler(s: ServerSettings, join_token: str, scheduler: Scheduler, member
         host = s.host if s.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
         provisioner = ExternalCommand(s.scale_up_cmd, s.scale_down_cmd, f"{host}:{s.controller_port}", log_dir,
                                       join_token)
+        tags = None  # whatever the operator's workers have
     else:
         env = {"DPIP_JOIN_TOKEN": join_token} if join_token else {}
-        provisioner = LocalProcesses(f"127.0.0.1:{s.controller_port}", shlex.split(s.autoscale_worker_args),
-                                     log_dir, env)
+        args = shlex.split(s.autoscale_worker_args)
+        provisioner = LocalProcesses(f"127.0.0.1:{s.controller_port}", args, log_dir, env)
+        tags = worker_tags(args)
     policy = ScalePolicy(minimum=s.autoscale[0], maximum=s.autoscale[1], idle_timeout=s.idle_timeout,
                          worker_capacity=os.cpu_count() or 1)
-    return Autoscaler(policy, provisioner, scheduler, membership)
+    return Autoscaler(policy, provisioner, scheduler, membership, tags)
+
+
+def worker_tags(args: list[str]) -> frozenset[str]:
+    """The ``--tags`` among worker flags."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--tags", default="")
+    known, _ = parser.parse_known_args(args)
+    return frozenset(t.strip() for t in known.tags.split(",") if t.strip())
 
 
 def create_app(settings: ServerSettings) -> web.Application:

@@ -132,8 +132,11 @@ class Autoscaler:
     TICK = 0.5
 
     def __init__(self, policy: ScalePolicy, provisioner: Provisioner, scheduler: Scheduler,
-                 membership: Membership) -> None:
+                 membership: Membership, worker_tags: frozenset[str] | None = None) -> None:
         self.policy = policy
+        # The tags our workers will have (None: unknown). Jobs needing others are not our demand:
+        # scaling cannot help them, and they must not keep our idle workers alive.
+        self.worker_tags = worker_tags
         self.provisioner = provisioner
         self.scheduler = scheduler
         self.membership = membership
@@ -187,7 +190,7 @@ class Autoscaler:
     def _tick(self, now: float) -> None:
         slots = self.scheduler.slots()
         self._observe(now, slots)
-        fleet = Fleet(now, self.scheduler.queued(),
+        fleet = Fleet(now, self.scheduler.queued_for(self.worker_tags),
                       sum(max(0, cap - used) for used, cap in slots.values()),
                       tuple(self.managed.values()))
         d = decide(fleet, self.policy, self._last_up, self._last_down)

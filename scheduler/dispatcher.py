@@ -83,6 +83,12 @@ class Scheduler:
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def queued_for(self, tags: frozenset[str] | None) -> int:
+        """Queued jobs a worker with ``tags`` could run (None: any worker, tags unknown)."""
+        if tags is None:
+            return self.queued()
+        return sum(1 for q in self._queues.values() for job in q if tags.issuperset(job.tags))
+
     def slots(self) -> dict[str, tuple[int, int]]:
         """Per worker ready for jobs: (jobs in flight, capacity). The autoscaler reads it."""
         return {v.name: (v.in_flight, v.capacity) for v in self._views() if v.ready}

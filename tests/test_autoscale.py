@@ -202,3 +202,17 @@ def test_failed_launches_back_off(make_system):
     scale = ref.get_json(system.url, token, "/status")["autoscale"]
     assert 2 <= scale["failed"] <= 3 and scale["launched"] <= 4, scale  # 0 s, ~3 s, ~8 s; not every 2 s
     assert "next launch in" in (system.log_dir / "server.log").read_text()
+
+
+def test_jobs_our_workers_could_not_run_launch_nothing(make_system):
+    system = make_system("--autoscale", "0:2", "--autoscale-worker-args", "--tags blue")
+    token = system.login()
+    wid = workload(system.url, token, tags="gpu")  # no autoscaled worker will have gpu
+    push(system, token, wid, {i: frame_png(i, 32, 32) for i in range(3)})
+    blue = workload(system.url, token, tags="blue")
+    time.sleep(3)
+    status = ref.get_json(system.url, token, "/status")
+    assert status["autoscale"]["launched"] == 0 and status["queued_jobs"] == 3
+    push(system, token, blue, {0: frame_png(0, 32, 32)})  # this one they can run
+    wait_completed(system.url, token, blue, timeout=60)
+    assert ref.get_json(system.url, token, "/status")["autoscale"]["launched"] == 1
