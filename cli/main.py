@@ -154,19 +154,22 @@ async def _watch(api: Api, workload_id: str, quiet: bool) -> dict:
     with progress_bar(quiet) as progress:
         seen = await transfer.watch(api, workload_id, progress)
     w = seen.workload
-    failed = w.get("failed_images", [])
     err.print(f"{w['workload_name']}: completed, {len(w['filtered_images'])} filtered, "
-              f"{len(failed)} failed ({seen.elapsed:.1f} s watched)")
-    if failed:
+              f"{len(w.get('failed_images', []))} failed ({seen.elapsed:.1f} s watched)")
+    return w
+
+
+def _check_failures(w: dict) -> None:
+    """Exit non-zero, with the first reason, if images of the workload failed."""
+    if failed := w.get("failed_images"):
         first = failed[0]
         raise CliError(f"{len(failed)} of {w.get('images', '?')} images failed "
                        f"(image {first['image_id']}: {first['reason']})")
-    return w
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     async with _api(args) as api:
-        await _watch(api, args.workload, args.quiet)
+        _check_failures(await _watch(api, args.workload, args.quiet))
     return EXIT_OK
 
 
@@ -179,6 +182,8 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             fetched, kept = await transfer.pull(api, args.workload, args.dir, args.type, args.jobs, progress)
     pending = "" if w["status"] == "completed" else f"; workload still {w['status']}: pull again later"
     err.print(f"downloaded {fetched}, kept {kept} already complete, into {args.dir}{pending}")
+    if args.wait:
+        _check_failures(w)  # what succeeded is downloaded; the exit code still tells
     return EXIT_OK
 
 

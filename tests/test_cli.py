@@ -175,6 +175,9 @@ def test_watch_fails_when_images_fail(cli: Cli, system, tmp_path):
     (bad / "1.png").write_bytes(buf.getvalue()[:200])  # a valid header, a truncated body
     wid = cli.ok("push", bad).stdout.strip()
     one_line_error(cli("watch", wid), 1, "1 of 2 images failed", "image 1", alone=False)
+    r = cli("pull", wid, tmp_path / "got", "--wait")  # what succeeded is there, the exit code tells
+    one_line_error(r, 1, "1 of 2 images failed", alone=False)
+    assert [p.name for p in (tmp_path / "got").iterdir()] == ["0.png"]
 
 
 @pytest.mark.parametrize("args", [
