@@ -6,8 +6,6 @@ job-done hook); gauges (jobs by state, queue depth, workers) are read fresh at e
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -45,7 +43,6 @@ class Metrics:
         self.worker_capacity = Gauge("dpip_worker_capacity", "Jobs the worker runs at once", ["worker"], registry=r)
         self.worker_done = Gauge("dpip_worker_jobs_done", "Jobs the worker finished since it started",
                                  ["worker"], registry=r)
-        self.started = time.time()
 
     def job_done(self, job: Job, seconds: float) -> None:
         self.job_duration.labels(job.filter.value).observe(seconds)

@@ -105,10 +105,10 @@ class Writer:
         if codec is None:
             return cls._pick(path)
         try:
-            av.Codec(codec, "w")
+            encoder = av.Codec(codec, "w")
         except (av.FFmpegError, ValueError) as e:
             raise CliError(f"no {codec!r} encoder in this FFmpeg build ({e})") from e
-        if av.Codec(codec, "w").type != "video":
+        if encoder.type != "video":
             raise CliError(f"{codec!r} is not a video encoder")
         return codec
 
