@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import signal
 import sys
+import warnings
 
 from aiohttp import web
+from PIL import Image
 
 from api.app import before_stop, create_app
 from api.settings import ServerSettings, parse_server_args
@@ -57,12 +60,23 @@ async def serve(settings: ServerSettings) -> None:
     logger.info("stopped")
 
 
+def limit_pixels(max_pixels: int) -> None:
+    """Pillow refuses to decode an image larger than we accept (by default it would warn only
+    up to twice its own limit, 89 MP): a stored file can never become a decompression bomb."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # Everything we create (the database with its password hashes, images, secrets, temporary
+    # files) is the owner's only. The users command may create the database too.
+    os.umask(0o077)
     if argv[:1] == ["users"]:
         sys.exit(users.main(argv[1:]))
     settings, level = parse_server_args(argv)
     setup_logging(level)
+    limit_pixels(settings.max_pixels)
     asyncio.run(serve(settings))
 
 

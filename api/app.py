@@ -32,7 +32,7 @@ from api.keys import (
     UPLOAD_LOCKS,
 )
 from api.metrics import Metrics
-from api.ratelimit import FailureLimiter
+from api.ratelimit import LoginThrottle
 from api.settings import ServerSettings
 from common.config import tcp_url
 from controller.auth import Auth, is_loopback, load_join_token, load_or_create_secret
@@ -48,6 +48,7 @@ from controller.models import (
     TooManyRequests,
     Unauthorized,
     UnsupportedMedia,
+    clipped,
 )
 from controller.store import Store
 from scheduler.autoscale import Autoscaler, ScalePolicy
@@ -68,8 +69,28 @@ _STATUS = [
 ]
 
 
+#: A backstop: no error body grows with the input, whatever a message quotes.
+MAX_ERROR_CHARS = 500
+
+
 def error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + "…"
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The client closed its connection (mid-body, typically): nothing to answer, nothing wrong."""
+    return request.transport is None or request.transport.is_closing()
+
+
+@web.middleware
+async def fresh_users(request: web.Request, handler) -> web.StreamResponse:
+    """Users removed by ``main.py users remove`` (another process) lose their tokens at once."""
+    auth = request.app.get(AUTH)
+    if auth is not None:
+        await auth.refresh_users()
+    return await handler(request)
 
 
 @web.middleware
@@ -88,11 +109,19 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
             raise
         headers = {k: v for k, v in e.headers.items() if k in ("Allow", "WWW-Authenticate", "Retry-After")}
         reason = {
-            404: f"no such endpoint: {request.method} {request.path}",
-            405: f"method {request.method} not allowed on {request.path}; allowed: {e.headers.get('Allow', '')}",
+            404: f"no such endpoint: {clipped(request.method)} {clipped(request.path)}",
+            405: f"method {clipped(request.method)} not allowed on {clipped(request.path)};"
+                 f" allowed: {e.headers.get('Allow', '')}",
             413: "request body too large",
         }.get(e.status, e.text or e.reason)
         return error_response(e.status, reason, headers)
+    except ConnectionResetError as e:  # aiohttp's, when the client hangs up mid-body
+        if not _client_gone(request):
+            logger.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(500, "internal server error")
+        logger.info("%s %s: the client %s closed the connection before sending its whole request (%s)",
+                    request.method, request.path, request.remote, e)
+        return error_response(400, "connection closed before the request was complete")
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal server error")
@@ -102,18 +131,23 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     """Open the datastore, auth, image store, controller and scheduler; close them in reverse."""
     s = app[SETTINGS]
     s.data_dir.mkdir(parents=True, exist_ok=True)
+    s.data_dir.chmod(0o700)  # password hashes, the JWT secret, everyone's images: owner only
+    for db_file in s.data_dir.glob(s.db_path.name + "*"):  # made before 0700 and umask 077
+        db_file.chmod(0o600)
     s.images_dir.mkdir(exist_ok=True)
     s.incoming_dir.mkdir(exist_ok=True)
     for leftover in s.incoming_dir.glob("*.upload"):  # uploads cut off by a crash: never accepted
         leftover.unlink()
     store = Store(s.db_path)
     await store.open()
-    auth = Auth(store, load_or_create_secret(s.data_dir / "jwt-secret"), s.token_ttl)
+    secret = load_or_create_secret(s.data_dir / "jwt-secret")
+    auth = Auth(store, secret, s.token_ttl)
     await auth.load()
     await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
     ttl = s.worker_ttl or 3 * s.heartbeat_interval
     join_token = s.join_token or load_join_token(s.data_dir, required=not is_loopback(s.host))
-    membership = Membership(store, auth, s.port, s.public_url, s.heartbeat_interval, ttl, join_token)
+    membership = Membership(store, secret, s.port, s.public_url, s.heartbeat_interval, ttl, join_token,
+                            forget_after=s.forget_after, max_workers=s.max_workers)
     scheduler = Scheduler(store, membership, SchedulerSettings(
         job_timeout=s.job_timeout,
         max_attempts=s.max_attempts,
@@ -126,7 +160,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[STORE], app[AUTH], app[MEMBERSHIP], app[SCHEDULER] = store, auth, membership, scheduler
     app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
     app[UPLOAD_LOCKS] = {}
-    app[LOGIN_LIMITS] = (FailureLimiter(s.login_failures, 60.0), FailureLimiter(4 * s.login_failures, 60.0))
+    app[LOGIN_LIMITS] = LoginThrottle(s.login_failures, 60.0)
     await membership.start(tcp_url(s.host, s.controller_port))
     await scheduler.start()
     if s.autoscale is not None:
@@ -172,7 +206,8 @@ def worker_tags(args: list[str]) -> frozenset[str]:
 
 def create_app(settings: ServerSettings) -> web.Application:
     """The server: HTTP API plus, in its lifecycle, controller and scheduler."""
-    app = web.Application(middlewares=[observe.count_requests, errors_as_json], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[observe.count_requests, errors_as_json, fresh_users],
+                          client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[STOPPING] = asyncio.Event()

@@ -15,6 +15,7 @@ from api.keys import (
     AUTOSCALER,
     CLAIMS,
     IMAGES,
+    JOB_CLAIMS,
     LOGIN_LIMITS,
     MEMBERSHIP,
     SCHEDULER,
@@ -24,27 +25,31 @@ from api.keys import (
 )
 from api.params import (
     MULTIPART_ERRORS,
+    FieldBudget,
     basic_credentials,
     bearer_token,
+    client_address,
     content_type,
     int_param,
     request_params,
     required,
 )
 from common.formats import FORMATS
-from controller.auth import USER, WORKER, Claims
-from controller.images import StoredFile, check_workload_name
+from controller import capability
+from controller.auth import JOB, USER, Claims
+from controller.images import StoredFile, check_workload_name, header, result_problem
 from controller.models import (
     BadInput,
     Conflict,
     Filter,
     Forbidden,
     ImageType,
-    TooManyRequests,
+    NotFound,
     Unauthorized,
     UnsupportedMedia,
     WorkloadStatus,
     WorkloadView,
+    quoted,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -54,12 +59,19 @@ MAX_IMAGE_ID = 2**31 - 1
 
 
 def requires(*scopes: str) -> Callable[[Handler], Handler]:
-    """Check the bearer token (signature, expiry, revocation, scope) before the handler runs."""
+    """Check the bearer token (signature, expiry, revocation, scope) before the handler runs.
+    With ``JOB`` among the scopes, a worker's job capability is taken too (for its one job)."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def checked(request: web.Request) -> web.StreamResponse:
-            request[CLAIMS] = request.app[AUTH].verify(bearer_token(request), scopes)
+            token = bearer_token(request)
+            if JOB in scopes and capability.is_capability(token):
+                job = request.app[MEMBERSHIP].check_capability(token)
+                request[JOB_CLAIMS] = job
+                request[CLAIMS] = Claims(job.worker, JOB, "", job.expires_at)
+            else:
+                request[CLAIMS] = request.app[AUTH].verify(token, scopes)
             return await handler(request)
 
         return checked
@@ -72,24 +84,31 @@ def _workload_json(request: web.Request, view: WorkloadView) -> dict:
 
 
 def _owner(claims: Claims) -> str | None:
-    """Users see their own workloads; workers (which serve every user) see all."""
+    """Users see their own workloads; a job capability sees its own job's (checked by
+    :func:`_job_image`)."""
     return claims.subject if claims.scope == USER else None
 
 
+def _job_image(request: web.Request, workload_id: str, image_id: int, type_: ImageType) -> None:
+    """A job capability reaches exactly its job's original (read) and result (write)."""
+    if request[CLAIMS].scope != JOB:
+        return
+    job = request[JOB_CLAIMS]
+    if job.workload_id != workload_id or job.image_id != image_id:
+        raise NotFound(f"{type_.value} image {image_id} of workload {quoted(workload_id)} not found")
+
+
 async def login(request: web.Request) -> web.Response:
+    """Counted as a failed login from before the password is hashed until it proves right."""
     user, password = basic_credentials(request)
-    per_user, per_address = request.app[LOGIN_LIMITS]
-    keys = ((per_user, (user, request.remote)), (per_address, request.remote))
-    wait = max(limiter.retry_after(key) for limiter, key in keys)
-    if wait > 0:
-        raise TooManyRequests(f"too many failed logins: try again in {wait:.0f} s", wait)
+    throttle = request.app[LOGIN_LIMITS]
+    attempt = await throttle.begin(user, client_address(request))  # 429 when throttled
+    ok = False
     try:
         token = await request.app[AUTH].login(user, password)
-    except Unauthorized:
-        for limiter, key in keys:
-            limiter.failed(key)
-        raise
-    per_user.succeeded((user, request.remote))
+        ok = True
+    finally:
+        throttle.end(attempt, ok)
     return web.json_response({"user": user, "token": token})
 
 
@@ -124,17 +143,18 @@ async def status(request: web.Request) -> web.Response:
         "system_name": app[SETTINGS].system_name,
         "server_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "active_workloads": active,
-        "workers": workers_json(app),
+        "workers": workers_json(app, admin=request[CLAIMS].subject == app[SETTINGS].admin_user),
         "queued_jobs": app[SCHEDULER].queued(),
         "scheduler": app[SCHEDULER].describe(),
         "autoscale": app[AUTOSCALER].describe() if AUTOSCALER in app else None,
     })
 
 
-def workers_json(app: web.Application) -> list[dict]:
-    """Every known worker by name, marked if the autoscaler started it."""
+def workers_json(app: web.Application, admin: bool = False) -> list[dict]:
+    """Every known worker by name, marked if the autoscaler started it; where to reach it
+    (its RPC address) only for the admin."""
     scaler = app.get(AUTOSCALER)
-    return [{**w.to_json(), "autoscaled": scaler is not None and scaler.is_managed(w.name)}
+    return [{**w.to_json(admin), "autoscaled": scaler is not None and scaler.is_managed(w.name)}
             for w in sorted(app[MEMBERSHIP].snapshot(), key=lambda w: w.name)]
 
 
@@ -146,7 +166,7 @@ async def create_workload(request: web.Request) -> web.Response:
         filter_ = Filter(raw_filter)
     except ValueError as e:
         known = ", ".join(f.value for f in Filter)
-        raise BadInput(f"unknown filter {raw_filter!r}; use one of: {known}") from e
+        raise BadInput(f"unknown filter {quoted(raw_filter)}; use one of: {known}") from e
     name = params.get("workload_name", "").strip() or None
     if name is not None:
         check_workload_name(name)
@@ -209,10 +229,10 @@ def _image_type(params: dict[str, str], default: ImageType | None) -> ImageType 
     try:
         return ImageType(raw)
     except ValueError as e:
-        raise BadInput(f"type must be 'original' or 'filtered', got {raw!r}") from e
+        raise BadInput(f"type must be 'original' or 'filtered', got {quoted(raw)}") from e
 
 
-@requires(USER, WORKER)
+@requires(USER, JOB)
 async def upload_image(request: web.Request) -> web.Response:
     """Stream the file to disk, then give it the next id of its workload and queue its job."""
     if content_type(request) != "multipart/form-data":
@@ -220,6 +240,7 @@ async def upload_image(request: web.Request) -> web.Response:
     images = request.app[IMAGES]
     params: dict[str, str] = dict(request.query)
     stored: StoredFile | None = None
+    fields = FieldBudget()  # the other fields are held in memory: a few, small
     try:
         try:
             reader = await request.multipart()
@@ -232,7 +253,7 @@ async def upload_image(request: web.Request) -> web.Response:
                         raise BadInput("send one image per request")
                     stored = await images.receive(_part_chunks(part))
                 elif name:
-                    params[name] = (await part.read(decode=True)).decode("utf-8", "replace")
+                    params[name] = await fields.read(part)
         except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         if stored is None:
@@ -261,25 +282,31 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
                 raise Conflict(f"original image {chosen} of workload {workload.id!r} already exists")
             else:
                 image_id = chosen
-            await images.commit(stored, images.path(workload.name, type_, image_id, stored.format))
+            await images.commit(stored, images.path(workload.dir, type_, image_id, stored.format))
             job = await store.add_original(workload, image_id, stored.format, stored.size)
         app[SCHEDULER].submit(job)
     else:
-        if claims.scope != WORKER:
-            raise Forbidden("only workers upload filtered images")
+        if claims.scope != JOB:
+            raise Forbidden("only workers upload filtered images, with their job's capability")
         image_id = int_param(params, "image_id")
         assert image_id is not None
+        _job_image(request, workload.id, image_id, type_)
         if not await store.has_image(workload.id, image_id, ImageType.ORIGINAL):
             raise BadInput(f"workload has no original image {image_id}")
+        original = images.path(workload.dir, ImageType.ORIGINAL, image_id,
+                               await store.get_image(workload.id, image_id, ImageType.ORIGINAL))
+        problem = result_problem(workload.filter.value, await asyncio.to_thread(header, original), stored)
+        if problem:
+            raise BadInput(f"result rejected: {problem}")
         async with lock:  # first result wins; a late or duplicate one changes nothing
             await images.commit(
-                stored, images.path(workload.name, type_, image_id, stored.format), replace=False
+                stored, images.path(workload.dir, type_, image_id, stored.format), replace=False
             )
             await store.add_filtered(workload.id, image_id, stored.format, stored.size)
     return {"workload_id": workload.id, "image_id": image_id, "type": type_.value}
 
 
-@requires(USER, WORKER)
+@requires(USER, JOB)
 async def download_image(request: web.Request) -> web.StreamResponse:
     params = await request_params(request)
     image_id = int_param({"image_id": request.match_info["image_id"]}, "image_id")
@@ -288,16 +315,19 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     workload = await store.get_workload(required(params, "workload_id"), _owner(request[CLAIMS]))
     type_ = _image_type(params, ImageType.ORIGINAL)
     assert type_ is not None
+    _job_image(request, workload.id, image_id, type_)
+    if request[CLAIMS].scope == JOB and (type_ != ImageType.ORIGINAL or params.get("size")):
+        raise NotFound(f"{type_.value} image {image_id} of workload {quoted(workload.id)} not found")
     fmt = await store.get_image(workload.id, image_id, type_)
     images = request.app[IMAGES]
     if size := params.get("size", "").strip().lower():
-        path = await images.thumbnail(workload.name, type_, image_id, fmt, size)
+        path = await images.thumbnail(workload.dir, type_, image_id, fmt, size)
     else:
-        path = images.path(workload.name, type_, image_id, fmt)
+        path = images.path(workload.dir, type_, image_id, fmt)
     return web.FileResponse(path, headers={"Content-Type": FORMATS[fmt][1]})
 
 
-@requires(USER, WORKER)
+@requires(USER)
 async def list_images(request: web.Request) -> web.Response:
     params = await request_params(request)
     store = request.app[STORE]

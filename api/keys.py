@@ -7,9 +7,10 @@ import asyncio
 from aiohttp import web
 
 from api.metrics import Metrics
-from api.ratelimit import FailureLimiter
+from api.ratelimit import LoginThrottle
 from api.settings import ServerSettings
 from controller.auth import Auth, Claims
+from controller.capability import JobClaims
 from controller.images import ImageStore
 from controller.membership import Membership
 from controller.store import Store
@@ -23,10 +24,11 @@ IMAGES = web.AppKey("images", ImageStore)
 MEMBERSHIP = web.AppKey("membership", Membership)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
-LOGIN_LIMITS = web.AppKey("login_limits", tuple[FailureLimiter, FailureLimiter])  # (user, address), address
+LOGIN_LIMITS = web.AppKey("login_limits", LoginThrottle)  # per (user, address) and per address
 METRICS = web.AppKey("metrics", Metrics)
 AUTOSCALER = web.AppKey("autoscaler", Autoscaler)  # set only with --autoscale
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set on shutdown: long-lived streams end
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
-__all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "SCHEDULER",
+JOB_CLAIMS = web.RequestKey("job_claims", JobClaims)  # set when the caller holds a job capability
+__all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "JOB_CLAIMS", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "SCHEDULER",
            "SETTINGS", "STOPPING", "STORE", "UPLOAD_LOCKS", "Claims"]

@@ -41,6 +41,10 @@ class Metrics:
                                    ["worker"], registry=r)
         self.worker_running = Gauge("dpip_worker_running_jobs", "Jobs running on the worker", ["worker"], registry=r)
         self.worker_capacity = Gauge("dpip_worker_capacity", "Jobs the worker runs at once", ["worker"], registry=r)
+        self.plane_refused = Gauge("dpip_worker_plane_refused",
+                                   "Worker-plane messages refused: wrong join token, bad seal, replay", registry=r)
+        self.plane_bad = Gauge("dpip_worker_plane_bad_messages", "Worker-plane messages that did not decode",
+                               registry=r)
         self.worker_done = Gauge("dpip_worker_jobs_done", "Jobs the worker finished since it started",
                                  ["worker"], registry=r)
 
@@ -57,6 +61,8 @@ class Metrics:
         self.queue_depth.set(scheduler.queued())
         workers = membership.snapshot()
         self.workers_alive.set(sum(w.alive for w in workers))
+        self.plane_refused.set(membership.refused)
+        self.plane_bad.set(membership.bad_messages)
         per_worker = (self.worker_alive, self.worker_cpu, self.worker_memory, self.worker_running,
                       self.worker_capacity, self.worker_done)
         for gauge in per_worker:

@@ -23,7 +23,7 @@ from api.keys import (
     STOPPING,
     STORE,
 )
-from api.params import bearer_token
+from api.params import bearer_token, client_address
 from controller.auth import USER, is_loopback
 from controller.models import DpipError
 
@@ -57,6 +57,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         while not stopping.is_set():
             try:  # a logout, an expiry or a removed user ends the stream too
+                await request.app[AUTH].refresh_users()
                 request.app[AUTH].verify(token, (USER,))
             except DpipError:
                 break
@@ -70,8 +71,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Open to loopback (a local Prometheus or curl); anyone else needs a user token."""
-    if not is_loopback(request.remote or ""):
+    """Open to loopback (a local Prometheus or curl); anyone else needs a user token. Behind a
+    trusted proxy on this host, the client it forwarded counts, not the proxy."""
+    if not is_loopback(client_address(request)):
         request.app[AUTH].verify(bearer_token(request), (USER,))
     app = request.app
     return metrics.response(await app[METRICS].render(app[STORE], app[SCHEDULER], app[MEMBERSHIP]))

@@ -136,7 +136,8 @@ def spec(server_url: str | None = None) -> dict:
                      "requestBody": {"required": False, "content": {
                          "application/json": {"schema": WORKLOAD_FORM},
                          "application/x-www-form-urlencoded": {"schema": WORKLOAD_FORM}}},
-                     "responses": {"200": _json(_ref("Workload"), "the new workload"), **_errors(400, 401, 403, 409)}},
+                     "responses": {"200": _json(_ref("Workload"), "the new workload"),
+                                   **_errors(400, 401, 403, 409, 413)}},
             "get": {"summary": "The caller's workloads, oldest first", "security": BEARER,
                     "responses": {"200": _json({"type": "array", "items": _ref("Workload")}, "workloads"),
                                   **_errors(401, 403)}},

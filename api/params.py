@@ -8,13 +8,56 @@ import binascii
 import json
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from controller.models import BadInput, Unauthorized
+from api import peer
+from api.keys import SETTINGS
+from controller.models import BadInput, TooLarge, Unauthorized, quoted
 
 #: What aiohttp's multipart reader raises on a malformed body.
 MULTIPART_ERRORS = (ValueError, AssertionError, HttpProcessingError)
+#: Non-file fields of a multipart body are held in memory: at most this many, this large in all.
+MAX_FIELDS = 32
+MAX_FIELD_BYTES = 64 * 1024
+
+
+def client_address(request: web.Request) -> str:
+    """The caller's address: the socket's peer, or behind a ``--trusted-proxy`` the client it
+    forwarded (``X-Forwarded-For``). Throttling and loopback checks key on this."""
+    return peer.client_address(request.remote or "", request.headers.getall("X-Forwarded-For", []),
+                               request.app[SETTINGS].trusted_proxies)
+
+
+class FieldBudget:
+    """Reads the non-file fields of one multipart body, within MAX_FIELDS and MAX_FIELD_BYTES."""
+
+    def __init__(self) -> None:
+        self.fields = 0
+        self.left = MAX_FIELD_BYTES
+
+    async def read(self, part: BodyPartReader) -> str:
+        """The field's text; :class:`TooLarge` (413) once the body has too many or too much."""
+        self.fields += 1
+        if self.fields > MAX_FIELDS:
+            raise TooLarge(f"too many form fields: at most {MAX_FIELDS} besides the file")
+        raw = bytearray()
+        while chunk := await part.read_chunk(8192):
+            raw += chunk
+            self._check(len(raw))
+        text = bytearray()
+        try:
+            async for piece in part.decode_iter(raw):  # a gzip'ed field may expand: checked too
+                text += piece
+                self._check(len(text))
+        except RuntimeError as e:  # what aiohttp raises on an unknown Content-Encoding
+            raise BadInput(f"form field {quoted(part.name)}: {e}") from e
+        self.left -= len(text)
+        return text.decode("utf-8", "replace")
+
+    def _check(self, size: int) -> None:
+        if size > self.left:
+            raise TooLarge(f"form fields too large: at most {MAX_FIELD_BYTES} bytes of text in all")
 
 
 def content_type(request: web.Request) -> str:
@@ -30,11 +73,12 @@ async def request_params(request: web.Request) -> dict[str, str]:
         return params
     ctype = content_type(request)
     if ctype == "multipart/form-data":
+        fields = FieldBudget()
         try:
             reader = await request.multipart()
             async for part in reader:
-                if part.name and not part.filename:
-                    params[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
+                if isinstance(part, BodyPartReader) and part.name and not part.filename:
+                    params[part.name] = await fields.read(part)
         except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         return params
@@ -106,7 +150,7 @@ def int_param(params: dict[str, str], name: str, required: bool = True, maximum:
     try:
         value = int(raw)
     except ValueError as e:
-        raise BadInput(f"{name} must be an integer, got {raw!r}") from e
+        raise BadInput(f"{name} must be an integer, got {quoted(raw)}") from e
     if value < 0:
         raise BadInput(f"{name} must not be negative")
     if value > maximum:

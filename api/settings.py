@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from api.peer import Network, parse_cidrs
 from common.config import EnvDefaultsParser
 from scheduler.autoscale import parse_range
 
@@ -21,15 +22,18 @@ class ServerSettings:
     token_ttl: float = 24 * 3600.0
     heartbeat_interval: float = 1.0
     worker_ttl: float = 0.0  # silent this long = dead; 0 means 3 heartbeat intervals
+    forget_after: float = 600.0  # a worker dead this long leaves /status
+    max_workers: int = 1000  # workers tracked at most (alive or recently dead)
     job_timeout: float = 120.0
     max_attempts: int = 3
     login_failures: int = 5  # failed logins per user and address per minute (4x per address)
+    trusted_proxies: tuple[Network, ...] = ()  # their X-Forwarded-For names the client address
     hedge: str = "hedged"  # off | hedged | tied
     hedge_quantile: float = 0.95
     hedge_floor_ms: float = 50.0
     hedge_initial_ms: float = 1000.0
     max_upload_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 100_000_000
+    max_pixels: int = 50_000_000  # also Pillow's MAX_IMAGE_PIXELS in the server process
     fsync: bool = True
     join_token: str = ""  # workers must prove they know it; required off loopback
     system_name: str = "DPIP"
@@ -69,6 +73,10 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
                    help="seconds between worker heartbeats, told to workers")
     p.add_argument("--worker-ttl", type=float, default=d.worker_ttl,
                    help="a worker silent this long is dead (default: 3 heartbeat intervals)")
+    p.add_argument("--forget-after", type=float, default=d.forget_after,
+                   help="seconds after which a dead worker is forgotten (leaves /status)")
+    p.add_argument("--max-workers", type=int, default=d.max_workers,
+                   help="most workers tracked at once; joins beyond it are refused")
     p.add_argument("--job-timeout", type=float, default=d.job_timeout, help="longest a job attempt may take")
     p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="attempts before a job fails")
     p.add_argument("--hedge", choices=["off", "hedged", "tied"], default=d.hedge,
@@ -82,7 +90,12 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
                    help="hedge delay until 20 latencies of a size are known")
     p.add_argument("--login-failures", type=int, default=d.login_failures,
                    help="failed logins allowed per user and address per minute (4x per address)")
+    p.add_argument("--trusted-proxy", default="", metavar="CIDR[,CIDR]",
+                   help="reverse proxies whose X-Forwarded-For gives the client address (for login"
+                        " throttling and the like); from anyone else the header is ignored")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes, help="largest accepted upload")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help="largest image accepted or decoded, in pixels (width x height)")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", default=True,
                    help="do not fsync uploads (faster, but a power cut may lose accepted ones)")
     p.add_argument("--join-token", default="",
@@ -112,6 +125,12 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         p.error("--scale-up-cmd needs --autoscale MIN:MAX")
     if a.idle_timeout <= 0:
         p.error("--idle-timeout must be positive")
+    if a.max_pixels <= 0:
+        p.error("--max-pixels must be positive")
+    try:
+        trusted_proxies = parse_cidrs(a.trusted_proxy)
+    except ValueError as e:
+        p.error(f"--trusted-proxy: {e}")
     settings = ServerSettings(
         host=a.host,
         port=a.port,
@@ -123,14 +142,18 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         token_ttl=a.token_ttl,
         heartbeat_interval=a.heartbeat_interval,
         worker_ttl=a.worker_ttl,
+        forget_after=a.forget_after,
+        max_workers=a.max_workers,
         job_timeout=a.job_timeout,
         max_attempts=a.max_attempts,
         login_failures=a.login_failures,
+        trusted_proxies=trusted_proxies,
         hedge=a.hedge,
         hedge_quantile=a.hedge_quantile,
         hedge_floor_ms=a.hedge_floor_ms,
         hedge_initial_ms=a.hedge_initial_ms,
         max_upload_bytes=a.max_upload_bytes,
+        max_pixels=a.max_pixels,
         fsync=a.fsync,
         join_token=a.join_token,
         access_log=a.access_log,

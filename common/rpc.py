@@ -15,6 +15,8 @@ import pynng
 
 from common import wire
 from common.aio import stop_tasks
+from common.logs import LogLimiter
+from common.seal import Channel
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +45,21 @@ class RpcClient:
         # Non-blocking dial: nng keeps redialing in the background until the peer listens.
         self._sock.dial(address, block=False)
 
-    async def call(self, msg: wire.Message, timeout: float | None = None) -> wire.Message:
-        """Send ``msg`` and return the decoded reply, within ``timeout`` seconds in all."""
+    async def call(self, msg: wire.Message, timeout: float | None = None,
+                   channel: Channel | None = None) -> wire.Message:
+        """Send ``msg`` (sealed on ``channel`` if given, and then only a reply sealed for this
+        request is accepted) and return the decoded reply, within ``timeout`` seconds in all."""
         limit = self.timeout if timeout is None else timeout
+        if channel is not None:
+            data, seq = channel.seal(msg)
+        else:
+            data, seq = wire.encode(msg), 0
         ctx = self._sock.new_context()
         try:
             async with asyncio.timeout(limit):
-                await ctx.asend(wire.encode(msg))
-                data = await ctx.arecv()
-            return wire.decode(data)
+                await ctx.asend(data)
+                reply = await ctx.arecv()
+            return channel.open_reply(reply, seq) if channel is not None else wire.decode(reply)
         except (TimeoutError, pynng.Timeout) as e:
             raise RpcError(f"{msg.TYPE} to {self.address}: no reply within {limit:.1f}s") from e
         except pynng.NNGException as e:
@@ -69,13 +77,16 @@ class RpcClient:
         self._sock.close()
 
 
-Handler = Callable[[wire.Message], Awaitable[wire.Message]]
+Handler = Callable[[wire.Message], Awaitable[wire.Message | bytes]]
 
 
 class RpcServer:
     """A Rep0 socket served by ``concurrency`` contexts, each a loop of receive, handle, reply.
 
-    Garbage is answered with an error :class:`~common.wire.Ack`, counted and logged, never fatal.
+    The handler gets the decoded request (often a :class:`~common.wire.Sealed` envelope, which
+    it opens itself) and returns a message or ready bytes (a sealed reply). Garbage and handler
+    failures are answered with an error :class:`~common.wire.Ack`, counted, logged at a bounded
+    rate; nothing a peer sends ends a serving loop.
     """
 
     def __init__(self, handler: Handler, concurrency: int) -> None:
@@ -84,6 +95,7 @@ class RpcServer:
         self._sock = pynng.Rep0(recv_max_size=wire.MAX_MESSAGE_BYTES, send_timeout=5000)
         self._tasks: list[asyncio.Task[None]] = []
         self.bad_messages = 0
+        self._log = LogLimiter(logger)
 
     def listen(self, address: str) -> str:
         """Listen on ``address`` (port 0 picks a free one); return the bound tcp:// address."""
@@ -97,27 +109,30 @@ class RpcServer:
             for i in range(self._concurrency)
         ]
 
+    async def _reply_to(self, data: bytes) -> bytes:
+        try:
+            request = wire.decode(data)
+        except wire.DecodeError as e:
+            self.bad_messages += 1
+            self._log.warning("bad", "dropped bad RPC message (%d so far): %s", self.bad_messages, e)
+            return wire.encode(wire.Ack(ok=False, error="bad message"))
+        try:
+            reply = await self._handler(request)
+        except Exception:  # a handler bug must not kill the serving loop
+            self._log.log(logging.ERROR, "handler", "RPC handler failed on %s", request.TYPE, exc_info=True)
+            reply = wire.Ack(ok=False, error="internal error")
+        return reply if isinstance(reply, bytes) else wire.encode(reply)
+
     async def _serve(self, ctx: pynng.Context) -> None:
         try:
             while True:
                 data = await ctx.arecv()
                 try:
-                    request = wire.decode(data)
-                except wire.DecodeError as e:
-                    self.bad_messages += 1
-                    if self.bad_messages == 1 or self.bad_messages % 100 == 0:
-                        logger.warning("dropped bad RPC message (%d so far): %s", self.bad_messages, e)
-                    reply: wire.Message = wire.Ack(ok=False, error=f"bad message: {e}")
-                else:
-                    try:
-                        reply = await self._handler(request)
-                    except Exception as e:  # a handler bug must not kill the serving loop
-                        logger.exception("RPC handler failed on %s", request.TYPE)
-                        reply = wire.Ack(ok=False, error=f"internal error: {e}")
-                try:
-                    await ctx.asend(wire.encode(reply))
+                    await ctx.asend(await self._reply_to(data))
                 except pynng.NNGException as e:
-                    logger.info("could not send RPC reply: %s", e)
+                    logger.debug("could not send RPC reply: %s", e)
+                    if isinstance(e, pynng.Closed):
+                        return
         except (pynng.Closed, asyncio.CancelledError):
             pass
         finally:

@@ -1,131 +1,184 @@
 """The one module that defines what travels over nng between controller, scheduler and workers.
 
 Every message is a frozen dataclass with a ``TYPE`` tag; on the wire it is a JSON object
-``{"type": ..., "v": VERSION, ...fields}``. :func:`decode` validates the tag, the version and
-every field's type, and raises :class:`DecodeError` for anything else, so a socket loop can
-log, count and drop garbage without ever crashing.
+``{"type": ..., "v": VERSION, ...fields}``. :func:`decode` is the only way bytes become a
+message, and whatever the bytes (huge integers, deep nesting, NaN, non-ASCII, wrong types,
+long strings), it either returns a message whose every field is within its declared bounds or
+raises :class:`DecodeError`. Socket loops can therefore log, count and drop garbage and go on.
+
+Authentication is an envelope, :class:`Sealed` (see :mod:`common.seal`): a MAC over the exact
+bytes of an inner message, with a key id and a sequence number for freshness.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import hmac
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-VERSION = 1
+VERSION = 2
 
 #: Upper bound for any message on our sockets; larger ones are dropped by nng itself.
 MAX_MESSAGE_BYTES = 256 * 1024
+#: Names of workers and tags follow the workload-name rule.
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+HEX_RE = re.compile(r"[0-9a-f]{0,128}")
+MAX_INT = 2**53  # the largest integer every JSON reader agrees on
+MAX_LIST = 4096
+MAX_TEXT = 256
 
 
 class DecodeError(ValueError):
     """Bytes that are not a valid message of this protocol version."""
 
 
+# -- field bounds, declared beside each field -------------------------------------------------
+
+def _bounds(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    """A dataclass field with validation rules for :func:`decode` (``lo``, ``hi``, ``max_len``,
+    ``pattern``, ``max_items``)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+def name_field(default: Any = dataclasses.MISSING) -> Any:
+    return _bounds(default, pattern=NAME_RE)
+
+
+def hex_field(default: Any = dataclasses.MISSING) -> Any:
+    return _bounds(default, pattern=HEX_RE)
+
+
+def text(default: Any = dataclasses.MISSING, max_len: int = MAX_TEXT) -> Any:
+    return _bounds(default, max_len=max_len)
+
+
+def number(default: Any = dataclasses.MISSING, lo: float = 0, hi: float = MAX_INT) -> Any:
+    return _bounds(default, lo=lo, hi=hi)
+
+
+def percent(default: Any = 0.0) -> Any:
+    return _bounds(default, lo=0.0, hi=100.0)
+
+
+# -- messages ---------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class Gpu:
     """GPU telemetry as NVML reports it; ``count == 0`` means no GPU."""
 
-    count: int = 0
-    utilization_percent: float = 0.0
-    memory_percent: float = 0.0
+    count: int = number(0, hi=64)
+    utilization_percent: float = percent()
+    memory_percent: float = percent()
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Worker -> controller (pub/sub), until welcomed and then once an interval: here I am,
+    call me at ``rpc_address``. Sealed with the join key when there is a join token. It only
+    ever causes a :class:`Welcome` to that address, which the worker accepts only if it names
+    the worker's own ``session``."""
+
+    TYPE = "hello"
+    name: str = name_field()
+    session: str = hex_field()  # random per worker process; never shown to users
+    rpc_address: str = _bounds(pattern=re.compile(r"tcp://[^\s]{1,250}"))
+    welcomed_by: str = hex_field("")  # key id of the welcome it holds ("" if none)
 
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Worker -> controller (pub/sub), at least once a second: who I am and how loaded I am."""
+    """Worker -> controller (pub/sub, sealed with the session key), at least once a second."""
 
     TYPE = "heartbeat"
-    name: str
-    session: str  # random per worker process; a new session means the worker restarted
-    rpc_address: str  # tcp://host:port the scheduler dials
-    tags: list[str]
-    cpu_percent: float
-    memory_percent: float
-    gpu: Gpu
-    running_jobs: int
-    capacity: int
-    jobs_done: int
-    welcomed_by: str = ""  # the controller epoch that last welcomed this worker
+    name: str = name_field()
+    session: str = hex_field()
+    tags: list[str] = _bounds(factory=list, max_items=32, pattern=NAME_RE)
+    cpu_percent: float = percent()
+    memory_percent: float = percent()
+    gpu: Gpu = field(default_factory=Gpu)
+    running_jobs: int = number(0, hi=100_000)
+    capacity: int = number(0, hi=4096)
+    jobs_done: int = number(0)
     draining: bool = False
-    running_job_ids: list[int] = field(default_factory=list)
-    join_proof: str = ""  # HMAC of (name, session, rpc_address) with the join token, if any
-
-
-def join_proof(join_token: str, *parts: object) -> str:
-    """Proof of knowing the join token, bound to ``parts``: a heartbeat's (name, session, RPC
-    address), so a replayed one can only point the controller at the real worker; a welcome's
-    (epoch, api_port, public_url, token), so nobody else can redirect a worker."""
-    if not join_token:
-        return ""
-    text = "\n".join(str(p) for p in parts).encode()
-    return hmac.new(join_token.encode(), text, hashlib.sha256).hexdigest()
+    running_job_ids: list[int] = _bounds(factory=list, max_items=MAX_LIST, lo=0, hi=MAX_INT)
 
 
 @dataclass(frozen=True)
 class Goodbye:
-    """Worker -> controller (pub/sub): I am leaving; my jobs are finished or abandoned."""
+    """Worker -> controller (pub/sub, sealed): I am leaving; my jobs are finished or abandoned."""
 
     TYPE = "goodbye"
-    name: str
-    session: str
+    name: str = name_field()
+    session: str = hex_field()
 
 
 @dataclass(frozen=True)
 class Welcome:
-    """Controller -> worker (req/rep): where the API is and the worker's token."""
+    """Controller -> worker (req/rep, the one unsealed request): the session key and where the
+    API is. With a join token the key is derived from it and never sent (``session_key`` is
+    empty) and ``proof`` is a MAC with the join key; without one, the key travels here."""
 
     TYPE = "welcome"
-    epoch: str
-    api_port: int
-    public_url: str
-    token: str
-    heartbeat_interval: float
-    proof: str = ""  # join_proof(join token, epoch, api_port, public_url, token), if any
+    epoch: str = hex_field()
+    worker_session: str = hex_field()  # the session of the worker being welcomed
+    kid: str = hex_field()  # names the new session key in later sealed messages
+    session_key: str = hex_field("")
+    api_port: int = number(0, hi=65535)
+    public_url: str = text("", max_len=512)
+    heartbeat_interval: float = number(1.0, lo=0.05, hi=60.0)
+    proof: str = hex_field("")
 
 
 @dataclass(frozen=True)
 class RunJob:
-    """Scheduler -> worker (req/rep): filter one image; the reply comes when it is stored."""
+    """Scheduler -> worker (req/rep, sealed): filter one image; the reply comes once it is stored.
+    ``capability`` is the HTTP credential for exactly this job: read its original, write its
+    result, until its deadline."""
 
     TYPE = "run_job"
-    job_id: int
-    workload_id: str
-    image_id: int
-    filter: str
-    attempt: int
-    params: dict[str, Any] = field(default_factory=dict)
-    tied_peer: str = ""  # tied request: the other copy's worker RPC address, to cancel on start
+    job_id: int = number()
+    workload_id: str = text()
+    image_id: int = number()
+    filter: str = name_field()
+    attempt: int = number(0, hi=1000)
+    params: dict[str, Any] = _bounds(factory=dict, max_items=16)
+    capability: str = text("", max_len=2048)
+    tied_peer: str = text("")  # tied request: the other copy's worker RPC address
+    tie: str = hex_field("")  # the secret that lets the tied peer cancel this copy
 
 
 @dataclass(frozen=True)
 class CancelJob:
-    """Scheduler -> worker (req/rep): stop a job if it is still running."""
+    """Stop a job if it is still running: from the scheduler (sealed), or from a tied peer
+    (plain, carrying the attempt's ``tie`` secret; only a copy still waiting is cancelled)."""
 
     TYPE = "cancel_job"
-    job_id: int
-    if_not_started: bool = False  # from a tied peer: only a copy still waiting is cancelled
+    job_id: int = number()
+    if_not_started: bool = False
+    tie: str = hex_field("")
 
 
 @dataclass(frozen=True)
 class JobResult:
-    """Worker -> scheduler, the reply to :class:`RunJob`."""
+    """Worker -> scheduler, the (sealed) reply to :class:`RunJob`."""
 
     TYPE = "job_result"
-    job_id: int
-    ok: bool
-    error: str = ""
+    job_id: int = number()
+    ok: bool = False
+    error: str = text("", max_len=1024)
     retryable: bool = True
-    worker: str = ""
-    download_ms: float = 0.0
-    process_ms: float = 0.0
-    upload_ms: float = 0.0
+    worker: str = text("")
+    download_ms: float = number(0.0, hi=1e9)
+    process_ms: float = number(0.0, hi=1e9)
+    upload_ms: float = number(0.0, hi=1e9)
     started: bool = False  # this copy did (some of) the work: for counting extra work
 
 
@@ -135,12 +188,25 @@ class Ack:
 
     TYPE = "ack"
     ok: bool = True
-    error: str = ""
+    error: str = text("", max_len=1024)
 
 
-Message = Heartbeat | Goodbye | Welcome | RunJob | CancelJob | JobResult | Ack
+@dataclass(frozen=True)
+class Sealed:
+    """An authenticated envelope: ``mac`` = HMAC-SHA256 over (label, kid, seq, body) with the key
+    ``kid`` names. ``body`` is the exact JSON text of the inner message."""
+
+    TYPE = "sealed"
+    kid: str = _bounds(pattern=re.compile(r"[0-9a-z]{1,64}"))
+    seq: int = number()
+    body: str = text(max_len=MAX_MESSAGE_BYTES)
+    mac: str = _bounds(pattern=re.compile(r"[0-9a-f]{64}"))
+
+
+Message = Hello | Heartbeat | Goodbye | Welcome | RunJob | CancelJob | JobResult | Ack | Sealed
 MESSAGE_TYPES: dict[str, type] = {
-    cls.TYPE: cls for cls in (Heartbeat, Goodbye, Welcome, RunJob, CancelJob, JobResult, Ack)
+    cls.TYPE: cls
+    for cls in (Hello, Heartbeat, Goodbye, Welcome, RunJob, CancelJob, JobResult, Ack, Sealed)
 }
 
 
@@ -149,25 +215,72 @@ def encode(msg: Message) -> bytes:
     body = dataclasses.asdict(msg)
     body["type"] = msg.TYPE
     body["v"] = VERSION
-    return json.dumps(body, separators=(",", ":")).encode()
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
 def decode(data: bytes) -> Message:
-    """Parse bytes into a message, or raise :class:`DecodeError` saying what is wrong."""
+    """Parse bytes into a message, or raise :class:`DecodeError` saying what is wrong.
+
+    Nothing else escapes: the JSON parser's own failures (integers beyond Python's digit limit,
+    nesting beyond the recursion limit, NaN and Infinity) are all turned into DecodeError."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise DecodeError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if data.count(b"[") + data.count(b"{") > 256 and _depth(data) > MAX_DEPTH:
+        # Never let the parser recurse that deep: besides RecursionError, CPython 3.11 can be
+        # left with a skewed recursion counter that breaks later, unrelated code.
+        raise DecodeError(f"nested deeper than {MAX_DEPTH} levels")
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DecodeError(f"not JSON: {e}") from e
+        obj = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError, TypeError, OverflowError, MemoryError) as e:
+        raise DecodeError(f"not JSON: {_short(e)}") from None
     if not isinstance(obj, dict):
         raise DecodeError("not a JSON object")
     if obj.get("v") != VERSION:
-        raise DecodeError(f"unsupported version {obj.get('v')!r} (speak {VERSION})")
-    cls = MESSAGE_TYPES.get(obj.get("type"))  # type: ignore[arg-type]
+        raise DecodeError(f"unsupported version {_short(obj.get('v'))} (speak {VERSION})")
+    kind = obj.get("type")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise DecodeError(f"unknown message type {obj.get('type')!r}")
+        raise DecodeError(f"unknown message type {_short(kind)}")
     return _build(cls, obj, cls.TYPE)
+
+
+MAX_DEPTH = 16  # our messages nest 3 deep
+
+
+def _depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects outside strings (a linear scan; only run on
+    messages with many brackets, which ours never have)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
+
+
+def _short(value: object) -> str:
+    """A bounded description of peer input, for error messages and logs."""
+    text_ = repr(value)
+    return text_ if len(text_) <= 80 else text_[:77] + "..."
 
 
 @functools.cache
@@ -185,12 +298,12 @@ def _build(cls: type, obj: dict[str, Any], where: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise DecodeError(f"{where}: missing field {f.name!r}")
             continue
-        kwargs[f.name] = _check(hint, obj[f.name], f"{where}.{f.name}")
+        kwargs[f.name] = _check(hint, obj[f.name], f"{where}.{f.name}", f.metadata)
     return cls(**kwargs)
 
 
-def _check(hint: Any, value: Any, where: str) -> Any:
-    """Validate ``value`` against a (simple) type hint; return it, converted where needed."""
+def _check(hint: Any, value: Any, where: str, rules: typing.Mapping[str, Any]) -> Any:
+    """Validate ``value`` against a (simple) type hint and the field's rules; return it."""
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise DecodeError(f"{where}: expected an object")
@@ -200,11 +313,11 @@ def _check(hint: Any, value: Any, where: str) -> Any:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise DecodeError(f"{where}: expected a list")
-        return [_check(item, v, where) for v in value]
+        if len(value) > rules.get("max_items", MAX_LIST):
+            raise DecodeError(f"{where}: more than {rules.get('max_items', MAX_LIST)} items")
+        return [_check(item, v, where, rules) for v in value]
     if origin is dict:
-        if not isinstance(value, dict):
-            raise DecodeError(f"{where}: expected an object")
-        return value
+        return _params(value, where, rules.get("max_items", 16))
     if origin in (typing.Union, types.UnionType):
         raise DecodeError(f"{where}: unions are not used on the wire")
     if hint is bool:
@@ -214,14 +327,55 @@ def _check(hint: Any, value: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise DecodeError(f"{where}: expected an integer")
-        return value
+        return _in_range(value, where, rules)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DecodeError(f"{where}: expected a number")
-        return float(value)
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise DecodeError(f"{where}: number out of range")
+        value = float(value)
+        if not math.isfinite(value):
+            raise DecodeError(f"{where}: not a finite number")
+        return _in_range(value, where, rules)
     if hint is str:
         if not isinstance(value, str):
             raise DecodeError(f"{where}: expected a string")
+        limit = rules.get("max_len", MAX_TEXT)
+        if len(value) > limit:
+            raise DecodeError(f"{where}: longer than {limit} characters")
+        pattern = rules.get("pattern")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise DecodeError(f"{where}: {_short(value)} is not of the expected form")
         return value
+    raise DecodeError(f"{where}: unsupported field type")
+
+
+def _in_range(value: int | float, where: str, rules: typing.Mapping[str, Any]) -> Any:
+    lo, hi = rules.get("lo", 0), rules.get("hi", MAX_INT)
+    if not lo <= value <= hi:
+        raise DecodeError(f"{where}: {_short(value)} is outside {lo}..{hi}")
     return value
 
+
+def _params(value: Any, where: str, max_items: int) -> dict[str, Any]:
+    """Filter parameters: a small flat object of short keys and scalar values."""
+    if not isinstance(value, dict):
+        raise DecodeError(f"{where}: expected an object")
+    if len(value) > max_items:
+        raise DecodeError(f"{where}: more than {max_items} entries")
+    for k, v in value.items():
+        if len(k) > 64:
+            raise DecodeError(f"{where}: key longer than 64 characters")
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, int):
+            _in_range(v, where, {"lo": -MAX_INT, "hi": MAX_INT})
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise DecodeError(f"{where}: not a finite number")
+        elif isinstance(v, str):
+            if len(v) > MAX_TEXT:
+                raise DecodeError(f"{where}: value longer than {MAX_TEXT} characters")
+        else:
+            raise DecodeError(f"{where}: values must be scalars")
+    return value

@@ -2,7 +2,9 @@
 
 Passwords are stored as scrypt hashes. Tokens are HS256 JWTs signed with a secret generated on
 first start and kept in the data dir (0600); each has a ``scope`` (``user`` or ``worker``), an
-expiry, and a ``jti`` that logout revokes, persistently.
+expiry, and a ``jti`` that logout revokes, persistently. A user token is good only while its user
+exists, and only if issued after that account was created: a removed user's token does not come
+back to life when someone adds the same name again.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ from pathlib import Path
 
 import jwt
 
-from controller.models import Forbidden, Unauthorized
+from controller.models import Forbidden, Unauthorized, quoted
 from controller.store import Store
 
 logger = logging.getLogger(__name__)
 
 USER = "user"
-WORKER = "worker"
+WORKER = "worker"  # tokens of earlier versions; no longer accepted anywhere
+JOB = "job"  # a worker's capability for one job (controller.capability), not a JWT
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+#: How often, at most, users and revocations are re-read when another process changed them.
+REFRESH_INTERVAL = 0.5
 
 
 def hash_password(password: str) -> str:
@@ -90,6 +95,7 @@ class Claims:
     scope: str
     jti: str
     expires_at: float
+    issued_ms: int = 0  # when it was issued, in ms since the epoch (rounded down)
 
 
 class Auth:
@@ -101,11 +107,26 @@ class Auth:
         self.token_ttl = token_ttl
         self._revoked: set[str] = set()
         self._verified: dict[str, Claims] = {}  # token -> claims whose signature checked out
-        self._users: set[str] = set()  # a removed user's tokens die with the next start
+        self._users: dict[str, float] = {}  # name -> created_at: tokens from before are not theirs
+        self._data_version: int | None = None
+        self._next_refresh = 0.0
 
     async def load(self) -> None:
-        self._revoked = await self.store.revoked_tokens()
-        self._users = {name for name, _ in await self.store.list_users()}
+        """Read users and revoked tokens (the version first: a change meanwhile is seen later)."""
+        self._data_version = await self.store.data_version()
+        self._revoked |= await self.store.revoked_tokens()  # never drop one revoked in memory
+        self._users = dict(await self.store.list_users())
+
+    async def refresh_users(self) -> None:
+        """Re-read users and revocations if another process changed the datastore (``main.py
+        users remove`` while the server runs): at most every REFRESH_INTERVAL seconds, and then
+        only a ``PRAGMA data_version`` unless something changed. Called before each request."""
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + REFRESH_INTERVAL
+        if await self.store.data_version() != self._data_version:
+            await self.load()
 
     async def bootstrap_admin(self, data_dir: Path, user: str, password: str | None) -> None:
         """First start: create the admin user; a generated password is printed once and saved."""
@@ -120,16 +141,15 @@ class Auth:
         logger.info("created admin user %r", user)
 
     async def add_user(self, name: str, password: str) -> None:
-        await self.store.add_user(name, await asyncio.to_thread(hash_password, password))
-        self._users.add(name)
+        self._users[name] = await self.store.add_user(name, await asyncio.to_thread(hash_password, password))
 
     async def login(self, name: str, password: str) -> str:
-        stored = await self.store.password_hash(name)
+        user = await self.store.user(name)
         # Hash even for unknown users so timing does not tell which names exist.
-        ok = await asyncio.to_thread(verify_password, password, stored or _DUMMY_HASH)
-        if stored is None or not ok:
+        ok = await asyncio.to_thread(verify_password, password, user[0] if user else _DUMMY_HASH)
+        if user is None or not ok:
             raise Unauthorized("wrong user name or password")
-        self._users.add(name)  # added by `main.py users add` while we run
+        self._users[name] = user[1]  # added by `main.py users add` while we run
         return self.issue(name, USER)
 
     def issue(self, subject: str, scope: str, ttl: float | None = None) -> str:
@@ -139,6 +159,7 @@ class Auth:
             "scope": scope,
             "jti": uuid.uuid4().hex,
             "iat": int(now),
+            "iat_ms": int(now * 1000),  # iat is whole seconds: too coarse to compare with created_at
             "exp": int(now + (ttl or self.token_ttl)),
         }
         return jwt.encode(claims, self.secret, algorithm="HS256")
@@ -153,8 +174,12 @@ class Auth:
             self._verified[token] = claims
         if claims.jti in self._revoked:
             raise Unauthorized("token revoked (logged out): log in again")
-        if claims.scope == USER and claims.subject not in self._users:
-            raise Unauthorized(f"user {claims.subject!r} no longer exists")
+        if claims.scope == USER:
+            created_at = self._users.get(claims.subject)
+            if created_at is None:
+                raise Unauthorized(f"user {quoted(claims.subject)} no longer exists")
+            if claims.issued_ms < int(created_at * 1000):
+                raise Unauthorized("token of an earlier account of the same name: log in again")
         if claims.scope not in scopes:
             raise Forbidden(f"a {claims.scope or 'unscoped'} token cannot do this")
         return claims
@@ -169,7 +194,10 @@ class Auth:
             raise Unauthorized("token expired: log in again") from e
         except jwt.InvalidTokenError as e:
             raise Unauthorized(f"invalid token: {e}") from e
-        return Claims(str(raw["sub"]), str(raw.get("scope", "")), str(raw["jti"]), float(raw["exp"]))
+        # Tokens from before iat_ms existed count as issued at the end of their second.
+        issued_ms = raw.get("iat_ms", int(raw.get("iat", 0)) * 1000 + 999)
+        return Claims(str(raw["sub"]), str(raw.get("scope", "")), str(raw["jti"]), float(raw["exp"]),
+                      int(issued_ms))
 
     async def revoke(self, claims: Claims) -> None:
         self._revoked.add(claims.jti)

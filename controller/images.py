@@ -1,4 +1,7 @@
-"""The image store: files under ``<data-dir>/images/<workload_name>/<type>/<id>.<ext>``.
+"""The image store: files under ``<data-dir>/images/<workload dir>/<type>/<id>.<ext>``.
+
+A workload's directory is its name, or ``<name>.<id prefix>`` when another user's workload
+already has that name (names are unique per owner only).
 
 Uploads are streamed into a temporary file under ``<data-dir>/incoming/``, fsynced, judged by their
 header (never fully decoded here), then renamed into place: a file at its final name is
@@ -20,19 +23,21 @@ from typing import BinaryIO
 from PIL import Image
 
 from common.formats import FORMATS, sniff_format
-from controller.models import BadInput, ImageType, TooLarge
+from controller.models import BadInput, ImageType, TooLarge, quoted
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # always fullmatch: "$" would pass a trailing "\n"
 #: Thumbnail sizes: pixels on the long side, aspect kept (never enlarged).
 THUMB_SIZES = {"small": 100, "medium": 300, "large": 600}
 THUMB_THREADS = 2  # thumbnails made at once; others wait (uploads keep the default pool)
+#: What Pillow raises beyond ``Image.MAX_IMAGE_PIXELS`` (the warning, when warnings are errors).
+DECOMPRESSION_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 def check_workload_name(name: str) -> str:
     """A workload name becomes a directory: only ``[A-Za-z0-9._-]``, 1..64 chars, not dots."""
-    if not NAME_RE.match(name) or name in (".", ".."):
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
         raise BadInput(
             "workload_name must be 1-64 characters of letters, digits, '.', '_' or '-'"
-            f" (got {name!r})"
+            f" (got {quoted(name)})"
         )
     return name
 
@@ -44,6 +49,7 @@ class StoredFile:
     size: int
     width: int
     height: int
+    mode: str = ""  # Pillow's mode from the header: a grayscale result must be L or LA
 
 
 class ImageStore:
@@ -63,24 +69,25 @@ class ImageStore:
     def close(self) -> None:
         self._thumb_pool.shutdown(wait=False, cancel_futures=True)
 
-    def path(self, workload_name: str, type_: ImageType, image_id: int, fmt: str) -> Path:
-        return self.root / workload_name / type_.value / f"{image_id}.{FORMATS[fmt][0]}"
+    def path(self, workload_dir: str, type_: ImageType, image_id: int, fmt: str) -> Path:
+        """Where an image lives; ``workload_dir`` is ``Workload.dir`` (not its name)."""
+        return self.root / workload_dir / type_.value / f"{image_id}.{FORMATS[fmt][0]}"
 
-    async def thumbnail(self, workload_name: str, type_: ImageType, image_id: int, fmt: str, size: str) -> Path:
+    async def thumbnail(self, workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str) -> Path:
         """A scaled copy, made on first request and kept under ``<workload>/thumbs/``. Stored
         images never change (ids are not reused, results are first-wins), so neither do these."""
         px = THUMB_SIZES.get(size)
         if px is None:
-            raise BadInput(f"size must be one of {', '.join(THUMB_SIZES)}, got {size!r}")
+            raise BadInput(f"size must be one of {', '.join(THUMB_SIZES)}, got {quoted(size)}")
         ext = FORMATS[fmt][0]
-        thumb = self.root / workload_name / "thumbs" / f"{type_.value}-{image_id}-{size}.{ext}"
+        thumb = self.root / workload_dir / "thumbs" / f"{type_.value}-{image_id}-{size}.{ext}"
         if not thumb.exists():
-            source = self.path(workload_name, type_, image_id, fmt)
+            source = self.path(workload_dir, type_, image_id, fmt)
             async with self._thumb_slots:  # a gallery asks for dozens at once; decoding is heavy
                 try:
                     await asyncio.get_running_loop().run_in_executor(
                         self._thumb_pool, _make_thumbnail, source, thumb, px, fmt)
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                except (OSError, SyntaxError, ValueError, *DECOMPRESSION_BOMB) as e:
                     raise BadInput(f"{type_.value} image {image_id} cannot be decoded for a thumbnail: {e}") from e
         return thumb
 
@@ -109,7 +116,7 @@ class ImageStore:
                     buffered, pending = [], 0
             if size == 0:
                 raise BadInput("the uploaded file is empty")
-            fmt, width, height = await loop.run_in_executor(
+            fmt, width, height, mode = await loop.run_in_executor(
                 None, self._finish, writer, buffered
             )
         except BaseException:
@@ -119,9 +126,9 @@ class ImageStore:
         if width * height > self.max_pixels:
             tmp.unlink(missing_ok=True)
             raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
-        return StoredFile(tmp, fmt, size, width, height)
+        return StoredFile(tmp, fmt, size, width, height, mode)
 
-    def _finish(self, writer: _TmpWriter, rest: list[bytes]) -> tuple[str, int, int]:
+    def _finish(self, writer: _TmpWriter, rest: list[bytes]) -> tuple[str, int, int, str]:
         """Write the rest, flush to disk, then read the header (only): format and size."""
         writer.write(rest)
         writer.close(fsync=self.fsync)
@@ -132,9 +139,12 @@ class ImageStore:
         try:
             with Image.open(writer.path, formats=[fmt]) as im:  # parses the header, no pixels
                 width, height = im.size
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                mode = im.mode
+        except DECOMPRESSION_BOMB as e:  # more pixels than Image.MAX_IMAGE_PIXELS (main.py)
+            raise BadInput(f"the uploaded {fmt} image has too many pixels: {e}") from e
+        except (OSError, SyntaxError, ValueError) as e:
             raise BadInput(f"the uploaded {fmt} image has a broken header: {e}") from e
-        return fmt, width, height
+        return fmt, width, height, mode
 
     async def commit(self, stored: StoredFile, final: Path, replace: bool = True) -> bool:
         """Move a received file to its final name. With ``replace=False`` an existing file wins
@@ -148,6 +158,8 @@ class ImageStore:
 
 
 _FLUSH_BYTES = 1 << 20
+#: Decode and reduce to at least this many times the thumbnail's size, then resample properly.
+THUMB_REDUCING_GAP = 2
 
 
 class _TmpWriter:
@@ -158,8 +170,8 @@ class _TmpWriter:
         self._f: BinaryIO | None = None
 
     def write(self, chunks: list[bytes]) -> None:
-        if self._f is None:
-            self._f = open(self.path, "wb")
+        if self._f is None:  # 0600 whatever the umask: it becomes the stored image as it is
+            self._f = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         self._f.writelines(chunks)
 
     def close(self, fsync: bool = False) -> None:
@@ -173,8 +185,12 @@ class _TmpWriter:
 
 
 def _make_thumbnail(source: Path, thumb: Path, px: int, fmt: str) -> None:
+    """Decode reduced where the format allows (JPEG: at 1/2..1/8 scale via ``draft``), then
+    shrink in steps: a 50 MP photo never becomes 150 MB of pixels for a 300 px preview."""
     with Image.open(source) as im:
-        im.thumbnail((px, px))
+        if im.format == "JPEG":
+            im.draft(im.mode, (px * THUMB_REDUCING_GAP, px * THUMB_REDUCING_GAP))
+        im.thumbnail((px, px), reducing_gap=THUMB_REDUCING_GAP)
         thumb.parent.mkdir(parents=True, exist_ok=True)
         tmp = thumb.with_name(f".{uuid.uuid4().hex}.tmp")  # two first requests may race
         try:
@@ -206,3 +222,28 @@ def _place(src: Path, dst: Path, replace: bool, fsync: bool) -> bool:
         finally:
             os.close(fd)
     return True
+
+
+def header(path: Path) -> tuple[str, int, int, str]:
+    """(format, width, height, mode) of a stored image, from its header only."""
+    with Image.open(path) as im:
+        return im.format or "", im.size[0], im.size[1], im.mode
+
+
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+def result_problem(filter_name: str, original: tuple[str, int, int, str], result: StoredFile) -> str | None:
+    """Why an uploaded result cannot be the job's (None if it may be): it keeps the original's
+    format and size, and a grayscale result is grayscale while a blur of a colour image is not.
+    (Header checks only: a worker that lies about pixels can spoil only the jobs it was sent.)"""
+    fmt, width, height, mode = original
+    if result.format != fmt:
+        return f"a {result.format} result for a {fmt} original"
+    if (result.width, result.height) != (width, height):
+        return f"{result.width}x{result.height} result for a {width}x{height} original"
+    if filter_name == "grayscale" and result.mode not in GRAYSCALE_MODES:
+        return f"a {result.mode} result is not grayscale"
+    if filter_name == "blur" and mode not in GRAYSCALE_MODES and result.mode in GRAYSCALE_MODES:
+        return "a grayscale result for a blur of a colour image"
+    return None

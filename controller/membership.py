@@ -1,19 +1,25 @@
-"""Worker membership over nng pub/sub: register, heartbeat, expire after a TTL.
+"""Worker membership over nng pub/sub: join, heartbeat, expire after a TTL, forget.
 
-Workers dial the controller's Sub0 socket with a Pub0 and publish a :class:`~common.wire.Heartbeat`
-every second. A heartbeat from a worker this controller has not welcomed (new, restarted,
-back from a partition, or a controller restart) makes the controller call the worker's RPC
-address with a :class:`~common.wire.Welcome`: the API port and a worker token. A worker silent
-for ``ttl`` seconds is dead; listeners are told so they can requeue its jobs.
+Workers dial the controller's Sub0 socket with a Pub0. A :class:`~common.wire.Hello` (sealed
+with the join key when there is a join token) makes the controller call the RPC address it
+names with a :class:`~common.wire.Welcome` that sets up a session key; the worker is a member
+once it acknowledges with that key. From then on only sealed, fresh heartbeats count: they
+keep it alive; a worker silent for ``ttl`` seconds is dead (its session key and job
+capabilities die with it), listeners requeue its jobs, and it is forgotten ``forget_after``
+seconds later. The scheduler calls workers through :meth:`Membership.call`, which seals.
+
+Everything here is bounded against a hostile network: at most ``max_workers`` members and
+``MAX_PENDING`` joins in progress, one welcome attempt per name at a time and per second, and
+refusals are counted and logged at a bounded rate.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import secrets
 import time
-import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,11 +27,18 @@ import pynng
 
 from common import wire
 from common.aio import stop_tasks
+from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError
-from controller.auth import WORKER, Auth
+from common.seal import C2W, JOIN, W2C, Channel, SealError, join_key, open_with, session_key, welcome_proof
+from controller import capability
+from controller.capability import JobClaims
+from controller.models import Unauthorized
 from controller.store import Store
 
 logger = logging.getLogger(__name__)
+
+MAX_PENDING = 256  # joins being welcomed or recently tried
+WELCOME_RETRY = 1.0  # seconds between two welcome attempts for one name
 
 
 @dataclass
@@ -43,14 +56,17 @@ class WorkerInfo:
     capacity: int = 0
     jobs_done: int = 0
     last_seen: float = 0.0  # wall clock, for people
-    last_seen_mono: float = 0.0  # monotonic, for the TTL
+    last_seen_mono: float = 0.0  # monotonic, for the TTL and forgetting
     alive: bool = False
     welcomed: bool = False
+    welcomed_at: float = 0.0  # monotonic
     draining: bool = False
     running_job_ids: list[int] = field(default_factory=list)
+    channel: Channel | None = field(default=None, repr=False)  # the session key; None when dead
 
-    def to_json(self) -> dict:
-        return {
+    def to_json(self, admin: bool = False) -> dict:
+        """The API's view; the RPC address (where to send jobs) is for admins only."""
+        out = {
             "name": self.name,
             "tags": self.tags,
             "alive": self.alive,
@@ -65,37 +81,52 @@ class WorkerInfo:
             "capacity": self.capacity,
             "jobs_done": self.jobs_done,
             "last_seen": self.last_seen,
-            "rpc_address": self.rpc_address,
         }
+        if admin:
+            out["rpc_address"] = self.rpc_address
+        return out
+
+
+@dataclass
+class _Join:
+    """A hello being answered: when we last tried, whether a welcome is in flight."""
+
+    tried: float = 0.0
+    busy: bool = False
 
 
 class Membership:
-    """The controller's view of the workers, kept fresh by heartbeats."""
+    """The controller's view of the workers, kept fresh by sealed heartbeats."""
 
     def __init__(
         self,
         store: Store,
-        auth: Auth,
+        secret: bytes,
         api_port: int,
         public_url: str,
         heartbeat_interval: float = 1.0,
         ttl: float = 3.0,
         join_token: str = "",
+        forget_after: float = 600.0,
+        max_workers: int = 1000,
     ) -> None:
         self.store = store
-        self.auth = auth
         self.api_port = api_port
         self.public_url = public_url
         self.heartbeat_interval = heartbeat_interval
         self.ttl = ttl
-        self.join_token = join_token  # if set, heartbeats must prove they know it
-        self.refused = 0
-        self._refused_logged: set[tuple[str, str]] = set()
-        self.epoch = uuid.uuid4().hex[:12]  # changes each start: workers get re-welcomed
+        self.forget_after = forget_after
+        self.max_workers = max_workers
+        self.join = join_key(join_token)  # if set, hellos and welcomes prove they know it
+        self.epoch = secrets.token_hex(6)  # changes each start: workers get re-welcomed
         self.workers: dict[str, WorkerInfo] = {}
         self.clients: dict[str, RpcClient] = {}
+        self.refused = 0  # hellos, heartbeats and goodbyes that failed authentication
         self.bad_messages = 0
-        self._welcoming: set[str] = set()
+        self._cap_key = capability.derive_key(secret)
+        self._by_kid: dict[str, WorkerInfo] = {}
+        self._joins: OrderedDict[str, _Join] = OrderedDict()
+        self._log = LogLimiter(logger)
         self._sock: pynng.Sub0 | None = None
         self._tasks: list[asyncio.Task] = []
         self._welcomes: set[asyncio.Task] = set()
@@ -110,8 +141,11 @@ class Membership:
         self._on_lost.append(on_lost)
 
     async def start(self, address: str) -> None:
+        now = time.time()
         for row in await self.store.known_workers():
-            self.workers[row["name"]] = WorkerInfo(row["name"], row["tags"], last_seen=row["last_seen"])
+            if len(self.workers) < self.max_workers and now - row["last_seen"] < self.forget_after:
+                self.workers[row["name"]] = WorkerInfo(row["name"], row["tags"], last_seen=row["last_seen"],
+                                                       last_seen_mono=time.monotonic() - (now - row["last_seen"]))
         self._sock = pynng.Sub0(recv_max_size=wire.MAX_MESSAGE_BYTES)
         self._sock.subscribe(b"")  # without this a Sub0 silently receives nothing
         self._sock.listen(address)
@@ -132,10 +166,35 @@ class Membership:
     def snapshot(self) -> list[WorkerInfo]:
         return list(self.workers.values())
 
-    def client(self, name: str) -> RpcClient | None:
-        return self.clients.get(name)
+    # -- talking to workers -----------------------------------------------------------------
 
-    # -- loops ------------------------------------------------------------------------------
+    async def call(self, name: str, msg: wire.Message, timeout: float) -> wire.Message:
+        """Send ``msg`` sealed with ``name``'s session key; the reply must be sealed for it."""
+        info = self.workers.get(name)
+        client = self.clients.get(name)
+        if info is None or info.channel is None or client is None:
+            raise RpcError(f"worker {name} is not a member")
+        return await client.call(msg, timeout=timeout, channel=info.channel)
+
+    def capability(self, name: str, job_id: int, workload_id: str, image_id: int, filter_: str,
+                   deadline: float) -> str:
+        """An HTTP credential for this one job on this worker's current session."""
+        info = self.workers.get(name)
+        kid = info.channel.kid if info is not None and info.channel is not None else ""
+        claims = JobClaims(job_id, workload_id, image_id, filter_, name, kid, self.epoch, deadline)
+        return capability.issue(self._cap_key, claims)
+
+    def check_capability(self, token: str) -> JobClaims:
+        """A capability's claims, if it is genuine, unexpired, of this epoch, and its worker is
+        still alive on the session it was issued to."""
+        claims = capability.verify(self._cap_key, token)
+        info = self.workers.get(claims.worker)
+        if (claims.epoch != self.epoch or info is None or not info.alive or info.channel is None
+                or info.channel.kid != claims.kid):
+            raise Unauthorized("job capability no longer valid: its worker's session ended")
+        return claims
+
+    # -- receiving --------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
         assert self._sock is not None
@@ -144,53 +203,147 @@ class Membership:
                 data = await self._sock.arecv()
             except pynng.Closed:
                 return
+            except pynng.NNGException as e:
+                logger.debug("receive failed: %s", e)
+                continue
             try:
-                msg = wire.decode(data)
-                if not isinstance(msg, (wire.Heartbeat, wire.Goodbye)):
-                    raise wire.DecodeError(f"expected a heartbeat or goodbye, got {msg.TYPE}")
+                self._on_message(data)
             except wire.DecodeError as e:
                 self.bad_messages += 1
-                if self.bad_messages == 1 or self.bad_messages % 100 == 0:
-                    logger.warning("dropped bad message on controller (%d so far): %s", self.bad_messages, e)
-                continue
-            if isinstance(msg, wire.Goodbye):
-                self._on_goodbye(msg)
-            else:
-                self._on_heartbeat(msg)
+                self._log.warning("bad", "dropped bad message on controller (%d so far): %s",
+                                  self.bad_messages, e)
+            except Exception:  # a bug must cost one message, never the loop
+                self._log.log(logging.ERROR, "bug", "controller failed on a message", exc_info=True)
 
-    def _on_goodbye(self, msg: wire.Goodbye) -> None:
-        # Unauthenticated, but it must name a live worker's session (a random 128-bit id that
-        # only that worker and the controller see), so it cannot be guessed to evict one.
-        info = self.workers.get(msg.name)
-        if info is not None and info.alive and info.session == msg.session:
-            self._lose(info, "it said goodbye")
+    def _on_message(self, data: bytes) -> None:
+        msg = wire.decode(data)
+        if isinstance(msg, wire.Hello):
+            if self.join:
+                return self._refuse("hello without the join token's seal")
+            return self._on_hello(msg)
+        if not isinstance(msg, wire.Sealed):
+            return self._refuse(f"unsealed {msg.TYPE}")
+        if msg.kid == JOIN:
+            if not self.join:
+                return self._refuse("hello sealed with a join token, but none is set here")
+            try:
+                inner = open_with(self.join, msg, W2C)
+            except SealError:
+                return self._refuse("hello with a wrong join token")
+            if not isinstance(inner, wire.Hello):
+                return self._refuse(f"{inner.TYPE} sealed with the join key")
+            return self._on_hello(inner)
+        info = self._by_kid.get(msg.kid)
+        if info is None or info.channel is None:
+            return self._refuse("sealed with an unknown or expired session key")
+        try:
+            inner, fresh = info.channel.open(msg)
+        except SealError:
+            return self._refuse("a bad seal")
+        if not fresh:
+            return self._refuse("a replayed message")
+        if getattr(inner, "name", None) != info.name or getattr(inner, "session", None) != info.session:
+            return self._refuse("a message naming another worker")
+        if isinstance(inner, wire.Heartbeat):
+            self._on_heartbeat(info, inner)
+        elif isinstance(inner, wire.Goodbye):
+            if info.alive:
+                self._lose(info, "it said goodbye")
+        else:
+            self._refuse(f"a sealed {inner.TYPE} on the controller")
 
-    def _on_heartbeat(self, hb: wire.Heartbeat) -> None:
-        if self.join_token:
-            expected = wire.join_proof(self.join_token, hb.name, hb.session, hb.rpc_address)
-            if not hmac.compare_digest(hb.join_proof, expected):
-                self.refused += 1
-                if (hb.name, hb.rpc_address) not in self._refused_logged:
-                    self._refused_logged.add((hb.name, hb.rpc_address))
-                    logger.warning("ignoring worker %r at %s: missing or wrong join token",
-                                   hb.name, hb.rpc_address)
-                return
-        info = self.workers.get(hb.name)
+    def _refuse(self, why: str) -> None:
+        self.refused += 1
+        self._log.warning("refused", "refused %s (%d refused so far)", why, self.refused)
+
+    def _on_hello(self, hello: wire.Hello) -> None:
+        info = self.workers.get(hello.name)
         now = time.monotonic()
-        if info is not None and info.alive and info.session and info.session != hb.session:
-            if now - info.last_seen_mono < self.ttl and info.rpc_address != hb.rpc_address:
-                # Two live processes claim one name: keep the first, ignore the newcomer.
-                logger.warning("ignoring a second worker named %r at %s", hb.name, hb.rpc_address)
+        if info is not None and info.welcomed and info.session == hello.session:
+            # A member saying it is still here (or a hello sent before it took its welcome):
+            # its sealed heartbeats prove which key it holds; if they stop, it is lost and
+            # its next hello welcomes it again.
+            return
+        if info is not None and info.alive and now - info.last_seen_mono < self.ttl \
+                and info.rpc_address != hello.rpc_address:
+            return self._refuse(f"a second worker named {hello.name!r} while the first is alive")
+        if info is None and len(self.workers) >= self.max_workers and not self._forget_one():
+            return self._refuse(f"a new worker: already tracking {self.max_workers}")
+        join = self._joins.get(hello.name)
+        if join is None:
+            if len(self._joins) >= MAX_PENDING:
+                oldest = next((k for k, j in self._joins.items() if not j.busy), None)
+                if oldest is None:
+                    return self._refuse("a join: too many in progress")
+                del self._joins[oldest]
+            join = self._joins[hello.name] = _Join()
+        if join.busy or now - join.tried < WELCOME_RETRY:
+            return
+        join.busy, join.tried = True, now
+        task = asyncio.create_task(self._welcome(hello, join), name=f"welcome-{hello.name}")
+        self._welcomes.add(task)  # kept, so close() can stop it and it is not collected
+        task.add_done_callback(self._welcomes.discard)
+
+    async def _welcome(self, hello: wire.Hello, join: _Join) -> None:
+        """Offer a session key at the hello's address; a member once it acks with that key."""
+        client = RpcClient(hello.rpc_address, timeout=3.0)
+        adopted = False
+        try:
+            kid = secrets.token_hex(8)
+            if self.join:
+                key, sent_key = session_key(self.join, self.epoch, hello.session, kid), ""
+            else:
+                key = secrets.token_bytes(32)
+                sent_key = key.hex()
+            msg = wire.Welcome(self.epoch, hello.session, kid, sent_key, self.api_port, self.public_url,
+                               self.heartbeat_interval)
+            if self.join:
+                msg = wire.Welcome(**{**msg.__dict__, "proof": welcome_proof(self.join, msg)})
+            channel = Channel(key, kid, send=C2W, recv=W2C)
+            try:
+                reply = await client.call(msg, channel=_WelcomeReply(channel))
+            except RpcError as e:
+                self._log.warning("welcome", "could not welcome worker %s at %s: %s",
+                                  hello.name, hello.rpc_address, e)
                 return
+            if not (isinstance(reply, wire.Ack) and reply.ok):
+                return
+            adopted = self._adopt(hello, channel, client)
+            if adopted:
+                await self.store.upsert_worker(hello.name, self.workers[hello.name].tags, hello.rpc_address)
+        finally:
+            join.busy = False
+            if not adopted:
+                client.close()
+
+    def _adopt(self, hello: wire.Hello, channel: Channel, client: RpcClient) -> bool:
+        """The worker proved its session: make it the member of that name."""
+        info = self.workers.get(hello.name)
+        if info is not None and info.alive and info.session != hello.session:
+            if time.monotonic() - info.last_seen_mono < self.ttl and info.rpc_address != hello.rpc_address:
+                return False  # the first holder came back meanwhile
             self._lose(info, "restarted")
         if info is None:
-            info = self.workers[hb.name] = WorkerInfo(hb.name)
-        if info.rpc_address and info.rpc_address != hb.rpc_address and hb.name in self.clients:
-            self.clients.pop(hb.name).close()
-            info.welcomed = False
+            if len(self.workers) >= self.max_workers and not self._forget_one():
+                return False
+            info = self.workers[hello.name] = WorkerInfo(hello.name)
+        if info.channel is not None:
+            self._by_kid.pop(info.channel.kid, None)
+        old = self.clients.pop(info.name, None)
+        if old is not None:
+            old.close()
+        if not info.welcomed:
+            logger.info("welcomed worker %s at %s", hello.name, hello.rpc_address)
+        info.session, info.rpc_address = hello.session, hello.rpc_address
+        info.channel, info.welcomed, info.welcomed_at = channel, True, time.monotonic()
+        info.last_seen_mono = time.monotonic()  # the TTL runs from the welcome
+        self._by_kid[channel.kid] = info
+        self.clients[info.name] = client
+        self._notify_change()
+        return True
+
+    def _on_heartbeat(self, info: WorkerInfo, hb: wire.Heartbeat) -> None:
         info.tags = list(hb.tags)
-        info.session = hb.session
-        info.rpc_address = hb.rpc_address
         info.cpu_percent = hb.cpu_percent
         info.memory_percent = hb.memory_percent
         info.gpu = hb.gpu
@@ -200,55 +353,63 @@ class Membership:
         info.draining = hb.draining
         info.running_job_ids = list(hb.running_job_ids)
         info.last_seen = time.time()
-        info.last_seen_mono = now
+        info.last_seen_mono = time.monotonic()
         if not info.alive:
             info.alive = True
             logger.info("worker %s is alive at %s (tags %s, capacity %d)",
-                        hb.name, hb.rpc_address, ",".join(hb.tags) or "-", hb.capacity)
-        if (not info.welcomed or hb.welcomed_by != self.epoch) and hb.name not in self._welcoming:
-            self._welcoming.add(hb.name)
-            task = asyncio.create_task(self._welcome(info), name=f"welcome-{hb.name}")
-            self._welcomes.add(task)  # kept, so close() can stop it and it is not collected
-            task.add_done_callback(self._welcomes.discard)
+                        info.name, info.rpc_address, ",".join(hb.tags) or "-", hb.capacity)
         self._notify_change()
 
-    async def _welcome(self, info: WorkerInfo) -> None:
-        try:
-            client = self.clients.get(info.name)
-            if client is None:
-                client = self.clients[info.name] = RpcClient(info.rpc_address, timeout=3.0)
-            token = self.auth.issue(info.name, WORKER)
-            proof = wire.join_proof(self.join_token, self.epoch, self.api_port, self.public_url, token)
-            msg = wire.Welcome(self.epoch, self.api_port, self.public_url, token,
-                               self.heartbeat_interval, proof)
-            reply = await client.call(msg)
-            if isinstance(reply, wire.Ack) and reply.ok:
-                if not info.welcomed:
-                    logger.info("welcomed worker %s", info.name)
-                info.welcomed = True
-                await self.store.upsert_worker(info.name, info.tags, info.rpc_address)
-                self._notify_change()
-            else:
-                logger.warning("worker %s refused the welcome: %s", info.name, reply)
-        except RpcError as e:
-            logger.warning("could not welcome worker %s: %s", info.name, e)
-        finally:
-            self._welcoming.discard(info.name)
+    # -- expiry -----------------------------------------------------------------------------
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(min(0.5, self.ttl / 4))
-            cutoff = time.monotonic() - self.ttl
-            for info in list(self.workers.values()):
-                if info.alive and info.last_seen_mono < cutoff:
-                    self._lose(info, f"silent for more than {self.ttl:.1f}s")
+            try:
+                await self.sweep()
+            except Exception:
+                self._log.log(logging.ERROR, "sweep", "membership sweep failed", exc_info=True)
+
+    async def sweep(self) -> None:
+        """Declare silent workers dead; forget those dead for longer than ``forget_after``."""
+        now = time.monotonic()
+        for info in list(self.workers.values()):
+            if info.welcomed and now - info.last_seen_mono > self.ttl:
+                self._lose(info, f"silent for more than {self.ttl:.1f}s")
+            elif not info.alive and now - info.last_seen_mono > self.forget_after:
+                await self.forget(info.name)
+
+    async def forget(self, name: str) -> None:
+        """Drop a dead worker from the list (and the datastore); a live one stays."""
+        info = self.workers.get(name)
+        if info is None or info.alive:
+            return
+        del self.workers[name]
+        await self.store.forget_worker(name)
+        logger.info("forgot worker %s", name)
+        self._notify_change()
+
+    def _forget_one(self) -> bool:
+        """Make room: forget the longest-dead worker, if any is dead."""
+        dead = [w for w in self.workers.values() if not w.alive and not w.welcomed]
+        if not dead:
+            return False
+        oldest = min(dead, key=lambda w: w.last_seen_mono)
+        del self.workers[oldest.name]
+        return True
 
     def _lose(self, info: WorkerInfo, why: str) -> None:
-        logger.warning("worker %s is gone: %s", info.name, why)
+        """Dead or gone: its session key and capabilities die, its jobs are requeued."""
+        (logger.info if why == "it said goodbye" else logger.warning)("worker %s is gone: %s", info.name, why)
         info.alive = False
         info.welcomed = False
         info.running_jobs = 0
         info.running_job_ids = []
+        info.cpu_percent = info.memory_percent = 0.0
+        info.gpu = wire.Gpu()
+        if info.channel is not None:
+            self._by_kid.pop(info.channel.kid, None)
+            info.channel = None
         client = self.clients.pop(info.name, None)
         if client is not None:
             client.close()
@@ -258,3 +419,19 @@ class Membership:
     def _notify_change(self) -> None:
         for cb in self._on_change:
             cb()
+
+
+class _WelcomeReply:
+    """Seals nothing (a welcome travels plain) but opens its reply: an Ack sealed with the new
+    key for request 0, which proves the worker holds the session key."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def seal(self, msg: wire.Message) -> tuple[bytes, int]:
+        return wire.encode(msg), 0
+
+    def open_reply(self, data: bytes, request_seq: int) -> wire.Message:
+        return self.channel.open_reply(data, 0)
+
+

@@ -6,6 +6,22 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
+#: Error messages quote at most this many characters of what the client sent.
+QUOTE_LIMIT = 80
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of the client's input for an error message, cut to ``limit`` characters: an
+    error body must not echo a megabyte back."""
+    text = value if isinstance(value, str) else str(value)
+    return f"{text[:limit]!r}…" if len(text) > limit else repr(text)
+
+
+def clipped(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """The client's input as it is (no quotes), cut to ``limit`` characters."""
+    return f"{text[:limit]}…" if len(text) > limit else text
+
+
 class DpipError(Exception):
     """Base of every domain error; the API maps subclasses to HTTP statuses."""
 
@@ -82,6 +98,11 @@ class Workload:
     tags: tuple[str, ...]
     created_at: float
     meta: dict = field(default_factory=dict, compare=False)  # the client's, e.g. a video's rate
+    dir: str = ""  # its directory under images/: unique, unlike names (each owner has his own)
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            object.__setattr__(self, "dir", self.name)
 
 
 @dataclass(frozen=True)

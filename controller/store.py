@@ -7,6 +7,7 @@ lets readers proceed meanwhile. Every method is a short transaction.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +23,26 @@ from controller.models import (
     NotFound,
     Workload,
     WorkloadView,
+    quoted,
 )
+
+logger = logging.getLogger(__name__)
+
+#: Names are unique per owner; ``dir`` (the images directory) is unique across owners.
+WORKLOADS_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    dir TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    next_image_id INTEGER NOT NULL DEFAULT 0,
+    meta TEXT NOT NULL DEFAULT '{{}}',
+    UNIQUE (owner, name)
+);
+"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -34,16 +54,7 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     jti TEXT PRIMARY KEY,
     expires_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS workloads (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    tags TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    next_image_id INTEGER NOT NULL DEFAULT 0,
-    meta TEXT NOT NULL DEFAULT '{}'
-);
+""" + WORKLOADS_TABLE.format(table="workloads") + """
 CREATE TABLE IF NOT EXISTS images (
     workload_id TEXT NOT NULL REFERENCES workloads(id),
     image_id INTEGER NOT NULL,
@@ -89,8 +100,67 @@ def _tags(text: str) -> tuple[str, ...]:
 def _workload(row: aiosqlite.Row) -> Workload:
     return Workload(
         row["id"], row["name"], row["owner"], Filter(row["filter"]), _tags(row["tags"]),
-        row["created_at"], json.loads(row["meta"]),
+        row["created_at"], json.loads(row["meta"]), row["dir"],
     )
+
+
+class _Rows:
+    """The rows of a finished statement, read like an aiosqlite cursor."""
+
+    def __init__(self, rows: list) -> None:
+        self._rows = rows
+
+    async def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    async def fetchall(self) -> list:
+        return self._rows
+
+    async def __aenter__(self) -> _Rows:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _Pending:
+    """``db.execute(...)``: awaitable, or used with ``async with`` like aiosqlite's."""
+
+    def __init__(self, coro) -> None:
+        self._coro = coro
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    async def __aenter__(self):
+        return await self._coro
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _OneHop:
+    """The shared connection, with every query run to its end in one trip to SQLite's thread.
+
+    All coroutines share one connection. A SELECT left open across an ``await`` (execute, then
+    fetch, then close: three trips) makes any other coroutine's ``commit()`` in between fail
+    with "cannot commit transaction - SQL statements in progress". Queries that return rows
+    go through ``execute_fetchall`` (one trip); other statements finish inside ``execute``."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: tuple | list = ()) -> _Pending:
+        head = sql.lstrip()[:6].upper()
+        if head in ("SELECT", "PRAGMA") or " RETURNING " in sql.upper():
+            return _Pending(self._fetch(sql, params))
+        return _Pending(self._db.execute(sql, params))
+
+    async def _fetch(self, sql: str, params: tuple | list) -> _Rows:
+        return _Rows(list(await self._db.execute_fetchall(sql, params)))
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
 
 
 class Store:
@@ -101,9 +171,9 @@ class Store:
         self._db: aiosqlite.Connection | None = None
 
     @property
-    def db(self) -> aiosqlite.Connection:
+    def db(self) -> _OneHop:
         assert self._db is not None, "Store.open() first"
-        return self._db
+        return _OneHop(self._db)
 
     async def open(self) -> None:
         self._db = await aiosqlite.connect(self.path)
@@ -122,6 +192,34 @@ class Store:
             columns = {r["name"] for r in await cur.fetchall()}
         if "meta" not in columns:
             await self.db.execute("ALTER TABLE workloads ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
+        if "dir" not in columns:
+            await self._rebuild_workloads()
+
+    async def _rebuild_workloads(self) -> None:
+        """Names were unique across owners and were their directories: keep each as its ``dir``
+        and make names unique per owner. SQLite cannot drop a UNIQUE constraint, so the table is
+        rebuilt (its documented 12 steps: foreign keys off, copy, drop, rename, check)."""
+        db = self.db
+        await db.commit()
+        await db.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: hence here
+        try:
+            await db.executescript(
+                "BEGIN;"
+                + WORKLOADS_TABLE.format(table="workloads_v2")
+                + "INSERT INTO workloads_v2(id, name, dir, owner, filter, tags, created_at, next_image_id,"
+                " meta) SELECT id, name, name, owner, filter, tags, created_at, next_image_id, meta"
+                " FROM workloads;"
+                " DROP TABLE workloads;"
+                " ALTER TABLE workloads_v2 RENAME TO workloads;"
+                " COMMIT;"
+            )
+            async with db.execute("PRAGMA foreign_key_check") as cur:
+                broken = await cur.fetchall()
+            if broken:
+                raise RuntimeError(f"datastore migration left {len(broken)} dangling references")
+        finally:
+            await db.execute("PRAGMA foreign_keys=ON")
+        logger.info("datastore migrated: workload names are now unique per user")
 
     async def close(self) -> None:
         if self._db is not None:
@@ -134,24 +232,46 @@ class Store:
         async with self.db.execute("SELECT COUNT(*) FROM users") as cur:
             return (await cur.fetchone())[0]
 
-    async def add_user(self, name: str, password_hash: str) -> None:
+    async def add_user(self, name: str, password_hash: str) -> float:
+        """Add a user; returns its ``created_at`` (tokens issued before it are not its own)."""
+        now = time.time()
         try:
             await self.db.execute(
                 "INSERT INTO users(name, password_hash, created_at) VALUES (?, ?, ?)",
-                (name, password_hash, time.time()),
+                (name, password_hash, now),
             )
             await self.db.commit()
         except aiosqlite.IntegrityError as e:
-            raise Conflict(f"user {name!r} exists") from e
+            raise Conflict(f"user {quoted(name)} exists") from e
+        return now
 
     async def list_users(self) -> list[tuple[str, float]]:
         async with self.db.execute("SELECT name, created_at FROM users ORDER BY name") as cur:
             return [(r[0], r[1]) for r in await cur.fetchall()]
 
     async def remove_user(self, name: str) -> bool:
+        """Delete the user; their workloads stay, re-owned in the same transaction by a name no
+        login can have (``:`` is not allowed in user names), so a new account of the same name
+        does not inherit them."""
         cur = await self.db.execute("DELETE FROM users WHERE name = ?", (name,))
+        if cur.rowcount == 1:
+            tomb = f"removed:{name}:{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}:{uuid.uuid4().hex[:8]}"
+            await self.db.execute("UPDATE workloads SET owner = ? WHERE owner = ?", (tomb, name))
         await self.db.commit()
         return cur.rowcount == 1
+
+    async def user(self, name: str) -> tuple[str, float] | None:
+        """``(password_hash, created_at)`` of a user, or None."""
+        async with self.db.execute(
+            "SELECT password_hash, created_at FROM users WHERE name = ?", (name,)
+        ) as cur:
+            row = await cur.fetchone()
+        return (row[0], row[1]) if row else None
+
+    async def data_version(self) -> int:
+        """Changes when another connection (another process) commits to the file."""
+        async with self.db.execute("PRAGMA data_version") as cur:
+            return (await cur.fetchone())[0]
 
     async def password_hash(self, name: str) -> str | None:
         async with self.db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)) as cur:
@@ -182,22 +302,27 @@ class Store:
         now = time.time()
         meta = meta or {}
         try:
-            await self.db.execute(
-                "INSERT INTO workloads(id, name, owner, filter, tags, created_at, meta)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (wid, name, owner, filter.value, ",".join(tags), now, json.dumps(meta)),
-            )
+            # Its directory is its name unless another user's workload has that one already:
+            # chosen in the statement itself, so two creations at once cannot both take it.
+            async with self.db.execute(
+                "INSERT INTO workloads(id, name, dir, owner, filter, tags, created_at, meta)"
+                " SELECT ?, ?, CASE WHEN EXISTS (SELECT 1 FROM workloads WHERE dir = ?)"
+                " THEN ? ELSE ? END, ?, ?, ?, ?, ? RETURNING dir",
+                (wid, name, name, f"{name}.{wid[:8]}", name, owner, filter.value, ",".join(tags), now,
+                 json.dumps(meta)),
+            ) as cur:
+                (dir_,) = await cur.fetchone()
             await self.db.commit()
         except aiosqlite.IntegrityError as e:
-            raise Conflict(f"workload_name {name!r} is already in use") from e
-        return Workload(wid, name, owner, filter, tags, now, meta)
+            raise Conflict(f"workload_name {quoted(name)} is already in use (by one of yours)") from e
+        return Workload(wid, name, owner, filter, tags, now, meta, dir_)
 
     async def get_workload(self, workload_id: str, owner: str | None = None) -> Workload:
         """The workload, or :class:`NotFound` (also when ``owner`` is given and differs)."""
         async with self.db.execute("SELECT * FROM workloads WHERE id = ?", (workload_id,)) as cur:
             row = await cur.fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
-            raise NotFound(f"workload {workload_id!r} not found")
+            raise NotFound(f"workload {quoted(workload_id)} not found")
         return _workload(row)
 
     async def workloads(self, owner: str) -> list[Workload]:
@@ -240,7 +365,7 @@ class Store:
         ) as cur:
             row = await cur.fetchone()
         if row is None:
-            raise NotFound(f"workload {workload_id!r} not found")
+            raise NotFound(f"workload {quoted(workload_id)} not found")
         return row[0]
 
     async def add_original(
@@ -408,6 +533,10 @@ class Store:
             " rpc_address = excluded.rpc_address, last_seen = excluded.last_seen",
             (name, json.dumps(tags), rpc_address, now, now),
         )
+        await self.db.commit()
+
+    async def forget_worker(self, name: str) -> None:
+        await self.db.execute("DELETE FROM workers WHERE name = ?", (name,))
         await self.db.commit()
 
     async def known_workers(self) -> list[dict]:

@@ -1,6 +1,7 @@
 """``python main.py users add|remove|list``: manage users in the data dir's datastore.
 
-Works on a stopped or a running server (SQLite serialises the writers). Passwords are
+Works on a stopped or a running server (SQLite serialises the writers; a running server notices
+within a second). Passwords are
 prompted for, or read from ``DPIP_PASSWORD`` (for scripts); only scrypt hashes are stored.
 """
 
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="add a user (password prompted, or DPIP_PASSWORD)")
     add.add_argument("name")
-    rm = sub.add_parser("remove", help="remove a user (their workloads stay)")
+    rm = sub.add_parser("remove", help="remove a user (their tokens stop working; their workloads stay,"
+                                       " but not for a new user of the same name)")
     rm.add_argument("name")
     sub.add_parser("list", help="list the users")
     return p
@@ -45,7 +47,7 @@ async def _run(a: argparse.Namespace) -> str:
         if a.action == "remove":
             if not await store.remove_user(a.name):
                 raise BadInput(f"no user {a.name!r}")
-            return f"removed user {a.name!r}; their tokens stop working when the server restarts"
+            return f"removed user {a.name!r}; their tokens stop working within a second"
         check_workload_name(a.name)  # same rule: a safe, printable name
         password = os.environ.get("DPIP_PASSWORD") or getpass.getpass(f"password for {a.name}: ")
         if len(password) < 8:

@@ -221,6 +221,7 @@ class Autoscaler:
             if m.phase == Phase.RETIRING:
                 if self.provisioner.exited(m.name) or w is None or not w.alive:
                     self._forget(m, "retired")
+                    self._spawn(self.membership.forget(m.name))  # gone for good: not in /status
                 continue
             if w is None or not w.alive or self.provisioner.exited(m.name):
                 self._forget(m, "it died")  # replaced by the policy if still needed

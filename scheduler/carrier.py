@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import Enum
@@ -20,7 +22,7 @@ from typing import Any, Protocol
 from common import wire
 from common.rpc import RpcError
 from controller.membership import Membership
-from controller.models import Job
+from controller.models import ImageType, Job
 from controller.store import Store
 from scheduler.latency import LatencyTracker
 
@@ -100,9 +102,10 @@ class Carrier:
         if policy == HedgePolicy.TIED:
             peer = self.slots.reserve_second(job, primary)
             if peer is not None:
-                copies[primary] = self._start(job, primary, tied_peer=self._address(peer))
+                tie = secrets.token_hex(16)  # lets each copy's worker cancel the other
+                copies[primary] = self._start(job, primary, (self._address(peer), tie))
                 await asyncio.sleep(self.settings.tie_delay)
-                copies[peer] = self._start(job, peer, tied_peer=self._address(primary))
+                copies[peer] = self._start(job, peer, (self._address(primary), tie))
                 await self.store.add_copy(job)
                 return copies
         copies[primary] = self._start(job, primary)
@@ -127,14 +130,14 @@ class Carrier:
         info = self.membership.workers.get(worker)
         return info.rpc_address if info is not None else ""
 
-    def _start(self, job: Job, worker: str, tied_peer: str = "") -> asyncio.Task[Outcome]:
+    def _start(self, job: Job, worker: str, tied: tuple[str, str] = ("", "")) -> asyncio.Task[Outcome]:
         self.stats.copies_sent += 1
-        return self.slots.spawn(self._copy(job, worker, tied_peer))
+        return self.slots.spawn(self._copy(job, worker, tied))
 
-    async def _copy(self, job: Job, worker: str, tied_peer: str) -> Outcome:
+    async def _copy(self, job: Job, worker: str, tied: tuple[str, str]) -> Outcome:
         """One copy on one worker; its slot is held until the worker has answered."""
         try:
-            outcome = await self._call(job, worker, tied_peer)
+            outcome = await self._call(job, worker, tied)
         except Exception as e:
             logger.exception("job %d on %s", job.id, worker)
             outcome = Outcome(worker, failure=Failure(f"internal error: {e!r}"))
@@ -162,36 +165,40 @@ class Carrier:
         return None, failures.get(first) or next(iter(failures.values()))
 
     async def cancel(self, worker: str, job: Job) -> None:
-        client = self.membership.client(worker)
-        if client is None:
-            return
         try:
-            await client.call(wire.CancelJob(job.id), timeout=2.0)
+            await self.membership.call(worker, wire.CancelJob(job.id), timeout=2.0)
         except RpcError as e:
             logger.debug("could not cancel job %d on %s: %s", job.id, worker, e)
 
-    async def _call(self, job: Job, worker: str, tied_peer: str = "") -> Outcome:
+    async def _call(self, job: Job, worker: str, tied: tuple[str, str] = ("", "")) -> Outcome:
         """Run the job on ``worker``: success once its result is stored, else what went wrong."""
-        client = self.membership.client(worker)
-        if client is None:
+        info = self.membership.workers.get(worker)
+        if info is None or info.channel is None:
             return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
                                                    backoff=False))
+        timeout = self.settings.job_timeout
+        cap = self.membership.capability(worker, job.id, job.workload_id, job.image_id, job.filter.value,
+                                         time.time() + timeout + 5.0)
         msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,
-                          tied_peer=tied_peer)
+                          capability=cap, tied_peer=tied[0], tie=tied[1])
         try:
-            reply = await client.call(msg, timeout=self.settings.job_timeout)
+            reply = await self.membership.call(worker, msg, timeout=timeout)
         except RpcError as e:
             info = self.membership.workers.get(worker)
-            if info is not None and not info.alive:  # not the job's fault: straight back in line
+            if info is None or not info.alive:  # not the job's fault: straight back in line
                 return Outcome(worker, failure=Failure(f"worker {worker} died while running the job",
                                                        backoff=False))
             self.slots.spawn(self.cancel(worker, job))  # it may still hold the job: free the slot
             return Outcome(worker, failure=Failure(str(e)))
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
             if reply.ok:
+                if not await self.store.has_image(job.workload_id, job.image_id, ImageType.FILTERED):
+                    # "done" is what the datastore says, never only what a worker claims
+                    return Outcome(worker, result=reply, failure=Failure(
+                        f"worker {worker} reported success but stored no result"))
                 logger.debug("job %d done on %s: download %.1f ms, process %.1f ms, upload %.1f ms",
                              job.id, worker, reply.download_ms, reply.process_ms, reply.upload_ms)
                 return Outcome(worker, result=reply)  # its upload got a 2xx: the result is stored
             return Outcome(worker, result=reply,
                            failure=Failure(f"worker {worker}: {reply.error}", final=not reply.retryable))
-        return Outcome(worker, failure=Failure(f"worker {worker} gave an unexpected reply: {reply}"))
+        return Outcome(worker, failure=Failure(f"worker {worker} gave an unexpected reply: {reply.TYPE}"))

@@ -1,22 +1,25 @@
 """An impersonated worker: test code speaking the real protocol over real nng sockets.
 
 It publishes crafted heartbeats (any CPU, memory, GPU, capacity, tags, running jobs), takes
-the controller's welcome, records every job it is sent and holds it until the test releases
-it; then it really does the job (download, grayscale, upload) and replies, like a worker.
+the controller's welcome through the real :class:`~worker.link.WorkerLink`, records every job
+it is sent and holds it until the test releases it; then it really does the job (download,
+grayscale, upload, with the job's capability) and replies, like a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
+import io
 from dataclasses import dataclass, field, replace
 
 import aiohttp
 import pynng
+from PIL import Image, ImageOps
 
 from common import wire
 from common.rpc import RpcServer
 from worker.filters import process
+from worker.link import Refused, WorkerLink
 
 
 @dataclass
@@ -30,17 +33,20 @@ class Telemetry:
 
 
 class FakeWorker:
-    def __init__(self, name: str, controller: str, telemetry: Telemetry, filter_override: str = "") -> None:
+    def __init__(self, name: str, controller: str, telemetry: Telemetry, filter_override: str = "",
+                 join_token: str = "", lie: bool = False) -> None:
         self.name = name
-        self.filter_override = filter_override  # to tell this worker's results apart
+        self.filter_override = filter_override  # "inverted": results told apart by their pixels
         self.controller = controller
         self.telemetry = telemetry
-        self.session = uuid.uuid4().hex
+        self.link = WorkerLink(name, join_token)
+        self.lie = lie  # reply "done" without storing anything
+        self.sent: list[bytes] = []  # the last messages it published (for replay tests)
+        self.session = self.link.session
         self.jobs: list[wire.RunJob] = []
         self.uploads = 0  # results it uploaded (answered 200)
-        self.token = ""
+        self.token = ""  # set once welcomed (the session's key id)
         self.api_url = ""
-        self.epoch = ""
         self._release: dict[int, asyncio.Event] = {}
         self._rpc = RpcServer(self._handle, concurrency=16)
         self._pub = pynng.Pub0()
@@ -69,35 +75,51 @@ class FakeWorker:
             t = self.telemetry
             held = [j.job_id for j in self.jobs if not self._release[j.job_id].is_set()]
             hb = wire.Heartbeat(
-                name=self.name, session=self.session, rpc_address=self.rpc_address, tags=t.tags,
+                name=self.name, session=self.session, tags=t.tags,
                 cpu_percent=t.cpu_percent, memory_percent=t.memory_percent, gpu=t.gpu,
                 running_jobs=len(held) + len(t.running_job_ids), capacity=t.capacity, jobs_done=0,
-                welcomed_by=self.epoch, running_job_ids=held + t.running_job_ids,
+                running_job_ids=held + t.running_job_ids,
             )
-            await self._pub.asend(wire.encode(hb))
+            for data in (self.link.hello(self.rpc_address), self.link.publish(hb)):
+                if data is not None:
+                    await self._pub.asend(data)
+                    self.sent = [*self.sent[-9:], data]
             await asyncio.sleep(0.2)
 
-    async def _handle(self, msg: wire.Message) -> wire.Message:
-        if isinstance(msg, wire.Welcome):
-            self.token, self.epoch = msg.token, msg.epoch
-            self.api_url = msg.public_url or f"http://127.0.0.1:{msg.api_port}"
-            return wire.Ack()
-        if isinstance(msg, wire.RunJob):
-            self.jobs.append(msg)
-            ev = self._release.setdefault(msg.job_id, asyncio.Event())
+    async def _handle(self, msg: wire.Message) -> wire.Message | bytes:
+        try:
+            if isinstance(msg, wire.Welcome):
+                reply = self.link.accept_welcome(msg)
+                self.token = self.link.kid
+                self.api_url = msg.public_url or f"http://127.0.0.1:{msg.api_port}"
+                return reply
+            if not isinstance(msg, wire.Sealed):
+                raise Refused("unsealed")
+            inner, _, channel = self.link.open(msg)
+        except Refused as e:
+            return wire.Ack(ok=False, error=str(e))
+        if isinstance(inner, wire.RunJob):
+            self.jobs.append(inner)
+            ev = self._release.setdefault(inner.job_id, asyncio.Event())
             await ev.wait()
-            await self._do(msg)
-            return wire.JobResult(msg.job_id, ok=True, worker=self.name)
-        return wire.Ack()
+            if not self.lie:
+                await self._do(inner)
+            return channel.seal_reply(wire.JobResult(inner.job_id, ok=True, worker=self.name), msg.seq)
+        return channel.seal_reply(wire.Ack(), msg.seq)
 
     async def _do(self, msg: wire.RunJob) -> None:
-        headers = {"Authorization": f"Bearer {self.token}"}
+        headers = {"Authorization": f"Bearer {msg.capability}"}
         async with aiohttp.ClientSession(headers=headers) as http:
             params = {"workload_id": msg.workload_id, "type": "original"}
             async with http.get(f"{self.api_url}/images/{msg.image_id}", params=params) as r:
                 assert r.status == 200, await r.text()
                 data = await r.read()
-            out, _ = process(data, self.filter_override or msg.filter)
+            out, _ = process(data, msg.filter)
+            if self.filter_override == "inverted":  # a valid-looking result, told apart by its pixels
+                with Image.open(io.BytesIO(out)) as im:
+                    buf = io.BytesIO()
+                    ImageOps.invert(im).save(buf, "PNG")
+                out = buf.getvalue()
             form = aiohttp.FormData({"workload_id": msg.workload_id, "type": "filtered",
                                      "image_id": str(msg.image_id)})
             form.add_field("data", out, filename=f"{msg.image_id}.png")
@@ -106,9 +128,9 @@ class FakeWorker:
             self.uploads += 1
 
     async def close(self) -> None:
+        self._pub.close()  # sockets first, then the tasks that wait on them
+        self.release_all()
+        await self._rpc.close()
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self.release_all()
-        await self._rpc.close()
-        self._pub.close()

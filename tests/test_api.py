@@ -8,8 +8,11 @@ import time
 import jwt
 import pytest
 
-from api.keys import AUTH, STORE
+from api.keys import AUTH, MEMBERSHIP, STORE
+from common import seal
+from common.seal import Channel
 from controller.auth import WORKER
+from controller.membership import WorkerInfo
 from tests import refclient as ref
 from tests.conftest import ADMIN_PASSWORD, png_bytes
 
@@ -103,10 +106,23 @@ async def test_logout_revokes_the_token_and_only_that_one(client):
     assert len(await client.app[STORE].revoked_tokens()) == 1
 
 
-async def test_worker_token_cannot_use_user_endpoints(client):
-    wtoken = client.app[AUTH].issue("w1", WORKER)
+async def test_worker_tokens_of_old_and_capabilities_cannot_use_user_endpoints(client):
+    wtoken = client.app[AUTH].issue("w1", WORKER)  # as earlier versions issued them
     await assert_error(await client.post("/workloads", headers=bearer(wtoken)), 403, "worker")
     await assert_error(await client.get("/status", headers=bearer(wtoken)), 403)
+    cap = job_capability(client.app, "w1", "some-workload", 0)
+    await assert_error(await client.post("/workloads", headers=bearer(cap)), 401, "invalid token")
+    await assert_error(await client.get("/images", headers=bearer(cap), params={"workload_id": "x"}), 401)
+
+
+def job_capability(app, worker: str, workload_id: str, image_id: int, alive: bool = True) -> str:
+    """Make ``worker`` a member of the in-process app's membership (as a welcome would) and
+    return a capability for one of its jobs."""
+    membership = app[MEMBERSHIP]
+    kid, key = seal.new_key()
+    info = WorkerInfo(worker, alive=alive, welcomed=alive, channel=Channel(key, kid, seal.C2W, seal.W2C))
+    membership.workers[worker] = info
+    return membership.capability(worker, 1, workload_id, image_id, "grayscale", time.time() + 60)
 
 
 # -- workloads ------------------------------------------------------------------------------
@@ -311,11 +327,16 @@ async def test_filtered_results_come_from_workers_only_and_first_wins(client):
     assert (await upload(client, token, wid, png_bytes())).status == 200
     r = await upload(client, token, wid, png_bytes(), type_="filtered", extra={"image_id": "0"})
     await assert_error(r, 403, "workers")
-    wtoken = client.app[AUTH].issue("w1", WORKER)
+    wtoken = job_capability(client.app, "w1", wid, 0)
     await assert_error(await upload(client, wtoken, wid, png_bytes()), 403, "filtered")
     r = await upload(client, wtoken, wid, png_bytes(), type_="filtered", extra={"image_id": "5"})
-    await assert_error(r, 400, "no original image 5")
-    first, second = png_bytes(colour=(1, 1, 1)), png_bytes(colour=(9, 9, 9))
+    await assert_error(r, 404, "not found")  # not its job
+    r = await upload(client, wtoken, wid, png_bytes(), type_="filtered", extra={"image_id": "0"})
+    await assert_error(r, 400, "not grayscale")  # the workload asked for grayscale
+    r = await upload(client, wtoken, wid, png_bytes(32, 32, colour=1, mode="L"), type_="filtered",
+                     extra={"image_id": "0"})
+    await assert_error(r, 400, "32x32 result for a 64x48 original")
+    first, second = png_bytes(colour=1, mode="L"), png_bytes(colour=9, mode="L")
     for data in (first, second):  # a duplicate (e.g. a re-sent job) must not overwrite
         r = await upload(client, wtoken, wid, data, type_="filtered", extra={"image_id": "0"})
         assert r.status == 200, await r.text()

@@ -3,6 +3,7 @@ parsing never fail other than with their own clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from api.app import create_app
 from common import wire
+from common.seal import C2W, W2C, ReplayWindow, SealError, open_with, seal_with
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -19,22 +21,40 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )
-field_names = st.sampled_from(
-    ["type", "v", "name", "session", "rpc_address", "tags", "cpu_percent", "gpu", "job_id",
-     "workload_id", "image_id", "filter", "attempt", "params", "ok", "error", "token", "epoch",
-     "api_port", "public_url", "heartbeat_interval", "running_job_ids", "if_not_started"]
+#: What an attacker puts in a field: huge integers, non-finite numbers, non-ASCII and very
+#: long strings, wrong types, nesting.
+hostile_values = st.one_of(
+    json_values,
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e308, -0.0, 2**53 + 1]),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=300),
+    st.text(min_size=5000, max_size=6000, alphabet="ab"),
+    st.lists(st.integers(), min_size=5000, max_size=5000),
 )
+field_names = st.sampled_from(sorted({f.name for cls in wire.MESSAGE_TYPES.values()
+                                      for f in dataclasses.fields(cls)} | {"gpu", "type", "v"}))
 messages = st.fixed_dictionaries(
-    {"type": st.sampled_from(sorted(wire.MESSAGE_TYPES)), "v": st.sampled_from([1, 1, 1, 2, "1"])},
-    optional={},
-).flatmap(lambda base: st.dictionaries(field_names, json_values, max_size=12).map(lambda d: {**d, **base}))
+    {"type": st.sampled_from(sorted(wire.MESSAGE_TYPES)), "v": st.sampled_from([2, 2, 2, 1, "2", 2.0])},
+).flatmap(lambda base: st.dictionaries(field_names, hostile_values, max_size=12).map(lambda d: {**d, **base}))
+
+
+def _raw(obj) -> bytes:
+    """JSON as an attacker may write it: NaN and Infinity allowed, any unicode."""
+    return json.dumps(obj, allow_nan=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def _check_decoded(msg) -> None:
+    """Whatever decodes is within bounds: it re-encodes as strict JSON and round-trips."""
+    data = wire.encode(msg)  # allow_nan=False: raises on NaN/Infinity
+    assert len(data) <= wire.MAX_MESSAGE_BYTES * 2
+    assert wire.decode(data) == msg
 
 
 @FUZZ
 @given(st.binary(max_size=2048))
 def test_decode_random_bytes(data):
     try:
-        wire.decode(data)
+        _check_decoded(wire.decode(data))
     except wire.DecodeError:
         pass
 
@@ -42,12 +62,32 @@ def test_decode_random_bytes(data):
 @FUZZ
 @given(messages)
 def test_decode_message_shaped_json(obj):
-    """Right tags, wrong or missing fields: a message of the right types, or a DecodeError."""
+    """Right tags, hostile fields: a message whose every field is in bounds, or a DecodeError."""
     try:
-        msg = wire.decode(json.dumps(obj).encode())
+        msg = wire.decode(_raw(obj))
     except wire.DecodeError:
         return
-    assert wire.decode(wire.encode(msg)) == msg  # whatever decodes, round-trips
+    _check_decoded(msg)
+
+
+@FUZZ
+@given(st.integers(min_value=1, max_value=200_000), st.sampled_from([b"[", b'{"a":', b"[[{"]))
+def test_decode_deep_nesting(depth, opener):
+    with pytest.raises(wire.DecodeError):
+        wire.decode(opener * depth)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(wire.MESSAGE_TYPES)), st.text(min_size=1, max_size=20))
+def test_decode_never_lets_a_peer_choose_the_exception(kind, junk):
+    """Numbers of any size, in any field: DecodeError only (once a 5000-digit integer raised
+    ValueError and stopped the controller's loop)."""
+    for blob in (b'{"v": 2, "type": "%s", "job_id": %s}' % (kind.encode(), b"9" * 5000),
+                 b'{"v": 2, "type": "%s", "name": "%s"}' % (kind.encode(), junk.encode("utf-8", "surrogatepass"))):
+        try:
+            wire.decode(blob)
+        except wire.DecodeError:
+            pass
 
 
 bodies = st.one_of(
@@ -101,3 +141,29 @@ async def test_http_request_parsing_never_breaks(fuzz_client):
             assert "error" in await r.json()
     r = await client.get("/status", headers={"Authorization": f"Bearer {token}"})
     assert r.status == 200
+
+
+@FUZZ
+@given(st.lists(st.integers(min_value=1, max_value=20_000), max_size=300), st.integers(min_value=1, max_value=64))
+def test_replay_window_accepts_each_sequence_number_once(seqs, size):
+    """Against a model: fresh iff never seen and not older than the window below the highest."""
+    window, seen, highest = ReplayWindow(size), set(), 0
+    for seq in seqs:
+        expected = seq not in seen and seq > highest - size
+        assert window.fresh(seq) == expected
+        if expected:
+            seen.add(seq)
+            highest = max(highest, seq)
+
+
+@FUZZ
+@given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32), st.integers(0, 2**53))
+def test_a_seal_opens_only_with_its_key_and_label(key, other, seq):
+    msg = wire.CancelJob(seq)
+    sealed = wire.decode(seal_with(key, "ab", C2W, seq, msg))
+    assert open_with(key, sealed, C2W) == msg
+    with pytest.raises(SealError):
+        open_with(key, sealed, W2C)  # a reflected message
+    if other != key:
+        with pytest.raises(SealError):
+            open_with(other, sealed, C2W)

@@ -109,7 +109,7 @@ async def test_a_hedged_pair_that_both_finish_stores_the_first_result_only(make_
     system = make_system(*INSTANT_HEDGE)
     first = await FakeWorker("first", system.controller, Telemetry(cpu_percent=1)).start()
     late = await FakeWorker("late", system.controller, Telemetry(cpu_percent=50),
-                            filter_override="blur").start()
+                            filter_override="inverted").start()
     try:
         async with aiohttp.ClientSession() as http:
             api = Api(http, system.url)
@@ -122,7 +122,7 @@ async def test_a_hedged_pair_that_both_finish_stores_the_first_result_only(make_
             await until(lambda: jobs_placed([late], 1), 10, "the hedged copy")
             first.release_all()
             v = await until(lambda: completed(api, wid), 20, "the result of the first copy")
-            late.release_all()  # it ignores the cancel (a fake), finishes and uploads a blur
+            late.release_all()  # it ignores the cancel (a fake), finishes and uploads another image
             await asyncio.sleep(0.5)
             await until(lambda: _late_replied(late), 10, "the late copy's upload")
             assert v["filtered_images"] == [0]

@@ -18,13 +18,16 @@ from tests.conftest import png_bytes
 # -- wire -----------------------------------------------------------------------------------
 
 MESSAGES = [
-    wire.Heartbeat("w1", "s1", "tcp://10.0.0.2:5000", ["gpu"], 12.5, 40.0, wire.Gpu(1, 50.0, 25.0), 1, 2, 7,
-                   welcomed_by="e", draining=True),
-    wire.Welcome("epoch", 8080, "", "tok", 1.0),
-    wire.RunJob(3, "wid", 4, "blur", 2, {"radius": 3}),
+    wire.Hello("w1", "ab12", "tcp://10.0.0.2:5000", welcomed_by="cd"),
+    wire.Heartbeat("w1", "ab12", ["gpu"], 12.5, 40.0, wire.Gpu(1, 50.0, 25.0), 1, 2, 7,
+                   draining=True, running_job_ids=[4, 5]),
+    wire.Goodbye("w1", "ab12"),
+    wire.Welcome("e1", "ab12", "0f", "", 8080, "", 1.0, proof="aa"),
+    wire.RunJob(3, "wid", 4, "blur", 2, {"radius": 3}, capability="job.x.y", tie="ff"),
     wire.CancelJob(3),
     wire.JobResult(3, False, "boom", retryable=False, worker="w1", process_ms=1.5),
     wire.Ack(),
+    wire.Sealed("0f", 7, "{}", "a" * 64),
 ]
 
 
@@ -35,15 +38,24 @@ def test_every_message_round_trips(msg):
 
 @pytest.mark.parametrize("data, words", [
     (b"\xff\xfe garbage", "not JSON"),
-    (b'{"type": "heartbeat", "v": 1, "name": "w"', "not JSON"),
+    (b'{"type": "heartbeat", "v": 2, "name": "w"', "not JSON"),
     (b"[1, 2]", "not a JSON object"),
     (b'{"type": "ack", "v": 99}', "unsupported version"),
     (b'{"type": "ack"}', "unsupported version"),
-    (b'{"type": "launch_missiles", "v": 1}', "unknown message type"),
-    (b'{"type": "cancel_job", "v": 1}', "missing field 'job_id'"),
-    (b'{"type": "cancel_job", "v": 1, "job_id": "3"}', "expected an integer"),
-    (b'{"type": "cancel_job", "v": 1, "job_id": true}', "expected an integer"),
-    (b'{"type": "run_job", "v": 1, "job_id": 1, "workload_id": "w", "image_id": 1, "filter": "x",'
+    (b'{"type": "launch_missiles", "v": 2}', "unknown message type"),
+    (b'{"type": "cancel_job", "v": 2}', "missing field 'job_id'"),
+    (b'{"type": "cancel_job", "v": 2, "job_id": "3"}', "expected an integer"),
+    (b'{"type": "cancel_job", "v": 2, "job_id": true}', "expected an integer"),
+    (b'{"type": "cancel_job", "v": 2, "job_id": -1}', "outside"),
+    (b'{"type": "cancel_job", "v": 2, "job_id": 1' + b"0" * 5000 + b"}", "not JSON"),
+    (b'{"type": "hello", "v": 2, "name": "a/b", "session": "ab", "rpc_address": "tcp://x:1"}', "expected form"),
+    (b'{"type": "hello", "v": 2, "name": "w\\n", "session": "ab", "rpc_address": "tcp://x:1"}', "expected form"),
+    (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "cpu_percent": NaN}', "not JSON"),
+    (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "cpu_percent": 1e999}', "finite"),
+    (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "cpu_percent": 101}', "outside"),
+    (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "tags": ["x"' + b',"x"' * 40 + b"]}", "items"),
+    (b"[" * 100_000, "not JSON"),
+    (b'{"type": "run_job", "v": 2, "job_id": 1, "workload_id": "w", "image_id": 1, "filter": "x",'
      b' "attempt": 1, "params": []}', "expected an object"),
     (b"x" * (wire.MAX_MESSAGE_BYTES + 1), "exceeds"),
 ])

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from PIL import Image, ImageFilter
 
 
+#: Largest image a worker decodes (the server's default limit too): the header is checked
+#: before any pixel is decoded, so a small file that claims a huge image costs nothing.
+MAX_PIXELS = 50_000_000
+
+
 class FilterError(ValueError):
     """The image cannot be processed (unknown filter, undecodable bytes)."""
 
@@ -54,6 +59,8 @@ def process(data: bytes, name: str, params: dict | None = None,
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or "PNG"
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise FilterError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {MAX_PIXELS}")
             im.load()
             out = fn(im, params or {})
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -1,9 +1,11 @@
 """The worker process: heartbeats to the controller, serves job RPCs, filters with Pillow.
 
-It dials the controller's pub/sub port with a Pub0 and publishes a heartbeat every interval.
-It listens on a Rep0 (its RPC address, advertised in the heartbeat) for the controller's
-:class:`~common.wire.Welcome` (API endpoint and token) and the scheduler's jobs. A job is:
-download the original from the API, filter it in a thread, upload the result, reply.
+It dials the controller's pub/sub port with a Pub0 and publishes a hello (and, once welcomed,
+a sealed heartbeat) every interval. It listens on a Rep0 (its RPC address, advertised in the
+hello) for the controller's :class:`~common.wire.Welcome` (session key, API endpoint) and the
+scheduler's sealed jobs; whom it obeys is :mod:`worker.link`'s business. A job is: download
+the original from the API with the job's own capability, filter it in a thread, upload the
+result, reply.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import logging
 import os
 import random
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,8 +26,10 @@ from common import wire
 from common.aio import stop_tasks
 from common.formats import FORMATS
 from common.config import local_address_towards, tcp_url
+from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError, RpcServer
 from worker.filters import EncodeOptions, FilterError, process
+from worker.link import Refused, WorkerLink
 from worker.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -67,20 +70,22 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.s = settings
-        self.session = uuid.uuid4().hex
+        self.link = WorkerLink(settings.name, settings.join_token)
+        self.session = self.link.session
         self.telemetry = Telemetry()
         self.executor = ThreadPoolExecutor(settings.capacity, thread_name_prefix="filter")
         self.jobs: dict[int, asyncio.Task[wire.JobResult]] = {}
         self.jobs_done = 0
         self.draining = False
         self.api_url = ""
-        self.token = ""
-        self.welcomed_by = ""
+        self.refused = 0  # requests refused: forged, replayed, or not from our server
+        self._log = LogLimiter(logger)
         self.rpc_address = ""
         self.heartbeat_interval = settings.heartbeat_interval  # until the controller says
         self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 4 + 8)
         self._started: set[int] = set()  # jobs whose work has begun (tied cancels spare them)
-        self._tombstones: dict[int, float] = {}  # cancelled before their copy arrived
+        self._tombstones: dict[tuple[int, str], float] = {}  # (job, tie) -> when: cancelled early
+        self._ties: dict[int, str] = {}  # job -> the tie secret a tied peer must show to cancel it
         self._peers: dict[str, RpcClient] = {}  # tied peers' RPC addresses
         self._pub: pynng.Pub0 | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -118,9 +123,12 @@ class Worker:
         """Tell the controller we are gone, so it need not wait for the heartbeat TTL.
         Pub/sub may drop a message: send it twice; the TTL is the fallback."""
         assert self._pub is not None
+        data = self.link.publish(wire.Goodbye(self.s.name, self.session))
+        if data is None:
+            return  # never welcomed: nobody to tell
         for _ in range(2):
             try:
-                await self._pub.asend(wire.encode(wire.Goodbye(self.s.name, self.session)))
+                await self._pub.asend(data)
             except pynng.NNGException as e:
                 logger.debug("goodbye not sent: %s", e)
             await asyncio.sleep(0.05)
@@ -142,7 +150,6 @@ class Worker:
         return wire.Heartbeat(
             name=self.s.name,
             session=self.session,
-            rpc_address=self.rpc_address,
             tags=list(self.s.tags),
             cpu_percent=self.telemetry.cpu_percent(),
             memory_percent=self.telemetry.memory_percent(),
@@ -150,48 +157,63 @@ class Worker:
             running_jobs=self.running(),
             capacity=self.s.capacity,
             jobs_done=self.jobs_done,
-            welcomed_by=self.welcomed_by,
             draining=self.draining,
             running_job_ids=[jid for jid, t in self.jobs.items() if not t.done()],
-            join_proof=wire.join_proof(self.s.join_token, self.s.name, self.session, self.rpc_address),
         )
 
     def running(self) -> int:
         return sum(1 for t in self.jobs.values() if not t.done())
 
     async def _send_heartbeat(self) -> None:
+        """A hello (so a restarted server welcomes us again), then the sealed heartbeat."""
         assert self._pub is not None
-        try:
-            await self._pub.asend(wire.encode(self.heartbeat()))
-        except pynng.NNGException as e:
-            logger.debug("heartbeat not sent: %s", e)
+        for data in (self.link.hello(self.rpc_address), self.link.publish(self.heartbeat())):
+            if data is None:
+                continue
+            try:
+                await self._pub.asend(data)
+            except pynng.NNGException as e:
+                logger.debug("heartbeat not sent: %s", e)
 
     async def _heartbeat_loop(self) -> None:
         # Pub/sub drops what is sent before the connection is up: beat fast until welcomed,
         # so joining takes a round trip, not a whole interval.
         while True:
             await self._send_heartbeat()
-            fast = not self.welcomed_by
+            fast = self.link.channel is None
             await asyncio.sleep(min(0.1, self.heartbeat_interval) if fast else self.heartbeat_interval)
 
     # -- RPC --------------------------------------------------------------------------------
 
-    async def _handle(self, msg: wire.Message) -> wire.Message:
-        if isinstance(msg, wire.Welcome):
-            return self._welcome(msg)
-        if isinstance(msg, wire.RunJob):
-            return await self._run_job(msg)
-        if isinstance(msg, wire.CancelJob):
-            return self._cancel(msg)
-        return wire.Ack(ok=False, error=f"a worker does not take {msg.TYPE}")
+    async def _handle(self, msg: wire.Message) -> wire.Message | bytes:
+        """Welcomes, sealed requests from our server, and tied peers' cancels; nothing else."""
+        try:
+            if isinstance(msg, wire.Welcome):
+                reply = self.link.accept_welcome(msg)
+                self._welcomed(msg)
+                return reply
+            if isinstance(msg, wire.Sealed):
+                inner, fresh, channel = self.link.open(msg)
+                if isinstance(inner, wire.RunJob) and (fresh or inner.job_id in self.jobs):
+                    # nng may deliver a request twice: a duplicate joins the job it names
+                    return channel.seal_reply(await self._run_job(inner), msg.seq)
+                if isinstance(inner, wire.CancelJob) and fresh:
+                    return channel.seal_reply(self._cancel(inner), msg.seq)
+                raise Refused(f"refused: a replayed or unexpected {inner.TYPE}")
+            if isinstance(msg, wire.CancelJob) and msg.tie and msg.if_not_started:
+                return self._peer_cancel(msg)
+            raise Refused(f"refused: a worker takes no unsealed {msg.TYPE}")
+        except Refused as e:
+            self.refused += 1
+            self._log.warning("refused", "%s (%d refused so far)", e, self.refused)
+            return wire.Ack(ok=False, error=str(e))
 
     def _cancel(self, msg: wire.CancelJob) -> wire.Ack:
         """Stop a job early. A tied peer's cancel (``if_not_started``) spares a started copy, so
         two copies that start together both finish rather than both being cancelled."""
         task = self.jobs.get(msg.job_id)
         if task is None:
-            self._tombstones[msg.job_id] = time.monotonic()  # the copy may still be on its way
-            return wire.Ack()
+            return wire.Ack(ok=False, error="no such job")
         if task.done():
             return wire.Ack(ok=False, error="already finished")
         if msg.if_not_started and msg.job_id in self._started:
@@ -199,43 +221,46 @@ class Worker:
         task.cancel()
         return wire.Ack()
 
-    def _welcome(self, msg: wire.Welcome) -> wire.Ack:
-        if self.s.join_token:
-            expected = wire.join_proof(self.s.join_token, msg.epoch, msg.api_port, msg.public_url, msg.token)
-            if not hmac.compare_digest(msg.proof, expected):
-                logger.warning("refused a welcome without the join token's proof (not our controller)")
-                return wire.Ack(ok=False, error="welcome refused: wrong join token proof")
+    def _peer_cancel(self, msg: wire.CancelJob) -> wire.Ack:
+        """A tied peer started its copy first. It proves it is the peer with the attempt's tie
+        secret; a cancel that arrives before our copy waits (bounded) for a copy with that tie."""
+        tie = self._ties.get(msg.job_id)
+        if tie is not None:
+            if not hmac.compare_digest(tie, msg.tie):
+                raise Refused("refused: wrong tie secret")
+            return self._cancel(msg)
+        now = time.monotonic()
+        for key, t in list(self._tombstones.items()):
+            if now - t > 60:
+                del self._tombstones[key]
+        if len(self._tombstones) >= 1024:
+            raise Refused("refused: too many early cancels")
+        self._tombstones[(msg.job_id, msg.tie)] = now  # a made-up tie never matches a copy
+        return wire.Ack()
+
+    def _welcomed(self, msg: wire.Welcome) -> None:
         host = self.s.controller_host
         host = f"[{host}]" if ":" in host else host
         self.api_url = (
             self.s.image_store_endpoint or msg.public_url or f"http://{host}:{msg.api_port}"
         ).rstrip("/")
-        self.token = self.s.image_store_token or msg.token
-        if msg.heartbeat_interval > 0:
-            self.heartbeat_interval = min(msg.heartbeat_interval, 5.0)
-        if self.welcomed_by != msg.epoch:
-            logger.info("welcomed by controller %s; API at %s", msg.epoch, self.api_url)
-        self.welcomed_by = msg.epoch
-        return wire.Ack()
+        self.heartbeat_interval = min(msg.heartbeat_interval, 5.0)
+        logger.info("welcomed by controller %s; API at %s", msg.epoch, self.api_url)
 
     async def _run_job(self, msg: wire.RunJob) -> wire.JobResult:
-        now = time.monotonic()
-        for jid, t in list(self._tombstones.items()):
-            if now - t > 60:
-                del self._tombstones[jid]
-        if self._tombstones.pop(msg.job_id, None) is not None:
+        if msg.tie and self._tombstones.pop((msg.job_id, msg.tie), None) is not None:
             return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name)
         task = self.jobs.get(msg.job_id)
         if task is None or (task.done() and not self._succeeded(task)):
             # nng may deliver the same request twice: a duplicate joins the running job.
-            if not self.token:
-                return wire.JobResult(msg.job_id, ok=False, error="worker not welcomed yet", worker=self.s.name)
             if self.draining:
                 return wire.JobResult(msg.job_id, ok=False, error="worker is shutting down", worker=self.s.name)
             if self.running() >= self.s.capacity:
                 return wire.JobResult(msg.job_id, ok=False, error="worker is full", worker=self.s.name)
             task = asyncio.create_task(self._execute(msg), name=f"job-{msg.job_id}")
             self.jobs[msg.job_id] = task
+            if msg.tie:
+                self._ties[msg.job_id] = msg.tie
             task.add_done_callback(lambda t, jid=msg.job_id: self._forget_later(jid))
         try:
             return await asyncio.shield(task)
@@ -255,6 +280,7 @@ class Worker:
 
     def _forget(self, job_id: int) -> None:
         self.jobs.pop(job_id, None)
+        self._ties.pop(job_id, None)
         self._started.discard(job_id)
 
     async def _execute(self, msg: wire.RunJob) -> wire.JobResult:
@@ -297,19 +323,20 @@ class Worker:
         if client is None:
             client = self._peers[msg.tied_peer] = RpcClient(msg.tied_peer, timeout=2.0)
         try:
-            await client.call(wire.CancelJob(msg.job_id, if_not_started=True))
+            await client.call(wire.CancelJob(msg.job_id, if_not_started=True, tie=msg.tie))
         except RpcError as e:
             logger.debug("could not cancel job %d at tied peer %s: %s", msg.job_id, msg.tied_peer, e)
 
-    def _auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
+    def _auth(self, msg: wire.RunJob) -> dict[str, str]:
+        """The job's own capability (or the operator's --image-store-token, which wins)."""
+        return {"Authorization": f"Bearer {self.s.image_store_token or msg.capability}"}
 
     async def _download(self, msg: wire.RunJob) -> bytes:
         assert self._http is not None
         url = f"{self.api_url}/images/{msg.image_id}"
         params = {"workload_id": msg.workload_id, "type": "original"}
         try:
-            async with self._http.get(url, params=params, headers=self._auth()) as r:
+            async with self._http.get(url, params=params, headers=self._auth(msg)) as r:
                 if r.status != 200:
                     raise JobFailed(f"download failed: HTTP {r.status}: {(await r.text())[:200]}",
                                     retryable=r.status >= 500 or r.status == 401)
@@ -326,7 +353,7 @@ class Worker:
         form.add_field("image_id", str(msg.image_id))
         form.add_field("data", data, filename=f"{msg.image_id}.{ext}", content_type=ctype)
         try:
-            async with self._http.post(f"{self.api_url}/images", data=form, headers=self._auth()) as r:
+            async with self._http.post(f"{self.api_url}/images", data=form, headers=self._auth(msg)) as r:
                 if r.status not in (200, 201):
                     raise JobFailed(f"upload failed: HTTP {r.status}: {(await r.text())[:200]}",
                                     retryable=r.status >= 500 or r.status == 401)

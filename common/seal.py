@@ -1,0 +1,133 @@
+"""Authenticated, fresh messages between the server and its workers.
+
+A :class:`Channel` holds one session key (32 random bytes, named by a key id) and seals what one
+side sends: the inner message's JSON, a sequence number and a direction label go under
+HMAC-SHA256. The receiver checks the MAC and that the sequence number is new (a sliding
+window, so concurrent requests may arrive out of order); replies are bound to their request's
+sequence number. Nothing is encrypted: the worker plane's secrecy is the network's (see the
+threat model in architecture.md).
+
+Keys: with a join token, ``join_key`` is derived from it, and each welcome's session key is
+derived from the join key, the server's epoch, the worker's session and the key id, so it never
+travels. Without one, the welcome carries a random session key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from common import wire
+
+C2W = "c2w"  # server -> worker requests (run_job, cancel_job)
+W2C = "w2c"  # worker -> server publications (heartbeat, goodbye)
+REPLY = "reply"  # worker -> server, the reply to a request of sequence n
+JOIN = "join"  # the key id of messages sealed with the join key
+
+
+class SealError(wire.DecodeError):
+    """A sealed message whose MAC is wrong, whose key is unknown, or which was seen before."""
+
+
+def _mac(key: bytes, *parts: object) -> str:
+    return hmac.new(key, "\n".join(str(p) for p in parts).encode("utf-8", "surrogatepass"),
+                    hashlib.sha256).hexdigest()
+
+
+def join_key(join_token: str) -> bytes:
+    """The key a join token stands for (empty: no join token)."""
+    if not join_token:
+        return b""
+    return hmac.new(join_token.encode("utf-8", "surrogatepass"), b"dpip join key v2", hashlib.sha256).digest()
+
+
+def session_key(join: bytes, epoch: str, worker_session: str, kid: str) -> bytes:
+    """With a join token: the session key both sides derive (it never travels)."""
+    return bytes.fromhex(_mac(join, "session", epoch, worker_session, kid))
+
+
+def new_key() -> tuple[str, bytes]:
+    """A fresh key id and random key."""
+    return secrets.token_hex(8), secrets.token_bytes(32)
+
+
+def welcome_proof(join: bytes, w: wire.Welcome) -> str:
+    """The join-key MAC over every field of a welcome but the proof itself."""
+    return _mac(join, "welcome", w.epoch, w.worker_session, w.kid, w.session_key, w.api_port,
+                w.public_url, w.heartbeat_interval)
+
+
+def seal_with(key: bytes, kid: str, label: str, seq: int, msg: wire.Message) -> bytes:
+    body = wire.encode(msg).decode("ascii")
+    return wire.encode(wire.Sealed(kid, seq, body, _mac(key, label, kid, seq, body)))
+
+
+def open_with(key: bytes, sealed: wire.Sealed, label: str) -> wire.Message:
+    """Check the MAC and decode the inner message (which may not be sealed again)."""
+    if not hmac.compare_digest(sealed.mac, _mac(key, label, sealed.kid, sealed.seq, sealed.body)):
+        raise SealError("bad MAC")
+    inner = wire.decode(sealed.body.encode("utf-8", "surrogatepass"))
+    if isinstance(inner, wire.Sealed):
+        raise SealError("a sealed message inside a sealed message")
+    return inner
+
+
+class ReplayWindow:
+    """Which sequence numbers were seen: anything at or below ``highest - size`` is too old,
+    anything seen within the window is a replay. Memory is bounded by ``size``."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.highest = 0
+        self._seen: set[int] = set()
+
+    def fresh(self, seq: int) -> bool:
+        """True the first time ``seq`` is offered (and it is not too old); records it."""
+        if seq <= self.highest - self.size or seq in self._seen:
+            return False
+        self._seen.add(seq)
+        if seq > self.highest:
+            self.highest = seq
+            floor = seq - self.size
+            if len(self._seen) > 2 * self.size:
+                self._seen = {s for s in self._seen if s > floor}
+        return True
+
+
+class Channel:
+    """One side's end of a session: seals what it sends under ``send``, opens what it receives
+    under ``recv`` with a replay window, and seals/opens replies bound to a request."""
+
+    def __init__(self, key: bytes, kid: str, send: str, recv: str) -> None:
+        self.key = key
+        self.kid = kid
+        self.send_label = send
+        self.recv_label = recv
+        self._seq = 0
+        self.window = ReplayWindow()
+
+    def seal(self, msg: wire.Message) -> tuple[bytes, int]:
+        """The sealed bytes of ``msg`` and the sequence number they carry."""
+        self._seq += 1
+        return seal_with(self.key, self.kid, self.send_label, self._seq, msg), self._seq
+
+    def open(self, sealed: wire.Sealed) -> tuple[wire.Message, bool]:
+        """The inner message, and whether its sequence number is new (False: a replay)."""
+        if sealed.kid != self.kid:
+            raise SealError("sealed with another key")
+        inner = open_with(self.key, sealed, self.recv_label)
+        return inner, self.window.fresh(sealed.seq)
+
+    def seal_reply(self, msg: wire.Message, request_seq: int) -> bytes:
+        return seal_with(self.key, self.kid, REPLY, request_seq, msg)
+
+    def open_reply(self, data: bytes, request_seq: int) -> wire.Message:
+        """The reply to our request ``request_seq``; a plain reply (a refusal) is an error."""
+        sealed = wire.decode(data)
+        if not isinstance(sealed, wire.Sealed):
+            detail = f": {sealed.error}" if isinstance(sealed, wire.Ack) else ""
+            raise SealError(f"unsealed {sealed.TYPE} reply{detail}")
+        if sealed.kid != self.kid or sealed.seq != request_seq:
+            raise SealError("reply sealed for another request")
+        return open_with(self.key, sealed, REPLY)

@@ -1,0 +1,340 @@
+"""The worker plane against a hostile network: crafted bytes at the controller and at a worker,
+forged and replayed jobs and cancels, a rogue process that joins as a worker, a worker that lies
+about its results, and the bounds on membership. Real server, real workers, real nng."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import threading
+import time
+
+import aiohttp
+import psutil
+import pynng
+
+from common import seal, wire
+from scripts.frames import frame_png
+from scripts.localsys import wait_until
+from tests import refclient as ref
+from tests.fakeworker import FakeWorker, Telemetry
+from tests.helpers import Api, check_filtered, has_workers, job_rows, push, until, wait_completed, welcomed, workload
+from worker.service import Worker, WorkerSettings
+
+
+def metric(system, name: str) -> float:
+    """One unlabelled sample of the server's /metrics (open on loopback)."""
+    text = ref.request(system.url, "GET", "/metrics").body.decode()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def plane_dropped(system) -> float:
+    return metric(system, "dpip_worker_plane_refused") + metric(system, "dpip_worker_plane_bad_messages")
+
+
+def hostile_blobs() -> list[bytes]:
+    """Bytes that once stopped the controller or a worker's RPC, and their relatives."""
+    hello = {"v": wire.VERSION, "type": "hello", "name": "x", "session": "ab", "rpc_address": "tcp://127.0.0.1:1"}
+    return [
+        b'{"v": 2, "type": "hello", "name": "x", "session": ' + b"9" * 5000 + b"}",
+        b"[" * 100_000,
+        b'{"v": 2, "type": "sealed", "kid": "join", "seq": 1, "body": "{}", "mac": "\xc3\xa9' + b"a" * 62 + b'"}',
+        json.dumps({**hello, "session": "é" * 10}).encode(),
+        json.dumps({**hello, "name": "n" * 200_000}).encode(),
+        b'{"v": 2, "type": "heartbeat", "name": "x", "session": "ab", "cpu_percent": NaN}',
+        b'{"v": 2, "type": "heartbeat", "name": "x", "session": "ab", "cpu_percent": Infinity}',
+        json.dumps({"v": 2, "type": "sealed", "kid": "ffff", "seq": 1, "body": "{}", "mac": "0" * 64}).encode(),
+        json.dumps({"v": 2, "type": "sealed", "kid": "join", "seq": 2**80, "body": "{}", "mac": "0" * 64}).encode(),
+        json.dumps({"v": 2, "type": "run_job", "job_id": 1, "workload_id": "w", "image_id": 0,
+                    "filter": "blur", "attempt": 1}).encode(),
+        json.dumps({"v": 2, "type": "cancel_job", "job_id": 1}).encode(),
+        json.dumps({"v": 2, "type": "goodbye", "name": "w", "session": "ab"}).encode(),
+        os.urandom(300),
+        b"null",
+    ]
+
+
+def test_hostile_bytes_stop_nothing_and_bloat_nothing(make_system):
+    system = make_system("--hedge", "off")
+    token = system.start_workers({"w": ("--capacity", "2")})
+    rpc = next(w["rpc_address"] for w in ref.get_json(system.url, token, "/status")["workers"])
+    server = psutil.Process(system.server.pid)
+    rss_before = server.memory_info().rss
+    log = system.log_dir / "server.log"
+    log_before = log.stat().st_size
+
+    blobs = hostile_blobs()
+    # Hellos from a thousand different names and dead addresses: joins must stay bounded.
+    hellos = [wire.encode(wire.Hello(f"ghost{i}", secrets.token_hex(16), "tcp://127.0.0.1:9")) for i in range(1000)]
+    with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
+        target = len(blobs) * 20
+        # pub/sub drops what is sent before the connection is up: send until counted
+        wait_until(lambda: [pub.send(b) for b in blobs] and plane_dropped(system) >= target, 30,
+                   "the controller to count the hostile messages")
+        for h in hellos:
+            pub.send(h)
+    # A worker's RPC: more garbage than it has serving contexts (capacity*4+8), each answered.
+    for blob in blobs * 3:
+        with pynng.Req0(dial=rpc, send_timeout=3000, recv_timeout=3000) as req:
+            req.send(blob)
+            reply = wire.decode(req.recv())
+            assert isinstance(reply, wire.Ack) and not reply.ok
+
+    # Everything still works: the worker is alive, a workload completes, nothing failed.
+    wait_until(lambda: system.alive_workers(token) == {"w"}, 10, "the worker to stay alive")
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 40, 30) for i in range(6)}
+    push(system, token, wid, frames)
+    wait_completed(system.url, token, wid)
+    check_filtered(system, token, wid, frames)
+    assert all(row[1] == "done" and row[2] == 1 for row in job_rows(system, wid))
+    names = {w["name"] for w in ref.get_json(system.url, token, "/status")["workers"]}
+    assert names == {"w"}, "a hello alone must never make a member"
+    for w in ref.get_json(system.url, token, "/status")["workers"]:
+        json.dumps(w, allow_nan=False)  # nothing a browser's JSON.parse would choke on
+    # Bounded: a few lines of log and a few MB, not one per message.
+    assert log.stat().st_size - log_before < 30_000, "refusals must be logged at a bounded rate"
+    assert server.memory_info().rss - rss_before < 60 * 1024 * 1024
+
+
+async def test_a_rogue_joiner_reads_only_what_it_was_sent(make_system):
+    """Without a join token (the loopback default) anyone local may join as a worker; all it
+    gets is a capability for each job it is sent, and that dies with its session."""
+    system = make_system("--hedge", "off")
+    rogue = await FakeWorker("rogue", system.controller, Telemetry(capacity=1)).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = Api(http, system.url)
+            await api.login()
+            await until(lambda: has_workers(api, {"rogue"}), 20, "the rogue to join")
+            wid, other = await api.workload(), await api.workload()
+            for i in range(2):
+                await api.upload(wid, i)
+            await api.upload(other, 0)
+            await until(lambda: _has_jobs(rogue, 1), 10, "a job for the rogue")
+            job = rogue.jobs[0]
+            cap = {"Authorization": f"Bearer {job.capability}"}
+            mine = job.image_id
+            async with aiohttp.ClientSession(headers=cap) as r:
+                async def status(method: str, path: str, **params) -> int:
+                    async with r.request(method, f"{system.url}{path}", params=params) as resp:
+                        return resp.status
+
+                assert await status("GET", f"/images/{mine}", workload_id=wid) == 200
+                assert await status("GET", f"/images/{1 - mine}", workload_id=wid) == 404
+                assert await status("GET", "/images/0", workload_id=other) == 404
+                assert await status("GET", f"/images/{mine}", workload_id=wid, size="small") == 404
+                assert await status("GET", "/images", workload_id=wid) in (401, 403)
+                assert await status("GET", "/status") in (401, 403)
+                assert await status("POST", "/workloads") in (401, 403)
+                # a forged or altered capability is worth nothing
+                forged = {"Authorization": f"Bearer {job.capability[:-4]}0000"}
+                async with r.get(f"{system.url}/images/{mine}", params={"workload_id": wid},
+                                 headers=forged) as resp:
+                    assert resp.status == 401
+                # once the rogue's session ends, so does its capability
+                rogue._pub.close()
+                await until(lambda: _gone(api, "rogue"), 20, "the rogue to be declared dead")
+                assert await status("GET", f"/images/{mine}", workload_id=wid) == 401
+    finally:
+        await rogue.close()
+
+
+async def _has_jobs(fake: FakeWorker, n: int) -> bool:
+    return len(fake.jobs) >= n
+
+
+async def _gone(api: Api, name: str) -> bool:
+    return name not in await api.alive()
+
+
+def test_forged_jobs_and_a_cancel_storm_change_nothing(make_system):
+    system = make_system("--hedge", "off")
+    token = system.start_workers({"w": ("--capacity", "2", "--slow-rate", "1", "--slow-ms", "150")})
+    rpc = next(w["rpc_address"] for w in ref.get_json(system.url, token, "/status")["workers"])
+    wid = workload(system.url, token, filter="grayscale")
+    stop = threading.Event()
+    replies: list[tuple[str, wire.Message]] = []
+
+    def storm() -> None:
+        with pynng.Req0(dial=rpc, send_timeout=2000, recv_timeout=2000) as req:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                key = secrets.token_bytes(32)
+                msgs = {
+                    "cancel": wire.encode(wire.CancelJob(n % 50)),
+                    "tied cancel": wire.encode(wire.CancelJob(n % 50, if_not_started=True, tie="ab" * 16)),
+                    "run": wire.encode(wire.RunJob(n % 50, wid, 0, "blur", 1, capability="job.x.y")),
+                    "sealed cancel": seal.seal_with(key, "0f0f", seal.C2W, n, wire.CancelJob(n % 50)),
+                }
+                for kind, data in msgs.items():
+                    req.send(data)
+                    replies.append((kind, wire.decode(req.recv())))
+
+    t = threading.Thread(target=storm)
+    t.start()
+    try:
+        frames = {i: frame_png(i, 40, 30) for i in range(8)}
+        push(system, token, wid, frames)
+        wait_completed(system.url, token, wid)
+    finally:
+        stop.set()
+        t.join(10)
+    check_filtered(system, token, wid, frames)  # grayscale, each its own: no forged blur stored
+    assert all(row[1] == "done" and row[2] == 1 for row in job_rows(system, wid)), job_rows(system, wid)
+    # Refused, all of them; a tied cancel with a made-up tie waits (bounded) for a copy of that
+    # tie, which never comes.
+    assert {kind for kind, _ in replies} == {"cancel", "tied cancel", "run", "sealed cancel"}
+    assert all(isinstance(r, wire.Ack) and (kind == "tied cancel" or (not r.ok and "refused" in r.error))
+               for kind, r in replies), [r for r in replies if r[1].ok]
+
+
+async def test_a_replayed_heartbeat_is_refused(make_system):
+    system = make_system()
+    fake = await FakeWorker("f", system.controller, Telemetry()).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = Api(http, system.url)
+            await api.login()
+            await until(lambda: has_workers(api, {"f"}), 20, "the fake to join")
+            captured = [d for d in fake.sent if b'"kid":"join"' not in d and b'"hello"' not in d]
+            assert captured, "a sealed heartbeat"
+            before = plane_dropped(system)
+            with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
+                await until(lambda: _send_and_count(pub, captured[-1], system, before), 10,
+                            "the replay to be refused")
+    finally:
+        await fake.close()
+
+
+async def _send_and_count(pub: pynng.Pub0, data: bytes, system, before: float) -> bool:
+    pub.send(data)
+    return metric(system, "dpip_worker_plane_refused") > before
+
+
+async def test_a_worker_refuses_replays_and_strangers(tmp_path):
+    """A real Worker in this process, welcomed by the test acting as its server."""
+    settings = WorkerSettings(controller_host="127.0.0.1", controller_port=9, name="solo", capacity=1,
+                              advertise_host="127.0.0.1")
+    worker = Worker(settings)
+    await worker.start()
+    try:
+        kid, key = seal.new_key()
+        welcome = wire.Welcome("e1", worker.session, kid, key.hex(), 8080, "http://127.0.0.1:9", 1.0)
+        with pynng.Req0(dial=worker.rpc_address, send_timeout=3000, recv_timeout=3000) as req:
+            async def ask(data: bytes) -> bytes:
+                await req.asend(data)
+                return await req.arecv()
+
+            stranger = wire.Welcome("e2", "cd" * 16, "1f1f", "22" * 32, 1, "", 1.0)
+            assert "welcome refused" in wire.decode(await ask(wire.encode(stranger))).error
+            ours = seal.Channel(key, kid, send=seal.C2W, recv=seal.W2C)
+            ack = ours.open_reply(await ask(wire.encode(welcome)), 0)
+            assert isinstance(ack, wire.Ack) and ack.ok
+            # replaying the welcome of a used key is refused once another key replaced it
+            data, seq = ours.seal(wire.CancelJob(7))
+            reply = ours.open_reply(await ask(data), seq)
+            assert isinstance(reply, wire.Ack) and reply.error == "no such job"
+            refused = wire.decode(await ask(data))  # the same bytes again
+            assert isinstance(refused, wire.Ack) and "replayed" in refused.error
+            job = wire.RunJob(8, "w", 0, "grayscale", 1, capability="job.x.y")
+            data, seq = ours.seal(job)
+            await asyncio.wait_for(ask(data), 10)  # fails (no API here), but is a fresh request
+            worker._forget(8)
+            again = wire.decode(await ask(data))
+            assert isinstance(again, wire.Ack) and "replayed" in again.error
+            other_key = seal.Channel(secrets.token_bytes(32), kid, send=seal.C2W, recv=seal.W2C)
+            data, _ = other_key.seal(wire.CancelJob(7))
+            assert "bad MAC" in wire.decode(await ask(data)).error
+        assert worker.refused == 4
+    finally:
+        await worker.close()
+
+
+async def test_ok_without_a_stored_result_is_a_failed_attempt(make_system):
+    system = make_system("--hedge", "off")
+    liar = await FakeWorker("liar", system.controller, Telemetry(capacity=1), lie=True).start()
+    honest = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = Api(http, system.url)
+            await api.login()
+            await until(lambda: has_workers(api, {"liar"}), 20, "the liar to join")
+            wid = await api.workload()
+            await api.upload(wid, 0)
+            await until(lambda: _has_jobs(liar, 1), 10, "the liar's job")
+            honest = await FakeWorker("honest", system.controller, Telemetry(capacity=1, cpu_percent=90)).start()
+            await until(lambda: has_workers(api, {"liar", "honest"}), 20, "the honest worker")
+            honest.release_all()
+            liar.release_all()  # says "done", stored nothing
+            await until(lambda: _has_jobs(honest, 1), 20, "the retry on the honest worker")
+            honest.release_all()
+            v = await until(lambda: _completed(api, wid), 20, "the workload")
+            assert v["filtered_images"] == [0] and v["failed_images"] == []
+            async with http.get(f"{system.url}/workloads/{wid}/jobs") as r:
+                (job,) = await r.json()
+            assert job["attempts"] == 2 and job["worker"] == "honest"
+    finally:
+        await liar.close()
+        if honest is not None:
+            await honest.close()
+
+
+async def _completed(api: Api, wid: str):
+    v = await api.view(wid)
+    return v if v["status"] == "completed" else None
+
+
+async def test_membership_is_bounded_and_forgets_the_dead(make_system):
+    system = make_system("--max-workers", "2", "--forget-after", "1")
+    fakes = [await FakeWorker(f"f{i}", system.controller, Telemetry()).start() for i in range(2)]
+    extra = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = Api(http, system.url)
+            await api.login()
+            await until(lambda: has_workers(api, {"f0", "f1"}), 20, "two workers")
+            before = metric(system, "dpip_worker_plane_refused")
+            extra = await FakeWorker("f2", system.controller, Telemetry()).start()
+            await until(lambda: _refused_more(system, before), 10, "the third to be refused")
+            assert await _names(http, system) == {"f0", "f1"}
+            await fakes[0].close()  # dies, then is forgotten, which makes room for f2
+            await until(lambda: _names_are(http, system, {"f1", "f2"}), 30, "f0 forgotten, f2 in")
+            await until(lambda: welcomed(extra), 10, "f2 welcomed")
+    finally:
+        for f in [*fakes[1:], *([extra] if extra else [])]:
+            await f.close()
+
+
+async def _refused_more(system, before: float) -> bool:
+    return metric(system, "dpip_worker_plane_refused") > before
+
+
+async def _names(http: aiohttp.ClientSession, system) -> set[str]:
+    async with http.get(f"{system.url}/status") as r:
+        return {w["name"] for w in (await r.json())["workers"]}
+
+
+async def _names_are(http, system, names: set[str]) -> bool:
+    return await _names(http, system) == names
+
+
+def test_rpc_addresses_are_for_the_admin_only(make_system):
+    import subprocess
+    import sys
+
+    from scripts.localsys import ROOT, clean_env
+
+    system = make_system()
+    token = system.start_workers({"w": ()})
+    env = {**clean_env(), "DPIP_PASSWORD": "bob-password-1"}
+    subprocess.run([sys.executable, "main.py", "users", "--data-dir", str(system.data_dir), "add", "bob"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=60)
+    bob = ref.login(system.url, "bob", "bob-password-1")
+    (seen_by_bob,) = ref.get_json(system.url, bob, "/status")["workers"]
+    (seen_by_admin,) = ref.get_json(system.url, token, "/status")["workers"]
+    assert "rpc_address" not in seen_by_bob and seen_by_admin["rpc_address"].startswith("tcp://")
+    assert time.time() - seen_by_bob["last_seen"] < 60

@@ -1,0 +1,98 @@
+"""A worker's end of the worker plane: its session, the key of the welcome it accepted, sealing
+what it publishes and opening what it is sent. No sockets here: :mod:`worker.service` (and the
+tests' impersonated workers) move the bytes.
+
+Trust rule: a worker obeys only the server that welcomed it. A welcome must name the worker's
+own session (a random id only the worker and the servers it heartbeats to have seen) and, with
+a join token, carry the join key's proof; every later request must be sealed with the session
+key that welcome set up, with a sequence number not seen before.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections import deque
+
+from common import wire
+from common.seal import (
+    C2W,
+    JOIN,
+    W2C,
+    Channel,
+    SealError,
+    join_key,
+    seal_with,
+    session_key,
+    welcome_proof,
+)
+
+
+class Refused(Exception):
+    """A message this worker will not act on; the text says why (it goes back to the sender)."""
+
+
+class WorkerLink:
+    """The worker plane's state of one worker process."""
+
+    def __init__(self, name: str, join_token: str = "") -> None:
+        self.name = name
+        self.session = secrets.token_hex(16)
+        self.join = join_key(join_token)
+        self.channel: Channel | None = None
+        self.epoch = ""
+        self._old_kids: deque[str] = deque(maxlen=64)  # welcomes already used: never again
+        self._hello_seq = 0
+
+    @property
+    def kid(self) -> str:
+        return self.channel.kid if self.channel is not None else ""
+
+    def hello(self, rpc_address: str) -> bytes:
+        """Here I am (sealed with the join key if there is one)."""
+        msg = wire.Hello(self.name, self.session, rpc_address, self.kid)
+        if not self.join:
+            return wire.encode(msg)
+        self._hello_seq += 1
+        return seal_with(self.join, JOIN, W2C, self._hello_seq, msg)
+
+    def publish(self, msg: wire.Heartbeat | wire.Goodbye) -> bytes | None:
+        """``msg`` sealed with the session key; None until welcomed."""
+        if self.channel is None:
+            return None
+        return self.channel.seal(msg)[0]
+
+    def accept_welcome(self, w: wire.Welcome) -> bytes:
+        """Take a welcome's session key; return the sealed acknowledgement, or raise Refused."""
+        if w.worker_session != self.session:
+            raise Refused("welcome refused: it is not for this worker's session")
+        if self.channel is not None and w.kid == self.channel.kid:
+            return self.channel.seal_reply(wire.Ack(), 0)  # our ack was lost: say it again
+        if w.kid in self._old_kids or not w.kid:
+            raise Refused("welcome refused: its key was used before")
+        if self.join:
+            if not hmac.compare_digest(w.proof, welcome_proof(self.join, w)):
+                raise Refused("welcome refused: wrong join token proof")
+            key = session_key(self.join, w.epoch, w.worker_session, w.kid)
+        else:
+            if len(w.session_key) != 64:
+                raise Refused("welcome refused: no session key")
+            key = bytes.fromhex(w.session_key)
+        if self.channel is not None:
+            self._old_kids.append(self.channel.kid)
+        self.channel = Channel(key, w.kid, send=W2C, recv=C2W)
+        self.epoch = w.epoch
+        return self.channel.seal_reply(wire.Ack(), 0)
+
+    def open(self, sealed: wire.Sealed) -> tuple[wire.Message, bool, Channel]:
+        """A request from the server that welcomed us: (message, fresh, channel to reply on)."""
+        channel = self.channel
+        if channel is None or sealed.kid != channel.kid:
+            raise Refused("refused: not from the server that welcomed this worker")
+        try:
+            inner, fresh = channel.open(sealed)
+        except SealError as e:
+            raise Refused(f"refused: {e}") from None
+        except wire.DecodeError:
+            raise Refused("refused: bad sealed message") from None
+        return inner, fresh, channel
