@@ -286,7 +286,11 @@ class Membership:
 
     async def _welcome(self, hello: wire.Hello, join: _Join) -> None:
         """Offer a session key at the hello's address; a member once it acks with that key."""
-        client = RpcClient(hello.rpc_address, timeout=3.0)
+        try:
+            client = RpcClient(hello.rpc_address, timeout=3.0)
+        except pynng.NNGException as e:
+            join.busy = False
+            return self._refuse(f"a hello with an unusable address ({e})")
         adopted = False
         try:
             kid = secrets.token_hex(8)
@@ -311,6 +315,8 @@ class Membership:
             adopted = self._adopt(hello, channel, client)
             if adopted:
                 await self.store.upsert_worker(hello.name, self.workers[hello.name].tags, hello.rpc_address)
+        except Exception:  # a bug must cost one welcome, never leave the name stuck
+            self._log.log(logging.ERROR, "bug", "welcoming %s failed", hello.name, exc_info=True)
         finally:
             join.busy = False
             if not adopted:

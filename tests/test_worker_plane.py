@@ -67,7 +67,8 @@ def test_hostile_bytes_stop_nothing_and_bloat_nothing(make_system):
 
     blobs = hostile_blobs()
     # Hellos from a thousand different names and dead addresses: joins must stay bounded.
-    hellos = [wire.encode(wire.Hello(f"ghost{i}", secrets.token_hex(16), "tcp://127.0.0.1:9")) for i in range(1000)]
+    hellos = [wire.encode(wire.Hello(f"ghost{i}", secrets.token_hex(16), addr))
+              for i in range(1000) for addr in ("tcp://127.0.0.1:9", "tcp://%%%")[i % 2:][:1]]
     with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
         target = len(blobs) * 20
         # pub/sub drops what is sent before the connection is up: send until counted
