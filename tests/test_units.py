@@ -54,7 +54,8 @@ def test_every_message_round_trips(msg):
     (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "cpu_percent": 1e999}', "finite"),
     (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "cpu_percent": 101}', "outside"),
     (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "tags": ["x"' + b',"x"' * 40 + b"]}", "items"),
-    (b"[" * 100_000, "not JSON"),
+    (b"[" * 100_000, "nested deeper"),
+    (b'{"a": ' * 300 + b"1" + b"}" * 300, "nested deeper"),
     (b'{"type": "run_job", "v": 2, "job_id": 1, "workload_id": "w", "image_id": 1, "filter": "x",'
      b' "attempt": 1, "params": []}', "expected an object"),
     (b"x" * (wire.MAX_MESSAGE_BYTES + 1), "exceeds"),
@@ -62,6 +63,11 @@ def test_every_message_round_trips(msg):
 def test_decode_rejects_garbage_with_a_reason(data, words):
     with pytest.raises(wire.DecodeError, match=words):
         wire.decode(data)
+
+
+def test_brackets_inside_strings_are_not_nesting():
+    msg = wire.Ack(ok=False, error="[{" * 400 + '\\"' + "]}" * 100)
+    assert wire.decode(wire.encode(msg)) == msg
 
 
 def test_decode_ignores_unknown_fields_from_newer_peers():
