@@ -70,7 +70,7 @@ SCHEMAS: dict[str, Any] = {
                 "count": {"type": "integer"}, "utilization_percent": {"type": "number"},
                 "memory_percent": {"type": "number"}}},
             "running_jobs": {"type": "integer"}, "capacity": {"type": "integer"}, "jobs_done": {"type": "integer"},
-            "last_seen": {"type": "number"}, "rpc_address": {"type": "string"},
+            "last_seen": {"type": "number"}, "rpc_address": {"type": "string", "description": "where the server sends jobs; admin only"},
             "autoscaled": {"type": "boolean", "description": "started (and to be retired) by the autoscaler"},
         },
     },
