@@ -45,7 +45,6 @@ from controller.models import (
     Forbidden,
     ImageType,
     NotFound,
-    Unauthorized,
     UnsupportedMedia,
     WorkloadStatus,
     WorkloadView,
@@ -89,12 +88,14 @@ def _owner(claims: Claims) -> str | None:
     return claims.subject if claims.scope == USER else None
 
 
-def _job_image(request: web.Request, workload_id: str, image_id: int, type_: ImageType) -> None:
-    """A job capability reaches exactly its job's original (read) and result (write)."""
+def _job_image(request: web.Request, workload_id: str, image_id: int, type_: ImageType,
+               allowed: ImageType, thumbnail: bool = False) -> None:
+    """A job capability reaches exactly its job's image of type ``allowed`` (the original to
+    read, the result to write), never a thumbnail."""
     if request[CLAIMS].scope != JOB:
         return
     job = request[JOB_CLAIMS]
-    if job.workload_id != workload_id or job.image_id != image_id:
+    if job.workload_id != workload_id or job.image_id != image_id or type_ != allowed or thumbnail:
         raise NotFound(f"{type_.value} image {image_id} of workload {quoted(workload_id)} not found")
 
 
@@ -290,11 +291,12 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
             raise Forbidden("only workers upload filtered images, with their job's capability")
         image_id = int_param(params, "image_id")
         assert image_id is not None
-        _job_image(request, workload.id, image_id, type_)
-        if not await store.has_image(workload.id, image_id, ImageType.ORIGINAL):
-            raise BadInput(f"workload has no original image {image_id}")
-        original = images.path(workload.dir, ImageType.ORIGINAL, image_id,
-                               await store.get_image(workload.id, image_id, ImageType.ORIGINAL))
+        _job_image(request, workload.id, image_id, type_, ImageType.FILTERED)
+        try:
+            original_format = await store.get_image(workload.id, image_id, ImageType.ORIGINAL)
+        except NotFound as e:
+            raise BadInput(f"workload has no original image {image_id}") from e
+        original = images.path(workload.dir, ImageType.ORIGINAL, image_id, original_format)
         problem = result_problem(workload.filter.value, await asyncio.to_thread(header, original), stored)
         if problem:
             raise BadInput(f"result rejected: {problem}")
@@ -315,9 +317,7 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     workload = await store.get_workload(required(params, "workload_id"), _owner(request[CLAIMS]))
     type_ = _image_type(params, ImageType.ORIGINAL)
     assert type_ is not None
-    _job_image(request, workload.id, image_id, type_)
-    if request[CLAIMS].scope == JOB and (type_ != ImageType.ORIGINAL or params.get("size")):
-        raise NotFound(f"{type_.value} image {image_id} of workload {quoted(workload.id)} not found")
+    _job_image(request, workload.id, image_id, type_, ImageType.ORIGINAL, thumbnail=bool(params.get("size")))
     fmt = await store.get_image(workload.id, image_id, type_)
     images = request.app[IMAGES]
     if size := params.get("size", "").strip().lower():

@@ -16,6 +16,7 @@ refusals are counted and logged at a bounded rate.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -302,7 +303,7 @@ class Membership:
             msg = wire.Welcome(self.epoch, hello.session, kid, sent_key, self.api_port, self.public_url,
                                self.heartbeat_interval)
             if self.join:
-                msg = wire.Welcome(**{**msg.__dict__, "proof": welcome_proof(self.join, msg)})
+                msg = dataclasses.replace(msg, proof=welcome_proof(self.join, msg))
             channel = Channel(key, kid, send=C2W, recv=W2C)
             try:
                 reply = await client.call(msg, channel=_WelcomeReply(channel))
