@@ -22,6 +22,7 @@ from api.keys import (
     AUTH,
     AUTOSCALER,
     IMAGES,
+    JOBS,
     LOGIN_LIMITS,
     MEMBERSHIP,
     METRICS,
@@ -37,6 +38,7 @@ from api.settings import ServerSettings
 from common.config import tcp_url
 from controller.auth import Auth, is_loopback, load_join_token, load_or_create_secret
 from controller.images import ImageStore
+from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from controller.models import (
     BadInput,
@@ -148,7 +150,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     join_token = s.join_token or load_join_token(s.data_dir, required=not is_loopback(s.host))
     membership = Membership(store, secret, s.port, s.public_url, s.heartbeat_interval, ttl, join_token,
                             forget_after=s.forget_after, max_workers=s.max_workers)
-    scheduler = Scheduler(store, membership, SchedulerSettings(
+    jobs = JobLifecycle(store)
+    scheduler = Scheduler(jobs, membership, SchedulerSettings(
         job_timeout=s.job_timeout,
         max_attempts=s.max_attempts,
         hedge=HedgePolicy(s.hedge),
@@ -157,7 +160,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         hedge_initial=s.hedge_initial_ms / 1000,
     ))
     scheduler.on_job_done = app[METRICS].job_done
-    app[STORE], app[AUTH], app[MEMBERSHIP], app[SCHEDULER] = store, auth, membership, scheduler
+    app[STORE], app[AUTH], app[MEMBERSHIP], app[SCHEDULER], app[JOBS] = store, auth, membership, scheduler, jobs
     app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
     app[UPLOAD_LOCKS] = {}
     app[LOGIN_LIMITS] = LoginThrottle(s.login_failures, 60.0)

@@ -16,6 +16,7 @@ from api.keys import (
     CLAIMS,
     IMAGES,
     JOB_CLAIMS,
+    JOBS,
     LOGIN_LIMITS,
     MEMBERSHIP,
     SCHEDULER,
@@ -284,7 +285,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
             else:
                 image_id = chosen
             await images.commit(stored, images.path(workload.dir, type_, image_id, stored.format))
-            job = await store.add_original(workload, image_id, stored.format, stored.size)
+            job = await app[JOBS].enqueue(workload, image_id, stored.format, stored.size)
         app[SCHEDULER].submit(job)
     else:
         if claims.scope != JOB:
@@ -304,7 +305,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
             await images.commit(
                 stored, images.path(workload.dir, type_, image_id, stored.format), replace=False
             )
-            await store.add_filtered(workload.id, image_id, stored.format, stored.size)
+            await app[JOBS].complete(workload.id, image_id, stored.format, stored.size)
     return {"workload_id": workload.id, "image_id": image_id, "type": type_.value}
 
 

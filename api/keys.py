@@ -12,6 +12,7 @@ from api.settings import ServerSettings
 from controller.auth import Auth, Claims
 from controller.capability import JobClaims
 from controller.images import ImageStore
+from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from controller.store import Store
 from scheduler.autoscale import Autoscaler
@@ -21,6 +22,7 @@ SETTINGS = web.AppKey("settings", ServerSettings)
 STORE = web.AppKey("store", Store)
 AUTH = web.AppKey("auth", Auth)
 IMAGES = web.AppKey("images", ImageStore)
+JOBS = web.AppKey("jobs", JobLifecycle)
 MEMBERSHIP = web.AppKey("membership", Membership)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
@@ -30,5 +32,5 @@ AUTOSCALER = web.AppKey("autoscaler", Autoscaler)  # set only with --autoscale
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set on shutdown: long-lived streams end
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
 JOB_CLAIMS = web.RequestKey("job_claims", JobClaims)  # set when the caller holds a job capability
-__all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "JOB_CLAIMS", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "SCHEDULER",
+__all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "JOB_CLAIMS", "JOBS", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "SCHEDULER",
            "SETTINGS", "STOPPING", "STORE", "UPLOAD_LOCKS", "Claims"]

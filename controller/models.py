@@ -143,9 +143,10 @@ class WorkloadView:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """A persisted unit of work: filter image ``image_id`` of ``workload_id``."""
+    """A snapshot of a persisted unit of work: filter image ``image_id`` of ``workload_id``.
+    Only :mod:`controller.jobs` makes new ones, as it changes the row."""
 
     id: int
     workload_id: str
@@ -155,5 +156,3 @@ class Job:
     attempts: int = 0
     size: int = 0  # bytes of the original: latencies are compared between similar sizes
     state: JobState = JobState.QUEUED
-    avoid: set[str] = field(default_factory=set)  # workers that failed this job already
-    not_before: float = 0.0  # monotonic time before which it is not retried

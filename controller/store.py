@@ -1,15 +1,19 @@
 """The datastore: one SQLite file (aiosqlite) with users, tokens, workloads, images, jobs, workers.
 
 All writes go through one connection, so SQLite's single-writer rule never surprises us; WAL
-lets readers proceed meanwhile. Every method is a short transaction.
+lets readers proceed meanwhile. Every write is a serialized transaction (:meth:`Store.transaction`);
+the job transitions are :mod:`controller.jobs`'s, the rest are here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
@@ -18,7 +22,6 @@ from controller.models import (
     Conflict,
     Filter,
     ImageType,
-    Job,
     JobState,
     NotFound,
     Workload,
@@ -93,13 +96,13 @@ CREATE TABLE IF NOT EXISTS workers (
 """
 
 
-def _tags(text: str) -> tuple[str, ...]:
+def tags_of(text: str) -> tuple[str, ...]:
     return tuple(t for t in text.split(",") if t)
 
 
 def _workload(row: aiosqlite.Row) -> Workload:
     return Workload(
-        row["id"], row["name"], row["owner"], Filter(row["filter"]), _tags(row["tags"]),
+        row["id"], row["name"], row["owner"], Filter(row["filter"]), tags_of(row["tags"]),
         row["created_at"], json.loads(row["meta"]), row["dir"],
     )
 
@@ -169,14 +172,34 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
 
     @property
     def db(self) -> _OneHop:
         assert self._db is not None, "Store.open() first"
         return _OneHop(self._db)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_OneHop]:
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any error.
+
+        Every coroutine shares one connection, so writes are serialized by a lock: without it
+        one coroutine's COMMIT would commit another's half-done transaction. Every write goes
+        through here (the connection is in autocommit mode otherwise, so a stray write outside
+        would be its own transaction, never part of someone else's)."""
+        async with self._write_lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await self._db.rollback()  # type: ignore[union-attr]
+                raise
+            await db.execute("COMMIT")
+
     async def open(self) -> None:
-        self._db = await aiosqlite.connect(self.path)
+        # isolation_level=None: no implicit BEGIN; transactions are ours (transaction()).
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
         self._db.row_factory = aiosqlite.Row
         await self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before we answer 2xx, power loss included.
@@ -184,14 +207,14 @@ class Store:
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._db.executescript(SCHEMA)
         await self._migrate()
-        await self._db.commit()
 
     async def _migrate(self) -> None:
         """Add the columns later versions introduced to a data dir made by an earlier one."""
         async with self.db.execute("PRAGMA table_info(workloads)") as cur:
             columns = {r["name"] for r in await cur.fetchall()}
         if "meta" not in columns:
-            await self.db.execute("ALTER TABLE workloads ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
+            async with self.transaction() as db:
+                await db.execute("ALTER TABLE workloads ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
         if "dir" not in columns:
             await self._rebuild_workloads()
 
@@ -200,7 +223,6 @@ class Store:
         and make names unique per owner. SQLite cannot drop a UNIQUE constraint, so the table is
         rebuilt (its documented 12 steps: foreign keys off, copy, drop, rename, check)."""
         db = self.db
-        await db.commit()
         await db.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: hence here
         try:
             await db.executescript(
@@ -236,11 +258,11 @@ class Store:
         """Add a user; returns its ``created_at`` (tokens issued before it are not its own)."""
         now = time.time()
         try:
-            await self.db.execute(
-                "INSERT INTO users(name, password_hash, created_at) VALUES (?, ?, ?)",
-                (name, password_hash, now),
-            )
-            await self.db.commit()
+            async with self.transaction() as db:
+                await db.execute(
+                    "INSERT INTO users(name, password_hash, created_at) VALUES (?, ?, ?)",
+                    (name, password_hash, now),
+                )
         except aiosqlite.IntegrityError as e:
             raise Conflict(f"user {quoted(name)} exists") from e
         return now
@@ -253,11 +275,11 @@ class Store:
         """Delete the user; their workloads stay, re-owned in the same transaction by a name no
         login can have (``:`` is not allowed in user names), so a new account of the same name
         does not inherit them."""
-        cur = await self.db.execute("DELETE FROM users WHERE name = ?", (name,))
-        if cur.rowcount == 1:
-            tomb = f"removed:{name}:{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}:{uuid.uuid4().hex[:8]}"
-            await self.db.execute("UPDATE workloads SET owner = ? WHERE owner = ?", (tomb, name))
-        await self.db.commit()
+        async with self.transaction() as db:
+            cur = await db.execute("DELETE FROM users WHERE name = ?", (name,))
+            if cur.rowcount == 1:
+                tomb = f"removed:{name}:{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}:{uuid.uuid4().hex[:8]}"
+                await db.execute("UPDATE workloads SET owner = ? WHERE owner = ?", (tomb, name))
         return cur.rowcount == 1
 
     async def user(self, name: str) -> tuple[str, float] | None:
@@ -279,11 +301,11 @@ class Store:
         return row[0] if row else None
 
     async def revoke_token(self, jti: str, expires_at: float) -> None:
-        await self.db.execute(
-            "INSERT OR IGNORE INTO revoked_tokens(jti, expires_at) VALUES (?, ?)", (jti, expires_at)
-        )
-        await self.db.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (time.time(),))
-        await self.db.commit()
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO revoked_tokens(jti, expires_at) VALUES (?, ?)", (jti, expires_at)
+            )
+            await db.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (time.time(),))
 
     async def revoked_tokens(self) -> set[str]:
         async with self.db.execute(
@@ -304,7 +326,7 @@ class Store:
         try:
             # Its directory is its name unless another user's workload has that one already:
             # chosen in the statement itself, so two creations at once cannot both take it.
-            async with self.db.execute(
+            async with self.transaction() as db, db.execute(
                 "INSERT INTO workloads(id, name, dir, owner, filter, tags, created_at, meta)"
                 " SELECT ?, ?, CASE WHEN EXISTS (SELECT 1 FROM workloads WHERE dir = ?)"
                 " THEN ? ELSE ? END, ?, ?, ?, ?, ? RETURNING dir",
@@ -312,7 +334,6 @@ class Store:
                  json.dumps(meta)),
             ) as cur:
                 (dir_,) = await cur.fetchone()
-            await self.db.commit()
         except aiosqlite.IntegrityError as e:
             raise Conflict(f"workload_name {quoted(name)} is already in use (by one of yours)") from e
         return Workload(wid, name, owner, filter, tags, now, meta, dir_)
@@ -368,44 +389,6 @@ class Store:
             raise NotFound(f"workload {quoted(workload_id)} not found")
         return row[0]
 
-    async def add_original(
-        self, workload: Workload, image_id: int, fmt: str, size: int
-    ) -> Job:
-        """Record original ``image_id`` (its file already in place) and queue its job, atomically."""
-        now = time.time()
-        db = self.db
-        await db.execute(
-            "UPDATE workloads SET next_image_id = MAX(next_image_id, ?) WHERE id = ?",
-            (image_id + 1, workload.id),
-        )
-        await db.execute(
-            "INSERT OR REPLACE INTO images(workload_id, image_id, type, format, size, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now),
-        )
-        cur = await db.execute(
-            "INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)",
-            (workload.id, image_id, JobState.QUEUED.value, now),
-        )
-        job_id = cur.lastrowid
-        await db.commit()
-        return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size)
-
-    async def add_filtered(self, workload_id: str, image_id: int, fmt: str, size: int) -> None:
-        """Record the filtered image and finish its job; the caller checked it is new."""
-        now = time.time()
-        await self.db.execute(
-            "INSERT OR IGNORE INTO images(workload_id, image_id, type, format, size, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (workload_id, image_id, ImageType.FILTERED.value, fmt, size, now),
-        )
-        await self.db.execute(
-            "UPDATE jobs SET state = ?, finished_at = ?, error = NULL"
-            " WHERE workload_id = ? AND image_id = ?",
-            (JobState.DONE.value, now, workload_id, image_id),
-        )
-        await self.db.commit()
-
     async def has_image(self, workload_id: str, image_id: int, type_: ImageType) -> bool:
         try:
             await self.get_image(workload_id, image_id, type_)
@@ -442,50 +425,6 @@ class Store:
         async with self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state") as cur:
             return {r[0]: r[1] for r in await cur.fetchall()}
 
-    async def unfinished_jobs(self) -> list[Job]:
-        """Jobs to (re)queue after a start: queued ones and those dispatched before a crash."""
-        async with self.db.execute(
-            "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size"
-            " FROM jobs j JOIN workloads w ON w.id = j.workload_id"
-            " JOIN images i ON i.workload_id = j.workload_id AND i.image_id = j.image_id"
-            " AND i.type = ? WHERE j.state IN (?, ?) ORDER BY j.id",
-            (ImageType.ORIGINAL.value, JobState.QUEUED.value, JobState.DISPATCHED.value),
-        ) as cur:
-            rows = await cur.fetchall()
-        await self.db.execute(
-            "UPDATE jobs SET state = ?, worker = NULL WHERE state = ?",
-            (JobState.QUEUED.value, JobState.DISPATCHED.value),
-        )
-        await self.db.commit()
-        return [
-            Job(r[0], r[1], r[2], Filter(r[4]), _tags(r[5]), attempts=r[3], size=r[6]) for r in rows
-        ]
-
-    async def mark_dispatched(self, job: Job, worker: str, timeout: float) -> bool:
-        """queued -> dispatched (worker, attempt + 1, deadline); False if no longer queued."""
-        now = time.time()
-        cur = await self.db.execute(
-            "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?,"
-            " deadline = ?, copies = copies + 1 WHERE id = ? AND state = ?",
-            (JobState.DISPATCHED.value, worker, now, now + timeout, job.id, JobState.QUEUED.value),
-        )
-        await self.db.commit()
-        return cur.rowcount == 1
-
-    async def add_copy(self, job: Job) -> None:
-        """One more copy of a dispatched job was sent (hedged or tied)."""
-        await self.db.execute("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,))
-        await self.db.commit()
-
-    async def record_result(self, job: Job, worker: str, download_ms: float, process_ms: float,
-                            upload_ms: float) -> None:
-        """Which copy won, and where its time went."""
-        await self.db.execute(
-            "UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ? WHERE id = ?",
-            (worker, download_ms, process_ms, upload_ms, job.id),
-        )
-        await self.db.commit()
-
     async def job_timings(self, workload_id: str) -> list[dict]:
         """Per job: state, attempts, copies sent, the winning worker, and its timeline."""
         async with self.db.execute(
@@ -507,37 +446,21 @@ class Store:
             for r in rows
         ]
 
-    async def requeue(self, job: Job, error: str) -> bool:
-        """dispatched -> queued after a failed attempt; False if it finished meanwhile."""
-        cur = await self.db.execute(
-            "UPDATE jobs SET state = ?, worker = NULL, error = ? WHERE id = ? AND state = ?",
-            (JobState.QUEUED.value, error, job.id, JobState.DISPATCHED.value),
-        )
-        await self.db.commit()
-        return cur.rowcount == 1
-
-    async def fail_job(self, job: Job, error: str) -> None:
-        await self.db.execute(
-            "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state != ?",
-            (JobState.FAILED.value, error, time.time(), job.id, JobState.DONE.value),
-        )
-        await self.db.commit()
-
     # -- workers ----------------------------------------------------------------------------
 
     async def upsert_worker(self, name: str, tags: list[str], rpc_address: str) -> None:
         now = time.time()
-        await self.db.execute(
-            "INSERT INTO workers(name, tags, rpc_address, first_seen, last_seen)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET tags = excluded.tags,"
-            " rpc_address = excluded.rpc_address, last_seen = excluded.last_seen",
-            (name, json.dumps(tags), rpc_address, now, now),
-        )
-        await self.db.commit()
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO workers(name, tags, rpc_address, first_seen, last_seen)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET tags = excluded.tags,"
+                " rpc_address = excluded.rpc_address, last_seen = excluded.last_seen",
+                (name, json.dumps(tags), rpc_address, now, now),
+            )
 
     async def forget_worker(self, name: str) -> None:
-        await self.db.execute("DELETE FROM workers WHERE name = ?", (name,))
-        await self.db.commit()
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM workers WHERE name = ?", (name,))
 
     async def known_workers(self) -> list[dict]:
         async with self.db.execute("SELECT name, tags, last_seen FROM workers") as cur:

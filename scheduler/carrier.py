@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 from common import wire
 from common.rpc import RpcError
+from controller.jobs import JobLifecycle
 from controller.membership import Membership
-from controller.models import ImageType, Job
-from controller.store import Store
+from controller.models import Job
 from scheduler.latency import LatencyTracker
 
 logger = logging.getLogger(__name__)
@@ -87,9 +87,9 @@ class Slots(Protocol):
 class Carrier:
     """Sends the copies of one attempt, and knows when to hedge and whom to cancel."""
 
-    def __init__(self, store: Store, membership: Membership, settings: SchedulerSettings,
+    def __init__(self, jobs: JobLifecycle, membership: Membership, settings: SchedulerSettings,
                  latency: LatencyTracker, stats: DispatchStats, slots: Slots) -> None:
-        self.store = store
+        self.jobs = jobs
         self.membership = membership
         self.settings = settings
         self.latency = latency
@@ -106,7 +106,7 @@ class Carrier:
                 copies[primary] = self._start(job, primary, (self._address(peer), tie))
                 await asyncio.sleep(self.settings.tie_delay)
                 copies[peer] = self._start(job, peer, (self._address(primary), tie))
-                await self.store.add_copy(job)
+                await self.jobs.add_copy(job)
                 return copies
         copies[primary] = self._start(job, primary)
         if policy == HedgePolicy.HEDGED:
@@ -118,7 +118,7 @@ class Carrier:
                                  self.hedge_delay(job) * 1000)
                     self.stats.hedges += 1
                     copies[second] = self._start(job, second)
-                    await self.store.add_copy(job)
+                    await self.jobs.add_copy(job)
         return copies
 
     def hedge_delay(self, job: Job) -> float:
@@ -192,7 +192,7 @@ class Carrier:
             return Outcome(worker, failure=Failure(str(e)))
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
             if reply.ok:
-                if not await self.store.has_image(job.workload_id, job.image_id, ImageType.FILTERED):
+                if not await self.jobs.has_result(job):
                     # "done" is what the datastore says, never only what a worker claims
                     return Outcome(worker, result=reply, failure=Failure(
                         f"worker {worker} reported success but stored no result"))

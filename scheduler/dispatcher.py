@@ -18,9 +18,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from common.aio import stop_tasks
+from controller.jobs import JobLifecycle
 from controller.membership import Membership
-from controller.models import Job, JobState
-from controller.store import Store
+from controller.models import Job
 from scheduler.carrier import (
     Carrier,
     DispatchStats,
@@ -39,13 +39,15 @@ __all__ = ["HedgePolicy", "Scheduler", "SchedulerSettings"]
 class Scheduler:
     """Owns the queue and the jobs in flight; wakes up on new jobs and on worker news."""
 
-    def __init__(self, store: Store, membership: Membership, settings: SchedulerSettings) -> None:
-        self.store = store
+    def __init__(self, jobs: JobLifecycle, membership: Membership, settings: SchedulerSettings) -> None:
+        self.jobs = jobs
         self.membership = membership
         self.settings = settings
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # workload -> jobs, FIFO
         self._in_flight: dict[str, dict[int, Job]] = {}  # worker -> job id -> job
         self._finished: dict[int, float] = {}  # job id -> when its call ended (recently)
+        self._avoid: dict[int, set[str]] = {}  # job id -> workers that failed it already
+        self._not_before: dict[int, float] = {}  # job id -> monotonic time of its next try
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -55,14 +57,14 @@ class Scheduler:
         self.latency = LatencyTracker()
         self.stats = DispatchStats()
         self.on_job_done: Callable[[Job, float], None] | None = None  # metrics: job, seconds
-        self.carrier = Carrier(store, membership, settings, self.latency, self.stats, self)
+        self.carrier = Carrier(jobs, membership, settings, self.latency, self.stats, self)
         membership.subscribe(on_change=self.wake, on_lost=lambda name: self.wake())
 
     # -- public -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Requeue what the datastore says is unfinished, then start placing."""
-        jobs = await self.store.unfinished_jobs()
+        jobs = await self.jobs.recover()
         for job in jobs:
             self._enqueue(job)
         if jobs:
@@ -156,11 +158,12 @@ class Scheduler:
                     continue
                 queue = self._queues[wid]
                 job = queue[0]
-                if job.not_before > now:
-                    next_retry = min(next_retry or job.not_before, job.not_before)
+                not_before = self._not_before.get(job.id, 0.0)
+                if not_before > now:
+                    next_retry = min(next_retry or not_before, not_before)
                     blocked.add(wid)
                     continue
-                jv = JobView(frozenset(job.tags), frozenset(job.avoid))
+                jv = self._view(job)
                 name = place(jv, views.values())
                 if name is None:
                     self.waiting[wid] = why_not(jv, views.values())
@@ -192,11 +195,12 @@ class Scheduler:
     async def _dispatch(self, job: Job, primary: str) -> None:
         """One attempt of a job: its copies (one, or two with a tail policy), then the outcome."""
         try:
-            if not await self.store.mark_dispatched(job, primary, self.settings.job_timeout):
+            dispatched = await self.jobs.dispatch(job, primary, self.settings.job_timeout)
+            if dispatched is None:
                 self.release(primary, job)
+                self._settled(job)
                 return  # finished or failed meanwhile
-            job.attempts += 1
-            job.state = JobState.DISPATCHED
+            job = dispatched
             t0 = time.monotonic()
             copies = await self.carrier.send(job, primary)
             outcome, failure = await self.carrier.first_success(copies)
@@ -207,7 +211,8 @@ class Scheduler:
                 self.latency.record(job.size, time.monotonic() - t0)
                 self.stats.jobs_done += 1
                 r = outcome.result
-                await self.store.record_result(job, outcome.worker, r.download_ms, r.process_ms, r.upload_ms)
+                await self.jobs.record_result(job, outcome.worker, r.download_ms, r.process_ms, r.upload_ms)
+                self._settled(job)
                 if self.on_job_done is not None:
                     self.on_job_done(job, time.monotonic() - t0)
             else:
@@ -221,7 +226,7 @@ class Scheduler:
     def reserve_second(self, job: Job, primary: str) -> str | None:
         """Another worker with a free slot for a second copy (never beyond capacity), reserved."""
         views = [v for v in self._views() if v.name != primary]
-        name = place(JobView(frozenset(job.tags), frozenset(job.avoid)), views)
+        name = place(self._view(job), views)
         if name is not None:
             self._in_flight.setdefault(name, {})[job.id] = job
         return name
@@ -243,14 +248,24 @@ class Scheduler:
         if failure.final or job.attempts >= self.settings.max_attempts:
             logger.error("job %d (workload %s, image %d) failed for good after %d attempt(s): %s",
                          job.id, job.workload_id, job.image_id, job.attempts, failure.reason)
-            await self.store.fail_job(job, failure.reason)
+            await self.jobs.fail(job, failure.reason)
+            self._settled(job)
             return
-        if not await self.store.requeue(job, failure.reason):
+        queued = await self.jobs.retry(job, failure.reason)
+        if queued is None:
+            self._settled(job)
             return  # its result arrived meanwhile (e.g. the upload beat a lost reply)
         logger.warning("job %d attempt %d on %s failed, retrying: %s",
                        job.id, job.attempts, worker, failure.reason)
-        job.state = JobState.QUEUED
-        job.avoid.add(worker)
+        self._avoid.setdefault(job.id, set()).add(worker)
         delay = self.settings.retry_backoff * 2 ** (job.attempts - 1) if failure.backoff else 0.0
-        job.not_before = time.monotonic() + delay
-        self._enqueue(job)
+        self._not_before[job.id] = time.monotonic() + delay
+        self._enqueue(queued)
+
+    def _view(self, job: Job) -> JobView:
+        return JobView(frozenset(job.tags), frozenset(self._avoid.get(job.id, ())))
+
+    def _settled(self, job: Job) -> None:
+        """The job left the scheduler for good (done, failed, or finished elsewhere)."""
+        self._avoid.pop(job.id, None)
+        self._not_before.pop(job.id, None)

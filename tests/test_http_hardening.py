@@ -25,12 +25,12 @@ from api.peer import client_address, parse_cidrs
 from api.ratelimit import LoginThrottle
 from controller.auth import USER
 from controller.images import _make_thumbnail, check_workload_name
+from controller.jobs import JobLifecycle
 from controller.models import BadInput, Filter, TooManyRequests, Unauthorized, quoted
 from controller.store import SCHEMA, Store
+from scripts import refclient as ref
 from scripts.localsys import ROOT, wait_until
-from tests import refclient as ref
-from tests.conftest import ADMIN_PASSWORD, png_bytes
-from tests.test_api import assert_error, basic, bearer, login, new_workload, upload
+from tests.support import ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, upload
 
 # -- 1. login throttling under concurrency ----------------------------------------------------
 
@@ -302,8 +302,9 @@ async def test_an_old_datastore_is_migrated_to_per_owner_names(tmp_path):
     store = Store(path)
     await store.open()  # rebuilds workloads
     try:
-        assert [(j.workload_id, j.image_id) for j in await store.unfinished_jobs()] == [("w1", 0)]
-        await store.add_original(await store.get_workload("w1"), 1, "PNG", 10)  # references still hold
+        jobs = JobLifecycle(store)
+        assert [(j.workload_id, j.image_id) for j in await jobs.recover()] == [("w1", 0)]
+        await jobs.enqueue(await store.get_workload("w1"), 1, "PNG", 10)  # references still hold
         old = await store.get_workload("w1", "admin")
         assert (old.name, old.dir) == ("clip", "clip")
         bobs = await store.create_workload("clip", "bob", Filter.GRAYSCALE, ())
