@@ -23,14 +23,15 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from controller.datastore import Datastore
 from controller.models import Filter, ImageType, Job, JobState, Workload
-from controller.store import Store, tags_of
+from controller.store import tags_of
 
 
 class JobLifecycle:
     """Transitions of persisted jobs (see the module's diagram)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Datastore) -> None:
         self.store = store
 
     async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int) -> Job:

@@ -1,0 +1,130 @@
+"""The datastore contract (controller.datastore.Datastore) and the job lifecycle on top of it,
+run against every implementation: today the SQLite store, on a real file."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from controller.datastore import Datastore
+from controller.jobs import JobLifecycle
+from controller.models import Conflict, Filter, ImageType, JobState, NotFound
+from controller.store import Store
+
+IMPLEMENTATIONS: dict[str, Callable[[Path], Datastore]] = {
+    "sqlite": lambda tmp: Store(tmp / "dpip.sqlite3"),
+}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+async def store(request, tmp_path) -> AsyncIterator[Datastore]:
+    s = IMPLEMENTATIONS[request.param](tmp_path)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def job_state(store: Datastore, wid: str, image_id: int) -> tuple[str, int]:
+    (row,) = [j for j in await store.job_timings(wid) if j["image_id"] == image_id]
+    return row["state"], row["attempts"]
+
+
+async def test_a_job_goes_queued_dispatched_done(store):
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    job = await jobs.enqueue(w, 0, "PNG", 10)
+    assert job.state == JobState.QUEUED and await job_state(store, w.id, 0) == ("queued", 0)
+    dispatched = await jobs.dispatch(job, "w1", 60)
+    assert dispatched is not None and dispatched.attempts == 1 and dispatched.state == JobState.DISPATCHED
+    assert await jobs.dispatch(job, "w2", 60) is None, "dispatched twice"
+    assert await jobs.complete(w.id, 0, "PNG", 5) is True
+    assert await jobs.complete(w.id, 0, "PNG", 6) is False, "the first result wins"
+    assert await jobs.has_result(job)
+    assert await jobs.retry(dispatched, "late failure") is None, "a done job is not requeued"
+    assert await jobs.fail(dispatched, "late failure") is None, "a done job does not fail"
+    assert await job_state(store, w.id, 0) == ("done", 1)
+    view = await store.workload_view(w)
+    assert view.filtered_images == [0] and view.status.value == "completed"
+
+
+async def test_retry_fail_and_recover(store):
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.BLUR, ("gpu",))
+    a, b = await jobs.enqueue(w, 0, "PNG", 10), await jobs.enqueue(w, 1, "PNG", 10)
+    assert await jobs.retry(a, "not dispatched") is None, "only a dispatched job is retried"
+    da = await jobs.dispatch(a, "w1", 60)
+    assert da is not None
+    again = await jobs.retry(da, "worker died")
+    assert again is not None and again.state == JobState.QUEUED and again.attempts == 1
+    db = await jobs.dispatch(b, "w1", 60)
+    assert db is not None
+    failed = await jobs.fail(db, "cannot decode")
+    assert failed is not None and failed.state == JobState.FAILED
+    # a crash while job 0 is dispatched: recover puts it back, failed ones stay failed
+    assert await jobs.dispatch(again, "w2", 60) is not None
+    recovered = await jobs.recover()
+    assert [(j.image_id, j.attempts, j.tags, j.filter) for j in recovered] == [(0, 2, ("gpu",), Filter.BLUR)]
+    assert await job_state(store, w.id, 0) == ("queued", 2)
+    assert (await store.workload_view(w)).failed_images == [{"image_id": 1, "reason": "cannot decode"}]
+
+
+async def test_a_failed_transition_leaves_nothing_half_done(store):
+    """enqueue is three statements; when the last fails, the first two are rolled back."""
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    await jobs.enqueue(w, 0, "PNG", 10)
+    with pytest.raises(Exception):
+        await jobs.enqueue(w, 0, "JPEG", 99)  # a second job for image 0 violates UNIQUE
+    assert await store.next_image_id(w.id) == 1
+    assert await store.get_image(w.id, 0, ImageType.ORIGINAL) == "PNG", "the image row was replaced"
+    await jobs.enqueue(w, 1, "PNG", 10)  # and the store still works
+    assert await store.next_image_id(w.id) == 2
+
+
+async def test_concurrent_transitions_and_writes_stay_consistent(store):
+    """Many coroutines at once on the one connection: each transition is all or nothing."""
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    n = 60
+
+    async def one(i: int) -> None:
+        job = await jobs.enqueue(w, i, "PNG", 10)
+        await store.upsert_worker(f"w{i % 3}", [], "tcp://127.0.0.1:1")  # unrelated writes in between
+        d = await jobs.dispatch(job, f"w{i % 3}", 60)
+        assert d is not None
+        if i % 4 == 0:
+            assert await jobs.retry(d, "flaky") is not None
+        else:
+            assert await jobs.complete(w.id, i, "PNG", 5)
+        await store.workload_view(w)  # reads interleaved with the writes
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    retried = len(range(0, n, 4))
+    assert await store.job_counts() == {"done": n - retried, "queued": retried}
+    assert await store.next_image_id(w.id) == n
+    assert len(await store.list_images(w.id, ImageType.ORIGINAL)) == n
+
+
+async def test_workload_names_are_per_owner_and_users_do_not_inherit(store):
+    a = await store.create_workload("same", "alice", Filter.GRAYSCALE, ())
+    b = await store.create_workload("same", "bob", Filter.GRAYSCALE, ())
+    assert a.dir != b.dir
+    with pytest.raises(Conflict):
+        await store.create_workload("same", "alice", Filter.GRAYSCALE, ())
+    await store.add_user("alice", "hash")
+    assert await store.remove_user("alice")
+    assert await store.workloads("alice") == []
+    with pytest.raises(NotFound):
+        await store.get_workload(a.id, "alice")
+
+
+async def test_workers_are_remembered_and_forgotten(store):
+    await store.upsert_worker("w1", ["gpu"], "tcp://127.0.0.1:1")
+    assert [(w["name"], w["tags"]) for w in await store.known_workers()] == [("w1", ["gpu"])]
+    await store.forget_worker("w1")
+    assert await store.known_workers() == []
