@@ -20,10 +20,10 @@ import warnings
 from aiohttp import web
 from PIL import Image
 
-from api.app import before_stop, create_app
-from api.settings import ServerSettings, parse_server_args
 from common.config import setup_logging
 from controller import users
+from server.services import before_stop, build_app
+from server.settings import ServerSettings, parse_server_args
 
 logger = logging.getLogger("dpip")
 
@@ -37,13 +37,18 @@ def dump_tasks() -> None:
 
 
 async def serve(settings: ServerSettings) -> None:
-    """Run until SIGINT/SIGTERM, then close the API, controller and scheduler in order."""
-    app = create_app(settings)
+    """Run until SIGINT/SIGTERM, then close the API, controller and scheduler in order. A start
+    that fails (a port in use) unwinds whatever it had opened before it raises."""
+    app = build_app(settings)
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
     runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     logger.info("API on http://%s:%d, controller on tcp://%s:%d, data in %s",
                 settings.host, settings.port, settings.host, settings.controller_port, settings.data_dir)
     stop = asyncio.Event()

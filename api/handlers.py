@@ -35,6 +35,7 @@ from api.params import (
     request_params,
     required,
 )
+from common import filters
 from common.formats import FORMATS
 from controller import capability
 from controller.auth import JOB, USER, Claims
@@ -163,20 +164,30 @@ def workers_json(app: web.Application, admin: bool = False) -> list[dict]:
 @requires(USER)
 async def create_workload(request: web.Request) -> web.Response:
     params = await request_params(request)
-    raw_filter = params.get("filter", "").strip().lower() or Filter.GRAYSCALE.value
-    try:
-        filter_ = Filter(raw_filter)
-    except ValueError as e:
-        known = ", ".join(f.value for f in Filter)
-        raise BadInput(f"unknown filter {quoted(raw_filter)}; use one of: {known}") from e
+    spec, filter_params = _filter_of(params)
     name = params.get("workload_name", "").strip() or None
     if name is not None:
         check_workload_name(name)
     tags = tuple(sorted({t.strip() for t in params.get("tags", "").split(",") if t.strip()}))
     store = request.app[STORE]
     meta = _meta(params.get("meta", ""))
-    workload = await store.create_workload(name, request[CLAIMS].subject, filter_, tags, meta)
+    workload = await store.create_workload(name, request[CLAIMS].subject, Filter(spec.name), tags, meta,
+                                           filter_params)
     return web.json_response(_workload_json(request, await store.workload_view(workload)))
+
+
+def _filter_of(params: dict[str, str]) -> tuple[filters.FilterSpec, dict]:
+    """The workload's filter (grayscale by default) and its parameters, checked against the
+    registry: a parameter out of range, or one that only another filter takes, is a 400."""
+    try:
+        spec = filters.spec(params.get("filter", "").strip().lower() or filters.DEFAULT)
+        values = spec.validate(params)
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    foreign = sorted(n for n in filters.param_names() - {p.name for p in spec.params} if params.get(n, ""))
+    if foreign:
+        raise BadInput(f"filter {spec.name} takes no parameter {foreign[0]!r}")
+    return spec, values
 
 
 def _meta(raw: str) -> dict:

@@ -7,16 +7,15 @@ import asyncio
 from aiohttp import web
 
 from api.metrics import Metrics
+from api.ports import AutoscalerPort, SchedulerPort
 from api.ratelimit import LoginThrottle
-from api.settings import ServerSettings
 from controller.auth import Auth, Claims
 from controller.capability import JobClaims
 from controller.images import ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from controller.store import Store
-from scheduler.autoscale import Autoscaler
-from scheduler.dispatcher import Scheduler
+from server.settings import ServerSettings
 
 SETTINGS = web.AppKey("settings", ServerSettings)
 STORE = web.AppKey("store", Store)
@@ -24,11 +23,11 @@ AUTH = web.AppKey("auth", Auth)
 IMAGES = web.AppKey("images", ImageStore)
 JOBS = web.AppKey("jobs", JobLifecycle)
 MEMBERSHIP = web.AppKey("membership", Membership)
-SCHEDULER = web.AppKey("scheduler", Scheduler)
+SCHEDULER = web.AppKey("scheduler", SchedulerPort)
 UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
 LOGIN_LIMITS = web.AppKey("login_limits", LoginThrottle)  # per (user, address) and per address
 METRICS = web.AppKey("metrics", Metrics)
-AUTOSCALER = web.AppKey("autoscaler", Autoscaler)  # set only with --autoscale
+AUTOSCALER = web.AppKey("autoscaler", AutoscalerPort)  # set only with --autoscale
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set on shutdown: long-lived streams end
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
 JOB_CLAIMS = web.RequestKey("job_claims", JobClaims)  # set when the caller holds a job capability

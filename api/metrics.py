@@ -19,7 +19,7 @@ from prometheus_client import (
 from controller.membership import Membership
 from controller.models import Job, JobState
 from controller.store import Store
-from scheduler.dispatcher import Scheduler
+from api.ports import SchedulerPort
 
 #: Seconds from dispatch to the result stored: a small image takes ~30 ms, a 720p frame ~150 ms.
 DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -54,7 +54,7 @@ class Metrics:
     def request(self, route: str, method: str, status: int) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
 
-    async def render(self, store: Store, scheduler: Scheduler, membership: Membership) -> bytes:
+    async def render(self, store: Store, scheduler: SchedulerPort, membership: Membership) -> bytes:
         counts = await store.job_counts()
         for state in JobState:
             self.jobs.labels(state.value).set(counts.get(state.value, 0))

@@ -24,6 +24,7 @@ from api.keys import (
     STORE,
 )
 from api.params import bearer_token, client_address
+from common import filters
 from controller.auth import USER, is_loopback
 from controller.models import DpipError
 
@@ -79,6 +80,12 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return metrics.response(await app[METRICS].render(app[STORE], app[SCHEDULER], app[MEMBERSHIP]))
 
 
+async def filter_list(request: web.Request) -> web.Response:
+    """The filter registry, for the dashboard's form and for clients (public, like the API's
+    description)."""
+    return web.json_response([s.describe() for s in filters.REGISTRY.values()])
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(openapi.spec(request.app[SETTINGS].public_url or None))
 
@@ -105,3 +112,4 @@ def add_routes(app: web.Application) -> None:
     r.add_route("GET", "/events", events)
     r.add_route("GET", "/metrics", metrics_endpoint)
     r.add_route("GET", "/openapi.json", openapi_json)
+    r.add_route("GET", "/filters", filter_list)

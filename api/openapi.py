@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from controller.images import THUMB_SIZES
+from common import filters
 from controller.models import Filter, ImageType, JobState, WorkloadStatus
 
 BEARER = [{"bearer": []}]
@@ -56,6 +57,7 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {"image_id": {"type": "integer"}, "reason": NULLABLE_STR}}},
             "tags": {"type": "array", "items": {"type": "string"}},
             "meta": {"type": "object"},
+            "params": {"type": "object", "description": "the filter's parameters, defaults filled in"},
             "waiting_reason": NULLABLE_STR,
         },
     },
@@ -110,6 +112,10 @@ WORKLOAD_FORM = {
         "workload_name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
         "tags": {"type": "string", "description": "comma-separated worker tags the jobs need"},
         "meta": {"type": "string", "description": "a JSON object of the client's, at most 4 KiB"},
+        **{p.name: {"type": "integer" if p.type is int else "number", "minimum": p.minimum,
+                    "maximum": p.maximum, "default": p.default,
+                    "description": f"{p.help} (filter {s.name} only)"}
+           for s in filters.REGISTRY.values() for p in s.params},
     },
 }
 
@@ -131,6 +137,12 @@ def spec(server_url: str | None = None) -> dict:
         "/status": {"get": {
             "summary": "System name, workers and the caller's active workloads", "security": BEARER,
             "responses": {"200": _json(_ref("Status"), "status"), **_errors(401, 403)}}},
+        "/filters": {"get": {
+            "summary": "The filters a workload may ask for, with their parameters (public)",
+            "responses": {"200": _json({"type": "array", "items": {
+                "type": "object", "required": ["name", "help", "params"],
+                "properties": {"name": {"type": "string"}, "help": {"type": "string"},
+                               "params": {"type": "array", "items": {"type": "object"}}}}}, "the filters")}}},
         "/workloads": {
             "post": {"summary": "Create a workload (every parameter optional)", "security": BEARER,
                      "requestBody": {"required": False, "content": {

@@ -64,8 +64,8 @@ class Api:
         return await self._json("GET", f"/workloads/{workload_id}")
 
     async def create_workload(self, filter: str, name: str | None, tags: str | None,
-                              meta: dict | None = None) -> dict:
-        body: dict[str, Any] = {"filter": filter}
+                              meta: dict | None = None, params: dict | None = None) -> dict:
+        body: dict[str, Any] = {"filter": filter, **(params or {})}
         if name:
             body["workload_name"] = name
         if tags:

@@ -11,7 +11,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_URL = "http://localhost:8080"
+from common.config import API_PORT
+
+DEFAULT_URL = f"http://localhost:{API_PORT}"
 
 
 class CliError(Exception):

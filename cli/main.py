@@ -20,6 +20,7 @@ from typing import Any
 
 from rich.progress import Progress
 
+from common import filters
 from cli import config, show, transfer, video
 from cli.client import Api, ApiError
 from cli.config import (
@@ -33,7 +34,6 @@ from cli.config import (
 from cli.transfer import Upload, err, progress_bar
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
-FILTERS = ("grayscale", "blur")
 
 
 def _session(args: argparse.Namespace, need_token: bool = True) -> Session:
@@ -116,7 +116,7 @@ async def _target(api: Api, args: argparse.Namespace, meta: dict | None = None) 
     """The workload to push into: ``--workload`` (resume), else a new one."""
     if args.workload:
         return await api.workload(args.workload)
-    return await api.create_workload(args.filter, args.name, args.tags, meta)
+    return await api.create_workload(args.filter, args.name, args.tags, meta, dict(args.param or []))
 
 
 async def _push(api: Api, args: argparse.Namespace, workload: dict, uploads: AsyncIterator[Upload],
@@ -317,6 +317,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _param(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="server address (default: the one you logged in to, or $DPIP_URL)")
@@ -326,7 +333,11 @@ def parser() -> argparse.ArgumentParser:
     jobs = argparse.ArgumentParser(add_help=False)
     jobs.add_argument("--jobs", "-j", type=_positive, default=4, metavar="K", help="transfers at a time (4)")
     target = argparse.ArgumentParser(add_help=False)
-    target.add_argument("--filter", "-f", choices=FILTERS, default="grayscale", help="grayscale (default) or blur")
+    target.add_argument("--filter", "-f", choices=list(filters.REGISTRY), default=filters.DEFAULT,
+                        help=f"{' or '.join(filters.REGISTRY)} (default {filters.DEFAULT})")
+    names = ", ".join(sorted(filters.param_names()))
+    target.add_argument("--param", "-p", type=_param, action="append", metavar="NAME=VALUE",
+                        help=f"a filter parameter, e.g. radius=5 for blur ({names}); the server checks it")
     target.add_argument("--name", "-n", help="workload name (default: generated)")
     target.add_argument("--tags", "-t", help="comma-separated worker tags the jobs require")
     target.add_argument("--workload", "-w", metavar="ID",

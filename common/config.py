@@ -8,21 +8,42 @@ import os
 import socket
 
 
+#: The reference's ports: the HTTP API and the controller.
+API_PORT = 8080
+CONTROLLER_PORT = 40899
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``"MIN:MAX"`` -> (MIN, MAX), with 0 <= MIN <= MAX and MAX >= 1."""
+    lo, sep, hi = text.partition(":")
+    try:
+        low, high = int(lo), int(hi)
+    except ValueError:
+        raise ValueError(f"--autoscale takes MIN:MAX, like 0:4 (got {text!r})") from None
+    if not sep or low < 0 or high < 1 or low > high:
+        raise ValueError(f"--autoscale takes MIN:MAX with 0 <= MIN <= MAX and MAX >= 1 (got {text!r})")
+    return low, high
+
+
 class EnvDefaultsParser(argparse.ArgumentParser):
     """An ArgumentParser whose options default to ``DPIP_<DEST>`` from the environment.
 
     ``--controller-port`` reads ``DPIP_CONTROLLER_PORT``; a flag on the command line wins.
     """
 
-    def add_argument(self, *args, **kwargs):  # type: ignore[override]
+    def add_argument(self, *args, env: str | None = None, **kwargs):  # type: ignore[override]
+        """``env`` names the variable when it is not ``DPIP_<DEST>``."""
         action = super().add_argument(*args, **kwargs)
         if action.option_strings and action.dest != "help":
-            env = "DPIP_" + action.dest.upper()
+            env = env or "DPIP_" + action.dest.upper()
             action.help = f"{action.help or ''} [env {env}]".strip()
             raw = os.environ.get(env)
             if raw is not None and raw != "":
                 if action.type is not None:
-                    action.default = action.type(raw)
+                    try:
+                        action.default = action.type(raw)  # type: ignore[operator]
+                    except (ValueError, argparse.ArgumentTypeError) as e:
+                        self.error(f"{env}: {e}")
                 elif isinstance(action.default, bool) or action.nargs == 0:
                     action.default = raw.lower() in ("1", "true", "yes", "on")
                 else:

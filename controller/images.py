@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from common import filters
 from common.formats import FORMATS, sniff_format
 from controller.models import BadInput, ImageType, TooLarge, quoted
 
@@ -242,8 +243,9 @@ def result_problem(filter_name: str, original: tuple[str, int, int, str], result
         return f"a {result.format} result for a {fmt} original"
     if (result.width, result.height) != (width, height):
         return f"{result.width}x{result.height} result for a {width}x{height} original"
-    if filter_name == "grayscale" and result.mode not in GRAYSCALE_MODES:
+    gray = filters.spec(filter_name).grayscale_output
+    if gray and result.mode not in GRAYSCALE_MODES:
         return f"a {result.mode} result is not grayscale"
-    if filter_name == "blur" and mode not in GRAYSCALE_MODES and result.mode in GRAYSCALE_MODES:
-        return "a grayscale result for a blur of a colour image"
+    if not gray and mode not in GRAYSCALE_MODES and result.mode in GRAYSCALE_MODES:
+        return f"a grayscale result for {filter_name} of a colour image"
     return None

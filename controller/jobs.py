@@ -21,6 +21,7 @@ only way to ``done`` and is driven by the result being stored, never by what a w
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 from controller.datastore import Datastore
@@ -53,7 +54,8 @@ class JobLifecycle:
             )
             job_id = cur.lastrowid
         assert job_id is not None
-        return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size)
+        return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
+                   params=workload.params)
 
     async def dispatch(self, job: Job, worker: str, timeout: float) -> Job | None:
         """queued -> dispatched on ``worker`` (one more attempt, a deadline)."""
@@ -136,11 +138,12 @@ class JobLifecycle:
                 (JobState.QUEUED.value, JobState.DISPATCHED.value),
             )
             async with db.execute(
-                "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size"
+                "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size, w.params"
                 " FROM jobs j JOIN workloads w ON w.id = j.workload_id"
                 " JOIN images i ON i.workload_id = j.workload_id AND i.image_id = j.image_id"
                 " AND i.type = ? WHERE j.state = ? ORDER BY j.id",
                 (ImageType.ORIGINAL.value, JobState.QUEUED.value),
             ) as cur:
                 rows = await cur.fetchall()
-        return [Job(r[0], r[1], r[2], Filter(r[4]), tags_of(r[5]), attempts=r[3], size=r[6]) for r in rows]
+        return [Job(r[0], r[1], r[2], Filter(r[4]), tags_of(r[5]), attempts=r[3], size=r[6],
+                    params=json.loads(r[7])) for r in rows]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from common import filters
+
 
 #: Error messages quote at most this many characters of what the client sent.
 QUOTE_LIMIT = 80
@@ -23,50 +25,75 @@ def clipped(text: str, limit: int = QUOTE_LIMIT) -> str:
 
 
 class DpipError(Exception):
-    """Base of every domain error; the API maps subclasses to HTTP statuses."""
+    """Base of every domain error. Each class carries the HTTP status (and headers) the API
+    answers it with; one that says nothing more is a server-side failure (500)."""
+
+    status = 500
+
+    def headers(self) -> dict[str, str]:
+        return {}
 
 
 class NotFound(DpipError):
     """The thing asked for does not exist (or is not the caller's)."""
 
+    status = 404
+
 
 class Unauthorized(DpipError):
     """No credentials, or credentials that are wrong, expired or revoked."""
+
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="dpip"'}
 
 
 class Forbidden(DpipError):
     """Valid credentials that do not allow this action."""
 
+    status = 403
+
 
 class TooManyRequests(DpipError):
     """Slow down: try again after ``retry_after`` seconds."""
+
+    status = 429
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
 
 class Conflict(DpipError):
     """The request clashes with existing state, e.g. a workload name in use."""
+
+    status = 409
 
 
 class BadInput(DpipError):
     """The request is malformed or the data is not acceptable."""
 
+    status = 400
+
 
 class TooLarge(BadInput):
     """The upload exceeds the size limit."""
+
+    status = 413
 
 
 class UnsupportedMedia(BadInput):
     """The request body is not of a media type the endpoint takes."""
 
+    status = 415
 
-class Filter(str, Enum):
-    """The filters a workload may ask for."""
 
-    GRAYSCALE = "grayscale"
-    BLUR = "blur"
+#: The filters a workload may ask for: made from the registry (common.filters), never listed here.
+Filter = Enum("Filter", {name.upper(): name for name in filters.REGISTRY}, type=str)  # type: ignore[misc]
 
 
 class ImageType(str, Enum):
@@ -99,6 +126,7 @@ class Workload:
     created_at: float
     meta: dict = field(default_factory=dict, compare=False)  # the client's, e.g. a video's rate
     dir: str = ""  # its directory under images/: unique, unlike names (each owner has his own)
+    params: dict = field(default_factory=dict, compare=False)  # the filter's, validated (radius)
 
     def __post_init__(self) -> None:
         if not self.dir:
@@ -131,6 +159,7 @@ class WorkloadView:
         return {
             "workload_id": w.id,
             "filter": w.filter.value,
+            "params": w.params,
             "workload_name": w.name,
             "status": self.status.value,
             "running_jobs": self.running_jobs,
@@ -156,3 +185,4 @@ class Job:
     attempts: int = 0
     size: int = 0  # bytes of the original: latencies are compared between similar sizes
     state: JobState = JobState.QUEUED
+    params: dict = field(default_factory=dict, compare=False)  # its workload's filter parameters

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     created_at REAL NOT NULL,
     next_image_id INTEGER NOT NULL DEFAULT 0,
     meta TEXT NOT NULL DEFAULT '{{}}',
+    params TEXT NOT NULL DEFAULT '{{}}',
     UNIQUE (owner, name)
 );
 """
@@ -103,7 +104,7 @@ def tags_of(text: str) -> tuple[str, ...]:
 def _workload(row: aiosqlite.Row) -> Workload:
     return Workload(
         row["id"], row["name"], row["owner"], Filter(row["filter"]), tags_of(row["tags"]),
-        row["created_at"], json.loads(row["meta"]), row["dir"],
+        row["created_at"], json.loads(row["meta"]), row["dir"], json.loads(row["params"]),
     )
 
 
@@ -216,7 +217,10 @@ class Store:
             async with self.transaction() as db:
                 await db.execute("ALTER TABLE workloads ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
         if "dir" not in columns:
-            await self._rebuild_workloads()
+            await self._rebuild_workloads()  # with every later column too
+        elif "params" not in columns:
+            async with self.transaction() as db:
+                await db.execute("ALTER TABLE workloads ADD COLUMN params TEXT NOT NULL DEFAULT '{}'")
 
     async def _rebuild_workloads(self) -> None:
         """Names were unique across owners and were their directories: keep each as its ``dir``
@@ -317,26 +321,27 @@ class Store:
 
     async def create_workload(
         self, name: str | None, owner: str, filter: Filter, tags: tuple[str, ...],
-        meta: dict | None = None,
+        meta: dict | None = None, params: dict | None = None,
     ) -> Workload:
+        """A new workload; ``params`` are its filter's, already validated."""
         wid = str(uuid.uuid4())
         name = name or f"workload-{wid[:8]}"
         now = time.time()
-        meta = meta or {}
+        meta, params = meta or {}, params or {}
         try:
             # Its directory is its name unless another user's workload has that one already:
             # chosen in the statement itself, so two creations at once cannot both take it.
             async with self.transaction() as db, db.execute(
-                "INSERT INTO workloads(id, name, dir, owner, filter, tags, created_at, meta)"
+                "INSERT INTO workloads(id, name, dir, owner, filter, tags, created_at, meta, params)"
                 " SELECT ?, ?, CASE WHEN EXISTS (SELECT 1 FROM workloads WHERE dir = ?)"
-                " THEN ? ELSE ? END, ?, ?, ?, ?, ? RETURNING dir",
+                " THEN ? ELSE ? END, ?, ?, ?, ?, ?, ? RETURNING dir",
                 (wid, name, name, f"{name}.{wid[:8]}", name, owner, filter.value, ",".join(tags), now,
-                 json.dumps(meta)),
+                 json.dumps(meta), json.dumps(params)),
             ) as cur:
                 (dir_,) = await cur.fetchone()
         except aiosqlite.IntegrityError as e:
             raise Conflict(f"workload_name {quoted(name)} is already in use (by one of yours)") from e
-        return Workload(wid, name, owner, filter, tags, now, meta, dir_)
+        return Workload(wid, name, owner, filter, tags, now, meta, dir_, params)
 
     async def get_workload(self, workload_id: str, owner: str | None = None) -> Workload:
         """The workload, or :class:`NotFound` (also when ``owner`` is given and differs)."""

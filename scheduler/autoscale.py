@@ -28,18 +28,6 @@ from scheduler.provision import Provisioner, ProvisionError
 logger = logging.getLogger(__name__)
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    """``"MIN:MAX"`` -> (MIN, MAX), with 0 <= MIN <= MAX and MAX >= 1."""
-    lo, sep, hi = text.partition(":")
-    try:
-        low, high = int(lo), int(hi)
-    except ValueError:
-        raise ValueError(f"--autoscale takes MIN:MAX, like 0:4 (got {text!r})") from None
-    if not sep or low < 0 or high < 1 or low > high:
-        raise ValueError(f"--autoscale takes MIN:MAX with 0 <= MIN <= MAX and MAX >= 1 (got {text!r})")
-    return low, high
-
-
 @dataclass(frozen=True)
 class ScalePolicy:
     minimum: int = 0

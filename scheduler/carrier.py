@@ -180,7 +180,7 @@ class Carrier:
         cap = self.membership.capability(worker, job.id, job.workload_id, job.image_id, job.filter.value,
                                          time.time() + timeout + 5.0)
         msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,
-                          capability=cap, tied_peer=tied[0], tie=tied[1])
+                          params=job.params, capability=cap, tied_peer=tied[0], tie=tied[1])
         try:
             reply = await self.membership.call(worker, msg, timeout=timeout)
         except RpcError as e:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts import refclient as ref  # noqa: E402
 from scripts.frames import frame_png  # noqa: E402
 from scripts.localsys import LocalSystem, wait_until  # noqa: E402
-from tests import refclient as ref  # noqa: E402
 
 SLOW = ("--slow-rate", "1", "--slow-ms", "300", "--capacity", "2")
 

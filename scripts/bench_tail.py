@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image, ImageDraw  # noqa: E402
 
+from scripts import refclient as ref  # noqa: E402
 from scripts.bench import latencies_ms, percentile  # noqa: E402
 from scripts.frames import frame_png  # noqa: E402
 from scripts.localsys import ROOT, LocalSystem, wait_until  # noqa: E402
-from tests import refclient as ref  # noqa: E402
 
 POLICIES = ("off", "hedged", "tied")
 COLOURS = {"off": (214, 39, 40), "hedged": (31, 119, 180), "tied": (44, 160, 44)}

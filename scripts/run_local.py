@@ -14,14 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.config import API_PORT, CONTROLLER_PORT  # noqa: E402
 from scripts.localsys import ROOT, LocalSystem  # noqa: E402
 
 
 def main() -> int:
     system = LocalSystem(
         data_dir=Path(os.environ.get("DPIP_DATA_DIR", ROOT / "data")),
-        port=int(os.environ.get("DPIP_PORT", 8080)),
-        controller_port=int(os.environ.get("DPIP_CONTROLLER_PORT", 40899)),
+        port=int(os.environ.get("DPIP_PORT", API_PORT)),
+        controller_port=int(os.environ.get("DPIP_CONTROLLER_PORT", CONTROLLER_PORT)),
         admin_password=os.environ.get("DPIP_ADMIN_PASSWORD", ""),
         inherit_env=True,
     )

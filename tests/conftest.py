@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from api.app import create_app
-from api.settings import ServerSettings
+from server.services import build_app
+from server.settings import ServerSettings
 from scripts.localsys import LocalSystem, free_port
-
-ADMIN_PASSWORD = "test-admin-pw"
-
-
-def png_bytes(width: int = 64, height: int = 48, colour=(200, 100, 50), mode: str = "RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, (width, height), colour).save(buf, "PNG")
-    return buf.getvalue()
+from tests.support import ADMIN_PASSWORD
 
 
 @pytest.fixture
@@ -37,7 +28,7 @@ def settings(tmp_path: Path) -> ServerSettings:
 @pytest.fixture
 async def client(aiohttp_client, settings):
     """An aiohttp test client on the real app (real SQLite, real controller socket)."""
-    return await aiohttp_client(create_app(settings))
+    return await aiohttp_client(build_app(settings))
 
 
 @pytest.fixture(scope="module")

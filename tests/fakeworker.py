@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from dataclasses import dataclass, field, replace
 
 import aiohttp
@@ -20,6 +21,8 @@ from common import wire
 from common.rpc import RpcServer
 from worker.filters import process
 from worker.link import Refused, WorkerLink
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,7 +54,9 @@ class FakeWorker:
         self._rpc = RpcServer(self._handle, concurrency=16)
         self._pub = pynng.Pub0()
         self._task: asyncio.Task | None = None
+        self._closing = False
         self.rpc_address = ""
+        self.beat_errors: list[str] = []  # what went wrong in a heartbeat (it carries on)
 
     async def start(self) -> FakeWorker:
         self.rpc_address = self._rpc.listen("tcp://127.0.0.1:0")
@@ -71,20 +76,31 @@ class FakeWorker:
         self.telemetry = replace(self.telemetry, **changes)
 
     async def _beat(self) -> None:
-        while True:
-            t = self.telemetry
-            held = [j.job_id for j in self.jobs if not self._release[j.job_id].is_set()]
-            hb = wire.Heartbeat(
-                name=self.name, session=self.session, tags=t.tags,
-                cpu_percent=t.cpu_percent, memory_percent=t.memory_percent, gpu=t.gpu,
-                running_jobs=len(held) + len(t.running_job_ids), capacity=t.capacity, jobs_done=0,
-                running_job_ids=held + t.running_job_ids,
-            )
-            for data in (self.link.hello(self.rpc_address), self.link.publish(hb)):
-                if data is not None:
-                    await self._pub.asend(data)
-                    self.sent = [*self.sent[-9:], data]
-            await asyncio.sleep(0.2)
+        """Heartbeats until closed. One that fails is recorded and the next one goes anyway: a
+        heartbeat loop that died silently would get the fake declared dead mid-test."""
+        while not self._closing:
+            try:
+                await self._beat_once()
+            except pynng.Closed:
+                return
+            except Exception as e:  # recorded for the test's failure message, never fatal
+                logger.warning("fake worker %s: heartbeat failed: %r", self.name, e)
+                self.beat_errors = [*self.beat_errors[-9:], repr(e)]
+            await asyncio.sleep(0.2)  # the heartbeat period, not a synchronisation
+
+    async def _beat_once(self) -> None:
+        t = self.telemetry
+        held = [j.job_id for j in self.jobs if not self._release[j.job_id].is_set()]
+        hb = wire.Heartbeat(
+            name=self.name, session=self.session, tags=t.tags,
+            cpu_percent=t.cpu_percent, memory_percent=t.memory_percent, gpu=t.gpu,
+            running_jobs=len(held) + len(t.running_job_ids), capacity=t.capacity, jobs_done=0,
+            running_job_ids=held + t.running_job_ids,
+        )
+        for data in (self.link.hello(self.rpc_address), self.link.publish(hb)):
+            if data is not None:
+                await self._pub.asend(data)
+                self.sent = [*self.sent[-9:], data]
 
     async def _handle(self, msg: wire.Message) -> wire.Message | bytes:
         try:
@@ -101,6 +117,8 @@ class FakeWorker:
         if isinstance(inner, wire.RunJob):
             self.jobs.append(inner)
             ev = self._release.setdefault(inner.job_id, asyncio.Event())
+            if self._closing:
+                ev.set()  # closing: hold nothing, so that closing never waits on a held job
             await ev.wait()
             if not self.lie:
                 await self._do(inner)
@@ -128,9 +146,13 @@ class FakeWorker:
             self.uploads += 1
 
     async def close(self) -> None:
+        self._closing = True
         self._pub.close()  # sockets first, then the tasks that wait on them
         self.release_all()
-        await self._rpc.close()
+        await self._rpc.close()  # bounded: it abandons what does not stop in time
         if self._task:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            done, _ = await asyncio.wait([self._task], timeout=5)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved, so never reported at exit

@@ -9,13 +9,14 @@ import sqlite3
 import time
 
 import aiohttp
-
+import pynng
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
+from scripts import refclient as ref
 from scripts.localsys import LocalSystem, wait_until
 from scripts.frames import frame_png
-from tests import refclient as ref
-from tests.conftest import ADMIN_PASSWORD
+from tests.support import ADMIN_PASSWORD
 
 
 def slow(ms: int, rate: float = 1) -> tuple[str, ...]:
@@ -60,6 +61,48 @@ def job_rows(system: LocalSystem, wid: str) -> list[tuple]:
                           " ORDER BY image_id", (wid,)).fetchall()
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the server's /metrics samples ``name`` whose labels include ``labels`` (0 if
+    none yet: a labelled counter appears with its first event). /metrics is open on loopback."""
+    text = ref.request(url, "GET", "/metrics").body.decode()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    if not any(s.name == name for s in samples) and not labels:
+        raise AssertionError(f"no metric {name} in /metrics")
+    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+
+def plane_dropped(url: str) -> float:
+    """Worker-plane messages the controller refused or could not decode, from its counters."""
+    return metric(url, "dpip_worker_plane_refused") + metric(url, "dpip_worker_plane_bad_messages")
+
+
+def publish_until_dropped(pub: pynng.Pub0, blobs: list[bytes], url: str, timeout: float = 30) -> None:
+    """Publish ``blobs`` to the controller, again and again, until its counters show that it
+    dropped at least that many more messages: pub/sub loses what is sent before the connection
+    is up, so a single send proves nothing. Every blob must be one the controller counts."""
+    target = plane_dropped(url) + len(blobs)
+
+    def sent_and_counted() -> bool:
+        for blob in blobs:
+            pub.send(blob)
+        return plane_dropped(url) >= target
+
+    wait_until(sent_and_counted, timeout, f"the controller to count {len(blobs)} dropped messages", interval=0.1)
+
+
+def send_oversized(pub: pynng.Pub0, blob: bytes, timeout: float = 30) -> None:
+    """Publish a message beyond the controller's size limit, re-sent until the controller has hung
+    up on it: nng closes a connection that brings an oversized message, which the sender sees."""
+    hung_up: list[pynng.Pipe] = []
+    pub.add_post_pipe_remove_cb(hung_up.append)  # called on nng's thread
+
+    def sent_and_refused() -> bool:
+        if not hung_up and pub.pipes:
+            pub.send(blob)
+        return bool(hung_up)
+
+    wait_until(sent_and_refused, timeout, "the controller to hang up on the oversized message", interval=0.2)
+
 
 def push(system: LocalSystem, token: str, wid: str, frames: dict[int, bytes]) -> None:
     """Upload frames one by one, as the reference's stress client does; each must be accepted."""
@@ -71,13 +114,18 @@ def push(system: LocalSystem, token: str, wid: str, frames: dict[int, bytes]) ->
 # -- async: for tests that run impersonated workers in their own event loop -------------
 
 async def until(cond, timeout: float, what: str):
+    """Await ``cond()`` until it returns something truthy; TimeoutError after ``timeout``, even
+    if a call of ``cond`` itself hangs."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await cond()
+        try:
+            value = await asyncio.wait_for(cond(), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(0.05)
 
 

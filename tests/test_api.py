@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import time
 
 import jwt
@@ -13,44 +12,7 @@ from common import seal
 from common.seal import Channel
 from controller.auth import WORKER
 from controller.membership import WorkerInfo
-from tests import refclient as ref
-from tests.conftest import ADMIN_PASSWORD, png_bytes
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def login(client, user="admin", password=ADMIN_PASSWORD) -> str:
-    r = await client.get("/login", headers=basic(user, password))
-    assert r.status == 200
-    return (await r.json())["token"]
-
-
-async def new_workload(client, token, **params) -> dict:
-    r = await client.post("/workloads", headers=bearer(token), data=params or None)
-    assert r.status == 200, await r.text()
-    return await r.json()
-
-
-async def upload(client, token, workload_id, data, type_="original", field="data", extra=None):
-    body, ctype = ref.multipart({"workload_id": workload_id, "type": type_, **(extra or {})},
-                                field, "17.png", data)
-    return await client.post("/images", data=body, headers={**bearer(token), "Content-Type": ctype})
-
-
-async def assert_error(r, status: int, *words: str) -> dict:
-    assert r.status == status, (r.status, await r.text())
-    assert r.content_type == "application/json"
-    body = await r.json()
-    assert set(body) == {"error"} and body["error"]
-    for w in words:
-        assert w in body["error"], body
-    return body
+from tests.support import ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, upload
 
 
 # -- login / logout / tokens ----------------------------------------------------------------
@@ -311,9 +273,9 @@ async def test_upload_errors(client):
 async def test_upload_over_the_size_limit_is_413(aiohttp_client, settings):
     from dataclasses import replace
 
-    from api.app import create_app
+    from server.services import build_app
 
-    client = await aiohttp_client(create_app(replace(settings, max_upload_bytes=1000)))
+    client = await aiohttp_client(build_app(replace(settings, max_upload_bytes=1000)))
     token = await login(client)
     w = await new_workload(client, token)
     big = png_bytes(400, 400, mode="RGB", colour=(1, 2, 3)) + b"\x00" * 5000

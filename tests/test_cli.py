@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from PIL import Image, ImageChops, ImageStat
 from cli import video
 from cli.config import Session, save
 from cli.transfer import collect, natural_key
-from scripts.localsys import clean_env, free_port
-from tests.conftest import ADMIN_PASSWORD
+from scripts.localsys import clean_env, free_port, wait_until
+from tests.helpers import metric
+from tests.support import ADMIN_PASSWORD
 
 DPIP = str(Path(sys.executable).parent / "dpip")
 
@@ -232,10 +232,15 @@ def test_ctrl_c_stops_cleanly(cli: Cli, tmp_path):
                                      headers={"Authorization": f"Bearer {_token(cli)}"})
     with urllib.request.urlopen(request) as resp:  # no images: it never completes
         wid = json.load(resp)["workload_id"]
+    def polls() -> float:  # the server's count of workload views: what `dpip watch` asks for
+        return metric(cli.url, "dpip_http_requests_total", route="/workloads/{workload_id}", method="GET")
+
+    before = polls()
     proc = subprocess.Popen([DPIP, "watch", wid], env=cli.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
+        # Watching for real (it has asked the server at least once), not still starting up.
+        wait_until(lambda: polls() > before or proc.poll() is not None, 30, "dpip watch to poll the workload")
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=15)

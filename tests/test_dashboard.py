@@ -15,10 +15,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from scripts import refclient as ref
 from scripts.localsys import wait_until
-from tests import refclient as ref
-from tests.conftest import ADMIN_PASSWORD
 from tests.helpers import push, view, wait_completed, workload
+from tests.support import ADMIN_PASSWORD, png
 
 DROP_FILES = """
 const [selector, files] = arguments;
@@ -45,12 +45,6 @@ def browser():
         yield driver
     finally:
         driver.quit()
-
-
-def png(colour: tuple[int, int, int], size=(160, 120)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def test_dashboard_login_live_workers_drop_upload_and_gallery(system, browser, tmp_path):
@@ -145,9 +139,13 @@ def test_metrics_after_a_workload(make_system):
         assert _metric(text, "dpip_worker_alive", worker=name) == 1
         assert _metric(text, "dpip_worker_capacity", worker=name) >= 1
         assert 0 <= _metric(text, "dpip_worker_cpu_percent", worker=name) <= 100
-        assert _metric(text, "dpip_worker_running_jobs", worker=name) == 0
-    # jobs_done comes with the next heartbeat after the last result
-    wait_until(lambda: sum(_metric(ref.request(s.url, "GET", "/metrics").body.decode(), "dpip_worker_jobs_done",
-                                   worker=n) for n in ("m1", "m2")) == 6, 10, "workers' jobs_done")
+    # The workers' own gauges (running jobs, jobs done) come with their next heartbeat after the
+    # last result, not with the result: wait for that heartbeat, never assume it has come.
+    def workers_settled() -> bool:
+        t = ref.request(s.url, "GET", "/metrics").body.decode()
+        return all(_metric(t, "dpip_worker_running_jobs", worker=n) == 0 for n in ("m1", "m2")) \
+            and sum(_metric(t, "dpip_worker_jobs_done", worker=n) for n in ("m1", "m2")) == 6
+
+    wait_until(workers_settled, 15, "the workers' heartbeats to report no running job and 6 done")
     assert _metric(text, "dpip_http_requests_total", route="/images", method="POST", status="200") == 12  # + results
     assert _metric(text, "dpip_http_requests_total", route="/workloads", method="POST", status="200") == 1

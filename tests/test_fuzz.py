@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.app import create_app
+from server.services import build_app
 from common import wire
 from common.seal import C2W, W2C, ReplayWindow, SealError, open_with, seal_with
 
@@ -112,7 +112,7 @@ requests = st.tuples(
 
 @pytest.fixture
 async def fuzz_client(aiohttp_client, settings):
-    client = await aiohttp_client(create_app(settings))
+    client = await aiohttp_client(build_app(settings))
     r = await client.get("/login", auth=None, headers={"Authorization": "Basic YWRtaW46dGVzdC1hZG1pbi1wdw=="})
     token = (await r.json())["token"]
     return client, token

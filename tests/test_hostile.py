@@ -17,9 +17,10 @@ import jwt
 import pynng
 from PIL import Image
 
+from scripts import refclient as ref
 from scripts.frames import frame_png
-from tests import refclient as ref
-from tests.helpers import check_filtered, push, wait_completed, workload
+from scripts.localsys import wait_until
+from tests.helpers import check_filtered, publish_until_dropped, push, send_oversized, wait_completed, workload
 
 MAX_UPLOAD = 300_000
 
@@ -175,9 +176,8 @@ def test_hostile_inputs_table(make_system, tmp_path):
     junk = [os.urandom(200), b'{"type": "heartbeat", "v": 1, "na', b'{"type": "heartbeat", "v": 2}',
             b'{"type": "welcome", "v": 1}', b"null", os.urandom(10 * 1024 * 1024)]
     with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
-        time.sleep(0.3)
-        for blob in junk:
-            pub.send(blob)
+        publish_until_dropped(pub, junk[:-1], url)  # each counted as dropped, not merely sent
+        send_oversized(pub, junk[-1])  # the 10 MB one: the controller hangs up on it
     for blob in junk:
         with pynng.Req0(dial=rpc, send_timeout=2000, recv_timeout=2000) as req:
             try:
@@ -186,8 +186,11 @@ def test_hostile_inputs_table(make_system, tmp_path):
             except pynng.Timeout:
                 assert len(blob) > 1_000_000  # only the oversized one is dropped silently
 
-    # -- afterwards: still serving, and nothing stored before has changed
-    time.sleep(1.2)
+    # -- afterwards: still serving (the controller takes the worker's next heartbeat), and
+    # nothing stored before has changed
+    seen = ref.get_json(url, token, "/status")["workers"][0]["last_seen"]
+    wait_until(lambda: ref.get_json(url, token, "/status")["workers"][0]["last_seen"] > seen, 30,
+               "a heartbeat of the worker's after the garbage")
     assert {w["name"]: w["alive"] for w in ref.get_json(url, token, "/status")["workers"]} == {"w": True}
     wid2 = workload(url, token)
     after = {i: frame_png(20 + i, 50, 30) for i in range(3)}

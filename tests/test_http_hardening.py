@@ -19,7 +19,7 @@ import uuid
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from api.app import create_app
+from server.services import build_app
 from api.keys import AUTH, SETTINGS
 from api.peer import client_address, parse_cidrs
 from api.ratelimit import LoginThrottle
@@ -109,7 +109,7 @@ async def test_forwarded_for_is_ignored_without_a_trusted_proxy(client):
 
 async def test_clients_behind_a_trusted_proxy_are_throttled_apart(aiohttp_client, settings):
     trusted = dataclasses.replace(settings, trusted_proxies=parse_cidrs("127.0.0.1/32"))
-    client = await aiohttp_client(create_app(trusted))
+    client = await aiohttp_client(build_app(trusted))
     assert await _wrong_logins(client, 6, "203.0.113.1") == [401] * 5 + [429]
     # Another client of the proxy is not blocked; a made-up hop in front changes nothing.
     assert await _wrong_logins(client, 1, "203.0.113.2") == [401]
@@ -120,7 +120,7 @@ async def test_clients_behind_a_trusted_proxy_are_throttled_apart(aiohttp_client
 
 
 def test_pixel_limit_defaults_and_flag():
-    from api.settings import ServerSettings, parse_server_args
+    from server.settings import ServerSettings, parse_server_args
 
     assert ServerSettings().max_pixels == 50_000_000
     assert parse_server_args(["--max-pixels", "1234"])[0].max_pixels == 1234

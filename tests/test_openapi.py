@@ -14,18 +14,18 @@ from schemathesis import GenerationMode
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
 
 from api import openapi
-from api.app import create_app
-from api.settings import ServerSettings
-from tests import refclient as ref
+from server.services import build_app
+from server.settings import ServerSettings
+from scripts import refclient as ref
 from tests.helpers import push, wait_completed, workload
-from tests.test_dashboard import png
+from tests.support import ADMIN_PASSWORD, png
 
 #: Left to their own tests: /logout would revoke the token mid-run, /events never ends.
 NOT_FUZZED = {("DELETE", "/logout"), ("GET", "/events")}
 
 
 def test_every_route_is_described(tmp_path):
-    app = create_app(ServerSettings(data_dir=tmp_path))
+    app = build_app(ServerSettings(data_dir=tmp_path))
     routes = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.method != "HEAD" and not r.resource.canonical.startswith("/static")}
     described = {(m.upper(), p) for p, ops in openapi.spec()["paths"].items() for m in ops}
@@ -35,7 +35,6 @@ def test_every_route_is_described(tmp_path):
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     from scripts.localsys import LocalSystem
-    from tests.conftest import ADMIN_PASSWORD
 
     base = tmp_path_factory.mktemp("openapi")
     s = LocalSystem(base / "data", log_dir=base / "logs", admin_password=ADMIN_PASSWORD)

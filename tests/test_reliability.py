@@ -5,15 +5,27 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import threading
 import time
 
 import pynng
 
+from scripts import refclient as ref
 from scripts.frames import frame_png
 from scripts.localsys import wait_until
-from tests import refclient as ref
-from tests.helpers import SLOW, check_filtered, job_rows, push, slow, view, wait_completed, workload
+from tests.helpers import (
+    SLOW,
+    check_filtered,
+    job_rows,
+    publish_until_dropped,
+    push,
+    send_oversized,
+    slow,
+    view,
+    wait_completed,
+    workload,
+)
 
 # -- must-show 1: a worker killed mid-way ------------------------------------------------------
 
@@ -53,7 +65,7 @@ def test_kill_9_of_the_server_mid_workload_loses_no_accepted_upload(make_system)
             try:
                 r = ref.upload(system.url, token, wid, f"{i}.png", frames[i])
             except OSError:
-                time.sleep(0.05)
+                time.sleep(0.05)  # the stress client's retry pace while the server is down, no sync
                 continue  # server down: try this frame again
             if r.status == 200:
                 accepted[r.json()["image_id"]] = frames[i]
@@ -66,7 +78,7 @@ def test_kill_9_of_the_server_mid_workload_loses_no_accepted_upload(make_system)
         wait_until(lambda: len(accepted) >= 20, 60, "20 accepted uploads")
         system.server.kill()  # SIGKILL, mid-upload and mid-processing
         system.server.wait()
-        time.sleep(0.3)
+        wait_until(lambda: ports_free(system.port, system.controller_port), 10, "the killed server's ports")
         system.start_server()  # same ports, same data dir; the workers are left alone
         pusher.join(120)
     finally:
@@ -85,10 +97,23 @@ def test_kill_9_of_the_server_mid_workload_loses_no_accepted_upload(make_system)
     assert {w["name"] for w in status["workers"] if w["alive"]} == {"a", "b"}
 
 
+def ports_free(*ports: int) -> bool:
+    """Each port can be listened on again (with SO_REUSEADDR, as the server does)."""
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 # -- graceful stop ---------------------------------------------------------------------------
 
 def test_sigterm_drains_a_worker_then_it_leaves(make_system):
-    system = make_system("--hedge", "off")
+    # A TTL far beyond the waits below: a worker that leaves within them left by its goodbye.
+    system = make_system("--hedge", "off", "--worker-ttl", "120")
     token = system.start_workers({"a": slow(2000), "b": slow(2000)})
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 64, 64) for i in range(12)}
@@ -105,8 +130,8 @@ def test_sigterm_drains_a_worker_then_it_leaves(make_system):
     for i in held_by_a:
         assert rows[i] == ("done", 1, "a"), f"job {i} was not finished by the draining worker"
     wait_until(lambda: not {w["name"]: w["alive"] for w in
-                            ref.get_json(system.url, token, "/status")["workers"]}["a"], 10, "a to leave")
-    assert "worker a is gone: it said goodbye" in (system.log_dir / "server.log").read_text()
+                            ref.get_json(system.url, token, "/status")["workers"]}["a"], 30,
+               "a to leave by its goodbye (its 120 s TTL cannot have run out)")
     wait_completed(system.url, token, wid)
     check_filtered(system, token, wid, frames)
 
@@ -120,10 +145,10 @@ def test_a_second_signal_stops_a_worker_at_once_and_its_jobs_go_elsewhere(make_s
     wait_until(lambda: ref.get_json(system.url, token, "/status")["workers"][0]["running_jobs"] == 1,
                30, "the job to run on a")
     proc = system.workers["a"]
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(3) != 0  # did not wait for its 5 s job
+    proc.send_signal(signal.SIGTERM)  # the first: drain
+    # The second, repeated until it exits: two signals before its handler ran count as one.
+    wait_until(lambda: proc.send_signal(signal.SIGTERM) or proc.poll() is not None, 10, "worker a to exit")
+    assert proc.returncode == 1  # the second signal's exit; a drain waits for its 5 s job and exits 0
     system.workers.pop("a")
     system.start_worker("b")
     wait_completed(system.url, token, wid)
@@ -164,9 +189,9 @@ def test_garbage_on_controller_and_worker_sockets_is_dropped(make_system):
         os.urandom(10 * 1024 * 1024),
     ]
     with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
-        time.sleep(0.5)  # let the subscription connect
-        for blob in junk:
-            pub.send(blob)
+        # Counted as dropped (bad_messages), not merely sent; the 10 MB one is hung up on.
+        publish_until_dropped(pub, junk[:-1], system.url)
+        send_oversized(pub, junk[-1])
     replies = []
     for blob in junk:
         with pynng.Req0(dial=rpc, send_timeout=2000, recv_timeout=2000) as req:
@@ -177,8 +202,10 @@ def test_garbage_on_controller_and_worker_sockets_is_dropped(make_system):
                 replies.append(None)  # dropped (the 10 MB one exceeds recv_max_size)
     assert all(r is None or b'"ok":false' in r for r in replies), replies
     assert sum(r is not None for r in replies) >= 4
-    time.sleep(1.5)
-    # Both still serve: the worker is alive and filters a workload.
+    # Both still serve: the controller takes a's next heartbeat, and a filters a workload.
+    seen = ref.get_json(system.url, token, "/status")["workers"][0]["last_seen"]
+    wait_until(lambda: ref.get_json(system.url, token, "/status")["workers"][0]["last_seen"] > seen, 30,
+               "a heartbeat of a's after the garbage")
     names = {w["name"]: w["alive"] for w in ref.get_json(system.url, token, "/status")["workers"]}
     assert names == {"a": True}
     wid = workload(system.url, token)
@@ -186,5 +213,3 @@ def test_garbage_on_controller_and_worker_sockets_is_dropped(make_system):
     push(system, token, wid, frames)
     wait_completed(system.url, token, wid)
     check_filtered(system, token, wid, frames)
-    log = (system.log_dir / "server.log").read_text()
-    assert "dropped bad message on controller" in log

@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
+from scripts import refclient as ref
 from scripts.frames import frame_png
 from scripts.localsys import ROOT, wait_until
-from tests import refclient as ref
 from tests.helpers import check_filtered, push, wait_completed, workload
 
 JOIN = "s3cret-join-token"

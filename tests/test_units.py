@@ -13,7 +13,7 @@ from common.config import EnvDefaultsParser, split_host_port
 from common.formats import sniff_format
 from scheduler.placement import JobView, WorkerView, place
 from worker.filters import EncodeOptions, FilterError, process
-from tests.conftest import png_bytes
+from tests.support import png_bytes
 
 # -- wire -----------------------------------------------------------------------------------
 

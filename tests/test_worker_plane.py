@@ -16,9 +16,9 @@ import psutil
 import pynng
 
 from common import seal, wire
+from scripts import refclient as ref
 from scripts.frames import frame_png
 from scripts.localsys import wait_until
-from tests import refclient as ref
 from tests.fakeworker import FakeWorker, Telemetry
 from tests.helpers import Api, check_filtered, has_workers, job_rows, push, until, wait_completed, welcomed, workload
 from worker.service import Worker, WorkerSettings

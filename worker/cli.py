@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 
-from common.config import EnvDefaultsParser, setup_logging, split_host_port
+from common.config import CONTROLLER_PORT, EnvDefaultsParser, setup_logging, split_host_port
 from worker.filters import EncodeOptions
 from worker.service import Worker, WorkerSettings
 
@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p = EnvDefaultsParser(prog="worker", description="A DPIP worker: filters images for the server.")
-    p.add_argument("--controller", default="localhost:40899", help="controller HOST:PORT")
+    p.add_argument("--controller", default=f"localhost:{CONTROLLER_PORT}", help="controller HOST:PORT")
     p.add_argument("--worker-name", "--node-name", dest="worker_name", default=None,
                    help="unique name of this worker (default: host name and pid)")
     p.add_argument("--tags", default="", help="comma-separated tags, e.g. gpu,largeMemory")
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
-    host, port = split_host_port(a.controller, "localhost", 40899)
+    host, port = split_host_port(a.controller, "localhost", CONTROLLER_PORT)
     if a.capacity < 1:
         p.error("--capacity must be at least 1")
     for flag in ("slow_rate", "fail_rate"):

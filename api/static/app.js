@@ -226,6 +226,7 @@ async function uploadFiles(files) {
   images.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
   try {
     const body = { filter: $("#new-filter").value };
+    for (const input of document.querySelectorAll("#new-params input")) if (input.value !== "") body[input.name] = input.value;
     if ($("#new-name").value.trim()) body.workload_name = $("#new-name").value.trim();
     const w = await (await api("/workloads", { method: "POST", headers: { "Content-Type": "application/json" },
                                                body: JSON.stringify(body) })).json();
@@ -238,6 +239,24 @@ async function uploadFiles(files) {
     }
     $("#new-name").value = "";
   } catch (e) { status.textContent = `upload failed: ${e.message}`; status.classList.add("error"); }
+}
+
+// -- the filters and their parameters, from the server's registry ----------------------------
+
+async function loadFilters() {
+  const r = await fetch("/filters");
+  if (!r.ok) return;
+  const list = await r.json();
+  const select = $("#new-filter");
+  select.replaceChildren(...list.map((f) => el("option", { value: f.name, title: f.help }, f.name)));
+  const showParams = () => {
+    const f = list.find((x) => x.name === select.value);
+    $("#new-params").replaceChildren(...(f ? f.params : []).map((p) => el("label", { title: p.help }, `${p.name} `,
+      el("input", { name: p.name, type: "number", min: p.minimum, max: p.maximum, step: p.type === "integer" ? 1 : "any",
+                    placeholder: String(p.default), class: "param" }))));
+  };
+  select.addEventListener("change", showParams);
+  showParams();
 }
 
 function setupDrop() {
@@ -271,5 +290,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#login-form").addEventListener("submit", login);
   $("#logout").addEventListener("click", () => logout(true));
   setupDrop();
+  loadFilters();
   if (state.token) start(); else route();
 });

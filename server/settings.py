@@ -1,0 +1,130 @@
+"""Settings of the server process (API + controller + scheduler), declared once.
+
+Each field of :class:`ServerSettings` carries its flag's help (and, where it is not plain text or
+a number, how to parse it); :func:`parse_server_args` builds the command line from the fields,
+so a setting, its default, its flag and its ``DPIP_*`` variable cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from api.peer import Network, parse_cidrs
+from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, parse_range
+
+
+def option(default: Any, help: str | None, *, flag: str | None = None,
+           parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A settings field with its command-line flag (``help=None``: no flag)."""
+    meta = {"help": help, "flag": flag, "parse": parse, "metavar": metavar, "choices": choices}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = option("127.0.0.1", "address for the API and the controller (0.0.0.0: all)")
+    port: int = option(API_PORT, "HTTP API port")
+    controller_port: int = option(CONTROLLER_PORT, "nng controller port")
+    data_dir: Path = option(Path("data"), "SQLite file and images live here")
+    public_url: str = option("", "URL workers use for the API (default: controller host + API port)")
+    admin_user: str = option("admin", "admin user created on first start")
+    admin_password: str = option("", "its password (default: generated, saved in the data dir)")
+    token_ttl: float = option(24 * 3600.0, "token lifetime in seconds")
+    heartbeat_interval: float = option(1.0, "seconds between worker heartbeats, told to workers")
+    worker_ttl: float = option(0.0, "a worker silent this long is dead (default: 3 heartbeat intervals)")
+    forget_after: float = option(600.0, "seconds after which a dead worker is forgotten (leaves /status)")
+    max_workers: int = option(1000, "most workers tracked at once; joins beyond it are refused")
+    job_timeout: float = option(120.0, "longest a job attempt may take")
+    max_attempts: int = option(3, "attempts before a job fails")
+    login_failures: int = option(5, "failed logins allowed per user and address per minute (4x per address)")
+    trusted_proxies: tuple[Network, ...] = option(
+        (), "reverse proxies whose X-Forwarded-For gives the client address (for login throttling and"
+            " the like); from anyone else the header is ignored",
+        flag="--trusted-proxy", parse=parse_cidrs, metavar="CIDR[,CIDR]")
+    hedge: str = option("hedged", "tail-latency policy: a second copy after the recent p95 (hedged), two"
+                                  " copies at once that cancel each other on start (tied), or none",
+                        choices=("off", "hedged", "tied"))
+    hedge_quantile: float = option(0.95, "hedge once a job is slower than this quantile of recent ones")
+    hedge_floor_ms: float = option(50.0, "never hedge sooner than this")
+    hedge_initial_ms: float = option(1000.0, "hedge delay until 20 latencies of a size are known")
+    max_upload_bytes: int = option(32 * 1024 * 1024, "largest accepted upload")
+    max_pixels: int = option(50_000_000, "largest image accepted or decoded, in pixels (width x height)")
+    fsync: bool = option(True, "do not fsync uploads (faster, but a power cut may lose accepted ones)",
+                         flag="--no-fsync")
+    join_token: str = option("", "workers must present it (generated and saved if unset and --host is"
+                                 " not loopback)")
+    system_name: str = option("DPIP", None)
+    access_log: bool = option(False, "log every HTTP request (off by default: it costs time on busy systems)")
+    autoscale: tuple[int, int] | None = option(
+        None, "start and retire workers with the load, between MIN and MAX (e.g. 0:4)",
+        parse=parse_range, metavar="MIN:MAX")
+    idle_timeout: float = option(30.0, "seconds an autoscaled worker may stay idle before it is retired")
+    autoscale_worker_args: str = option("", 'extra flags for autoscaled local workers, e.g. "--capacity 2'
+                                            ' --tags big"')
+    scale_up_cmd: str = option("", "shell command that starts a worker elsewhere; {name} and {controller}"
+                                   " are filled in")
+    scale_down_cmd: str = option("", "shell command that stops worker {name}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "dpip.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.data_dir / "incoming"
+
+
+def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, str]:
+    """Parse ``main.py``'s flags (built from :class:`ServerSettings`); returns the settings and
+    the log level."""
+    p = EnvDefaultsParser(prog="main.py", description="DPIP server: HTTP API, controller and scheduler.")
+    fields = [f for f in dataclasses.fields(ServerSettings) if f.metadata.get("help") is not None]
+    for f in fields:
+        _add_option(p, f)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    settings = ServerSettings(**{f.name: getattr(a, f.name) for f in fields})
+    if bool(settings.scale_up_cmd) != bool(settings.scale_down_cmd):
+        p.error("--scale-up-cmd and --scale-down-cmd go together")
+    if settings.scale_up_cmd and settings.autoscale is None:
+        p.error("--scale-up-cmd needs --autoscale MIN:MAX")
+    if settings.idle_timeout <= 0:
+        p.error("--idle-timeout must be positive")
+    if settings.max_pixels <= 0:
+        p.error("--max-pixels must be positive")
+    return settings, a.log_level
+
+
+def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    meta, default = f.metadata, f.default
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    if isinstance(default, bool):
+        action = "store_false" if default else "store_true"
+        p.add_argument(flag, dest=f.name, action=action, default=default, help=meta["help"])
+        return
+    parse = meta["parse"]
+    kind = _checked(parse) if parse else type(default)
+    env = "DPIP_" + flag[2:].upper().replace("-", "_")  # the flag's name, e.g. DPIP_TRUSTED_PROXY
+    p.add_argument(flag, dest=f.name, type=kind, default=default, help=meta["help"],
+                   metavar=meta["metavar"], choices=meta["choices"], env=env)
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse shows an ArgumentTypeError's own words (a plain ValueError it hides)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert

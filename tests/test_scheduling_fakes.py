@@ -1,0 +1,139 @@
+"""Scheduling decisions on the in-process fake fleet (tests/fakefleet.py): the real scheduler,
+carrier and job lifecycle, stub workers, no processes and no sleeps."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from controller.store import Store
+from scheduler.carrier import HedgePolicy, SchedulerSettings
+from tests.fakefleet import Fleet, StubWorker, until
+
+FAST = SchedulerSettings(job_timeout=5.0, max_attempts=3, retry_backoff=0.001, hedge=HedgePolicy.OFF)
+
+
+@pytest.fixture
+async def store(tmp_path) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "dpip.sqlite3")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def fleet_of(store: Store, settings: SchedulerSettings = FAST) -> Fleet:
+    fleet = Fleet(store, settings)
+    await fleet.scheduler.start()
+    return fleet
+
+
+async def test_workloads_take_turns(store):
+    fleet = Fleet(store, FAST)
+    big, small = await fleet.workload("big"), await fleet.workload("small")
+    await fleet.submit(big, 4)
+    await fleet.submit(small, 2)
+    w = fleet.membership.add(StubWorker("w", capacity=1))
+    await fleet.scheduler.start()
+    try:
+        for n in range(1, 7):
+            await until(lambda n=n: len(w.received) == n, f"job {n}")
+            w.finish(w.received[-1].job_id)
+        order = [m.workload_id for m in w.received]
+        assert order[:4] == [big.id, small.id, big.id, small.id], "a small workload is not starved"
+        await until(lambda: _all(fleet, big, ("done", 1)), "every job of the big workload done")
+        await until(lambda: _all(fleet, small, ("done", 1)), "every job of the small workload done")
+    finally:
+        await fleet.scheduler.close()
+
+
+async def test_a_failed_attempt_goes_to_another_worker(store):
+    fleet = await fleet_of(store)
+    first = fleet.membership.add(StubWorker("first", cpu_percent=1))
+    second = fleet.membership.add(StubWorker("second", cpu_percent=90))
+    wl = await fleet.workload("w")
+    await fleet.submit(wl, 1)
+    try:
+        await until(lambda: first.received, "the first attempt, on the idler worker")
+        first.fail(first.received[0].job_id)
+        await until(lambda: second.received, "the retry, elsewhere")
+        second.finish(second.received[0].job_id)
+        await until(lambda: _state(fleet, wl, 0, ("done", 2)), "done on the second attempt")
+        assert len(first.received) == 1, "the worker that failed it is avoided"
+    finally:
+        await fleet.scheduler.close()
+
+
+async def test_an_error_no_retry_can_fix_fails_at_once_and_others_fail_after_max_attempts(store):
+    fleet = await fleet_of(store)
+    w = fleet.membership.add(StubWorker("w"))
+    wl = await fleet.workload("w")
+    await fleet.submit(wl, 2)
+    try:
+        await until(lambda: len(w.received) == 2, "both jobs")
+        final, flaky = w.received
+        w.fail(final.job_id, "cannot decode", retryable=False)
+        for n in range(3):  # the only worker: retried on it once nobody else can
+            await until(lambda n=n: sum(m.job_id == flaky.job_id for m in w.received) == n + 1, f"attempt {n + 1}")
+            w.fail(flaky.job_id, "flaky")
+        await until(lambda: _state(fleet, wl, flaky.image_id, ("failed", 3)), "failed after 3 attempts")
+        assert (await fleet.states(wl))[final.image_id] == ("failed", 1)
+    finally:
+        await fleet.scheduler.close()
+
+
+async def test_a_dead_workers_job_is_requeued_at_once(store):
+    fleet = await fleet_of(store)
+    doomed = fleet.membership.add(StubWorker("doomed", cpu_percent=1))
+    wl = await fleet.workload("w")
+    await fleet.submit(wl, 1)
+    try:
+        await until(lambda: doomed.received, "the job on the doomed worker")
+        fleet.membership.kill("doomed")
+        heir = fleet.membership.add(StubWorker("heir"))
+        await until(lambda: heir.received, "the job on the heir")
+        heir.finish(heir.received[0].job_id)
+        await until(lambda: _state(fleet, wl, 0, ("done", 2)), "done by the heir")
+    finally:
+        await fleet.scheduler.close()
+
+
+async def test_a_hedge_goes_to_a_second_worker_and_the_loser_is_cancelled(store):
+    hedged = SchedulerSettings(job_timeout=5.0, hedge=HedgePolicy.HEDGED, hedge_initial=0.01, hedge_floor=0.01)
+    fleet = await fleet_of(store, hedged)
+    slow = fleet.membership.add(StubWorker("slow", cpu_percent=1))
+    quick = fleet.membership.add(StubWorker("quick", cpu_percent=90))
+    wl = await fleet.workload("w")
+    await fleet.submit(wl, 1)
+    try:
+        await until(lambda: slow.received and quick.received, "the first copy, then the hedge")
+        quick.finish(quick.received[0].job_id)
+        await until(lambda: slow.cancelled, "the slow copy cancelled")
+        await until(lambda: _state(fleet, wl, 0, ("done", 1)), "one attempt, done")
+        (timing,) = await store.job_timings(wl.id)
+        assert timing["copies"] == 2 and fleet.scheduler.stats.hedges == 1
+    finally:
+        await fleet.scheduler.close()
+
+
+async def test_jobs_wait_for_a_worker_with_their_tags(store):
+    fleet = await fleet_of(store)
+    plain = fleet.membership.add(StubWorker("plain"))
+    wl = await fleet.workload("w", tags=("gpu",))
+    await fleet.submit(wl, 1)
+    try:
+        await until(lambda: fleet.scheduler.waiting.get(wl.id), "a reason to wait")
+        assert "gpu" in fleet.scheduler.waiting[wl.id] and not plain.received
+        gpu = fleet.membership.add(StubWorker("gpu", tags=("gpu",)))
+        await until(lambda: gpu.received, "the job on the gpu worker")
+        assert wl.id not in fleet.scheduler.waiting
+    finally:
+        await fleet.scheduler.close()
+
+
+async def _state(fleet: Fleet, wl, image_id: int, expected: tuple[str, int]) -> bool:
+    return (await fleet.states(wl)).get(image_id) == expected
+
+
+async def _all(fleet: Fleet, wl, expected: tuple[str, int]) -> bool:
+    return set((await fleet.states(wl)).values()) == {expected}
