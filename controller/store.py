@@ -185,9 +185,10 @@ class Store:
         """One write transaction: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any error.
 
         Every coroutine shares one connection, so writes are serialized by a lock: without it
-        one coroutine's COMMIT would commit another's half-done transaction. Every write goes
-        through here (the connection is in autocommit mode otherwise, so a stray write outside
-        would be its own transaction, never part of someone else's)."""
+        one coroutine's COMMIT would commit another's half-done transaction. So every write must
+        come through here: on this shared connection a write made outside, while a transaction
+        is open, would join that transaction. Reads need no lock (they may see the rows of a
+        transaction still open on this connection; SQLite's other connections never do)."""
         async with self._write_lock:
             db = self.db
             await db.execute("BEGIN IMMEDIATE")
