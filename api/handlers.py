@@ -296,7 +296,8 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
             else:
                 image_id = chosen
             await images.commit(stored, images.path(workload.dir, type_, image_id, stored.format))
-            job = await app[JOBS].enqueue(workload, image_id, stored.format, stored.size)
+            job = await app[JOBS].enqueue(workload, image_id, stored.format, stored.size,
+                                          (stored.width, stored.height, stored.mode))
         app[SCHEDULER].submit(job)
     else:
         if claims.scope != JOB:
@@ -305,11 +306,13 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
         assert image_id is not None
         _job_image(request, workload.id, image_id, type_, ImageType.FILTERED)
         try:
-            original_format = await store.get_image(workload.id, image_id, ImageType.ORIGINAL)
+            original = await store.image_header(workload.id, image_id, ImageType.ORIGINAL)
         except NotFound as e:
             raise BadInput(f"workload has no original image {image_id}") from e
-        original = images.path(workload.dir, ImageType.ORIGINAL, image_id, original_format)
-        problem = result_problem(workload.filter.value, await asyncio.to_thread(header, original), stored)
+        if original[3] is None:  # stored by an earlier version: read its header from the file
+            path = images.path(workload.dir, ImageType.ORIGINAL, image_id, original[0])
+            original = await asyncio.to_thread(header, path)
+        problem = result_problem(workload.filter.value, original, stored)  # type: ignore[arg-type]
         if problem:
             raise BadInput(f"result rejected: {problem}")
         async with lock:  # first result wins; a late or duplicate one changes nothing

@@ -66,6 +66,7 @@ class ImageStore:
         self.fsync = fsync
         self._thumb_pool = ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="thumbs")
         self._thumb_slots = asyncio.Semaphore(THUMB_THREADS)
+        self._committed: set[Path] = set()  # temp files commit() took: discard() has nothing to do
 
     def close(self) -> None:
         self._thumb_pool.shutdown(wait=False, cancel_futures=True)
@@ -151,10 +152,16 @@ class ImageStore:
         """Move a received file to its final name. With ``replace=False`` an existing file wins
         (returns False and drops the new one): that keeps result writes idempotent."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, _place, stored.path, final, replace, self.fsync)
+        placed = await loop.run_in_executor(None, _place, stored.path, final, replace, self.fsync)
+        self._committed.add(stored.path)  # gone from incoming/ either way (placed, or dropped)
+        return placed
 
     async def discard(self, stored: StoredFile) -> None:
-        """Drop a received file that was not committed (a no-op once it was moved into place)."""
+        """Drop a received file that was not committed (nothing to do once it was moved into
+        place: no trip to the executor then)."""
+        if stored.path in self._committed:
+            self._committed.discard(stored.path)
+            return
         await asyncio.get_running_loop().run_in_executor(None, _unlink, stored.path)
 
 

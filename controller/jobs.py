@@ -11,7 +11,8 @@
 ```
 
 Each transition is one serialized transaction (:meth:`Store.transaction`: BEGIN IMMEDIATE ...
-COMMIT under one lock, ROLLBACK on any error) whose guard is in its SQL (``WHERE state = ?``),
+COMMIT under one lock, ROLLBACK on any error; a one-statement transition is that statement alone
+under the same lock, :meth:`Store.write`) whose guard is in its SQL (``WHERE state = ?``),
 and returns a frozen :class:`~controller.models.Job` snapshot, or None when the guard says the
 job had moved on meanwhile (its result arrived while a retry was being decided, ...). The
 upload handler and the scheduler change jobs only through this module; ``complete`` is the
@@ -35,8 +36,11 @@ class JobLifecycle:
     def __init__(self, store: Datastore) -> None:
         self.store = store
 
-    async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int) -> Job:
-        """An original is in place: record it and queue its job, all or nothing."""
+    async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int,
+                      header: tuple[int, int, str] | None = None) -> Job:
+        """An original is in place: record it (with its ``header``: width, height, mode) and
+        queue its job, all or nothing."""
+        width, height, mode = header or (None, None, None)
         now = time.time()
         async with self.store.transaction() as db:
             await db.execute(
@@ -44,9 +48,9 @@ class JobLifecycle:
                 (image_id + 1, workload.id),
             )
             await db.execute(
-                "INSERT OR REPLACE INTO images(workload_id, image_id, type, format, size, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now),
+                "INSERT OR REPLACE INTO images(workload_id, image_id, type, format, size, created_at,"
+                " width, height, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now, width, height, mode),
             )
             cur = await db.execute(
                 "INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)",
@@ -60,20 +64,18 @@ class JobLifecycle:
     async def dispatch(self, job: Job, worker: str, timeout: float) -> Job | None:
         """queued -> dispatched on ``worker`` (one more attempt, a deadline)."""
         now = time.time()
-        async with self.store.transaction() as db:
-            cur = await db.execute(
-                "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?,"
-                " deadline = ?, copies = copies + 1 WHERE id = ? AND state = ?",
-                (JobState.DISPATCHED.value, worker, now, now + timeout, job.id, JobState.QUEUED.value),
-            )
+        cur = await self.store.write(
+            "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?,"
+            " deadline = ?, copies = copies + 1 WHERE id = ? AND state = ?",
+            (JobState.DISPATCHED.value, worker, now, now + timeout, job.id, JobState.QUEUED.value),
+        )
         if cur.rowcount != 1:
             return None
         return dataclasses.replace(job, attempts=job.attempts + 1, state=JobState.DISPATCHED)
 
     async def add_copy(self, job: Job) -> None:
         """One more copy of a dispatched job was sent (hedged or tied)."""
-        async with self.store.transaction() as db:
-            await db.execute("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,))
+        await self.store.write("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,))
 
     async def complete(self, workload_id: str, image_id: int, fmt: str, size: int) -> bool:
         """A result is in place: record it and mark its job done (a stored result wins even
@@ -101,30 +103,27 @@ class JobLifecycle:
     async def record_result(self, job: Job, worker: str, download_ms: float, process_ms: float,
                             upload_ms: float) -> None:
         """Which copy won, and where its time went (the job is ``done`` already)."""
-        async with self.store.transaction() as db:
-            await db.execute(
-                "UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ? WHERE id = ?",
-                (worker, download_ms, process_ms, upload_ms, job.id),
-            )
+        await self.store.write(
+            "UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ? WHERE id = ?",
+            (worker, download_ms, process_ms, upload_ms, job.id),
+        )
 
     async def retry(self, job: Job, error: str) -> Job | None:
         """dispatched -> queued after a failed attempt; None if it finished meanwhile."""
-        async with self.store.transaction() as db:
-            cur = await db.execute(
-                "UPDATE jobs SET state = ?, worker = NULL, error = ? WHERE id = ? AND state = ?",
-                (JobState.QUEUED.value, error, job.id, JobState.DISPATCHED.value),
-            )
+        cur = await self.store.write(
+            "UPDATE jobs SET state = ?, worker = NULL, error = ? WHERE id = ? AND state = ?",
+            (JobState.QUEUED.value, error, job.id, JobState.DISPATCHED.value),
+        )
         if cur.rowcount != 1:
             return None
         return dataclasses.replace(job, state=JobState.QUEUED)
 
     async def fail(self, job: Job, error: str) -> Job | None:
         """-> failed for good, with the reason; None if it was done meanwhile."""
-        async with self.store.transaction() as db:
-            cur = await db.execute(
-                "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state != ?",
-                (JobState.FAILED.value, error, time.time(), job.id, JobState.DONE.value),
-            )
+        cur = await self.store.write(
+            "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state != ?",
+            (JobState.FAILED.value, error, time.time(), job.id, JobState.DONE.value),
+        )
         if cur.rowcount != 1:
             return None
         return dataclasses.replace(job, state=JobState.FAILED)

@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS images (
     format TEXT NOT NULL,
     size INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    width INTEGER,  -- from the header at upload (NULL in rows of earlier versions)
+    height INTEGER,
+    mode TEXT,
     PRIMARY KEY (workload_id, type, image_id)
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -180,6 +183,12 @@ class Store:
         assert self._db is not None, "Store.open() first"
         return _OneHop(self._db)
 
+    async def write(self, sql: str, params: tuple | list = ()) -> aiosqlite.Cursor:
+        """One statement as its own transaction (autocommit), under the write lock: what
+        :meth:`transaction` gives a single statement, in one trip to SQLite's thread, not three."""
+        async with self._write_lock:
+            return await self.db.execute(sql, params)
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[_OneHop]:
         """One write transaction: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any error.
@@ -222,6 +231,11 @@ class Store:
         elif "params" not in columns:
             async with self.transaction() as db:
                 await db.execute("ALTER TABLE workloads ADD COLUMN params TEXT NOT NULL DEFAULT '{}'")
+        async with self.db.execute("PRAGMA table_info(images)") as cur:
+            if "width" not in {r["name"] for r in await cur.fetchall()}:
+                async with self.transaction() as db:
+                    for column in ("width INTEGER", "height INTEGER", "mode TEXT"):
+                        await db.execute(f"ALTER TABLE images ADD COLUMN {column}")
 
     async def _rebuild_workloads(self) -> None:
         """Names were unique across owners and were their directories: keep each as its ``dir``
@@ -401,6 +415,19 @@ class Store:
         except NotFound:
             return False
         return True
+
+    async def image_header(self, workload_id: str, image_id: int, type_: ImageType
+                           ) -> tuple[str, int | None, int | None, str | None]:
+        """(format, width, height, mode) of a stored image (the last three None for images
+        stored by earlier versions), or :class:`NotFound`."""
+        async with self.db.execute(
+            "SELECT format, width, height, mode FROM images WHERE workload_id = ? AND image_id = ? AND type = ?",
+            (workload_id, image_id, type_.value),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"{type_.value} image {image_id} of workload {quoted(workload_id)} not found")
+        return row[0], row[1], row[2], row[3]
 
     async def get_image(self, workload_id: str, image_id: int, type_: ImageType) -> str:
         """The stored format of an image, or :class:`NotFound`."""

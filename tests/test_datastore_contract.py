@@ -128,3 +128,14 @@ async def test_workers_are_remembered_and_forgotten(store):
     assert [(w["name"], w["tags"]) for w in await store.known_workers()] == [("w1", ["gpu"])]
     await store.forget_worker("w1")
     assert await store.known_workers() == []
+
+
+async def test_an_original_keeps_its_header_for_checking_results(store):
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    await jobs.enqueue(w, 0, "PNG", 10, (64, 48, "RGB"))
+    await jobs.enqueue(w, 1, "PNG", 10)  # as earlier versions stored them
+    assert await store.image_header(w.id, 0, ImageType.ORIGINAL) == ("PNG", 64, 48, "RGB")
+    assert await store.image_header(w.id, 1, ImageType.ORIGINAL) == ("PNG", None, None, None)
+    with pytest.raises(NotFound):
+        await store.image_header(w.id, 2, ImageType.ORIGINAL)

@@ -297,7 +297,8 @@ async def test_an_old_datastore_is_migrated_to_per_owner_names(tmp_path):
         db.executescript(SCHEMA)  # the other tables (workloads exists: kept as it was)
         db.execute("INSERT INTO workloads(id, name, owner, filter, created_at, next_image_id)"
                    " VALUES ('w1', 'clip', 'admin', 'grayscale', 1.0, 1)")
-        db.execute("INSERT INTO images VALUES ('w1', 0, 'original', 'PNG', 10, 1.0)")
+        db.execute("INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
+                   " VALUES ('w1', 0, 'original', 'PNG', 10, 1.0)")
         db.execute("INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES ('w1', 0, 'queued', 1.0)")
     store = Store(path)
     await store.open()  # rebuilds workloads
