@@ -37,6 +37,7 @@ from api.params import (
 )
 from common import filters
 from common.formats import FORMATS
+from controller.store import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
 from controller.auth import JOB, USER, Claims
 from controller.images import StoredFile, check_workload_name, header, result_problem
@@ -48,7 +49,6 @@ from controller.models import (
     ImageType,
     NotFound,
     UnsupportedMedia,
-    WorkloadStatus,
     WorkloadView,
     quoted,
 )
@@ -122,15 +122,18 @@ async def logout(request: web.Request) -> web.Response:
     return web.json_response({"logout_message": f"Bye {claims.subject}, your token has been revoked"})
 
 
-async def _workloads_of(request: web.Request) -> list[WorkloadView]:
-    store = request.app[STORE]
-    return [await store.workload_view(w) for w in await store.workloads(request[CLAIMS].subject)]
+#: The dashboard's live feed shows the caller's active workloads and this many of the newest.
+FEED_NEWEST = 100
 
 
 async def workload_summaries(request: web.Request) -> list[dict]:
-    """The caller's workloads with counts instead of id lists (the dashboard's live feed)."""
+    """The caller's active workloads and the newest others, oldest first, with counts (the
+    dashboard's live feed): bounded, whatever the caller's history."""
+    store, owner = request.app[STORE], request[CLAIMS].subject
+    newest, _, _ = await store.workload_page(owner, FEED_NEWEST)
+    views = {v.workload.id: v for v in [*await store.active_views(owner), *newest]}
     out = []
-    for view in await _workloads_of(request):
+    for view in sorted(views.values(), key=lambda v: (v.workload.created_at, v.workload.id)):
         body = _workload_json(request, view)
         body["filtered"], body["failed"] = len(view.filtered_images), len(view.failed_images)
         out.append(body)
@@ -139,8 +142,7 @@ async def workload_summaries(request: web.Request) -> list[dict]:
 
 @requires(USER)
 async def status(request: web.Request) -> web.Response:
-    active = [_workload_json(request, v) for v in await _workloads_of(request)
-              if v.status != WorkloadStatus.COMPLETED]
+    active = [_workload_json(request, v) for v in await request.app[STORE].active_views(request[CLAIMS].subject)]
     app = request.app
     return web.json_response({
         "system_name": app[SETTINGS].system_name,
@@ -211,8 +213,17 @@ def _no_constants(name: str) -> None:
 
 @requires(USER)
 async def list_workloads(request: web.Request) -> web.Response:
-    """All the caller's workloads, oldest first."""
-    return web.json_response([_workload_json(request, v) for v in await _workloads_of(request)])
+    """A page of the caller's workloads, newest first (``?limit=`` up to 1000, 100 by default;
+    ``?after=<workload_id>`` for the next page). ``X-Total-Count`` says how many there are, and
+    a ``Link: <...>; rel="next"`` header where the next page is."""
+    params = await request_params(request)
+    limit = int_param(params, "limit", required=False, maximum=MAX_PAGE) or DEFAULT_PAGE
+    after = params.get("after", "").strip() or None
+    views, total, next_after = await request.app[STORE].workload_page(request[CLAIMS].subject, limit, after)
+    headers = {"X-Total-Count": str(total)}
+    if next_after is not None:
+        headers["Link"] = f'</workloads?limit={limit}&after={next_after}>; rel="next"'
+    return web.json_response([_workload_json(request, v) for v in views], headers=headers)
 
 
 @requires(USER)

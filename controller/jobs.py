@@ -48,7 +48,7 @@ class JobLifecycle:
                 (image_id + 1, workload.id),
             )
             await db.execute(
-                "INSERT OR REPLACE INTO images(workload_id, image_id, type, format, size, created_at,"
+                "INSERT INTO images(workload_id, image_id, type, format, size, created_at,"
                 " width, height, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now, width, height, mode),
             )

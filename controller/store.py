@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS {table} (
     next_image_id INTEGER NOT NULL DEFAULT 0,
     meta TEXT NOT NULL DEFAULT '{{}}',
     params TEXT NOT NULL DEFAULT '{{}}',
+    -- kept by the triggers below, so that a workload's status costs one row, not its history
+    image_count INTEGER NOT NULL DEFAULT 0,
+    filtered_count INTEGER NOT NULL DEFAULT 0,
+    failed_count INTEGER NOT NULL DEFAULT 0,
+    running_count INTEGER NOT NULL DEFAULT 0,
+    started INTEGER NOT NULL DEFAULT 0,
     UNIQUE (owner, name)
 );
 """
@@ -90,6 +96,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (workload_id, image_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS workloads_owner ON workloads(owner, created_at);
 CREATE TABLE IF NOT EXISTS workers (
     name TEXT PRIMARY KEY,
     tags TEXT NOT NULL,
@@ -98,6 +105,36 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen REAL NOT NULL
 );
 """
+
+
+#: The workloads' counters follow their images and jobs inside the very statement that changes
+#: them: a transition stays one statement, and no code path can forget a counter.
+COUNTERS = """
+CREATE TRIGGER IF NOT EXISTS images_counted AFTER INSERT ON images BEGIN
+    UPDATE workloads SET image_count = image_count + (NEW.type = 'original'),
+                         filtered_count = filtered_count + (NEW.type = 'filtered')
+    WHERE id = NEW.workload_id;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_counted AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+    UPDATE workloads SET running_count = running_count + (NEW.state = 'dispatched') - (OLD.state = 'dispatched'),
+                         failed_count = failed_count + (NEW.state = 'failed') - (OLD.state = 'failed'),
+                         started = started OR NEW.state = 'dispatched'
+    WHERE id = NEW.workload_id;
+END;
+"""
+
+RECOUNT = """
+UPDATE workloads SET
+    image_count = (SELECT COUNT(*) FROM images i WHERE i.workload_id = workloads.id AND i.type = 'original'),
+    filtered_count = (SELECT COUNT(*) FROM images i WHERE i.workload_id = workloads.id AND i.type = 'filtered'),
+    failed_count = (SELECT COUNT(*) FROM jobs j WHERE j.workload_id = workloads.id AND j.state = 'failed'),
+    running_count = (SELECT COUNT(*) FROM jobs j WHERE j.workload_id = workloads.id AND j.state = 'dispatched'),
+    started = EXISTS (SELECT 1 FROM jobs j WHERE j.workload_id = workloads.id AND j.attempts > 0)
+"""
+
+#: A page of GET /workloads at most, and by default.
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
 
 
 def tags_of(text: str) -> tuple[str, ...]:
@@ -218,6 +255,7 @@ class Store:
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._db.executescript(SCHEMA)
         await self._migrate()
+        await self._db.executescript(COUNTERS)
 
     async def _migrate(self) -> None:
         """Add the columns later versions introduced to a data dir made by an earlier one."""
@@ -231,6 +269,12 @@ class Store:
         elif "params" not in columns:
             async with self.transaction() as db:
                 await db.execute("ALTER TABLE workloads ADD COLUMN params TEXT NOT NULL DEFAULT '{}'")
+        if "image_count" not in columns:  # counters came later: count what is there once
+            async with self.transaction() as db:
+                if "dir" in columns:  # (a rebuilt table has them already)
+                    for column in ("image_count", "filtered_count", "failed_count", "running_count", "started"):
+                        await db.execute(f"ALTER TABLE workloads ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+                await db.execute(RECOUNT)
         async with self.db.execute("PRAGMA table_info(images)") as cur:
             if "width" not in {r["name"] for r in await cur.fetchall()}:
                 async with self.transaction() as db:
@@ -374,28 +418,62 @@ class Store:
             return [_workload(r) for r in await cur.fetchall()]
 
     async def workload_view(self, workload: Workload) -> WorkloadView:
-        db, wid = self.db, workload.id
-        async with db.execute(
-            "SELECT COUNT(*) FROM images WHERE workload_id = ? AND type = ?",
-            (wid, ImageType.ORIGINAL.value),
+        async with self.db.execute("SELECT * FROM workloads WHERE id = ?", (workload.id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"workload {quoted(workload.id)} not found")
+        return (await self._views([row]))[0]
+
+    async def active_views(self, owner: str) -> list[WorkloadView]:
+        """The owner's workloads not completed, oldest first: one indexed query and the lists of
+        those few, whatever the owner's history."""
+        async with self.db.execute(
+            "SELECT * FROM workloads WHERE owner = ?"
+            " AND NOT (image_count > 0 AND filtered_count + failed_count >= image_count) ORDER BY created_at",
+            (owner,),
         ) as cur:
-            (image_count,) = await cur.fetchone()
-        async with db.execute(
-            "SELECT image_id FROM images WHERE workload_id = ? AND type = ? ORDER BY image_id",
-            (wid, ImageType.FILTERED.value),
-        ) as cur:
-            filtered = [r[0] for r in await cur.fetchall()]
-        async with db.execute(
-            "SELECT image_id, error FROM jobs WHERE workload_id = ? AND state = ? ORDER BY image_id",
-            (wid, JobState.FAILED.value),
-        ) as cur:
-            failed = [{"image_id": r[0], "reason": r[1]} for r in await cur.fetchall()]
-        async with db.execute(
-            "SELECT SUM(state = ?), SUM(attempts > 0) FROM jobs WHERE workload_id = ?",
-            (JobState.DISPATCHED.value, wid),
-        ) as cur:
-            running, started = await cur.fetchone()
-        return WorkloadView(workload, image_count, filtered, failed, running or 0, bool(started))
+            rows = await cur.fetchall()
+        return await self._views(rows)
+
+    async def workload_page(self, owner: str, limit: int = DEFAULT_PAGE, after: str | None = None
+                            ) -> tuple[list[WorkloadView], int, str | None]:
+        """A page of the owner's workloads, newest first, after the workload ``after``: (views,
+        how many the owner has, the id to ask for the next page after, or None)."""
+        sql = "SELECT * FROM workloads WHERE owner = ?"
+        args: tuple = (owner,)
+        if after:
+            sql += " AND (created_at, id) < (SELECT created_at, id FROM workloads WHERE id = ? AND owner = ?)"
+            args += (after, owner)
+        async with self.db.execute(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit + 1)) as cur:
+            rows = await cur.fetchall()
+        async with self.db.execute("SELECT COUNT(*) FROM workloads WHERE owner = ?", (owner,)) as cur:
+            (total,) = await cur.fetchone()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return await self._views(rows), total, rows[-1]["id"] if more and rows else None
+
+    async def _views(self, rows: list) -> list[WorkloadView]:
+        """Views of workload rows: the counters are in the rows; the id lists come from one
+        query per kind for all of them."""
+        ids = [r["id"] for r in rows]
+        filtered: dict[str, list[int]] = {i: [] for i in ids}
+        failed: dict[str, list[dict]] = {i: [] for i in ids}
+        for chunk in (ids[k:k + 500] for k in range(0, len(ids), 500)):
+            marks = ",".join("?" * len(chunk))
+            async with self.db.execute(
+                f"SELECT workload_id, image_id FROM images WHERE type = ? AND workload_id IN ({marks})"
+                " ORDER BY image_id", (ImageType.FILTERED.value, *chunk),
+            ) as cur:
+                for r in await cur.fetchall():
+                    filtered[r[0]].append(r[1])
+            async with self.db.execute(
+                f"SELECT workload_id, image_id, error FROM jobs WHERE state = ? AND workload_id IN ({marks})"
+                " ORDER BY image_id", (JobState.FAILED.value, *chunk),
+            ) as cur:
+                for r in await cur.fetchall():
+                    failed[r[0]].append({"image_id": r[1], "reason": r[2]})
+        return [WorkloadView(_workload(r), r["image_count"], filtered[r["id"]], failed[r["id"]],
+                             r["running_count"], bool(r["started"])) for r in rows]
 
     # -- images -----------------------------------------------------------------------------
 

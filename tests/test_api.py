@@ -155,7 +155,23 @@ async def test_list_workloads_shows_only_the_callers(client):
     await client.app[AUTH].add_user("bob", "bobpw")
     await new_workload(client, await login(client, "bob", "bobpw"))
     r = await client.get("/workloads", headers=bearer(token))
-    assert r.status == 200 and await r.json() == mine
+    assert r.status == 200 and await r.json() == mine[::-1]  # newest first
+    assert r.headers["X-Total-Count"] == "2" and "Link" not in r.headers
+
+
+async def test_the_workload_list_is_paginated_newest_first(client):
+    token = await login(client)
+    made = [(await new_workload(client, token))["workload_id"] for _ in range(5)]
+    seen, url, pages = [], "/workloads?limit=2", 0
+    while url:
+        r = await client.get(url, headers=bearer(token))
+        assert r.status == 200 and r.headers["X-Total-Count"] == "5"
+        seen += [w["workload_id"] for w in await r.json()]
+        link = r.headers.get("Link")
+        url = link[1:link.index(">")] if link else ""
+        pages += 1
+    assert seen == made[::-1] and pages == 3
+    await assert_error(await client.get("/workloads?limit=5000", headers=bearer(token)), 400, "at most 1000")
 
 
 async def test_unknown_and_foreign_workloads_are_404(client):

@@ -139,3 +139,36 @@ async def test_an_original_keeps_its_header_for_checking_results(store):
     assert await store.image_header(w.id, 1, ImageType.ORIGINAL) == ("PNG", None, None, None)
     with pytest.raises(NotFound):
         await store.image_header(w.id, 2, ImageType.ORIGINAL)
+
+
+async def test_counters_follow_every_transition_and_active_is_one_query(store):
+    """The workload's counters (kept by the store, not recounted) agree with its rows after
+    enqueue, dispatch, retry, fail, complete and recover; completed workloads leave the active list."""
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    done_w = await store.create_workload("done", "alice", Filter.GRAYSCALE, ())
+    a, b, c = [await jobs.enqueue(w, i, "PNG", 10) for i in range(3)]
+    da, db_, dc = [await jobs.dispatch(j, "w1", 60) for j in (a, b, c)]
+    view = await store.workload_view(w)
+    assert (view.image_count, view.running_jobs, view.started) == (3, 3, True)
+    await jobs.retry(da, "flaky")
+    await jobs.fail(db_, "broken")
+    await jobs.complete(w.id, 2, "PNG", 5)
+    await jobs.complete(w.id, 2, "PNG", 5)  # a duplicate result counts once
+    view = await store.workload_view(w)
+    assert (view.running_jobs, view.filtered_images, [f["image_id"] for f in view.failed_images]) == (0, [2], [1])
+    await jobs.complete(w.id, 1, "PNG", 5)  # a late result wins over the failure
+    view = await store.workload_view(w)
+    assert (view.filtered_images, view.failed_images) == ([1, 2], [])
+    again = await jobs.dispatch((await jobs.recover())[0], "w2", 60)
+    assert again is not None and (await store.workload_view(w)).running_jobs == 1
+    assert [v.workload.id for v in await store.active_views("alice")] == [w.id, done_w.id]
+    await jobs.complete(w.id, 0, "PNG", 5)
+    dj = await jobs.dispatch(await jobs.enqueue(done_w, 0, "PNG", 10), "w1", 60)
+    assert dj is not None
+    await jobs.complete(done_w.id, 0, "PNG", 5)
+    assert await store.active_views("alice") == []
+    page, total, after = await store.workload_page("alice", limit=1)
+    assert ([v.workload.id for v in page], total) == ([done_w.id], 2)
+    rest, _, more = await store.workload_page("alice", limit=1, after=after)
+    assert [v.workload.id for v in rest] == [w.id] and more is None

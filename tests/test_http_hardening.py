@@ -308,6 +308,7 @@ async def test_an_old_datastore_is_migrated_to_per_owner_names(tmp_path):
         await jobs.enqueue(await store.get_workload("w1"), 1, "PNG", 10)  # references still hold
         old = await store.get_workload("w1", "admin")
         assert (old.name, old.dir) == ("clip", "clip")
+        assert (await store.workload_view(old)).image_count == 2, "counters counted at migration, then kept"
         bobs = await store.create_workload("clip", "bob", Filter.GRAYSCALE, ())
         assert bobs.dir.startswith("clip.") and bobs.dir != "clip"
         assert (await store.get_workload(bobs.id)).dir == bobs.dir
