@@ -509,14 +509,7 @@ class Store:
 
     async def get_image(self, workload_id: str, image_id: int, type_: ImageType) -> str:
         """The stored format of an image, or :class:`NotFound`."""
-        async with self.db.execute(
-            "SELECT format FROM images WHERE workload_id = ? AND image_id = ? AND type = ?",
-            (workload_id, image_id, type_.value),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"{type_.value} image {image_id} of workload {workload_id!r} not found")
-        return row[0]
+        return (await self.image_header(workload_id, image_id, type_))[0]
 
     async def list_images(self, workload_id: str, type_: ImageType | None) -> list[dict]:
         sql = "SELECT image_id, type, size, format FROM images WHERE workload_id = ?"
