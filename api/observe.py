@@ -29,7 +29,10 @@ from controller.auth import USER, is_loopback
 from controller.models import DpipError
 
 STATIC = Path(__file__).parent / "static"
-EVENT_INTERVAL = 1.0  # seconds between snapshots on /events
+EVENT_INTERVAL = 1.0  # seconds between looks for changes on /events
+KEEPALIVE_INTERVAL = 15.0  # seconds of silence on /events before a keep-alive comment
+#: (EVENT_INTERVAL, KEEPALIVE_INTERVAL) for this app, when set (tests shorten them)
+EVENT_TIMING = web.AppKey("event_timing", tuple)
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -46,15 +49,82 @@ async def snapshot(request: web.Request) -> dict:
     }
 
 
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class Feed:
+    """What one /events connection last sent, and the difference of a new snapshot from it.
+
+    Entries are compared by their JSON text, so an entry is resent exactly when what the client
+    would read of it differs. Lists are diffed per entry, by key (a worker's name, a workload's
+    id); each entry is encoded once per look, as the whole snapshot was."""
+
+    LISTS = {"workers": "name", "workloads": "workload_id"}
+    SCALARS = ("queued_jobs", "autoscale")
+
+    def __init__(self) -> None:
+        self.sent: dict[str, dict[str, str]] = {}  # list -> {key: entry's JSON}, in the snapshot's order
+        self.scalars: dict[str, str] = {}  # scalar -> its JSON
+
+    def first(self, snap: dict) -> str:
+        """The ``snapshot`` event's data: the whole snapshot."""
+        self.sent = {name: _encoded(snap[name], key) for name, key in self.LISTS.items()}
+        self.scalars = {name: _dumps(snap[name]) for name in self.SCALARS}
+        return _dumps(snap)
+
+    def changes(self, snap: dict) -> str | None:
+        """The ``changes`` event's data, or None when nothing but the time changed."""
+        out: dict = {}
+        for name, key in self.LISTS.items():
+            encoded = _encoded(snap[name], key)
+            diff = diff_entries(self.sent[name], encoded, snap[name], key)
+            if diff is not None:
+                out[name] = diff
+            self.sent[name] = encoded
+        for name in self.SCALARS:
+            encoded_scalar = _dumps(snap[name])
+            if encoded_scalar != self.scalars[name]:
+                out[name] = snap[name]
+            self.scalars[name] = encoded_scalar
+        return _dumps({"server_time": snap["server_time"], **out}) if out else None
+
+
+def _encoded(entries: list[dict], key: str) -> dict[str, str]:
+    return {e[key]: _dumps(e) for e in entries}
+
+
+def diff_entries(old: dict[str, str], new: dict[str, str], entries: list[dict], key: str) -> dict | None:
+    """``{"set": [entries new or changed], "removed": [keys gone]}``, plus ``"order"`` (every key,
+    in the new order) when merging does not give that order, or None when nothing changed.
+    Merging: a set entry replaces its key's in place, or goes last if new; removed keys go.
+    ``old`` and ``new``: key -> the entry's JSON, in the list's order; ``entries``: the new list."""
+    changed = [e for e in entries if old.get(e[key]) != new[e[key]]]
+    removed = [k for k in old if k not in new]
+    merged = [k for k in old if k in new] + [k for k in new if k not in old]
+    in_order = merged == list(new)
+    if not changed and not removed and in_order:
+        return None
+    out: dict = {"set": changed, "removed": removed}
+    if not in_order:
+        out["order"] = list(new)
+    return out
+
+
 @requires(USER)
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: a snapshot of the workers and the caller's workloads every second,
-    until the client goes away or the server stops."""
+    """Server-sent events: the whole snapshot of the workers and the caller's workloads first
+    (``event: snapshot``), then, each second, only what changed in it (``event: changes``), or
+    nothing (a keep-alive comment after a silence), until the client goes away or the server
+    stops."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     stopping: asyncio.Event = request.app[STOPPING]
+    interval, keepalive = request.app.get(EVENT_TIMING, (EVENT_INTERVAL, KEEPALIVE_INTERVAL))
     token = bearer_token(request)
+    feed: Feed | None = None
+    last_write = time.monotonic()
     try:
         while not stopping.is_set():
             try:  # a logout, an expiry or a removed user ends the stream too
@@ -62,10 +132,20 @@ async def events(request: web.Request) -> web.StreamResponse:
                 request.app[AUTH].verify(token, (USER,))
             except DpipError:
                 break
-            data = json.dumps(await snapshot(request), separators=(",", ":"))
-            await resp.write(f"event: snapshot\ndata: {data}\n\n".encode())
+            snap = await snapshot(request)
+            if feed is None:
+                feed = Feed()
+                message: str | None = f"event: snapshot\ndata: {feed.first(snap)}\n\n"
+            else:
+                data = feed.changes(snap)
+                message = f"event: changes\ndata: {data}\n\n" if data is not None else None
+            if message is None and time.monotonic() - last_write >= keepalive:
+                message = ": keep-alive\n\n"  # so that proxies keep a quiet connection
+            if message is not None:
+                await resp.write(message.encode())
+                last_write = time.monotonic()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), EVENT_INTERVAL)
+                await asyncio.wait_for(stopping.wait(), interval)
     except ConnectionResetError:
         pass  # the page was closed
     return resp

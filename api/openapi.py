@@ -122,6 +122,27 @@ WORKLOAD_FORM = {
 IMAGE_TYPE = {"type": "string", "enum": [t.value for t in ImageType]}
 
 
+EVENTS_DESCRIPTION = """\
+First one `event: snapshot` whose data is the whole state: `{"server_time": <unix seconds>,
+"workers": [<worker>, ...] (by name), "workloads": [<workload with "filtered" and "failed"
+counts>, ...] (the caller's active ones and 100 newest, oldest first), "queued_jobs": <n>,
+"autoscale": <object> | null}`.
+
+Then, every second, if anything but the time changed, one `event: changes` with only what
+changed: `{"server_time": ..., "workers": {"set": [...], "removed": [names]}, "workloads":
+{"set": [...], "removed": [ids]}, "queued_jobs": n, "autoscale": {...} | null}`. `server_time`
+is always there; `workers` and `workloads` only if one of their entries changed, appeared or
+went (`set` holds whole entries, new or changed, keyed by `name` or `workload_id`; an unchanged
+entry is not resent; `removed` the keys gone, e.g. a workload out of the newest 100);
+`queued_jobs` and `autoscale` only if they changed. To merge, replace a set entry in place or
+append it if new, and drop the removed keys; when that would not give the server's order, the
+list's object also carries `order`: every key, in order.
+
+When nothing changed, nothing is sent but, after 15 s of silence, a comment line
+`: keep-alive`. The stream ends when the token stops being valid (logout, expiry, user
+removed) or the server stops; a client that reconnects gets a new snapshot."""
+
+
 def spec(server_url: str | None = None) -> dict:
     paths: dict[str, Any] = {
         "/login": {
@@ -190,7 +211,8 @@ def spec(server_url: str | None = None) -> dict:
                 for t in ("png", "jpeg", "gif", "bmp", "webp", "tiff")}},
                 **_errors(400, 401, 403, 404)}}},
         "/events": {"get": {
-            "summary": "Server-sent events: a snapshot of workers and the caller's workloads every second",
+            "summary": "Server-sent events: a snapshot of workers and the caller's workloads, then its changes",
+            "description": EVENTS_DESCRIPTION,
             "security": BEARER,
             "responses": {"200": {"description": "an event stream", "content": {"text/event-stream": {
                 "schema": {"type": "string"}}}}, **_errors(401, 403)}}},

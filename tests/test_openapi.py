@@ -82,21 +82,25 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(live, mode):
     assert ref.get_json(system.url, token, "/status")["workers"][0]["name"] == "oa-1"
 
 
-def test_event_stream_sends_snapshots(live):
+def test_event_stream_sends_a_snapshot_then_changes(live):
     system, token = live
     request = urllib.request.Request(f"{system.url}/events", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.headers["Content-Type"] == "text/event-stream"
-        snapshots = []
-        lines = iter(resp)
-        while len(snapshots) < 2:
+        events = []  # (event, data): the worker's heartbeats change its entry, so changes come
+        kind, lines = None, iter(resp)
+        while len(events) < 2:
             line = next(lines).decode()
-            if line.startswith("data: "):
-                snapshots.append(json.loads(line[6:]))
-    for snap in snapshots:
-        assert [w["name"] for w in snap["workers"]] == ["oa-1"]
-        assert snap["workloads"][0]["filtered"] == 2 and snap["workloads"][0]["status"] == "completed"
-    assert snapshots[1]["server_time"] > snapshots[0]["server_time"]
+            if line.startswith("event: "):
+                kind = line[7:].strip()
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+    (first, snap), (second, changes) = events
+    assert first == "snapshot" and second == "changes"
+    assert [w["name"] for w in snap["workers"]] == ["oa-1"] and snap["queued_jobs"] >= 0
+    assert snap["workloads"] and all({"filtered", "failed", "status"} <= set(w) for w in snap["workloads"])
+    assert changes["server_time"] > snap["server_time"]
+    assert set(changes) <= {"server_time", "workers", "workloads", "queued_jobs", "autoscale"}
     r = ref.request(system.url, "GET", "/events")
     assert r.status == 401
 

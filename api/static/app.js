@@ -1,11 +1,11 @@
 // DPIP dashboard: plain JavaScript, no build step, no CDN. The token lives in sessionStorage;
 // live data comes from GET /events (server-sent events read with fetch, so the token travels
-// in the Authorization header and never in a URL).
+// in the Authorization header and never in a URL): a whole snapshot first, then its changes.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
 const state = { token: sessionStorage.getItem("dpip-token"), user: sessionStorage.getItem("dpip-user"),
-                snapshot: null, history: new Map(), stream: null, thumbs: new Map() };
+                snapshot: null, refreshed: 0, history: new Map(), stream: null, thumbs: new Map() };
 
 // -- HTTP -------------------------------------------------------------------------------------
 
@@ -64,8 +64,10 @@ async function follow() {
         let cut;
         while ((cut = buffer.indexOf("\n\n")) >= 0) {
           const message = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
-          const data = message.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-          if (data) onSnapshot(JSON.parse(data));
+          const lines = message.split("\n");
+          const type = (lines.find((l) => l.startsWith("event: ")) || "event: message").slice(7);
+          const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+          if (data) onEvent(type, JSON.parse(data));  // a ": keep-alive" comment has no data
         }
       }
     } catch (e) {
@@ -78,18 +80,51 @@ async function follow() {
 
 function setLive(on) { const el = $("#live"); el.textContent = on ? "live" : "offline"; el.classList.toggle("off", !on); }
 
-function onSnapshot(snap) {
+// The stream's first event is the whole snapshot; then come only its changes, to merge in.
+function onEvent(type, body) {
+  if (type === "snapshot") state.snapshot = body;
+  else if (type === "changes" && state.snapshot) merge(state.snapshot, body);
+  else return;
+  refresh();
+}
+
+function merge(snap, changes) {
+  snap.server_time = changes.server_time;
+  if (changes.workers) snap.workers = mergeList(snap.workers, changes.workers, "name");
+  if (changes.workloads) snap.workloads = mergeList(snap.workloads, changes.workloads, "workload_id");
+  for (const k of ["queued_jobs", "autoscale"]) if (k in changes) snap[k] = changes[k];
+}
+
+// set: entries new or changed (replaced in place, new ones last); removed: keys gone; order:
+// every key in order, sent only when that merge would not give it
+function mergeList(list, { set = [], removed = [], order }, key) {
+  const fresh = new Map(set.map((x) => [x[key], x]));
+  const gone = new Set(removed);
+  const out = list.filter((x) => !gone.has(x[key])).map((x) => {
+    const y = fresh.get(x[key]);
+    fresh.delete(x[key]);
+    return y || x;
+  });
+  out.push(...fresh.values());
+  if (order) { const at = new Map(order.map((k, i) => [k, i])); out.sort((a, b) => at.get(a[key]) - at.get(b[key])); }
+  return out;
+}
+
+function refresh() {
   const now = Date.now();
-  for (const w of snap.workloads) {  // keep ~10 s of (time, finished) to compute a rate
+  state.refreshed = now;
+  for (const w of state.snapshot.workloads) {  // keep ~10 s of (time, finished) to compute a rate
     const h = state.history.get(w.workload_id) || [];
     h.push([now, w.filtered + w.failed]);
     while (h.length > 1 && now - h[0][0] > 10000) h.shift();
     state.history.set(w.workload_id, h);
   }
-  state.snapshot = snap;
   renderHome();
   renderWorkload();
 }
+
+// a quiet stream sends nothing: sample and redraw anyway, so that a rate falls to 0
+setInterval(() => { if (state.token && state.snapshot && Date.now() - state.refreshed >= 1000) refresh(); }, 1000);
 
 // -- rendering --------------------------------------------------------------------------------
 
