@@ -20,6 +20,7 @@ import warnings
 from aiohttp import web
 from PIL import Image
 
+from common import aio
 from common.config import setup_logging
 from controller import users
 from server.services import before_stop, build_app
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     settings, level = parse_server_args(argv)
     setup_logging(level)
     limit_pixels(settings.max_pixels)
-    asyncio.run(serve(settings))
+    aio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import time
@@ -22,7 +21,6 @@ from api.keys import (
     SCHEDULER,
     SETTINGS,
     STORE,
-    UPLOAD_LOCKS,
 )
 from api.params import (
     MULTIPART_ERRORS,
@@ -40,10 +38,9 @@ from common.formats import FORMATS
 from controller.store import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
 from controller.auth import JOB, USER, Claims
-from controller.images import StoredFile, check_workload_name, header, result_problem
+from controller.images import StoredFile, check_workload_name
 from controller.models import (
     BadInput,
-    Conflict,
     Filter,
     Forbidden,
     ImageType,
@@ -290,25 +287,16 @@ async def upload_image(request: web.Request) -> web.Response:
 
 async def _accept(request: web.Request, params: dict[str, str], stored: StoredFile) -> dict:
     app = request.app
-    store, images, claims = app[STORE], app[IMAGES], request[CLAIMS]
+    store, claims = app[STORE], request[CLAIMS]
     workload = await store.get_workload(required(params, "workload_id"), _owner(claims))
     type_ = _image_type(params, ImageType.ORIGINAL)
-    lock = app[UPLOAD_LOCKS].setdefault(workload.id, asyncio.Lock())
     if type_ == ImageType.ORIGINAL:
         if claims.scope != USER:
             raise Forbidden("workers upload filtered images only")
         # the CLI numbers frames itself to keep their order
         chosen = int_param(params, "image_id", required=False, maximum=MAX_IMAGE_ID)
-        async with lock:  # ids follow arrival order; the file is in place before the row
-            if chosen is None:
-                image_id = await store.next_image_id(workload.id)
-            elif await store.has_image(workload.id, chosen, ImageType.ORIGINAL):
-                raise Conflict(f"original image {chosen} of workload {workload.id!r} already exists")
-            else:
-                image_id = chosen
-            await images.commit(stored, images.path(workload.dir, type_, image_id, stored.format))
-            job = await app[JOBS].enqueue(workload, image_id, stored.format, stored.size,
-                                          (stored.width, stored.height, stored.mode))
+        job = await app[JOBS].accept_original(workload, stored, chosen)
+        image_id = job.image_id
         app[SCHEDULER].submit(job)
     else:
         if claims.scope != JOB:
@@ -320,17 +308,8 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
             original = await store.image_header(workload.id, image_id, ImageType.ORIGINAL)
         except NotFound as e:
             raise BadInput(f"workload has no original image {image_id}") from e
-        if original[3] is None:  # stored by an earlier version: read its header from the file
-            path = images.path(workload.dir, ImageType.ORIGINAL, image_id, original[0])
-            original = await asyncio.to_thread(header, path)
-        problem = result_problem(workload.filter.value, original, stored)  # type: ignore[arg-type]
-        if problem:
-            raise BadInput(f"result rejected: {problem}")
-        async with lock:  # first result wins; a late or duplicate one changes nothing
-            await images.commit(
-                stored, images.path(workload.dir, type_, image_id, stored.format), replace=False
-            )
-            await app[JOBS].complete(workload.id, image_id, stored.format, stored.size)
+        await app[JOBS].accept_result(workload.id, workload.dir, workload.filter.value, image_id,
+                                      original if original[3] is not None else None, stored)  # type: ignore[arg-type]
     return {"workload_id": workload.id, "image_id": image_id, "type": type_.value}
 
 

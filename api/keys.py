@@ -24,7 +24,6 @@ IMAGES = web.AppKey("images", ImageStore)
 JOBS = web.AppKey("jobs", JobLifecycle)
 MEMBERSHIP = web.AppKey("membership", Membership)
 SCHEDULER = web.AppKey("scheduler", SchedulerPort)
-UPLOAD_LOCKS = web.AppKey("upload_locks", dict[str, asyncio.Lock])
 LOGIN_LIMITS = web.AppKey("login_limits", LoginThrottle)  # per (user, address) and per address
 METRICS = web.AppKey("metrics", Metrics)
 AUTOSCALER = web.AppKey("autoscaler", AutoscalerPort)  # set only with --autoscale
@@ -32,4 +31,4 @@ STOPPING = web.AppKey("stopping", asyncio.Event)  # set on shutdown: long-lived 
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
 JOB_CLAIMS = web.RequestKey("job_claims", JobClaims)  # set when the caller holds a job capability
 __all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "JOB_CLAIMS", "JOBS", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "SCHEDULER",
-           "SETTINGS", "STOPPING", "STORE", "UPLOAD_LOCKS", "Claims"]
+           "SETTINGS", "STOPPING", "STORE", "Claims"]

@@ -1,10 +1,18 @@
-"""Stopping asyncio tasks that wait on nng."""
+"""Running the event loop, and stopping asyncio tasks that wait on nng."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+try:
+    import uvloop
+except ImportError:  # not built for this platform: the standard loop does the same, slower
+    uvloop = None
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -24,3 +32,11 @@ async def stop_tasks(tasks: Iterable[asyncio.Task], timeout: float = 2.0) -> Non
     _, stuck = await asyncio.wait(tasks, timeout=timeout)
     for t in stuck:
         logger.warning("task %s did not stop within %.1fs; abandoning it", t.get_name(), timeout)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop where it is installed: a server's or worker's per-message
+    overhead is mostly the loop's own (callbacks from nng's threads, socket readiness)."""
+    factory = uvloop.new_event_loop if uvloop is not None else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)

@@ -12,6 +12,8 @@ bytes of an inner message, with a key id and a sequence number for freshness.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import functools
 import json
@@ -24,8 +26,13 @@ from typing import Any
 
 VERSION = 2
 
-#: Upper bound for any message on our sockets; larger ones are dropped by nng itself.
-MAX_MESSAGE_BYTES = 256 * 1024
+#: Images up to this size travel inside ``run_job`` and its reply (base64) instead of over HTTP.
+INLINE_MAX_BYTES = 256 * 1024
+#: Upper bound for any message on our sockets (an inline image, base64, and the envelope fit);
+#: larger ones are dropped by nng itself.
+MAX_MESSAGE_BYTES = 512 * 1024
+#: base64 of INLINE_MAX_BYTES bytes
+MAX_INLINE_TEXT = 4 * ((INLINE_MAX_BYTES + 2) // 3)
 #: Names of workers and tags follow the workload-name rule.
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HEX_RE = re.compile(r"[0-9a-f]{0,128}")
@@ -153,6 +160,8 @@ class RunJob:
     capability: str = text("", max_len=2048)
     tied_peer: str = text("")  # tied request: the other copy's worker RPC address
     tie: str = hex_field("")  # the secret that lets the tied peer cancel this copy
+    data: str = text("", max_len=MAX_INLINE_TEXT)  # the original, base64, if small ("": download it)
+    inline_result: int = number(0, hi=INLINE_MAX_BYTES)  # a result up to this size comes back inline
 
 
 @dataclass(frozen=True)
@@ -180,6 +189,7 @@ class JobResult:
     process_ms: float = number(0.0, hi=1e9)
     upload_ms: float = number(0.0, hi=1e9)
     started: bool = False  # this copy did (some of) the work: for counting extra work
+    data: str = text("", max_len=MAX_INLINE_TEXT)  # the result, base64, when sent inline
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,19 @@ MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (Hello, Heartbeat, Goodbye, Welcome, RunJob, CancelJob, JobResult, Ack, Sealed)
 }
+
+
+def inline(data: bytes) -> str:
+    """Image bytes as they travel inside a message."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def payload(text_: str) -> bytes:
+    """The image bytes of an inline field, or DecodeError if they are not strict base64."""
+    try:
+        return base64.b64decode(text_, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise DecodeError(f"inline image is not base64: {_short(e)}") from None
 
 
 def encode(msg: Message) -> bytes:

@@ -16,13 +16,14 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from PIL import Image
 
-from common import filters
+from common import filters, wire
 from common.formats import FORMATS, sniff_format
 from controller.models import BadInput, ImageType, TooLarge, quoted
 
@@ -32,6 +33,11 @@ THUMB_SIZES = {"small": 100, "medium": 300, "large": 600}
 THUMB_THREADS = 2  # thumbnails made at once; others wait (uploads keep the default pool)
 #: What Pillow raises beyond ``Image.MAX_IMAGE_PIXELS`` (the warning, when warnings are errors).
 DECOMPRESSION_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+#: Files up to this size are kept in memory as they are received, so a job can carry them
+#: inline (:data:`common.wire.INLINE_MAX_BYTES`) without reading them back from disk.
+KEEP_BYTES = wire.INLINE_MAX_BYTES
+#: Bytes of recently stored small originals kept in memory, waiting for their jobs.
+RECENT_BYTES = 64 << 20
 
 def check_workload_name(name: str) -> str:
     """A workload name becomes a directory: only ``[A-Za-z0-9._-]``, 1..64 chars, not dots."""
@@ -51,6 +57,7 @@ class StoredFile:
     width: int
     height: int
     mode: str = ""  # Pillow's mode from the header: a grayscale result must be L or LA
+    data: bytes | None = field(default=None, repr=False)  # the bytes too, when small (see KEEP_BYTES)
 
 
 class ImageStore:
@@ -67,6 +74,8 @@ class ImageStore:
         self._thumb_pool = ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="thumbs")
         self._thumb_slots = asyncio.Semaphore(THUMB_THREADS)
         self._committed: set[Path] = set()  # temp files commit() took: discard() has nothing to do
+        self._recent: OrderedDict[Path, bytes] = OrderedDict()  # small stored files, newest last
+        self._recent_bytes = 0
 
     def close(self) -> None:
         self._thumb_pool.shutdown(wait=False, cancel_futures=True)
@@ -118,6 +127,7 @@ class ImageStore:
                     buffered, pending = [], 0
             if size == 0:
                 raise BadInput("the uploaded file is empty")
+            kept = b"".join(buffered) if size <= KEEP_BYTES else None  # never flushed: all here
             fmt, width, height, mode = await loop.run_in_executor(
                 None, self._finish, writer, buffered
             )
@@ -128,7 +138,35 @@ class ImageStore:
         if width * height > self.max_pixels:
             tmp.unlink(missing_ok=True)
             raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
-        return StoredFile(tmp, fmt, size, width, height, mode)
+        return StoredFile(tmp, fmt, size, width, height, mode, kept)
+
+    async def receive_bytes(self, data: bytes) -> StoredFile:
+        """:meth:`receive` for bytes already in memory (a result that came back inline)."""
+        async def once() -> AsyncIterator[bytes]:
+            yield data
+        return await self.receive(once())
+
+    async def small_file(self, path: Path, limit: int) -> bytes | None:
+        """The bytes of a stored file of at most ``limit`` bytes (from memory if it was stored
+        recently), or None if it is larger."""
+        data = self._recent.get(path)
+        if data is not None:
+            return data if len(data) <= limit else None
+        return await asyncio.get_running_loop().run_in_executor(None, _read_small, path, limit)
+
+    def forget(self, path: Path) -> None:
+        """Drop a file's bytes from memory (its job is done with it)."""
+        data = self._recent.pop(path, None)
+        if data is not None:
+            self._recent_bytes -= len(data)
+
+    def _remember(self, path: Path, data: bytes) -> None:
+        self.forget(path)
+        self._recent[path] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_BYTES:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
 
     def _finish(self, writer: _TmpWriter, rest: list[bytes]) -> tuple[str, int, int, str]:
         """Write the rest, flush to disk, then read the header (only): format and size."""
@@ -148,12 +186,16 @@ class ImageStore:
             raise BadInput(f"the uploaded {fmt} image has a broken header: {e}") from e
         return fmt, width, height, mode
 
-    async def commit(self, stored: StoredFile, final: Path, replace: bool = True) -> bool:
+    async def commit(self, stored: StoredFile, final: Path, replace: bool = True, keep: bool = False) -> bool:
         """Move a received file to its final name. With ``replace=False`` an existing file wins
-        (returns False and drops the new one): that keeps result writes idempotent."""
+        (returns False and drops the new one): that keeps result writes idempotent. With
+        ``keep`` a small file's bytes stay in memory for :meth:`small_file` (an original, for
+        its job)."""
         loop = asyncio.get_running_loop()
         placed = await loop.run_in_executor(None, _place, stored.path, final, replace, self.fsync)
         self._committed.add(stored.path)  # gone from incoming/ either way (placed, or dropped)
+        if placed and keep and stored.data is not None:
+            self._remember(final, stored.data)
         return placed
 
     async def discard(self, stored: StoredFile) -> None:
@@ -206,6 +248,12 @@ def _make_thumbnail(source: Path, thumb: Path, px: int, fmt: str) -> None:
             os.replace(tmp, thumb)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _read_small(path: Path, limit: int) -> bytes | None:
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    return data if len(data) <= limit else None
 
 
 def _unlink(path: Path) -> None:

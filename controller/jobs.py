@@ -21,20 +21,39 @@ only way to ``done`` and is driven by the result being stored, never by what a w
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
+from typing import NamedTuple
 
 from controller.datastore import Datastore
-from controller.models import Filter, ImageType, Job, JobState, Workload
+from controller.images import ImageStore, StoredFile, header, result_problem
+from controller.models import BadInput, Conflict, Filter, ImageType, Job, JobState, Workload, quoted
 from controller.store import tags_of
+
+
+class Timing(NamedTuple):
+    """Which copy of a job won, and where its time went."""
+
+    worker: str
+    download_ms: float
+    process_ms: float
+    upload_ms: float
 
 
 class JobLifecycle:
     """Transitions of persisted jobs (see the module's diagram)."""
 
-    def __init__(self, store: Datastore) -> None:
+    def __init__(self, store: Datastore, images: ImageStore | None = None) -> None:
         self.store = store
+        self.images = images
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, workload_id: str) -> asyncio.Lock:
+        """Serialises a workload's image writes: originals take ids in arrival order, and the
+        first result of an image wins."""
+        return self._locks.setdefault(workload_id, asyncio.Lock())
 
     async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int,
                       header: tuple[int, int, str] | None = None) -> Job:
@@ -59,7 +78,28 @@ class JobLifecycle:
             job_id = cur.lastrowid
         assert job_id is not None
         return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
-                   params=workload.params)
+                   params=workload.params, workload_dir=workload.dir,
+                   original=(fmt, width, height, mode) if header else None)
+
+    async def accept_original(self, workload: Workload, stored: StoredFile, chosen: int | None) -> Job:
+        """A received original: given the workload's next id (or the ``chosen`` one, the CLI's
+        frame number), put in place, recorded, and its job queued. The file is in place before
+        its row; ids follow arrival order."""
+        assert self.images is not None
+        if chosen is None:
+            image_id = await self.store.take_image_id(workload.id)
+            return await self._place_original(workload, image_id, stored)
+        async with self.lock(workload.id):
+            if await self.store.has_image(workload.id, chosen, ImageType.ORIGINAL):
+                raise Conflict(f"original image {chosen} of workload {quoted(workload.id)} already exists")
+            return await self._place_original(workload, chosen, stored)
+
+    async def _place_original(self, workload: Workload, image_id: int, stored: StoredFile) -> Job:
+        assert self.images is not None
+        await self.images.commit(stored, self.images.path(workload.dir, ImageType.ORIGINAL, image_id, stored.format),
+                                 keep=True)
+        return await self.enqueue(workload, image_id, stored.format, stored.size,
+                                  (stored.width, stored.height, stored.mode))
 
     async def dispatch(self, job: Job, worker: str, timeout: float) -> Job | None:
         """queued -> dispatched on ``worker`` (one more attempt, a deadline)."""
@@ -77,9 +117,11 @@ class JobLifecycle:
         """One more copy of a dispatched job was sent (hedged or tied)."""
         await self.store.write("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,))
 
-    async def complete(self, workload_id: str, image_id: int, fmt: str, size: int) -> bool:
+    async def complete(self, workload_id: str, image_id: int, fmt: str, size: int,
+                       timing: Timing | None = None) -> bool:
         """A result is in place: record it and mark its job done (a stored result wins even
-        over a failure decided meanwhile). False if one was recorded already: the first wins."""
+        over a failure decided meanwhile), with the winning copy's ``timing`` when it is known
+        already. False if one was recorded already: the first wins."""
         now = time.time()
         async with self.store.transaction() as db:
             cur = await db.execute(
@@ -89,11 +131,17 @@ class JobLifecycle:
             )
             if cur.rowcount != 1:
                 return False
-            await db.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, error = NULL"
-                " WHERE workload_id = ? AND image_id = ?",
-                (JobState.DONE.value, now, workload_id, image_id),
-            )
+            if timing is None:
+                await db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ? AND image_id = ?",
+                    (JobState.DONE.value, now, workload_id, image_id),
+                )
+            else:
+                await db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
+                    " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ?",
+                    (JobState.DONE.value, now, *timing, workload_id, image_id),
+                )
         return True
 
     async def has_result(self, job: Job) -> bool:
@@ -137,12 +185,60 @@ class JobLifecycle:
                 (JobState.QUEUED.value, JobState.DISPATCHED.value),
             )
             async with db.execute(
-                "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size, w.params"
-                " FROM jobs j JOIN workloads w ON w.id = j.workload_id"
+                "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size, w.params,"
+                " w.dir, i.format, i.width, i.height, i.mode FROM jobs j JOIN workloads w ON w.id = j.workload_id"
                 " JOIN images i ON i.workload_id = j.workload_id AND i.image_id = j.image_id"
                 " AND i.type = ? WHERE j.state = ? ORDER BY j.id",
                 (ImageType.ORIGINAL.value, JobState.QUEUED.value),
             ) as cur:
                 rows = await cur.fetchall()
         return [Job(r[0], r[1], r[2], Filter(r[4]), tags_of(r[5]), attempts=r[3], size=r[6],
-                    params=json.loads(r[7])) for r in rows]
+                    params=json.loads(r[7]), workload_dir=r[8],
+                    original=(r[9], r[10], r[11], r[12]) if r[12] is not None else None)
+                for r in rows]
+
+    # -- results ----------------------------------------------------------------------------
+
+    async def accept_result(self, workload_id: str, workload_dir: str, filter_name: str, image_id: int,
+                            original: tuple[str, int, int, str] | None, stored: StoredFile,
+                            timing: Timing | None = None) -> bool:
+        """A received result: judged against its ``original`` (format, size, mode; read from the
+        file if the row predates headers), put in place and recorded. BadInput if it cannot be
+        the job's result; False if another result was first (this one is dropped)."""
+        assert self.images is not None
+        if original is None:  # stored by an earlier version: read its header from the file
+            fmt = (await self.store.image_header(workload_id, image_id, ImageType.ORIGINAL))[0]
+            path = self.images.path(workload_dir, ImageType.ORIGINAL, image_id, fmt)
+            original = await asyncio.to_thread(header, path)
+        problem = result_problem(filter_name, original, stored)
+        if problem:
+            raise BadInput(f"result rejected: {problem}")
+        final = self.images.path(workload_dir, ImageType.FILTERED, image_id, stored.format)
+        async with self.lock(workload_id):  # first result wins; a late or duplicate one changes nothing
+            await self.images.commit(stored, final, replace=False)
+            return await self.complete(workload_id, image_id, stored.format, stored.size, timing)
+
+    async def inline_original(self, job: Job, limit: int) -> bytes | None:
+        """The job's original if it is at most ``limit`` bytes (to send with the job), else None."""
+        if self.images is None or job.original is None or job.size > limit:
+            return None
+        path = self.images.path(job.workload_dir, ImageType.ORIGINAL, job.image_id, job.original[0])
+        try:
+            return await self.images.small_file(path, limit)
+        except OSError:
+            return None  # the worker downloads it, and hears why it cannot
+
+    async def store_inline_result(self, job: Job, data: bytes, timing: Timing) -> None:
+        """A result that came back inside the job's reply: stored as an upload would be, with
+        the copy's ``timing``; the original's bytes are no longer needed in memory. BadInput if
+        it cannot be the result."""
+        assert self.images is not None
+        stored = await self.images.receive_bytes(data)
+        try:
+            await self.accept_result(job.workload_id, job.workload_dir, job.filter.value, job.image_id,
+                                     job.original, stored, timing)
+        finally:
+            await self.images.discard(stored)
+        if job.original is not None:
+            self.images.forget(self.images.path(job.workload_dir, ImageType.ORIGINAL, job.image_id,
+                                                job.original[0]))

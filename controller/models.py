@@ -186,3 +186,6 @@ class Job:
     size: int = 0  # bytes of the original: latencies are compared between similar sizes
     state: JobState = JobState.QUEUED
     params: dict = field(default_factory=dict, compare=False)  # its workload's filter parameters
+    workload_dir: str = field(default="", compare=False)  # where its images live (Workload.dir)
+    #: the original's (format, width, height, mode), to judge a result by; None if unknown
+    original: tuple[str, int, int, str] | None = field(default=None, compare=False)

@@ -487,6 +487,19 @@ class Store:
             raise NotFound(f"workload {quoted(workload_id)} not found")
         return row[0]
 
+    async def take_image_id(self, workload_id: str) -> int:
+        """The workload's next original id, taken for good in one statement (concurrent uploads
+        get distinct ids in arrival order; one that then fails leaves a gap)."""
+        async with self._write_lock:
+            async with self.db.execute(
+                "UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?"
+                " RETURNING next_image_id - 1", (workload_id,)
+            ) as cur:
+                row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"workload {quoted(workload_id)} not found")
+        return row[0]
+
     async def has_image(self, workload_id: str, image_id: int, type_: ImageType) -> bool:
         try:
             await self.get_image(workload_id, image_id, type_)

@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 from common import wire
 from common.rpc import RpcError
-from controller.jobs import JobLifecycle
+from controller.jobs import JobLifecycle, Timing
 from controller.membership import Membership
-from controller.models import Job
+from controller.models import DpipError, Job
 from scheduler.latency import LatencyTracker
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Outcome:
     worker: str
     result: wire.JobResult | None = None
     failure: Failure | None = None
+    recorded: bool = False  # the result was stored with its timing already (it came inline)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,16 @@ class Carrier:
         first = next(iter(copies))
         return None, failures.get(first) or next(iter(failures.values()))
 
+    async def _store_inline(self, job: Job, worker: str, reply: wire.JobResult) -> str | None:
+        """Store a result that came back inside the reply, judged as an upload would be; why it
+        was refused, or None once it is stored (or another copy's result was first)."""
+        try:
+            timing = Timing(worker, reply.download_ms, reply.process_ms, reply.upload_ms)
+            await self.jobs.store_inline_result(job, wire.payload(reply.data), timing)
+        except (wire.DecodeError, DpipError) as e:
+            return f"worker {worker} sent a result that was refused: {e}"
+        return None
+
     async def cancel(self, worker: str, job: Job) -> None:
         try:
             await self.membership.call(worker, wire.CancelJob(job.id), timeout=2.0)
@@ -179,10 +190,14 @@ class Carrier:
         timeout = self.settings.job_timeout
         cap = self.membership.capability(worker, job.id, job.workload_id, job.image_id, job.filter.value,
                                          time.time() + timeout + 5.0)
+        original = await self.jobs.inline_original(job, wire.INLINE_MAX_BYTES)  # small: no HTTP hop
         msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,
-                          params=job.params, capability=cap, tied_peer=tied[0], tie=tied[1])
+                          params=job.params, capability=cap, tied_peer=tied[0], tie=tied[1],
+                          data=wire.inline(original) if original is not None else "",
+                          inline_result=wire.INLINE_MAX_BYTES)
         try:
             reply = await self.membership.call(worker, msg, timeout=timeout)
+            self.slots.release(worker, job)  # the worker is done with it: a new job may go there
         except RpcError as e:
             info = self.membership.workers.get(worker)
             if info is None or not info.alive:  # not the job's fault: straight back in line
@@ -191,6 +206,10 @@ class Carrier:
             self.slots.spawn(self.cancel(worker, job))  # it may still hold the job: free the slot
             return Outcome(worker, failure=Failure(str(e)))
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
+            if reply.ok and reply.data:
+                problem = await self._store_inline(job, worker, reply)
+                return Outcome(worker, result=reply, failure=Failure(problem) if problem else None,
+                               recorded=problem is None)
             if reply.ok:
                 if not await self.jobs.has_result(job):
                     # "done" is what the datastore says, never only what a worker claims

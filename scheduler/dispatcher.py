@@ -45,7 +45,7 @@ class Scheduler:
         self.settings = settings
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # workload -> jobs, FIFO
         self._in_flight: dict[str, dict[int, Job]] = {}  # worker -> job id -> job
-        self._finished: dict[int, float] = {}  # job id -> when its call ended (recently)
+        self._finished: OrderedDict[int, float] = OrderedDict()  # job id -> when its call ended (recently)
         self._avoid: dict[int, set[str]] = {}  # job id -> workers that failed it already
         self._not_before: dict[int, float] = {}  # job id -> monotonic time of its next try
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
@@ -119,9 +119,10 @@ class Scheduler:
 
     def _views(self) -> list[WorkerView]:
         now = time.monotonic()
-        for jid, t in list(self._finished.items()):
-            if now - t > 5.0:  # older than any heartbeat that could still report it running
-                del self._finished[jid]
+        finished = self._finished  # oldest first: prune from the front, O(1) per job
+        while finished and now - next(iter(finished.values())) > 5.0:
+            # older than any heartbeat that could still report it running
+            finished.popitem(last=False)
         views = []
         for w in self.membership.snapshot():
             ours = self._in_flight.get(w.name, {})
@@ -211,7 +212,8 @@ class Scheduler:
                 self.latency.record(job.size, time.monotonic() - t0)
                 self.stats.jobs_done += 1
                 r = outcome.result
-                await self.jobs.record_result(job, outcome.worker, r.download_ms, r.process_ms, r.upload_ms)
+                if not outcome.recorded:
+                    await self.jobs.record_result(job, outcome.worker, r.download_ms, r.process_ms, r.upload_ms)
                 self._settled(job)
                 if self.on_job_done is not None:
                     self.on_job_done(job, time.monotonic() - t0)
@@ -242,6 +244,7 @@ class Scheduler:
         """A copy of ``job`` on ``worker`` has ended: its slot is free."""
         self._in_flight.get(worker, {}).pop(job.id, None)
         self._finished[job.id] = time.monotonic()
+        self._finished.move_to_end(job.id)  # released twice (reply, then copy's end): keep order
         self.wake()
 
     async def _attempt_failed(self, job: Job, worker: str, failure: Failure) -> None:

@@ -30,7 +30,6 @@ from api.keys import (
     SCHEDULER,
     SETTINGS,
     STORE,
-    UPLOAD_LOCKS,
 )
 from api.ratelimit import LoginThrottle
 from common.config import tcp_url
@@ -71,7 +70,7 @@ def _prepare_data_dir(s: ServerSettings) -> None:
 
 
 async def _datastore(app: web.Application) -> AsyncIterator[None]:
-    """The datastore, and what lives on it: users and tokens, the job lifecycle."""
+    """The datastore, and what lives on it: users and tokens."""
     s = app[SETTINGS]
     _prepare_data_dir(s)
     store = Store(s.db_path)
@@ -80,9 +79,8 @@ async def _datastore(app: web.Application) -> AsyncIterator[None]:
         auth = Auth(store, load_or_create_secret(s.data_dir / "jwt-secret"), s.token_ttl)
         await auth.load()
         await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
-        app[STORE], app[AUTH], app[JOBS] = store, auth, JobLifecycle(store)
+        app[STORE], app[AUTH] = store, auth
         app[LOGIN_LIMITS] = LoginThrottle(s.login_failures, 60.0)
-        app[UPLOAD_LOCKS] = {}
         yield
     finally:
         await store.close()
@@ -91,6 +89,7 @@ async def _datastore(app: web.Application) -> AsyncIterator[None]:
 async def _images(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     images = app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
+    app[JOBS] = JobLifecycle(app[STORE], images)  # the one home of a job's transitions
     try:
         yield
     finally:

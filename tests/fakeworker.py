@@ -37,13 +37,16 @@ class Telemetry:
 
 class FakeWorker:
     def __init__(self, name: str, controller: str, telemetry: Telemetry, filter_override: str = "",
-                 join_token: str = "", lie: bool = False) -> None:
+                 join_token: str = "", lie: bool = False, inline: str = "") -> None:
         self.name = name
         self.filter_override = filter_override  # "inverted": results told apart by their pixels
         self.controller = controller
         self.telemetry = telemetry
         self.link = WorkerLink(name, join_token)
         self.lie = lie  # reply "done" without storing anything
+        # "": download and upload over HTTP; "yes": use the job's inline original and reply
+        # with the result inline; "wrong": reply inline with a colour image (never a grayscale)
+        self.inline = inline
         self.sent: list[bytes] = []  # the last messages it published (for replay tests)
         self.session = self.link.session
         self.jobs: list[wire.RunJob] = []
@@ -120,9 +123,12 @@ class FakeWorker:
             if self._closing:
                 ev.set()  # closing: hold nothing, so that closing never waits on a held job
             await ev.wait()
-            if not self.lie:
+            data = ""
+            if self.inline:
+                data = wire.inline(self._inline_result(inner))
+            elif not self.lie:
                 await self._do(inner)
-            return channel.seal_reply(wire.JobResult(inner.job_id, ok=True, worker=self.name), msg.seq)
+            return channel.seal_reply(wire.JobResult(inner.job_id, ok=True, worker=self.name, data=data), msg.seq)
         return channel.seal_reply(wire.Ack(), msg.seq)
 
     async def _do(self, msg: wire.RunJob) -> None:
@@ -144,6 +150,15 @@ class FakeWorker:
             async with http.post(f"{self.api_url}/images", data=form) as r:
                 assert r.status == 200, await r.text()
             self.uploads += 1
+
+    def _inline_result(self, msg: wire.RunJob) -> bytes:
+        original = wire.payload(msg.data)
+        if self.inline == "wrong":
+            with Image.open(io.BytesIO(original)) as im:
+                buf = io.BytesIO()
+                Image.new("RGB", im.size, (200, 10, 10)).save(buf, "PNG")
+            return buf.getvalue()
+        return process(original, msg.filter)[0]
 
     async def close(self) -> None:
         self._closing = True

@@ -9,11 +9,13 @@ import json
 import os
 import secrets
 import threading
+import io
 import time
 
 import aiohttp
 import psutil
 import pynng
+from PIL import Image
 
 from common import seal, wire
 from scripts import refclient as ref
@@ -280,6 +282,44 @@ async def test_ok_without_a_stored_result_is_a_failed_attempt(make_system):
             assert job["attempts"] == 2 and job["worker"] == "honest"
     finally:
         await liar.close()
+        if honest is not None:
+            await honest.close()
+
+
+async def test_small_images_travel_inline_and_a_wrong_inline_result_is_refused(make_system):
+    """A small original goes with its job and its result comes back in the reply; a result that
+    cannot be the job's (a colour image for grayscale) is refused like a bad upload would be."""
+    system = make_system("--hedge", "off")
+    wrong = await FakeWorker("wrong", system.controller, Telemetry(capacity=1), inline="wrong").start()
+    honest = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = Api(http, system.url)
+            await api.login()
+            await until(lambda: has_workers(api, {"wrong"}), 20, "the wrong worker to join")
+            wid = await api.workload()
+            await api.upload(wid, 0)
+            await until(lambda: _has_jobs(wrong, 1), 10, "the wrong worker's job")
+            assert wire.payload(wrong.jobs[0].data) == frame_png(0, 32, 32), "the original travels with its job"
+            assert wrong.jobs[0].inline_result == wire.INLINE_MAX_BYTES
+            honest = await FakeWorker("honest", system.controller, Telemetry(capacity=1, cpu_percent=90),
+                                      inline="yes").start()
+            await until(lambda: has_workers(api, {"wrong", "honest"}), 20, "the honest worker")
+            honest.release_all()
+            wrong.release_all()  # a colour "result": refused, the job goes elsewhere
+            await until(lambda: _has_jobs(honest, 1), 20, "the retry on the honest worker")
+            honest.release_all()
+            v = await until(lambda: _completed(api, wid), 20, "the workload")
+            assert v["filtered_images"] == [0] and v["failed_images"] == []
+            async with http.get(f"{system.url}/workloads/{wid}/jobs") as r:
+                (job,) = await r.json()
+            assert job["attempts"] == 2 and job["worker"] == "honest"
+            async with http.get(f"{system.url}/images/0", params={"workload_id": wid, "type": "filtered"}) as r:
+                with Image.open(io.BytesIO(await r.read())) as im:
+                    assert im.mode == "L", "the stored result is the honest, grayscale one"
+            assert wrong.uploads == honest.uploads == 0, "no HTTP upload: both replied inline"
+    finally:
+        await wrong.close()
         if honest is not None:
             await honest.close()
 

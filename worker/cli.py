@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 
+from common import aio
 from common.config import CONTROLLER_PORT, EnvDefaultsParser, setup_logging, split_host_port
 from worker.filters import EncodeOptions
 from worker.service import Worker, WorkerSettings
@@ -26,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
                    help="address the server dials for RPC (default: our address towards the controller)")
     p.add_argument("--rpc-bind", default="", help="address to listen on for RPC (default: the advertised one)")
     p.add_argument("--rpc-port", type=int, default=0, help="RPC port (default: any free port)")
-    p.add_argument("--image-store-endpoint", default="", help="API URL, overriding what the controller says")
+    p.add_argument("--image-store-endpoint", default="",
+                   help="API URL, overriding what the controller says (every image then goes"
+                        " through it, none inline)")
     p.add_argument("--image-store-token", default="", help="API token, overriding what the controller sends")
     p.add_argument("--png-compress-level", type=int, default=1, choices=range(0, 10), metavar="0-9",
                    help="zlib level for PNG output (default 1: fast; Pillow's own default is 6)")
@@ -106,4 +109,4 @@ async def _parent_watch(stop: asyncio.Event, interval: float = 1.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(run(parse_args(argv)))
+    aio.run(run(parse_args(argv)))

@@ -3,9 +3,10 @@
 It dials the controller's pub/sub port with a Pub0 and publishes a hello (and, once welcomed,
 a sealed heartbeat) every interval. It listens on a Rep0 (its RPC address, advertised in the
 hello) for the controller's :class:`~common.wire.Welcome` (session key, API endpoint) and the
-scheduler's sealed jobs; whom it obeys is :mod:`worker.link`'s business. A job is: download
-the original from the API with the job's own capability, filter it in a thread, upload the
-result, reply.
+scheduler's sealed jobs; whom it obeys is :mod:`worker.link`'s business. A job is: take the
+original from the job itself when it is small (:data:`~common.wire.INLINE_MAX_BYTES`), else
+download it from the API with the job's own capability; filter it in a thread; put a small
+result in the reply, else upload it with the same capability; reply.
 """
 
 from __future__ import annotations
@@ -294,8 +295,10 @@ class Worker:
         if msg.tied_peer:
             asyncio.create_task(self._cancel_peer(msg))
         t0 = time.perf_counter()
+        inline = ""
         try:
-            data = await self._download(msg)
+            inline_ok = not (self.s.image_store_endpoint or self.s.image_store_token)  # else: its store
+            data = self._inline_original(msg) if msg.data and inline_ok else await self._download(msg)
             t1 = time.perf_counter()
             loop = asyncio.get_running_loop()
             try:
@@ -305,7 +308,10 @@ class Worker:
             except FilterError as e:
                 raise JobFailed(str(e), retryable=False) from e
             t2 = time.perf_counter()
-            await self._upload(msg, out, fmt)
+            if inline_ok and len(out) <= msg.inline_result:
+                inline = wire.inline(out)  # stored by the server as it takes our reply
+            else:
+                await self._upload(msg, out, fmt)
             t3 = time.perf_counter()
         except JobFailed as e:
             logger.warning("job %d (image %d of %s) failed: %s", msg.job_id, msg.image_id, msg.workload_id, e)
@@ -315,7 +321,15 @@ class Worker:
         return wire.JobResult(
             msg.job_id, ok=True, worker=self.s.name, started=True,
             download_ms=(t1 - t0) * 1000, process_ms=(t2 - t1) * 1000, upload_ms=(t3 - t2) * 1000,
+            data=inline,
         )
+
+    @staticmethod
+    def _inline_original(msg: wire.RunJob) -> bytes:
+        try:
+            return wire.payload(msg.data)
+        except wire.DecodeError as e:
+            raise JobFailed(f"the job's inline image is broken: {e}") from e
 
     async def _cancel_peer(self, msg: wire.RunJob) -> None:
         """Tied requests: we started, so the other copy need not (unless it started too)."""
