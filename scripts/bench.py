@@ -1,18 +1,26 @@
-"""``make bench``: end-to-end throughput of the real system against a local process pool.
+"""``make bench``: every performance target of the system, measured in one run, in one table.
 
-1. A local ``multiprocessing.Pool`` (one process per core, spawn) does decode -> grayscale ->
-   PNG encode (same zlib level as the workers) on the frames: the ceiling for this machine.
+1. Ceiling: a local ``multiprocessing.Pool`` (one process per core, spawn) does decode ->
+   grayscale -> PNG encode (same zlib level as the workers) on 720p frames.
 2. The real system (``main.py`` + one worker per core, as subprocesses) gets the same frames
-   pushed over HTTP by a few concurrent clients; we time first upload -> workload completed.
-3. Printed: both rates and their ratio, measured in this one run.
+   from 4 aiohttp clients, 4 plain ``requests`` clients and ``dpip push``; each is timed from the
+   first upload to the workload completed, and compared with the pool.
+3. Dispatch overhead, with 64x64 PNGs: throughput from 8 ``requests`` clients (and from the 4
+   aiohttp ones), the server's own per-image latency, and a client's round trip, one at a time.
+4. Scaling: N workers whose jobs all take 100 ms longer (capacity 1), against linear (N * 10 img/s);
+   a fresh system per N.
+5. History: ``GET /status`` and a page of ``GET /workloads`` with thousands of workloads.
 
-    .venv/bin/python scripts/bench.py [--frames 200] [--clients 4] [--level 1]
+It ends with one table (figure | measured | target | verdict), also written to
+bench-out/bench-table.txt.
+
+    .venv/bin/python scripts/bench.py [--frames 200] [--clients 4] [--tiny 500] [--scale 16,64]
+    quick: .venv/bin/python scripts/bench.py --frames 20 --tiny 100 --round-trips 50 --scale 16 --history 1000
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import multiprocessing
 import os
@@ -21,29 +29,94 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from scripts.benchclients import aiohttp_push, cli_push, requests_push, round_trips  # noqa: E402
 from scripts.frames import frame_png  # noqa: E402
 from scripts.localsys import ROOT, LocalSystem  # noqa: E402
 
 CACHE = ROOT / "bench-out"
+TABLE = CACHE / "bench-table.txt"
+
+# The issue's targets.
+TINY_RATE = 780.0  # img/s of tiny images: what Celery + Redis does with no-op tasks here
+ROUND_TRIP_MS = 4.0  # p50, one image at a time
+POOL_RATIO = 0.85  # 720p: DPIP / local pool
+HISTORY_MS = 20.0  # p50 of a GET, whatever the history
+SLOW_MS = 100  # the scaling run's job time: every worker does 1000 / SLOW_MS img/s at most
+IMAGES_PER_WORKER = 30  # the scaling run pushes this many images per worker
 
 
-def ensure_frames(n: int, width: int, height: int, pool: multiprocessing.pool.Pool) -> list[bytes]:
+def linear_target(workers: int) -> float:
+    """Fraction of linear scaling to reach: 0.9 up to 16 workers, 0.8 beyond (64)."""
+    return 0.9 if workers <= 16 else 0.8
+
+
+@dataclass(frozen=True)
+class Row:
+    """A line of the final table: a figure, its target and whether it meets it."""
+
+    figure: str
+    value: float
+    unit: str  # "img/s", "ms", or "" for a ratio
+    target: float
+    at_least: bool  # the target is a floor (else a ceiling)
+    detail: str = ""
+
+    @property
+    def meets(self) -> bool:
+        return self.value >= self.target if self.at_least else self.value <= self.target
+
+    @property
+    def target_text(self) -> str:
+        return f"{'>=' if self.at_least else '<='} {self.target:g} {self.unit}".rstrip()
+
+    @property
+    def judgement(self) -> str:
+        """E.g. ``target <= 20 ms: meets``, for the printed lines."""
+        return f"target {self.target_text}: {'meets' if self.meets else 'MISSES'}"
+
+    def cells(self) -> list[str]:
+        measured = f"{self.value:.{1 if self.unit else 2}f} {self.unit}".rstrip()
+        if self.detail:
+            measured += f" ({self.detail})"
+        return [self.figure, measured, self.target_text, "meets" if self.meets else "MISSES"]
+
+
+def table(rows: list[Row]) -> str:
+    """The rows as an aligned text table."""
+    cells = [["figure", "measured", "target", "verdict"], *(r.cells() for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# -- the local pool -----------------------------------------------------------------------------
+
+def ensure_frames(n: int, width: int, height: int, pool: multiprocessing.pool.Pool) -> list[Path]:
     """Frames cached on disk between runs (generating 720p frames takes a while)."""
     folder = CACHE / f"frames-{width}x{height}"
     folder.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in range(n) if not (folder / f"{i}.png").exists()]
+    files = [folder / f"{i}.png" for i in range(n)]
+    missing = [i for i, f in enumerate(files) if not f.exists()]
     if missing:
-        print(f"generating {len(missing)} {width}x{height} frames into {folder} ...", flush=True)
+        say(f"generating {len(missing)} {width}x{height} frames into {folder} ...")
         for i, data in zip(missing, pool.starmap(frame_png, [(i, width, height) for i in missing]), strict=True):
-            (folder / f"{i}.png").write_bytes(data)
-    return [(folder / f"{i}.png").read_bytes() for i in range(n)]
+            files[i].write_bytes(data)
+    return files
 
 
 def gray_job(args: tuple[bytes, int]) -> int:
@@ -59,6 +132,37 @@ def bench_pool(pool: multiprocessing.pool.Pool, frames: list[bytes], level: int)
     t0 = time.perf_counter()
     pool.map(gray_job, [(f, level) for f in frames], chunksize=1)
     return len(frames) / (time.perf_counter() - t0)
+
+
+def measure_pool(n: int, level: int, cores: int) -> tuple[list[Path], float]:
+    """The 720p frames' files and the local pool's rate on them (img/s)."""
+    ctx = multiprocessing.get_context("spawn")  # nng is not fork-safe; be consistent everywhere
+    with ctx.Pool(cores) as pool:
+        files = ensure_frames(n, 1280, 720, pool)
+        frames = [f.read_bytes() for f in files]
+        mb = sum(map(len, frames)) / len(frames) / 1e6
+        say(f"{len(frames)} frames of 1280x720, {mb:.2f} MB each on average; {cores} cores")
+        rate = bench_pool(pool, frames, level)
+    say(f"local pool ({cores} processes, decode -> grayscale -> PNG level {level}): {rate:.1f} img/s")
+    return files, rate
+
+
+# -- the system ---------------------------------------------------------------------------------
+
+@contextmanager
+def running_system(folder: Path, workers: dict[str, tuple[str, ...]],
+                   timeout: float = 30) -> Iterator[tuple[LocalSystem, str]]:
+    """A server and ``workers`` (name -> flags), all alive; yields it and an admin token, then
+    stops everything (printing the logs if something failed)."""
+    system = LocalSystem(folder / "data", log_dir=folder / "logs")
+    try:
+        system.start_server()
+        yield system, system.start_many_workers(workers, timeout)
+    except BaseException:
+        print(system.logs())
+        raise
+    finally:
+        system.stop()
 
 
 def latencies_ms(db: Path, workload_id: str) -> list[float]:
@@ -77,49 +181,63 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-async def push_and_wait(url: str, token: str, frames: list[bytes], clients: int,
-                        filter_: str = "grayscale") -> tuple[str, float]:
-    """Push every frame with ``clients`` concurrent uploaders; wait until all are filtered.
-
-    Returns the workload id and the seconds from the first upload to the last result.
-    """
-    headers = {"Authorization": f"Bearer {token}"}
-    async with aiohttp.ClientSession(headers=headers) as http:
-        async with http.post(f"{url}/workloads", data={"filter": filter_}) as r:
-            wid = (await r.json())["workload_id"]
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(len(frames)):
-            queue.put_nowait(i)
-
-        async def uploader() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                form = aiohttp.FormData()
-                form.add_field("workload_id", wid)
-                form.add_field("data", frames[i], filename=f"{i}.png")
-                async with http.post(f"{url}/images", data=form) as r:
-                    assert r.status == 200, await r.text()
-
-        async def watcher() -> None:
-            while True:
-                async with http.get(f"{url}/workloads/{wid}") as r:
-                    view = await r.json()
-                if view["status"] == "completed" and view["images"] == len(frames):
-                    assert not view["failed_images"], view["failed_images"]
-                    return
-                await asyncio.sleep(0.05)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(uploader() for _ in range(clients)), watcher())
-        return wid, time.perf_counter() - t0
+def server_latency(system: LocalSystem, workload_id: str, images: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of a workload's per-image latency, upload accepted -> filtered stored."""
+    lat = latencies_ms(system.data_dir / "dpip.sqlite3", workload_id)
+    assert len(lat) == images, (len(lat), images)
+    return statistics.median(lat), percentile(lat, 0.99)
 
 
-def run_workload(system: LocalSystem, token: str, frames: list[bytes], clients: int) -> dict:
-    wid, elapsed = asyncio.run(push_and_wait(system.url, token, frames, clients))
-    lat = latencies_ms(system.data_dir / "dpip.sqlite3", wid)
-    assert len(lat) == len(frames)
-    return {"rate": len(frames) / elapsed, "elapsed": elapsed,
-            "p50_ms": statistics.median(lat), "p99_ms": percentile(lat, 0.99)}
+def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: int, pool_rate: float,
+                 config_home: Path) -> list[Row]:
+    """The frames pushed by aiohttp clients, by ``requests`` clients and by ``dpip push``."""
+    frames = [f.read_bytes() for f in files]
+    big = aiohttp_push(system.url, token, frames, clients)
+    p50, p99 = server_latency(system, big.workload_id, big.images)
+    say(f"DPIP end to end ({len(system.workers)} workers, {clients} clients, upload -> filtered): "
+        f"{big.rate:.1f} img/s in {big.elapsed:.1f}s; per-image latency p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+    aio = Row(f"720p / local pool, {clients} aiohttp clients", big.rate / pool_rate, "", POOL_RATIO, True)
+    say(f"ratio DPIP / local pool: {aio.value:.2f} ({aio.judgement})")
+
+    plain = requests_push(system.url, token, frames, clients)
+    req = Row(f"720p / local pool, {clients} requests clients", plain.rate / pool_rate, "", POOL_RATIO, True)
+    say(f"DPIP end to end, {clients} plain requests clients (a Session per thread): {plain.rate:.1f} img/s"
+        f" in {plain.elapsed:.1f}s; ratio to local pool {req.value:.2f} ({req.judgement})")
+
+    cli = cli_push(system.url, token, system.admin_password, files, clients, config_home)
+    dpip = Row(f"720p / local pool, dpip push --jobs {clients}", cli.rate / pool_rate, "", POOL_RATIO, True)
+    say(f"DPIP end to end, dpip push --jobs {clients} (its start included) until completed: {cli.rate:.1f} img/s"
+        f" in {cli.elapsed:.1f}s; ratio to local pool {dpip.value:.2f} ({dpip.judgement})")
+    return [req, aio, dpip]
+
+
+def measure_tiny(system: LocalSystem, token: str, tiny: list[bytes], clients: int, plain_clients: int) -> Row:
+    """Throughput on tiny images: ``clients`` aiohttp clients, then ``plain_clients`` requests ones."""
+    pushed = aiohttp_push(system.url, token, tiny, clients)
+    p50, p99 = server_latency(system, pushed.workload_id, pushed.images)
+    say(f"dispatch overhead: {len(tiny)} tiny 64x64 PNGs, {clients} clients: {pushed.rate:.1f} img/s; "
+        f"latency upload accepted -> filtered stored p50 {p50:.1f} ms, p99 {p99:.1f} ms (queueing included)")
+    plain = requests_push(system.url, token, tiny, plain_clients)
+    workers = len(system.workers)
+    row = Row(f"tiny, {plain_clients} plain HTTP clients, {workers} workers", plain.rate, "img/s", TINY_RATE, True)
+    say(f"dispatch overhead: {len(tiny)} tiny 64x64 PNGs, {plain_clients} plain requests clients, {workers} workers:"
+        f" {plain.rate:.1f} img/s ({row.judgement})")
+    return row
+
+
+def measure_round_trip(system: LocalSystem, token: str, tiny: list[bytes]) -> Row:
+    """One client: pushing back to back (server-side latency), then one image at a time."""
+    lone = aiohttp_push(system.url, token, tiny, 1)
+    p50, p99 = server_latency(system, lone.workload_id, lone.images)
+    say(f"dispatch overhead: {len(tiny)} tiny 64x64 PNGs, 1 client: {lone.rate:.1f} img/s; "
+        f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    wid, times = round_trips(system.url, token, tiny)
+    server_p50, _ = server_latency(system, wid, len(tiny))
+    row = Row("one at a time round trip p50 (1 client)", statistics.median(times), "ms", ROUND_TRIP_MS, False)
+    say(f"one at a time: {len(tiny)} tiny PNGs, 1 requests client, upload -> id in filtered_images: round trip"
+        f" p50 {row.value:.1f} ms, p99 {percentile(times, 0.99):.1f} ms ({row.judgement});"
+        f" server side, upload stored -> filtered stored, p50 {server_p50:.1f} ms")
+    return row
 
 
 def with_history(system: LocalSystem, n: int) -> None:
@@ -135,8 +253,6 @@ def with_history(system: LocalSystem, n: int) -> None:
 
 def call_p50_ms(url: str, token: str, path: str, calls: int = 50) -> float:
     """Median wall time of ``calls`` sequential GETs, one connection each (as curl does)."""
-    import urllib.request
-
     times = []
     for _ in range(calls):
         req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
@@ -147,60 +263,74 @@ def call_p50_ms(url: str, token: str, path: str, calls: int = 50) -> float:
     return statistics.median(times)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=int, default=200)
-    p.add_argument("--clients", type=int, default=4)
+def measure_history(system: LocalSystem, token: str, n: int) -> list[Row]:
+    """``GET /status`` and pages of ``GET /workloads`` (first, middle) with ``n`` workloads."""
+    with_history(system, n)
+    rows = []
+    for path in ("/status", "/workloads?limit=50", f"/workloads?limit=50&after=hist-{n // 2}"):
+        row = Row(f"history ({n} workloads), GET {path} p50", call_p50_ms(system.url, token, path),
+                  "ms", HISTORY_MS, False)
+        say(f"history: {n} workloads of one user, GET {path}: p50 {row.value:.1f} ms ({row.judgement})")
+        rows.append(row)
+    return rows
+
+
+def measure_scaling(folder: Path, workers: int, tiny: list[bytes], clients: int) -> Row:
+    """A fresh system of ``workers`` one-slot workers, every job ``SLOW_MS`` slower; rate vs linear."""
+    slow = ("--capacity", "1", "--slow-rate", "1", "--slow-ms", str(SLOW_MS))
+    specs = {f"slow-{i}": slow for i in range(workers)}
+    with running_system(folder, specs, timeout=60 + 3 * workers) as (system, token):
+        push = requests_push(system.url, token, tiny, clients)
+    linear = workers * 1000 / SLOW_MS
+    row = Row(f"{workers} workers x {SLOW_MS} ms jobs, fraction of linear", push.rate / linear, "",
+              linear_target(workers), True, f"{push.rate:.1f} of {linear:.0f} img/s")
+    say(f"scaling: {workers} workers (capacity 1, {SLOW_MS} ms per job), {len(tiny)} tiny PNGs,"
+        f" {clients} plain requests clients: {push.rate:.1f} img/s = {row.value:.2f} of linear"
+        f" ({linear:.0f} img/s) ({row.judgement})")
+    return row
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def worker_counts(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n.strip()]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=200, help="720p frames")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients pushing 720p frames")
     p.add_argument("--level", type=int, default=1, help="PNG zlib level for pool and workers")
     p.add_argument("--tiny", type=int, default=500, help="64x64 images for the dispatch-overhead run")
+    p.add_argument("--tiny-clients", type=int, default=8, help="requests threads pushing tiny images")
+    p.add_argument("--round-trips", type=int, default=200, help="tiny images sent one at a time")
+    p.add_argument("--scale", type=worker_counts, default=[16, 64], metavar="N,N",
+                   help=f"worker counts for the scaling run ({IMAGES_PER_WORKER} images per worker; '' skips it)")
     p.add_argument("--history", type=int, default=10_000, help="workloads of one user for the history run")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> int:
+    a = parse_args()
     cores = os.cpu_count() or 1
-    ctx = multiprocessing.get_context("spawn")  # nng is not fork-safe; be consistent everywhere
-    with ctx.Pool(cores) as pool:
-        frames = ensure_frames(a.frames, 1280, 720, pool)
-        mb = sum(map(len, frames)) / len(frames) / 1e6
-        print(f"{len(frames)} frames of 1280x720, {mb:.2f} MB each on average; {cores} cores", flush=True)
-        pool_rate = bench_pool(pool, frames, a.level)
-    print(f"local pool ({cores} processes, decode -> grayscale -> PNG level {a.level}): "
-          f"{pool_rate:.1f} img/s", flush=True)
-
+    files, pool_rate = measure_pool(a.frames, a.level, cores)
+    count = max(a.tiny, a.round_trips, *(n * IMAGES_PER_WORKER for n in a.scale))
+    tiny = [frame_png(i, 64, 64) for i in range(count)]
+    workers = {f"bench-{i}": ("--png-compress-level", str(a.level)) for i in range(cores)}
     with tempfile.TemporaryDirectory(prefix="dpip-bench-") as tmp:
-        system = LocalSystem(Path(tmp) / "data", log_dir=Path(tmp) / "logs")
-        try:
-            system.start_server()
-            names = {f"bench-{i}" for i in range(cores)}
-            for n in sorted(names):
-                system.start_worker(n, "--png-compress-level", str(a.level))
-            system.wait_workers(names)
-            token = system.login()
-            big = run_workload(system, token, frames, a.clients)
-            tiny_frames = [frame_png(i, 64, 64) for i in range(a.tiny)]
-            tiny = run_workload(system, token, tiny_frames, a.clients)
-            lone = run_workload(system, token, tiny_frames[:200], 1)
-            with_history(system, a.history)
-            history = {path: call_p50_ms(system.url, token, path)
-                       for path in ("/status", "/workloads?limit=50", "/workloads?limit=50&after=hist-5000")}
-        except BaseException:
-            print(system.logs())
-            raise
-        finally:
-            system.stop()
-
-    ratio = big["rate"] / pool_rate
-    print(f"DPIP end to end ({cores} workers, {a.clients} clients, upload -> filtered): "
-          f"{big['rate']:.1f} img/s in {big['elapsed']:.1f}s; "
-          f"per-image latency p50 {big['p50_ms']:.0f} ms, p99 {big['p99_ms']:.0f} ms")
-    print(f"ratio DPIP / local pool: {ratio:.2f}")
-    print(f"dispatch overhead: {a.tiny} tiny 64x64 PNGs, {a.clients} clients: {tiny['rate']:.1f} img/s; "
-          f"latency upload accepted -> filtered stored p50 {tiny['p50_ms']:.1f} ms, "
-          f"p99 {tiny['p99_ms']:.1f} ms (queueing included)")
-    print(f"dispatch overhead: 200 tiny 64x64 PNGs, 1 client: {lone['rate']:.1f} img/s; "
-          f"latency p50 {lone['p50_ms']:.1f} ms, p99 {lone['p99_ms']:.1f} ms")
-    for path, ms in history.items():
-        verdict = "meets" if ms <= 20 else "MISSES"
-        print(f"history: {a.history} workloads of one user, GET {path}: p50 {ms:.1f} ms"
-              f" (target <= 20 ms: {verdict})")
+        with running_system(Path(tmp) / "main", workers) as (system, token):
+            big = measure_720p(system, token, files, a.clients, pool_rate, Path(tmp) / "config")
+            throughput = measure_tiny(system, token, tiny[:a.tiny], a.clients, a.tiny_clients)
+            round_trip = measure_round_trip(system, token, tiny[:a.round_trips])
+            history = measure_history(system, token, a.history)
+        scaling = [measure_scaling(Path(tmp) / f"scale-{n}", n, tiny[:n * IMAGES_PER_WORKER], a.tiny_clients)
+                   for n in a.scale]
+    text = table([throughput, round_trip, *scaling, *big, *history])
+    print(f"\n{text}")
+    CACHE.mkdir(exist_ok=True)
+    run = " ".join(sys.argv[1:]) or "defaults"
+    TABLE.write_text(f"# make bench, {time.strftime('%Y-%m-%d %H:%M')}, {cores} cores, options: {run}\n{text}\n")
+    print(f"(also in {TABLE.relative_to(ROOT)})")
     return 0
 
 
