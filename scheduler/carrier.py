@@ -1,7 +1,9 @@
 """Carrying one attempt of a job to workers: one copy, or two under a tail-latency policy.
 
 Tail latency (Dean and Barroso, "The Tail at Scale"): with ``hedged`` a second copy goes to
-another worker once the first has taken longer than the recent p95 for images of that size;
+another worker once the first has taken longer than the recent p95 for images of that size
+(capped at a few times the median, so that a slow worker's outliers cannot push the delay
+past themselves), unless jobs are queued (the copy would take a queued job's slot);
 with ``tied`` two copies go out at once, each told about the other, and the first to start
 cancels the other. The loser is cancelled over RPC; results are idempotent, so a pair that
 both finish still stores one image. Slots (which worker may take a copy) stay the
@@ -42,8 +44,11 @@ class SchedulerSettings:
     retry_backoff: float = 0.5  # seconds, doubled per attempt
     hedge: HedgePolicy = HedgePolicy.HEDGED
     hedge_quantile: float = 0.95
-    hedge_floor: float = 0.05  # never hedge sooner than this (seconds)
+    hedge_multiple: float = 4.0  # ... nor later than this times the median: slow outliers that
+    # fill the recent window (one worker slow on 1 job in 10) must not push the delay past them
+    hedge_floor: float = 0.02  # never hedge sooner than this (seconds)
     hedge_initial: float = 1.0  # hedge delay until enough latencies are known
+    probation: float = 1.0  # seconds a worker beaten by a hedge gets work only if others are full
     tie_delay: float = 0.005  # the second tied copy leaves this much later (so a copy that
     # starts at once can cancel it before it starts: "2x the network delay" in the paper)
 
@@ -81,6 +86,7 @@ class Slots(Protocol):
     """What the carrier needs from the scheduler: slot keeping and task tracking."""
 
     def reserve_second(self, job: Job, primary: str) -> str | None: ...
+    def queued(self) -> int: ...
     def release(self, worker: str, job: Job) -> None: ...
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task: ...
 
@@ -112,7 +118,7 @@ class Carrier:
         copies[primary] = self._start(job, primary)
         if policy == HedgePolicy.HEDGED:
             done, _ = await asyncio.wait(copies.values(), timeout=self.hedge_delay(job))
-            if not done:
+            if not done and self.slots.queued() == 0:  # a backlog: a copy would take a queued job's slot
                 second = self.slots.reserve_second(job, primary)
                 if second is not None:
                     logger.debug("hedging job %d on %s after %.0f ms", job.id, second,
@@ -123,9 +129,14 @@ class Carrier:
         return copies
 
     def hedge_delay(self, job: Job) -> float:
-        """When to send a hedge: the recent p95 latency for this size, never below the floor."""
-        p = self.latency.percentile(job.size, self.settings.hedge_quantile)
-        return max(self.settings.hedge_floor, p if p is not None else self.settings.hedge_initial)
+        """When to send a hedge: the recent p95 latency for this size (but at most a few times
+        the median), never below the floor; a fixed delay until enough latencies are known."""
+        s = self.settings
+        p = self.latency.percentile(job.size, s.hedge_quantile)
+        if p is None:
+            return max(s.hedge_floor, s.hedge_initial)
+        median = self.latency.percentile(job.size, 0.5) or p
+        return max(s.hedge_floor, min(p, s.hedge_multiple * median))
 
     def _address(self, worker: str) -> str:
         info = self.membership.workers.get(worker)

@@ -48,6 +48,7 @@ class Scheduler:
         self._finished: OrderedDict[int, float] = OrderedDict()  # job id -> when its call ended (recently)
         self._avoid: dict[int, set[str]] = {}  # job id -> workers that failed it already
         self._not_before: dict[int, float] = {}  # job id -> monotonic time of its next try
+        self._probation: dict[str, float] = {}  # worker -> until when others go first
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -139,6 +140,7 @@ class Scheduler:
                 in_flight=len(ours) + len(foreign),
                 capacity=w.capacity,
                 ready=w.alive and w.welcomed and not w.draining and w.capacity > 0,
+                probation=self._probation.get(w.name, 0.0) > now,
             ))
         return views
 
@@ -208,6 +210,10 @@ class Scheduler:
             for name, task in copies.items():
                 if (outcome is None or name != outcome.worker) and not task.done():
                     self.spawn(self.carrier.cancel(name, job))  # its slot frees when it answers
+                    if outcome is not None and name == primary and self.settings.hedge == HedgePolicy.HEDGED:
+                        # A hedge beat it: without probation a slow worker, its slow copies
+                        # cancelled, would take ever more jobs and need ever more hedges.
+                        self._probation[name] = time.monotonic() + self.settings.probation
             if outcome is not None and outcome.result is not None:
                 self.latency.record(job.size, time.monotonic() - t0)
                 self.stats.jobs_done += 1

@@ -22,6 +22,7 @@ class WorkerView:
     in_flight: int  # jobs the scheduler has on it now (its own count, fresher than telemetry)
     capacity: int
     ready: bool = True  # alive, welcomed and not draining
+    probation: bool = False  # another worker just beat it to a job it held: others first
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ def score(job: JobView, w: WorkerView) -> float:
     s = 0.5 * free_slots + 0.3 * (1.0 - w.cpu_percent / 100.0) + 0.2 * (1.0 - w.memory_percent / 100.0)
     if w.gpu_count > 0:
         s += (0.3 if job.wants_gpu else 0.05) * (1.0 - w.gpu_utilization / 100.0)
+    if w.probation:
+        s -= 5.0  # a slow worker (a hedge beat it lately) gets work only when others are full
     if w.name in job.avoid:
         s -= 10.0  # only if nobody else can take it
     return s

@@ -32,7 +32,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from PIL import Image  # noqa: E402
 
 from scripts.benchclients import aiohttp_push, cli_push, requests_push, round_trips  # noqa: E402
+from scripts.benchtable import Row, latencies_ms, percentile, table  # noqa: E402
 from scripts.frames import frame_png  # noqa: E402
 from scripts.localsys import ROOT, LocalSystem  # noqa: E402
 
@@ -58,46 +58,6 @@ IMAGES_PER_WORKER = 30  # the scaling run pushes this many images per worker
 def linear_target(workers: int) -> float:
     """Fraction of linear scaling to reach: 0.9 up to 16 workers, 0.8 beyond (64)."""
     return 0.9 if workers <= 16 else 0.8
-
-
-@dataclass(frozen=True)
-class Row:
-    """A line of the final table: a figure, its target and whether it meets it."""
-
-    figure: str
-    value: float
-    unit: str  # "img/s", "ms", or "" for a ratio
-    target: float
-    at_least: bool  # the target is a floor (else a ceiling)
-    detail: str = ""
-
-    @property
-    def meets(self) -> bool:
-        return self.value >= self.target if self.at_least else self.value <= self.target
-
-    @property
-    def target_text(self) -> str:
-        return f"{'>=' if self.at_least else '<='} {self.target:g} {self.unit}".rstrip()
-
-    @property
-    def judgement(self) -> str:
-        """E.g. ``target <= 20 ms: meets``, for the printed lines."""
-        return f"target {self.target_text}: {'meets' if self.meets else 'MISSES'}"
-
-    def cells(self) -> list[str]:
-        measured = f"{self.value:.{1 if self.unit else 2}f} {self.unit}".rstrip()
-        if self.detail:
-            measured += f" ({self.detail})"
-        return [self.figure, measured, self.target_text, "meets" if self.meets else "MISSES"]
-
-
-def table(rows: list[Row]) -> str:
-    """The rows as an aligned text table."""
-    cells = [["figure", "measured", "target", "verdict"], *(r.cells() for r in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(4)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def say(line: str) -> None:
@@ -163,22 +123,6 @@ def running_system(folder: Path, workers: dict[str, tuple[str, ...]],
         raise
     finally:
         system.stop()
-
-
-def latencies_ms(db: Path, workload_id: str) -> list[float]:
-    """Per image, original stored -> filtered stored, from the server's own timestamps."""
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT f.created_at - o.created_at FROM images o JOIN images f"
-            " ON f.workload_id = o.workload_id AND f.image_id = o.image_id"
-            " WHERE o.workload_id = ? AND o.type = 'original' AND f.type = 'filtered'",
-            (workload_id,),
-        ).fetchall()
-    return sorted(r[0] * 1000 for r in rows)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def server_latency(system: LocalSystem, workload_id: str, images: int) -> tuple[float, float]:

@@ -51,7 +51,7 @@ class ServerSettings:
                                   " copies at once that cancel each other on start (tied), or none",
                         choices=("off", "hedged", "tied"))
     hedge_quantile: float = option(0.95, "hedge once a job is slower than this quantile of recent ones")
-    hedge_floor_ms: float = option(50.0, "never hedge sooner than this")
+    hedge_floor_ms: float = option(20.0, "never hedge sooner than this")
     hedge_initial_ms: float = option(1000.0, "hedge delay until 20 latencies of a size are known")
     max_upload_bytes: int = option(32 * 1024 * 1024, "largest accepted upload")
     max_pixels: int = option(50_000_000, "largest image accepted or decoded, in pixels (width x height)")

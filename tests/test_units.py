@@ -11,6 +11,9 @@ from PIL import Image, ImageFilter
 from common import wire
 from common.config import EnvDefaultsParser, split_host_port
 from common.formats import sniff_format
+from controller.models import Filter, Job
+from scheduler.carrier import Carrier, DispatchStats, SchedulerSettings
+from scheduler.latency import LatencyTracker
 from scheduler.placement import JobView, WorkerView, place
 from worker.filters import EncodeOptions, FilterError, process
 from tests.support import png_bytes
@@ -105,6 +108,28 @@ def test_placement_avoids_workers_that_failed_the_job_unless_alone():
     job = JobView(avoid=frozenset({"a"}))
     assert place(job, [worker("a"), worker("b", cpu=90, in_flight=1)]) == "b"
     assert place(job, [worker("a")]) == "a"
+
+
+def test_placement_puts_a_worker_on_probation_last_but_still_uses_it():
+    slow = WorkerView("slow", frozenset(), 0.0, 0.0, 0, 0.0, 0, 2, probation=True)
+    assert place(JobView(), [slow, worker("b", cpu=95, mem=95, in_flight=1)]) == "b"
+    assert place(JobView(), [slow, worker("b", in_flight=2)]) == "slow", "used when the others are full"
+
+
+def test_the_hedge_delay_stays_below_a_slow_workers_outliers():
+    """One job in ten 2 s late fills more than 5% of the window: the p95 would be 2 s, and a
+    hedge would never come before the slow copy itself; the cap at 4x the median keeps it short."""
+    tracker = LatencyTracker()
+    for i in range(200):
+        tracker.record(1000, 2.0 if i % 10 == 0 else 0.010)
+    carrier = Carrier(None, None, SchedulerSettings(hedge_floor=0.02), tracker, DispatchStats(), None)  # type: ignore[arg-type]
+    job = Job(1, "w", 0, Filter.GRAYSCALE, size=1000)
+    assert carrier.hedge_delay(job) == pytest.approx(0.04)
+    assert Carrier(None, None, SchedulerSettings(hedge_initial=0.5), LatencyTracker(), DispatchStats(),  # type: ignore[arg-type]
+                   None).hedge_delay(job) == 0.5, "a fixed delay until latencies are known"
+    for _ in range(300):
+        tracker.record(1000, 0.001)
+    assert carrier.hedge_delay(job) == 0.02, "never sooner than the floor"
 
 
 def test_placement_ties_go_to_the_first_listed():
