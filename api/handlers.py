@@ -30,6 +30,7 @@ from api.params import (
     client_address,
     content_type,
     int_param,
+    part_names,
     request_params,
     required,
 )
@@ -268,13 +269,13 @@ async def upload_image(request: web.Request) -> web.Response:
             async for part in reader:
                 if not isinstance(part, BodyPartReader):
                     continue
-                name = part.name  # a property that re-parses the header on every access
-                if name in FILE_FIELDS or (name not in params and part.filename):
+                name, filename = part_names(part)
+                if name in FILE_FIELDS or (name not in params and filename):
                     if stored is not None:
                         raise BadInput("send one image per request")
                     stored = await images.receive(_part_chunks(part))
                 elif name:
-                    params[name] = await fields.read(part)
+                    params[name] = await fields.read(part, name)
         except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         if stored is None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from urllib.parse import parse_qsl
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from api import peer
@@ -36,7 +37,7 @@ class FieldBudget:
         self.fields = 0
         self.left = MAX_FIELD_BYTES
 
-    async def read(self, part: BodyPartReader) -> str:
+    async def read(self, part: BodyPartReader, name: str) -> str:
         """The field's text; :class:`TooLarge` (413) once the body has too many or too much."""
         self.fields += 1
         if self.fields > MAX_FIELDS:
@@ -51,13 +52,35 @@ class FieldBudget:
                 text += piece
                 self._check(len(text))
         except RuntimeError as e:  # what aiohttp raises on an unknown Content-Encoding
-            raise BadInput(f"form field {quoted(part.name)}: {e}") from e
+            raise BadInput(f"form field {quoted(name)}: {e}") from e
         self.left -= len(text)
         return text.decode("utf-8", "replace")
 
     def _check(self, size: int) -> None:
         if size > self.left:
             raise TooLarge(f"form fields too large: at most {MAX_FIELD_BYTES} bytes of text in all")
+
+
+#: The Content-Disposition every client sends: plain quoted parameters, nothing to unescape.
+_PLAIN_DISPOSITION = re.compile(r'form-data((?:\s*;\s*[A-Za-z]+="[^"\\\r\n]*")*)\s*;?\s*', re.IGNORECASE)
+_PLAIN_PARAM = re.compile(r'([A-Za-z]+)="([^"]*)"')
+
+
+def part_names(part: BodyPartReader) -> tuple[str | None, str | None]:
+    """A part's (name, filename), parsing its Content-Disposition once. (aiohttp's ``name`` and
+    ``filename`` parse it again on every access, at a cost of 128 ``re.escape`` calls each:
+    a fifth of a small upload's server time.) Anything but plain quoted parameters, such as
+    escapes or RFC 5987 ``filename*=``, goes to aiohttp's full parser."""
+    plain = _PLAIN_DISPOSITION.fullmatch(part.headers.get(hdrs.CONTENT_DISPOSITION, ""))
+    if plain is not None:
+        params: dict[str, str] = {}
+        for key, value in _PLAIN_PARAM.findall(plain.group(1)):
+            if key.lower() in params:
+                break  # a repeated parameter: let the full parser judge it
+            params[key.lower()] = value.lstrip("/")  # as aiohttp does
+        else:
+            return params.get("name"), params.get("filename")
+    return part.name, part.filename
 
 
 def content_type(request: web.Request) -> str:
@@ -77,8 +100,11 @@ async def request_params(request: web.Request) -> dict[str, str]:
         try:
             reader = await request.multipart()
             async for part in reader:
-                if isinstance(part, BodyPartReader) and part.name and not part.filename:
-                    params[part.name] = await fields.read(part)
+                if not isinstance(part, BodyPartReader):
+                    continue
+                name, filename = part_names(part)
+                if name and not filename:
+                    params[name] = await fields.read(part, name)
         except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         return params

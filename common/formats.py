@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 #: format name (as Pillow says it) -> (file extension, Content-Type)
 FORMATS: dict[str, tuple[str, str]] = {
     "PNG": ("png", "image/png"),
@@ -31,3 +33,23 @@ def sniff_format(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
     return None
+
+
+#: 8-bit PNG colour types and the mode Pillow gives them (other depths: ask Pillow)
+_PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+
+
+def png_header(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, Pillow's mode) of an 8-bit PNG from its IHDR chunk (CRC checked), or None
+    when it is not one (then Pillow reads the header): the header check of every small upload
+    without opening the image."""
+    if len(data) < 33 or not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+        return None
+    if int.from_bytes(data[8:12], "big") != 13 or zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, colour = data[24], data[25]
+    mode = _PNG_MODES.get(colour)
+    if depth != 8 or mode is None or width == 0 or height == 0:
+        return None
+    return width, height, mode

@@ -11,6 +11,7 @@ always complete.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import uuid
@@ -24,7 +25,7 @@ from typing import BinaryIO
 from PIL import Image
 
 from common import filters, wire
-from common.formats import FORMATS, sniff_format
+from common.formats import FORMATS, png_header, sniff_format
 from controller.models import BadInput, ImageType, TooLarge, quoted
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # always fullmatch: "$" would pass a trailing "\n"
@@ -128,9 +129,7 @@ class ImageStore:
             if size == 0:
                 raise BadInput("the uploaded file is empty")
             kept = b"".join(buffered) if size <= KEEP_BYTES else None  # never flushed: all here
-            fmt, width, height, mode = await loop.run_in_executor(
-                None, self._finish, writer, buffered
-            )
+            fmt, width, height, mode = await loop.run_in_executor(None, self._finish, writer, buffered, kept)
         except BaseException:
             writer.close()
             tmp.unlink(missing_ok=True)
@@ -168,16 +167,25 @@ class ImageStore:
             _, old = self._recent.popitem(last=False)
             self._recent_bytes -= len(old)
 
-    def _finish(self, writer: _TmpWriter, rest: list[bytes]) -> tuple[str, int, int, str]:
-        """Write the rest, flush to disk, then read the header (only): format and size."""
+    def _finish(self, writer: _TmpWriter, rest: list[bytes], kept: bytes | None) -> tuple[str, int, int, str]:
+        """Write the rest, flush to disk, then read the header (only): format and size. A small
+        file's header is read from its bytes in memory (an 8-bit PNG's without Pillow)."""
         writer.write(rest)
         writer.close(fsync=self.fsync)
-        with open(writer.path, "rb") as g:
-            fmt = sniff_format(g.read(16))
+        source: Path | io.BytesIO = writer.path
+        if kept is not None:
+            fmt = sniff_format(kept[:16])
+            fast = png_header(kept) if fmt == "PNG" else None
+            if fast is not None:
+                return "PNG", *fast
+            source = io.BytesIO(kept)
+        else:
+            with open(writer.path, "rb") as g:
+                fmt = sniff_format(g.read(16))
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
         try:
-            with Image.open(writer.path, formats=[fmt]) as im:  # parses the header, no pixels
+            with Image.open(source, formats=[fmt]) as im:  # parses the header, no pixels
                 width, height = im.size
                 mode = im.mode
         except DECOMPRESSION_BOMB as e:  # more pixels than Image.MAX_IMAGE_PIXELS (main.py)

@@ -218,3 +218,45 @@ def test_every_flag_reads_its_dpip_variable(monkeypatch):
     a = p.parse_args([])
     assert (a.controller_port, a.fsync) == (41234, False)
     assert p.parse_args(["--controller-port", "1"]).controller_port == 1
+
+
+# -- multipart part names -------------------------------------------------------------------
+
+def _aiohttp_part(disposition: str):
+    from aiohttp import BodyPartReader
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    return BodyPartReader(b"--b", CIMultiDictProxy(CIMultiDict({"Content-Disposition": disposition})), None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("disposition", [
+    'form-data; name="data"; filename="0.png"', 'form-data; name="workload_id"', 'FORM-DATA;name="x";',
+    'form-data; name="/etc"; filename="/x.png"', 'form-data; name="a"; name="b"', "form-data; filename*=utf-8''%C3%A9.png",
+    'form-data; name="a\\"b"', "form-data; name=x", "", 'form-data; name=""; filename=""', "attachment; name=\"x\"",
+])
+def test_part_names_agree_with_aiohttps_parser(disposition):
+    """The fast path gives what aiohttp's full parser gives, and hands it what it cannot read."""
+    import warnings
+
+    from api.params import part_names
+
+    part = _aiohttp_part(disposition)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # aiohttp warns about the malformed ones
+        assert part_names(part) == (part.name, part.filename)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1", "I;16"])
+def test_the_png_header_fast_path_agrees_with_pillow(mode):
+    from common.formats import png_header
+
+    buf = io.BytesIO()
+    Image.new(mode, (37, 5)).save(buf, "PNG")
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as im:
+        expected = (im.width, im.height, im.mode)
+    fast = png_header(data)
+    assert fast is None or fast == expected  # None: Pillow reads it (other bit depths)
+    assert fast is not None or mode not in ("L", "LA", "RGB", "RGBA"), "8-bit ones need no Pillow"
+    broken = data[:20] + bytes([data[20] ^ 1]) + data[21:]  # the IHDR's CRC no longer matches
+    assert png_header(broken) is None
