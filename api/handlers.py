@@ -29,8 +29,8 @@ from api.params import (
     bearer_token,
     client_address,
     content_type,
+    form_parts,
     int_param,
-    part_names,
     request_params,
     required,
 )
@@ -256,7 +256,8 @@ def _image_type(params: dict[str, str], default: ImageType | None) -> ImageType 
 
 @requires(USER, JOB)
 async def upload_image(request: web.Request) -> web.Response:
-    """Stream the file to disk, then give it the next id of its workload and queue its job."""
+    """Stream the file to disk (a small body: read whole, then written at once), then give it
+    the next id of its workload and queue its job."""
     if content_type(request) != "multipart/form-data":
         raise UnsupportedMedia("upload as multipart/form-data with the image in field 'data'")
     images = request.app[IMAGES]
@@ -265,17 +266,14 @@ async def upload_image(request: web.Request) -> web.Response:
     fields = FieldBudget()  # the other fields are held in memory: a few, small
     try:
         try:
-            reader = await request.multipart()
-            async for part in reader:
-                if not isinstance(part, BodyPartReader):
-                    continue
-                name, filename = part_names(part)
+            async for name, filename, content in form_parts(request):
                 if name in FILE_FIELDS or (name not in params and filename):
                     if stored is not None:
                         raise BadInput("send one image per request")
-                    stored = await images.receive(_part_chunks(part))
+                    stored = await (images.receive_bytes(content) if isinstance(content, bytes)
+                                    else images.receive(_part_chunks(content)))
                 elif name:
-                    params[name] = await fields.read(part, name)
+                    params[name] = await fields.read(content, name)
         except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         if stored is None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
+from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from api import peer
+from api import multipart, peer
 from api.keys import SETTINGS
 from controller.models import BadInput, TooLarge, Unauthorized, quoted
 
@@ -37,11 +37,20 @@ class FieldBudget:
         self.fields = 0
         self.left = MAX_FIELD_BYTES
 
-    async def read(self, part: BodyPartReader, name: str) -> str:
+    async def read(self, part: BodyPartReader | bytes, name: str) -> str:
         """The field's text; :class:`TooLarge` (413) once the body has too many or too much."""
         self.fields += 1
         if self.fields > MAX_FIELDS:
             raise TooLarge(f"too many form fields: at most {MAX_FIELDS} besides the file")
+        if isinstance(part, bytes):  # from a small body parsed in memory: no encoding to undo
+            self._check(len(part))
+            text = part
+        else:
+            text = await self._decoded(part, name)
+        self.left -= len(text)
+        return text.decode("utf-8", "replace")
+
+    async def _decoded(self, part: BodyPartReader, name: str) -> bytes:
         raw = bytearray()
         while chunk := await part.read_chunk(8192):
             raw += chunk
@@ -53,34 +62,38 @@ class FieldBudget:
                 self._check(len(text))
         except RuntimeError as e:  # what aiohttp raises on an unknown Content-Encoding
             raise BadInput(f"form field {quoted(name)}: {e}") from e
-        self.left -= len(text)
-        return text.decode("utf-8", "replace")
+        return bytes(text)
 
     def _check(self, size: int) -> None:
         if size > self.left:
             raise TooLarge(f"form fields too large: at most {MAX_FIELD_BYTES} bytes of text in all")
 
 
-#: The Content-Disposition every client sends: plain quoted parameters, nothing to unescape.
-_PLAIN_DISPOSITION = re.compile(r'form-data((?:\s*;\s*[A-Za-z]+="[^"\\\r\n]*")*)\s*;?\s*', re.IGNORECASE)
-_PLAIN_PARAM = re.compile(r'([A-Za-z]+)="([^"]*)"')
-
-
 def part_names(part: BodyPartReader) -> tuple[str | None, str | None]:
     """A part's (name, filename), parsing its Content-Disposition once. (aiohttp's ``name`` and
-    ``filename`` parse it again on every access, at a cost of 128 ``re.escape`` calls each:
-    a fifth of a small upload's server time.) Anything but plain quoted parameters, such as
-    escapes or RFC 5987 ``filename*=``, goes to aiohttp's full parser."""
-    plain = _PLAIN_DISPOSITION.fullmatch(part.headers.get(hdrs.CONTENT_DISPOSITION, ""))
-    if plain is not None:
-        params: dict[str, str] = {}
-        for key, value in _PLAIN_PARAM.findall(plain.group(1)):
-            if key.lower() in params:
-                break  # a repeated parameter: let the full parser judge it
-            params[key.lower()] = value.lstrip("/")  # as aiohttp does
-        else:
-            return params.get("name"), params.get("filename")
-    return part.name, part.filename
+    ``filename`` parse it again on every access, at a cost of 128 ``re.escape`` calls each.)
+    Anything but plain quoted parameters goes to aiohttp's full parser."""
+    plain = multipart.plain_disposition(part.headers.get(hdrs.CONTENT_DISPOSITION, ""))
+    return plain if plain is not None else (part.name, part.filename)
+
+
+async def form_parts(request: web.Request) -> AsyncIterator[tuple[str | None, str | None, BodyPartReader | bytes]]:
+    """(name, filename, content) of each part of a multipart body: a small body read whole
+    and split in memory (content: bytes), a large one streamed (content: aiohttp's part)."""
+    boundary = multipart.small_boundary(request)
+    if boundary is not None:
+        body = await request.read()
+        parts = multipart.parse(body, boundary, MAX_FIELDS)
+        if parts is not None:
+            for part in parts:
+                yield part.name, part.filename, part.data
+            return
+        reader = multipart.reader_over(request, body)
+    else:
+        reader = await request.multipart()
+    async for part in reader:
+        if isinstance(part, BodyPartReader):
+            yield (*part_names(part), part)
 
 
 def content_type(request: web.Request) -> str:
@@ -98,13 +111,9 @@ async def request_params(request: web.Request) -> dict[str, str]:
     if ctype == "multipart/form-data":
         fields = FieldBudget()
         try:
-            reader = await request.multipart()
-            async for part in reader:
-                if not isinstance(part, BodyPartReader):
-                    continue
-                name, filename = part_names(part)
+            async for name, filename, content in form_parts(request):
                 if name and not filename:
-                    params[name] = await fields.read(part, name)
+                    params[name] = await fields.read(content, name)
         except MULTIPART_ERRORS as e:
             raise BadInput(f"malformed multipart body: {e}") from e
         return params
