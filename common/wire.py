@@ -235,7 +235,7 @@ def payload(text_: str) -> bytes:
 
 def encode(msg: Message) -> bytes:
     """Serialise a message to UTF-8 JSON bytes with its type tag and the protocol version."""
-    body = dataclasses.asdict(msg)
+    body = _plain(msg)
     body["type"] = msg.TYPE
     body["v"] = VERSION
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
@@ -265,6 +265,13 @@ def decode(data: bytes) -> Message:
     if cls is None:
         raise DecodeError(f"unknown message type {_short(kind)}")
     return _build(cls, obj, cls.TYPE)
+
+
+def _plain(msg: Any) -> dict[str, Any]:
+    """A message's fields as JSON-ready values (``dataclasses.asdict`` deep-copies every value:
+    a tenth of a small job's RPC time, for nothing)."""
+    return {f.name: _plain(v) if dataclasses.is_dataclass(v := getattr(msg, f.name)) else v
+            for f, _ in _fields(type(msg))}
 
 
 MAX_DEPTH = 16  # our messages nest 3 deep
