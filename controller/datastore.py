@@ -3,15 +3,20 @@
 runs one suite against every implementation.
 
 Writes are transactions (:meth:`Datastore.transaction`): serialized, all or nothing. The job
-transitions themselves live in :mod:`controller.jobs`, on top of ``transaction()``.
+transitions themselves live in :mod:`controller.jobs`, on top of :meth:`Datastore.grouped`
+(transactions as functions of a DB-API connection, committed in groups).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from controller.models import Filter, ImageType, Workload, WorkloadView
+
+
+T = TypeVar("T")
 
 
 class Transaction(Protocol):
@@ -27,6 +32,7 @@ class Datastore(Protocol):
     async def close(self) -> None: ...
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]: ...
     async def write(self, sql: str, params: tuple | list = ()) -> Any: ...
+    async def grouped(self, transaction: Callable[[Any], T]) -> T: ...
 
     # users and tokens
     async def count_users(self) -> int: ...

@@ -10,9 +10,9 @@
                         +--------------------------------------------------------- dispatched
 ```
 
-Each transition is one serialized transaction (:meth:`Store.transaction`: BEGIN IMMEDIATE ...
-COMMIT under one lock, ROLLBACK on any error; a one-statement transition is that statement alone
-under the same lock, :meth:`Store.write`) whose guard is in its SQL (``WHERE state = ?``),
+Each transition is one transaction, all or nothing (:meth:`Store.grouped`: a function of the
+connection, committed together with the others waiting at that moment, each in its own
+savepoint), whose guard is in its SQL (``WHERE state = ?``),
 and returns a frozen :class:`~controller.models.Job` snapshot, or None when the guard says the
 job had moved on meanwhile (its result arrived while a retry was being decided, ...). The
 upload handler and the scheduler change jobs only through this module; ``complete`` is the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sqlite3
 import time
 from typing import NamedTuple
 
@@ -61,21 +62,21 @@ class JobLifecycle:
         queue its job, all or nothing."""
         width, height, mode = header or (None, None, None)
         now = time.time()
-        async with self.store.transaction() as db:
-            await db.execute(
-                "UPDATE workloads SET next_image_id = MAX(next_image_id, ?) WHERE id = ?",
-                (image_id + 1, workload.id),
-            )
-            await db.execute(
+
+        def record(db: sqlite3.Connection) -> int | None:
+            db.execute("UPDATE workloads SET next_image_id = MAX(next_image_id, ?) WHERE id = ?",
+                       (image_id + 1, workload.id))
+            db.execute(
                 "INSERT INTO images(workload_id, image_id, type, format, size, created_at,"
                 " width, height, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now, width, height, mode),
             )
-            cur = await db.execute(
+            return db.execute(
                 "INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)",
                 (workload.id, image_id, JobState.QUEUED.value, now),
-            )
-            job_id = cur.lastrowid
+            ).lastrowid
+
+        job_id = await self.store.grouped(record)
         assert job_id is not None
         return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
                    params=workload.params, workload_dir=workload.dir,
@@ -104,18 +105,22 @@ class JobLifecycle:
     async def dispatch(self, job: Job, worker: str, timeout: float) -> Job | None:
         """queued -> dispatched on ``worker`` (one more attempt, a deadline)."""
         now = time.time()
-        cur = await self.store.write(
+        changed = await self._statement(
             "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?,"
             " deadline = ?, copies = copies + 1 WHERE id = ? AND state = ?",
             (JobState.DISPATCHED.value, worker, now, now + timeout, job.id, JobState.QUEUED.value),
         )
-        if cur.rowcount != 1:
-            return None
+        return self.as_dispatched(job) if changed else None
+
+    @staticmethod
+    def as_dispatched(job: Job) -> Job:
+        """The snapshot :meth:`dispatch` returns, for a caller that sends the job while the
+        transition is being written."""
         return dataclasses.replace(job, attempts=job.attempts + 1, state=JobState.DISPATCHED)
 
     async def add_copy(self, job: Job) -> None:
         """One more copy of a dispatched job was sent (hedged or tied)."""
-        await self.store.write("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,))
+        await self._statement("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,))
 
     async def complete(self, workload_id: str, image_id: int, fmt: str, size: int,
                        timing: Timing | None = None) -> bool:
@@ -123,26 +128,28 @@ class JobLifecycle:
         over a failure decided meanwhile), with the winning copy's ``timing`` when it is known
         already. False if one was recorded already: the first wins."""
         now = time.time()
-        async with self.store.transaction() as db:
-            cur = await db.execute(
+
+        def record(db: sqlite3.Connection) -> bool:
+            if db.execute(
                 "INSERT OR IGNORE INTO images(workload_id, image_id, type, format, size, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (workload_id, image_id, ImageType.FILTERED.value, fmt, size, now),
-            )
-            if cur.rowcount != 1:
+            ).rowcount != 1:
                 return False
             if timing is None:
-                await db.execute(
+                db.execute(
                     "UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ? AND image_id = ?",
                     (JobState.DONE.value, now, workload_id, image_id),
                 )
             else:
-                await db.execute(
+                db.execute(
                     "UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
                     " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ?",
                     (JobState.DONE.value, now, *timing, workload_id, image_id),
                 )
-        return True
+            return True
+
+        return await self.store.grouped(record)
 
     async def has_result(self, job: Job) -> bool:
         """Whether the job's result is stored: what "done" means, whatever a worker says."""
@@ -151,30 +158,32 @@ class JobLifecycle:
     async def record_result(self, job: Job, worker: str, download_ms: float, process_ms: float,
                             upload_ms: float) -> None:
         """Which copy won, and where its time went (the job is ``done`` already)."""
-        await self.store.write(
+        await self._statement(
             "UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ? WHERE id = ?",
             (worker, download_ms, process_ms, upload_ms, job.id),
         )
 
     async def retry(self, job: Job, error: str) -> Job | None:
         """dispatched -> queued after a failed attempt; None if it finished meanwhile."""
-        cur = await self.store.write(
+        if not await self._statement(
             "UPDATE jobs SET state = ?, worker = NULL, error = ? WHERE id = ? AND state = ?",
             (JobState.QUEUED.value, error, job.id, JobState.DISPATCHED.value),
-        )
-        if cur.rowcount != 1:
+        ):
             return None
         return dataclasses.replace(job, state=JobState.QUEUED)
 
     async def fail(self, job: Job, error: str) -> Job | None:
         """-> failed for good, with the reason; None if it was done meanwhile."""
-        cur = await self.store.write(
+        if not await self._statement(
             "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state != ?",
             (JobState.FAILED.value, error, time.time(), job.id, JobState.DONE.value),
-        )
-        if cur.rowcount != 1:
+        ):
             return None
         return dataclasses.replace(job, state=JobState.FAILED)
+
+    async def _statement(self, sql: str, params: tuple) -> bool:
+        """One guarded statement as its own transaction, in a group; whether it changed a row."""
+        return await self.store.grouped(lambda db: db.execute(sql, params).rowcount == 1)
 
     async def recover(self) -> list[Job]:
         """At start: jobs dispatched before a crash go back to queued; every queued job, oldest

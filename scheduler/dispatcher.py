@@ -49,6 +49,7 @@ class Scheduler:
         self._avoid: dict[int, set[str]] = {}  # job id -> workers that failed it already
         self._not_before: dict[int, float] = {}  # job id -> monotonic time of its next try
         self._probation: dict[str, float] = {}  # worker -> until when others go first
+        self._pending: set[int] = set()  # jobs queued or being attempted
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -109,7 +110,12 @@ class Scheduler:
 
     # -- placing ----------------------------------------------------------------------------
 
-    def _enqueue(self, job: Job) -> None:
+    def _enqueue(self, job: Job, retry: bool = False) -> None:
+        """Queue a job, unless it is queued or being attempted already (the datastore's recovery
+        at start and a submit may name the same job): one attempt at a time per job."""
+        if job.id in self._pending and not retry:
+            return
+        self._pending.add(job.id)
         self._queues.setdefault(job.workload_id, deque()).append(job)
 
     async def _run(self) -> None:
@@ -198,15 +204,17 @@ class Scheduler:
     async def _dispatch(self, job: Job, primary: str) -> None:
         """One attempt of a job: its copies (one, or two with a tail policy), then the outcome."""
         try:
-            dispatched = await self.jobs.dispatch(job, primary, self.settings.job_timeout)
-            if dispatched is None:
-                self.release(primary, job)
-                self._settled(job)
-                return  # finished or failed meanwhile
-            job = dispatched
+            # The job travels while its transition is written (one trip to SQLite, but behind
+            # the uploads' writes when they pour in): the write lock is first come, first
+            # served, so it lands before this attempt's result or retry does.
+            recording = asyncio.ensure_future(self.jobs.dispatch(job, primary, self.settings.job_timeout))
+            job = self.jobs.as_dispatched(job)
             t0 = time.monotonic()
             copies = await self.carrier.send(job, primary)
             outcome, failure = await self.carrier.first_success(copies)
+            if await recording is None and (outcome is None or outcome.result is None):
+                self._settled(job)
+                return  # it had finished (or failed for good) meanwhile: nothing to retry
             for name, task in copies.items():
                 if (outcome is None or name != outcome.worker) and not task.done():
                     self.spawn(self.carrier.cancel(name, job))  # its slot frees when it answers
@@ -269,12 +277,13 @@ class Scheduler:
         self._avoid.setdefault(job.id, set()).add(worker)
         delay = self.settings.retry_backoff * 2 ** (job.attempts - 1) if failure.backoff else 0.0
         self._not_before[job.id] = time.monotonic() + delay
-        self._enqueue(queued)
+        self._enqueue(queued, retry=True)
 
     def _view(self, job: Job) -> JobView:
         return JobView(frozenset(job.tags), frozenset(self._avoid.get(job.id, ())))
 
     def _settled(self, job: Job) -> None:
         """The job left the scheduler for good (done, failed, or finished elsewhere)."""
+        self._pending.discard(job.id)
         self._avoid.pop(job.id, None)
         self._not_before.pop(job.id, None)
