@@ -36,6 +36,21 @@ def parse(lines: list[str]) -> tuple[str, object]:
     return "comment", comment
 
 
+class EventLines:
+    """Lines of an event stream in, one whole event out (the blank line ends it)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def feed(self, raw: bytes) -> tuple[str, object] | None:
+        assert raw, "the stream ended"
+        line = raw.decode().rstrip("\n")
+        if line:
+            self.lines.append(line)
+            return None
+        return parse(self.lines) if self.lines else None
+
+
 def merge(snap: dict, changes: dict) -> None:
     """The documented merge, as a client does it (the dashboard's ``mergeList``)."""
     snap["server_time"] = changes["server_time"]
@@ -107,15 +122,10 @@ class AsyncStream:
         self.resp = resp
 
     async def next(self) -> tuple[str, object]:
-        lines: list[str] = []
-        while True:
-            raw = await asyncio.wait_for(self.resp.content.readline(), 30)
-            assert raw, "the stream ended"
-            line = raw.decode().rstrip("\n")
-            if line:
-                lines.append(line)
-            elif lines:
-                return parse(lines)
+        event = EventLines()
+        while (got := event.feed(await asyncio.wait_for(self.resp.content.readline(), 30))) is None:
+            pass
+        return got
 
 
 async def test_quiet_stream_sends_keep_alives_then_just_the_changed_workload(quick):
@@ -181,15 +191,10 @@ class Stream:
         assert self.resp.headers["Content-Type"] == "text/event-stream"
 
     def next(self) -> tuple[str, object]:
-        lines: list[str] = []
-        while True:
-            raw = self.resp.readline()
-            assert raw, "the stream ended"
-            line = raw.decode().rstrip("\n")
-            if line:
-                lines.append(line)
-            elif lines:
-                return parse(lines)
+        event = EventLines()
+        while (got := event.feed(self.resp.readline())) is None:
+            pass
+        return got
 
     def next_changes(self) -> dict:
         while True:

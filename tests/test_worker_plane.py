@@ -257,33 +257,44 @@ async def test_a_worker_refuses_replays_and_strangers(tmp_path):
         await worker.close()
 
 
-async def test_ok_without_a_stored_result_is_a_failed_attempt(make_system):
-    system = make_system("--hedge", "off")
-    liar = await FakeWorker("liar", system.controller, Telemetry(capacity=1), lie=True).start()
+async def _retried_by_an_honest_worker(system, bad: FakeWorker, inline: str = "") -> tuple[dict, dict, bytes]:
+    """``bad`` gets the one image's job and answers it its way; the retry goes to an honest
+    worker that joins meanwhile. The workload's final view, its job row and the stored result."""
     honest = None
     try:
         async with aiohttp.ClientSession() as http:
             api = Api(http, system.url)
             await api.login()
-            await until(lambda: has_workers(api, {"liar"}), 20, "the liar to join")
+            await until(lambda: has_workers(api, {bad.name}), 20, f"{bad.name} to join")
             wid = await api.workload()
             await api.upload(wid, 0)
-            await until(lambda: _has_jobs(liar, 1), 10, "the liar's job")
-            honest = await FakeWorker("honest", system.controller, Telemetry(capacity=1, cpu_percent=90)).start()
-            await until(lambda: has_workers(api, {"liar", "honest"}), 20, "the honest worker")
+            await until(lambda: _has_jobs(bad, 1), 10, f"{bad.name}'s job")
+            honest = await FakeWorker("honest", system.controller, Telemetry(capacity=1, cpu_percent=90),
+                                      inline=inline).start()
+            await until(lambda: has_workers(api, {bad.name, "honest"}), 20, "the honest worker")
             honest.release_all()
-            liar.release_all()  # says "done", stored nothing
+            bad.release_all()
             await until(lambda: _has_jobs(honest, 1), 20, "the retry on the honest worker")
             honest.release_all()
-            v = await until(lambda: _completed(api, wid), 20, "the workload")
-            assert v["filtered_images"] == [0] and v["failed_images"] == []
+            view = await until(lambda: _completed(api, wid), 20, "the workload")
             async with http.get(f"{system.url}/workloads/{wid}/jobs") as r:
                 (job,) = await r.json()
-            assert job["attempts"] == 2 and job["worker"] == "honest"
+            async with http.get(f"{system.url}/images/0", params={"workload_id": wid, "type": "filtered"}) as r:
+                result = await r.read()
+            assert honest.uploads == (0 if inline else 1)
+            return view, job, result
     finally:
-        await liar.close()
+        await bad.close()
         if honest is not None:
             await honest.close()
+
+
+async def test_ok_without_a_stored_result_is_a_failed_attempt(make_system):
+    system = make_system("--hedge", "off")
+    liar = await FakeWorker("liar", system.controller, Telemetry(capacity=1), lie=True).start()
+    view, job, _ = await _retried_by_an_honest_worker(system, liar)  # the liar says "done", stored nothing
+    assert view["filtered_images"] == [0] and view["failed_images"] == []
+    assert job["attempts"] == 2 and job["worker"] == "honest"
 
 
 async def test_small_images_travel_inline_and_a_wrong_inline_result_is_refused(make_system):
@@ -291,37 +302,14 @@ async def test_small_images_travel_inline_and_a_wrong_inline_result_is_refused(m
     cannot be the job's (a colour image for grayscale) is refused like a bad upload would be."""
     system = make_system("--hedge", "off")
     wrong = await FakeWorker("wrong", system.controller, Telemetry(capacity=1), inline="wrong").start()
-    honest = None
-    try:
-        async with aiohttp.ClientSession() as http:
-            api = Api(http, system.url)
-            await api.login()
-            await until(lambda: has_workers(api, {"wrong"}), 20, "the wrong worker to join")
-            wid = await api.workload()
-            await api.upload(wid, 0)
-            await until(lambda: _has_jobs(wrong, 1), 10, "the wrong worker's job")
-            assert wire.payload(wrong.jobs[0].data) == frame_png(0, 32, 32), "the original travels with its job"
-            assert wrong.jobs[0].inline_result == wire.INLINE_MAX_BYTES
-            honest = await FakeWorker("honest", system.controller, Telemetry(capacity=1, cpu_percent=90),
-                                      inline="yes").start()
-            await until(lambda: has_workers(api, {"wrong", "honest"}), 20, "the honest worker")
-            honest.release_all()
-            wrong.release_all()  # a colour "result": refused, the job goes elsewhere
-            await until(lambda: _has_jobs(honest, 1), 20, "the retry on the honest worker")
-            honest.release_all()
-            v = await until(lambda: _completed(api, wid), 20, "the workload")
-            assert v["filtered_images"] == [0] and v["failed_images"] == []
-            async with http.get(f"{system.url}/workloads/{wid}/jobs") as r:
-                (job,) = await r.json()
-            assert job["attempts"] == 2 and job["worker"] == "honest"
-            async with http.get(f"{system.url}/images/0", params={"workload_id": wid, "type": "filtered"}) as r:
-                with Image.open(io.BytesIO(await r.read())) as im:
-                    assert im.mode == "L", "the stored result is the honest, grayscale one"
-            assert wrong.uploads == honest.uploads == 0, "no HTTP upload: both replied inline"
-    finally:
-        await wrong.close()
-        if honest is not None:
-            await honest.close()
+    view, job, result = await _retried_by_an_honest_worker(system, wrong, inline="yes")
+    assert wire.payload(wrong.jobs[0].data) == frame_png(0, 32, 32), "the original travelled with its job"
+    assert wrong.jobs[0].inline_result == wire.INLINE_MAX_BYTES
+    assert view["filtered_images"] == [0] and view["failed_images"] == []
+    assert job["attempts"] == 2 and job["worker"] == "honest"
+    with Image.open(io.BytesIO(result)) as im:
+        assert im.mode == "L", "the stored result is the honest, grayscale one"
+    assert wrong.uploads == 0, "no HTTP upload: it replied inline"
 
 
 async def _completed(api: Api, wid: str):
