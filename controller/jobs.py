@@ -50,6 +50,8 @@ class JobLifecycle:
         self.store = store
         self.images = images
         self._locks: dict[str, asyncio.Lock] = {}
+        self._next_ids: dict[str, int] = {}  # workload -> its next original id (see _take_id)
+        self._taken: dict[str, set[int]] = {}  # workload -> ids of originals being placed now
 
     def lock(self, workload_id: str) -> asyncio.Lock:
         """Serialises a workload's image writes: originals take ids in arrival order, and the
@@ -88,12 +90,46 @@ class JobLifecycle:
         its row; ids follow arrival order."""
         assert self.images is not None
         if chosen is None:
-            image_id = await self.store.take_image_id(workload.id)
+            image_id = await self._take_id(workload.id)
+        else:
+            async with self.lock(workload.id):  # never with a seeding or another chosen id
+                taken = self._taken.setdefault(workload.id, set())
+                if chosen in taken or await self.store.has_image(workload.id, chosen, ImageType.ORIGINAL):
+                    raise Conflict(f"original image {chosen} of workload {quoted(workload.id)} already exists")
+                taken.add(chosen)
+                if workload.id in self._next_ids:
+                    self._next_ids[workload.id] = max(self._next_ids[workload.id], chosen + 1)
+            image_id = chosen
+        try:
             return await self._place_original(workload, image_id, stored)
-        async with self.lock(workload.id):
-            if await self.store.has_image(workload.id, chosen, ImageType.ORIGINAL):
-                raise Conflict(f"original image {chosen} of workload {quoted(workload.id)} already exists")
-            return await self._place_original(workload, chosen, stored)
+        except BaseException:
+            self._give_back(workload.id, image_id)
+            raise
+        finally:
+            self._taken[workload.id].discard(image_id)
+
+    async def _take_id(self, workload_id: str) -> int:
+        """The workload's next original id, taken in memory (no lock held over the upload's
+        I/O): concurrent uploads get distinct ids in arrival order. The datastore's counter,
+        which each recorded original advances, seeds it; so after a crash an id taken but not
+        recorded is taken again by the next upload."""
+        if workload_id not in self._next_ids:
+            async with self.lock(workload_id):
+                if workload_id not in self._next_ids:
+                    self._next_ids[workload_id] = await self.store.next_image_id(workload_id)
+        taken = self._taken.setdefault(workload_id, set())
+        image_id = self._next_ids[workload_id]
+        while image_id in taken:  # a chosen id being placed, not yet counted
+            image_id += 1
+        self._next_ids[workload_id] = image_id + 1
+        taken.add(image_id)
+        return image_id
+
+    def _give_back(self, workload_id: str, image_id: int) -> None:
+        """An upload that failed after taking the newest id returns it (no gap for a client that
+        sends one image at a time)."""
+        if self._next_ids.get(workload_id) == image_id + 1:
+            self._next_ids[workload_id] = image_id
 
     async def _place_original(self, workload: Workload, image_id: int, stored: StoredFile) -> Job:
         assert self.images is not None

@@ -602,19 +602,6 @@ class Store:
             raise NotFound(f"workload {quoted(workload_id)} not found")
         return row[0]
 
-    async def take_image_id(self, workload_id: str) -> int:
-        """The workload's next original id, taken for good in one statement (concurrent uploads
-        get distinct ids in arrival order; one that then fails leaves a gap)."""
-        def take(db: sqlite3.Connection) -> int | None:
-            row = db.execute("UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?"
-                             " RETURNING next_image_id - 1", (workload_id,)).fetchone()
-            return None if row is None else row[0]
-
-        image_id = await self.grouped(take)
-        if image_id is None:
-            raise NotFound(f"workload {quoted(workload_id)} not found")
-        return image_id
-
     async def has_image(self, workload_id: str, image_id: int, type_: ImageType) -> bool:
         try:
             await self.get_image(workload_id, image_id, type_)

@@ -79,7 +79,15 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue a job that the datastore already holds as ``queued``."""
         self._enqueue(job)
-        self.wake()
+        self._place_now()
+
+    def _place_now(self) -> None:
+        """Place at once rather than on the scheduler task's next turn: with many workers
+        answering together, each turn of the loop a job waits is time its worker stands idle."""
+        if self._loop_task is None:
+            self.wake()  # not started: recovery first
+        else:
+            self._place_what_fits()
 
     def wake(self) -> None:
         self._wake.set()
@@ -259,7 +267,7 @@ class Scheduler:
         self._in_flight.get(worker, {}).pop(job.id, None)
         self._finished[job.id] = time.monotonic()
         self._finished.move_to_end(job.id)  # released twice (reply, then copy's end): keep order
-        self.wake()
+        self._place_now()
 
     async def _attempt_failed(self, job: Job, worker: str, failure: Failure) -> None:
         if failure.final or job.attempts >= self.settings.max_attempts:

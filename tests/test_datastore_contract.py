@@ -197,3 +197,32 @@ async def test_grouped_transactions_commit_together_and_fail_alone(store):
     group = getattr(store, "_group", None)
     if group is not None:  # the SQLite store's own figures: 50 concurrent, far fewer commits
         assert group.transactions >= 50 and group.groups < group.transactions
+
+
+async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
+    """Concurrent uploads take ids in memory without a lock over their I/O: all distinct, no
+    gap; a chosen id in use is a 409; an upload that fails returns its id; a restart (a new
+    lifecycle) goes on from the datastore."""
+    from controller.images import ImageStore, StoredFile
+    from tests.support import png_bytes
+
+    (tmp_path / "incoming").mkdir()
+    images = ImageStore(tmp_path / "images", tmp_path / "incoming", 10**7, 10**8)
+    jobs = JobLifecycle(store, images)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    png = png_bytes()
+
+    async def upload(lifecycle: JobLifecycle, chosen: int | None = None) -> int:
+        return (await lifecycle.accept_original(w, await images.receive_bytes(png), chosen)).image_id
+
+    assert sorted(await asyncio.gather(*(upload(jobs) for _ in range(20)))) == list(range(20))
+    with pytest.raises(Conflict):
+        await upload(jobs, chosen=3)
+    missing = StoredFile(tmp_path / "incoming" / "gone.upload", "PNG", 10, 1, 1, "L")
+    with pytest.raises(OSError):
+        await jobs.accept_original(w, missing, None)
+    assert await upload(jobs) == 20, "the failed upload gave its id back"
+    assert await upload(jobs, chosen=30) == 30
+    assert await upload(jobs) == 31, "counted past a chosen id"
+    assert await upload(JobLifecycle(store, images)) == 32, "after a restart, from the datastore"
+    images.close()
