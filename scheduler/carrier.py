@@ -71,6 +71,7 @@ class Outcome:
     result: wire.JobResult | None = None
     failure: Failure | None = None
     recorded: bool = False  # the result was stored with its timing already (it came inline)
+    answered_at: float = 0.0  # time.monotonic() when the worker answered (or the copy ended)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class Failure:
     reason: str
     final: bool = False  # no retry can help (e.g. the image cannot be decoded)
     backoff: bool = True  # False when the worker, not the job, was the problem
+
+
+def _answer(answered: asyncio.Future[float]) -> None:
+    if not answered.done():
+        answered.set_result(time.monotonic())
 
 
 class Slots(Protocol):
@@ -115,10 +121,16 @@ class Carrier:
                 copies[peer] = self._start(job, peer, (self._address(primary), tie))
                 await self.jobs.add_copy(job)
                 return copies
-        copies[primary] = self._start(job, primary)
+        answered: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        copies[primary] = self._start(job, primary, answered=answered)
         if policy == HedgePolicy.HEDGED:
-            done, _ = await asyncio.wait(copies.values(), timeout=self.hedge_delay(job))
-            if not done and self.slots.queued() == 0:  # a backlog: a copy would take a queued job's slot
+            # Hedge a worker that has not answered; a result that is being stored needs no copy.
+            try:
+                await asyncio.wait_for(asyncio.shield(answered), timeout=self.hedge_delay(job))
+                return copies
+            except TimeoutError:
+                pass
+            if self.slots.queued() == 0:  # a backlog: a copy would take a queued job's slot
                 second = self.slots.reserve_second(job, primary)
                 if second is not None:
                     logger.debug("hedging job %d on %s after %.0f ms", job.id, second,
@@ -142,19 +154,24 @@ class Carrier:
         info = self.membership.workers.get(worker)
         return info.rpc_address if info is not None else ""
 
-    def _start(self, job: Job, worker: str, tied: tuple[str, str] = ("", "")) -> asyncio.Task[Outcome]:
+    def _start(self, job: Job, worker: str, tied: tuple[str, str] = ("", ""),
+               answered: asyncio.Future[float] | None = None) -> asyncio.Task[Outcome]:
         self.stats.copies_sent += 1
-        return self.slots.spawn(self._copy(job, worker, tied))
+        answered = answered or asyncio.get_running_loop().create_future()
+        return self.slots.spawn(self._copy(job, worker, tied, answered))
 
-    async def _copy(self, job: Job, worker: str, tied: tuple[str, str]) -> Outcome:
-        """One copy on one worker; its slot is held until the worker has answered."""
+    async def _copy(self, job: Job, worker: str, tied: tuple[str, str], answered: asyncio.Future[float]) -> Outcome:
+        """One copy on one worker; its slot is held until the worker has answered (``answered``
+        gets the time then, before the result is stored)."""
         try:
-            outcome = await self._call(job, worker, tied)
+            outcome = await self._call(job, worker, tied, answered)
         except Exception as e:
             logger.exception("job %d on %s", job.id, worker)
             outcome = Outcome(worker, failure=Failure(f"internal error: {e!r}"))
         finally:
             self.slots.release(worker, job)
+            _answer(answered)
+        outcome.answered_at = answered.result()
         if outcome.result is not None and outcome.result.started:
             self.stats.copies_started += 1
         return outcome
@@ -192,7 +209,7 @@ class Carrier:
         except RpcError as e:
             logger.debug("could not cancel job %d on %s: %s", job.id, worker, e)
 
-    async def _call(self, job: Job, worker: str, tied: tuple[str, str] = ("", "")) -> Outcome:
+    async def _call(self, job: Job, worker: str, tied: tuple[str, str], answered: asyncio.Future[float]) -> Outcome:
         """Run the job on ``worker``: success once its result is stored, else what went wrong."""
         info = self.membership.workers.get(worker)
         if info is None or info.channel is None:
@@ -209,7 +226,9 @@ class Carrier:
         try:
             reply = await self.membership.call(worker, msg, timeout=timeout)
             self.slots.release(worker, job)  # the worker is done with it: a new job may go there
+            _answer(answered)
         except RpcError as e:
+            _answer(answered)
             info = self.membership.workers.get(worker)
             if info is None or not info.alive:  # not the job's fault: straight back in line
                 return Outcome(worker, failure=Failure(f"worker {worker} died while running the job",

@@ -161,9 +161,10 @@ class Scheduler:
     def _place_what_fits(self) -> None:
         """Round-robin over workloads: each turn places the head job of the next workload."""
         workers = self._views()
-        if workers:  # rotate, so ties between equal workers go round
-            self._turn = (self._turn + 1) % len(workers)
-            workers = workers[self._turn:] + workers[:self._turn]
+        if workers:  # rotate, so ties between equal workers go round (one step per job placed,
+            # not per call: calls come in a fixed number per job, which would alias the turn)
+            turn = self._turn % len(workers)
+            workers = workers[turn:] + workers[:turn]
         views = {v.name: v for v in workers}
         now = time.monotonic()
         next_retry: float | None = None
@@ -193,6 +194,7 @@ class Scheduler:
                 else:
                     self._queues.move_to_end(wid)  # fairness: this workload goes to the back
                 self._in_flight.setdefault(name, {})[job.id] = job
+                self._turn += 1
                 v = views[name]
                 views[name] = WorkerView(**{**v.__dict__, "in_flight": v.in_flight + 1})
                 self.spawn(self._dispatch(job, name))
@@ -231,7 +233,7 @@ class Scheduler:
                         # cancelled, would take ever more jobs and need ever more hedges.
                         self._probation[name] = time.monotonic() + self.settings.probation
             if outcome is not None and outcome.result is not None:
-                self.latency.record(job.size, time.monotonic() - t0)
+                self.latency.record(job.size, outcome.answered_at - t0)  # what a hedge waits for
                 self.stats.jobs_done += 1
                 r = outcome.result
                 if not outcome.recorded:

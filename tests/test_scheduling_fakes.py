@@ -137,3 +137,29 @@ async def _state(fleet: Fleet, wl, image_id: int, expected: tuple[str, int]) -> 
 
 async def _all(fleet: Fleet, wl, expected: tuple[str, int]) -> bool:
     return set((await fleet.states(wl)).values()) == {expected}
+
+
+async def test_equal_workers_share_jobs_sent_one_at_a_time(store):
+    """Ties go round one worker per job placed, however many times the scheduler looks between
+    two jobs (each job brings a submit and two releases: a turn per look sent every job to the
+    same one of three workers)."""
+    fleet = await fleet_of(store)
+    stubs = [fleet.membership.add(StubWorker(name, capacity=1)) for name in ("a", "b", "c")]
+    wl = await fleet.workload("w")
+    try:
+        for i in range(9):
+            await fleet.submit(wl, 1, first=i)
+            await until(lambda i=i: sum(len(s.received) for s in stubs) == i + 1, f"job {i}")
+            (stub,) = [s for s in stubs if s.received and s.received[-1].image_id == i]
+            stub.finish(stub.received[-1].job_id)
+            await until(lambda i=i: _all_done(fleet, wl, i + 1), f"job {i} done")
+            for _ in range(2):  # looks that place nothing, as heartbeats' wakes give
+                fleet.scheduler._place_what_fits()
+        assert sorted(len(s.received) for s in stubs) == [3, 3, 3]
+    finally:
+        await fleet.scheduler.close()
+
+
+async def _all_done(fleet: Fleet, wl, n: int) -> bool:
+    states = await fleet.states(wl)
+    return len(states) == n and all(state == "done" for state, _ in states.values())
