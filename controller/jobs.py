@@ -145,6 +145,7 @@ class JobLifecycle:
             "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?,"
             " deadline = ?, copies = copies + 1 WHERE id = ? AND state = ?",
             (JobState.DISPATCHED.value, worker, now, now + timeout, job.id, JobState.QUEUED.value),
+            durable=False,
         )
         return self.as_dispatched(job) if changed else None
 
@@ -156,7 +157,7 @@ class JobLifecycle:
 
     async def add_copy(self, job: Job) -> None:
         """One more copy of a dispatched job was sent (hedged or tied)."""
-        await self._statement("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,))
+        await self._statement("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,), durable=False)
 
     async def complete(self, workload_id: str, image_id: int, fmt: str, size: int,
                        timing: Timing | None = None) -> bool:
@@ -196,14 +197,14 @@ class JobLifecycle:
         """Which copy won, and where its time went (the job is ``done`` already)."""
         await self._statement(
             "UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ? WHERE id = ?",
-            (worker, download_ms, process_ms, upload_ms, job.id),
+            (worker, download_ms, process_ms, upload_ms, job.id), durable=False,
         )
 
     async def retry(self, job: Job, error: str) -> Job | None:
         """dispatched -> queued after a failed attempt; None if it finished meanwhile."""
         if not await self._statement(
             "UPDATE jobs SET state = ?, worker = NULL, error = ? WHERE id = ? AND state = ?",
-            (JobState.QUEUED.value, error, job.id, JobState.DISPATCHED.value),
+            (JobState.QUEUED.value, error, job.id, JobState.DISPATCHED.value), durable=False,
         ):
             return None
         return dataclasses.replace(job, state=JobState.QUEUED)
@@ -217,9 +218,11 @@ class JobLifecycle:
             return None
         return dataclasses.replace(job, state=JobState.FAILED)
 
-    async def _statement(self, sql: str, params: tuple) -> bool:
-        """One guarded statement as its own transaction, in a group; whether it changed a row."""
-        return await self.store.grouped(lambda db: db.execute(sql, params).rowcount == 1)
+    async def _statement(self, sql: str, params: tuple, durable: bool = True) -> bool:
+        """One guarded statement as its own transaction, in a group; whether it changed a row.
+        A transition that recovery redoes anyway (dispatched, a copy counted, a retry queued:
+        after a crash every dispatched job is queued again) need not wait for the disk."""
+        return await self.store.grouped(lambda db: db.execute(sql, params).rowcount == 1, durable)
 
     async def recover(self) -> list[Job]:
         """At start: jobs dispatched before a crash go back to queued; every queued job, oldest

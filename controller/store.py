@@ -229,9 +229,10 @@ class GroupCommit:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-group")
         self._conn: sqlite3.Connection | None = None
         self._path = path
-        self._waiting: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
+        self._waiting: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future, bool]] = []
+        self._synchronous = "FULL"
         self._flusher: asyncio.Task | None = None
-        self.groups = self.transactions = 0  # for the curious (and the tests)
+        self.groups = self.transactions = self.lazy_groups = 0  # for the curious (and the tests)
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._connect)
@@ -247,16 +248,18 @@ class GroupCommit:
         if self._flusher is not None:
             await asyncio.wait([self._flusher])
         if self.groups:
-            logger.info("group commit: %d transactions in %d commits", self.transactions, self.groups)
+            logger.info("group commit: %d transactions in %d commits (%d of them not synced)",
+                        self.transactions, self.groups, self.lazy_groups)
         if self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._conn.close)
             self._conn = None
         self._pool.shutdown(wait=True)
 
-    async def run(self, transaction: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``transaction`` (which must not commit) with others; its result once durable."""
+    async def run(self, transaction: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+        """Run ``transaction`` (which must not commit) with others; its result once committed,
+        and on disk unless it is not ``durable`` (see :meth:`Store.grouped`)."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((transaction, future))
+        self._waiting.append((transaction, future, durable))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="group-commit")
         return await future
@@ -265,8 +268,8 @@ class GroupCommit:
         try:
             while self._waiting:
                 group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
-                outcomes = await self._commit([t for t, _ in group])
-                for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+                outcomes = await self._commit([t for t, _, _ in group], any(d for _, _, d in group))
+                for (_, future, _), (ok, value) in zip(group, outcomes, strict=True):
                     if future.done():
                         continue  # its caller was cancelled; the write stands (or not) regardless
                     if ok:
@@ -275,24 +278,33 @@ class GroupCommit:
                         future.set_exception(value)
         finally:
             self._flusher = None
-            for _, future in self._waiting:  # only if we were stopped: nobody is left hanging
+            for _, future, _ in self._waiting:  # only if we were stopped: nobody is left hanging
                 if not future.done():
                     future.set_exception(RuntimeError("the datastore is closing"))
 
-    async def _commit(self, transactions: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+    async def _commit(self, transactions: list[Callable[[sqlite3.Connection], Any]],
+                      durable: bool) -> list[tuple[bool, Any]]:
         """Each transaction's (ok, result or exception); all fail if the COMMIT does."""
         self.groups += 1
         self.transactions += len(transactions)
+        self.lazy_groups += not durable
         try:
             async with self._lock:
-                return await asyncio.get_running_loop().run_in_executor(self._pool, self._apply, transactions)
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._apply, transactions, durable)
         except Exception as e:  # the group as a whole failed (disk full, I/O error...)
             return [(False, e)] * len(transactions)
 
-    def _apply(self, transactions: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
-        """In the thread: one BEGIN ... COMMIT around a savepoint per transaction."""
+    def _apply(self, transactions: list[Callable[[sqlite3.Connection], Any]],
+               durable: bool) -> list[tuple[bool, Any]]:
+        """In the thread: one BEGIN ... COMMIT around a savepoint per transaction; the COMMIT
+        waits for the disk (an fsync of the WAL) only if one of them must be durable."""
         conn = self._conn
         assert conn is not None
+        synchronous = "FULL" if durable else "NORMAL"  # NORMAL: the WAL is synced by a later commit
+        if synchronous != self._synchronous:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._synchronous = synchronous
         conn.execute("BEGIN IMMEDIATE")
         outcomes: list[tuple[bool, Any]] = []
         try:
@@ -420,11 +432,13 @@ class Store:
             await self._db.close()
             self._db = None
 
-    async def grouped(self, transaction: Callable[[sqlite3.Connection], T]) -> T:
+    async def grouped(self, transaction: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
         """Run ``transaction`` (a function of a plain ``sqlite3.Connection``; it must not
         commit) all or nothing, committed together with the others that are waiting: the path
-        of every per-image write. Its result once it is on disk."""
-        return await self._group.run(transaction)
+        of every per-image write. Its result once it is on disk; or, if it need not be
+        ``durable`` (a crash losing it loses nothing: recovery redoes it), once it is committed,
+        to be synced by the next durable commit (never out of order: one WAL)."""
+        return await self._group.run(transaction, durable)
 
     # -- users and tokens -------------------------------------------------------------------
 

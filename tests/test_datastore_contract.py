@@ -199,6 +199,28 @@ async def test_grouped_transactions_commit_together_and_fail_alone(store):
         assert group.transactions >= 50 and group.groups < group.transactions
 
 
+async def test_a_transition_recovery_redoes_need_not_wait_for_the_disk_but_is_committed(store, tmp_path):
+    """dispatch is not durable (after a crash every dispatched job is queued again), yet what
+    it wrote is committed when it returns: another connection sees it; a durable transition
+    after it makes both durable, in order."""
+    import sqlite3
+
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    job = await jobs.enqueue(w, 0, "PNG", 10)
+    assert await jobs.dispatch(job, "w1", 60) is not None
+    assert await job_state(store, w.id, 0) == ("dispatched", 1)
+    path = getattr(store, "path", None)
+    if path is not None:  # SQLite: a second connection, as another process would open
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone() == ("dispatched",)
+    group = getattr(store, "_group", None)
+    if group is not None:
+        assert group.lazy_groups >= 1, "a group of dispatches alone is committed without an fsync"
+    assert await jobs.complete(w.id, 0, "PNG", 5) is True
+    assert await job_state(store, w.id, 0) == ("done", 1)
+
+
 async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     """Concurrent uploads take ids in memory without a lock over their I/O: all distinct, no
     gap; a chosen id in use is a 409; an upload that fails returns its id; a restart (a new

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 from PIL import Image, ImageFilter
@@ -260,3 +261,44 @@ def test_the_png_header_fast_path_agrees_with_pillow(mode):
     assert fast is not None or mode not in ("L", "LA", "RGB", "RGBA"), "8-bit ones need no Pillow"
     broken = data[:20] + bytes([data[20] ^ 1]) + data[21:]  # the IHDR's CRC no longer matches
     assert png_header(broken) is None
+
+
+# -- shared directory fsyncs --------------------------------------------------------------------
+
+def test_renames_waiting_together_share_one_directory_fsync(tmp_path, monkeypatch):
+    """A rename is on disk once an fsync of its directory that *began after it* has ended: the
+    two that arrive while the first fsync runs share the next one, and neither returns early."""
+    import threading
+    from controller import images
+
+    first_started, release = threading.Event(), threading.Event()
+    began: list[int] = []  # how many callers had registered when each fsync began
+    real_fsync = images.os.fsync
+    sync = images.DirSync()
+
+    def fsync(fd: int) -> None:
+        began.append(sync._dirs[tmp_path].requested)
+        if len(began) == 1:
+            first_started.set()
+            assert release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(images.os, "fsync", fsync)
+    returned: list[str] = []
+    threads = {name: threading.Thread(target=lambda n=name: (sync.sync(tmp_path), returned.append(n)))
+               for name in "abc"}
+    threads["a"].start()
+    assert first_started.wait(10)
+    threads["b"].start()
+    threads["c"].start()
+    deadline = time.monotonic() + 10
+    while sync._dirs[tmp_path].requested < 3:  # b and c have asked, behind a's fsync
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert returned == []  # a's fsync began before b's and c's renames: it covers neither
+    release.set()
+    for t in threads.values():
+        t.join(10)
+    assert sorted(returned) == ["a", "b", "c"]
+    assert began == [1, 3]  # two fsyncs for three renames; the second began after all three
+    assert sync._dirs == {}  # nothing kept once nobody waits
