@@ -36,7 +36,7 @@ from api.params import (
 )
 from common import filters
 from common.formats import FORMATS
-from controller.store import DEFAULT_PAGE, MAX_PAGE
+from controller.queries import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
 from controller.auth import JOB, USER, Claims
 from controller.images import StoredFile, check_workload_name
@@ -226,9 +226,8 @@ async def list_workloads(request: web.Request) -> web.Response:
 
 @requires(USER)
 async def get_workload(request: web.Request) -> web.Response:
-    store = request.app[STORE]
-    workload = await store.get_workload(request.match_info["workload_id"], _owner(request[CLAIMS]))
-    return web.json_response(_workload_json(request, await store.workload_view(workload)))
+    view = await request.app[STORE].view_of(request.match_info["workload_id"], _owner(request[CLAIMS]))
+    return web.json_response(_workload_json(request, view))
 
 
 @requires(USER)

@@ -1,28 +1,20 @@
-"""What the rest of DPIP needs from a datastore: the contract :class:`~controller.store.Store`
-(SQLite) implements, and that other engines implement too. ``tests/test_datastore_contract.py``
-runs one suite against every implementation.
+"""What the rest of DPIP needs from a datastore: the contract that
+:class:`~controller.queries.SqlDatastore` implements on each engine (SQLite today, in
+:mod:`controller.store`). ``tests/test_datastore_contract.py`` runs one suite against every
+implementation.
 
-Writes are transactions (:meth:`Datastore.transaction`): serialized, all or nothing. The job
-transitions themselves live in :mod:`controller.jobs`, on top of :meth:`Datastore.grouped`
-(transactions as functions of a DB-API connection, committed in groups).
+Writes are transactions (:meth:`Datastore.grouped`): a script of :mod:`controller.sql`, all or
+nothing. The job transitions themselves live in :mod:`controller.jobs`, as such scripts.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from controller.models import Filter, ImageType, Workload, WorkloadView
-
+from controller.sql import Script
 
 T = TypeVar("T")
-
-
-class Transaction(Protocol):
-    """Statements inside one transaction (``?`` placeholders)."""
-
-    def execute(self, sql: str, params: tuple | list = ()) -> Any: ...
 
 
 class Datastore(Protocol):
@@ -30,9 +22,8 @@ class Datastore(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]: ...
-    async def write(self, sql: str, params: tuple | list = ()) -> Any: ...
-    async def grouped(self, transaction: Callable[[Any], T], durable: bool = True) -> T: ...
+    async def read(self, script: Script[T]) -> T: ...
+    async def grouped(self, script: Script[T], durable: bool = True) -> T: ...
 
     # users and tokens
     async def count_users(self) -> int: ...
@@ -50,6 +41,10 @@ class Datastore(Protocol):
     async def get_workload(self, workload_id: str, owner: str | None = None) -> Workload: ...
     async def workloads(self, owner: str) -> list[Workload]: ...
     async def workload_view(self, workload: Workload) -> WorkloadView: ...
+    async def view_of(self, workload_id: str, owner: str | None = None) -> WorkloadView: ...
+    async def active_views(self, owner: str) -> list[WorkloadView]: ...
+    async def workload_page(self, owner: str, limit: int = ..., after: str | None = None
+                            ) -> tuple[list[WorkloadView], int, str | None]: ...
     async def next_image_id(self, workload_id: str) -> int: ...
     async def has_image(self, workload_id: str, image_id: int, type_: ImageType) -> bool: ...
     async def get_image(self, workload_id: str, image_id: int, type_: ImageType) -> str: ...

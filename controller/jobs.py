@@ -10,9 +10,9 @@
                         +--------------------------------------------------------- dispatched
 ```
 
-Each transition is one transaction, all or nothing (:meth:`Store.grouped`: a function of the
-connection, committed together with the others waiting at that moment, each in its own
-savepoint), whose guard is in its SQL (``WHERE state = ?``),
+Each transition is one transaction, all or nothing (:meth:`Store.grouped`: a script of
+:mod:`controller.sql`, the same on every engine; on SQLite committed together with the others
+waiting at that moment, each in its own savepoint), whose guard is in its SQL (``WHERE state = ?``),
 and returns a frozen :class:`~controller.models.Job` snapshot, or None when the guard says the
 job had moved on meanwhile (its result arrived while a retry was being decided, ...). The
 upload handler and the scheduler change jobs only through this module; ``complete`` is the
@@ -24,14 +24,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import sqlite3
 import time
 from typing import NamedTuple
 
 from controller.datastore import Datastore
 from controller.images import ImageStore, StoredFile, header, result_problem
 from controller.models import BadInput, Conflict, Filter, ImageType, Job, JobState, Workload, quoted
-from controller.store import tags_of
+from controller.queries import tags_of
+from controller.sql import Script, q
 
 
 class Timing(NamedTuple):
@@ -65,20 +65,16 @@ class JobLifecycle:
         width, height, mode = header or (None, None, None)
         now = time.time()
 
-        def record(db: sqlite3.Connection) -> int | None:
-            db.execute("UPDATE workloads SET next_image_id = MAX(next_image_id, ?) WHERE id = ?",
-                       (image_id + 1, workload.id))
-            db.execute(
-                "INSERT INTO images(workload_id, image_id, type, format, size, created_at,"
-                " width, height, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now, width, height, mode),
-            )
-            return db.execute(
-                "INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)",
-                (workload.id, image_id, JobState.QUEUED.value, now),
-            ).lastrowid
+        def record() -> Script[int]:
+            yield q("UPDATE workloads SET next_image_id = CASE WHEN next_image_id > ? THEN next_image_id"
+                    " ELSE ? END WHERE id = ?", image_id, image_id + 1, workload.id)
+            yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at,"
+                    " width, height, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now, width, height, mode)
+            return (yield q("INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)"
+                            " RETURNING id", workload.id, image_id, JobState.QUEUED.value, now)).scalar()
 
-        job_id = await self.store.grouped(record)
+        job_id = await self.store.grouped(record())
         assert job_id is not None
         return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
                    params=workload.params, workload_dir=workload.dir,
@@ -166,27 +162,21 @@ class JobLifecycle:
         already. False if one was recorded already: the first wins."""
         now = time.time()
 
-        def record(db: sqlite3.Connection) -> bool:
-            if db.execute(
-                "INSERT OR IGNORE INTO images(workload_id, image_id, type, format, size, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (workload_id, image_id, ImageType.FILTERED.value, fmt, size, now),
-            ).rowcount != 1:
+        def record() -> Script[bool]:
+            if (yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        workload_id, image_id, ImageType.FILTERED.value, fmt, size, now)).rowcount != 1:
                 return False
             if timing is None:
-                db.execute(
-                    "UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ? AND image_id = ?",
-                    (JobState.DONE.value, now, workload_id, image_id),
-                )
+                yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ?"
+                        " AND image_id = ?", JobState.DONE.value, now, workload_id, image_id)
             else:
-                db.execute(
-                    "UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
-                    " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ?",
-                    (JobState.DONE.value, now, *timing, workload_id, image_id),
-                )
+                yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
+                        " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ?",
+                        JobState.DONE.value, now, *timing, workload_id, image_id)
             return True
 
-        return await self.store.grouped(record)
+        return await self.store.grouped(record())
 
     async def has_result(self, job: Job) -> bool:
         """Whether the job's result is stored: what "done" means, whatever a worker says."""
@@ -222,24 +212,25 @@ class JobLifecycle:
         """One guarded statement as its own transaction, in a group; whether it changed a row.
         A transition that recovery redoes anyway (dispatched, a copy counted, a retry queued:
         after a crash every dispatched job is queued again) need not wait for the disk."""
-        return await self.store.grouped(lambda db: db.execute(sql, params).rowcount == 1, durable)
+        def statement() -> Script[bool]:
+            return (yield q(sql, *params)).rowcount == 1
+
+        return await self.store.grouped(statement(), durable)
 
     async def recover(self) -> list[Job]:
         """At start: jobs dispatched before a crash go back to queued; every queued job, oldest
         first, is returned to be scheduled again."""
-        async with self.store.transaction() as db:
-            await db.execute(
-                "UPDATE jobs SET state = ?, worker = NULL WHERE state = ?",
-                (JobState.QUEUED.value, JobState.DISPATCHED.value),
-            )
-            async with db.execute(
+        def requeue() -> Script[list]:
+            yield q("UPDATE jobs SET state = ?, worker = NULL WHERE state = ?",
+                    JobState.QUEUED.value, JobState.DISPATCHED.value)
+            return (yield q(
                 "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size, w.params,"
                 " w.dir, i.format, i.width, i.height, i.mode FROM jobs j JOIN workloads w ON w.id = j.workload_id"
                 " JOIN images i ON i.workload_id = j.workload_id AND i.image_id = j.image_id"
                 " AND i.type = ? WHERE j.state = ? ORDER BY j.id",
-                (ImageType.ORIGINAL.value, JobState.QUEUED.value),
-            ) as cur:
-                rows = await cur.fetchall()
+                ImageType.ORIGINAL.value, JobState.QUEUED.value)).rows
+
+        rows = await self.store.grouped(requeue())
         return [Job(r[0], r[1], r[2], Filter(r[4]), tags_of(r[5]), attempts=r[3], size=r[6],
                     params=json.loads(r[7]), workload_dir=r[8],
                     original=(r[9], r[10], r[11], r[12]) if r[12] is not None else None)

@@ -12,6 +12,7 @@ import pytest
 from controller.datastore import Datastore
 from controller.jobs import JobLifecycle
 from controller.models import Conflict, Filter, ImageType, JobState, NotFound
+from controller.sql import Script, q
 from controller.store import Store
 
 IMPLEMENTATIONS: dict[str, Callable[[Path], Datastore]] = {
@@ -179,15 +180,15 @@ async def test_grouped_transactions_commit_together_and_fail_alone(store):
     others of its group stand; each caller hears back only after its group is committed."""
     w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
 
-    def take(db) -> int:
-        return db.execute("UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?"
-                          " RETURNING next_image_id - 1", (w.id,)).fetchone()[0]
+    def take() -> Script[int]:
+        return (yield q("UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?"
+                        " RETURNING next_image_id - 1", w.id)).scalar()
 
-    def half_then_fail(db) -> None:
-        take(db)
+    def half_then_fail() -> Script[None]:
+        yield from take()
         raise ValueError("changed my mind")
 
-    results = await asyncio.gather(*(store.grouped(half_then_fail if i % 5 == 4 else take) for i in range(50)),
+    results = await asyncio.gather(*(store.grouped(half_then_fail() if i % 5 == 4 else take()) for i in range(50)),
                                    return_exceptions=True)
     failed = [r for r in results if isinstance(r, ValueError)]
     taken = sorted(r for r in results if isinstance(r, int))
