@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install browser run test e2e bench bench-tail bench-cli bench-scale clean
+.PHONY: install browser run test e2e bench bench-deps bench-tail bench-cli bench-scale clean
 
 install: $(STAMP)
 
@@ -31,7 +31,16 @@ test: install browser
 e2e: install
 	$(PY) scripts/e2e_local.py
 
-bench: install
+# The baseline make bench measures DPIP against in the same run: Celery + Redis (not DPIP's
+# dependencies; a missing one skips that part of the table, with the reason).
+bench-deps: install
+	@$(PY) -c "import celery, redis" 2>/dev/null || $(PY) -m pip install --quiet 'celery[redis]>=5.3' || \
+	  echo "celery could not be installed: the Celery baseline will be skipped"
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; } || \
+	  echo "redis-server could not be installed: the Celery baseline will be skipped"
+
+bench: bench-deps
 	$(PY) scripts/bench.py
 
 bench-tail: install

@@ -10,6 +10,9 @@
 4. Scaling: N workers whose jobs all take 100 ms longer (capacity 1), against linear (N * 10 img/s);
    a fresh system per N.
 5. History: ``GET /status`` and a page of ``GET /workloads`` with thousands of workloads.
+6. The baseline: Celery 5 + Redis running no-op tasks on this machine in this run
+   (``scripts/celery_noop.py``), so that tiny images and the round trip are also compared with
+   what it does here and now, not only with the issue's figures from another machine.
 
 It ends with one table (figure | measured | target | verdict), also written to
 bench-out/bench-table.txt.
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
 
+from scripts import celery_noop  # noqa: E402
 from scripts.benchclients import aiohttp_push, cli_push, requests_push, round_trips  # noqa: E402
 from scripts.benchtable import Row, latencies_ms, percentile, table  # noqa: E402
 from scripts.frames import frame_png  # noqa: E402
@@ -49,6 +53,7 @@ TABLE = CACHE / "bench-table.txt"
 # The issue's targets.
 TINY_RATE = 780.0  # img/s of tiny images: what Celery + Redis does with no-op tasks here
 ROUND_TRIP_MS = 4.0  # p50, one image at a time
+CELERY_ROUND_TRIP_MS = 1.7  # Celery's no-op round trip where the two targets above were set
 POOL_RATIO = 0.85  # 720p: DPIP / local pool
 HISTORY_MS = 20.0  # p50 of a GET, whatever the history
 SLOW_MS = 100  # the scaling run's job time: every worker does 1000 / SLOW_MS img/s at most
@@ -153,6 +158,25 @@ def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: in
     say(f"DPIP end to end, dpip push --jobs {clients} (its start included) until completed: {cli.rate:.1f} img/s"
         f" in {cli.elapsed:.1f}s; ratio to local pool {dpip.value:.2f} ({dpip.judgement})")
     return [req, aio, dpip]
+
+
+def measure_celery(tasks: int, clients: int, tiny: Row, round_trip: Row) -> list[Row]:
+    """Celery + Redis no-op tasks here and now, and DPIP's tiny figures as fractions of them
+    (the round trip against the issue's own proportion: 4 ms where Celery took 1.7 ms)."""
+    why = celery_noop.missing()
+    if why:
+        say(f"Celery baseline skipped: {why}")
+        return []
+    celery = celery_noop.measure(tasks, clients)
+    say(f"Celery 5 + Redis, no-op tasks, {clients} client threads: {celery.rate:.0f} tasks/s;"
+        f" one at a time, round trip p50 {celery.round_trip_ms:.2f} ms")
+    return [
+        Row("tiny img/s / Celery no-op tasks/s (same run)", tiny.value / celery.rate, "", 1.0, True,
+            f"{tiny.value:.0f} vs {celery.rate:.0f}/s"),
+        Row("round trip p50 / Celery's (same run)", round_trip.value / celery.round_trip_ms, "",
+            round(ROUND_TRIP_MS / CELERY_ROUND_TRIP_MS, 2), False,
+            f"{round_trip.value:.1f} vs {celery.round_trip_ms:.1f} ms"),
+    ]
 
 
 def measure_tiny(system: LocalSystem, token: str, tiny: list[bytes], clients: int, plain_clients: int) -> Row:
@@ -269,7 +293,8 @@ def main() -> int:
             history = measure_history(system, token, a.history)
         scaling = [measure_scaling(Path(tmp) / f"scale-{n}", n, tiny[:n * IMAGES_PER_WORKER], a.tiny_clients)
                    for n in a.scale]
-    text = table([throughput, round_trip, *scaling, *big, *history])
+    baseline = measure_celery(a.tiny * 4, a.tiny_clients, throughput, round_trip)
+    text = table([throughput, round_trip, *baseline, *scaling, *big, *history])
     print(f"\n{text}")
     CACHE.mkdir(exist_ok=True)
     run = " ".join(sys.argv[1:]) or "defaults"
