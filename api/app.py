@@ -53,6 +53,9 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except DpipError as e:
+        if e.status in (503, 507):  # not a bug: a store that is down or full, said as it is
+            logger.warning("%s %s: %s", request.method, clipped(request.path), e)
+            return error_response(e.status, str(e), e.headers())
         if e.status >= 500:
             return _internal_error(request)
         return error_response(e.status, str(e), e.headers())

@@ -39,7 +39,7 @@ from common.formats import FORMATS
 from controller.queries import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
 from controller.auth import JOB, USER, Claims
-from controller.images import StoredFile, check_workload_name
+from controller.images import StoredFile, check_workload_name, image_key
 from controller.models import (
     BadInput,
     Filter,
@@ -147,10 +147,25 @@ async def status(request: web.Request) -> web.Response:
         "server_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "active_workloads": active,
         "workers": workers_json(app, admin=request[CLAIMS].subject == app[SETTINGS].admin_user),
+        "servers": await servers_json(app),
         "queued_jobs": app[SCHEDULER].queued(),
         "scheduler": app[SCHEDULER].describe(),
         "autoscale": app[AUTOSCALER].describe() if AUTOSCALER in app else None,
     })
+
+
+#: A server silent this long is shown as not alive.
+SERVER_TTL = 5.0
+
+
+async def servers_json(app: web.Application) -> list[dict]:
+    """The servers of the system (one, unless several share a database) and which schedules."""
+    leader = await app[SCHEDULER].leader_name()
+    me, now = app[SETTINGS].name(), time.time()
+    return [{"name": r["name"], "api_url": r["api_url"], "alive": now - r["last_seen"] < SERVER_TTL,
+             "leader": r["name"] == leader, "this_server": r["name"] == me, "last_seen": r["last_seen"],
+             "started_at": r["started_at"]}
+            for r in await app[STORE].servers()]
 
 
 def workers_json(app: web.Application, admin: bool = False) -> list[dict]:
@@ -324,10 +339,24 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     fmt = await store.get_image(workload.id, image_id, type_)
     images = request.app[IMAGES]
     if size := params.get("size", "").strip().lower():
-        path = await images.thumbnail(workload.dir, type_, image_id, fmt, size)
+        key = await images.thumbnail(workload.dir, type_, image_id, fmt, size)
     else:
-        path = images.path(workload.dir, type_, image_id, fmt)
-    return web.FileResponse(path, headers={"Content-Type": FORMATS[fmt][1]})
+        key = image_key(workload.dir, type_, image_id, fmt)
+    content_type = FORMATS[fmt][1]
+    download = await images.download(key, content_type)
+    if download.url:  # --redirect-downloads: the object store serves it, for a short while
+        raise web.HTTPTemporaryRedirect(download.url)
+    if download.path is not None:
+        return web.FileResponse(download.path, headers={"Content-Type": content_type})
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    if download.size is not None:
+        response.content_length = download.size
+    await response.prepare(request)
+    assert download.chunks is not None
+    async for chunk in download.chunks:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 @requires(USER)

@@ -35,6 +35,8 @@ class Metrics:
         self.jobs = Gauge("dpip_jobs", "Jobs by state", ["state"], registry=r)
         self.queue_depth = Gauge("dpip_queue_depth", "Jobs queued in the scheduler, waiting for a slot", registry=r)
         self.workers_alive = Gauge("dpip_workers_alive", "Workers alive now", registry=r)
+        self.leader = Gauge("dpip_scheduling", "1 if this server schedules (leads), 0 if it is a standby",
+                            registry=r)
         self.worker_alive = Gauge("dpip_worker_alive", "1 if the worker is alive", ["worker"], registry=r)
         self.worker_cpu = Gauge("dpip_worker_cpu_percent", "CPU use reported by the worker", ["worker"], registry=r)
         self.worker_memory = Gauge("dpip_worker_memory_percent", "Memory use reported by the worker",
@@ -59,6 +61,7 @@ class Metrics:
         for state in JobState:
             self.jobs.labels(state.value).set(counts.get(state.value, 0))
         self.queue_depth.set(scheduler.queued())
+        self.leader.set(1 if scheduler.describe().get("leader") else 0)
         workers = membership.snapshot()
         self.workers_alive.set(sum(w.alive for w in workers))
         self.plane_refused.set(membership.refused)

@@ -12,7 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from api import metrics, openapi
-from api.handlers import requires, workers_json, workload_summaries
+from api.handlers import requires, servers_json, workers_json, workload_summaries
 from api.keys import (
     AUTH,
     AUTOSCALER,
@@ -46,6 +46,8 @@ async def snapshot(request: web.Request) -> dict:
         "workloads": await workload_summaries(request),
         "queued_jobs": request.app[SCHEDULER].queued(),
         "autoscale": request.app[AUTOSCALER].describe() if AUTOSCALER in request.app else None,
+        "servers": [{k: v for k, v in server.items() if k in ("name", "alive", "leader", "this_server")}
+                    for server in await servers_json(request.app)],
     }
 
 
@@ -61,7 +63,7 @@ class Feed:
     id); each entry is encoded once per look, as the whole snapshot was."""
 
     LISTS = {"workers": "name", "workloads": "workload_id"}
-    SCALARS = ("queued_jobs", "autoscale")
+    SCALARS = ("queued_jobs", "autoscale", "servers")
 
     def __init__(self) -> None:
         self.sent: dict[str, dict[str, str]] = {}  # list -> {key: entry's JSON}, in the snapshot's order

@@ -38,6 +38,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HEX_RE = re.compile(r"[0-9a-f]{0,128}")
 MAX_INT = 2**53  # the largest integer every JSON reader agrees on
 MAX_LIST = 4096
+#: An http(s) URL without whitespace ("" allowed).
+URL_RE = re.compile(r"(https?://[^\s]{1,4080})?")
 MAX_TEXT = 256
 
 
@@ -162,6 +164,9 @@ class RunJob:
     tie: str = hex_field("")  # the secret that lets the tied peer cancel this copy
     data: str = text("", max_len=MAX_INLINE_TEXT)  # the original, base64, if small ("": download it)
     inline_result: int = number(0, hi=INLINE_MAX_BYTES)  # a result up to this size comes back inline
+    # With an object store: presigned URLs for this job only (GET the original, PUT the result)
+    original_url: str = _bounds("", max_len=4096, pattern=URL_RE)
+    result_url: str = _bounds("", max_len=4096, pattern=URL_RE)
 
 
 @dataclass(frozen=True)

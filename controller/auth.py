@@ -24,7 +24,7 @@ from pathlib import Path
 import jwt
 
 from controller.models import Forbidden, Unauthorized, quoted
-from controller.store import Store
+from controller.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,39 @@ def load_join_token(data_dir: Path, required: bool) -> str:
         return path.read_text().strip()
     if not required:
         return ""
-    token = secrets.token_urlsafe(24)
+    return _announce_join_token(path, secrets.token_urlsafe(24))
+
+
+def _announce_join_token(path: Path, token: str) -> str:
     write_private(path, token + "\n")
     print(f"DPIP join token for workers (set DPIP_JOIN_TOKEN on each worker): {token}"
           f" (saved in {path})", flush=True)
+    return token
+
+
+async def system_secret(store: Datastore, data_dir: Path) -> bytes:
+    """The key that signs tokens and capabilities: the data dir's, or, when servers share the
+    datastore, the datastore's (made by the first server), so a token from one works on all."""
+    if not store.shared:
+        return load_or_create_secret(data_dir / "jwt-secret")
+    return bytes.fromhex(await store.setting("jwt_secret", secrets.token_bytes(32).hex()))
+
+
+async def system_join_token(store: Datastore, data_dir: Path, given: str, required: bool) -> str:
+    """The join token in force: the one given, else the data dir's; when servers share the
+    datastore, the datastore's (the first server that needs one makes it, and every server
+    keeps a copy in its data dir for operators)."""
+    if given or not store.shared:
+        return given or load_join_token(data_dir, required)
+    token = await store.get_setting("join_token")
+    if token is None and not required:
+        return ""
+    path = data_dir / "join-token"
+    if token is None:
+        token = await store.setting("join_token", secrets.token_urlsafe(24))
+        return _announce_join_token(path, token)
+    if not path.exists() or path.read_text().strip() != token:
+        write_private(path, token + "\n")
     return token
 
 
@@ -101,7 +130,7 @@ class Claims:
 class Auth:
     """Logs users in, issues and checks tokens, revokes them."""
 
-    def __init__(self, store: Store, secret: bytes, token_ttl: float) -> None:
+    def __init__(self, store: Datastore, secret: bytes, token_ttl: float) -> None:
         self.store = store
         self.secret = secret
         self.token_ttl = token_ttl
@@ -192,8 +221,10 @@ class Auth:
             )
         except jwt.ExpiredSignatureError as e:
             raise Unauthorized("token expired: log in again") from e
+        except jwt.InvalidSignatureError as e:
+            raise Unauthorized("invalid token: not signed by this system (log in again)") from e
         except jwt.InvalidTokenError as e:
-            raise Unauthorized(f"invalid token: {e}") from e
+            raise Unauthorized("invalid token: not a token this system issued (log in again)") from e
         # Tokens from before iat_ms existed count as issued at the end of their second.
         issued_ms = raw.get("iat_ms", int(raw.get("iat", 0)) * 1000 + 999)
         return Claims(str(raw["sub"]), str(raw.get("scope", "")), str(raw["jti"]), float(raw["exp"]),

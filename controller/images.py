@@ -1,24 +1,29 @@
-"""The image store: files under ``<data-dir>/images/<workload dir>/<type>/<id>.<ext>``.
+"""The image store: where image bytes live, named by keys ``<workload dir>/<type>/<id>.<ext>``.
 
+Two kinds, one interface (:class:`ImageStore`): files under ``<data-dir>/images/`` (the
+default, :class:`FileImageStore`) or an S3-compatible bucket (:mod:`controller.s3images`).
 A workload's directory is its name, or ``<name>.<id prefix>`` when another user's workload
 already has that name (names are unique per owner only).
 
-Uploads are streamed into a temporary file under ``<data-dir>/incoming/``, fsynced, judged by their
-header (never fully decoded here), then renamed into place: a file at its final name is
-always complete.
+Every upload is judged by its header (never fully decoded here) before it is kept. Into files,
+an upload is streamed into a temporary file under ``<data-dir>/incoming/``, fsynced, then
+renamed into place: a file at its final name is always complete. A small one (a small upload,
+an inline result) is judged in memory and written, synced and renamed in one trip to a thread.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import io
 import os
 import re
+import shutil
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -36,10 +41,14 @@ THUMB_THREADS = 2  # thumbnails made at once; others wait (uploads keep the defa
 #: What Pillow raises beyond ``Image.MAX_IMAGE_PIXELS`` (the warning, when warnings are errors).
 DECOMPRESSION_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 #: Files up to this size are kept in memory as they are received, so a job can carry them
-#: inline (:data:`common.wire.INLINE_MAX_BYTES`) without reading them back from disk.
+#: inline (:data:`common.wire.INLINE_MAX_BYTES`) without reading them back.
 KEEP_BYTES = wire.INLINE_MAX_BYTES
 #: Bytes of recently stored small originals kept in memory, waiting for their jobs.
 RECENT_BYTES = 64 << 20
+#: Decode and reduce to at least this many times the thumbnail's size, then resample properly.
+THUMB_REDUCING_GAP = 2
+_FLUSH_BYTES = 1 << 20
+
 
 def check_workload_name(name: str) -> str:
     """A workload name becomes a directory: only ``[A-Za-z0-9._-]``, 1..64 chars, not dots."""
@@ -51,10 +60,19 @@ def check_workload_name(name: str) -> str:
     return name
 
 
+def image_key(workload_dir: str, type_: ImageType, image_id: int, fmt: str) -> str:
+    """Where an image lives in a store; ``workload_dir`` is ``Workload.dir`` (not its name)."""
+    return f"{workload_dir}/{type_.value}/{image_id}.{FORMATS[fmt][0]}"
+
+
+def thumb_key(workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str) -> str:
+    return f"{workload_dir}/thumbs/{type_.value}-{image_id}-{size}.{FORMATS[fmt][0]}"
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """A received image, judged by its header: in a temporary file under ``incoming/``, or
-    (small ones, see :meth:`ImageStore.receive_bytes`) only in memory until it is committed."""
+    only in memory until it is committed (small ones, and every one bound for an object store)."""
 
     path: Path | None
     format: str
@@ -62,54 +80,178 @@ class StoredFile:
     width: int
     height: int
     mode: str = ""  # Pillow's mode from the header: a grayscale result must be L or LA
-    data: bytes | None = field(default=None, repr=False)  # the bytes too, when small (see KEEP_BYTES)
+    data: bytes | None = field(default=None, repr=False)  # the bytes too, when in memory
 
 
-class ImageStore:
-    """Where image files live, and how uploads get there safely."""
+@dataclass(frozen=True)
+class Download:
+    """How to send a stored image: a local file, bytes in chunks, or a URL to redirect to."""
 
-    def __init__(
-        self, root: Path, incoming: Path, max_bytes: int, max_pixels: int, fsync: bool = True
-    ) -> None:
-        self.root = root
-        self.incoming = incoming
+    path: Path | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    size: int | None = None
+    url: str = ""
+
+
+class ImageStore(abc.ABC):
+    """What every image store does: judge uploads, keep them at keys, hand them out, and keep
+    the bytes of recent small originals in memory for their jobs."""
+
+    #: Whether workers reach the store directly (presigned URLs) rather than through the API.
+    direct = False
+
+    def __init__(self, max_bytes: int, max_pixels: int) -> None:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
-        self.fsync = fsync
         self._thumb_pool = ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="thumbs")
         self._thumb_slots = asyncio.Semaphore(THUMB_THREADS)
-        self._committed: set[Path] = set()  # temp files commit() took: discard() has nothing to do
-        self._recent: OrderedDict[Path, bytes] = OrderedDict()  # small stored files, newest last
+        self._recent: OrderedDict[str, bytes] = OrderedDict()  # small stored originals, newest last
         self._recent_bytes = 0
-        self._dir_sync = DirSync()
 
-    def close(self) -> None:
+    async def open(self) -> None:
+        """Get ready (an object store: its bucket exists)."""
+
+    async def close(self) -> None:
         self._thumb_pool.shutdown(wait=False, cancel_futures=True)
 
-    def path(self, workload_dir: str, type_: ImageType, image_id: int, fmt: str) -> Path:
-        """Where an image lives; ``workload_dir`` is ``Workload.dir`` (not its name)."""
-        return self.root / workload_dir / type_.value / f"{image_id}.{FORMATS[fmt][0]}"
+    # -- receiving --------------------------------------------------------------------------
 
-    async def thumbnail(self, workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str) -> Path:
-        """A scaled copy, made on first request and kept under ``<workload>/thumbs/``. Stored
-        images never change (ids are not reused, results are first-wins), so neither do these."""
+    @abc.abstractmethod
+    async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+        """Take an upload's bytes and judge them; then :meth:`commit` or :meth:`discard`."""
+
+    async def receive_bytes(self, data: bytes) -> StoredFile:
+        """An image already in memory (a small upload, a result that came back inline), judged
+        like :meth:`receive`, and written only by :meth:`commit`."""
+        if not data:
+            raise BadInput("the uploaded file is empty")
+        if len(data) > self.max_bytes:
+            raise TooLarge(f"image larger than the limit of {self.max_bytes} bytes")
+        fmt = sniff_format(data[:16])
+        if fmt is None:
+            raise BadInput("the uploaded file is not an image (unknown format)")
+        head = png_header(data) if fmt == "PNG" else None  # an 8-bit PNG: no Pillow, no thread
+        if head is None:
+            head = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
+        width, height, mode = head
+        self._check_pixels(width, height)
+        return StoredFile(None, fmt, len(data), width, height, mode, data)
+
+    async def _receive_in_memory(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+        """:meth:`receive` for stores that keep nothing on the server's disk."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            if size == 0 and len(chunk) >= 16 and sniff_format(chunk[:16]) is None:
+                raise BadInput("the uploaded file is not an image (unknown format)")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise TooLarge(f"image larger than the limit of {self.max_bytes} bytes")
+            parts.append(chunk)
+        return await self.receive_bytes(b"".join(parts))
+
+    def _check_pixels(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
+
+    @abc.abstractmethod
+    async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
+        """Put a received image at ``key``. With ``replace=False`` an existing image wins
+        (returns False and drops the new one): that keeps result writes idempotent. With
+        ``keep`` a small image's bytes stay in memory for :meth:`small_file` (an original, for
+        its job)."""
+
+    async def discard(self, stored: StoredFile) -> None:
+        """Drop a received image that was not committed."""
+
+    # -- handing out ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def download(self, key: str, content_type: str) -> Download:
+        """How to send the image at ``key`` to a client."""
+
+    @abc.abstractmethod
+    async def read(self, key: str) -> bytes:
+        """The bytes at ``key`` (``FileNotFoundError`` if there are none)."""
+
+    @abc.abstractmethod
+    async def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def write(self, key: str, data: bytes) -> None:
+        """Put ``data`` at ``key`` (a thumbnail: derived data, no durability needed)."""
+
+    async def small_file(self, key: str, size: int, limit: int) -> bytes | None:
+        """The bytes of a stored image of ``size`` bytes if at most ``limit`` (from memory if
+        it was stored recently), or None if it is larger."""
+        if size > limit:
+            return None
+        data = self._recent.get(key)
+        if data is not None:
+            return data
+        return await self.read(key)
+
+    def forget(self, key: str) -> None:
+        """Drop an image's bytes from memory (its job is done with it)."""
+        data = self._recent.pop(key, None)
+        if data is not None:
+            self._recent_bytes -= len(data)
+
+    def _remember(self, key: str, data: bytes) -> None:
+        self.forget(key)
+        self._recent[key] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_BYTES:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
+
+    async def thumbnail(self, workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str) -> str:
+        """The key of a scaled copy, made on first request and kept under ``<workload>/thumbs/``.
+        Stored images never change (ids are not reused, results are first-wins), so neither do
+        these."""
         px = THUMB_SIZES.get(size)
         if px is None:
             raise BadInput(f"size must be one of {', '.join(THUMB_SIZES)}, got {quoted(size)}")
-        ext = FORMATS[fmt][0]
-        thumb = self.root / workload_dir / "thumbs" / f"{type_.value}-{image_id}-{size}.{ext}"
-        if not thumb.exists():
-            source = self.path(workload_dir, type_, image_id, fmt)
+        key = thumb_key(workload_dir, type_, image_id, fmt, size)
+        if not await self.exists(key):
+            source = await self.read(image_key(workload_dir, type_, image_id, fmt))
             async with self._thumb_slots:  # a gallery asks for dozens at once; decoding is heavy
                 try:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self._thumb_pool, _make_thumbnail, source, thumb, px, fmt)
+                    data = await asyncio.get_running_loop().run_in_executor(
+                        self._thumb_pool, make_thumbnail, source, px, fmt)
                 except (OSError, SyntaxError, ValueError, *DECOMPRESSION_BOMB) as e:
                     raise BadInput(f"{type_.value} image {image_id} cannot be decoded for a thumbnail: {e}") from e
-        return thumb
+            await self.write(key, data)
+        return key
+
+    # -- workers' direct access (object stores) --------------------------------------------
+
+    async def job_urls(self, original: str, result: str, expires_in: float) -> tuple[str, str] | None:
+        """URLs a worker may GET the original from and PUT the result to, for ``expires_in``
+        seconds, or None if workers go through the API."""
+        return None
+
+    async def stored_result(self, key: str) -> StoredFile | None:
+        """A result a worker put at ``key`` itself, judged by its header; None if there is none."""
+        return None
+
+
+class FileImageStore(ImageStore):
+    """Images as files under ``root`` (``<data-dir>/images``), uploads staged in ``incoming``."""
+
+    def __init__(self, root: Path, incoming: Path, max_bytes: int, max_pixels: int, fsync: bool = True) -> None:
+        super().__init__(max_bytes, max_pixels)
+        self.root = root
+        self.incoming = incoming
+        self.fsync = fsync
+        self._committed: set[Path] = set()  # temp files commit() took: discard() has nothing to do
+        self._dir_sync = DirSync()
+
+    def path(self, key: str) -> Path:
+        return self.root / key
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
-        """Stream ``chunks`` into a file under ``incoming`` and validate it; then :meth:`commit`.
+        """Stream ``chunks`` into a file under ``incoming`` and validate it.
 
         Bytes are buffered up to 1 MiB between writes, so a small image costs one trip to
         the executor and a large one a few, instead of one per network chunk.
@@ -135,60 +277,12 @@ class ImageStore:
                 raise BadInput("the uploaded file is empty")
             kept = b"".join(buffered) if size <= KEEP_BYTES else None  # never flushed: all here
             fmt, width, height, mode = await loop.run_in_executor(None, self._finish, writer, buffered, kept)
+            self._check_pixels(width, height)
         except BaseException:
             writer.close()
             tmp.unlink(missing_ok=True)
             raise
-        try:
-            self._check_pixels(width, height)
-        except BadInput:
-            tmp.unlink(missing_ok=True)
-            raise
         return StoredFile(tmp, fmt, size, width, height, mode, kept)
-
-    async def receive_bytes(self, data: bytes) -> StoredFile:
-        """An image already in memory (a small upload, a result that came back inline), judged
-        like :meth:`receive`, and written only by :meth:`commit`: one trip to the disk's thread
-        for the write, its fsync and its rename, not two."""
-        if not data:
-            raise BadInput("the uploaded file is empty")
-        if len(data) > self.max_bytes:
-            raise TooLarge(f"image larger than the limit of {self.max_bytes} bytes")
-        fmt = sniff_format(data[:16])
-        if fmt is None:
-            raise BadInput("the uploaded file is not an image (unknown format)")
-        head = png_header(data) if fmt == "PNG" else None  # an 8-bit PNG: no Pillow, no thread
-        if head is None:
-            head = await asyncio.get_running_loop().run_in_executor(None, _header_of, io.BytesIO(data), fmt)
-        width, height, mode = head
-        self._check_pixels(width, height)
-        return StoredFile(None, fmt, len(data), width, height, mode, data)
-
-    def _check_pixels(self, width: int, height: int) -> None:
-        if width * height > self.max_pixels:
-            raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
-
-    async def small_file(self, path: Path, limit: int) -> bytes | None:
-        """The bytes of a stored file of at most ``limit`` bytes (from memory if it was stored
-        recently), or None if it is larger."""
-        data = self._recent.get(path)
-        if data is not None:
-            return data if len(data) <= limit else None
-        return await asyncio.get_running_loop().run_in_executor(None, _read_small, path, limit)
-
-    def forget(self, path: Path) -> None:
-        """Drop a file's bytes from memory (its job is done with it)."""
-        data = self._recent.pop(path, None)
-        if data is not None:
-            self._recent_bytes -= len(data)
-
-    def _remember(self, path: Path, data: bytes) -> None:
-        self.forget(path)
-        self._recent[path] = data
-        self._recent_bytes += len(data)
-        while self._recent_bytes > RECENT_BYTES:
-            _, old = self._recent.popitem(last=False)
-            self._recent_bytes -= len(old)
 
     def _finish(self, writer: _TmpWriter, rest: list[bytes], kept: bytes | None) -> tuple[str, int, int, str]:
         """Write the rest, flush to disk, then read the header (only): format and size. A small
@@ -207,14 +301,11 @@ class ImageStore:
                 fmt = sniff_format(g.read(16))
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
-        return fmt, *_header_of(source, fmt)
+        return fmt, *header_of(source, fmt)
 
-    async def commit(self, stored: StoredFile, final: Path, replace: bool = True, keep: bool = False) -> bool:
-        """Move a received file to its final name. With ``replace=False`` an existing file wins
-        (returns False and drops the new one): that keeps result writes idempotent. With
-        ``keep`` a small file's bytes stay in memory for :meth:`small_file` (an original, for
-        its job)."""
+    async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
         loop = asyncio.get_running_loop()
+        final = self.path(key)
         if stored.path is None:  # in memory: written, synced and placed in one trip
             assert stored.data is not None
             tmp = self.incoming / f"{uuid.uuid4().hex}.upload"
@@ -223,18 +314,30 @@ class ImageStore:
             placed = await loop.run_in_executor(None, self._place, stored.path, final, replace)
             self._committed.add(stored.path)  # gone from incoming/ either way (placed, or dropped)
         if placed and keep and stored.data is not None:
-            self._remember(final, stored.data)
+            self._remember(key, stored.data)
         return placed
 
     async def discard(self, stored: StoredFile) -> None:
         """Drop a received file that was not committed (nothing to do once it was moved into
-        place: no trip to the executor then)."""
+        place, or if it was never written: no trip to the executor then)."""
         if stored.path is None:
-            return  # never written
+            return
         if stored.path in self._committed:
             self._committed.discard(stored.path)
             return
         await asyncio.get_running_loop().run_in_executor(None, _unlink, stored.path)
+
+    async def download(self, key: str, content_type: str) -> Download:
+        return Download(path=self.path(key))
+
+    async def read(self, key: str) -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(None, self.path(key).read_bytes)
+
+    async def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    async def write(self, key: str, data: bytes) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, _write_replacing, self.path(key), data)
 
     def _write_placed(self, data: bytes, tmp: Path, final: Path, replace: bool) -> bool:
         """In a thread: ``data`` into ``tmp`` (synced), then placed at ``final``."""
@@ -265,10 +368,9 @@ class ImageStore:
             self._dir_sync.sync(dst.parent)
         return True
 
-
-_FLUSH_BYTES = 1 << 20
-#: Decode and reduce to at least this many times the thumbnail's size, then resample properly.
-THUMB_REDUCING_GAP = 2
+    def remove_tree(self, workload_dir: str) -> None:
+        """In a thread: every file of a workload."""
+        shutil.rmtree(self.root / workload_dir, ignore_errors=True)
 
 
 class _TmpWriter:
@@ -291,32 +393,6 @@ class _TmpWriter:
             os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
-
-
-def _make_thumbnail(source: Path, thumb: Path, px: int, fmt: str) -> None:
-    """Decode reduced where the format allows (JPEG: at 1/2..1/8 scale via ``draft``), then
-    shrink in steps: a 50 MP photo never becomes 150 MB of pixels for a 300 px preview."""
-    with Image.open(source) as im:
-        if im.format == "JPEG":
-            im.draft(im.mode, (px * THUMB_REDUCING_GAP, px * THUMB_REDUCING_GAP))
-        im.thumbnail((px, px), reducing_gap=THUMB_REDUCING_GAP)
-        thumb.parent.mkdir(parents=True, exist_ok=True)
-        tmp = thumb.with_name(f".{uuid.uuid4().hex}.tmp")  # two first requests may race
-        try:
-            im.save(tmp, fmt)
-            os.replace(tmp, thumb)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def _read_small(path: Path, limit: int) -> bytes | None:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    return data if len(data) <= limit else None
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
 
 
 class DirSync:
@@ -364,7 +440,7 @@ class _DirState:
     syncing: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _header_of(source: Path | io.BytesIO, fmt: str) -> tuple[int, int, str]:
+def header_of(source: Path | io.BytesIO, fmt: str) -> tuple[int, int, str]:
     """(width, height, mode) from an image's header (no pixels decoded)."""
     try:
         with Image.open(source, formats=[fmt]) as im:
@@ -375,9 +451,42 @@ def _header_of(source: Path | io.BytesIO, fmt: str) -> tuple[int, int, str]:
         raise BadInput(f"the uploaded {fmt} image has a broken header: {e}") from e
 
 
+def make_thumbnail(source: bytes, px: int, fmt: str) -> bytes:
+    """Decode reduced where the format allows (JPEG: at 1/2..1/8 scale via ``draft``), then
+    shrink in steps: a 50 MP photo never becomes 150 MB of pixels for a 300 px preview."""
+    with Image.open(io.BytesIO(source)) as im:
+        if im.format == "JPEG":
+            im.draft(im.mode, (px * THUMB_REDUCING_GAP, px * THUMB_REDUCING_GAP))
+        im.thumbnail((px, px), reducing_gap=THUMB_REDUCING_GAP)
+        out = io.BytesIO()
+        im.save(out, fmt)
+        return out.getvalue()
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")  # two first requests may race
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
 def header(path: Path) -> tuple[str, int, int, str]:
     """(format, width, height, mode) of a stored image, from its header only."""
     with Image.open(path) as im:
+        return im.format or "", im.size[0], im.size[1], im.mode
+
+
+def header_from_bytes(data: bytes) -> tuple[str, int, int, str]:
+    with Image.open(io.BytesIO(data)) as im:
         return im.format or "", im.size[0], im.size[1], im.mode
 
 

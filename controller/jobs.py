@@ -28,8 +28,8 @@ import time
 from typing import NamedTuple
 
 from controller.datastore import Datastore
-from controller.images import ImageStore, StoredFile, header, result_problem
-from controller.models import BadInput, Conflict, Filter, ImageType, Job, JobState, Workload, quoted
+from controller.images import ImageStore, StoredFile, header_from_bytes, image_key, result_problem
+from controller.models import BadInput, Conflict, Filter, ImageType, Job, JobState, NotFound, Workload, quoted
 from controller.queries import tags_of
 from controller.sql import Script, q
 
@@ -52,6 +52,7 @@ class JobLifecycle:
         self._locks: dict[str, asyncio.Lock] = {}
         self._next_ids: dict[str, int] = {}  # workload -> its next original id (see _take_id)
         self._taken: dict[str, set[int]] = {}  # workload -> ids of originals being placed now
+        self._background: set[asyncio.Future] = set()
 
     def lock(self, workload_id: str) -> asyncio.Lock:
         """Serialises a workload's image writes: originals take ids in arrival order, and the
@@ -68,9 +69,11 @@ class JobLifecycle:
         def record() -> Script[int]:
             yield q("UPDATE workloads SET next_image_id = CASE WHEN next_image_id > ? THEN next_image_id"
                     " ELSE ? END WHERE id = ?", image_id, image_id + 1, workload.id)
-            yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at,"
-                    " width, height, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now, width, height, mode)
+            if (yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at,"
+                        " width, height, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now, width, height,
+                        mode)).rowcount != 1:  # another server took that id meanwhile (a client chose it twice)
+                raise Conflict(f"original image {image_id} of workload {quoted(workload.id)} already exists")
             return (yield q("INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)"
                             " RETURNING id", workload.id, image_id, JobState.QUEUED.value, now)).scalar()
 
@@ -98,17 +101,26 @@ class JobLifecycle:
             image_id = chosen
         try:
             return await self._place_original(workload, image_id, stored)
-        except BaseException:
+        except asyncio.CancelledError:
             self._give_back(workload.id, image_id)
             raise
+        except BaseException:
+            if self.store.shared:
+                await self.store.grouped(_give_counter_back(workload.id, image_id), durable=False)
+            else:
+                self._give_back(workload.id, image_id)
+            raise
         finally:
-            self._taken[workload.id].discard(image_id)
+            self._taken.get(workload.id, set()).discard(image_id)
 
     async def _take_id(self, workload_id: str) -> int:
         """The workload's next original id, taken in memory (no lock held over the upload's
         I/O): concurrent uploads get distinct ids in arrival order. The datastore's counter,
         which each recorded original advances, seeds it; so after a crash an id taken but not
-        recorded is taken again by the next upload."""
+        recorded is taken again by the next upload. When other servers take ids too (a shared
+        datastore), the counter itself is taken, in one statement."""
+        if self.store.shared:
+            return await self.store.grouped(_take_counter(workload_id), durable=False)
         if workload_id not in self._next_ids:
             async with self.lock(workload_id):
                 if workload_id not in self._next_ids:
@@ -124,12 +136,17 @@ class JobLifecycle:
     def _give_back(self, workload_id: str, image_id: int) -> None:
         """An upload that failed after taking the newest id returns it (no gap for a client that
         sends one image at a time)."""
-        if self._next_ids.get(workload_id) == image_id + 1:
+        if self.store.shared:  # (not awaited: the upload is being cancelled)
+            task = asyncio.ensure_future(self.store.grouped(_give_counter_back(workload_id, image_id), durable=False))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure costs a gap only
+        elif self._next_ids.get(workload_id) == image_id + 1:
             self._next_ids[workload_id] = image_id
 
     async def _place_original(self, workload: Workload, image_id: int, stored: StoredFile) -> Job:
         assert self.images is not None
-        await self.images.commit(stored, self.images.path(workload.dir, ImageType.ORIGINAL, image_id, stored.format),
+        await self.images.commit(stored, image_key(workload.dir, ImageType.ORIGINAL, image_id, stored.format),
                                  keep=True)
         return await self.enqueue(workload, image_id, stored.format, stored.size,
                                   (stored.width, stored.height, stored.mode))
@@ -218,23 +235,21 @@ class JobLifecycle:
         return await self.store.grouped(statement(), durable)
 
     async def recover(self) -> list[Job]:
-        """At start: jobs dispatched before a crash go back to queued; every queued job, oldest
+        """At the start of scheduling (a start, a takeover): jobs dispatched before (by a
+        server that crashed, or lost the lead) go back to queued; every queued job, oldest
         first, is returned to be scheduled again."""
         def requeue() -> Script[list]:
             yield q("UPDATE jobs SET state = ?, worker = NULL WHERE state = ?",
                     JobState.QUEUED.value, JobState.DISPATCHED.value)
-            return (yield q(
-                "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size, w.params,"
-                " w.dir, i.format, i.width, i.height, i.mode FROM jobs j JOIN workloads w ON w.id = j.workload_id"
-                " JOIN images i ON i.workload_id = j.workload_id AND i.image_id = j.image_id"
-                " AND i.type = ? WHERE j.state = ? ORDER BY j.id",
-                ImageType.ORIGINAL.value, JobState.QUEUED.value)).rows
+            return (yield from _queued(()))
 
-        rows = await self.store.grouped(requeue())
-        return [Job(r[0], r[1], r[2], Filter(r[4]), tags_of(r[5]), attempts=r[3], size=r[6],
-                    params=json.loads(r[7]), workload_dir=r[8],
-                    original=(r[9], r[10], r[11], r[12]) if r[12] is not None else None)
-                for r in rows]
+        return [_job_of(r) for r in await self.store.grouped(requeue())]
+
+    async def queued(self, ids: list[int] | tuple[int, ...] = (), after: int = -1, limit: int = 1000) -> list[Job]:
+        """Queued jobs (those of ``ids``, or the first ``limit`` of id above ``after``), oldest
+        first: what another server enqueued, for the one that schedules."""
+        rows = await self.store.read(_queued(tuple(ids), after, limit))
+        return [_job_of(r) for r in rows]
 
     # -- results ----------------------------------------------------------------------------
 
@@ -242,30 +257,49 @@ class JobLifecycle:
                             original: tuple[str, int, int, str] | None, stored: StoredFile,
                             timing: Timing | None = None) -> bool:
         """A received result: judged against its ``original`` (format, size, mode; read from the
-        file if the row predates headers), put in place and recorded. BadInput if it cannot be
+        image if the row predates headers), put in place and recorded. BadInput if it cannot be
         the job's result; False if another result was first (this one is dropped)."""
         assert self.images is not None
-        if original is None:  # stored by an earlier version: read its header from the file
-            fmt = (await self.store.image_header(workload_id, image_id, ImageType.ORIGINAL))[0]
-            path = self.images.path(workload_dir, ImageType.ORIGINAL, image_id, fmt)
-            original = await asyncio.to_thread(header, path)
+        original = await self._original_header(workload_id, workload_dir, image_id, original)
         problem = result_problem(filter_name, original, stored)
         if problem:
             raise BadInput(f"result rejected: {problem}")
-        final = self.images.path(workload_dir, ImageType.FILTERED, image_id, stored.format)
+        key = image_key(workload_dir, ImageType.FILTERED, image_id, stored.format)
         async with self.lock(workload_id):  # first result wins; a late or duplicate one changes nothing
-            await self.images.commit(stored, final, replace=False)
+            await self.images.commit(stored, key, replace=False)
             return await self.complete(workload_id, image_id, stored.format, stored.size, timing)
+
+    async def _original_header(self, workload_id: str, workload_dir: str, image_id: int,
+                               original: tuple[str, int, int, str] | None) -> tuple[str, int, int, str]:
+        if original is not None:
+            return original
+        assert self.images is not None  # stored by an earlier version: read its header from the image
+        fmt = (await self.store.image_header(workload_id, image_id, ImageType.ORIGINAL))[0]
+        data = await self.images.read(image_key(workload_dir, ImageType.ORIGINAL, image_id, fmt))
+        return await asyncio.to_thread(header_from_bytes, data)
+
+    def _original_key(self, job: Job) -> str:
+        assert job.original is not None
+        return image_key(job.workload_dir, ImageType.ORIGINAL, job.image_id, job.original[0])
 
     async def inline_original(self, job: Job, limit: int) -> bytes | None:
         """The job's original if it is at most ``limit`` bytes (to send with the job), else None."""
-        if self.images is None or job.original is None or job.size > limit:
+        if self.images is None or job.original is None:
             return None
-        path = self.images.path(job.workload_dir, ImageType.ORIGINAL, job.image_id, job.original[0])
         try:
-            return await self.images.small_file(path, limit)
+            return await self.images.small_file(self._original_key(job), job.size, limit)
         except OSError:
             return None  # the worker downloads it, and hears why it cannot
+
+    async def direct_urls(self, job: Job, expires_in: float) -> tuple[str, str] | None:
+        """Where the worker gets the original and puts the result itself (an object store's
+        presigned URLs, for this job only), or None: through the API."""
+        if self.images is None or not self.images.direct or job.original is None:
+            return None
+        fmt = job.original[0]
+        return await self.images.job_urls(self._original_key(job),
+                                          image_key(job.workload_dir, ImageType.FILTERED, job.image_id, fmt),
+                                          expires_in)
 
     async def store_inline_result(self, job: Job, data: bytes, timing: Timing) -> None:
         """A result that came back inside the job's reply: stored as an upload would be, with
@@ -279,5 +313,50 @@ class JobLifecycle:
         finally:
             await self.images.discard(stored)
         if job.original is not None:
-            self.images.forget(self.images.path(job.workload_dir, ImageType.ORIGINAL, job.image_id,
-                                                job.original[0]))
+            self.images.forget(self._original_key(job))
+
+    async def accept_direct_result(self, job: Job, timing: Timing) -> str | None:
+        """A result the worker put into the object store itself: judged by its header as an
+        upload would be and recorded; why it cannot be the result, or None once it is recorded
+        (or another copy's was first)."""
+        assert self.images is not None and job.original is not None
+        key = image_key(job.workload_dir, ImageType.FILTERED, job.image_id, job.original[0])
+        stored = await self.images.stored_result(key)
+        if stored is None:
+            return "reported success but stored no result"
+        original = await self._original_header(job.workload_id, job.workload_dir, job.image_id, job.original)
+        problem = result_problem(job.filter.value, original, stored)
+        if problem:
+            return f"result rejected: {problem}"
+        await self.complete(job.workload_id, job.image_id, stored.format, stored.size, timing)
+        self.images.forget(self._original_key(job))
+        return None
+
+
+def _queued(ids: tuple[int, ...], after: int = -1, limit: int = 1_000_000) -> Script[list]:
+    where = f" AND j.id IN ({','.join('?' * len(ids))})" if ids else " AND j.id > ?"
+    return (yield q(
+        "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size, w.params,"
+        " w.dir, i.format, i.width, i.height, i.mode FROM jobs j JOIN workloads w ON w.id = j.workload_id"
+        " JOIN images i ON i.workload_id = j.workload_id AND i.image_id = j.image_id"
+        " AND i.type = ? WHERE j.state = ?" + where + " ORDER BY j.id LIMIT ?",
+        ImageType.ORIGINAL.value, JobState.QUEUED.value, *(ids or (after,)), limit)).rows
+
+
+def _job_of(r) -> Job:
+    return Job(r[0], r[1], r[2], Filter(r[4]), tags_of(r[5]), attempts=r[3], size=r[6],
+               params=json.loads(r[7]), workload_dir=r[8],
+               original=(r[9], r[10], r[11], r[12]) if r[12] is not None else None)
+
+
+def _take_counter(workload_id: str) -> Script[int]:
+    taken = (yield q("UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?"
+                     " RETURNING next_image_id - 1", workload_id)).scalar()
+    if taken is None:
+        raise NotFound(f"workload {quoted(workload_id)} not found")
+    return taken
+
+
+def _give_counter_back(workload_id: str, image_id: int) -> Script[None]:
+    yield q("UPDATE workloads SET next_image_id = ? WHERE id = ? AND next_image_id = ?",
+            image_id, workload_id, image_id + 1)

@@ -34,7 +34,7 @@ from common.seal import C2W, JOIN, W2C, Channel, SealError, join_key, open_with,
 from controller import capability
 from controller.capability import JobClaims
 from controller.models import Unauthorized
-from controller.store import Store
+from controller.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Membership:
 
     def __init__(
         self,
-        store: Store,
+        store: Datastore,
         secret: bytes,
         api_port: int,
         public_url: str,
@@ -140,6 +140,12 @@ class Membership:
         """``on_change()`` after any heartbeat or join; ``on_lost(name)`` when a worker dies."""
         self._on_change.append(on_change)
         self._on_lost.append(on_lost)
+
+    def unsubscribe(self, on_change: Callable[[], None], on_lost: Callable[[str], None]) -> None:
+        if on_change in self._on_change:
+            self._on_change.remove(on_change)
+        if on_lost in self._on_lost:
+            self._on_lost.remove(on_lost)
 
     async def start(self, address: str) -> None:
         now = time.time()

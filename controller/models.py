@@ -92,6 +92,22 @@ class UnsupportedMedia(BadInput):
     status = 415
 
 
+class Unavailable(DpipError):
+    """A service the request needs (the database, the object store) cannot be reached right
+    now; the same request may succeed shortly."""
+
+    status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
+
+
+class InsufficientStorage(DpipError):
+    """No space left where images or records are kept."""
+
+    status = 507
+
+
 #: The filters a workload may ask for: made from the registry (common.filters), never listed here.
 Filter = Enum("Filter", {name.upper(): name for name in filters.REGISTRY}, type=str)  # type: ignore[misc]
 

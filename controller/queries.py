@@ -25,7 +25,7 @@ from controller.models import (
     WorkloadView,
     quoted,
 )
-from controller.sql import Script, UniqueViolation, q
+from controller.sql import Script, q
 
 T = TypeVar("T")
 
@@ -90,11 +90,9 @@ class SqlDatastore(abc.ABC):
         now = time.time()
 
         def add() -> Script[None]:
-            try:
-                yield q("INSERT INTO users(name, password_hash, created_at) VALUES (?, ?, ?)",
-                        name, password_hash, now)
-            except UniqueViolation as e:
-                raise Conflict(f"user {quoted(name)} exists") from e
+            if (yield q("INSERT INTO users(name, password_hash, created_at) VALUES (?, ?, ?)"
+                        " ON CONFLICT DO NOTHING", name, password_hash, now)).rowcount != 1:
+                raise Conflict(f"user {quoted(name)} exists")
 
         await self.grouped(add())
         return now
@@ -137,6 +135,38 @@ class SqlDatastore(abc.ABC):
         rows = await self.read(_rows("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", time.time()))
         return {r[0] for r in rows}
 
+    # -- settings shared by every server of the system --------------------------------------
+
+    async def get_setting(self, name: str) -> str | None:
+        return await self.read(_scalar("SELECT value FROM settings WHERE name = ?", name))
+
+    async def setting(self, name: str, default: str) -> str:
+        """The setting, made ``default`` if it has none yet (the first server to ask wins)."""
+        def get_or_set() -> Script[str]:
+            yield q("INSERT INTO settings(name, value) VALUES (?, ?) ON CONFLICT DO NOTHING", name, default)
+            return (yield q("SELECT value FROM settings WHERE name = ?", name)).scalar()
+
+        return await self.grouped(get_or_set())
+
+    # -- the servers of the system ---------------------------------------------------------
+
+    async def server_seen(self, name: str, api_url: str, controller: str, started_at: float) -> None:
+        """This server is alive (every second or so)."""
+        await self.grouped(_statement(
+            "INSERT INTO servers(name, api_url, controller, started_at, last_seen) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET api_url = excluded.api_url, controller = excluded.controller,"
+            " started_at = excluded.started_at, last_seen = excluded.last_seen",
+            name, api_url, controller, started_at, time.time()), durable=False)
+
+    async def servers(self) -> list[dict]:
+        rows = await self.read(_rows("SELECT name, api_url, controller, started_at, last_seen FROM servers"
+                                     " ORDER BY name"))
+        return [{"name": r[0], "api_url": r[1], "controller": r[2], "started_at": r[3], "last_seen": r[4]}
+                for r in rows]
+
+    async def forget_servers(self, older_than: float) -> None:
+        await self.grouped(_statement("DELETE FROM servers WHERE last_seen < ?", older_than), durable=False)
+
     # -- workloads --------------------------------------------------------------------------
 
     async def create_workload(
@@ -151,17 +181,21 @@ class SqlDatastore(abc.ABC):
 
         def create() -> Script[str]:
             # Its directory is its name unless another user's workload has that one already:
-            # chosen in the statement itself, so two creations at once cannot both take it.
-            try:
+            # chosen in the statement itself, so two creations at once cannot both take it
+            # (on an engine with concurrent writers the loser tries the other directory).
+            for dir_ in (None, f"{name}.{wid[:8]}"):
                 result = yield q(
                     "INSERT INTO workloads(id, name, dir, owner, filter, tags, created_at, meta, params)"
-                    " SELECT ?, ?, CASE WHEN EXISTS (SELECT 1 FROM workloads WHERE dir = ?)"
-                    " THEN ? ELSE ? END, ?, ?, ?, ?, ?, ? RETURNING dir",
-                    wid, name, name, f"{name}.{wid[:8]}", name, owner, filter.value, ",".join(tags), now,
-                    json.dumps(meta), json.dumps(params))
-            except UniqueViolation as e:
-                raise Conflict(f"workload_name {quoted(name)} is already in use (by one of yours)") from e
-            return result.scalar()
+                    " VALUES (?, ?, " + ("CASE WHEN EXISTS (SELECT 1 FROM workloads WHERE dir = ?) THEN ? ELSE ? END"
+                                         if dir_ is None else "?") + ", ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING RETURNING dir",
+                    wid, name, *((name, f"{name}.{wid[:8]}", name) if dir_ is None else (dir_,)), owner,
+                    filter.value, ",".join(tags), now, json.dumps(meta), json.dumps(params))
+                if result.rows:
+                    return result.scalar()
+                if (yield q("SELECT 1 FROM workloads WHERE owner = ? AND name = ?", owner, name)).rows:
+                    break
+            raise Conflict(f"workload_name {quoted(name)} is already in use (by one of yours)")
 
         return Workload(wid, name, owner, filter, tags, now, meta, await self.grouped(create()), params)
 

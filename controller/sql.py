@@ -13,8 +13,9 @@ datastore's queries exist once, whatever stores them::
 
 Statements use ``?`` placeholders and the SQL both engines speak (``RETURNING``, ``ON CONFLICT
 DO NOTHING``, ``CASE`` rather than two-argument ``MAX``); a driver translates placeholders. A
-unique constraint that fails is thrown into the script as :class:`UniqueViolation`, whatever
-the engine's own exception, so a script may catch it.
+statement that fails ends its script's transaction (PostgreSQL cannot go on after one), so a
+script avoids expected failures in SQL (``ON CONFLICT DO NOTHING``, then looks at what it got);
+a unique constraint that fails anyway leaves as :class:`UniqueViolation`, whatever the engine.
 """
 
 from __future__ import annotations
@@ -64,12 +65,7 @@ def run(script: Script[T], execute: Callable[[Statement], Result]) -> T:
     try:
         statement = next(script)
         while True:
-            try:
-                result = execute(statement)
-            except UniqueViolation as e:
-                statement = script.throw(e)
-                continue
-            statement = script.send(result)
+            statement = script.send(execute(statement))
     except StopIteration as done:
         return done.value
 
@@ -79,17 +75,13 @@ async def run_async(script: Script[T], execute: Callable[[Statement], Awaitable[
     try:
         statement = next(script)
         while True:
-            try:
-                result = await execute(statement)
-            except UniqueViolation as e:
-                statement = script.throw(e)
-                continue
-            statement = script.send(result)
+            statement = script.send(await execute(statement))
     except StopIteration as done:
         return done.value
 
 
-def returning(value: T) -> Script[T]:
-    """A script of no statement (for a branch that has nothing to ask)."""
-    return value
-    yield  # pragma: no cover  (makes this a generator)
+def numbered(sql: str) -> str:
+    """``?`` placeholders as ``$1, $2, ...`` (PostgreSQL's). Our statements have no ``?`` in
+    literals."""
+    parts = sql.split("?")
+    return "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], 1)) + parts[-1]

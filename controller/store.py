@@ -96,6 +96,17 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS workloads_owner ON workloads(owner, created_at);
+CREATE TABLE IF NOT EXISTS servers (
+    name TEXT PRIMARY KEY,
+    api_url TEXT NOT NULL,
+    controller TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     name TEXT PRIMARY KEY,
     tags TEXT NOT NULL,
@@ -154,7 +165,7 @@ def _executor(conn: sqlite3.Connection) -> Callable[[Statement], Result]:
                 raise
             raise UniqueViolation(str(e)) from e
         rows = cur.fetchall()  # a statement ends here: none is left open across an await
-        return Result(rows, cur.rowcount)
+        return Result(rows, len(rows) if cur.rowcount < 0 else cur.rowcount)
     return execute
 
 
@@ -292,7 +303,9 @@ class GroupCommit:
 
 
 class Store(SqlDatastore):
-    """The datastore on one SQLite file."""
+    """The datastore on one SQLite file (one server: nobody else schedules on it)."""
+
+    shared = False
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -19,10 +19,10 @@ import math
 import time
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from common.aio import stop_tasks
 from controller.membership import Membership
-from scheduler.dispatcher import Scheduler
 from scheduler.provision import Provisioner, ProvisionError
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,17 @@ class Record:
     at: float = 0.0  # wall clock
 
 
+class SlotsView(Protocol):
+    """What the autoscaler reads of the scheduler."""
+
+    def slots(self) -> dict[str, tuple[int, int]]: ...
+    def queued_for(self, tags: frozenset[str] | None) -> int: ...
+
+
 class Autoscaler:
     TICK = 0.5
 
-    def __init__(self, policy: ScalePolicy, provisioner: Provisioner, scheduler: Scheduler,
+    def __init__(self, policy: ScalePolicy, provisioner: Provisioner, scheduler: SlotsView,
                  membership: Membership, worker_tags: frozenset[str] | None = None) -> None:
         self.policy = policy
         # The tags our workers will have (None: unknown). Jobs needing others are not our demand:

@@ -203,6 +203,15 @@ class Carrier:
             return f"worker {worker} sent a result that was refused: {e}"
         return None
 
+    async def _accept_direct(self, job: Job, worker: str, reply: wire.JobResult) -> str | None:
+        """A result the worker put into the object store: judged there, then recorded."""
+        try:
+            timing = Timing(worker, reply.download_ms, reply.process_ms, reply.upload_ms)
+            problem = await self.jobs.accept_direct_result(job, timing)
+        except DpipError as e:
+            return f"the result of worker {worker} could not be checked: {e}"
+        return f"worker {worker}: {problem}" if problem else None
+
     async def cancel(self, worker: str, job: Job) -> None:
         try:
             await self.membership.call(worker, wire.CancelJob(job.id), timeout=2.0)
@@ -219,10 +228,15 @@ class Carrier:
         cap = self.membership.capability(worker, job.id, job.workload_id, job.image_id, job.filter.value,
                                          time.time() + timeout + 5.0)
         original = await self.jobs.inline_original(job, wire.INLINE_MAX_BYTES)  # small: no HTTP hop
+        try:  # an object store: the worker reads and writes it directly, for this job only
+            direct = await self.jobs.direct_urls(job, timeout + 5.0)
+        except DpipError as e:
+            return Outcome(worker, failure=Failure(f"no URLs for the image store: {e}", backoff=True))
         msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,
                           params=job.params, capability=cap, tied_peer=tied[0], tie=tied[1],
                           data=wire.inline(original) if original is not None else "",
-                          inline_result=wire.INLINE_MAX_BYTES)
+                          inline_result=wire.INLINE_MAX_BYTES,
+                          original_url=direct[0] if direct else "", result_url=direct[1] if direct else "")
         try:
             reply = await self.membership.call(worker, msg, timeout=timeout)
             self.slots.release(worker, job)  # the worker is done with it: a new job may go there
@@ -238,6 +252,10 @@ class Carrier:
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
             if reply.ok and reply.data:
                 problem = await self._store_inline(job, worker, reply)
+                return Outcome(worker, result=reply, failure=Failure(problem) if problem else None,
+                               recorded=problem is None)
+            if reply.ok and direct:
+                problem = await self._accept_direct(job, worker, reply)
                 return Outcome(worker, result=reply, failure=Failure(problem) if problem else None,
                                recorded=problem is None)
             if reply.ok:

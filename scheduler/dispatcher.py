@@ -60,7 +60,8 @@ class Scheduler:
         self.stats = DispatchStats()
         self.on_job_done: Callable[[Job, float], None] | None = None  # metrics: job, seconds
         self.carrier = Carrier(jobs, membership, settings, self.latency, self.stats, self)
-        membership.subscribe(on_change=self.wake, on_lost=lambda name: self.wake())
+        self._on_lost = lambda name: self.wake()
+        membership.subscribe(on_change=self.wake, on_lost=self._on_lost)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -74,6 +75,9 @@ class Scheduler:
         self._loop_task = asyncio.create_task(self._run(), name="scheduler")
 
     async def close(self) -> None:
+        self.membership.unsubscribe(on_change=self.wake, on_lost=self._on_lost)
+        if self._timer is not None:
+            self._timer.cancel()
         await stop_tasks([t for t in (self._loop_task, *self._tasks) if t is not None])
 
     def submit(self, job: Job) -> None:

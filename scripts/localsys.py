@@ -63,6 +63,7 @@ class LocalSystem:
         server_args: tuple[str, ...] = (),
         python: str = sys.executable,
         inherit_env: bool = False,
+        server_env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.log_dir = Path(log_dir) if log_dir else None
@@ -72,6 +73,7 @@ class LocalSystem:
         self.server_args = server_args
         self.python = python
         self.inherit_env = inherit_env
+        self.server_env = server_env or {}  # e.g. the object store's AWS_* variables
         self.server: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self._logs: list[IO] = []
@@ -99,7 +101,7 @@ class LocalSystem:
             "--controller-port", str(self.controller_port), "--data-dir", str(self.data_dir),
             *self.server_args,
         ]
-        env = self._env()
+        env = self._env(**self.server_env)
         if self.admin_password:
             env["DPIP_ADMIN_PASSWORD"] = self.admin_password
         self.server = self._spawn("server", argv, ROOT, env)

@@ -11,9 +11,12 @@ use, a broken data dir) it unwinds those that had started, when the runner is cl
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import shlex
 import socket
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -33,22 +36,44 @@ from api.keys import (
 )
 from api.ratelimit import LoginThrottle
 from common.config import tcp_url
-from controller.auth import Auth, is_loopback, load_join_token, load_or_create_secret
-from controller.images import ImageStore
+from common.aio import stop_tasks
+from controller.auth import Auth, is_loopback, system_join_token, system_secret
+from controller.datastore import Datastore
+from controller.images import FileImageStore, ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
+from controller.models import DpipError
 from controller.store import Store
 from scheduler.autoscale import Autoscaler, ScalePolicy
-from scheduler.dispatcher import HedgePolicy, Scheduler, SchedulerSettings
+from scheduler.dispatcher import HedgePolicy, SchedulerSettings
+from scheduler.leader import LeadingScheduler
 from scheduler.provision import ExternalCommand, LocalProcesses, Provisioner
 from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
 
 
 def build_app(settings: ServerSettings) -> web.Application:
     """The whole server: the HTTP API with the services it serves, started and stopped with it."""
     app = create_app(settings)
-    app.cleanup_ctx.extend([_datastore, _images, _membership, _scheduler, _autoscaler])
+    app.cleanup_ctx.extend([_datastore, _images, _membership, _scheduler, _presence, _autoscaler])
     return app
+
+
+def open_datastore(s: ServerSettings) -> Datastore:
+    """The datastore ``--database`` names (SQLite in the data dir by default)."""
+    if s.uses_sqlite:
+        return Store(s.db_path)
+    from controller.pgstore import PgStore  # only deployments on PostgreSQL need asyncpg loaded
+    return PgStore(s.database)
+
+
+def open_image_store(s: ServerSettings) -> ImageStore:
+    """The image store ``--image-store`` names (files in the data dir by default)."""
+    if s.uses_s3:
+        from controller.s3images import S3ImageStore
+        return S3ImageStore(s.image_store, s.max_upload_bytes, s.max_pixels, s.redirect_downloads)
+    return FileImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
 
 
 async def before_stop(app: web.Application) -> None:
@@ -61,10 +86,13 @@ async def before_stop(app: web.Application) -> None:
 def _prepare_data_dir(s: ServerSettings) -> None:
     s.data_dir.mkdir(parents=True, exist_ok=True)
     s.data_dir.chmod(0o700)  # password hashes, the JWT secret, everyone's images: owner only
-    for db_file in s.data_dir.glob(s.db_path.name + "*"):  # made before 0700 and umask 077
-        db_file.chmod(0o600)
-    s.images_dir.mkdir(exist_ok=True)
-    s.incoming_dir.mkdir(exist_ok=True)
+    if s.uses_sqlite:
+        for db_file in s.db_path.parent.glob(s.db_path.name + "*"):  # made before 0700 and umask 077
+            db_file.chmod(0o600)
+    if s.uses_s3:
+        return  # no image byte on this disk
+    s.images_dir.mkdir(parents=True, exist_ok=True)
+    s.incoming_dir.mkdir(parents=True, exist_ok=True)
     for leftover in s.incoming_dir.glob("*.upload"):  # uploads cut off by a crash: never accepted
         leftover.unlink()
 
@@ -73,10 +101,10 @@ async def _datastore(app: web.Application) -> AsyncIterator[None]:
     """The datastore, and what lives on it: users and tokens."""
     s = app[SETTINGS]
     _prepare_data_dir(s)
-    store = Store(s.db_path)
+    store = open_datastore(s)
     await store.open()
     try:
-        auth = Auth(store, load_or_create_secret(s.data_dir / "jwt-secret"), s.token_ttl)
+        auth = Auth(store, await system_secret(store, s.data_dir), s.token_ttl)
         await auth.load()
         await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
         app[STORE], app[AUTH] = store, auth
@@ -88,12 +116,14 @@ async def _datastore(app: web.Application) -> AsyncIterator[None]:
 
 async def _images(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    images = app[IMAGES] = ImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
+    images = open_image_store(s)
+    await images.open()
+    app[IMAGES] = images
     app[JOBS] = JobLifecycle(app[STORE], images)  # the one home of a job's transitions
     try:
         yield
     finally:
-        images.close()
+        await images.close()
 
 
 JOIN_TOKEN = web.AppKey("join_token", str)  # the one in force (given, saved, or none)
@@ -103,7 +133,8 @@ async def _membership(app: web.Application) -> AsyncIterator[None]:
     """The controller's socket: workers join and heartbeat here."""
     s = app[SETTINGS]
     ttl = s.worker_ttl or 3 * s.heartbeat_interval
-    join_token = app[JOIN_TOKEN] = s.join_token or load_join_token(s.data_dir, required=not is_loopback(s.host))
+    join_token = app[JOIN_TOKEN] = await system_join_token(app[STORE], s.data_dir, s.join_token,
+                                                           required=not is_loopback(s.host))
     membership = Membership(app[STORE], app[AUTH].secret, s.port, s.public_url, s.heartbeat_interval, ttl,
                             join_token, forget_after=s.forget_after, max_workers=s.max_workers)
     app[MEMBERSHIP] = membership
@@ -116,14 +147,14 @@ async def _membership(app: web.Application) -> AsyncIterator[None]:
 
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    scheduler = Scheduler(app[JOBS], app[MEMBERSHIP], SchedulerSettings(
+    scheduler = LeadingScheduler(app[JOBS], app[MEMBERSHIP], SchedulerSettings(
         job_timeout=s.job_timeout,
         max_attempts=s.max_attempts,
         hedge=HedgePolicy(s.hedge),
         hedge_quantile=s.hedge_quantile,
         hedge_floor=s.hedge_floor_ms / 1000,
         hedge_initial=s.hedge_initial_ms / 1000,
-    ))
+    ), s.name(), s.lease_ttl)
     scheduler.on_job_done = app[METRICS].job_done
     app[SCHEDULER] = scheduler
     try:
@@ -134,6 +165,37 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
         # while they wait on nng (see common.aio.stop_tasks); membership's own cleanup is later.
         await app[MEMBERSHIP].close()
         await scheduler.close()
+
+
+#: How often a server says it is alive (in the datastore: the servers of /status).
+PRESENCE_INTERVAL = 1.0
+
+
+async def _presence(app: web.Application) -> AsyncIterator[None]:
+    """This server in the datastore's list of servers, refreshed every second."""
+    s, store = app[SETTINGS], app[STORE]
+    started = time.time()
+    host = s.host if s.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+    api_url = s.public_url or f"http://{host}:{s.port}"
+
+    async def seen() -> None:
+        try:
+            await store.server_seen(s.name(), api_url, f"{host}:{s.controller_port}", started)
+        except DpipError as e:
+            logger.warning("could not record this server as alive: %s", e)
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(PRESENCE_INTERVAL)
+            await seen()
+
+    await seen()  # listed before the API answers
+    await store.forget_servers(time.time() - 24 * 3600)
+    task = asyncio.create_task(beat(), name="presence")
+    try:
+        yield
+    finally:
+        await stop_tasks([task])
 
 
 async def _autoscaler(app: web.Application) -> AsyncIterator[None]:
@@ -149,7 +211,8 @@ async def _autoscaler(app: web.Application) -> AsyncIterator[None]:
         await autoscaler.close()  # main.py did it already (before_stop); tests may not
 
 
-def _make_autoscaler(s: ServerSettings, join_token: str, scheduler: Scheduler, membership: Membership) -> Autoscaler:
+def _make_autoscaler(s: ServerSettings, join_token: str, scheduler: LeadingScheduler,
+                     membership: Membership) -> Autoscaler:
     assert s.autoscale is not None
     log_dir = s.data_dir / "autoscale"
     provisioner: Provisioner

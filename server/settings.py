@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,12 @@ from typing import Any
 
 from api.peer import Network, parse_cidrs
 from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, parse_range
+
+
+SQLITE = "sqlite:///"
+POSTGRES = ("postgresql://", "postgres://")
+FILES = "file://"
+S3 = "s3://"
 
 
 def option(default: Any, help: str | None, *, flag: str | None = None,
@@ -31,7 +38,20 @@ class ServerSettings:
     host: str = option("127.0.0.1", "address for the API and the controller (0.0.0.0: all)")
     port: int = option(API_PORT, "HTTP API port")
     controller_port: int = option(CONTROLLER_PORT, "nng controller port")
-    data_dir: Path = option(Path("data"), "SQLite file and images live here")
+    data_dir: Path = option(Path("data"), "SQLite file and images live here (by default)")
+    database: str = option("", "the datastore: sqlite:///PATH (default: <data-dir>/dpip.sqlite3) or"
+                               " postgresql://USER[:PASSWORD]@HOST:PORT/DB (several servers may share one)",
+                           metavar="URL")
+    image_store: str = option("", "where images live: file://DIR (default: <data-dir>/images) or"
+                                  " s3://BUCKET[/PREFIX] (endpoint, keys and region from AWS_ENDPOINT_URL,"
+                                  " AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)",
+                              metavar="URL")
+    redirect_downloads: bool = option(False, "answer GET /images/{id} with a redirect to a short-lived"
+                                             " presigned URL of the object store (s3:// only)")
+    server_name: str = option("", "this server's name among those sharing a database (default: host"
+                                  " name and API port)")
+    lease_ttl: float = option(3.0, "seconds the scheduling server's lease lasts unrenewed: a standby"
+                                   " takes over after it (shared databases only)")
     public_url: str = option("", "URL workers use for the API (default: controller host + API port)")
     admin_user: str = option("admin", "admin user created on first start")
     admin_password: str = option("", "its password (default: generated, saved in the data dir)")
@@ -73,15 +93,36 @@ class ServerSettings:
 
     @property
     def db_path(self) -> Path:
+        """The SQLite file (when the datastore is SQLite)."""
+        if self.database.startswith(SQLITE):
+            return Path(self.database[len(SQLITE):])
         return self.data_dir / "dpip.sqlite3"
 
     @property
+    def uses_sqlite(self) -> bool:
+        return not self.database or self.database.startswith(SQLITE)
+
+    @property
     def images_dir(self) -> Path:
+        """The images' directory (when they are files)."""
+        if self.image_store.startswith(FILES):
+            return Path(self.image_store[len(FILES):])
         return self.data_dir / "images"
 
     @property
     def incoming_dir(self) -> Path:
+        """Uploads being received (files only): beside the images, on the same filesystem."""
+        if self.image_store.startswith(FILES):
+            return self.images_dir.with_name(self.images_dir.name + ".incoming")
         return self.data_dir / "incoming"
+
+    @property
+    def uses_s3(self) -> bool:
+        return self.image_store.startswith(S3)
+
+    def name(self) -> str:
+        """This server's name among several."""
+        return self.server_name or f"{socket.gethostname()}:{self.port}"
 
 
 def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, str]:
@@ -102,6 +143,16 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         p.error("--idle-timeout must be positive")
     if settings.max_pixels <= 0:
         p.error("--max-pixels must be positive")
+    if settings.database and not settings.database.startswith((SQLITE, *POSTGRES)):
+        p.error("--database is sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST:PORT/DB")
+    if settings.image_store and not settings.image_store.startswith((FILES, S3)):
+        p.error("--image-store is file://DIR or s3://BUCKET[/PREFIX]")
+    if settings.image_store == S3 or settings.image_store.startswith(S3 + "/"):
+        p.error("--image-store s3:// needs a bucket name: s3://BUCKET[/PREFIX]")
+    if settings.redirect_downloads and not settings.uses_s3:
+        p.error("--redirect-downloads needs --image-store s3://...")
+    if not 0.5 <= settings.lease_ttl <= 3.0:
+        p.error("--lease-ttl must be between 0.5 and 3 seconds")
     return settings, a.log_level
 
 

@@ -60,6 +60,10 @@ class StubMembership:
         self._on_change.append(on_change)
         self._on_lost.append(on_lost)
 
+    def unsubscribe(self, on_change: Callable[[], None], on_lost: Callable[[str], None]) -> None:
+        self._on_change.remove(on_change)
+        self._on_lost.remove(on_lost)
+
     def add(self, stub: StubWorker) -> StubWorker:
         self.stubs[stub.name] = stub
         self.workers[stub.name] = WorkerInfo(

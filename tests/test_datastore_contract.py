@@ -15,14 +15,24 @@ from controller.models import Conflict, Filter, ImageType, JobState, NotFound
 from controller.sql import Script, q
 from controller.store import Store
 
-IMPLEMENTATIONS: dict[str, Callable[[Path], Datastore]] = {
-    "sqlite": lambda tmp: Store(tmp / "dpip.sqlite3"),
+def _postgres(request, tmp: Path) -> Datastore:
+    """A fresh database of the session's PostgreSQL (started by the tests; skipped with the
+    reason where it cannot run)."""
+    from controller.pgstore import PgStore
+
+    server = request.getfixturevalue("postgres")
+    return PgStore(server.new_database(f"contract_{tmp.name}"))
+
+
+IMPLEMENTATIONS: dict[str, Callable[[pytest.FixtureRequest, Path], Datastore]] = {
+    "sqlite": lambda request, tmp: Store(tmp / "dpip.sqlite3"),
+    "postgresql": _postgres,
 }
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 async def store(request, tmp_path) -> AsyncIterator[Datastore]:
-    s = IMPLEMENTATIONS[request.param](tmp_path)
+    s = IMPLEMENTATIONS[request.param](request, tmp_path)
     await s.open()
     try:
         yield s
@@ -226,11 +236,11 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     """Concurrent uploads take ids in memory without a lock over their I/O: all distinct, no
     gap; a chosen id in use is a 409; an upload that fails returns its id; a restart (a new
     lifecycle) goes on from the datastore."""
-    from controller.images import ImageStore, StoredFile
+    from controller.images import FileImageStore, StoredFile
     from tests.support import png_bytes
 
     (tmp_path / "incoming").mkdir()
-    images = ImageStore(tmp_path / "images", tmp_path / "incoming", 10**7, 10**8)
+    images = FileImageStore(tmp_path / "images", tmp_path / "incoming", 10**7, 10**8)
     jobs = JobLifecycle(store, images)
     w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
     png = png_bytes()
@@ -248,4 +258,4 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     assert await upload(jobs, chosen=30) == 30
     assert await upload(jobs) == 31, "counted past a chosen id"
     assert await upload(JobLifecycle(store, images)) == 32, "after a restart, from the datastore"
-    images.close()
+    await images.close()

@@ -76,7 +76,8 @@ def ids(entries: list[dict]) -> list[str]:
 # -- the diff itself ------------------------------------------------------------------------
 
 def _snap(workers: list[dict], workloads: list[dict], queued: int = 0, t: float = 1.0) -> dict:
-    return {"server_time": t, "workers": workers, "workloads": workloads, "queued_jobs": queued, "autoscale": None}
+    return {"server_time": t, "workers": workers, "workloads": workloads, "queued_jobs": queued, "autoscale": None,
+            "servers": [{"name": "s", "alive": True, "leader": True, "this_server": True}]}
 
 
 def _wl(i: str, done: int = 0) -> dict:
@@ -137,7 +138,7 @@ async def test_quiet_stream_sends_keep_alives_then_just_the_changed_workload(qui
         stream = AsyncStream(resp)
         kind, snap = await stream.next()
         assert kind == "snapshot"
-        assert set(snap) == {"server_time", "workers", "workloads", "queued_jobs", "autoscale"}
+        assert set(snap) == {"server_time", "workers", "workloads", "queued_jobs", "autoscale", "servers"}
         assert ids(snap["workloads"]) == [first, second] and snap["workers"] == [] and snap["queued_jobs"] == 0
 
         # nothing happens (no worker, nothing queued): no event at all, only keep-alives

@@ -24,7 +24,7 @@ from api.keys import AUTH, SETTINGS
 from api.peer import client_address, parse_cidrs
 from api.ratelimit import LoginThrottle
 from controller.auth import USER
-from controller.images import _make_thumbnail, check_workload_name
+from controller.images import check_workload_name, make_thumbnail
 from controller.jobs import JobLifecycle
 from controller.models import BadInput, Filter, TooManyRequests, Unauthorized, quoted
 from controller.store import SCHEMA, Store
@@ -141,8 +141,8 @@ def test_server_refuses_images_over_its_pixel_limit_and_takes_those_at_it(make_s
 
 
 def test_jpeg_thumbnails_are_decoded_reduced(tmp_path, monkeypatch):
-    source, thumb = tmp_path / "big.jpg", tmp_path / "thumbs" / "t.jpg"
-    Image.new("RGB", (2400, 1600), (10, 200, 30)).save(source, "JPEG")
+    out = io.BytesIO()
+    Image.new("RGB", (2400, 1600), (10, 200, 30)).save(out, "JPEG")
     drafts = []
     real_draft = JpegImagePlugin.JpegImageFile.draft
 
@@ -152,9 +152,9 @@ def test_jpeg_thumbnails_are_decoded_reduced(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
-    _make_thumbnail(source, thumb, 300, "JPEG")
+    thumb = make_thumbnail(out.getvalue(), 300, "JPEG")
     assert drafts and drafts[0][0] <= 1200  # decoded at 1/2 scale or less, never the full 2400
-    with Image.open(thumb) as im:
+    with Image.open(io.BytesIO(thumb)) as im:
         assert im.size == (300, 200)
 
 

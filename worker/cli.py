@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p = EnvDefaultsParser(prog="worker", description="A DPIP worker: filters images for the server.")
-    p.add_argument("--controller", default=f"localhost:{CONTROLLER_PORT}", help="controller HOST:PORT")
+    p.add_argument("--controller", default=f"localhost:{CONTROLLER_PORT}",
+                   help="controller HOST:PORT, or several, comma-separated (the servers of one system:"
+                        " the worker heartbeats to each and takes jobs from whichever leads)")
     p.add_argument("--worker-name", "--node-name", dest="worker_name", default=None,
                    help="unique name of this worker (default: host name and pid)")
     p.add_argument("--tags", default="", help="comma-separated tags, e.g. gpu,largeMemory")
@@ -45,7 +47,16 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
-    host, port = split_host_port(a.controller, "localhost", CONTROLLER_PORT)
+    try:
+        controllers = tuple(split_host_port(c.strip(), "localhost", CONTROLLER_PORT)
+                            for c in a.controller.split(",") if c.strip())
+    except ValueError as e:
+        p.error(f"--controller: {e}")
+    if not controllers:
+        p.error("--controller needs HOST:PORT")
+    if len(set(controllers)) != len(controllers):
+        p.error("--controller names a controller twice")
+    host, port = controllers[0]
     if a.capacity < 1:
         p.error("--capacity must be at least 1")
     for flag in ("slow_rate", "fail_rate"):
@@ -54,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     return WorkerSettings(
         controller_host=host,
         controller_port=port,
+        controllers=controllers,
         name=a.worker_name or f"{os.uname().nodename}-{os.getpid()}",
         tags=tuple(t.strip() for t in a.tags.split(",") if t.strip()),
         capacity=a.capacity,

@@ -41,6 +41,8 @@ class WorkerSettings:
     controller_host: str
     controller_port: int
     name: str
+    #: every controller to heartbeat to (several servers of one system); the first by default
+    controllers: tuple[tuple[str, int], ...] = ()
     tags: tuple[str, ...] = ()
     capacity: int = os.cpu_count() or 1
     advertise_host: str = ""  # default: our address towards the controller
@@ -66,29 +68,55 @@ class JobFailed(Exception):
         self.retryable = retryable
 
 
+#: While no controller has welcomed us, say so this often (a worker started before its server).
+WAITING_LOG_INTERVAL = 10.0
+
+
+@dataclass
+class ControllerLink:
+    """One controller we heartbeat to: its own session and key (:class:`WorkerLink`), its
+    socket, and the API its welcome named. A job comes from the one whose key sealed it."""
+
+    host: str
+    port: int
+    link: WorkerLink
+    pub: pynng.Pub0 | None = None
+    api_url: str = ""
+    heartbeat_interval: float = 1.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def welcomed(self) -> bool:
+        return self.link.channel is not None
+
+
 class Worker:
     """One worker process's state and loops."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.s = settings
-        self.link = WorkerLink(settings.name, settings.join_token)
+        controllers = settings.controllers or ((settings.controller_host, settings.controller_port),)
+        self.links = [ControllerLink(host, port, WorkerLink(settings.name, settings.join_token),
+                                     heartbeat_interval=settings.heartbeat_interval)
+                      for host, port in controllers]
+        self.link = self.links[0].link  # the first controller's (tests and old callers)
         self.session = self.link.session
         self.telemetry = Telemetry()
         self.executor = ThreadPoolExecutor(settings.capacity, thread_name_prefix="filter")
         self.jobs: dict[int, asyncio.Task[wire.JobResult]] = {}
         self.jobs_done = 0
         self.draining = False
-        self.api_url = ""
         self.refused = 0  # requests refused: forged, replayed, or not from our server
         self._log = LogLimiter(logger)
         self.rpc_address = ""
-        self.heartbeat_interval = settings.heartbeat_interval  # until the controller says
         self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 4 + 8)
         self._started: set[int] = set()  # jobs whose work has begun (tied cancels spare them)
         self._tombstones: dict[tuple[int, str], float] = {}  # (job, tie) -> when: cancelled early
         self._ties: dict[int, str] = {}  # job -> the tie secret a tied peer must show to cancel it
         self._peers: dict[str, RpcClient] = {}  # tied peers' RPC addresses
-        self._pub: pynng.Pub0 | None = None
         self._http: aiohttp.ClientSession | None = None
         self._heartbeat_task: asyncio.Task | None = None
 
@@ -100,13 +128,14 @@ class Worker:
         self.rpc_address = tcp_url(advertise, int(port))
         self._rpc.start()
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.http_timeout))
-        self._pub = pynng.Pub0(send_timeout=1000)
-        self._pub.reconnect_time_min = 100
-        self._pub.reconnect_time_max = 1000
-        self._pub.dial(tcp_url(s.controller_host, s.controller_port), block=False)
+        for c in self.links:  # a socket each: a controller hears only what is sealed for it
+            c.pub = pynng.Pub0(send_timeout=1000)
+            c.pub.reconnect_time_min = 100
+            c.pub.reconnect_time_max = 1000
+            c.pub.dial(tcp_url(c.host, c.port), block=False)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        logger.info("worker %s serving RPC at %s, controller %s:%d, capacity %d",
-                    s.name, self.rpc_address, s.controller_host, s.controller_port, s.capacity)
+        logger.info("worker %s serving RPC at %s, controller%s %s, capacity %d", s.name, self.rpc_address,
+                    "s" if len(self.links) > 1 else "", ", ".join(c.address for c in self.links), s.capacity)
 
     async def drain(self) -> None:
         """Stop taking jobs, tell the controller, let running jobs finish (bounded)."""
@@ -121,22 +150,23 @@ class Worker:
         await self._say_goodbye()
 
     async def _say_goodbye(self) -> None:
-        """Tell the controller we are gone, so it need not wait for the heartbeat TTL.
+        """Tell the controllers we are gone, so they need not wait for the heartbeat TTL.
         Pub/sub may drop a message: send it twice; the TTL is the fallback."""
-        assert self._pub is not None
-        data = self.link.publish(wire.Goodbye(self.s.name, self.session))
-        if data is None:
-            return  # never welcomed: nobody to tell
         for _ in range(2):
-            try:
-                await self._pub.asend(data)
-            except pynng.NNGException as e:
-                logger.debug("goodbye not sent: %s", e)
+            for c in self.links:
+                data = c.link.publish(wire.Goodbye(self.s.name, c.link.session))
+                if data is None or c.pub is None:
+                    continue  # never welcomed there: nobody to tell
+                try:
+                    await c.pub.asend(data)
+                except pynng.NNGException as e:
+                    logger.debug("goodbye not sent: %s", e)
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        if self._pub is not None:
-            self._pub.close()  # sockets first, then the tasks waiting on them (common.aio)
+        for c in self.links:
+            if c.pub is not None:
+                c.pub.close()  # sockets first, then the tasks waiting on them (common.aio)
         for client in self._peers.values():
             client.close()
         await self._rpc.close()
@@ -147,10 +177,10 @@ class Worker:
 
     # -- heartbeats -------------------------------------------------------------------------
 
-    def heartbeat(self) -> wire.Heartbeat:
+    def heartbeat(self, session: str = "") -> wire.Heartbeat:
         return wire.Heartbeat(
             name=self.s.name,
-            session=self.session,
+            session=session or self.session,
             tags=list(self.s.tags),
             cpu_percent=self.telemetry.cpu_percent(),
             memory_percent=self.telemetry.memory_percent(),
@@ -166,38 +196,63 @@ class Worker:
         return sum(1 for t in self.jobs.values() if not t.done())
 
     async def _send_heartbeat(self) -> None:
-        """A hello (so a restarted server welcomes us again), then the sealed heartbeat."""
-        assert self._pub is not None
-        for data in (self.link.hello(self.rpc_address), self.link.publish(self.heartbeat())):
-            if data is None:
-                continue
-            try:
-                await self._pub.asend(data)
-            except pynng.NNGException as e:
-                logger.debug("heartbeat not sent: %s", e)
+        """To each controller: a hello (so a restarted server welcomes us again), then the
+        heartbeat sealed for it."""
+        for c in self.links:
+            assert c.pub is not None
+            for data in (c.link.hello(self.rpc_address), c.link.publish(self.heartbeat(c.link.session))):
+                if data is None:
+                    continue
+                try:
+                    await c.pub.asend(data)
+                except pynng.NNGException as e:
+                    logger.debug("heartbeat to %s not sent: %s", c.address, e)
 
     async def _heartbeat_loop(self) -> None:
         # Pub/sub drops what is sent before the connection is up: beat fast until welcomed,
         # so joining takes a round trip, not a whole interval.
+        waiting_since = last_said = time.monotonic()
         while True:
             await self._send_heartbeat()
-            fast = self.link.channel is None
-            await asyncio.sleep(min(0.1, self.heartbeat_interval) if fast else self.heartbeat_interval)
+            unwelcomed = [c for c in self.links if not c.welcomed]
+            now = time.monotonic()
+            if len(unwelcomed) == len(self.links) and now - last_said >= WAITING_LOG_INTERVAL:
+                last_said = now
+                logger.info("still waiting for a welcome from %s (%.0f s): is the server running there?",
+                            ", ".join(c.address for c in unwelcomed), now - waiting_since)
+            elif len(unwelcomed) < len(self.links):
+                waiting_since = last_said = now
+            interval = min(c.heartbeat_interval for c in self.links)
+            await asyncio.sleep(min(0.1, interval) if unwelcomed else interval)
 
     # -- RPC --------------------------------------------------------------------------------
 
+    def _link_of_session(self, session: str) -> ControllerLink:
+        for c in self.links:
+            if c.link.session == session:
+                return c
+        raise Refused("welcome refused: it is not for this worker's session")
+
+    def _link_of_key(self, kid: str) -> ControllerLink:
+        for c in self.links:
+            if c.link.channel is not None and c.link.channel.kid == kid:
+                return c
+        raise Refused("refused: not from a server that welcomed this worker")
+
     async def _handle(self, msg: wire.Message) -> wire.Message | bytes:
-        """Welcomes, sealed requests from our server, and tied peers' cancels; nothing else."""
+        """Welcomes, sealed requests from our servers, and tied peers' cancels; nothing else."""
         try:
             if isinstance(msg, wire.Welcome):
-                reply = self.link.accept_welcome(msg)
-                self._welcomed(msg)
+                c = self._link_of_session(msg.worker_session)
+                reply = c.link.accept_welcome(msg)
+                self._welcomed(c, msg)
                 return reply
             if isinstance(msg, wire.Sealed):
-                inner, fresh, channel = self.link.open(msg)
+                c = self._link_of_key(msg.kid)
+                inner, fresh, channel = c.link.open(msg)
                 if isinstance(inner, wire.RunJob) and (fresh or inner.job_id in self.jobs):
                     # nng may deliver a request twice: a duplicate joins the job it names
-                    return channel.seal_reply(await self._run_job(inner), msg.seq)
+                    return channel.seal_reply(await self._run_job(inner, c.api_url), msg.seq)
                 if isinstance(inner, wire.CancelJob) and fresh:
                     return channel.seal_reply(self._cancel(inner), msg.seq)
                 raise Refused(f"refused: a replayed or unexpected {inner.TYPE}")
@@ -239,16 +294,18 @@ class Worker:
         self._tombstones[(msg.job_id, msg.tie)] = now  # a made-up tie never matches a copy
         return wire.Ack()
 
-    def _welcomed(self, msg: wire.Welcome) -> None:
-        host = self.s.controller_host
-        host = f"[{host}]" if ":" in host else host
-        self.api_url = (
-            self.s.image_store_endpoint or msg.public_url or f"http://{host}:{msg.api_port}"
-        ).rstrip("/")
-        self.heartbeat_interval = min(msg.heartbeat_interval, 5.0)
-        logger.info("welcomed by controller %s; API at %s", msg.epoch, self.api_url)
+    def _welcomed(self, c: ControllerLink, msg: wire.Welcome) -> None:
+        host = f"[{c.host}]" if ":" in c.host else c.host
+        c.api_url = (self.s.image_store_endpoint or msg.public_url or f"http://{host}:{msg.api_port}").rstrip("/")
+        c.heartbeat_interval = min(msg.heartbeat_interval, 5.0)
+        logger.info("welcomed by the controller at %s (epoch %s); API at %s", c.address, msg.epoch, c.api_url)
 
-    async def _run_job(self, msg: wire.RunJob) -> wire.JobResult:
+    @property
+    def api_url(self) -> str:
+        """The API of the first controller that welcomed us."""
+        return next((c.api_url for c in self.links if c.api_url), "")
+
+    async def _run_job(self, msg: wire.RunJob, api_url: str = "") -> wire.JobResult:
         if msg.tie and self._tombstones.pop((msg.job_id, msg.tie), None) is not None:
             return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name)
         task = self.jobs.get(msg.job_id)
@@ -258,7 +315,7 @@ class Worker:
                 return wire.JobResult(msg.job_id, ok=False, error="worker is shutting down", worker=self.s.name)
             if self.running() >= self.s.capacity:
                 return wire.JobResult(msg.job_id, ok=False, error="worker is full", worker=self.s.name)
-            task = asyncio.create_task(self._execute(msg), name=f"job-{msg.job_id}")
+            task = asyncio.create_task(self._execute(msg, api_url or self.api_url), name=f"job-{msg.job_id}")
             self.jobs[msg.job_id] = task
             if msg.tie:
                 self._ties[msg.job_id] = msg.tie
@@ -284,7 +341,7 @@ class Worker:
         self._ties.pop(job_id, None)
         self._started.discard(job_id)
 
-    async def _execute(self, msg: wire.RunJob) -> wire.JobResult:
+    async def _execute(self, msg: wire.RunJob, api_url: str) -> wire.JobResult:
         if self.s.fail_rate and random.random() < self.s.fail_rate:
             logger.info("fault knob: dropping job %d without a reply", msg.job_id)
             await asyncio.Event().wait()  # until cancelled; the scheduler's timeout must act
@@ -298,7 +355,12 @@ class Worker:
         inline = ""
         try:
             inline_ok = not (self.s.image_store_endpoint or self.s.image_store_token)  # else: its store
-            data = self._inline_original(msg) if msg.data and inline_ok else await self._download(msg)
+            if msg.data and inline_ok:
+                data = self._inline_original(msg)
+            elif msg.original_url and inline_ok:
+                data = await self._fetch(msg.original_url)  # straight from the object store
+            else:
+                data = await self._download(msg, api_url)
             t1 = time.perf_counter()
             loop = asyncio.get_running_loop()
             try:
@@ -310,8 +372,10 @@ class Worker:
             t2 = time.perf_counter()
             if inline_ok and len(out) <= msg.inline_result:
                 inline = wire.inline(out)  # stored by the server as it takes our reply
+            elif msg.result_url and inline_ok:
+                await self._put(msg.result_url, out, fmt)  # the server judges it there
             else:
-                await self._upload(msg, out, fmt)
+                await self._upload(msg, api_url, out, fmt)
             t3 = time.perf_counter()
         except JobFailed as e:
             logger.warning("job %d (image %d of %s) failed: %s", msg.job_id, msg.image_id, msg.workload_id, e)
@@ -345,9 +409,32 @@ class Worker:
         """The job's own capability (or the operator's --image-store-token, which wins)."""
         return {"Authorization": f"Bearer {self.s.image_store_token or msg.capability}"}
 
-    async def _download(self, msg: wire.RunJob) -> bytes:
+    async def _fetch(self, url: str) -> bytes:
+        """An original from its presigned URL."""
         assert self._http is not None
-        url = f"{self.api_url}/images/{msg.image_id}"
+        try:
+            async with self._http.get(url) as r:
+                if r.status != 200:
+                    raise JobFailed(f"download from the image store failed: HTTP {r.status}",
+                                    retryable=r.status >= 500 or r.status == 403)
+                return await r.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise JobFailed(f"download from the image store failed: {e!r}") from e
+
+    async def _put(self, url: str, data: bytes, fmt: str) -> None:
+        """A result to its presigned URL."""
+        assert self._http is not None
+        try:
+            async with self._http.put(url, data=data) as r:
+                if r.status not in (200, 201, 204):
+                    raise JobFailed(f"upload to the image store failed: HTTP {r.status}",
+                                    retryable=r.status >= 500 or r.status == 403)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise JobFailed(f"upload to the image store failed: {e!r}") from e
+
+    async def _download(self, msg: wire.RunJob, api_url: str) -> bytes:
+        assert self._http is not None
+        url = f"{api_url}/images/{msg.image_id}"
         params = {"workload_id": msg.workload_id, "type": "original"}
         try:
             async with self._http.get(url, params=params, headers=self._auth(msg)) as r:
@@ -358,7 +445,7 @@ class Worker:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise JobFailed(f"download failed: {e!r}") from e
 
-    async def _upload(self, msg: wire.RunJob, data: bytes, fmt: str) -> None:
+    async def _upload(self, msg: wire.RunJob, api_url: str, data: bytes, fmt: str) -> None:
         assert self._http is not None
         ext, ctype = FORMATS.get(fmt, ("bin", "application/octet-stream"))
         form = aiohttp.FormData()
@@ -367,7 +454,7 @@ class Worker:
         form.add_field("image_id", str(msg.image_id))
         form.add_field("data", data, filename=f"{msg.image_id}.{ext}", content_type=ctype)
         try:
-            async with self._http.post(f"{self.api_url}/images", data=form, headers=self._auth(msg)) as r:
+            async with self._http.post(f"{api_url}/images", data=form, headers=self._auth(msg)) as r:
                 if r.status not in (200, 201):
                     raise JobFailed(f"upload failed: HTTP {r.status}: {(await r.text())[:200]}",
                                     retryable=r.status >= 500 or r.status == 401)

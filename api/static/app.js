@@ -92,7 +92,7 @@ function merge(snap, changes) {
   snap.server_time = changes.server_time;
   if (changes.workers) snap.workers = mergeList(snap.workers, changes.workers, "name");
   if (changes.workloads) snap.workloads = mergeList(snap.workloads, changes.workloads, "workload_id");
-  for (const k of ["queued_jobs", "autoscale"]) if (k in changes) snap[k] = changes[k];
+  for (const k of ["queued_jobs", "autoscale", "servers"]) if (k in changes) snap[k] = changes[k];
 }
 
 // set: entries new or changed (replaced in place, new ones last); removed: keys gone; order:
@@ -157,6 +157,10 @@ function renderHome() {
   const alive = snap.workers.filter((w) => w.alive).length;
   const scale = snap.autoscale ? ` · autoscale ${snap.autoscale.minimum}..${snap.autoscale.maximum}: ${snap.autoscale.last_action.action} (${snap.autoscale.last_action.reason})` : "";
   $("#workers-summary").textContent = `${alive} alive of ${snap.workers.length}${scale}`;
+  const servers = snap.servers || [];
+  $("#servers").textContent = servers.length > 1 || servers.some((s) => !s.leader)
+    ? "servers: " + servers.map((s) => `${s.name}${s.leader ? " (schedules)" : s.alive ? " (standby)" : " (gone)"}${s.this_server ? " ← this one" : ""}`).join(", ")
+    : "";
   $("#workers tbody").replaceChildren(...snap.workers.map((w) => el("tr", { "data-worker": w.name, class: w.alive ? "alive" : "dead" },
     el("td", {}, w.name, w.autoscaled ? el("span", { class: "auto", title: "started by the autoscaler" }, " auto") : ""),
     el("td", {}, el("span", { class: `pill ${w.alive ? "alive" : "dead"}` }, w.alive ? "alive" : "gone")),

@@ -1,0 +1,327 @@
+"""The PostgreSQL datastore (asyncpg): the same scripts as SQLite's (:mod:`controller.queries`),
+for deployments past one machine, where several servers share one database.
+
+A script runs on a pooled connection inside one transaction; a transaction that need not be
+durable says ``SET LOCAL synchronous_commit = off`` (PostgreSQL flushes its WAL a moment later,
+in order, as SQLite's lazy groups do). Concurrent transactions are PostgreSQL's business: row
+locks serialize those that touch one workload (its counters are kept by triggers, as in
+SQLite). The schema is created, or migrated, at start under an advisory lock, so servers that
+start together do not race. A job inserted by any server is announced on the channel
+``dpip_jobs`` (a trigger), which the leading server listens to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from controller import sql
+from controller.models import Unavailable
+from controller.queries import SqlDatastore
+from controller.sql import Result, Script, Statement, UniqueViolation
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Notified with a job's id whenever one is inserted (by any server).
+JOBS_CHANNEL = "dpip_jobs"
+SCHEMA_LOCK = 0x6470_6970  # "dpip": the advisory lock held while the schema is created
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti TEXT PRIMARY KEY,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workloads (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    dir TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '',
+    created_at DOUBLE PRECISION NOT NULL,
+    next_image_id INTEGER NOT NULL DEFAULT 0,
+    meta TEXT NOT NULL DEFAULT '{}',
+    params TEXT NOT NULL DEFAULT '{}',
+    image_count INTEGER NOT NULL DEFAULT 0,
+    filtered_count INTEGER NOT NULL DEFAULT 0,
+    failed_count INTEGER NOT NULL DEFAULT 0,
+    running_count INTEGER NOT NULL DEFAULT 0,
+    started INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (owner, name)
+);
+CREATE TABLE IF NOT EXISTS images (
+    workload_id TEXT NOT NULL REFERENCES workloads(id),
+    image_id INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    format TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    mode TEXT,
+    PRIMARY KEY (workload_id, type, image_id)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id BIGSERIAL PRIMARY KEY,
+    workload_id TEXT NOT NULL REFERENCES workloads(id),
+    image_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    error TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    dispatched_at DOUBLE PRECISION,
+    deadline DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION,
+    copies INTEGER NOT NULL DEFAULT 0,
+    download_ms DOUBLE PRECISION,
+    process_ms DOUBLE PRECISION,
+    upload_ms DOUBLE PRECISION,
+    UNIQUE (workload_id, image_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS workloads_owner ON workloads(owner, created_at);
+CREATE TABLE IF NOT EXISTS workers (
+    name TEXT PRIMARY KEY,
+    tags TEXT NOT NULL,
+    rpc_address TEXT NOT NULL,
+    first_seen DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    term BIGINT NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS servers (
+    name TEXT PRIMARY KEY,
+    api_url TEXT NOT NULL,
+    controller TEXT NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS auth_version (version BIGINT NOT NULL);
+
+CREATE OR REPLACE FUNCTION dpip_images_counted() RETURNS trigger AS $$
+BEGIN
+    UPDATE workloads SET image_count = image_count + (NEW.type = 'original')::int,
+                         filtered_count = filtered_count + (NEW.type = 'filtered')::int
+    WHERE id = NEW.workload_id;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS images_counted ON images;
+CREATE TRIGGER images_counted AFTER INSERT ON images FOR EACH ROW EXECUTE FUNCTION dpip_images_counted();
+
+CREATE OR REPLACE FUNCTION dpip_jobs_counted() RETURNS trigger AS $$
+BEGIN
+    IF OLD.state IS DISTINCT FROM NEW.state THEN
+        UPDATE workloads SET
+            running_count = running_count + (NEW.state = 'dispatched')::int - (OLD.state = 'dispatched')::int,
+            failed_count = failed_count + (NEW.state = 'failed')::int - (OLD.state = 'failed')::int,
+            started = CASE WHEN NEW.state = 'dispatched' THEN 1 ELSE started END
+        WHERE id = NEW.workload_id;
+    END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS jobs_counted ON jobs;
+CREATE TRIGGER jobs_counted AFTER UPDATE OF state ON jobs FOR EACH ROW EXECUTE FUNCTION dpip_jobs_counted();
+
+CREATE OR REPLACE FUNCTION dpip_job_announced() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('dpip_jobs', NEW.id::text);
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS job_announced ON jobs;
+CREATE TRIGGER job_announced AFTER INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION dpip_job_announced();
+
+CREATE OR REPLACE FUNCTION dpip_auth_changed() RETURNS trigger AS $$
+BEGIN
+    UPDATE auth_version SET version = version + 1;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS users_changed ON users;
+CREATE TRIGGER users_changed AFTER INSERT OR UPDATE OR DELETE ON users
+    FOR EACH STATEMENT EXECUTE FUNCTION dpip_auth_changed();
+DROP TRIGGER IF EXISTS revocations_changed ON revoked_tokens;
+CREATE TRIGGER revocations_changed AFTER INSERT OR DELETE ON revoked_tokens
+    FOR EACH STATEMENT EXECUTE FUNCTION dpip_auth_changed();
+"""
+
+#: What a broken connection or a database that went away looks like through asyncpg.
+CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+                     asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                     asyncpg.exceptions.AdminShutdownError)
+
+
+@functools.lru_cache(maxsize=1024)
+def _prepared(sql_text: str) -> tuple[str, bool]:
+    """The statement in PostgreSQL's placeholders, and whether it returns rows."""
+    head = sql_text.lstrip()[:6].upper()
+    return sql.numbered(sql_text), head == "SELECT" or " RETURNING " in sql_text.upper()
+
+
+async def _execute(conn: asyncpg.Connection, statement: Statement) -> Result:
+    text, returns_rows = _prepared(statement.sql)
+    try:
+        if returns_rows:
+            rows = await conn.fetch(text, *statement.params)
+            return Result(rows, len(rows))
+        status = await conn.execute(text, *statement.params)
+    except asyncpg.UniqueViolationError as e:
+        raise UniqueViolation(str(e)) from e
+    count = status.rsplit(" ", 1)[-1]  # "UPDATE 3", "INSERT 0 1", "DELETE 0"
+    return Result([], int(count) if count.isdigit() else 0)
+
+
+def unavailable(e: BaseException) -> Unavailable:
+    return Unavailable(f"the database is unavailable ({type(e).__name__}); try again shortly")
+
+
+class PgStore(SqlDatastore):
+    """The datastore on a PostgreSQL database (``postgresql://USER[:PW]@HOST:PORT/DB``)."""
+
+    shared = True  # other servers may write to it too
+
+    def __init__(self, url: str, pool_size: int = 10, timeout: float = 10.0) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self.timeout = timeout
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        return f"PgStore({_without_password(self.url)})"
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
+                                                   command_timeout=self.timeout, timeout=self.timeout)
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                await conn.execute(SCHEMA)
+                if await conn.fetchval("SELECT COUNT(*) FROM schema_version") == 0:
+                    await conn.execute("INSERT INTO schema_version(version) VALUES ($1)", SCHEMA_VERSION)
+                if await conn.fetchval("SELECT COUNT(*) FROM auth_version") == 0:
+                    await conn.execute("INSERT INTO auth_version(version) VALUES (0)")
+        except CONNECTION_ERRORS as e:
+            await self.close()
+            raise RuntimeError(f"cannot open the database {_without_password(self.url)}: {e}") from e
+        logger.info("datastore: PostgreSQL at %s", _without_password(self.url))
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (asyncio.TimeoutError, *CONNECTION_ERRORS):
+                pool.terminate()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "PgStore.open() first"
+        return self._pool
+
+    async def read(self, script: Script[T]) -> T:
+        return await self._run(script, readonly=True)
+
+    async def grouped(self, script: Script[T], durable: bool = True) -> T:
+        return await self._run(script, durable=durable)
+
+    async def _run(self, script: Script[T], readonly: bool = False, durable: bool = True) -> T:
+        try:
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                async with conn.transaction(isolation="repeatable_read" if readonly else "read_committed",
+                                            readonly=readonly):
+                    if not durable:
+                        await conn.execute("SET LOCAL synchronous_commit = off")
+                    return await sql.run_async(script, functools.partial(_execute, conn))
+        except CONNECTION_ERRORS as e:
+            raise unavailable(e) from e
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> int | None:
+        """Take or renew the lease ``name`` for ``ttl`` seconds (the database's clock, so the
+        servers' clocks do not matter): its term if ``holder`` has it now, else None. A
+        holder that keeps it keeps its term; each new holder gets the next one."""
+        def take() -> Script[int | None]:
+            return (yield sql.q(
+                "INSERT INTO leases(name, holder, term, expires_at)"
+                " VALUES (?, ?, 1, EXTRACT(EPOCH FROM clock_timestamp()) + ?)"
+                " ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at,"
+                " term = CASE WHEN leases.holder = EXCLUDED.holder THEN leases.term ELSE leases.term + 1 END"
+                " WHERE leases.holder = EXCLUDED.holder OR leases.expires_at < EXTRACT(EPOCH FROM clock_timestamp())"
+                " RETURNING term", name, holder, float(ttl))).scalar()
+
+        return await self.grouped(take())
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at once (a clean stop), so a standby need not wait for it to expire."""
+        await self.grouped(_release(name, holder))
+
+    async def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease now (None if nobody, or it expired)."""
+        return await self.read(_holder(name))
+
+    async def data_version(self) -> int:
+        """Changes whenever users or revocations change, from any server."""
+        return await self.read(_auth_version())
+
+    async def listen_jobs(self, on_job: Callable[[int], None]) -> Callable[[], Any]:
+        """Call ``on_job(id)`` for each job inserted from now on; returns an async ``stop``.
+        The connection is dedicated (a pooled one would be handed to others)."""
+        conn = await asyncpg.connect(self.url, timeout=self.timeout)
+
+        def notified(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            if payload.isdigit():
+                on_job(int(payload))
+
+        await conn.add_listener(JOBS_CHANNEL, notified)
+
+        async def stop() -> None:
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except (asyncio.TimeoutError, *CONNECTION_ERRORS):
+                conn.terminate()
+
+        stop.is_closed = conn.is_closed  # type: ignore[attr-defined]
+        return stop
+
+
+def _release(name: str, holder: str) -> Script[None]:
+    yield sql.q("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?", name, holder)
+
+
+def _holder(name: str) -> Script[str | None]:
+    return (yield sql.q("SELECT holder FROM leases WHERE name = ?"
+                        " AND expires_at >= EXTRACT(EPOCH FROM clock_timestamp())", name)).scalar()
+
+
+def _auth_version() -> Script[int]:
+    return (yield sql.q("SELECT version FROM auth_version")).scalar()
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be logged."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}" if ":" in creds else url

@@ -1,0 +1,229 @@
+"""Images in an S3-compatible bucket (``--image-store s3://BUCKET[/PREFIX]``), for deployments
+past one machine: no image byte touches a server's disk, and workers read originals and write
+results straight to the bucket through presigned URLs good for one job.
+
+The endpoint, the keys and the region come the AWS SDK's own way (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, or a profile). The
+bucket is created if missing. Uploads are judged in memory (at most ``--max-upload-bytes``
+each) and put whole. A store that cannot be reached is :class:`~controller.models.Unavailable`
+(503), one that is full :class:`~controller.models.InsufficientStorage` (507).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.formats import png_header, sniff_format
+from controller.images import KEEP_BYTES, Download, ImageStore, StoredFile, header_of
+from controller.models import BadInput, InsufficientStorage, Unavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Bytes of a result read to judge its header (PNG's is in the first 33; JPEG's may be later).
+HEADER_BYTES = 256 * 1024
+CHUNK = 256 * 1024
+#: How long a redirect to a download stays good.
+REDIRECT_SECONDS = 300
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://BUCKET[/PREFIX]`` -> (bucket, prefix ending in ``/`` or empty)."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"an S3 image store is s3://BUCKET[/PREFIX], not {url!r}")
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError("s3:// needs a bucket name")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+class S3ImageStore(ImageStore):
+    """Images as objects of one bucket, under an optional prefix."""
+
+    direct = True
+
+    def __init__(self, url: str, max_bytes: int, max_pixels: int, redirect_downloads: bool = False,
+                 timeout: float = 30.0) -> None:
+        super().__init__(max_bytes, max_pixels)
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.redirect_downloads = redirect_downloads
+        self.timeout = timeout
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def open(self) -> None:
+        config = AioConfig(connect_timeout=5, read_timeout=self.timeout, retries={"max_attempts": 2},
+                           s3={"addressing_style": "path"}, signature_version="s3v4")
+        self._client = await self._stack.enter_async_context(get_session().create_client("s3", config=config))
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            if _status(e) not in (403, 404):
+                raise RuntimeError(f"cannot use bucket {self.bucket}: {e}") from e
+            if _status(e) == 403:
+                raise RuntimeError(f"not allowed to use bucket {self.bucket}: {e}") from e
+            await self._client.create_bucket(Bucket=self.bucket)
+            logger.info("created bucket %s", self.bucket)
+        except BotoCoreError as e:
+            await self.close()
+            raise RuntimeError(f"cannot reach the object store for bucket {self.bucket}: {e}") from e
+        logger.info("image store: s3://%s/%s at %s", self.bucket, self.prefix, self._client.meta.endpoint_url)
+
+    async def close(self) -> None:
+        await super().close()
+        await self._stack.aclose()
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """An S3 call, its failures said the way the API answers them."""
+        try:
+            return await operation()
+        except ClientError as e:
+            status, code = _status(e), e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                raise FileNotFoundError(what) from e
+            if code in ("EntityTooLarge", "QuotaExceeded", "InsufficientStorage") or status == 507:
+                raise InsufficientStorage(f"the object store is full ({code or status}): {what}") from e
+            if status >= 500:
+                raise Unavailable(f"the object store failed ({code or status}); try again shortly") from e
+            raise
+        except (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise Unavailable(f"the object store is unavailable ({type(e).__name__}); try again shortly") from e
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+        return await self._receive_in_memory(chunks)
+
+    async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
+        assert stored.data is not None
+        if not replace and await self.exists(key):
+            return False
+        await self.write(key, stored.data)
+        if keep and len(stored.data) <= KEEP_BYTES:
+            self._remember(key, stored.data)
+        return True
+
+    async def small_file(self, key: str, size: int, limit: int) -> bytes | None:
+        """Only what is still in memory: otherwise the worker reads the store itself (the
+        server relays no job traffic)."""
+        return self._recent.get(key) if size <= limit else None
+
+    # -- handing out ------------------------------------------------------------------------
+
+    async def download(self, key: str, content_type: str) -> Download:
+        if self.redirect_downloads:
+            url = await self._call(key, lambda: self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key),
+                                      "ResponseContentType": content_type},
+                ExpiresIn=REDIRECT_SECONDS))
+            return Download(url=url)
+        response = await self._call(key, lambda: self._client.get_object(Bucket=self.bucket, Key=self._key(key)))
+        body = response["Body"]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await self._call(key, lambda: body.read(CHUNK)):
+                    yield chunk
+            finally:
+                body.close()
+
+        return Download(chunks=chunks(), size=response.get("ContentLength"))
+
+    async def read(self, key: str) -> bytes:
+        async def get() -> bytes:
+            response = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            async with response["Body"] as body:
+                return await body.read()
+        return await self._call(key, get)
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._call(key, lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def write(self, key: str, data: bytes) -> None:
+        await self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+
+    async def remove_prefix(self, prefix: str) -> int:
+        """Every object under ``prefix`` (a workload's ``dir/``); how many were removed."""
+        removed = 0
+        paginator = self._client.get_paginator("list_objects_v2")
+
+        async def pages() -> list[list[str]]:
+            out = []
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                out.append([o["Key"] for o in page.get("Contents", [])])
+            return out
+
+        for keys in await self._call(prefix, pages):
+            for start in range(0, len(keys), 1000):
+                batch = keys[start:start + 1000]
+                if batch:
+                    await self._call(prefix, lambda b=batch: self._client.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in b], "Quiet": True}))
+                    removed += len(batch)
+        return removed
+
+    # -- workers' direct access -------------------------------------------------------------
+
+    async def job_urls(self, original: str, result: str, expires_in: float) -> tuple[str, str]:
+        seconds = max(1, int(expires_in))
+        get = await self._call(original, lambda: self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(original)}, ExpiresIn=seconds))
+        put = await self._call(result, lambda: self._client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": self._key(result)}, ExpiresIn=seconds))
+        return get, put
+
+    async def stored_result(self, key: str) -> StoredFile | None:
+        """Judge a result a worker put: its size (at most the upload limit) and its header."""
+        try:
+            head = await self._call(key, lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        except FileNotFoundError:
+            return None
+        size = int(head.get("ContentLength", 0))
+        if size == 0 or size > self.max_bytes:
+            return None
+
+        async def first_bytes() -> bytes:
+            response = await self._client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                                     Range=f"bytes=0-{HEADER_BYTES - 1}")
+            async with response["Body"] as body:
+                return await body.read()
+
+        data = await self._call(key, first_bytes)
+        fmt = sniff_format(data[:16])
+        if fmt is None:
+            return None
+        head_info = png_header(data) if fmt == "PNG" else None
+        if head_info is None:
+            try:
+                head_info = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
+            except BadInput:
+                return None
+        width, height, mode = head_info
+        return StoredFile(None, fmt, size, width, height, mode)
+
+
+def _status(e: ClientError) -> int:
+    try:
+        return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    except (TypeError, ValueError):
+        return 0
