@@ -17,10 +17,12 @@ from aiohttp import web
 from api import handlers, observe
 from api.keys import AUTH, METRICS, SETTINGS, STOPPING
 from api.metrics import Metrics
+from common.logs import LogLimiter
 from controller.models import DpipError, clipped
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+_store_log = LogLimiter(logger)  # an outage answers every request with a 503: a few lines say so
 
 
 #: A backstop: no error body grows with the input, whatever a message quotes.
@@ -54,7 +56,7 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except DpipError as e:
         if e.status in (503, 507):  # not a bug: a store that is down or full, said as it is
-            logger.warning("%s %s: %s", request.method, clipped(request.path), e)
+            _store_log.warning(str(e.status), "%s %s: %s", request.method, clipped(request.path), e)
             return error_response(e.status, str(e), e.headers())
         if e.status >= 500:
             return _internal_error(request)

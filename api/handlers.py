@@ -321,6 +321,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
             original = await store.image_header(workload.id, image_id, ImageType.ORIGINAL)
         except NotFound as e:
             raise BadInput(f"workload has no original image {image_id}") from e
+        app[JOBS].traffic.from_workers += stored.size
         await app[JOBS].accept_result(workload.id, workload.dir, workload.filter.value, image_id,
                                       original if original[3] is not None else None, stored)  # type: ignore[arg-type]
     return {"workload_id": workload.id, "image_id": image_id, "type": type_.value}
@@ -344,6 +345,9 @@ async def download_image(request: web.Request) -> web.StreamResponse:
         key = image_key(workload.dir, type_, image_id, fmt)
     content_type = FORMATS[fmt][1]
     download = await images.download(key, content_type)
+    if request[CLAIMS].scope == JOB:  # a worker fetching its job's original through us
+        request.app[JOBS].traffic.to_workers += download.size or (
+            download.path.stat().st_size if download.path is not None else 0)
     if download.url:  # --redirect-downloads: the object store serves it, for a short while
         raise web.HTTPTemporaryRedirect(download.url)
     if download.path is not None:

@@ -18,6 +18,7 @@ from prometheus_client import (
 
 from controller.membership import Membership
 from controller.models import Job, JobState
+from controller.jobs import JobTraffic
 from controller.store import Store
 from api.ports import SchedulerPort
 
@@ -35,6 +36,9 @@ class Metrics:
         self.jobs = Gauge("dpip_jobs", "Jobs by state", ["state"], registry=r)
         self.queue_depth = Gauge("dpip_queue_depth", "Jobs queued in the scheduler, waiting for a slot", registry=r)
         self.workers_alive = Gauge("dpip_workers_alive", "Workers alive now", registry=r)
+        self.job_bytes = Gauge("dpip_job_image_bytes", "Image bytes this server relayed for jobs since it"
+                               " started (to workers: originals; from workers: results)", ["direction"],
+                               registry=r)
         self.leader = Gauge("dpip_scheduling", "1 if this server schedules (leads), 0 if it is a standby",
                             registry=r)
         self.worker_alive = Gauge("dpip_worker_alive", "1 if the worker is alive", ["worker"], registry=r)
@@ -56,7 +60,11 @@ class Metrics:
     def request(self, route: str, method: str, status: int) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
 
-    async def render(self, store: Store, scheduler: SchedulerPort, membership: Membership) -> bytes:
+    async def render(self, store: Store, scheduler: SchedulerPort, membership: Membership,
+                     traffic: JobTraffic | None = None) -> bytes:
+        if traffic is not None:
+            self.job_bytes.labels("to_workers").set(traffic.to_workers)
+            self.job_bytes.labels("from_workers").set(traffic.from_workers)
         counts = await store.job_counts()
         for state in JobState:
             self.jobs.labels(state.value).set(counts.get(state.value, 0))

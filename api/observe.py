@@ -16,6 +16,7 @@ from api.handlers import requires, servers_json, workers_json, workload_summarie
 from api.keys import (
     AUTH,
     AUTOSCALER,
+    JOBS,
     MEMBERSHIP,
     METRICS,
     SCHEDULER,
@@ -159,7 +160,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     if not is_loopback(client_address(request)):
         request.app[AUTH].verify(bearer_token(request), (USER,))
     app = request.app
-    return metrics.response(await app[METRICS].render(app[STORE], app[SCHEDULER], app[MEMBERSHIP]))
+    return metrics.response(await app[METRICS].render(app[STORE], app[SCHEDULER], app[MEMBERSHIP],
+                                                      app[JOBS].traffic if JOBS in app else None))
 
 
 async def filter_list(request: web.Request) -> web.Response:

@@ -195,6 +195,7 @@ class JobResult:
     upload_ms: float = number(0.0, hi=1e9)
     started: bool = False  # this copy did (some of) the work: for counting extra work
     data: str = text("", max_len=MAX_INLINE_TEXT)  # the result, base64, when sent inline
+    transient: bool = False  # the image store or the API could not be reached: not the job's fault
 
 
 @dataclass(frozen=True)

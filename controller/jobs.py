@@ -43,12 +43,22 @@ class Timing(NamedTuple):
     upload_ms: float
 
 
+@dataclasses.dataclass
+class JobTraffic:
+    """Image bytes this server relayed for jobs (originals to workers, results from them):
+    about none when workers use an object store directly."""
+
+    to_workers: int = 0
+    from_workers: int = 0
+
+
 class JobLifecycle:
     """Transitions of persisted jobs (see the module's diagram)."""
 
     def __init__(self, store: Datastore, images: ImageStore | None = None) -> None:
         self.store = store
         self.images = images
+        self.traffic = JobTraffic()
         self._locks: dict[str, asyncio.Lock] = {}
         self._next_ids: dict[str, int] = {}  # workload -> its next original id (see _take_id)
         self._taken: dict[str, set[int]] = {}  # workload -> ids of originals being placed now
@@ -251,6 +261,22 @@ class JobLifecycle:
         rows = await self.store.read(_queued(tuple(ids), after, limit))
         return [_job_of(r) for r in rows]
 
+    async def overdue(self, exclude: set[int], limit: int = 1000) -> list[Job]:
+        """Dispatched jobs past their deadline not among ``exclude`` (the attempts the scheduler
+        holds), put back to queued: their dispatch was recorded but nothing carries them."""
+        def requeue() -> Script[list]:
+            rows = (yield q("SELECT id FROM jobs WHERE state = ? AND deadline < ? ORDER BY id LIMIT ?",
+                            JobState.DISPATCHED.value, time.time(), limit)).rows
+            ids = tuple(r[0] for r in rows if r[0] not in exclude)
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            yield q(f"UPDATE jobs SET state = ?, worker = NULL WHERE state = ? AND id IN ({marks})",
+                    JobState.QUEUED.value, JobState.DISPATCHED.value, *ids)
+            return (yield from _queued(ids))
+
+        return [_job_of(r) for r in await self.store.grouped(requeue())]
+
     # -- results ----------------------------------------------------------------------------
 
     async def accept_result(self, workload_id: str, workload_dir: str, filter_name: str, image_id: int,
@@ -287,9 +313,12 @@ class JobLifecycle:
         if self.images is None or job.original is None:
             return None
         try:
-            return await self.images.small_file(self._original_key(job), job.size, limit)
+            data = await self.images.small_file(self._original_key(job), job.size, limit)
         except OSError:
             return None  # the worker downloads it, and hears why it cannot
+        if data is not None:
+            self.traffic.to_workers += len(data)
+        return data
 
     async def direct_urls(self, job: Job, expires_in: float) -> tuple[str, str] | None:
         """Where the worker gets the original and puts the result itself (an object store's
@@ -306,6 +335,7 @@ class JobLifecycle:
         the copy's ``timing``; the original's bytes are no longer needed in memory. BadInput if
         it cannot be the result."""
         assert self.images is not None
+        self.traffic.from_workers += len(data)
         stored = await self.images.receive_bytes(data)
         try:
             await self.accept_result(job.workload_id, job.workload_dir, job.filter.value, job.image_id,

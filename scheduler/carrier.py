@@ -25,7 +25,7 @@ from common import wire
 from common.rpc import RpcError
 from controller.jobs import JobLifecycle, Timing
 from controller.membership import Membership
-from controller.models import DpipError, Job
+from controller.models import DpipError, InsufficientStorage, Job, Unavailable
 from scheduler.latency import LatencyTracker
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Failure:
     reason: str
     final: bool = False  # no retry can help (e.g. the image cannot be decoded)
     backoff: bool = True  # False when the worker, not the job, was the problem
+    transient: bool = False  # the image store or the datastore was out of reach: not counted
 
 
 def _answer(answered: asyncio.Future[float]) -> None:
@@ -193,24 +194,26 @@ class Carrier:
         first = next(iter(copies))
         return None, failures.get(first) or next(iter(failures.values()))
 
-    async def _store_inline(self, job: Job, worker: str, reply: wire.JobResult) -> str | None:
+    async def _store_inline(self, job: Job, worker: str, reply: wire.JobResult) -> Failure | None:
         """Store a result that came back inside the reply, judged as an upload would be; why it
         was refused, or None once it is stored (or another copy's result was first)."""
         try:
             timing = Timing(worker, reply.download_ms, reply.process_ms, reply.upload_ms)
             await self.jobs.store_inline_result(job, wire.payload(reply.data), timing)
+        except (Unavailable, InsufficientStorage) as e:
+            return Failure(f"the result of worker {worker} could not be stored: {e}", transient=True)
         except (wire.DecodeError, DpipError) as e:
-            return f"worker {worker} sent a result that was refused: {e}"
+            return Failure(f"worker {worker} sent a result that was refused: {e}")
         return None
 
-    async def _accept_direct(self, job: Job, worker: str, reply: wire.JobResult) -> str | None:
+    async def _accept_direct(self, job: Job, worker: str, reply: wire.JobResult) -> Failure | None:
         """A result the worker put into the object store: judged there, then recorded."""
         try:
             timing = Timing(worker, reply.download_ms, reply.process_ms, reply.upload_ms)
             problem = await self.jobs.accept_direct_result(job, timing)
         except DpipError as e:
-            return f"the result of worker {worker} could not be checked: {e}"
-        return f"worker {worker}: {problem}" if problem else None
+            return Failure(f"the result of worker {worker} could not be checked: {e}", transient=True)
+        return Failure(f"worker {worker}: {problem}") if problem else None
 
     async def cancel(self, worker: str, job: Job) -> None:
         try:
@@ -231,7 +234,7 @@ class Carrier:
         try:  # an object store: the worker reads and writes it directly, for this job only
             direct = await self.jobs.direct_urls(job, timeout + 5.0)
         except DpipError as e:
-            return Outcome(worker, failure=Failure(f"no URLs for the image store: {e}", backoff=True))
+            return Outcome(worker, failure=Failure(f"no URLs for the image store: {e}", transient=True))
         msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,
                           params=job.params, capability=cap, tied_peer=tied[0], tie=tied[1],
                           data=wire.inline(original) if original is not None else "",
@@ -250,14 +253,10 @@ class Carrier:
             self.slots.spawn(self.cancel(worker, job))  # it may still hold the job: free the slot
             return Outcome(worker, failure=Failure(str(e)))
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
-            if reply.ok and reply.data:
-                problem = await self._store_inline(job, worker, reply)
-                return Outcome(worker, result=reply, failure=Failure(problem) if problem else None,
-                               recorded=problem is None)
-            if reply.ok and direct:
-                problem = await self._accept_direct(job, worker, reply)
-                return Outcome(worker, result=reply, failure=Failure(problem) if problem else None,
-                               recorded=problem is None)
+            if reply.ok and (reply.data or direct):
+                store = self._store_inline if reply.data else self._accept_direct
+                failure = await store(job, worker, reply)
+                return Outcome(worker, result=reply, failure=failure, recorded=failure is None)
             if reply.ok:
                 if not await self.jobs.has_result(job):
                     # "done" is what the datastore says, never only what a worker claims
@@ -266,6 +265,6 @@ class Carrier:
                 logger.debug("job %d done on %s: download %.1f ms, process %.1f ms, upload %.1f ms",
                              job.id, worker, reply.download_ms, reply.process_ms, reply.upload_ms)
                 return Outcome(worker, result=reply)  # its upload got a 2xx: the result is stored
-            return Outcome(worker, result=reply,
-                           failure=Failure(f"worker {worker}: {reply.error}", final=not reply.retryable))
+            return Outcome(worker, result=reply, failure=Failure(
+                f"worker {worker}: {reply.error}", final=not reply.retryable, transient=reply.transient))
         return Outcome(worker, failure=Failure(f"worker {worker} gave an unexpected reply: {reply.TYPE}"))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from common.aio import stop_tasks
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
-from controller.models import Job
+from controller.models import DpipError, Job
 from scheduler.carrier import (
     Carrier,
     DispatchStats,
@@ -32,6 +32,11 @@ from scheduler.latency import LatencyTracker
 from scheduler.placement import JobView, WorkerView, place, why_not
 
 logger = logging.getLogger(__name__)
+
+#: Longest wait between two attempts that failed because a store was out of reach.
+TRANSIENT_BACKOFF_MAX = 5.0
+#: How often dispatched jobs that nothing holds are looked for.
+ORPHAN_SWEEP = 5.0
 
 __all__ = ["HedgePolicy", "Scheduler", "SchedulerSettings"]
 
@@ -50,6 +55,7 @@ class Scheduler:
         self._not_before: dict[int, float] = {}  # job id -> monotonic time of its next try
         self._probation: dict[str, float] = {}  # worker -> until when others go first
         self._pending: set[int] = set()  # jobs queued or being attempted
+        self._transient: dict[int, int] = {}  # job id -> attempts that failed for the stores' sake
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -73,6 +79,7 @@ class Scheduler:
         if jobs:
             logger.info("resumed %d unfinished jobs", len(jobs))
         self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+        self.spawn(self._orphans())
 
     async def close(self) -> None:
         self.membership.unsubscribe(on_change=self.wake, on_lost=self._on_lost)
@@ -247,6 +254,9 @@ class Scheduler:
                     self.on_job_done(job, time.monotonic() - t0)
             else:
                 await self._attempt_failed(job, primary, failure or Failure("no copy succeeded"))
+        except DpipError as e:  # the datastore or the image store out of reach: not the job's fault
+            logger.warning("dispatching job %d failed: %s", job.id, e)
+            await self._attempt_failed(job, primary, Failure(str(e), transient=True))
         except Exception:  # a bug here must cost one attempt, never the job
             logger.exception("dispatching job %d failed", job.id)
             await self._attempt_failed(job, primary, Failure("internal error while dispatching"))
@@ -276,7 +286,18 @@ class Scheduler:
         self._place_now()
 
     async def _attempt_failed(self, job: Job, worker: str, failure: Failure) -> None:
-        if failure.final or job.attempts >= self.settings.max_attempts:
+        try:
+            await self._retry_or_fail(job, worker, failure)
+        except DpipError as e:  # the datastore is out of reach: keep the job here, try again later
+            logger.warning("job %d: could not record its failed attempt (%s); trying it again later", job.id, e)
+            self._not_before[job.id] = time.monotonic() + TRANSIENT_BACKOFF_MAX
+            self._enqueue(job, retry=True)
+
+    async def _retry_or_fail(self, job: Job, worker: str, failure: Failure) -> None:
+        if failure.transient:  # not the job's fault: the attempt does not count
+            self._transient[job.id] = self._transient.get(job.id, 0) + 1
+        counted = job.attempts - self._transient.get(job.id, 0)
+        if failure.final or counted >= self.settings.max_attempts:
             logger.error("job %d (workload %s, image %d) failed for good after %d attempt(s): %s",
                          job.id, job.workload_id, job.image_id, job.attempts, failure.reason)
             await self.jobs.fail(job, failure.reason)
@@ -288,10 +309,26 @@ class Scheduler:
             return  # its result arrived meanwhile (e.g. the upload beat a lost reply)
         logger.warning("job %d attempt %d on %s failed, retrying: %s",
                        job.id, job.attempts, worker, failure.reason)
-        self._avoid.setdefault(job.id, set()).add(worker)
-        delay = self.settings.retry_backoff * 2 ** (job.attempts - 1) if failure.backoff else 0.0
+        if failure.transient:
+            delay = min(TRANSIENT_BACKOFF_MAX, self.settings.retry_backoff * 2 ** (self._transient[job.id] - 1))
+        else:
+            self._avoid.setdefault(job.id, set()).add(worker)
+            delay = self.settings.retry_backoff * 2 ** (counted - 1) if failure.backoff else 0.0
         self._not_before[job.id] = time.monotonic() + delay
         self._enqueue(queued, retry=True)
+
+    async def _orphans(self) -> None:
+        """Every few seconds: jobs the datastore says are dispatched, past their deadline, that
+        no attempt of ours holds (a write lost in a datastore outage) go back in line."""
+        while True:
+            await asyncio.sleep(ORPHAN_SWEEP)
+            try:
+                for job in await self.jobs.overdue(exclude=self._pending):
+                    logger.warning("job %d was dispatched but nothing holds it: queued again", job.id)
+                    self._enqueue(job)
+                self._place_now()
+            except DpipError as e:
+                logger.warning("looking for orphaned jobs failed: %s", e)
 
     def _view(self, job: Job) -> JobView:
         return JobView(frozenset(job.tags), frozenset(self._avoid.get(job.id, ())))
@@ -299,5 +336,6 @@ class Scheduler:
     def _settled(self, job: Job) -> None:
         """The job left the scheduler for good (done, failed, or finished elsewhere)."""
         self._pending.discard(job.id)
+        self._transient.pop(job.id, None)
         self._avoid.pop(job.id, None)
         self._not_before.pop(job.id, None)

@@ -123,7 +123,7 @@ class LeadingScheduler:
         if scheduler is None:
             return
         if self.shared:
-            logger.warning("server %s stops scheduling: %s", self.name, why)
+            (logger.info if why == "stopping" else logger.warning)("server %s stops scheduling: %s", self.name, why)
         if self._sweeper is not None:
             await stop_tasks([self._sweeper])
             self._sweeper = None

@@ -63,9 +63,10 @@ class WorkerSettings:
 
 
 class JobFailed(Exception):
-    def __init__(self, message: str, retryable: bool = True) -> None:
+    def __init__(self, message: str, retryable: bool = True, transient: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.transient = transient  # where the images live could not be reached (not the job's fault)
 
 
 #: While no controller has welcomed us, say so this often (a worker started before its server).
@@ -380,7 +381,7 @@ class Worker:
         except JobFailed as e:
             logger.warning("job %d (image %d of %s) failed: %s", msg.job_id, msg.image_id, msg.workload_id, e)
             return wire.JobResult(msg.job_id, ok=False, error=str(e), retryable=e.retryable,
-                                  worker=self.s.name, started=True)
+                                  worker=self.s.name, started=True, transient=e.transient)
         self.jobs_done += 1
         return wire.JobResult(
             msg.job_id, ok=True, worker=self.s.name, started=True,
@@ -416,10 +417,10 @@ class Worker:
             async with self._http.get(url) as r:
                 if r.status != 200:
                     raise JobFailed(f"download from the image store failed: HTTP {r.status}",
-                                    retryable=r.status >= 500 or r.status == 403)
+                                    retryable=r.status >= 500 or r.status == 403, transient=r.status >= 500)
                 return await r.read()
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise JobFailed(f"download from the image store failed: {e!r}") from e
+            raise JobFailed(f"download from the image store failed: {e!r}", transient=True) from e
 
     async def _put(self, url: str, data: bytes, fmt: str) -> None:
         """A result to its presigned URL."""
@@ -428,9 +429,9 @@ class Worker:
             async with self._http.put(url, data=data) as r:
                 if r.status not in (200, 201, 204):
                     raise JobFailed(f"upload to the image store failed: HTTP {r.status}",
-                                    retryable=r.status >= 500 or r.status == 403)
+                                    retryable=r.status >= 500 or r.status == 403, transient=r.status >= 500)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise JobFailed(f"upload to the image store failed: {e!r}") from e
+            raise JobFailed(f"upload to the image store failed: {e!r}", transient=True) from e
 
     async def _download(self, msg: wire.RunJob, api_url: str) -> bytes:
         assert self._http is not None
@@ -440,7 +441,7 @@ class Worker:
             async with self._http.get(url, params=params, headers=self._auth(msg)) as r:
                 if r.status != 200:
                     raise JobFailed(f"download failed: HTTP {r.status}: {(await r.text())[:200]}",
-                                    retryable=r.status >= 500 or r.status == 401)
+                                    retryable=r.status >= 500 or r.status == 401, transient=r.status == 503)
                 return await r.read()
         except (aiohttp.ClientError, TimeoutError) as e:
             raise JobFailed(f"download failed: {e!r}") from e
@@ -457,6 +458,6 @@ class Worker:
             async with self._http.post(f"{api_url}/images", data=form, headers=self._auth(msg)) as r:
                 if r.status not in (200, 201):
                     raise JobFailed(f"upload failed: HTTP {r.status}: {(await r.text())[:200]}",
-                                    retryable=r.status >= 500 or r.status == 401)
+                                    retryable=r.status >= 500 or r.status == 401, transient=r.status in (503, 507))
         except (aiohttp.ClientError, TimeoutError) as e:
             raise JobFailed(f"upload failed: {e!r}") from e

@@ -1,0 +1,231 @@
+"""Past one machine, against the real engines the tests start (tests/engines.py): PostgreSQL
+as the datastore, SeaweedFS's S3 server as the image store, two servers as one system.
+
+Every test starts real servers and workers as processes (scripts/localsys.py) and talks HTTP
+to them; results are compared pixel for pixel with what the filter gives locally."""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from common import filters
+from scripts import refclient as ref
+from scripts.frames import frame_png
+from scripts.localsys import LocalSystem, wait_until
+from tests.support import ADMIN_PASSWORD
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def expected_pixels(original: bytes, filter_name: str) -> bytes:
+    with Image.open(io.BytesIO(original)) as im:
+        im.load()
+        return filters.spec(filter_name).apply(im, {}).tobytes()
+
+
+def pixels(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.tobytes()
+
+
+def cluster_server(tmp: Path, name: str, database: str, store: str, s3, *extra: str) -> LocalSystem:
+    return LocalSystem(tmp / name / "data", log_dir=tmp / name / "logs", admin_password=ADMIN_PASSWORD,
+                       server_args=("--database", database, "--image-store", store, "--server-name", name, *extra),
+                       server_env=s3.env())
+
+
+def download(system: LocalSystem, token: str, wid: str, image_id: int, type_: str = "filtered") -> ref.Response:
+    return ref.request(system.url, "GET", f"/images/{image_id}?workload_id={wid}&type={type_}",
+                       headers=ref.bearer(token))
+
+
+def new_workload(system: LocalSystem, token: str, filter_name: str) -> str:
+    r = ref.request(system.url, "POST", "/workloads", f"filter={filter_name}".encode(),
+                    {**ref.bearer(token), "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 200, r.body
+    return r.json()["workload_id"]
+
+
+def completed(system: LocalSystem, token: str, wid: str, images: int) -> bool:
+    view = system.get(f"/workloads/{wid}", token)
+    return view["status"] == "completed" and view["images"] == images
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+def bucket_keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    import asyncio
+
+    from aiobotocore.session import get_session
+
+    async def keys() -> list[str]:
+        async with get_session().create_client(
+                "s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
+                aws_secret_access_key=s3.secret_key, region_name=s3.region) as client:
+            out: list[str] = []
+            async for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                out += [o["Key"] for o in page.get("Contents", [])]
+            return sorted(out)
+
+    return asyncio.run(keys())
+
+
+def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):
+    """Small images (inline), larger ones (the worker reads and writes the bucket through
+    presigned URLs), thumbnails: all exact, all in the bucket, nothing on the server's disk;
+    a second server on the same database takes the first's token and redirects downloads."""
+    database, bucket = postgres.new_database("flow"), s3.new_bucket_name("flow")
+    store = f"s3://{bucket}/photos"
+    a = cluster_server(tmp_path, "a", database, store, s3)
+    b = cluster_server(tmp_path, "b", database, store, s3, "--redirect-downloads")
+    try:
+        a.start_server()
+        token = a.start_workers({"w1": (), "w2": ()})
+        originals = [frame_png(i, 64, 64) for i in range(4)] + [frame_png(i, 480, 360) for i in range(2)]
+        assert all(len(o) > 256 * 1024 for o in originals[4:]), "big enough to bypass the inline path"
+        results = {}
+        for filter_name in ("grayscale", "blur"):
+            wid = new_workload(a, token, filter_name)
+            for i, data in enumerate(originals):
+                r = ref.upload(a.url, token, wid, f"{i}.png", data)
+                assert r.status == 200, r.body
+            wait_until(lambda: completed(a, token, wid, len(originals)), 90, f"{filter_name} to complete")
+            view = a.get(f"/workloads/{wid}", token)
+            assert view["filtered_images"] == list(range(len(originals))) and view["failed_images"] == []
+            for i, data in enumerate(originals):
+                r = download(a, token, wid, i)
+                assert r.status == 200 and r.headers["content-type"] == "image/png"
+                assert pixels(r.body) == expected_pixels(data, filter_name), f"{filter_name} image {i}"
+            results[filter_name] = wid
+        jobs = a.get(f"/workloads/{results['blur']}/jobs", token)
+        assert all(j["state"] == "done" and j["attempts"] == 1 for j in jobs)
+
+        r = ref.request(a.url, "GET", f"/images/4?workload_id={results['blur']}&size=small",
+                        headers=ref.bearer(token))
+        assert r.status == 200
+        with Image.open(io.BytesIO(r.body)) as im:
+            assert max(im.size) == 100
+
+        keys = bucket_keys(s3, bucket)
+        assert all(k.startswith("photos/") for k in keys)
+        assert sum("/original/" in k for k in keys) == sum("/filtered/" in k for k in keys) == 2 * len(originals)
+        assert any("/thumbs/" in k for k in keys), "the thumbnail lives in the bucket too"
+        assert files_under(a.data_dir) == [], "no image byte on the server's disk"
+
+        b.start_server()  # same database: the same users, secret and token
+        wid = results["grayscale"]
+        r = download(b, token, wid, 5)
+        assert r.status == 307, r.status
+        with urllib.request.urlopen(r.headers["location"], timeout=10) as got:  # what curl -L does
+            assert pixels(got.read()) == expected_pixels(originals[5], "grayscale")
+        servers = {s["name"]: s for s in b.get("/status", token)["servers"]}
+        assert servers["a"]["leader"] and servers["a"]["alive"] and not servers["b"]["leader"]
+        assert files_under(b.data_dir) == []
+    except BaseException:
+        print(a.logs(), b.logs())
+        raise
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_a_standby_takes_over_when_the_leader_is_killed(tmp_path, postgres, s3):
+    """kill -9 of the scheduling server mid-workload: uploads go on through the other server
+    with the same token, the standby takes the lease, requeues what was in flight, and every
+    image ends filtered once and exactly; the old leader comes back as a standby."""
+    database, bucket = postgres.new_database("failover"), s3.new_bucket_name("failover")
+    store = f"s3://{bucket}"
+    a = cluster_server(tmp_path, "a", database, store, s3)
+    b = cluster_server(tmp_path, "b", database, store, s3)
+    try:
+        a.start_server()
+        b.start_server()
+        both = f"{a.controller},{b.controller}"
+        slow = ("--controller", both, "--capacity", "2", "--slow-rate", "1", "--slow-ms", "150")
+        a.start_worker("w1", *slow)
+        a.start_worker("w2", *slow)
+        token = a.login()
+        a.wait_workers({"w1", "w2"}, token)
+        b.wait_workers({"w1", "w2"}, token)  # the standby tracks them too: no rejoin needed
+        originals = [frame_png(i, 64, 64) for i in range(40)] + [frame_png(i, 480, 360) for i in range(4)]
+        wid = ref.create_workload(a.url, token)["workload_id"]
+        for i, data in enumerate(originals[:20]):
+            assert ref.upload(a.url, token, wid, f"{i}.png", data).status == 200
+        wait_until(lambda: a.get(f"/workloads/{wid}", token)["running_jobs"] > 0, 30, "jobs in flight")
+        a.server.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        a.server.wait()
+        for i, data in enumerate(originals[20:], 20):
+            r = ref.upload(b.url, token, wid, f"{i}.png", data)
+            assert r.status == 200, r.body
+        wait_until(lambda: b.get("/status", token)["scheduler"]["leader"], 30, "the standby to lead")
+        print(f"takeover {time.monotonic() - killed:.2f} s after the kill")
+        wait_until(lambda: completed(b, token, wid, len(originals)), 120, "the workload to complete")
+        view = b.get(f"/workloads/{wid}", token)
+        assert view["filtered_images"] == list(range(len(originals))) and view["failed_images"] == []
+        for i, data in enumerate(originals):
+            r = download(b, token, wid, i)
+            assert r.status == 200 and pixels(r.body) == expected_pixels(data, "grayscale"), i
+        images = ref.request(b.url, "GET", f"/images?workload_id={wid}", headers=ref.bearer(token)).json()
+        assert sorted((i["type"], i["image_id"]) for i in images) == sorted(
+            [("original", k) for k in range(len(originals))] + [("filtered", k) for k in range(len(originals))])
+        keys = bucket_keys(s3, bucket)
+        assert len(keys) == 2 * len(originals), "stored once each"
+
+        a.start_server()  # back, as a standby
+        servers = lambda: {s["name"]: s for s in a.get("/status", token)["servers"]}  # noqa: E731
+        wait_until(lambda: servers()["a"]["alive"] and servers()["b"]["leader"], 30, "a back as a standby")
+        assert not a.get("/status", token)["scheduler"]["leader"]
+    except BaseException:
+        print(a.logs(), b.logs())
+        raise
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_outages_of_the_stores_are_503s_and_heal(tmp_path, postgres, s3):
+    """The object store down: uploads are a 503 that says so, nothing accepted is lost, and
+    they work again once it is back. The database down: a 503 too, then everything works."""
+    database, bucket = postgres.new_database("outage"), s3.new_bucket_name("outage")
+    system = cluster_server(tmp_path, "a", database, f"s3://{bucket}", s3)
+    try:
+        system.start_server()
+        token = system.start_workers({"w1": ()})
+        wid = ref.create_workload(system.url, token)["workload_id"]
+        assert ref.upload(system.url, token, wid, "0.png", frame_png(0, 64, 64)).status == 200
+
+        s3.stop()
+        try:
+            r = ref.upload(system.url, token, wid, "1.png", frame_png(1, 64, 64))
+            assert r.status == 503 and "object store" in r.json()["error"], (r.status, r.body)
+        finally:
+            s3.start()
+        wait_until(lambda: ref.upload(system.url, token, wid, "1.png", frame_png(1, 64, 64)).status == 200,
+                   60, "uploads to work again")
+
+        postgres.stop()
+        try:
+            r = ref.request(system.url, "GET", f"/workloads/{wid}", headers=ref.bearer(token))
+            assert r.status == 503 and "database" in r.json()["error"], (r.status, r.body)
+        finally:
+            postgres.start()
+        wait_until(lambda: ref.request(system.url, "GET", f"/workloads/{wid}",
+                                       headers=ref.bearer(token)).status == 200, 60, "the database to answer")
+        assert ref.upload(system.url, token, wid, "2.png", frame_png(2, 64, 64)).status == 200
+        wait_until(lambda: completed(system, token, wid, 3), 90, "every accepted image to be filtered")
+        assert system.get(f"/workloads/{wid}", token)["filtered_images"] == [0, 1, 2]
+    except BaseException:
+        print(system.logs())
+        raise
+    finally:
+        system.stop()
