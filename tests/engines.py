@@ -116,12 +116,15 @@ class Postgres:
 
     @property
     def url(self) -> str:
+        """The dpip database's URL, password included."""
         return self.url_of("dpip")
 
     def url_of(self, database: str) -> str:
+        """The URL of ``database`` on this cluster as the dpip role."""
         return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
 
     def logs(self, lines: int = 40) -> str:
+        """The tail of the server's log, for a failure message."""
         return tail(self.log, lines)
 
     def _run(self, *argv: str, timeout: float = START_TIMEOUT + 30) -> subprocess.CompletedProcess:
@@ -187,6 +190,7 @@ class Postgres:
         return self.url_of(database)
 
     def running(self) -> bool:
+        """Whether the cluster's postmaster runs (pg_ctl status)."""
         return self._run(str(self.bindir / "pg_ctl"), "status", "-D", str(self.data), timeout=30).returncode == 0
 
     def start(self) -> None:
@@ -198,6 +202,8 @@ class Postgres:
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the cluster: ``fast`` ends sessions cleanly, ``immediate`` is like a crash."""
+        if not self.running():
+            return
         done = self._run(str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode,
                          "-w", "-t", str(int(START_TIMEOUT)))
         if done.returncode:
@@ -206,7 +212,7 @@ class Postgres:
     def close(self) -> None:
         """Stop whatever still runs and remove the cluster's files."""
         try:
-            if self.data.exists() and self.running():
+            if self.data.exists():
                 try:
                     self.stop("fast")
                 except EngineError:
@@ -267,6 +273,7 @@ class SeaweedS3:
 
     @property
     def endpoint(self) -> str:
+        """The S3 endpoint URL, http://127.0.0.1:PORT."""
         return f"http://{self.host}:{self.ports['s3']}"
 
     def env(self) -> dict[str, str]:
@@ -285,6 +292,7 @@ class SeaweedS3:
         return f"{stem}-{next(self._numbers)}-{secrets.token_hex(4)}"
 
     def logs(self, lines: int = 40) -> str:
+        """The tail of weed's log, for a failure message."""
         return tail(self.log, lines)
 
     def _command(self) -> list[str]:
