@@ -254,6 +254,7 @@ def _pg_os_user() -> tuple[str, str | None]:
         raise EngineUnavailable("running as root and there is no postgres user to run PostgreSQL as") from None
     return runuser, "postgres"
 
+
 class SeaweedS3:
     """SeaweedFS (master, volume, filer, S3 gateway in one ``weed server``) with SigV4 keys."""
 
