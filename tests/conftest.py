@@ -10,6 +10,7 @@ import pytest
 from server.services import build_app
 from server.settings import ServerSettings
 from scripts.localsys import LocalSystem, free_port
+from tests.engines import postgres, s3  # noqa: F401  (session fixtures: real PostgreSQL and S3)
 from tests.support import ADMIN_PASSWORD
 
 
