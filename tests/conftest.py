@@ -83,4 +83,3 @@ def pytest_runtest_makereport(item, call):
         systems.extend(item.funcargs["make_system"].systems)
     for n, sysm in enumerate(systems):
         report.sections.append((f"dpip processes ({n})", sysm.logs()))
-from tests.devpg import postgres  # noqa: F401  (temporary)
