@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install browser engines run test e2e bench bench-deps bench-tail bench-cli bench-scale clean
+.PHONY: install browser engines run test e2e bench bench-deps bench-tail bench-cli bench-scale bench-cluster clean
 
 install: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-cli: install
 
 bench-scale: install
 	$(PY) scripts/bench_scale.py
+
+bench-cluster: install engines
+	$(PY) scripts/bench_cluster.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -82,7 +82,15 @@ SCHEMAS: dict[str, Any] = {
             "system_name": {"type": "string"}, "server_time": {"type": "string"},
             "active_workloads": {"type": "array", "items": _ref("Workload")},
             "workers": {"type": "array", "items": _ref("Worker")},
-            "queued_jobs": {"type": "integer"}, "scheduler": {"type": "object"},
+            "queued_jobs": {"type": "integer"},
+            "scheduler": {"type": "object", "description": "policy and counters; `leader`: whether this"
+                                                           " server schedules (one of those sharing a database does)"},
+            "servers": {"type": "array", "description": "the servers of the system (several share a database)",
+                        "items": {"type": "object", "properties": {
+                            "name": {"type": "string"}, "api_url": {"type": "string"},
+                            "alive": {"type": "boolean"}, "leader": {"type": "boolean"},
+                            "this_server": {"type": "boolean"}, "last_seen": {"type": "number"},
+                            "started_at": {"type": "number"}}}},
             "autoscale": {"type": "object", "nullable": True,
                           "description": "with --autoscale: bounds, its workers and their phase, the last decision"},
         },

@@ -31,16 +31,20 @@ class Row:
     figure: str
     value: float
     unit: str  # "img/s", "ms", or "" for a ratio
-    target: float
+    target: float | None  # None: a figure shown for comparison, with no target
     at_least: bool  # the target is a floor (else a ceiling)
     detail: str = ""
 
     @property
     def meets(self) -> bool:
+        if self.target is None:
+            return True
         return self.value >= self.target if self.at_least else self.value <= self.target
 
     @property
     def target_text(self) -> str:
+        if self.target is None:
+            return "-"
         return f"{'>=' if self.at_least else '<='} {self.target:g} {self.unit}".rstrip()
 
     @property
@@ -52,7 +56,8 @@ class Row:
         measured = f"{self.value:.{1 if self.unit else 2}f} {self.unit}".rstrip()
         if self.detail:
             measured += f" ({self.detail})"
-        return [self.figure, measured, self.target_text, "meets" if self.meets else "MISSES"]
+        verdict = "-" if self.target is None else "meets" if self.meets else "MISSES"
+        return [self.figure, measured, self.target_text, verdict]
 
 
 def table(rows: list[Row]) -> str:
