@@ -1,7 +1,7 @@
-"""``dpip``: log in, push images or a video, watch, pull, and read the system's state.
+"""The ``dpip`` commands, one function each; :mod:`cli.main` parses the line and reports failures.
 
-Exit codes: 0 done; 1 failed (the server refused, images failed); 2 bad usage; 3 not logged in
-or refused credentials; 4 server unreachable; 130 interrupted. Errors are one line on stderr.
+A command is a coroutine function, or a plain function for the ones that must not run in the
+event loop (the password prompt, the synthetic clip): :mod:`cli.main` runs either.
 """
 
 from __future__ import annotations
@@ -12,28 +12,21 @@ import getpass
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 from rich.progress import Progress
 
-from common import filters
-from cli import config, show, transfer, video
-from cli.client import Api, ApiError
-from cli.config import (
-    EXIT_AUTH,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    CliError,
-    Session,
-)
-from cli.transfer import Upload, err, progress_bar
+from cli import config, names, pushes, show, transfer, video
+from cli.client import RETRYABLE, Api, ApiError
+from cli.config import EXIT_AUTH, EXIT_OK, EXIT_UNREACHABLE, CliError, Session
+from cli.transfer import PushResult, Upload, err, progress_bar
 
-Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+#: Where a new user finds the admin password (``make run`` prints it on the first start).
+PASSWORD_HINT = "printed by make run, also in data/admin-password"
 
 
 def _session(args: argparse.Namespace, need_token: bool = True) -> Session:
@@ -46,27 +39,36 @@ def _session(args: argparse.Namespace, need_token: bool = True) -> Session:
     return session
 
 
-def _api(args: argparse.Namespace, **kwargs: Any) -> Api:
+def _api(args: argparse.Namespace, **kwargs: object) -> Api:
     session = _session(args)
-    return Api(session.url, session.token, **kwargs)
+    from_env = "$DPIP_TOKEN" if os.environ.get("DPIP_TOKEN") == session.token else ""
+    return Api(session.url, session.token, token_from=from_env, **kwargs)  # type: ignore[arg-type]
 
 
 # -- login / logout -----------------------------------------------------------------------------
 
-async def cmd_login(args: argparse.Namespace) -> int:
+def cmd_login(args: argparse.Namespace) -> int:
+    """Ask for the password before the event loop starts: a Ctrl-C at the prompt then stops
+    at once (inside the loop the first one would only cancel the task, waiting for Enter)."""
     session = _session(args, need_token=False)
     user = args.user or session.user or os.environ.get("DPIP_USER") or "admin"
+    hint = f" ({PASSWORD_HINT})" if user == "admin" else ""
     password = os.environ.get("DPIP_PASSWORD")
     if password is None:
         if not sys.stdin.isatty():
-            raise CliError("no password: set DPIP_PASSWORD or run `dpip login` in a terminal", EXIT_AUTH)
-        password = getpass.getpass(f"password for {user} at {session.url}: ")
+            raise CliError(f"no password: set DPIP_PASSWORD or run `dpip login` in a terminal"
+                           f"{' (the admin password is ' + PASSWORD_HINT + ')' if hint else ''}", EXIT_AUTH)
+        password = getpass.getpass(f"password for {user} at {session.url}{hint}: ")
+    return asyncio.run(_login(session, user, password, hint))
+
+
+async def _login(session: Session, user: str, password: str, hint: str) -> int:
     async with Api(session.url, retries=0) as api:
         try:
             token = await api.login(user, password)
         except ApiError as e:
             if e.status == 401:
-                raise CliError(f"login refused for {user!r}: wrong user or password", EXIT_AUTH) from e
+                raise CliError(f"login refused for {user!r}: wrong user or password{hint}", EXIT_AUTH) from e
             raise
     path = config.save(Session(session.url, user, token))
     err.print(f"logged in to {session.url} as {user} (token saved in {path})")
@@ -112,78 +114,123 @@ async def cmd_workloads(args: argparse.Namespace) -> int:
 
 # -- push / watch / pull ------------------------------------------------------------------------
 
-async def _target(api: Api, args: argparse.Namespace, meta: dict | None = None) -> dict:
-    """The workload to push into: ``--workload`` (resume), else a new one."""
+async def _target(api: Api, args: argparse.Namespace, count: int | None, meta: dict | None = None) -> tuple[dict, bool]:
+    """The workload to push into: ``--workload`` (resume), else a new one that records the
+    ``count`` of images this push is going to send. Returns it and whether it is new."""
     if args.workload:
-        return await api.workload(args.workload)
-    return await api.create_workload(args.filter, args.name, args.tags, meta, dict(args.param or []))
+        return await api.workload(args.workload), False
+    created = await api.create_workload(args.filter, args.name, args.tags, pushes.meta(count, meta),
+                                        dict(args.param or []))
+    return created, True
 
 
-async def _push(api: Api, args: argparse.Namespace, workload: dict, uploads: AsyncIterator[Upload],
-                total: int | None, progress: Progress) -> int:
-    """Upload everything; returns how many images the workload has from this push."""
+async def _push(api: Api, args: argparse.Namespace, workload: dict, created: bool,
+                uploads: AsyncGenerator[Upload, None], total: int | None, progress: Progress) -> int:
+    """Upload everything; returns how many images the workload has from this push. When it
+    stops early, say what the workload holds and whether the same command can finish it."""
     wid = workload["workload_id"]
     err.print(f"workload {wid} ({workload['workload_name']}, {workload['filter']})")
     existing = {}
     if args.workload:  # resuming: what the server has already
         existing = {e["image_id"]: e["size"] for e in await api.list_images(wid, "original")}
+    result = PushResult()
     try:
-        result = await transfer.upload_all(api, wid, uploads, args.jobs, progress, total, existing)
+        async with aclosing(uploads):  # closed here, while its decoding thread is still there
+            await transfer.upload_all(api, wid, uploads, args.jobs, progress, total, existing, result)
     except (asyncio.CancelledError, KeyboardInterrupt):
-        err.print(f"push interrupted: resume with the same command and --workload {wid}")
+        err.print(await _stopped(api, wid, created, result, total, "push interrupted", resumable=True))
         raise
     except CliError as e:
-        raise CliError(f"{e} (resume with the same command and --workload {wid})", e.code) from e
+        resumable = e.code == EXIT_UNREACHABLE or (isinstance(e, ApiError) and e.status in RETRYABLE)
+        if not created and not resumable:
+            raise
+        raise CliError(f"{e}; {await _stopped(api, wid, created, result, total, '', resumable)}", e.code) from e
     skipped = f", {result.skipped} already there" if result.skipped else ""
     progress.console.print(f"pushed {result.sent} images ({result.bytes / 1e6:.1f} MB){skipped}")
     return result.sent + result.skipped
 
 
+async def _stopped(api: Api, wid: str, created: bool, result: PushResult, total: int | None,
+                   what: str, resumable: bool) -> str:
+    """What a push that stopped early leaves behind. A workload this push created and gave no
+    image is removed (there is nothing to resume); otherwise it shows as partial."""
+    lead = f"{what}: " if what else ""
+    done = result.sent + result.skipped
+    if created and done == 0 and await _remove_if_empty(api, wid):
+        return f"{lead}nothing was uploaded, workload {wid} removed"
+    of = f" of {total}" if total else ""
+    state = f"workload {wid} has {done}{of} images (partial)"
+    if resumable:
+        return f"{lead}{state}: resume with the same command and --workload {wid}"
+    return f"{lead}{state}: fix that file, then resume with the same command and --workload {wid}"
+
+
+async def _remove_if_empty(api: Api, wid: str) -> bool:
+    """Best effort, bounded: an upload whose answer was lost may have landed after all."""
+    try:
+        async with asyncio.timeout(5):
+            if await api.list_images(wid, "original"):
+                return False
+            await api.delete_workload(wid)
+            return True
+    except (CliError, TimeoutError):
+        return False
+
+
 async def cmd_push(args: argparse.Namespace) -> int:
     files = transfer.collect(args.paths)
+    names.check_images(files)  # every file, before anything is created on the server
     async with _api(args, connections=args.jobs) as api:
-        workload = await _target(api, args)
+        workload, created = await _target(api, args, len(files))
         with progress_bar(args.quiet) as progress:
-            await _push(api, args, workload, transfer.files_as_uploads(files), len(files), progress)
+            await _push(api, args, workload, created, transfer.files_as_uploads(files), len(files), progress)
     print(workload["workload_id"])
     return EXIT_OK
 
 
-async def _watch(api: Api, workload_id: str, quiet: bool) -> dict:
+async def _watch(api: Api, workload_id: str, quiet: bool, stall_timeout: float) -> transfer.Progressed:
     await api.workload(workload_id)  # an unknown id fails here, before any progress bar is drawn
     with progress_bar(quiet) as progress:
-        seen = await transfer.watch(api, workload_id, progress)
+        seen = await transfer.watch(api, workload_id, progress, stall=pushes.Stall(stall_timeout))
     w = seen.workload
-    err.print(f"{w['workload_name']}: completed, {len(w['filtered_images'])} filtered, "
+    err.print(f"{w['workload_name']}: {pushes.status(w)}, {len(w['filtered_images'])} filtered, "
               f"{len(w.get('failed_images', []))} failed ({seen.elapsed:.1f} s watched)")
-    return w
+    return seen
 
 
-def _check_failures(w: dict) -> None:
-    """Exit non-zero, with the first reason, if images of the workload failed."""
+def _check_finished(seen: transfer.Progressed) -> None:
+    """Exit non-zero, with the first reason, if images of the workload failed or never came."""
+    w = seen.workload
     if failed := w.get("failed_images"):
         first = failed[0]
         raise CliError(f"{len(failed)} of {w.get('images', '?')} images failed "
                        f"(image {first['image_id']}: {first['reason']})")
+    if pushes.missing(w):
+        raise CliError(pushes.partial_error(w, seen.idle))
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     async with _api(args) as api:
-        _check_failures(await _watch(api, args.workload, args.quiet))
+        _check_finished(await _watch(api, args.workload, args.quiet, args.stall_timeout))
     return EXIT_OK
 
 
 async def cmd_pull(args: argparse.Namespace) -> int:
     async with _api(args, connections=args.jobs) as api:
         w = await api.workload(args.workload)
+        seen = None
         if args.wait:
-            w = await _watch(api, args.workload, args.quiet)
+            seen = await _watch(api, args.workload, args.quiet, args.stall_timeout)
+            w = seen.workload
         with progress_bar(args.quiet) as progress:
-            fetched, kept = await transfer.pull(api, args.workload, args.dir, args.type, args.jobs, progress)
+            fetched, kept = await transfer.pull(api, args.workload, args.dir, args.type, args.jobs, progress,
+                                                args.names)
     pending = "" if w["status"] == "completed" else f"; workload still {w['status']}: pull again later"
+    if pushes.missing(w):
+        pending += f"; only {pushes.uploaded(w)} images were uploaded (partial)"
     err.print(f"downloaded {fetched}, kept {kept} already complete, into {args.dir}{pending}")
-    if args.wait:
-        _check_failures(w)  # what succeeded is downloaded; the exit code still tells
+    if seen is not None:
+        _check_finished(seen)  # what succeeded is downloaded; the exit code still tells
     return EXIT_OK
 
 
@@ -194,8 +241,9 @@ def _video_thread(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix=name)
 
 
-async def _decoded(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[Upload]:
-    """Frames as uploads, decoded one at a time in ``pool`` while earlier ones upload."""
+async def _decoded(path: Path, pool: ThreadPoolExecutor) -> AsyncGenerator[Upload, None]:
+    """Frames as uploads, decoded one at a time in ``pool`` while earlier ones upload. Close it
+    (``aclosing``) before ``pool`` shuts down: its cleanup runs in that thread."""
     loop = asyncio.get_running_loop()
     frames = video.frames(path)
     try:
@@ -204,28 +252,29 @@ async def _decoded(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[Upload
             yield Upload(index, f"{index}.png", lambda image=image: video.png(image))
             index += 1
     finally:
-        await loop.run_in_executor(pool, frames.close)
+        await asyncio.shield(loop.run_in_executor(pool, frames.close))
 
 
-async def _video_target(api: Api, args: argparse.Namespace, pool: ThreadPoolExecutor) -> tuple[dict, int | None]:
+async def _video_target(api: Api, args: argparse.Namespace, pool: ThreadPoolExecutor) -> tuple[dict, bool, int | None]:
     info = await asyncio.get_running_loop().run_in_executor(pool, video.probe, args.input)
     err.print(f"{args.input}: {info.width}x{info.height}, {float(info.fps):.3f} fps, "
               f"{info.frames or 'unknown'} frames, {info.codec}")
-    return await _target(api, args, info.meta(args.input.name)), info.frames or None
+    workload, created = await _target(api, args, info.frames or None, info.meta(args.input.name))
+    return workload, created, info.frames or None
 
 
 async def cmd_video_push(args: argparse.Namespace) -> int:
     with _video_thread("decode") as pool:
         async with _api(args, connections=args.jobs) as api:
-            workload, frames = await _video_target(api, args, pool)
+            workload, created, frames = await _video_target(api, args, pool)
             with progress_bar(args.quiet) as progress:
-                await _push(api, args, workload, _decoded(args.input, pool), frames, progress)
+                await _push(api, args, workload, created, _decoded(args.input, pool), frames, progress)
     print(workload["workload_id"])
     return EXIT_OK
 
 
 async def _ready_frames(api: Api, workload_id: str, total: asyncio.Future[int] | None,
-                        interval: float = 0.5) -> AsyncIterator[int]:
+                        stall: pushes.Stall, interval: float = 0.5) -> AsyncIterator[int]:
     """Frame ids in order, each as soon as its filtered image exists. The count comes from
     ``total`` (a push still going on) or, without one, from the completed workload."""
     next_id = 0
@@ -238,7 +287,10 @@ async def _ready_frames(api: Api, workload_id: str, total: asyncio.Future[int] |
             yield next_id
             next_id += 1
         if total is None:
-            count = w["images"] if w["status"] == "completed" else None
+            ended = stall.done(w)
+            if ended and pushes.missing(w):
+                raise CliError(f"{pushes.partial_error(w, stall.idle())}; no video written")
+            count = w["images"] if ended else None
         else:
             count = total.result() if total.done() else None
         if count is not None and next_id >= count:
@@ -258,9 +310,11 @@ async def _video_join(api: Api, args: argparse.Namespace, workload: dict, pool: 
         err.print("the workload has no frame rate (not pushed by `dpip video push`): using 25 fps")
     writer = video.Writer(args.output, fps, args.codec)
     loop = asyncio.get_running_loop()
-    task = progress.add_task("join", total=workload.get("images") if total is None else None, rate="")
+    frames = pushes.expected(workload) or workload.get("images")
+    task = progress.add_task("join", total=frames if total is None else None, rate="")
     started = time.monotonic()
-    ready = _ready_frames(api, wid, total)
+    stall = pushes.Stall(getattr(args, "stall_timeout", pushes.STALL_TIMEOUT))
+    ready = _ready_frames(api, wid, total, stall)
     try:
         async for data in transfer.in_order(ready, lambda i: api.download(wid, i, "filtered"), 2 * args.jobs):
             await loop.run_in_executor(pool, writer.write, data)
@@ -291,123 +345,20 @@ async def cmd_video_run(args: argparse.Namespace) -> int:
     video.Writer.check(args.output, args.codec)  # a bad output name or codec fails before the work
     with _video_thread("decode") as decode, _video_thread("encode") as encode:
         async with _api(args, connections=2 * args.jobs) as api:
-            workload, frames = await _video_target(api, args, decode)
+            workload, created, frames = await _video_target(api, args, decode)
             total: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             with progress_bar(args.quiet) as progress:
 
                 async def push() -> None:
-                    total.set_result(await _push(api, args, workload, _decoded(args.input, decode), frames, progress))
+                    total.set_result(await _push(api, args, workload, created, _decoded(args.input, decode),
+                                                 frames, progress))
 
                 await transfer.first_error(push(), _video_join(api, args, workload, encode, progress, total))
     return EXIT_OK
 
 
-async def cmd_video_sample(args: argparse.Namespace) -> int:
-    count = await asyncio.to_thread(video.sample, args.output, args.seconds, args.fps)
+def cmd_video_sample(args: argparse.Namespace) -> int:
+    """Blocking work, so not in the event loop: Ctrl-C stops it between two frames."""
+    count = video.sample(args.output, args.seconds, args.fps)
     err.print(f"wrote {args.output}: {count} frames, {args.fps} fps, 320x240")
     return EXIT_OK
-
-
-# -- arguments ----------------------------------------------------------------------------------
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _param(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name.strip(), value.strip()
-
-
-def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="server address (default: the one you logged in to, or $DPIP_URL)")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    tables = argparse.ArgumentParser(add_help=False)
-    tables.add_argument("--json", action="store_true", help="print the server's JSON instead of a table")
-    jobs = argparse.ArgumentParser(add_help=False)
-    jobs.add_argument("--jobs", "-j", type=_positive, default=4, metavar="K", help="transfers at a time (4)")
-    target = argparse.ArgumentParser(add_help=False)
-    target.add_argument("--filter", "-f", choices=list(filters.REGISTRY), default=filters.DEFAULT,
-                        help=f"{' or '.join(filters.REGISTRY)} (default {filters.DEFAULT})")
-    names = ", ".join(sorted(filters.param_names()))
-    target.add_argument("--param", "-p", type=_param, action="append", metavar="NAME=VALUE",
-                        help=f"a filter parameter, e.g. radius=5 for blur ({names}); the server checks it")
-    target.add_argument("--name", "-n", help="workload name (default: generated)")
-    target.add_argument("--tags", "-t", help="comma-separated worker tags the jobs require")
-    target.add_argument("--workload", "-w", metavar="ID",
-                        help="push into this existing workload (resumes an interrupted push)")
-
-    p = argparse.ArgumentParser(prog="dpip", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, fn: Command, help: str, parents: list | None = None, into=sub) -> argparse.ArgumentParser:
-        cmd = into.add_parser(name, help=help, description=help, parents=[common, *(parents or [])])
-        cmd.set_defaults(run=fn)
-        return cmd
-
-    login = add("login", cmd_login, "log in and keep the token (password from $DPIP_PASSWORD or a prompt)")
-    login.add_argument("--user", "-u", help="user name (default: the last one, else admin)")
-    add("logout", cmd_logout, "revoke the token and forget it")
-    add("status", cmd_status, "system name, workers and your active workloads", [tables])
-    add("workers", cmd_workers, "the workers: alive, tags, CPU, memory, GPU, jobs", [tables])
-    add("workloads", cmd_workloads, "your workloads and their progress", [tables])
-    push = add("push", cmd_push, "upload image files or directories into a new workload; prints its id",
-               [jobs, target])
-    push.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    watch = add("watch", cmd_watch, "show a workload's progress until it is completed")
-    watch.add_argument("workload", metavar="WORKLOAD")
-    pull = add("pull", cmd_pull, "download a workload's images as <id>.<ext>; skips complete files", [jobs])
-    pull.add_argument("workload", metavar="WORKLOAD")
-    pull.add_argument("dir", type=Path, metavar="DIR")
-    pull.add_argument("--type", choices=("filtered", "original"), default="filtered")
-    pull.add_argument("--wait", action="store_true", help="wait until the workload is completed first")
-
-    vid = sub.add_parser("video", help="video in, video out (push, pull, run, sample)",
-                         description="video in, video out").add_subparsers(dest="video", required=True, metavar="COMMAND")
-    vpush = add("push", cmd_video_push, "decode a video and push its frames as they come; prints the workload id",
-                [jobs, target], into=vid)
-    vpush.add_argument("input", type=Path, metavar="IN")
-    out_opts = argparse.ArgumentParser(add_help=False)
-    out_opts.add_argument("--fps", type=Fraction, help="frame rate (default: the source's)")
-    out_opts.add_argument("--codec", help="encoder (default by extension: libx264 for .mp4/.mkv/.mov)")
-    vpull = add("pull", cmd_video_pull, "wait for a video workload, then join its frames into OUT",
-                [jobs, out_opts], into=vid)
-    vpull.add_argument("workload", metavar="WORKLOAD")
-    vpull.add_argument("output", type=Path, metavar="OUT")
-    vrun = add("run", cmd_video_run, "push IN, wait, and write the filtered video to OUT",
-               [jobs, target, out_opts], into=vid)
-    vrun.add_argument("input", type=Path, metavar="IN")
-    vrun.add_argument("output", type=Path, metavar="OUT")
-    vsample = add("sample", cmd_video_sample, "write a small synthetic clip to try DPIP with", into=vid)
-    vsample.add_argument("output", type=Path, metavar="OUT")
-    vsample.add_argument("--seconds", type=float, default=3.0)
-    vsample.add_argument("--fps", type=_positive, default=12)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return asyncio.run(args.run(args))
-    except CliError as e:
-        print(f"dpip: {e}", file=sys.stderr)
-        return e.code
-    except KeyboardInterrupt:
-        print("dpip: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except EOFError:
-        print("dpip: no password given", file=sys.stderr)
-        return EXIT_AUTH
-    except video.av.FFmpegError as e:  # before OSError: some are both
-        print(f"dpip: video: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as e:  # a local file: unreadable input, unwritable output
-        print(f"dpip: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return EXIT_FAILED
