@@ -24,12 +24,14 @@ class ApiError(CliError):
 
 class Api:
     """``async with Api(url, token) as api: ...``; ``retries`` covers dropped connections and
-    busy answers (the upload endpoint is idempotent for a given ``image_id``)."""
+    busy answers (the upload endpoint is idempotent for a given ``image_id``). ``token_from``
+    says where the token came from, for the message when the server refuses it."""
 
     def __init__(self, url: str, token: str = "", *, connections: int = 8, retries: int = 3,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, token_from: str = "") -> None:
         self.url = url.rstrip("/")
         self.token = token
+        self.token_from = token_from
         self.retries = retries
         self._connections = connections
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
@@ -73,6 +75,9 @@ class Api:
         if meta:
             body["meta"] = meta
         return await self._json("POST", "/workloads", json=body)
+
+    async def delete_workload(self, workload_id: str) -> dict:
+        return await self._json("DELETE", f"/workloads/{workload_id}")
 
     async def list_images(self, workload_id: str, type_: str) -> list[dict]:
         return await self._json("GET", "/images", params={"workload_id": workload_id, "type": type_})
@@ -123,7 +128,10 @@ class Api:
                     if resp.status < 400:
                         return payload if raw else json.loads(payload)
                     if resp.status not in RETRYABLE or last:
-                        raise ApiError(_error_message(payload, resp.status), resp.status)
+                        message = _error_message(payload, resp.status)
+                        if resp.status == 401:
+                            message = token_refused(message, bool(self.token), self.token_from)
+                        raise ApiError(message, resp.status)
                     delay = float(resp.headers.get("Retry-After", 0) or 0) or 0.5 * 2**attempt
             except aiohttp.ClientConnectorError as e:
                 raise CliError(f"cannot reach the server at {self.url}: {e.os_error or e}",
@@ -144,7 +152,26 @@ def _error_message(payload: bytes, status: int) -> str:
         message = json.loads(payload)["error"]
     except (ValueError, KeyError, TypeError):
         message = payload.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
-    if status == 401:
-        return f"{message} (run `dpip login`)"
-    return message
+    return str(message)
+
+
+#: What the server's reasons for refusing a token mean to the person holding it.
+_REFUSALS = (
+    ("expired", "has expired"),
+    ("revoked", "was revoked (logged out)"),
+    ("no longer exists", "is for a user that no longer exists on this server"),
+    ("earlier account", "is from before your account was created again"),
+)
+
+
+def token_refused(server_says: str, had_token: bool, token_from: str = "") -> str:
+    """A 401 in plain words, with what to do about it (the server's wording is for curl users)."""
+    if not had_token:
+        return "not logged in: run `dpip login`"
+    text = server_says.lower()
+    what = next((plain for key, plain in _REFUSALS if key in text),
+                "is not valid on this server (expired, revoked, or from another server)")
+    if token_from:
+        return f"the token in {token_from} {what}: set a new one, or unset it and run `dpip login`"
+    return f"your session {what}: run `dpip login`"
 

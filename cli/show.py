@@ -9,6 +9,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from cli import pushes
+
 #: Piped output gets a wide console rather than 80 columns of truncated cells.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
@@ -58,8 +60,10 @@ def workloads_table(workloads: list[dict], title: str = "workloads") -> Table:
     for col in ("workload_id", "name", "filter", "status", "images", "filtered", "failed", "running"):
         table.add_column(col, justify="right" if col in ("images", "filtered", "failed", "running") else "left")
     for w in workloads:
+        state = pushes.status(w)
         table.add_row(
-            w["workload_id"], w["workload_name"], w["filter"], w["status"], str(w.get("images", "-")),
+            w["workload_id"], w["workload_name"], w["filter"],
+            f"[yellow]{state}[/yellow]" if state == "partial" else state, pushes.uploaded(w),
             str(len(w["filtered_images"])), str(len(w.get("failed_images", []))), str(w["running_jobs"]),
         )
     return table

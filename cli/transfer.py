@@ -25,13 +25,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from cli.client import Api
+from cli import names as naming
+from cli import pushes
+from cli.client import Api, ApiError
 from cli.config import CliError
 from common.formats import FORMATS
 
 T = TypeVar("T")
 IMAGE_SUFFIXES = {f".{ext}" for ext, _ in FORMATS.values()} | {".jpeg", ".tif"}
-EXTENSIONS = {fmt: ext for fmt, (ext, _) in FORMATS.items()}
 
 #: Progress and messages go to stderr; stdout carries only results (a workload id, a table).
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -101,13 +102,15 @@ class PushResult:
 
 
 async def upload_all(api: Api, workload_id: str, uploads: AsyncIterator[Upload], jobs: int,
-                     progress: Progress, total: int | None, existing: dict[int, int] | None = None) -> PushResult:
+                     progress: Progress, total: int | None, existing: dict[int, int] | None = None,
+                     result: PushResult | None = None) -> PushResult:
     """Upload ``uploads`` ``jobs`` at a time, as they come (a video is decoded meanwhile).
     ``existing``: sizes of the originals the workload has (a resumed push); an image of the same
-    size under the same id is taken as sent, another size is an error."""
+    size under the same id is taken as sent, another size is an error. ``result`` counts as it
+    goes (the caller reads it when the push is interrupted)."""
     existing = existing or {}
     loop = asyncio.get_running_loop()
-    result = PushResult()
+    result = result if result is not None else PushResult()
     started = time.monotonic()
     task = progress.add_task("push", total=total, rate="")
     queue: asyncio.Queue[Upload | None] = asyncio.Queue(maxsize=2 * jobs)
@@ -125,7 +128,7 @@ async def upload_all(api: Api, workload_id: str, uploads: AsyncIterator[Upload],
             if there is not None and there != len(data):
                 raise CliError(f"image {upload.image_id} of workload {workload_id} already exists with other"
                                f" content ({there} bytes, {upload.filename} has {len(data)}): push into a new workload")
-            if there is None and await api.upload(workload_id, upload.image_id, upload.filename, data):
+            if there is None and await _upload(api, workload_id, upload, data):
                 result.sent += 1
                 result.bytes += len(data)
             else:
@@ -138,22 +141,33 @@ async def upload_all(api: Api, workload_id: str, uploads: AsyncIterator[Upload],
     return result
 
 
+async def _upload(api: Api, workload_id: str, upload: Upload, data: bytes) -> bool:
+    try:
+        return await api.upload(workload_id, upload.image_id, upload.filename, data)
+    except ApiError as e:  # say which file: the server only knows it by its id
+        raise ApiError(f"{upload.filename} (image {upload.image_id}): {e}", e.status) from e
+
+
 async def files_as_uploads(files: list[Path]) -> AsyncIterator[Upload]:
     for image_id, path in enumerate(files):
         yield Upload(image_id, path.name, path.read_bytes)
 
 
-def file_name(entry: dict) -> str:
-    return f"{entry['image_id']}.{EXTENSIONS.get(entry.get('format', 'PNG'), 'png')}"
-
-
 async def pull(api: Api, workload_id: str, out_dir: Path, type_: str, jobs: int,
-               progress: Progress) -> tuple[int, int]:
-    """Download the workload's images of ``type_`` into ``out_dir`` as ``<id>.<ext>``; files
-    already there with the right size are kept. Returns (downloaded, skipped)."""
+               progress: Progress, names: str = "id") -> tuple[int, int]:
+    """Download the workload's images of ``type_`` into ``out_dir``, named as
+    :func:`cli.names.local_names` says; files already there with the right size are kept.
+    Returns (downloaded, skipped)."""
     entries = await api.list_images(workload_id, type_)
+    originals = None
+    if names == "original" and type_ != "original" and not all(e.get("filename") for e in entries):
+        # a filtered image is named after its original, which the server may list only there
+        originals = {e["image_id"]: e.get("filename") for e in await api.list_images(workload_id, "original")}
+    local = naming.local_names(entries, names, originals)
+    todo = [e for e in entries if not _complete(out_dir / local[e["image_id"]], e.get("size"))]
+    if names == "original":
+        _refuse_to_overwrite(out_dir, [local[e["image_id"]] for e in todo])
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [e for e in entries if not _complete(out_dir / file_name(e), e.get("size"))]
     task = progress.add_task("pull", total=len(todo), rate="")
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -164,7 +178,7 @@ async def pull(api: Api, workload_id: str, out_dir: Path, type_: str, jobs: int,
         data = await api.download(workload_id, entry["image_id"], type_)
         if entry.get("size") is not None and len(data) != entry["size"]:
             raise CliError(f"image {entry['image_id']}: got {len(data)} bytes, expected {entry['size']}")
-        await loop.run_in_executor(None, _write_atomically, out_dir / file_name(entry), data)
+        await loop.run_in_executor(None, _write_atomically, out_dir / local[entry["image_id"]], data)
         done += 1
         progress.update(task, completed=done, rate=rate_text(done, started))
 
@@ -207,6 +221,16 @@ async def in_order(ids: AsyncIterator[int], fetch: Callable[[int], Awaitable[T]]
                 left.cancel()
 
 
+def _refuse_to_overwrite(out_dir: Path, todo: list[str]) -> None:
+    """Uploaded names are the user's own (pulling into the folder pushed from is one slip away):
+    a file of that name that is not this very image stays, and nothing is downloaded."""
+    taken = [name for name in todo if (out_dir / name).exists()]
+    if taken:
+        more = f" and {len(taken) - 1} more files" if len(taken) > 1 else ""
+        raise CliError(f"{out_dir / taken[0]}{more} already there with other content: not overwritten;"
+                       " pull into another directory")
+
+
 def _complete(path: Path, size: int | None) -> bool:
     try:
         return size is not None and path.stat().st_size == size
@@ -226,10 +250,15 @@ class Progressed:
 
     workload: dict
     elapsed: float
+    idle: float = 0.0  # seconds since its image count last changed
 
 
-async def watch(api: Api, workload_id: str, progress: Progress, interval: float = 1.0) -> Progressed:
-    """Poll the workload until it is completed, showing done, failed, running, rate and ETA."""
+async def watch(api: Api, workload_id: str, progress: Progress, interval: float = 1.0,
+                stall: pushes.Stall | None = None) -> Progressed:
+    """Poll the workload until it is completed, showing done, failed, running, rate and ETA. A
+    workload short of the images its push announced is waited for until ``stall`` says that
+    no more are coming (then ``pushes.missing`` of the result is non-zero)."""
+    stall = stall or pushes.Stall()
     started = time.monotonic()
     first_done: int | None = None
     task = progress.add_task("", total=None, rate="")
@@ -238,9 +267,13 @@ async def watch(api: Api, workload_id: str, progress: Progress, interval: float 
         done, failed = len(w["filtered_images"]), len(w.get("failed_images", []))
         first_done = done + failed if first_done is None else first_done
         finished = done + failed - first_done  # the rate counts what happened while we watched
-        desc = f"{w['workload_name']} {w['status']:<10} running {w['running_jobs']:>3} failed {failed:>3}"
-        progress.update(task, description=desc, total=w.get("images") or None,
+        ended = stall.done(w)
+        state = pushes.status(w)
+        if pushes.missing(w):  # the bar's total is what the push announced
+            state = f"{state} ({pushes.uploaded(w)} uploaded)"
+        desc = f"{w['workload_name']} {state:<10} running {w['running_jobs']:>3} failed {failed:>3}"
+        progress.update(task, description=desc, total=pushes.expected(w) or w.get("images") or None,
                         completed=done + failed, rate=rate_text(finished, started))
-        if w["status"] == "completed":
-            return Progressed(w, time.monotonic() - started)
+        if ended:
+            return Progressed(w, time.monotonic() - started, stall.idle())
         await asyncio.sleep(interval)

@@ -61,11 +61,20 @@ def _open(path: Path) -> av.container.InputContainer:
 
 
 def probe(path: Path) -> VideoInfo:
+    """The first video stream's rate, size, codec and frame count. A container that does not
+    say how many frames it holds (Matroska, WebM, AVI) has its packets counted: a pass over the
+    file without decoding, so that a push knows how many images it is going to send."""
     with _open(path) as container:
         stream = container.streams.video[0]
         fps = stream.average_rate or stream.guessed_rate or Fraction(25)
         ctx = stream.codec_context
-        return VideoInfo(Fraction(fps), ctx.width, ctx.height, stream.frames or 0, ctx.name)
+        frames = stream.frames or 0
+        if not frames:
+            try:
+                frames = sum(1 for packet in container.demux(stream) if packet.size)
+            except av.FFmpegError:
+                frames = 0  # decoding will tell what there is; the push then announces nothing
+        return VideoInfo(Fraction(fps), ctx.width, ctx.height, frames, ctx.name)
 
 
 def frames(path: Path) -> Iterator[Image.Image]:
