@@ -106,6 +106,7 @@ def create_app(settings: ServerSettings) -> web.Application:
     r.add_route("POST", "/workloads", handlers.create_workload)
     r.add_route("GET", "/workloads", handlers.list_workloads)
     r.add_route("GET", "/workloads/{workload_id}", handlers.get_workload)
+    r.add_route("DELETE", "/workloads/{workload_id}", handlers.delete_workload)
     r.add_route("GET", "/workloads/{workload_id}/jobs", handlers.workload_jobs)
     r.add_route("POST", "/images", handlers.upload_image)
     r.add_route("GET", "/images", handlers.list_images)

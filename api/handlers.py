@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,10 +48,13 @@ from controller.models import (
     Forbidden,
     ImageType,
     NotFound,
+    QuotaExceeded,
     UnsupportedMedia,
     WorkloadView,
     quoted,
 )
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FILE_FIELDS = ("data", "image", "file")
@@ -148,10 +153,19 @@ async def status(request: web.Request) -> web.Response:
         "active_workloads": active,
         "workers": workers_json(app, admin=request[CLAIMS].subject == app[SETTINGS].admin_user),
         "servers": await servers_json(app),
+        "storage": storage_json(app),
         "queued_jobs": app[SCHEDULER].queued(),
         "scheduler": app[SCHEDULER].describe(),
         "autoscale": app[AUTOSCALER].describe() if AUTOSCALER in app else None,
     })
+
+
+def storage_json(app: web.Application) -> dict:
+    """Free and total bytes where images and the datastore are kept (None where this server
+    cannot know: an object store, a database server)."""
+    def of(space: tuple[int, int] | None) -> dict | None:
+        return {"free_bytes": space[0], "total_bytes": space[1]} if space else None
+    return {"images": of(app[IMAGES].space()), "datastore": of(app[STORE].space())}
 
 
 #: A server silent this long is shown as not alive.
@@ -246,6 +260,22 @@ async def get_workload(request: web.Request) -> web.Response:
 
 
 @requires(USER)
+async def delete_workload(request: web.Request) -> web.Response:
+    """The caller's workload, its jobs, images and thumbnails, files too (anyone else: 404)."""
+    app = request.app
+    workload = await app[STORE].get_workload(request.match_info["workload_id"], request[CLAIMS].subject)
+    cancelled = app[SCHEDULER].drop_workload(workload.id)  # nothing new starts; running copies stop
+    removed = await app[JOBS].delete_workload(workload)
+    if removed is None:
+        raise NotFound(f"workload {quoted(workload.id)} not found")
+    logger.info("workload %s (%s) of %s deleted: %d images, %d results, %d files, %d bytes",
+                workload.id, workload.name, workload.owner, removed["images"], removed["filtered_images"],
+                removed["files"], removed["bytes"])
+    removed.pop("dir", None)
+    return web.json_response({"deleted": True, **removed, "jobs_cancelled": cancelled})
+
+
+@requires(USER)
 async def workload_jobs(request: web.Request) -> web.Response:
     """Per image: state, attempts, copies sent, the winning worker and where the time went."""
     store = request.app[STORE]
@@ -277,6 +307,7 @@ async def upload_image(request: web.Request) -> web.Response:
     images = request.app[IMAGES]
     params: dict[str, str] = dict(request.query)
     stored: StoredFile | None = None
+    uploaded_as: str | None = None
     fields = FieldBudget()  # the other fields are held in memory: a few, small
     try:
         try:
@@ -284,6 +315,7 @@ async def upload_image(request: web.Request) -> web.Response:
                 if name in FILE_FIELDS or (name not in params and filename):
                     if stored is not None:
                         raise BadInput("send one image per request")
+                    uploaded_as = safe_filename(filename)
                     stored = await (images.receive_bytes(content) if isinstance(content, bytes)
                                     else images.receive(_part_chunks(content)))
                 elif name:
@@ -292,13 +324,40 @@ async def upload_image(request: web.Request) -> web.Response:
             raise BadInput(f"malformed multipart body: {e}") from e
         if stored is None:
             raise BadInput("no image in the request: put the file in multipart field 'data'")
-        return web.json_response(await _accept(request, params, stored))
+        return web.json_response(await _accept(request, params, stored, uploaded_as))
     finally:
         if stored is not None:
             await images.discard(stored)  # a no-op once the file was moved into place
 
 
-async def _accept(request: web.Request, params: dict[str, str], stored: StoredFile) -> dict:
+async def _check_quota(request: web.Request, size: int) -> None:
+    """With ``--quota-bytes``: the caller's images, this one included, must fit."""
+    quota = request.app[SETTINGS].quota_bytes
+    if not quota:
+        return
+    used = await request.app[STORE].bytes_of(request[CLAIMS].subject)
+    if used + size > quota:
+        raise QuotaExceeded(f"quota exceeded: your images take {used} of your {quota} bytes and this one"
+                            f" has {size}; delete a workload to make room")
+
+
+def _etags(header: str) -> set[str]:
+    """The entity tags of an ``If-None-Match`` header (weak ones compare as strong: RFC 9110)."""
+    return {t.strip().removeprefix("W/") for t in header.split(",") if t.strip()}
+
+
+def safe_filename(name: str | None) -> str | None:
+    """The uploaded file's own name, as it may be listed and later written by a client: its
+    last path component, printable, at most 255 characters; None if nothing is left."""
+    if not name:
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip().lstrip(".")
+    return base[:255] or None
+
+
+async def _accept(request: web.Request, params: dict[str, str], stored: StoredFile,
+                  uploaded_as: str | None = None) -> dict:
     app = request.app
     store, claims = app[STORE], request[CLAIMS]
     workload = await store.get_workload(required(params, "workload_id"), _owner(claims))
@@ -306,9 +365,10 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
     if type_ == ImageType.ORIGINAL:
         if claims.scope != USER:
             raise Forbidden("workers upload filtered images only")
+        await _check_quota(request, stored.size)
         # the CLI numbers frames itself to keep their order
         chosen = int_param(params, "image_id", required=False, maximum=MAX_IMAGE_ID)
-        job = await app[JOBS].accept_original(workload, stored, chosen)
+        job = await app[JOBS].accept_original(workload, stored, chosen, uploaded_as)
         image_id = job.image_id
         app[SCHEDULER].submit(job)
     else:
@@ -337,9 +397,18 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     type_ = _image_type(params, ImageType.ORIGINAL)
     assert type_ is not None
     _job_image(request, workload.id, image_id, type_, ImageType.ORIGINAL, thumbnail=bool(params.get("size")))
-    fmt = await store.get_image(workload.id, image_id, type_)
+    fmt, stored_size, stored_at = await store.image_record(workload.id, image_id, type_)
+    size = params.get("size", "").strip().lower()
+    # Stored images never change (ids are not reused, results are first-wins): a validator
+    # from what identifies this one; a result may be kept for good, an original revalidated.
+    etag = '"' + hashlib.sha256(f"{workload.id}/{type_.value}/{image_id}/{stored_size}/{stored_at!r}/{size}"
+                                .encode()).hexdigest()[:32] + '"'
+    cache = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"
+             if type_ == ImageType.FILTERED else "private, no-cache"}
+    if etag in _etags(request.headers.get("If-None-Match", "")):
+        return web.Response(status=304, headers=cache)
     images = request.app[IMAGES]
-    if size := params.get("size", "").strip().lower():
+    if size:
         key = await images.thumbnail(workload.dir, type_, image_id, fmt, size)
     else:
         key = image_key(workload.dir, type_, image_id, fmt)
@@ -351,8 +420,8 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     if download.url:  # --redirect-downloads: the object store serves it, for a short while
         raise web.HTTPTemporaryRedirect(download.url)
     if download.path is not None:
-        return web.FileResponse(download.path, headers={"Content-Type": content_type})
-    response = web.StreamResponse(headers={"Content-Type": content_type})
+        return web.FileResponse(download.path, headers={"Content-Type": content_type, **cache})
+    response = web.StreamResponse(headers={"Content-Type": content_type, **cache})
     if download.size is not None:
         response.content_length = download.size
     await response.prepare(request)

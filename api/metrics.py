@@ -39,6 +39,8 @@ class Metrics:
         self.job_bytes = Gauge("dpip_job_image_bytes", "Image bytes this server relayed for jobs since it"
                                " started (to workers: originals; from workers: results)", ["direction"],
                                registry=r)
+        self.free_bytes = Gauge("dpip_free_bytes", "Free bytes on the disk where images or the datastore"
+                                " are kept (files and SQLite only)", ["store"], registry=r)
         self.leader = Gauge("dpip_scheduling", "1 if this server schedules (leads), 0 if it is a standby",
                             registry=r)
         self.worker_alive = Gauge("dpip_worker_alive", "1 if the worker is alive", ["worker"], registry=r)
@@ -61,7 +63,10 @@ class Metrics:
         self.http_requests.labels(route, method, str(status)).inc()
 
     async def render(self, store: Store, scheduler: SchedulerPort, membership: Membership,
-                     traffic: JobTraffic | None = None) -> bytes:
+                     traffic: JobTraffic | None = None, storage: dict | None = None) -> bytes:
+        for name, space in (storage or {}).items():
+            if space is not None:
+                self.free_bytes.labels(name).set(space["free_bytes"])
         if traffic is not None:
             self.job_bytes.labels("to_workers").set(traffic.to_workers)
             self.job_bytes.labels("from_workers").set(traffic.from_workers)

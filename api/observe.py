@@ -12,10 +12,11 @@ from pathlib import Path
 from aiohttp import web
 
 from api import metrics, openapi
-from api.handlers import requires, servers_json, workers_json, workload_summaries
+from api.handlers import requires, servers_json, storage_json, workers_json, workload_summaries
 from api.keys import (
     AUTH,
     AUTOSCALER,
+    IMAGES,
     JOBS,
     MEMBERSHIP,
     METRICS,
@@ -161,7 +162,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
         request.app[AUTH].verify(bearer_token(request), (USER,))
     app = request.app
     return metrics.response(await app[METRICS].render(app[STORE], app[SCHEDULER], app[MEMBERSHIP],
-                                                      app[JOBS].traffic if JOBS in app else None))
+                                                      app[JOBS].traffic if JOBS in app else None,
+                                                      storage_json(app) if IMAGES in app else None))
 
 
 async def filter_list(request: web.Request) -> web.Response:

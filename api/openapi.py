@@ -185,7 +185,18 @@ def spec(server_url: str | None = None) -> dict:
         },
         "/workloads/{workload_id}": {"get": {
             "summary": "One workload", "security": BEARER, "parameters": [WORKLOAD_ID],
-            "responses": {"200": _json(_ref("Workload"), "the workload"), **_errors(401, 403, 404)}}},
+            "responses": {"200": _json(_ref("Workload"), "the workload"), **_errors(401, 403, 404)}},
+            "delete": {
+                "summary": "Delete one of your workloads: its running jobs are cancelled, its jobs, images and"
+                           " thumbnails removed (files and objects too)",
+                "security": BEARER, "parameters": [WORKLOAD_ID],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "deleted": {"type": "boolean"}, "workload_id": {"type": "string"},
+                    "workload_name": {"type": "string"}, "images": {"type": "integer"},
+                    "filtered_images": {"type": "integer"}, "jobs": {"type": "integer"},
+                    "files": {"type": "integer"}, "bytes": {"type": "integer"},
+                    "jobs_cancelled": {"type": "integer"}}}, "what was removed"),
+                    **_errors(401, 403, 404)}}},
         "/workloads/{workload_id}/jobs": {"get": {
             "summary": "Per image: state, attempts, copies, worker, timings", "security": BEARER,
             "parameters": [WORKLOAD_ID],

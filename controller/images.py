@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import errno
 import io
 import os
 import re
@@ -22,17 +24,18 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common import filters, wire
 from common.formats import FORMATS, png_header, sniff_format
-from controller.models import BadInput, ImageType, TooLarge, quoted
+from controller import exifdata
+from controller.models import BadInput, ImageType, InsufficientStorage, TooLarge, quoted
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # always fullmatch: "$" would pass a trailing "\n"
 #: Thumbnail sizes: pixels on the long side, aspect kept (never enlarged).
@@ -77,10 +80,11 @@ class StoredFile:
     path: Path | None
     format: str
     size: int
-    width: int
+    width: int  # as it is seen: upright, once its EXIF orientation is applied
     height: int
     mode: str = ""  # Pillow's mode from the header: a grayscale result must be L or LA
     data: bytes | None = field(default=None, repr=False)  # the bytes too, when in memory
+    photo: dict | None = None  # camera, time taken, GPS position (from EXIF), if any
 
 
 @dataclass(frozen=True)
@@ -130,12 +134,11 @@ class ImageStore(abc.ABC):
         fmt = sniff_format(data[:16])
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
-        head = png_header(data) if fmt == "PNG" else None  # an 8-bit PNG: no Pillow, no thread
+        head = fast_header(data, fmt)  # an 8-bit PNG without EXIF: no Pillow, no thread
         if head is None:
             head = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
-        width, height, mode = head
-        self._check_pixels(width, height)
-        return StoredFile(None, fmt, len(data), width, height, mode, data)
+        self._check_pixels(head.width, head.height)
+        return StoredFile(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo)
 
     async def _receive_in_memory(self, chunks: AsyncIterator[bytes]) -> StoredFile:
         """:meth:`receive` for stores that keep nothing on the server's disk."""
@@ -224,6 +227,18 @@ class ImageStore(abc.ABC):
             await self.write(key, data)
         return key
 
+    @abc.abstractmethod
+    async def remove_workload(self, workload_dir: str) -> int:
+        """Every image (and thumbnail) of a workload; how many were removed."""
+
+    def _forget_prefix(self, prefix: str) -> None:
+        for key in [k for k in self._recent if k.startswith(prefix)]:
+            self.forget(key)
+
+    def space(self) -> tuple[int, int] | None:
+        """(free, total) bytes where images are kept, or None if unknown (an object store)."""
+        return None
+
     # -- workers' direct access (object stores) --------------------------------------------
 
     async def job_urls(self, original: str, result: str, expires_in: float) -> tuple[str, str] | None:
@@ -271,37 +286,38 @@ class FileImageStore(ImageStore):
                 buffered.append(chunk)
                 pending += len(chunk)
                 if pending >= _FLUSH_BYTES:
-                    await loop.run_in_executor(None, writer.write, buffered)
+                    await loop.run_in_executor(None, writer.write_checked, buffered)
                     buffered, pending = [], 0
             if size == 0:
                 raise BadInput("the uploaded file is empty")
             kept = b"".join(buffered) if size <= KEEP_BYTES else None  # never flushed: all here
-            fmt, width, height, mode = await loop.run_in_executor(None, self._finish, writer, buffered, kept)
-            self._check_pixels(width, height)
+            fmt, head = await loop.run_in_executor(None, self._finish, writer, buffered, kept)
+            self._check_pixels(head.width, head.height)
         except BaseException:
-            writer.close()
+            writer.close(quiet=True)
             tmp.unlink(missing_ok=True)
             raise
-        return StoredFile(tmp, fmt, size, width, height, mode, kept)
+        return StoredFile(tmp, fmt, size, head.width, head.height, head.mode, kept, head.photo)
 
-    def _finish(self, writer: _TmpWriter, rest: list[bytes], kept: bytes | None) -> tuple[str, int, int, str]:
+    def _finish(self, writer: _TmpWriter, rest: list[bytes], kept: bytes | None) -> tuple[str, Header]:
         """Write the rest, flush to disk, then read the header (only): format and size. A small
         file's header is read from its bytes in memory (an 8-bit PNG's without Pillow)."""
-        writer.write(rest)
-        writer.close(fsync=self.fsync)
+        with no_space_left("the image"):
+            writer.write(rest)
+            writer.close(fsync=self.fsync)
         source: Path | io.BytesIO = writer.path
         if kept is not None:
             fmt = sniff_format(kept[:16])
-            fast = png_header(kept) if fmt == "PNG" else None
+            fast = fast_header(kept, fmt) if fmt else None
             if fast is not None:
-                return "PNG", *fast
+                return fmt, fast
             source = io.BytesIO(kept)
         else:
             with open(writer.path, "rb") as g:
                 fmt = sniff_format(g.read(16))
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
-        return fmt, *header_of(source, fmt)
+        return fmt, header_of(source, fmt)
 
     async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
         loop = asyncio.get_running_loop()
@@ -340,13 +356,15 @@ class FileImageStore(ImageStore):
         await asyncio.get_running_loop().run_in_executor(None, _write_replacing, self.path(key), data)
 
     def _write_placed(self, data: bytes, tmp: Path, final: Path, replace: bool) -> bool:
-        """In a thread: ``data`` into ``tmp`` (synced), then placed at ``final``."""
+        """In a thread: ``data`` into ``tmp`` (synced), then placed at ``final``. A full disk
+        leaves nothing behind (InsufficientStorage)."""
         writer = _TmpWriter(tmp)
         try:
-            writer.write([data])
-            writer.close(fsync=self.fsync)
+            with no_space_left("the image"):
+                writer.write([data])
+                writer.close(fsync=self.fsync)
         except BaseException:
-            writer.close()
+            writer.close(quiet=True)
             tmp.unlink(missing_ok=True)
             raise
         return self._place(tmp, final, replace)
@@ -354,7 +372,12 @@ class FileImageStore(ImageStore):
     def _place(self, src: Path, dst: Path, replace: bool) -> bool:
         """In a thread: move ``src`` to ``dst`` (with ``replace=False`` an existing ``dst`` wins
         and ``src`` is dropped); the rename is on disk when this returns."""
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with no_space_left("the image"):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            src.unlink(missing_ok=True)
+            raise
         if replace:
             os.replace(src, dst)
         else:
@@ -368,9 +391,16 @@ class FileImageStore(ImageStore):
             self._dir_sync.sync(dst.parent)
         return True
 
-    def remove_tree(self, workload_dir: str) -> None:
-        """In a thread: every file of a workload."""
-        shutil.rmtree(self.root / workload_dir, ignore_errors=True)
+    async def remove_workload(self, workload_dir: str) -> int:
+        self._forget_prefix(f"{workload_dir}/")
+        return await asyncio.get_running_loop().run_in_executor(None, _remove_tree, self.root / workload_dir)
+
+    def space(self) -> tuple[int, int] | None:
+        try:
+            usage = shutil.disk_usage(self.root)
+        except OSError:
+            return None
+        return usage.free, usage.total
 
 
 class _TmpWriter:
@@ -385,14 +415,23 @@ class _TmpWriter:
             self._f = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         self._f.writelines(chunks)
 
-    def close(self, fsync: bool = False) -> None:
+    def write_checked(self, chunks: list[bytes]) -> None:
+        with no_space_left("the image"):
+            self.write(chunks)
+
+    def close(self, fsync: bool = False, quiet: bool = False) -> None:
+        """Flush and close (``quiet``: after a failure, whatever the close says)."""
         if self._f is None:
             return
-        if fsync:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
+        f, self._f = self._f, None
+        try:
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+            f.close()
+        except OSError:
+            if not quiet:
+                raise
 
 
 class DirSync:
@@ -440,11 +479,37 @@ class _DirState:
     syncing: threading.Lock = field(default_factory=threading.Lock)
 
 
-def header_of(source: Path | io.BytesIO, fmt: str) -> tuple[int, int, str]:
-    """(width, height, mode) from an image's header (no pixels decoded)."""
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says: its size as seen (upright), its mode, its EXIF facts."""
+
+    width: int
+    height: int
+    mode: str
+    photo: dict | None = None
+
+
+def fast_header(data: bytes, fmt: str) -> Header | None:
+    """An 8-bit PNG's header without Pillow, unless it carries EXIF (then Pillow reads it)."""
+    if fmt != "PNG" or b"eXIf" in data[:65536]:
+        return None
+    head = png_header(data)
+    return Header(*head) if head is not None else None
+
+
+def header_of(source: Path | io.BytesIO, fmt: str) -> Header:
+    """The header (no pixels decoded): size, mode, and from EXIF the orientation (a portrait
+    photo stored sideways is counted upright) and what a photo's owner may want to see."""
     try:
         with Image.open(source, formats=[fmt]) as im:
-            return im.size[0], im.size[1], im.mode
+            width, height = im.size
+            try:
+                exif = im.getexif()
+            except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+                exif = None  # broken EXIF: the pixels may still be fine
+            if exif and exif.get(exifdata.ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width
+            return Header(width, height, im.mode, exifdata.photo_facts(exif) if exif else None)
     except DECOMPRESSION_BOMB as e:  # more pixels than Image.MAX_IMAGE_PIXELS (main.py)
         raise BadInput(f"the uploaded {fmt} image has too many pixels: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -453,13 +518,15 @@ def header_of(source: Path | io.BytesIO, fmt: str) -> tuple[int, int, str]:
 
 def make_thumbnail(source: bytes, px: int, fmt: str) -> bytes:
     """Decode reduced where the format allows (JPEG: at 1/2..1/8 scale via ``draft``), then
-    shrink in steps: a 50 MP photo never becomes 150 MB of pixels for a 300 px preview."""
+    shrink in steps: a 50 MP photo never becomes 150 MB of pixels for a 300 px preview. Upright
+    (EXIF orientation applied) and without EXIF: no GPS position in what is shown around."""
     with Image.open(io.BytesIO(source)) as im:
         if im.format == "JPEG":
             im.draft(im.mode, (px * THUMB_REDUCING_GAP, px * THUMB_REDUCING_GAP))
         im.thumbnail((px, px), reducing_gap=THUMB_REDUCING_GAP)
+        upright = ImageOps.exif_transpose(im)
         out = io.BytesIO()
-        im.save(out, fmt)
+        upright.save(out, fmt)  # Pillow writes EXIF only when asked to
         return out.getvalue()
 
 
@@ -475,19 +542,36 @@ def _write_replacing(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _remove_tree(path: Path) -> int:
+    """In a thread: every file under ``path``; how many there were."""
+    count = sum(1 for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+    shutil.rmtree(path, ignore_errors=True)
+    return count
+
+
 def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def header(path: Path) -> tuple[str, int, int, str]:
-    """(format, width, height, mode) of a stored image, from its header only."""
-    with Image.open(path) as im:
-        return im.format or "", im.size[0], im.size[1], im.mode
-
-
 def header_from_bytes(data: bytes) -> tuple[str, int, int, str]:
-    with Image.open(io.BytesIO(data)) as im:
-        return im.format or "", im.size[0], im.size[1], im.mode
+    """(format, width as seen, height as seen, mode) of a stored image."""
+    fmt = sniff_format(data[:16]) or ""
+    head = header_of(io.BytesIO(data), fmt) if fmt else None
+    if head is None:
+        raise BadInput("not an image")
+    return fmt, head.width, head.height, head.mode
+
+
+@contextlib.contextmanager
+def no_space_left(what: str) -> Iterator[None]:
+    """A full disk (or quota) is InsufficientStorage (507), not an error of ours."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(f"no space left on the server's disk for {what}: free some space"
+                                      " (e.g. delete a workload) and try again") from e
+        raise
 
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})

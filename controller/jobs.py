@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from collections import OrderedDict
 from typing import NamedTuple
 
 from controller.datastore import Datastore
@@ -63,6 +64,7 @@ class JobLifecycle:
         self._next_ids: dict[str, int] = {}  # workload -> its next original id (see _take_id)
         self._taken: dict[str, set[int]] = {}  # workload -> ids of originals being placed now
         self._background: set[asyncio.Future] = set()
+        self._deleted: OrderedDict[str, float] = OrderedDict()  # workloads deleted here, recently
 
     def lock(self, workload_id: str) -> asyncio.Lock:
         """Serialises a workload's image writes: originals take ids in arrival order, and the
@@ -70,19 +72,22 @@ class JobLifecycle:
         return self._locks.setdefault(workload_id, asyncio.Lock())
 
     async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int,
-                      header: tuple[int, int, str] | None = None) -> Job:
-        """An original is in place: record it (with its ``header``: width, height, mode) and
-        queue its job, all or nothing."""
+                      header: tuple[int, int, str] | None = None, filename: str | None = None,
+                      photo: dict | None = None) -> Job:
+        """An original is in place: record it (with its ``header``: width, height, mode; the
+        name it was uploaded as; what its EXIF says) and queue its job, all or nothing."""
         width, height, mode = header or (None, None, None)
         now = time.time()
+        facts = json.dumps(photo) if photo else None
 
         def record() -> Script[int]:
-            yield q("UPDATE workloads SET next_image_id = CASE WHEN next_image_id > ? THEN next_image_id"
-                    " ELSE ? END WHERE id = ?", image_id, image_id + 1, workload.id)
+            if (yield q("UPDATE workloads SET next_image_id = CASE WHEN next_image_id > ? THEN next_image_id"
+                        " ELSE ? END WHERE id = ?", image_id, image_id + 1, workload.id)).rowcount != 1:
+                raise NotFound(f"workload {quoted(workload.id)} not found (deleted meanwhile)")
             if (yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at,"
-                        " width, height, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        workload.id, image_id, ImageType.ORIGINAL.value, fmt, size, now, width, height,
-                        mode)).rowcount != 1:  # another server took that id meanwhile (a client chose it twice)
+                        " width, height, mode, filename, photo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT DO NOTHING", workload.id, image_id, ImageType.ORIGINAL.value, fmt, size,
+                        now, width, height, mode, filename, facts)).rowcount != 1:  # another server took that id meanwhile (a client chose it twice)
                 raise Conflict(f"original image {image_id} of workload {quoted(workload.id)} already exists")
             return (yield q("INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)"
                             " RETURNING id", workload.id, image_id, JobState.QUEUED.value, now)).scalar()
@@ -93,7 +98,8 @@ class JobLifecycle:
                    params=workload.params, workload_dir=workload.dir,
                    original=(fmt, width, height, mode) if header else None)
 
-    async def accept_original(self, workload: Workload, stored: StoredFile, chosen: int | None) -> Job:
+    async def accept_original(self, workload: Workload, stored: StoredFile, chosen: int | None,
+                              filename: str | None = None) -> Job:
         """A received original: given the workload's next id (or the ``chosen`` one, the CLI's
         frame number), put in place, recorded, and its job queued. The file is in place before
         its row; ids follow arrival order."""
@@ -110,7 +116,7 @@ class JobLifecycle:
                     self._next_ids[workload.id] = max(self._next_ids[workload.id], chosen + 1)
             image_id = chosen
         try:
-            return await self._place_original(workload, image_id, stored)
+            return await self._place_original(workload, image_id, stored, filename)
         except asyncio.CancelledError:
             self._give_back(workload.id, image_id)
             raise
@@ -154,12 +160,13 @@ class JobLifecycle:
         elif self._next_ids.get(workload_id) == image_id + 1:
             self._next_ids[workload_id] = image_id
 
-    async def _place_original(self, workload: Workload, image_id: int, stored: StoredFile) -> Job:
+    async def _place_original(self, workload: Workload, image_id: int, stored: StoredFile,
+                              filename: str | None) -> Job:
         assert self.images is not None
         await self.images.commit(stored, image_key(workload.dir, ImageType.ORIGINAL, image_id, stored.format),
                                  keep=True)
         return await self.enqueue(workload, image_id, stored.format, stored.size,
-                                  (stored.width, stored.height, stored.mode))
+                                  (stored.width, stored.height, stored.mode), filename, stored.photo)
 
     async def dispatch(self, job: Job, worker: str, timeout: float) -> Job | None:
         """queued -> dispatched on ``worker`` (one more attempt, a deadline)."""
@@ -190,6 +197,8 @@ class JobLifecycle:
         now = time.time()
 
         def record() -> Script[bool]:
+            if not (yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows:
+                return False  # deleted while its job ran: nothing to record
             if (yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
                         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         workload_id, image_id, ImageType.FILTERED.value, fmt, size, now)).rowcount != 1:
@@ -261,6 +270,27 @@ class JobLifecycle:
         rows = await self.store.read(_queued(tuple(ids), after, limit))
         return [_job_of(r) for r in rows]
 
+    async def delete_workload(self, workload: Workload) -> dict | None:
+        """Remove a workload for good: its rows (jobs, images, the workload) in one transaction,
+        then its images (files or objects, thumbnails too); what was removed, or None if it was
+        gone already. Results of its jobs still in flight are dropped when they come back."""
+        assert self.images is not None
+        self._deleted[workload.id] = time.monotonic()
+        while len(self._deleted) > 10_000:
+            self._deleted.popitem(last=False)
+        async with self.lock(workload.id):  # no result of it is being placed meanwhile
+            removed = await self.store.delete_workload(workload.id)
+        if removed is None:
+            return None
+        removed["files"] = await self.images.remove_workload(workload.dir)
+        for table in (self._next_ids, self._taken, self._locks):
+            table.pop(workload.id, None)
+        return removed
+
+    def deleted(self, workload_id: str) -> bool:
+        """Whether this server deleted the workload recently (its late results are dropped)."""
+        return workload_id in self._deleted
+
     async def overdue(self, exclude: set[int], limit: int = 1000) -> list[Job]:
         """Dispatched jobs past their deadline not among ``exclude`` (the attempts the scheduler
         holds), put back to queued: their dispatch was recorded but nothing carries them."""
@@ -292,6 +322,8 @@ class JobLifecycle:
             raise BadInput(f"result rejected: {problem}")
         key = image_key(workload_dir, ImageType.FILTERED, image_id, stored.format)
         async with self.lock(workload_id):  # first result wins; a late or duplicate one changes nothing
+            if self.deleted(workload_id):
+                return False  # its workload was deleted while the job ran
             await self.images.commit(stored, key, replace=False)
             return await self.complete(workload_id, image_id, stored.format, stored.size, timing)
 

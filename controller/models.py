@@ -86,6 +86,10 @@ class TooLarge(BadInput):
     status = 413
 
 
+class QuotaExceeded(TooLarge):
+    """The upload would take its owner past their quota of stored bytes."""
+
+
 class UnsupportedMedia(BadInput):
     """The request body is not of a media type the endpoint takes."""
 

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS workloads (
     failed_count INTEGER NOT NULL DEFAULT 0,
     running_count INTEGER NOT NULL DEFAULT 0,
     started INTEGER NOT NULL DEFAULT 0,
+    bytes BIGINT NOT NULL DEFAULT 0,
     UNIQUE (owner, name)
 );
 CREATE TABLE IF NOT EXISTS images (
@@ -73,6 +74,8 @@ CREATE TABLE IF NOT EXISTS images (
     width INTEGER,
     height INTEGER,
     mode TEXT,
+    filename TEXT,
+    photo TEXT,
     PRIMARY KEY (workload_id, type, image_id)
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -93,6 +96,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     upload_ms DOUBLE PRECISION,
     UNIQUE (workload_id, image_id)
 );
+-- columns later versions added (a database made by an earlier one)
+ALTER TABLE images ADD COLUMN IF NOT EXISTS filename TEXT;
+ALTER TABLE images ADD COLUMN IF NOT EXISTS photo TEXT;
+ALTER TABLE workloads ADD COLUMN IF NOT EXISTS bytes BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS workloads_owner ON workloads(owner, created_at);
 CREATE TABLE IF NOT EXISTS workers (
@@ -124,7 +131,8 @@ CREATE TABLE IF NOT EXISTS auth_version (version BIGINT NOT NULL);
 CREATE OR REPLACE FUNCTION dpip_images_counted() RETURNS trigger AS $$
 BEGIN
     UPDATE workloads SET image_count = image_count + (NEW.type = 'original')::int,
-                         filtered_count = filtered_count + (NEW.type = 'filtered')::int
+                         filtered_count = filtered_count + (NEW.type = 'filtered')::int,
+                         bytes = bytes + NEW.size
     WHERE id = NEW.workload_id;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
@@ -278,6 +286,9 @@ class PgStore(SqlDatastore):
     async def lease_holder(self, name: str) -> str | None:
         """Who holds the lease now (None if nobody, or it expired)."""
         return await self.read(_holder(name))
+
+    def space(self) -> tuple[int, int] | None:
+        return None  # the database server's own business
 
     async def data_version(self) -> int:
         """Changes whenever users or revocations change, from any server."""

@@ -258,6 +258,33 @@ class SqlDatastore(abc.ABC):
 
         return await self.read(page())
 
+    async def delete_workload(self, workload_id: str, owner: str | None = None) -> dict | None:
+        """Remove the workload, its images' rows and its jobs, all or nothing; what was removed
+        (counts and bytes), or None if there is no such workload (of ``owner``'s)."""
+        def delete() -> Script[dict | None]:
+            row = (yield q("SELECT owner, image_count, filtered_count, bytes, name, dir FROM workloads WHERE id = ?",
+                           workload_id)).one()
+            if row is None or (owner is not None and row[0] != owner):
+                return None
+            jobs = (yield q("DELETE FROM jobs WHERE workload_id = ?", workload_id)).rowcount
+            yield q("DELETE FROM images WHERE workload_id = ?", workload_id)
+            yield q("DELETE FROM workloads WHERE id = ?", workload_id)
+            return {"workload_id": workload_id, "workload_name": row[4], "dir": row[5], "images": row[1],
+                    "filtered_images": row[2], "jobs": jobs, "bytes": row[3]}
+
+        return await self.grouped(delete())
+
+    async def expired_workloads(self, before: float, limit: int = 100) -> list[tuple[str, str]]:
+        """(id, owner) of completed workloads created before ``before``, oldest first."""
+        rows = await self.read(_rows(
+            "SELECT id, owner FROM workloads WHERE created_at < ? AND image_count > 0"
+            " AND filtered_count + failed_count >= image_count ORDER BY created_at LIMIT ?", before, limit))
+        return [(r[0], r[1]) for r in rows]
+
+    async def bytes_of(self, owner: str) -> int:
+        """Bytes of every image of the owner's workloads (originals and results)."""
+        return int(await self.read(_scalar("SELECT COALESCE(SUM(bytes), 0) FROM workloads WHERE owner = ?", owner)))
+
     # -- images -----------------------------------------------------------------------------
 
     async def next_image_id(self, workload_id: str) -> int:
@@ -284,19 +311,40 @@ class SqlDatastore(abc.ABC):
             raise NotFound(f"{type_.value} image {image_id} of workload {quoted(workload_id)} not found")
         return row[0], row[1], row[2], row[3]
 
+    async def image_record(self, workload_id: str, image_id: int, type_: ImageType) -> tuple[str, int, float]:
+        """(format, size, created_at) of a stored image, or :class:`NotFound`."""
+        row = await self.read(_one("SELECT format, size, created_at FROM images WHERE workload_id = ?"
+                                   " AND image_id = ? AND type = ?", workload_id, image_id, type_.value))
+        if row is None:
+            raise NotFound(f"{type_.value} image {image_id} of workload {quoted(workload_id)} not found")
+        return row[0], row[1], row[2]
+
     async def get_image(self, workload_id: str, image_id: int, type_: ImageType) -> str:
         """The stored format of an image, or :class:`NotFound`."""
         return (await self.image_header(workload_id, image_id, type_))[0]
 
     async def list_images(self, workload_id: str, type_: ImageType | None) -> list[dict]:
-        sql = "SELECT image_id, type, size, format FROM images WHERE workload_id = ?"
+        """The workload's images: size, format, the name the original was uploaded as (a result
+        is listed with its original's), and for an original what its EXIF says (``photo``)."""
+        sql = ("SELECT i.image_id, i.type, i.size, i.format, COALESCE(i.filename, o.filename), i.photo,"
+               " i.width, i.height FROM images i LEFT JOIN images o ON o.workload_id = i.workload_id"
+               " AND o.image_id = i.image_id AND o.type = 'original' AND i.type = 'filtered'"
+               " WHERE i.workload_id = ?")
         args: tuple = (workload_id,)
         if type_ is not None:
-            sql += " AND type = ?"
+            sql += " AND i.type = ?"
             args += (type_.value,)
-        rows = await self.read(_rows(sql + " ORDER BY type, image_id", *args))
-        return [{"image_id": r[0], "type": r[1], "workload_id": workload_id, "size": r[2], "format": r[3]}
-                for r in rows]
+        rows = await self.read(_rows(sql + " ORDER BY i.type, i.image_id", *args))
+        out = []
+        for r in rows:
+            image = {"image_id": r[0], "type": r[1], "workload_id": workload_id, "size": r[2], "format": r[3],
+                     "filename": r[4]}
+            if r[1] == ImageType.ORIGINAL.value:
+                image["photo"] = json.loads(r[5]) if r[5] else None
+                if r[6] is not None:
+                    image["width"], image["height"] = r[6], r[7]
+            out.append(image)
+        return out
 
     # -- jobs -------------------------------------------------------------------------------
 

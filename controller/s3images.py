@@ -23,8 +23,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.formats import png_header, sniff_format
-from controller.images import KEEP_BYTES, Download, ImageStore, StoredFile, header_of
+from common.formats import sniff_format
+from controller.images import KEEP_BYTES, Download, ImageStore, StoredFile, fast_header, header_of
 from controller.models import BadInput, InsufficientStorage, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,10 @@ class S3ImageStore(ImageStore):
     async def write(self, key: str, data: bytes) -> None:
         await self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
+    async def remove_workload(self, workload_dir: str) -> int:
+        self._forget_prefix(f"{workload_dir}/")
+        return await self.remove_prefix(f"{workload_dir}/")
+
     async def remove_prefix(self, prefix: str) -> int:
         """Every object under ``prefix`` (a workload's ``dir/``); how many were removed."""
         removed = 0
@@ -212,14 +216,13 @@ class S3ImageStore(ImageStore):
         fmt = sniff_format(data[:16])
         if fmt is None:
             return None
-        head_info = png_header(data) if fmt == "PNG" else None
-        if head_info is None:
+        head = fast_header(data, fmt)
+        if head is None:
             try:
-                head_info = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
+                head = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
             except BadInput:
                 return None
-        width, height, mode = head_info
-        return StoredFile(None, fmt, size, width, height, mode)
+        return StoredFile(None, fmt, size, head.width, head.height, head.mode)
 
 
 def _status(e: ClientError) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from controller import sql
+from controller.models import InsufficientStorage
 from controller.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, tags_of
 from controller.sql import Result, Script, Statement, UniqueViolation
 
@@ -49,6 +51,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     failed_count INTEGER NOT NULL DEFAULT 0,
     running_count INTEGER NOT NULL DEFAULT 0,
     started INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,  -- of its images, originals and results: for quotas
     UNIQUE (owner, name)
 );
 """
@@ -71,9 +74,11 @@ CREATE TABLE IF NOT EXISTS images (
     format TEXT NOT NULL,
     size INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    width INTEGER,  -- from the header at upload (NULL in rows of earlier versions)
+    width INTEGER,  -- from the header at upload, upright (NULL in rows of earlier versions)
     height INTEGER,
     mode TEXT,
+    filename TEXT,  -- the uploaded file's name (originals)
+    photo TEXT,  -- JSON: camera, time taken, GPS position, from the original's EXIF (owner only)
     PRIMARY KEY (workload_id, type, image_id)
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -120,9 +125,11 @@ CREATE TABLE IF NOT EXISTS workers (
 #: The workloads' counters follow their images and jobs inside the very statement that changes
 #: them: a transition stays one statement, and no code path can forget a counter.
 COUNTERS = """
-CREATE TRIGGER IF NOT EXISTS images_counted AFTER INSERT ON images BEGIN
+DROP TRIGGER IF EXISTS images_counted;
+CREATE TRIGGER IF NOT EXISTS images_counted_v2 AFTER INSERT ON images BEGIN
     UPDATE workloads SET image_count = image_count + (NEW.type = 'original'),
-                         filtered_count = filtered_count + (NEW.type = 'filtered')
+                         filtered_count = filtered_count + (NEW.type = 'filtered'),
+                         bytes = bytes + NEW.size
     WHERE id = NEW.workload_id;
 END;
 CREATE TRIGGER IF NOT EXISTS jobs_counted AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
@@ -139,7 +146,8 @@ UPDATE workloads SET
     filtered_count = (SELECT COUNT(*) FROM images i WHERE i.workload_id = workloads.id AND i.type = 'filtered'),
     failed_count = (SELECT COUNT(*) FROM jobs j WHERE j.workload_id = workloads.id AND j.state = 'failed'),
     running_count = (SELECT COUNT(*) FROM jobs j WHERE j.workload_id = workloads.id AND j.state = 'dispatched'),
-    started = EXISTS (SELECT 1 FROM jobs j WHERE j.workload_id = workloads.id AND j.attempts > 0)
+    started = EXISTS (SELECT 1 FROM jobs j WHERE j.workload_id = workloads.id AND j.attempts > 0),
+    bytes = (SELECT COALESCE(SUM(size), 0) FROM images i WHERE i.workload_id = workloads.id)
 """
 
 
@@ -270,9 +278,10 @@ class GroupCommit:
         self.transactions += len(scripts)
         self.lazy_groups += not durable
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._apply, scripts, durable)
+            outcomes = await asyncio.get_running_loop().run_in_executor(self._pool, self._apply, scripts, durable)
         except Exception as e:  # the group as a whole failed (disk full, I/O error...)
-            return [(False, e)] * len(scripts)
+            return [(False, _full_disk(e) or e)] * len(scripts)
+        return [(ok, value if ok else (_full_disk(value) or value)) for ok, value in outcomes]
 
     def _apply(self, scripts: list[Script[Any]], durable: bool) -> list[tuple[bool, Any]]:
         """In the thread: one BEGIN ... COMMIT around a savepoint per transaction; the COMMIT
@@ -350,6 +359,14 @@ class Store(SqlDatastore):
             await self._db.close()
             self._db = None
 
+    def space(self) -> tuple[int, int] | None:
+        """(free, total) bytes on the datastore's disk."""
+        try:
+            usage = shutil.disk_usage(self.path.parent)
+        except OSError:
+            return None
+        return usage.free, usage.total
+
     async def data_version(self) -> int:
         """Changes when another connection (another process, or our writer) commits."""
         return await self.read(_data_version())
@@ -369,14 +386,24 @@ class Store(SqlDatastore):
         if "image_count" not in columns:  # counters came later: count what is there once
             async with self._transaction() as db:
                 if "dir" in columns:  # (a rebuilt table has them already)
-                    for column in ("image_count", "filtered_count", "failed_count", "running_count", "started"):
+                    for column in ("image_count", "filtered_count", "failed_count", "running_count", "started",
+                                   "bytes"):
                         await db.execute(f"ALTER TABLE workloads ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
                 await db.execute(RECOUNT)
         async with self.db.execute("PRAGMA table_info(images)") as cur:
-            if "width" not in {r["name"] for r in await cur.fetchall()}:
+            image_columns = {r["name"] for r in await cur.fetchall()}
+        added = [c for c in ("width INTEGER", "height INTEGER", "mode TEXT", "filename TEXT", "photo TEXT")
+                 if c.split()[0] not in image_columns]
+        if added:
+            async with self._transaction() as db:
+                for column in added:
+                    await db.execute(f"ALTER TABLE images ADD COLUMN {column}")
+        async with self.db.execute("PRAGMA table_info(workloads)") as cur:
+            if "bytes" not in {r["name"] for r in await cur.fetchall()}:
                 async with self._transaction() as db:
-                    for column in ("width INTEGER", "height INTEGER", "mode TEXT"):
-                        await db.execute(f"ALTER TABLE images ADD COLUMN {column}")
+                    await db.execute("ALTER TABLE workloads ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+                    await db.execute("UPDATE workloads SET bytes = (SELECT COALESCE(SUM(size), 0) FROM images i"
+                                     " WHERE i.workload_id = workloads.id)")
 
     async def _rebuild_workloads(self) -> None:
         """Names were unique across owners and were their directories: keep each as its ``dir``
@@ -415,6 +442,16 @@ class Store(SqlDatastore):
             await db.rollback()
             raise
         await db.execute("COMMIT")
+
+
+def _full_disk(e: object) -> InsufficientStorage | None:
+    """SQLite's "database or disk is full" as the 507 it is."""
+    if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+        error = InsufficientStorage("no space left on the server's disk for the datastore: free some space"
+                                    " (e.g. delete a workload) and try again")
+        error.__cause__ = e
+        return error
+    return None
 
 
 def _data_version() -> Script[int]:

@@ -103,6 +103,21 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def drop_workload(self, workload_id: str) -> int:
+        """A workload is being deleted: its queued jobs leave the queue, its running copies are
+        cancelled (their slots free as the workers answer); how many jobs that touched."""
+        queued = self._queues.pop(workload_id, deque())
+        for job in queued:
+            self._settled(job)
+        self.waiting.pop(workload_id, None)
+        running = 0
+        for worker, jobs in self._in_flight.items():
+            for job in list(jobs.values()):
+                if job.workload_id == workload_id:
+                    running += 1
+                    self.spawn(self.carrier.cancel(worker, job))
+        return len(queued) + running
+
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
 

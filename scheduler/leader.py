@@ -184,6 +184,9 @@ class LeadingScheduler:
         if self.current is not None:
             self.current.submit(job)
 
+    def drop_workload(self, workload_id: str) -> int:
+        return self.current.drop_workload(workload_id) if self.current is not None else 0
+
     def queued(self) -> int:
         return self.current.queued() if self.current is not None else 0
 

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 def build_app(settings: ServerSettings) -> web.Application:
     """The whole server: the HTTP API with the services it serves, started and stopped with it."""
     app = create_app(settings)
-    app.cleanup_ctx.extend([_datastore, _images, _membership, _scheduler, _presence, _autoscaler])
+    app.cleanup_ctx.extend([_datastore, _images, _membership, _scheduler, _presence, _retention, _autoscaler])
     return app
 
 
@@ -196,6 +196,50 @@ async def _presence(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await stop_tasks([task])
+
+
+#: How often completed workloads past --retain-days are looked for.
+RETENTION_INTERVAL = 600.0
+
+
+async def _retention(app: web.Application) -> AsyncIterator[None]:
+    """With ``--retain-days N``: completed workloads created more than N days ago are removed
+    (images and files too), a log line each; at start, then every ten minutes."""
+    s = app[SETTINGS]
+    if not s.retain_days:
+        yield
+        return
+
+    async def sweep() -> None:
+        while True:
+            try:
+                await remove_expired(app, time.time() - s.retain_days * 86400)
+            except DpipError as e:
+                logger.warning("retention: %s", e)
+            await asyncio.sleep(RETENTION_INTERVAL)
+
+    task = asyncio.create_task(sweep(), name="retention")
+    try:
+        yield
+    finally:
+        await stop_tasks([task])
+
+
+async def remove_expired(app: web.Application, before: float) -> int:
+    """Remove the completed workloads created before ``before``; how many."""
+    store, jobs, days = app[STORE], app[JOBS], app[SETTINGS].retain_days
+    removed = 0
+    while batch := await store.expired_workloads(before):
+        for workload_id, owner in batch:
+            workload = await store.get_workload(workload_id)
+            app[SCHEDULER].drop_workload(workload_id)
+            gone = await jobs.delete_workload(workload)
+            if gone is not None:
+                removed += 1
+                logger.info("retention: removed workload %s (%s) of %s, completed and older than %g days:"
+                            " %d images, %d results, %d bytes", workload_id, workload.name, owner, days,
+                            gone["images"], gone["filtered_images"], gone["bytes"])
+    return removed
 
 
 async def _autoscaler(app: web.Application) -> AsyncIterator[None]:

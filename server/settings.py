@@ -74,6 +74,9 @@ class ServerSettings:
     hedge_floor_ms: float = option(20.0, "never hedge sooner than this")
     hedge_initial_ms: float = option(1000.0, "hedge delay until 20 latencies of a size are known")
     max_upload_bytes: int = option(32 * 1024 * 1024, "largest accepted upload")
+    quota_bytes: int = option(0, "bytes of images (originals and results) each user may keep; 0: no quota")
+    retain_days: float = option(0.0, "remove completed workloads created more than this many days ago"
+                                     " (their images too); 0: keep everything")
     max_pixels: int = option(50_000_000, "largest image accepted or decoded, in pixels (width x height)")
     fsync: bool = option(True, "do not fsync uploads (faster, but a power cut may lose accepted ones)",
                          flag="--no-fsync")
@@ -151,6 +154,8 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         p.error("--image-store s3:// needs a bucket name: s3://BUCKET[/PREFIX]")
     if settings.redirect_downloads and not settings.uses_s3:
         p.error("--redirect-downloads needs --image-store s3://...")
+    if settings.quota_bytes < 0 or settings.retain_days < 0:
+        p.error("--quota-bytes and --retain-days are 0 (off) or positive")
     if not 0.5 <= settings.lease_ttl <= 3.0:
         p.error("--lease-ttl must be between 0.5 and 3 seconds")
     return settings, a.log_level

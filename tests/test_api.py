@@ -201,7 +201,8 @@ async def test_upload_assigns_ids_in_arrival_order_and_keeps_bytes(client):
         assert await r.read() == data
     listing = await client.get("/images", headers=bearer(token), params={"workload_id": w["workload_id"]})
     assert await listing.json() == [
-        {"image_id": i, "type": "original", "workload_id": w["workload_id"], "size": len(blobs[i]), "format": "PNG"}
+        {"image_id": i, "type": "original", "workload_id": w["workload_id"], "size": len(blobs[i]), "format": "PNG",
+         "filename": "17.png", "photo": None, "width": 10 + i, "height": 8}
         for i in range(3)
     ]
     view = await (await client.get(f"/workloads/{w['workload_id']}", headers=bearer(token))).json()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common import filters
 
@@ -44,7 +44,10 @@ def process(data: bytes, name: str, params: dict | None = None,
             if im.size[0] * im.size[1] > MAX_PIXELS:
                 raise FilterError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {MAX_PIXELS}")
             im.load()
-            out = spec.apply(im, checked)
+            # A phone's portrait photo is stored sideways with an EXIF Orientation: filter it
+            # upright. The result is saved without EXIF (no GPS position leaves with it).
+            upright = ImageOps.exif_transpose(im)
+            out = spec.apply(upright, checked)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise FilterError(f"cannot decode the image: {e}") from e
     buf = io.BytesIO()
