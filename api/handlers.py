@@ -47,8 +47,10 @@ from controller.models import (
     Filter,
     Forbidden,
     ImageType,
+    LoginFailed,
     NotFound,
     QuotaExceeded,
+    Unauthorized,
     UnsupportedMedia,
     WorkloadView,
     quoted,
@@ -106,13 +108,18 @@ def _job_image(request: web.Request, workload_id: str, image_id: int, type_: Ima
 
 async def login(request: web.Request) -> web.Response:
     """Counted as a failed login from before the password is hashed until it proves right."""
-    user, password = basic_credentials(request)
+    try:
+        user, password = basic_credentials(request)
+    except Unauthorized as e:
+        raise LoginFailed(str(e)) from e
     throttle = request.app[LOGIN_LIMITS]
     attempt = await throttle.begin(user, client_address(request))  # 429 when throttled
     ok = False
     try:
         token = await request.app[AUTH].login(user, password)
         ok = True
+    except Unauthorized as e:
+        raise LoginFailed(str(e)) from e
     finally:
         throttle.end(attempt, ok)
     return web.json_response({"user": user, "token": token})

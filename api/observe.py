@@ -41,6 +41,11 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def favicon(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "favicon.svg", headers={"Content-Type": "image/svg+xml",
+                                                             "Cache-Control": "public, max-age=86400"})
+
+
 async def snapshot(request: web.Request) -> dict:
     return {
         "server_time": time.time(),
@@ -194,6 +199,7 @@ async def count_requests(request: web.Request, handler) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_route("GET", "/", index)
+    r.add_route("GET", "/favicon.ico", favicon)
     r.add_static("/static/", STATIC, append_version=False)
     r.add_route("GET", "/events", events)
     r.add_route("GET", "/metrics", metrics_endpoint)

@@ -245,6 +245,9 @@ def spec(server_url: str | None = None) -> dict:
         "/": {"get": {
             "summary": "The dashboard (a static page; it logs in by itself)", "security": [],
             "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/favicon.ico": {"get": {
+            "summary": "The dashboard's icon", "security": [],
+            "responses": {"200": {"description": "SVG", "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}}},
     }
     doc: dict[str, Any] = {
         "openapi": "3.0.3",

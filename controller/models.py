@@ -49,6 +49,13 @@ class Unauthorized(DpipError):
         return {"WWW-Authenticate": 'Bearer realm="dpip"'}
 
 
+class LoginFailed(Unauthorized):
+    """Wrong or missing user name and password at ``/login`` (which takes HTTP Basic)."""
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="dpip", charset="UTF-8"'}
+
+
 class Forbidden(DpipError):
     """Valid credentials that do not allow this action."""
 

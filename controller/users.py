@@ -18,6 +18,7 @@ from pathlib import Path
 from controller.auth import hash_password
 from controller.images import check_workload_name
 from controller.models import BadInput, Conflict
+from controller.datastore import Datastore
 from controller.store import Store
 
 
@@ -25,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main.py users", description="Manage DPIP users.")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DPIP_DATA_DIR", "data")),
                    help="the server's data dir [env DPIP_DATA_DIR]")
+    p.add_argument("--database", default=os.environ.get("DPIP_DATABASE", ""),
+                   help="the server's datastore, if not the data dir's SQLite file [env DPIP_DATABASE]")
     sub = p.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="add a user (password prompted, or DPIP_PASSWORD)")
     add.add_argument("name")
@@ -35,9 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ask_password(name: str) -> str:
+    """DPIP_PASSWORD, or asked twice (a typo in a hidden field is not seen)."""
+    if os.environ.get("DPIP_PASSWORD"):
+        return os.environ["DPIP_PASSWORD"]
+    first = getpass.getpass(f"password for {name}: ")
+    if getpass.getpass("the same password again: ") != first:
+        raise BadInput("the two passwords differ: nothing was changed")
+    return first
+
+
 async def _run(a: argparse.Namespace) -> str:
-    store = Store(a.data_dir / "dpip.sqlite3")
-    a.data_dir.mkdir(parents=True, exist_ok=True)
+    if a.database.startswith(("postgresql://", "postgres://")):
+        from controller.pgstore import PgStore
+        store: Datastore = PgStore(a.database)
+    else:
+        path = Path(a.database[len("sqlite:///"):]) if a.database.startswith("sqlite:///") else a.data_dir / "dpip.sqlite3"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = Store(path)
     await store.open()
     try:
         if a.action == "list":
@@ -49,7 +67,7 @@ async def _run(a: argparse.Namespace) -> str:
                 raise BadInput(f"no user {a.name!r}")
             return f"removed user {a.name!r}; their tokens stop working within a second"
         check_workload_name(a.name)  # same rule: a safe, printable name
-        password = os.environ.get("DPIP_PASSWORD") or getpass.getpass(f"password for {a.name}: ")
+        password = _ask_password(a.name)
         if len(password) < 8:
             raise BadInput("the password must have at least 8 characters")
         await store.add_user(a.name, await asyncio.to_thread(hash_password, password))

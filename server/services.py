@@ -198,7 +198,8 @@ async def _presence(app: web.Application) -> AsyncIterator[None]:
         await stop_tasks([task])
 
 
-#: How often completed workloads past --retain-days are looked for.
+#: Completed workloads past --retain-days are looked for every tenth of that period, at most
+#: every ten minutes (and at least every second).
 RETENTION_INTERVAL = 600.0
 
 
@@ -216,7 +217,7 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
                 await remove_expired(app, time.time() - s.retain_days * 86400)
             except DpipError as e:
                 logger.warning("retention: %s", e)
-            await asyncio.sleep(RETENTION_INTERVAL)
+            await asyncio.sleep(min(RETENTION_INTERVAL, max(1.0, s.retain_days * 86400 / 10)))
 
     task = asyncio.create_task(sweep(), name="retention")
     try:

@@ -150,3 +150,39 @@ def test_metrics_after_a_workload(make_system):
     # 6 uploads; the small results came back inside the jobs' replies, not over HTTP
     assert _metric(text, "dpip_http_requests_total", route="/images", method="POST", status="200") == 6
     assert _metric(text, "dpip_http_requests_total", route="/workloads", method="POST", status="200") == 1
+
+
+def test_dashboard_deletes_a_workload_after_asking(system, browser):
+    """Before login: no 'offline' badge, a hint where the password is, an icon. Then a workload
+    is deleted from its page: the browser asks first (dismissed: nothing happens), then it is
+    gone, from the list and from the API, its images too."""
+    token = system.login()
+    wid = workload(system.url, token)
+    push(system, token, wid, {0: png((200, 10, 10)), 1: png((10, 200, 10))})
+    wait_completed(system.url, token, wid)
+    name = view(system.url, token, wid)["workload_name"]
+    folder = system.data_dir / "images" / name
+    assert folder.exists()
+
+    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    browser.get(system.url + "/")
+    assert not browser.find_element(By.ID, "live").is_displayed(), "no red 'offline' before logging in"
+    assert "data/admin-password" in browser.find_element(By.ID, "login-view").text
+    assert ref.request(system.url, "GET", "/favicon.ico").status == 200
+    browser.find_element(By.ID, "password").send_keys(ADMIN_PASSWORD)
+    browser.find_element(By.ID, "login-button").click()
+    wait.until(lambda d: d.find_element(By.ID, "live").text == "live")
+    browser.get(f"{system.url}/#/workloads/{wid}")
+    wait.until(lambda d: name in d.find_element(By.ID, "wl-title").text)
+
+    browser.execute_script("window.confirm = () => false")  # the user says no
+    browser.find_element(By.ID, "wl-delete").click()
+    assert ref.request(system.url, "GET", f"/workloads/{wid}", headers=ref.bearer(token)).status == 200
+    browser.execute_script("window.confirm = () => true")  # and then yes
+    browser.find_element(By.ID, "wl-delete").click()
+    wait.until(lambda d: d.execute_script("return location.hash") in ("#/", ""))
+    wait.until(lambda d: not any(name in r.text for r in d.find_elements(By.CSS_SELECTOR, "#workloads tbody tr")))
+    assert ref.request(system.url, "GET", f"/workloads/{wid}", headers=ref.bearer(token)).status == 404
+    r = ref.request(system.url, "GET", f"/images/0?workload_id={wid}", headers=ref.bearer(token))
+    assert r.status == 404
+    assert not folder.exists() or not any(p.is_file() for p in folder.rglob("*"))

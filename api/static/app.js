@@ -78,7 +78,7 @@ async function follow() {
   }
 }
 
-function setLive(on) { const el = $("#live"); el.textContent = on ? "live" : "offline"; el.classList.toggle("off", !on); }
+function setLive(on) { const el = $("#live"); el.textContent = on ? "live" : "offline"; el.classList.toggle("off", !on); el.hidden = !state.token; }
 
 // The stream's first event is the whole snapshot; then come only its changes, to merge in.
 function onEvent(type, body) {
@@ -176,7 +176,8 @@ function renderHome() {
     const pct = total ? Math.round((100 * finished) / total) : 0;
     return el("tr", { class: "clickable", "data-workload": w.workload_id, onclick: () => { location.hash = `#/workloads/${w.workload_id}`; } },
       el("td", {}, w.workload_name), el("td", {}, w.filter),
-      el("td", {}, el("span", { class: `pill ${w.status}` }, w.status)),
+      el("td", {}, el("span", { class: `pill ${w.status}` }, w.status),
+        partialOf(w) ? el("span", { class: "pill partial", title: "an interrupted push" }, ` partial (${total} of ${partialOf(w)})`) : ""),
       el("td", {}, el("div", { class: "meter" }, el("div", { class: "bar" }, el("div", { style: `width:${pct}%` })),
         el("span", { class: "progress" }, `${pct}%`), el("span", {}, `${finished}/${total}`))),
       el("td", { class: "num" }, `${rate(w.workload_id).toFixed(1)}/s`),
@@ -197,9 +198,30 @@ function renderWorkload() {
   const total = w.images || 0, finished = w.filtered + w.failed;
   $("#wl-title").textContent = `${w.workload_name} (${w.filter})`;
   $("#wl-summary").textContent = `${w.status}: ${w.filtered} filtered, ${w.failed} failed, ${w.running_jobs} running, of ${total} images; ${rate(id).toFixed(1)} images/s`;
+  const expected = partialOf(w);
+  $("#wl-partial").hidden = !expected;
+  $("#wl-partial").textContent = expected ? `partial: ${total} of the ${expected} images its client meant to upload arrived (an interrupted push: resume it)` : "";
   $("#wl-bar").style.width = `${total ? (100 * finished) / total : 0}%`;
   $("#wl-failures").replaceChildren(...(w.failed_images || []).map((f) => el("li", {}, `image ${f.image_id}: ${f.reason}`)));
   renderGallery(w).catch(() => {});
+}
+
+// A push that stopped half-way: its client said how many images it would send (meta).
+function partialOf(w) {
+  const expected = w.meta && Number.isInteger(w.meta.expected_images) ? w.meta.expected_images : 0;
+  return expected > (w.images || 0) ? expected : 0;
+}
+
+async function deleteWorkload() {
+  const id = currentWorkload();
+  const w = id && state.snapshot && state.snapshot.workloads.find((x) => x.workload_id === id);
+  if (!w || !window.confirm(`Delete workload ${w.workload_name} and its ${w.images || 0} images? This cannot be undone.`)) return;
+  try {
+    const removed = await (await api(`/workloads/${id}`, { method: "DELETE" })).json();
+    $("#wl-delete-status").textContent = `deleted ${removed.workload_name}: ${removed.images} images, ${removed.filtered_images} results`;
+    state.snapshot.workloads = state.snapshot.workloads.filter((x) => x.workload_id !== id);
+    location.hash = "#/";
+  } catch (e) { $("#wl-delete-status").textContent = `not deleted: ${e.message}`; }
 }
 
 const fetchSlots = { free: 4, waiting: [] };  // a big gallery must not fire hundreds of requests at once
@@ -222,28 +244,36 @@ async function thumb(workloadId, imageId, type) {
   return state.thumbs.get(key);
 }
 
-const gallery = { workload: null, count: -1, ids: [], shown: new Set() };
+const gallery = { workload: null, count: -1, ids: [], info: new Map(), shown: new Set() };
 
 async function renderGallery(w) {
   const box = $("#gallery");
   if (gallery.workload !== w.workload_id) {  // another workload: drop the old tiles and their blobs
     for (const url of state.thumbs.values()) url.then((u) => URL.revokeObjectURL(u)).catch(() => {});
     state.thumbs.clear();
-    Object.assign(gallery, { workload: w.workload_id, count: -1, ids: [], shown: new Set() });
+    Object.assign(gallery, { workload: w.workload_id, count: -1, ids: [], info: new Map(), shown: new Set() });
     box.replaceChildren();
   }
   if (gallery.count !== w.images) {  // ids may have gaps (clients may choose them): ask for the list
     gallery.count = w.images;
     const list = await (await api(`/images?workload_id=${w.workload_id}&type=original`)).json();
     gallery.ids = list.map((e) => e.image_id);
+    gallery.info = new Map(list.map((e) => [e.image_id, e]));
   }
   const filtered = new Set(w.filtered_images);
   for (const i of gallery.ids) {
     let pair = box.querySelector(`[data-image="${i}"]`);
     if (!pair) {
+      const info = (gallery.info && gallery.info.get(i)) || {};
+      const photo = info.photo || {};
+      const where = photo.gps
+        ? el("a", { class: "where", href: `https://www.openstreetmap.org/?mlat=${photo.gps.lat}&mlon=${photo.gps.lon}#map=15/${photo.gps.lat}/${photo.gps.lon}`,
+                    target: "_blank", rel: "noopener", title: "where it was taken" }, ` taken at ${photo.gps.lat.toFixed(4)}, ${photo.gps.lon.toFixed(4)}`)
+        : "";
+      const caption = [info.filename || `image ${i}`, photo.camera, photo.taken_at && photo.taken_at.replace("T", " ")].filter(Boolean).join(" · ");
       pair = el("div", { class: "pair", "data-image": i },
         el("div", { class: "imgs" }, el("img", { class: "original", alt: `original ${i}` }), el("div", { class: "missing filtered-slot" }, "waiting")),
-        el("p", {}, `image ${i}`));
+        el("p", {}, caption, where));
       box.append(pair);
       thumb(w.workload_id, i, "original").then((url) => { pair.querySelector("img.original").src = url; }).catch(() => {});
     }
@@ -313,6 +343,7 @@ function route() {
   $("#login-view").hidden = loggedIn;
   $("#logout").hidden = !loggedIn;
   $("#whoami").textContent = loggedIn ? state.user : "";
+  if (!loggedIn) $("#live").hidden = true;  // nothing to be live about before logging in
   const id = currentWorkload();
   $("#home-view").hidden = !loggedIn || Boolean(id);
   $("#workload-view").hidden = !loggedIn || !id;
@@ -328,6 +359,7 @@ window.addEventListener("hashchange", route);
 document.addEventListener("DOMContentLoaded", () => {
   $("#login-form").addEventListener("submit", login);
   $("#logout").addEventListener("click", () => logout(true));
+  $("#wl-delete").addEventListener("click", deleteWorkload);
   setupDrop();
   loadFilters();
   if (state.token) start(); else route();
