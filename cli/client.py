@@ -62,6 +62,18 @@ class Api:
     async def workloads(self) -> list[dict]:
         return await self._json("GET", "/workloads")
 
+    async def workload_named(self, name: str) -> dict | None:
+        """The caller's workload of that name (names are unique per owner), page by page."""
+        after = ""
+        while True:
+            page = await self._json("GET", f"/workloads?limit=1000{'&after=' + after if after else ''}")
+            for w in page:
+                if w["workload_name"] == name:
+                    return w
+            if len(page) < 1000:
+                return None
+            after = page[-1]["workload_id"]
+
     async def workload(self, workload_id: str) -> dict:
         return await self._json("GET", f"/workloads/{workload_id}")
 

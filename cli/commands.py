@@ -22,7 +22,7 @@ from rich.progress import Progress
 
 from cli import config, names, pushes, show, transfer, video
 from cli.client import RETRYABLE, Api, ApiError
-from cli.config import EXIT_AUTH, EXIT_OK, EXIT_UNREACHABLE, CliError, Session
+from cli.config import EXIT_AUTH, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, CliError, Session
 from cli.transfer import PushResult, Upload, err, progress_bar
 
 #: Where a new user finds the admin password (``make run`` prints it on the first start).
@@ -110,6 +110,34 @@ async def cmd_workloads(args: argparse.Namespace) -> int:
         workloads = await api.workloads()
     show.as_json(workloads) if args.json else show.out.print(show.workloads_table(workloads))
     return EXIT_OK
+
+
+async def cmd_rm(args: argparse.Namespace) -> int:
+    """Delete each workload named (by id, or by the name of one of yours); one line each."""
+    async with _api(args) as api:
+        failed = 0
+        for ref in args.workloads:
+            wid = ref
+            if not _looks_like_id(ref):
+                named = await api.workload_named(ref)
+                if named is None:
+                    print(f"dpip: no workload of yours is named {ref!r}", file=sys.stderr)
+                    failed += 1
+                    continue
+                wid = named["workload_id"]
+            try:
+                gone = await api.delete_workload(wid)
+            except CliError as e:
+                print(f"dpip: {ref}: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            show.out.print(f"deleted {gone['workload_name']} ({gone['workload_id']}): {gone['images']} images,"
+                           f" {gone['filtered_images']} filtered, {gone['files']} files")
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
+def _looks_like_id(text: str) -> bool:
+    return len(text) == 36 and text.count("-") == 4
 
 
 # -- push / watch / pull ------------------------------------------------------------------------

@@ -103,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
                [jobs, target])
     push.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                       help="image files, or directories (their image files, one level deep)")
+    rm = add("rm", "cmd_rm", "delete workloads of yours: their running jobs stop, their images and files go")
+    rm.add_argument("workloads", nargs="+", metavar="WORKLOAD",
+                    help="workload ids (dpip workloads lists them), or names of yours")
     watch = add("watch", "cmd_watch", "show a workload's progress until it is completed", [stall])
     watch.add_argument("workload", **workload_arg)
     pull = add("pull", "cmd_pull", "download a workload's images (as <id>.<ext>, or the uploaded names);"

@@ -127,6 +127,7 @@ class Membership:
         self._cap_key = capability.derive_key(secret)
         self._by_kid: dict[str, WorkerInfo] = {}
         self._joins: OrderedDict[str, _Join] = OrderedDict()
+        self._left: OrderedDict[str, None] = OrderedDict()  # key ids of workers that said goodbye
         self._log = LogLimiter(logger)
         self._sock: pynng.Sub0 | None = None
         self._tasks: list[asyncio.Task] = []
@@ -242,6 +243,8 @@ class Membership:
             return self._on_hello(inner)
         info = self._by_kid.get(msg.kid)
         if info is None or info.channel is None:
+            if msg.kid in self._left:
+                return None  # the second copy of a goodbye (sent twice: pub/sub may drop one)
             return self._refuse("sealed with an unknown or expired session key")
         try:
             inner, fresh = info.channel.open(msg)
@@ -254,7 +257,11 @@ class Membership:
         if isinstance(inner, wire.Heartbeat):
             self._on_heartbeat(info, inner)
         elif isinstance(inner, wire.Goodbye):
-            if info.alive:
+            if info.alive or info.welcomed:
+                assert info.channel is not None
+                self._left[info.channel.kid] = None
+                while len(self._left) > 1024:
+                    self._left.popitem(last=False)
                 self._lose(info, "it said goodbye")
         else:
             self._refuse(f"a sealed {inner.TYPE} on the controller")

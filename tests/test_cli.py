@@ -227,3 +227,14 @@ def test_saved_session_is_private_even_with_a_loose_umask(tmp_path, monkeypatch)
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_rm_deletes_workloads_by_id_or_name(cli: Cli, system, tmp_path):
+    first = cli.ok("push", frames_dir(tmp_path / "a", 2)[0], "--name", "to-remove").stdout.strip()
+    second = cli.ok("push", frames_dir(tmp_path / "b", 2)[0]).stdout.strip()
+    r = cli.ok("rm", "to-remove", second)
+    assert r.stdout.count("deleted ") == 2 and "to-remove" in r.stdout
+    listed = [w["workload_id"] for w in json.loads(cli.ok("workloads", "--json").stdout)]
+    assert first not in listed and second not in listed
+    one_line_error(cli("rm", "no-such-name"), 1, "no workload of yours is named 'no-such-name'")
+    one_line_error(cli("rm", first), 1, "not found")
