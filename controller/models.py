@@ -196,7 +196,15 @@ class WorkloadView:
             "tags": list(w.tags),
             "meta": w.meta,
             "waiting_reason": waiting_reason if self.status != WorkloadStatus.COMPLETED else None,
+            "partial": self.partial,
         }
+
+    @property
+    def partial(self) -> bool:
+        """Fewer images than its client said it would send (``meta.expected_images``): a push
+        that stopped half-way, whatever the status says of the images it has."""
+        expected = self.workload.meta.get("expected_images")
+        return isinstance(expected, int) and not isinstance(expected, bool) and expected > self.image_count
 
 
 @dataclass(frozen=True)

@@ -377,10 +377,8 @@ def test_pull_original_names_from_the_real_server(cli: Cli, tmp_path):
     out = tmp_path / "out"
     cli.ok("pull", wid, out, "--names", "original", "-q")
     listed = api(cli, f"/images?workload_id={wid}&type=original")
-    if all(e.get("filename") for e in listed):  # a server that keeps the names
-        assert sorted(p.name for p in out.iterdir()) == ["cat.png", "dog.png"]
-    else:  # an older one: the reference's names
-        assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png"]
+    assert sorted(e["filename"] for e in listed) == ["cat.png", "dog.png"], "the server keeps the names"
+    assert sorted(p.name for p in out.iterdir()) == ["cat.png", "dog.png"]
 
 
 PNG = png((10, 20, 30))

@@ -276,3 +276,35 @@ def test_a_full_disk_is_a_507_and_uploads_work_again_once_space_is_freed(tmp_pat
         raise
     finally:
         system.stop()
+
+
+# -- a newcomer's first hour: what the server side says --------------------------------------
+
+def test_a_worker_started_before_its_server_says_it_waits_then_joins(tmp_path):
+    """What the user sees in the worker's terminal is the point here: a line saying it waits."""
+    system = make(tmp_path)
+    try:
+        system.start_worker("early")
+        log = tmp_path / "logs" / "worker-early.log"
+        wait_until(lambda: log.exists() and "still waiting for a welcome" in log.read_text(), 30,
+                   "the worker to say it is waiting")
+        assert system.controller in log.read_text(), "it names where it waits"
+        system.start_server()
+        system.wait_workers({"early"})
+    finally:
+        system.stop()
+
+
+async def test_a_workload_short_of_its_announced_images_is_partial(client):
+    token = await login(client)
+    r = await client.post("/workloads", headers=bearer(token), data={"meta": '{"expected_images": 3}'})
+    w = await r.json()
+    assert w["partial"] is True
+    for _ in range(3):
+        assert (await upload(client, token, w["workload_id"], png_bytes())).status == 200
+    view = await (await client.get(f"/workloads/{w['workload_id']}", headers=bearer(token))).json()
+    assert view["partial"] is False and view["images"] == 3
+    plain = await new_workload(client, token)
+    assert plain["partial"] is False, "no announced count: never partial"
+    r = await client.get("/login", headers={"Authorization": "Basic bm90OnJpZ2h0"})
+    assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Basic"), "login takes Basic"

@@ -69,7 +69,9 @@ class JobFailed(Exception):
         self.transient = transient  # where the images live could not be reached (not the job's fault)
 
 
-#: While no controller has welcomed us, say so this often (a worker started before its server).
+#: While no controller has welcomed us, say so after this long, then this often (a worker
+#: started before its server must not look dead).
+FIRST_WAITING_LOG = 2.0
 WAITING_LOG_INTERVAL = 10.0
 
 
@@ -212,7 +214,8 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         # Pub/sub drops what is sent before the connection is up: beat fast until welcomed,
         # so joining takes a round trip, not a whole interval.
-        waiting_since = last_said = time.monotonic()
+        waiting_since = time.monotonic()
+        last_said = waiting_since - WAITING_LOG_INTERVAL + FIRST_WAITING_LOG  # say it soon, then now and then
         while True:
             await self._send_heartbeat()
             unwelcomed = [c for c in self.links if not c.welcomed]
