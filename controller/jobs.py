@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 from controller.datastore import Datastore
 from controller.images import ImageStore, StoredFile, header_from_bytes, image_key, result_problem
-from controller.models import BadInput, Conflict, Filter, ImageType, Job, JobState, NotFound, Workload, quoted
+from controller.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
+                               NotFound, Workload, quoted)
 from controller.queries import tags_of
 from controller.sql import Script, q
 
@@ -278,11 +279,18 @@ class JobLifecycle:
         self._deleted[workload.id] = time.monotonic()
         while len(self._deleted) > 10_000:
             self._deleted.popitem(last=False)
+        files = None
         async with self.lock(workload.id):  # no result of it is being placed meanwhile
-            removed = await self.store.delete_workload(workload.id)
+            try:
+                removed = await self.store.delete_workload(workload.id)
+            except InsufficientStorage:
+                # A full disk: even a delete needs room in the datastore's log. Its files go
+                # first (it is being deleted: nothing will read them), then its rows.
+                files = await self.images.remove_workload(workload.dir)
+                removed = await self.store.delete_workload(workload.id)
         if removed is None:
             return None
-        removed["files"] = await self.images.remove_workload(workload.dir)
+        removed["files"] = (files or 0) + await self.images.remove_workload(workload.dir)
         for table in (self._next_ids, self._taken, self._locks):
             table.pop(workload.id, None)
         return removed

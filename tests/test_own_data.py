@@ -263,7 +263,17 @@ def test_a_full_disk_is_a_507_and_uploads_work_again_once_space_is_freed(tmp_pat
         assert accepted >= 3 and statuses[-1] == 507
         assert not list((system.data_dir / "incoming").glob("*.upload")), "nothing half-written is left"
         assert system.get("/status", token)["storage"]["images"]["free_bytes"] < free
-        # what was accepted is kept, and filtered once there is room for the results
+        metrics = ref.request(system.url, "GET", "/metrics").body.decode()
+        assert any(line.startswith('dpip_free_bytes{store="images"}') for line in metrics.splitlines())
+        # the last bytes taken too (the datastore's log cannot grow either): a delete still works
+        with open(small_disk / "filler", "wb", buffering=0) as filler:
+            try:
+                while filler.write(b"\0" * 65536):
+                    pass
+            except OSError:
+                pass  # full
+        r = ref.request(system.url, "POST", "/workloads", headers=ref.bearer(token))
+        assert r.status == 507, (r.status, r.body)
         r = ref.request(system.url, "DELETE", f"/workloads/{wid}", headers=ref.bearer(token))
         assert r.status == 200 and r.json()["images"] == accepted
         wid = ref.create_workload(system.url, token)["workload_id"]
