@@ -140,9 +140,9 @@ class ImageStore(abc.ABC):
         self._check_pixels(head.width, head.height)
         return StoredFile(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo)
 
-    async def _receive_in_memory(self, chunks: AsyncIterator[bytes]) -> StoredFile:
-        """:meth:`receive` for stores that keep nothing on the server's disk."""
-        parts: list[bytes] = []
+    async def _checked(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The upload's chunks, refused as soon as its first bytes are no image's or it grows
+        past the size limit (before anything more is read)."""
         size = 0
         async for chunk in chunks:
             if size == 0 and len(chunk) >= 16 and sniff_format(chunk[:16]) is None:
@@ -150,8 +150,11 @@ class ImageStore(abc.ABC):
             size += len(chunk)
             if size > self.max_bytes:
                 raise TooLarge(f"image larger than the limit of {self.max_bytes} bytes")
-            parts.append(chunk)
-        return await self.receive_bytes(b"".join(parts))
+            yield chunk
+
+    async def _receive_in_memory(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+        """:meth:`receive` for stores that keep nothing on the server's disk."""
+        return await self.receive_bytes(b"".join([chunk async for chunk in self._checked(chunks)]))
 
     def _check_pixels(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
@@ -277,12 +280,8 @@ class FileImageStore(ImageStore):
         buffered: list[bytes] = []
         pending = size = 0
         try:
-            async for chunk in chunks:
-                if size == 0 and len(chunk) >= 16 and sniff_format(chunk[:16]) is None:
-                    raise BadInput("the uploaded file is not an image (unknown format)")
+            async for chunk in self._checked(chunks):
                 size += len(chunk)
-                if size > self.max_bytes:
-                    raise TooLarge(f"image larger than the limit of {self.max_bytes} bytes")
                 buffered.append(chunk)
                 pending += len(chunk)
                 if pending >= _FLUSH_BYTES:

@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts import refclient as ref  # noqa: E402
-from scripts.benchclients import session, upload, watch  # noqa: E402
+from scripts.benchclients import requests_push, watch  # noqa: E402
 from scripts.benchtable import Row, table  # noqa: E402
 from scripts.engines import EngineUnavailable, Postgres, SeaweedS3  # noqa: E402
 from scripts.frames import frame_png  # noqa: E402
@@ -69,32 +66,6 @@ def job_bytes(system: LocalSystem) -> int:
                    if line.startswith("dpip_job_image_bytes{")))
 
 
-def push(urls: list[str], token: str, images: list[bytes], clients: int) -> tuple[str, float]:
-    """``clients`` requests threads, client k uploading through ``urls[k % len(urls)]``, into one
-    workload; returns its id and the seconds from the first upload until it is completed."""
-    wid = ref.create_workload(urls[0], token)["workload_id"]
-    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(len(images)):
-        todo.put(i)
-
-    def uploader(k: int) -> None:
-        with session(token) as http:
-            while True:
-                try:
-                    i = todo.get_nowait()
-                except queue.Empty:
-                    return
-                upload(http, urls[k % len(urls)], wid, i, images[i])
-
-    with ThreadPoolExecutor(clients + 1) as pool:
-        t0 = time.perf_counter()
-        futures = [pool.submit(uploader, k) for k in range(clients)]
-        futures.append(pool.submit(watch, urls[-1], token, wid, len(images)))
-        for f in futures:
-            f.result()
-        return wid, time.perf_counter() - t0
-
-
 def workers_for(cores: int) -> dict[str, tuple[str, ...]]:
     return {f"bench-{i}": ("--png-compress-level", "1") for i in range(cores)}
 
@@ -105,10 +76,10 @@ def run_defaults(tmp: Path, images: list[bytes], clients: int, cores: int) -> tu
     try:
         system.start_server()
         token = system.start_workers(workers_for(cores))
-        push([system.url], token, images[:4], clients)  # warm up
+        requests_push(system.url, token, images[:4], clients)  # warm up
         before = job_bytes(system)
-        _, elapsed = push([system.url], token, images, clients)
-        return len(images) / elapsed, (job_bytes(system) - before) / len(images)
+        pushed = requests_push(system.url, token, images, clients)
+        return pushed.rate, (job_bytes(system) - before) / len(images)
     except BaseException:
         print(system.logs())
         raise
@@ -137,10 +108,10 @@ def run_cluster(tmp: Path, pg: Postgres, s3: SeaweedS3, images: list[bytes], cli
             a.start_worker(name, "--controller", both, *flags)
         token = a.login()
         a.wait_workers(set(workers_for(cores)), token)
-        push([a.url, b.url], token, images[:4], clients)
+        requests_push([a.url, b.url], token, images[:4], clients)
         before = job_bytes(a) + job_bytes(b)
-        _, elapsed = push([a.url, b.url], token, images, clients)
-        return len(images) / elapsed, (job_bytes(a) + job_bytes(b) - before) / len(images)
+        pushed = requests_push([a.url, b.url], token, images, clients)
+        return pushed.rate, (job_bytes(a) + job_bytes(b) - before) / len(images)
     except BaseException:
         print(a.logs(), b.logs())
         raise

@@ -130,15 +130,18 @@ def watch(url: str, token: str, workload_id: str, images: int,
         wait_until(done, TIMEOUT, f"workload {workload_id} to complete", WATCH_INTERVAL)
 
 
-def requests_push(url: str, token: str, images: list[bytes], clients: int) -> Push:
-    """Push ``images`` from ``clients`` threads, a ``requests.Session`` each, and a watcher thread."""
+def requests_push(url: str | list[str], token: str, images: list[bytes], clients: int) -> Push:
+    """Push ``images`` from ``clients`` threads, a ``requests.Session`` each, and a watcher thread.
+    With several URLs (servers of one system), client k uploads through ``url[k % len(url)]``."""
+    urls = [url] if isinstance(url, str) else url
+    url = urls[0]
     wid = ref.create_workload(url, token)["workload_id"]
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
     for i in range(len(images)):
         todo.put(i)
     failed = threading.Event()
 
-    def uploader() -> None:
+    def uploader(k: int) -> None:
         try:
             with session(token) as http:
                 while True:
@@ -146,15 +149,15 @@ def requests_push(url: str, token: str, images: list[bytes], clients: int) -> Pu
                         i = todo.get_nowait()
                     except queue.Empty:
                         return
-                    upload(http, url, wid, i, images[i])
+                    upload(http, urls[k % len(urls)], wid, i, images[i])
         except BaseException:
             failed.set()
             raise
 
     with ThreadPoolExecutor(clients + 1) as pool:
         t0 = time.perf_counter()
-        futures = [pool.submit(uploader) for _ in range(clients)]
-        futures.append(pool.submit(watch, url, token, wid, len(images), failed.is_set))
+        futures = [pool.submit(uploader, k) for k in range(clients)]
+        futures.append(pool.submit(watch, urls[-1], token, wid, len(images), failed.is_set))
         for f in futures:
             f.result()
         return Push(wid, len(images), time.perf_counter() - t0)
