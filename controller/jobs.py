@@ -280,14 +280,18 @@ class JobLifecycle:
         while len(self._deleted) > 10_000:
             self._deleted.popitem(last=False)
         files = None
-        async with self.lock(workload.id):  # no result of it is being placed meanwhile
-            try:
-                removed = await self.store.delete_workload(workload.id)
-            except InsufficientStorage:
-                # A full disk: even a delete needs room in the datastore's log. Its files go
-                # first (it is being deleted: nothing will read them), then its rows.
-                files = await self.images.remove_workload(workload.dir)
-                removed = await self.store.delete_workload(workload.id)
+        try:
+            async with self.lock(workload.id):  # no result of it is being placed meanwhile
+                try:
+                    removed = await self.store.delete_workload(workload.id)
+                except InsufficientStorage:
+                    # A full disk: even a delete needs room in the datastore's log. Its files go
+                    # first (it is being deleted: nothing will read them), then its rows.
+                    files = await self.images.remove_workload(workload.dir)
+                    removed = await self.store.delete_workload(workload.id)
+        except BaseException:
+            self._deleted.pop(workload.id, None)  # it still exists: its results still count
+            raise
         if removed is None:
             return None
         removed["files"] = (files or 0) + await self.images.remove_workload(workload.dir)
