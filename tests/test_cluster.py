@@ -130,6 +130,10 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):
         servers = {s["name"]: s for s in b.get("/status", token)["servers"]}
         assert servers["a"]["leader"] and servers["a"]["alive"] and not servers["b"]["leader"]
         assert files_under(b.data_dir) == []
+        # a logout on one server revokes the token on every one
+        assert ref.request(b.url, "DELETE", "/logout", headers=ref.bearer(token)).status == 200
+        wait_until(lambda: ref.request(a.url, "GET", "/status", headers=ref.bearer(token)).status == 401, 10,
+                   "the other server to refuse the revoked token")
     except BaseException:
         print(a.logs(), b.logs())
         raise
