@@ -503,7 +503,7 @@ def header_of(source: Path | io.BytesIO, fmt: str) -> Header:
         with Image.open(source, formats=[fmt]) as im:
             width, height = im.size
             try:
-                exif = im.getexif()
+                exif = _exif_of(im, fmt)
             except (OSError, SyntaxError, ValueError, TypeError, KeyError):
                 exif = None  # broken EXIF: the pixels may still be fine
             if exif and exif.get(exifdata.ORIENTATION) in (5, 6, 7, 8):
@@ -513,6 +513,24 @@ def header_of(source: Path | io.BytesIO, fmt: str) -> Header:
         raise BadInput(f"the uploaded {fmt} image has too many pixels: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadInput(f"the uploaded {fmt} image has a broken header: {e}") from e
+
+
+#: Formats whose EXIF Pillow reads from the header (for others it would decode the pixels first).
+EXIF_IN_HEADER = frozenset({"JPEG", "TIFF", "WEBP"})
+
+
+def _exif_of(im: Image.Image, fmt: str) -> Image.Exif | None:
+    """The EXIF of an image, from its header only: a PNG's eXIf chunk if it comes before the
+    pixels (as cameras and phones write it); a PNG's ``getexif()`` would decode the whole
+    image looking for one after them (26 ms for a 720p frame)."""
+    if fmt == "PNG":
+        raw = im.info.get("exif")
+        if not raw:
+            return None
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif
+    return im.getexif() if fmt in EXIF_IN_HEADER else None
 
 
 def make_thumbnail(source: bytes, px: int, fmt: str) -> bytes:

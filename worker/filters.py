@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+ORIENTATION = 0x0112  # the EXIF tag
+
 from common import filters
 
 #: Largest image a worker decodes (the server's default limit too): the header is checked
@@ -46,7 +48,7 @@ def process(data: bytes, name: str, params: dict | None = None,
             im.load()
             # A phone's portrait photo is stored sideways with an EXIF Orientation: filter it
             # upright. The result is saved without EXIF (no GPS position leaves with it).
-            upright = ImageOps.exif_transpose(im)
+            upright = ImageOps.exif_transpose(im) if _turned(im) else im  # (a copy only if turned)
             out = spec.apply(upright, checked)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise FilterError(f"cannot decode the image: {e}") from e
@@ -60,3 +62,8 @@ def process(data: bytes, name: str, params: dict | None = None,
     else:
         out.save(buf, fmt)
     return buf.getvalue(), fmt
+
+
+def _turned(im: Image.Image) -> bool:
+    """Whether the image's EXIF asks for it to be turned or flipped to be seen upright."""
+    return im.getexif().get(ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8)
