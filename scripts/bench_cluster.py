@@ -101,13 +101,7 @@ def run_cluster(tmp: Path, pg: Postgres, s3: SeaweedS3, images: list[bytes], cli
     """Two servers on PostgreSQL and S3: (img/s, relayed bytes per image, both servers)."""
     a, b = cluster(tmp, pg, s3, "cluster")
     try:
-        a.start_server()
-        b.start_server()
-        both = f"{a.controller},{b.controller}"
-        for name, flags in workers_for(cores).items():
-            a.start_worker(name, "--controller", both, *flags)
-        token = a.login()
-        a.wait_workers(set(workers_for(cores)), token)
+        token = start_pair(a, b, workers_for(cores))
         requests_push([a.url, b.url], token, images[:4], clients)
         before = job_bytes(a) + job_bytes(b)
         pushed = requests_push([a.url, b.url], token, images, clients)
@@ -118,6 +112,18 @@ def run_cluster(tmp: Path, pg: Postgres, s3: SeaweedS3, images: list[bytes], cli
     finally:
         b.stop()
         a.stop()
+
+
+def start_pair(a: LocalSystem, b: LocalSystem, workers: dict[str, tuple[str, ...]]) -> str:
+    """Both servers, and ``workers`` (name -> flags) heartbeating to both; a token once all live."""
+    a.start_server()
+    b.start_server()
+    both = f"{a.controller},{b.controller}"
+    for name, flags in workers.items():
+        a.start_worker(name, "--controller", both, *flags)
+    token = a.login()
+    a.wait_workers(set(workers), token)
+    return token
 
 
 def leads(system: LocalSystem, token: str) -> bool:
@@ -133,13 +139,7 @@ def run_takeovers(tmp: Path, pg: Postgres, s3: SeaweedS3, n: int, cores: int) ->
     a, b = cluster(tmp, pg, s3, "takeover")
     times: list[float] = []
     try:
-        a.start_server()
-        b.start_server()
-        both = f"{a.controller},{b.controller}"
-        for name in workers_for(cores):
-            a.start_worker(name, "--controller", both, "--slow-rate", "1", "--slow-ms", "200")
-        token = a.login()
-        a.wait_workers(set(workers_for(cores)), token)
+        token = start_pair(a, b, {name: ("--slow-rate", "1", "--slow-ms", "200") for name in workers_for(cores)})
         tiny = [frame_png(i, 64, 64) for i in range(30)]
         leader, standby = a, b
         for round_ in range(n):
