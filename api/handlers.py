@@ -36,7 +36,7 @@ from api.params import (
     request_params,
     required,
 )
-from common import filters
+from common import filters, wire
 from common.formats import FORMATS
 from controller.queries import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
@@ -204,12 +204,24 @@ async def create_workload(request: web.Request) -> web.Response:
     name = params.get("workload_name", "").strip() or None
     if name is not None:
         check_workload_name(name)
-    tags = tuple(sorted({t.strip() for t in params.get("tags", "").split(",") if t.strip()}))
+    tags = _tags_of(params.get("tags", ""))
     store = request.app[STORE]
     meta = _meta(params.get("meta", ""))
     workload = await store.create_workload(name, request[CLAIMS].subject, Filter(spec.name), tags, meta,
                                            filter_params)
     return web.json_response(_workload_json(request, await store.workload_view(workload)))
+
+
+def _tags_of(raw: str) -> tuple[str, ...]:
+    """The tags a workload's workers must have: as many as a worker may have at most, each a
+    name like a worker's (a tag no worker can carry would keep the workload waiting forever)."""
+    tags = sorted({t.strip() for t in raw.split(",") if t.strip()})
+    if len(tags) > wire.MAX_TAGS:
+        raise BadInput(f"at most {wire.MAX_TAGS} tags, got {len(tags)}")
+    for tag in tags:
+        if not wire.NAME_RE.fullmatch(tag):
+            raise BadInput(f"a tag is 1-64 letters, digits, '.', '_' or '-' (got {quoted(tag)})")
+    return tuple(tags)
 
 
 def _filter_of(params: dict[str, str]) -> tuple[filters.FilterSpec, dict]:
@@ -338,7 +350,8 @@ async def upload_image(request: web.Request) -> web.Response:
 
 
 async def _check_quota(request: web.Request, size: int) -> None:
-    """With ``--quota-bytes``: the caller's images, this one included, must fit."""
+    """With ``--quota-bytes``: the caller's images, this one included, must fit (a first look,
+    before the file is placed; the reservation itself is made with the image's row)."""
     quota = request.app[SETTINGS].quota_bytes
     if not quota:
         return
@@ -375,7 +388,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
         await _check_quota(request, stored.size)
         # the CLI numbers frames itself to keep their order
         chosen = int_param(params, "image_id", required=False, maximum=MAX_IMAGE_ID)
-        job = await app[JOBS].accept_original(workload, stored, chosen, uploaded_as)
+        job = await app[JOBS].accept_original(workload, stored, chosen, uploaded_as, app[SETTINGS].quota_bytes)
         image_id = job.image_id
         app[SCHEDULER].submit(job)
     else:
@@ -416,7 +429,7 @@ async def download_image(request: web.Request) -> web.StreamResponse:
         return web.Response(status=304, headers=cache)
     images = request.app[IMAGES]
     if size:
-        key = await images.thumbnail(workload.dir, type_, image_id, fmt, size)
+        key = await request.app[JOBS].thumbnail(workload, type_, image_id, fmt, size)
     else:
         key = image_key(workload.dir, type_, image_id, fmt)
     content_type = FORMATS[fmt][1]

@@ -12,9 +12,10 @@ from urllib.parse import parse_qsl
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from api import multipart, peer
+from api import multipart
+from common import net
 from api.keys import SETTINGS
-from controller.models import BadInput, TooLarge, Unauthorized, quoted
+from controller.models import BadInput, TooLarge, Unauthorized, clipped, quoted
 
 #: What aiohttp's multipart reader raises on a malformed body.
 MULTIPART_ERRORS = (ValueError, AssertionError, HttpProcessingError)
@@ -26,7 +27,7 @@ MAX_FIELD_BYTES = 64 * 1024
 def client_address(request: web.Request) -> str:
     """The caller's address: the socket's peer, or behind a ``--trusted-proxy`` the client it
     forwarded (``X-Forwarded-For``). Throttling and loopback checks key on this."""
-    return peer.client_address(request.remote or "", request.headers.getall("X-Forwarded-For", []),
+    return net.client_address(request.remote or "", request.headers.getall("X-Forwarded-For", []),
                                request.app[SETTINGS].trusted_proxies)
 
 
@@ -127,8 +128,8 @@ async def request_params(request: web.Request) -> dict[str, str]:
     if ctype == "application/json" or (ctype == "application/octet-stream" and text.lstrip()[:1] == "{"):
         try:
             obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise BadInput(f"malformed JSON body: {e}") from e
+        except (ValueError, RecursionError) as e:  # also an integer of over 4300 digits
+            raise BadInput(f"malformed JSON body: {clipped(str(e))}") from e
         if not isinstance(obj, dict):
             raise BadInput("JSON body must be an object")
         params.update({k: _scalar(v) for k, v in obj.items() if v is not None})

@@ -88,3 +88,11 @@ def local_address_towards(host: str, port: int) -> str:
 def tcp_url(host: str, port: int) -> str:
     """An nng tcp:// address, bracketing IPv6 literals."""
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def secrets_in_flags(argv: list[str], flags: dict[str, str]) -> list[str]:
+    """Warnings for the ``flags`` (flag -> its variable) given on the command line with a
+    secret: every local user can read a process's command line (``ps``, /proc/PID/cmdline)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return [f"{flag} on the command line is visible to every user of this machine (ps, /proc/PID/cmdline):"
+            f" set {variable} instead" for flag, variable in flags.items() if flag in given]

@@ -31,7 +31,7 @@ class RpcError(Exception):
 class RpcClient:
     """One Req0 socket dialed to one peer; each call runs on its own context."""
 
-    def __init__(self, address: str, timeout: float = 5.0) -> None:
+    def __init__(self, address: str, timeout: float = 5.0, reconnect_min: float = 0.1) -> None:
         self.address = address
         self.timeout = timeout
         self._sock = pynng.Req0(
@@ -40,8 +40,8 @@ class RpcClient:
             recv_max_size=wire.MAX_MESSAGE_BYTES,
         )
         self._sock.resend_time = _NEVER_MS
-        self._sock.reconnect_time_min = 100
-        self._sock.reconnect_time_max = 1000
+        self._sock.reconnect_time_min = int(reconnect_min * 1000)
+        self._sock.reconnect_time_max = max(1000, int(reconnect_min * 1000))
         # Non-blocking dial: nng keeps redialing in the background until the peer listens.
         self._sock.dial(address, block=False)
 
@@ -56,6 +56,7 @@ class RpcClient:
             data, seq = wire.encode(msg), 0
         ctx = self._sock.new_context()
         try:
+            _context_timeouts(ctx, limit)  # the call's own limit, not the socket's default
             async with asyncio.timeout(limit):
                 await ctx.asend(data)
                 reply = await ctx.arecv()
@@ -75,6 +76,18 @@ class RpcClient:
     def close(self) -> None:
         """Close the socket; calls in flight fail with :class:`RpcError`."""
         self._sock.close()
+
+
+def _context_timeouts(ctx: pynng.Context, seconds: float) -> None:
+    """Give a context the call's own send and receive timeouts. A context starts with its
+    socket's, and nng ends the receive at that timeout whatever the caller's asyncio deadline:
+    a 120 s job called on a client made with a 3 s default would fail after 3 s. (pynng has no
+    context options, so nng's own setter is called.)"""
+    ms = max(1, min(_NEVER_MS, int(seconds * 1000)))
+    for option in (b"recv-timeout", b"send-timeout"):
+        err = pynng.lib.nng_ctx_set_ms(ctx.context, option, ms)
+        if err:
+            raise pynng.NNGException(f"cannot set the context's {option.decode()}", err)
 
 
 Handler = Callable[[wire.Message], Awaitable[wire.Message | bytes]]

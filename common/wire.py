@@ -35,6 +35,8 @@ MAX_MESSAGE_BYTES = 512 * 1024
 MAX_INLINE_TEXT = 4 * ((INLINE_MAX_BYTES + 2) // 3)
 #: Names of workers and tags follow the workload-name rule.
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Tags a worker has, or a workload needs, at most.
+MAX_TAGS = 32
 HEX_RE = re.compile(r"[0-9a-f]{0,128}")
 MAX_INT = 2**53  # the largest integer every JSON reader agrees on
 MAX_LIST = 4096
@@ -109,7 +111,7 @@ class Heartbeat:
     TYPE = "heartbeat"
     name: str = name_field()
     session: str = hex_field()
-    tags: list[str] = _bounds(factory=list, max_items=32, pattern=NAME_RE)
+    tags: list[str] = _bounds(factory=list, max_items=MAX_TAGS, pattern=NAME_RE)
     cpu_percent: float = percent()
     memory_percent: float = percent()
     gpu: Gpu = field(default_factory=Gpu)

@@ -71,10 +71,6 @@ def load_or_create_secret(path: Path) -> bytes:
     return secret
 
 
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def load_join_token(data_dir: Path, required: bool) -> str:
     """The join token kept in the data dir; made, saved (0600) and printed if required and new."""
     path = data_dir / "join-token"
@@ -87,8 +83,8 @@ def load_join_token(data_dir: Path, required: bool) -> str:
 
 def _announce_join_token(path: Path, token: str) -> str:
     write_private(path, token + "\n")
-    print(f"DPIP join token for workers (set DPIP_JOIN_TOKEN on each worker): {token}"
-          f" (saved in {path})", flush=True)
+    print(f"DPIP join token for workers on other machines (set DPIP_JOIN_TOKEN on each; workers on"
+          f" this machine find it by themselves): {token} (saved in {path})", flush=True)
     return token
 
 

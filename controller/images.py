@@ -16,15 +16,18 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import io
+import mmap
 import os
 import re
 import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +35,21 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
-from common import filters, wire
+from common import wire
 from common.formats import FORMATS, png_header, sniff_format
-from controller import exifdata
-from controller.models import BadInput, ImageType, InsufficientStorage, TooLarge, quoted
+from controller import exifdata, metadata
+from controller.models import BadInput, ImageType, InsufficientStorage, NotFound, TooLarge, clipped, quoted
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # always fullmatch: "$" would pass a trailing "\n"
 #: Thumbnail sizes: pixels on the long side, aspect kept (never enlarged).
 THUMB_SIZES = {"small": 100, "medium": 300, "large": 600}
 THUMB_THREADS = 2  # thumbnails made at once; others wait (uploads keep the default pool)
+THUMB_THREADS_PER_USER = 1  # of those, one user's at most: a user's slow decodes never starve others
+#: A progressive JPEG is decoded once per scan: 1000 scans of a 94 KB file took minutes. Encoders
+#: write about 10 (libjpeg's progressive default, mozjpeg 9-12); refused beyond this many, or
+#: beyond this many full decodes' worth of the largest accepted image (scans x pixels).
+MAX_JPEG_SCANS = 100
+MAX_JPEG_SCAN_IMAGES = 20
 #: What Pillow raises beyond ``Image.MAX_IMAGE_PIXELS`` (the warning, when warnings are errors).
 DECOMPRESSION_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 #: Files up to this size are kept in memory as they are received, so a job can carry them
@@ -85,6 +94,7 @@ class StoredFile:
     mode: str = ""  # Pillow's mode from the header: a grayscale result must be L or LA
     data: bytes | None = field(default=None, repr=False)  # the bytes too, when in memory
     photo: dict | None = None  # camera, time taken, GPS position (from EXIF), if any
+    head: bytes = field(default=b"", repr=False)  # a direct result's first bytes, as judged
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,7 @@ class ImageStore(abc.ABC):
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self._thumb_pool = ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="thumbs")
-        self._thumb_slots = asyncio.Semaphore(THUMB_THREADS)
+        self._thumb_slots = FairSlots(THUMB_THREADS, THUMB_THREADS_PER_USER)
         self._recent: OrderedDict[str, bytes] = OrderedDict()  # small stored originals, newest last
         self._recent_bytes = 0
 
@@ -138,6 +148,8 @@ class ImageStore(abc.ABC):
         if head is None:
             head = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
         self._check_pixels(head.width, head.height)
+        if fmt == "JPEG":
+            self._check_scans(jpeg_scans([data]), head.width, head.height)
         return StoredFile(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo)
 
     async def _checked(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -160,6 +172,13 @@ class ImageStore(abc.ABC):
         if width * height > self.max_pixels:
             raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
 
+    def _check_scans(self, scans: int, width: int, height: int) -> None:
+        """A JPEG costs a decode per scan: refuse one that would cost more than many images."""
+        if scans > MAX_JPEG_SCANS or scans * width * height > MAX_JPEG_SCAN_IMAGES * self.max_pixels:
+            raise BadInput(f"a progressive JPEG of {scans} scans ({width}x{height} pixels) would take too long"
+                           f" to decode: at most {MAX_JPEG_SCANS} scans, and at most"
+                           f" {MAX_JPEG_SCAN_IMAGES * self.max_pixels} scans x pixels, are accepted")
+
     @abc.abstractmethod
     async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
         """Put a received image at ``key``. With ``replace=False`` an existing image wins
@@ -169,6 +188,37 @@ class ImageStore(abc.ABC):
 
     async def discard(self, stored: StoredFile) -> None:
         """Drop a received image that was not committed."""
+
+    async def without_metadata(self, stored: StoredFile) -> StoredFile:
+        """A received result with its metadata dropped (whatever the worker put in: EXIF, a
+        GPS position, text, a second picture); the same one if it had none. A TIFF result that
+        carries metadata is refused (:class:`BadInput`): TIFF is not rewritten here."""
+        loop = asyncio.get_running_loop()
+        if stored.format == "TIFF":
+            source = io.BytesIO(stored.data) if stored.data is not None else stored.path
+            assert source is not None
+            problem = await loop.run_in_executor(None, _tiff_result_problem, source)
+            if problem:
+                raise BadInput(problem)
+            return stored
+        if stored.data is not None:
+            try:
+                clean = await loop.run_in_executor(None, metadata.stripped, stored.data, stored.format) \
+                    if len(stored.data) > 65536 else metadata.stripped(stored.data, stored.format)
+            except metadata.Malformed as e:
+                raise BadInput(f"the {stored.format} result is malformed: {e}") from e
+            if clean is stored.data:
+                return stored
+            return dataclasses.replace(stored, data=clean, size=len(clean), path=None)
+        assert stored.path is not None
+        try:
+            size = await loop.run_in_executor(None, _strip_file, stored.path, stored.format, self._fsync())
+        except metadata.Malformed as e:
+            raise BadInput(f"the {stored.format} result is malformed: {e}") from e
+        return stored if size is None else dataclasses.replace(stored, size=size)
+
+    def _fsync(self) -> bool:
+        return True
 
     # -- handing out ------------------------------------------------------------------------
 
@@ -211,24 +261,40 @@ class ImageStore(abc.ABC):
             _, old = self._recent.popitem(last=False)
             self._recent_bytes -= len(old)
 
-    async def thumbnail(self, workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str) -> str:
+    async def thumbnail(self, workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str,
+                        owner: str = "", guard: Guard | None = None) -> str:
         """The key of a scaled copy, made on first request and kept under ``<workload>/thumbs/``.
-        Stored images never change (ids are not reused, results are first-wins), so neither do
-        these."""
+        Stored images never change (ids are not reused, results are first-wins, a directory
+        is never given to a second workload), so neither do these. ``owner``'s thumbnails take
+        at most :data:`THUMB_THREADS_PER_USER` of the threads; ``guard`` is entered around the
+        write and says whether the workload still exists (a delete may come while decoding):
+        if not, nothing is written and the image is :class:`NotFound`."""
         px = THUMB_SIZES.get(size)
         if px is None:
             raise BadInput(f"size must be one of {', '.join(THUMB_SIZES)}, got {quoted(size)}")
         key = thumb_key(workload_dir, type_, image_id, fmt, size)
-        if not await self.exists(key):
-            source = await self.read(image_key(workload_dir, type_, image_id, fmt))
-            async with self._thumb_slots:  # a gallery asks for dozens at once; decoding is heavy
-                try:
-                    data = await asyncio.get_running_loop().run_in_executor(
-                        self._thumb_pool, make_thumbnail, source, px, fmt)
-                except (OSError, SyntaxError, ValueError, *DECOMPRESSION_BOMB) as e:
-                    raise BadInput(f"{type_.value} image {image_id} cannot be decoded for a thumbnail: {e}") from e
+        if await self.exists(key):
+            return key
+        source = await self.read(image_key(workload_dir, type_, image_id, fmt))
+        async with self._thumb_slots.turn(owner):  # a gallery asks for dozens at once; decoding is heavy
+            try:
+                data = await asyncio.get_running_loop().run_in_executor(
+                    self._thumb_pool, make_thumbnail, source, px, fmt)
+            except (OSError, SyntaxError, ValueError, *DECOMPRESSION_BOMB) as e:
+                raise BadInput(f"{type_.value} image {image_id} cannot be decoded for a thumbnail:"
+                               f" {pillow_reason(e)}") from e
+        if guard is None:
+            await self.write(key, data)
+            return key
+        async with guard() as alive:
+            if not alive:
+                raise NotFound(f"{type_.value} image {image_id} not found (its workload was deleted)")
             await self.write(key, data)
         return key
+
+    @abc.abstractmethod
+    async def remove(self, key: str) -> None:
+        """Drop the image at ``key`` if there is one (a write that lost to a delete)."""
 
     @abc.abstractmethod
     async def remove_workload(self, workload_dir: str) -> int:
@@ -253,6 +319,10 @@ class ImageStore(abc.ABC):
         """A result a worker put at ``key`` itself, judged by its header; None if there is none."""
         return None
 
+    async def clean_stored_result(self, key: str, stored: StoredFile) -> StoredFile:
+        """:meth:`without_metadata` for a result a worker put at ``key`` itself."""
+        return stored
+
 
 class FileImageStore(ImageStore):
     """Images as files under ``root`` (``<data-dir>/images``), uploads staged in ``incoming``."""
@@ -267,6 +337,9 @@ class FileImageStore(ImageStore):
 
     def path(self, key: str) -> Path:
         return self.root / key
+
+    def _fsync(self) -> bool:
+        return self.fsync
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
         """Stream ``chunks`` into a file under ``incoming`` and validate it.
@@ -316,7 +389,11 @@ class FileImageStore(ImageStore):
                 fmt = sniff_format(g.read(16))
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
-        return fmt, header_of(source, fmt)
+        head = header_of(source, fmt)
+        if fmt == "JPEG":
+            scans = jpeg_scans([kept]) if kept is not None else jpeg_scans(_file_chunks(writer.path))
+            self._check_scans(scans, head.width, head.height)
+        return fmt, head
 
     async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
         loop = asyncio.get_running_loop()
@@ -390,6 +467,10 @@ class FileImageStore(ImageStore):
             self._dir_sync.sync(dst.parent)
         return True
 
+    async def remove(self, key: str) -> None:
+        self.forget(key)
+        await asyncio.get_running_loop().run_in_executor(None, _unlink, self.path(key))
+
     async def remove_workload(self, workload_dir: str) -> int:
         self._forget_prefix(f"{workload_dir}/")
         return await asyncio.get_running_loop().run_in_executor(None, _remove_tree, self.root / workload_dir)
@@ -400,6 +481,38 @@ class FileImageStore(ImageStore):
         except OSError:
             return None
         return usage.free, usage.total
+
+
+def _strip_file(path: Path, fmt: str, fsync: bool) -> int | None:
+    """In a thread: drop the metadata of the (temporary) file at ``path`` in place; its new
+    size, or None if it had none (then nothing is written: an honest result costs a walk of
+    its chunk headers through a memory map)."""
+    with open(path, "rb") as f:
+        with contextlib.closing(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) as view:
+            ranges = metadata.keep_ranges(view, fmt)
+            if ranges is None:
+                return None
+            clean = metadata.join(view, ranges, fmt)
+    tmp = path.with_name(path.name + ".clean")
+    writer = _TmpWriter(tmp)
+    try:
+        with no_space_left("the image"):
+            writer.write([clean])
+            writer.close(fsync=fsync)
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close(quiet=True)
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(clean)
+
+
+def _tiff_result_problem(source: Path | io.BytesIO) -> str | None:
+    try:
+        with Image.open(source, formats=["TIFF"]) as im:
+            return metadata.tiff_problem(list(im.tag_v2.keys()))  # type: ignore[attr-defined]
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"the TIFF result is malformed: {pillow_reason(e)}"
 
 
 class _TmpWriter:
@@ -510,9 +623,21 @@ def header_of(source: Path | io.BytesIO, fmt: str) -> Header:
                 width, height = height, width
             return Header(width, height, im.mode, exifdata.photo_facts(exif) if exif else None)
     except DECOMPRESSION_BOMB as e:  # more pixels than Image.MAX_IMAGE_PIXELS (main.py)
-        raise BadInput(f"the uploaded {fmt} image has too many pixels: {e}") from e
+        raise BadInput(f"the uploaded {fmt} image has too many pixels: {pillow_reason(e)}") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(f"the uploaded {fmt} image has a broken header: {e}") from e
+        raise BadInput(f"the uploaded {fmt} image has a broken header: {pillow_reason(e)}") from e
+
+
+#: What Pillow puts in its messages that is ours, not the client's: a buffer's repr, a path.
+_OUR_OBJECTS = re.compile(r"\s*(<[\w.]+ object at 0x[0-9a-fA-F]+>|'[^']*/[^']*'|PosixPath\([^)]*\))")
+
+
+def pillow_reason(e: BaseException) -> str:
+    """Pillow's reason for refusing an image, in words for the client: without the repr of
+    our buffer or the path of our temporary file, and short."""
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "the image library cannot identify it (a corrupt or unsupported file)"
+    return clipped(_OUR_OBJECTS.sub("", str(e)).strip(" :") or type(e).__name__)
 
 
 #: Formats whose EXIF Pillow reads from the header (for others it would decode the pixels first).
@@ -570,6 +695,53 @@ def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def jpeg_scans(chunks: Iterable[bytes]) -> int:
+    """How many start-of-scan markers (FF DA) a JPEG has: how many passes decoding it takes.
+    In entropy-coded data an FF is always followed by 00 or a restart marker, so every FF DA is
+    a marker (an EXIF thumbnail's scans count too: a few more, never fewer)."""
+    count, last = 0, 0
+    for chunk in chunks:
+        if not chunk:
+            continue
+        count += chunk.count(b"\xff\xda") + (last == 0xFF and chunk[0] == 0xDA)
+        last = chunk[-1]
+    return count
+
+
+def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+#: Entered around a derived write: yields whether the workload is still there to write for.
+Guard = Callable[[], AbstractAsyncContextManager[bool]]
+
+
+class FairSlots:
+    """``total`` slots shared by all, at most ``per_key`` of them for one key (a user) at once:
+    one user's queue of slow work waits on its own turn, never in front of another's."""
+
+    def __init__(self, total: int, per_key: int) -> None:
+        self._all = asyncio.Semaphore(total)
+        self._per_key = per_key
+        self._keys: dict[str, tuple[asyncio.Semaphore, int]] = {}  # key -> (its slots, users)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        own, users = self._keys.get(key) or (asyncio.Semaphore(self._per_key), 0)
+        self._keys[key] = (own, users + 1)
+        try:
+            async with own, self._all:
+                yield
+        finally:
+            own, users = self._keys[key]
+            if users <= 1:
+                del self._keys[key]
+            else:
+                self._keys[key] = (own, users - 1)
+
+
 def header_from_bytes(data: bytes) -> tuple[str, int, int, str]:
     """(format, width as seen, height as seen, mode) of a stored image."""
     fmt = sniff_format(data[:16]) or ""
@@ -589,23 +761,3 @@ def no_space_left(what: str) -> Iterator[None]:
             raise InsufficientStorage(f"no space left on the server's disk for {what}: free some space"
                                       " (e.g. delete a workload) and try again") from e
         raise
-
-
-GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
-
-
-def result_problem(filter_name: str, original: tuple[str, int, int, str], result: StoredFile) -> str | None:
-    """Why an uploaded result cannot be the job's (None if it may be): it keeps the original's
-    format and size, and a grayscale result is grayscale while a blur of a colour image is not.
-    (Header checks only: a worker that lies about pixels can spoil only the jobs it was sent.)"""
-    fmt, width, height, mode = original
-    if result.format != fmt:
-        return f"a {result.format} result for a {fmt} original"
-    if (result.width, result.height) != (width, height):
-        return f"{result.width}x{result.height} result for a {width}x{height} original"
-    gray = filters.spec(filter_name).grayscale_output
-    if gray and result.mode not in GRAYSCALE_MODES:
-        return f"a {result.mode} result is not grayscale"
-    if not gray and mode not in GRAYSCALE_MODES and result.mode in GRAYSCALE_MODES:
-        return f"a grayscale result for {filter_name} of a colour image"
-    return None

@@ -22,18 +22,25 @@ only way to ``done`` and is driven by the result being stored, never by what a w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 from controller.datastore import Datastore
-from controller.images import ImageStore, StoredFile, header_from_bytes, image_key, result_problem
+from controller.images import ImageStore, StoredFile, header_from_bytes, image_key
+from controller.results import result_problem
 from controller.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
-                               NotFound, Workload, quoted)
+                               NotFound, QuotaExceeded, Workload, quoted)
 from controller.queries import tags_of
 from controller.sql import Script, q
+
+
+#: How recording a result ended (:meth:`JobLifecycle._record_result`).
+RECORDED, DUPLICATE, GONE = "recorded", "duplicate", "gone"
 
 
 class Timing(NamedTuple):
@@ -74,14 +81,18 @@ class JobLifecycle:
 
     async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int,
                       header: tuple[int, int, str] | None = None, filename: str | None = None,
-                      photo: dict | None = None) -> Job:
+                      photo: dict | None = None, quota: int = 0) -> Job:
         """An original is in place: record it (with its ``header``: width, height, mode; the
-        name it was uploaded as; what its EXIF says) and queue its job, all or nothing."""
+        name it was uploaded as; what its EXIF says) and queue its job, all or nothing. With a
+        ``quota``, its owner's images must fit, checked in the same transaction as the row that
+        counts it (concurrent uploads cannot all pass one check)."""
         width, height, mode = header or (None, None, None)
         now = time.time()
         facts = json.dumps(photo) if photo else None
 
         def record() -> Script[int]:
+            if quota:
+                yield from check_quota(workload.owner, size, quota)
             if (yield q("UPDATE workloads SET next_image_id = CASE WHEN next_image_id > ? THEN next_image_id"
                         " ELSE ? END WHERE id = ?", image_id, image_id + 1, workload.id)).rowcount != 1:
                 raise NotFound(f"workload {quoted(workload.id)} not found (deleted meanwhile)")
@@ -100,7 +111,7 @@ class JobLifecycle:
                    original=(fmt, width, height, mode) if header else None)
 
     async def accept_original(self, workload: Workload, stored: StoredFile, chosen: int | None,
-                              filename: str | None = None) -> Job:
+                              filename: str | None = None, quota: int = 0) -> Job:
         """A received original: given the workload's next id (or the ``chosen`` one, the CLI's
         frame number), put in place, recorded, and its job queued. The file is in place before
         its row; ids follow arrival order."""
@@ -117,7 +128,7 @@ class JobLifecycle:
                     self._next_ids[workload.id] = max(self._next_ids[workload.id], chosen + 1)
             image_id = chosen
         try:
-            return await self._place_original(workload, image_id, stored, filename)
+            return await self._place_original(workload, image_id, stored, filename, quota)
         except asyncio.CancelledError:
             self._give_back(workload.id, image_id)
             raise
@@ -162,12 +173,20 @@ class JobLifecycle:
             self._next_ids[workload_id] = image_id
 
     async def _place_original(self, workload: Workload, image_id: int, stored: StoredFile,
-                              filename: str | None) -> Job:
+                              filename: str | None, quota: int) -> Job:
+        """The file first, then its row; an upload that loses to a delete of its workload
+        (between the two), or to its owner's quota, takes its file away again."""
         assert self.images is not None
-        await self.images.commit(stored, image_key(workload.dir, ImageType.ORIGINAL, image_id, stored.format),
-                                 keep=True)
-        return await self.enqueue(workload, image_id, stored.format, stored.size,
-                                  (stored.width, stored.height, stored.mode), filename, stored.photo)
+        if self.deleted(workload.id):
+            raise NotFound(f"workload {quoted(workload.id)} not found (deleted meanwhile)")
+        key = image_key(workload.dir, ImageType.ORIGINAL, image_id, stored.format)
+        await self.images.commit(stored, key, keep=True)
+        try:
+            return await self.enqueue(workload, image_id, stored.format, stored.size,
+                                      (stored.width, stored.height, stored.mode), filename, stored.photo, quota)
+        except (NotFound, QuotaExceeded):
+            await self.images.remove(key)
+            raise
 
     async def dispatch(self, job: Job, worker: str, timeout: float) -> Job | None:
         """queued -> dispatched on ``worker`` (one more attempt, a deadline)."""
@@ -194,16 +213,21 @@ class JobLifecycle:
                        timing: Timing | None = None) -> bool:
         """A result is in place: record it and mark its job done (a stored result wins even
         over a failure decided meanwhile), with the winning copy's ``timing`` when it is known
-        already. False if one was recorded already: the first wins."""
+        already. False if one was recorded already (the first wins) or its workload is gone."""
+        return await self._record_result(workload_id, image_id, fmt, size, timing) == RECORDED
+
+    async def _record_result(self, workload_id: str, image_id: int, fmt: str, size: int,
+                             timing: Timing | None) -> str:
+        """:meth:`complete`, saying which: RECORDED, DUPLICATE or GONE (no such workload)."""
         now = time.time()
 
-        def record() -> Script[bool]:
+        def record() -> Script[str]:
             if not (yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows:
-                return False  # deleted while its job ran: nothing to record
+                return GONE  # deleted while its job ran: nothing to record
             if (yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
                         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         workload_id, image_id, ImageType.FILTERED.value, fmt, size, now)).rowcount != 1:
-                return False
+                return DUPLICATE
             if timing is None:
                 yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ?"
                         " AND image_id = ?", JobState.DONE.value, now, workload_id, image_id)
@@ -211,7 +235,7 @@ class JobLifecycle:
                 yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
                         " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ?",
                         JobState.DONE.value, now, *timing, workload_id, image_id)
-            return True
+            return RECORDED
 
         return await self.store.grouped(record())
 
@@ -299,6 +323,30 @@ class JobLifecycle:
             table.pop(workload.id, None)
         return removed
 
+    async def thumbnail(self, workload: Workload, type_: ImageType, image_id: int, fmt: str, size: str) -> str:
+        """The key of an image's thumbnail, made on first request (by the owner's share of the
+        thumbnail threads). A delete of the workload while it is being made wins: nothing is
+        written for it (this server's deletes are seen under the workload's lock; another
+        server's by the row, checked again after the write)."""
+        assert self.images is not None
+
+        @contextlib.asynccontextmanager
+        async def still_there() -> AsyncIterator[bool]:
+            async with self.lock(workload.id):
+                yield not self.deleted(workload.id) and await self._exists(workload.id)
+
+        key = await self.images.thumbnail(workload.dir, type_, image_id, fmt, size, workload.owner, still_there)
+        if self.store.shared and not await self._exists(workload.id):
+            await self.images.remove(key)
+            raise NotFound(f"{type_.value} image {image_id} not found (its workload was deleted)")
+        return key
+
+    async def _exists(self, workload_id: str) -> bool:
+        def exists() -> Script[bool]:
+            return bool((yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows)
+
+        return await self.store.read(exists())
+
     def deleted(self, workload_id: str) -> bool:
         """Whether this server deleted the workload recently (its late results are dropped)."""
         return workload_id in self._deleted
@@ -332,12 +380,16 @@ class JobLifecycle:
         problem = result_problem(filter_name, original, stored)
         if problem:
             raise BadInput(f"result rejected: {problem}")
+        stored = await self.images.without_metadata(stored)  # whatever the worker put in
         key = image_key(workload_dir, ImageType.FILTERED, image_id, stored.format)
         async with self.lock(workload_id):  # first result wins; a late or duplicate one changes nothing
             if self.deleted(workload_id):
                 return False  # its workload was deleted while the job ran
-            await self.images.commit(stored, key, replace=False)
-            return await self.complete(workload_id, image_id, stored.format, stored.size, timing)
+            placed = await self.images.commit(stored, key, replace=False)
+            outcome = await self._record_result(workload_id, image_id, stored.format, stored.size, timing)
+            if outcome == GONE and placed:  # deleted meanwhile (by another server): take it away
+                await self.images.remove(key)
+            return outcome == RECORDED
 
     async def _original_header(self, workload_id: str, workload_dir: str, image_id: int,
                                original: tuple[str, int, int, str] | None) -> tuple[str, int, int, str]:
@@ -402,7 +454,12 @@ class JobLifecycle:
         problem = result_problem(job.filter.value, original, stored)
         if problem:
             return f"result rejected: {problem}"
-        await self.complete(job.workload_id, job.image_id, stored.format, stored.size, timing)
+        try:
+            stored = await self.images.clean_stored_result(key, stored)
+        except BadInput as e:
+            return f"result rejected: {e}"
+        if await self._record_result(job.workload_id, job.image_id, stored.format, stored.size, timing) == GONE:
+            await self.images.remove(key)  # its workload was deleted while the job ran
         self.images.forget(self._original_key(job))
         return None
 
@@ -421,6 +478,17 @@ def _job_of(r) -> Job:
     return Job(r[0], r[1], r[2], Filter(r[4]), tags_of(r[5]), attempts=r[3], size=r[6],
                params=json.loads(r[7]), workload_dir=r[8],
                original=(r[9], r[10], r[11], r[12]) if r[12] is not None else None)
+
+
+def check_quota(owner: str, size: int, quota: int) -> Script[None]:
+    """In a transaction: :class:`QuotaExceeded` unless the owner's images and ``size`` more fit.
+    The owner's row is locked first (a no-op update), so that two uploads of one owner on
+    PostgreSQL take turns; SQLite writes one transaction at a time anyway."""
+    yield q("UPDATE users SET name = name WHERE name = ?", owner)
+    used = int((yield q("SELECT COALESCE(SUM(bytes), 0) FROM workloads WHERE owner = ?", owner)).scalar() or 0)
+    if used + size > quota:
+        raise QuotaExceeded(f"quota exceeded: your images take {used} of your {quota} bytes and this one"
+                            f" has {size}; delete a workload to make room")
 
 
 def _take_counter(workload_id: str) -> Script[int]:

@@ -1,22 +1,29 @@
 """Worker membership over nng pub/sub: join, heartbeat, expire after a TTL, forget.
 
-Workers dial the controller's Sub0 socket with a Pub0. A :class:`~common.wire.Hello` (sealed
-with the join key when there is a join token) makes the controller call the RPC address it
-names with a :class:`~common.wire.Welcome` that sets up a session key; the worker is a member
-once it acknowledges with that key. From then on only sealed, fresh heartbeats count: they
-keep it alive; a worker silent for ``ttl`` seconds is dead (its session key and job
-capabilities die with it), listeners requeue its jobs, and it is forgotten ``forget_after``
-seconds later. The scheduler calls workers through :meth:`Membership.call`, which seals.
+Workers dial the controller's Sub0 socket with a Pub0. A :class:`~common.wire.Hello`, sealed
+with the join key (every controller has a join token: given, or generated and left for this
+machine's workers, :mod:`common.localjoin`), makes the controller call the RPC address it names,
+on the host the hello came from, with a :class:`~common.wire.Welcome` from which both derive a
+session key (never sent); the worker is a member once it acknowledges with that key. From then
+on only sealed, fresh heartbeats count: they keep it alive; a worker silent for ``ttl`` seconds
+is dead (its session key and job capabilities die with it), listeners requeue its jobs, and it
+is forgotten ``forget_after`` seconds later. The scheduler calls workers through
+:meth:`Membership.call`, which seals.
+
+A member's claimed capacity is trusted only as far as it has proven it (:meth:`WorkerInfo.slots`):
+a newcomer gets a few slots, one more for each result of its that was stored.
 
 Everything here is bounded against a hostile network: at most ``max_workers`` members and
-``MAX_PENDING`` joins in progress, one welcome attempt per name at a time and per second, and
-refusals are counted and logged at a bounded rate.
+``MAX_PENDING`` joins in progress, one welcome attempt per name at a time and per second,
+``MAX_WELCOMING`` welcomes at once and ``WELCOME_RATE`` a second in all, and refusals are
+counted and logged at a bounded rate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import secrets
 import time
@@ -40,6 +47,11 @@ logger = logging.getLogger(__name__)
 
 MAX_PENDING = 256  # joins being welcomed or recently tried
 WELCOME_RETRY = 1.0  # seconds between two welcome attempts for one name
+MAX_WELCOMING = 32  # welcomes in flight at once, whatever the names
+WELCOME_RATE = 20.0  # welcome attempts per second in all (a burst of as many)
+WELCOME_TIMEOUT = 3.0  # seconds a welcome waits for the worker's acknowledgement
+#: Slots a newcomer is trusted with before it has proven more (each stored result: one more).
+TRUSTED_AT_FIRST = 2
 
 
 @dataclass
@@ -64,6 +76,12 @@ class WorkerInfo:
     draining: bool = False
     running_job_ids: list[int] = field(default_factory=list)
     channel: Channel | None = field(default=None, repr=False)  # the session key; None when dead
+    proven: int = 0  # its results stored this session (what its claimed capacity is trusted to)
+
+    def slots(self) -> int:
+        """The jobs it may hold at once: what it claims, but no more than it has proven it can
+        (a few at first, one more per stored result: a claim of 4096 wins nothing at once)."""
+        return min(self.capacity, TRUSTED_AT_FIRST + self.proven)
 
     def to_json(self, admin: bool = False) -> dict:
         """The API's view; the RPC address (where to send jobs) is for admins only."""
@@ -118,7 +136,9 @@ class Membership:
         self.ttl = ttl
         self.forget_after = forget_after
         self.max_workers = max_workers
-        self.join = join_key(join_token)  # if set, hellos and welcomes prove they know it
+        if not join_token:
+            raise ValueError("the controller needs a join token (see controller.auth.system_join_token)")
+        self.join = join_key(join_token)  # hellos and welcomes prove they know it
         self.epoch = secrets.token_hex(6)  # changes each start: workers get re-welcomed
         self.workers: dict[str, WorkerInfo] = {}
         self.clients: dict[str, RpcClient] = {}
@@ -132,6 +152,8 @@ class Membership:
         self._sock: pynng.Sub0 | None = None
         self._tasks: list[asyncio.Task] = []
         self._welcomes: set[asyncio.Task] = set()
+        self._welcome_budget = WELCOME_RATE  # a token bucket: WELCOME_RATE per second
+        self._welcome_budget_at = time.monotonic()
         self._on_change: list[Callable[[], None]] = []
         self._on_lost: list[Callable[[str], None]] = []
 
@@ -184,6 +206,12 @@ class Membership:
             raise RpcError(f"worker {name} is not a member")
         return await client.call(msg, timeout=timeout, channel=info.channel)
 
+    def credit(self, name: str) -> None:
+        """A result of ``name``'s was stored: it is trusted with one more slot (up to its claim)."""
+        info = self.workers.get(name)
+        if info is not None and info.proven < info.capacity:
+            info.proven += 1
+
     def capability(self, name: str, job_id: int, workload_id: str, image_id: int, filter_: str,
                    deadline: float) -> str:
         """An HTTP credential for this one job on this worker's current session."""
@@ -208,14 +236,14 @@ class Membership:
         assert self._sock is not None
         while True:
             try:
-                data = await self._sock.arecv()
+                message = await self._sock.arecv_msg()
             except pynng.Closed:
                 return
             except pynng.NNGException as e:
                 logger.debug("receive failed: %s", e)
                 continue
             try:
-                self._on_message(data)
+                self._on_message(message.bytes, _source_host(message))
             except wire.DecodeError as e:
                 self.bad_messages += 1
                 self._log.warning("bad", "dropped bad message on controller (%d so far): %s",
@@ -223,24 +251,22 @@ class Membership:
             except Exception:  # a bug must cost one message, never the loop
                 self._log.log(logging.ERROR, "bug", "controller failed on a message", exc_info=True)
 
-    def _on_message(self, data: bytes) -> None:
+    def _on_message(self, data: bytes, source: str = "") -> None:
+        """One message from the pub/sub socket; ``source`` is the host it came from."""
         msg = wire.decode(data)
         if isinstance(msg, wire.Hello):
-            if self.join:
-                return self._refuse("hello without the join token's seal")
-            return self._on_hello(msg)
+            return self._refuse(f"hello from {msg.name!r} without the join token's seal (a worker on"
+                                " another machine needs DPIP_JOIN_TOKEN)")
         if not isinstance(msg, wire.Sealed):
             return self._refuse(f"unsealed {msg.TYPE}")
         if msg.kid == JOIN:
-            if not self.join:
-                return self._refuse("hello sealed with a join token, but none is set here")
             try:
                 inner = open_with(self.join, msg, W2C)
             except SealError:
                 return self._refuse("hello with a wrong join token")
             if not isinstance(inner, wire.Hello):
                 return self._refuse(f"{inner.TYPE} sealed with the join key")
-            return self._on_hello(inner)
+            return self._on_hello(inner, source)
         info = self._by_kid.get(msg.kid)
         if info is None or info.channel is None:
             if msg.kid in self._left:
@@ -270,9 +296,12 @@ class Membership:
         self.refused += 1
         self._log.warning("refused", "refused %s (%d refused so far)", why, self.refused)
 
-    def _on_hello(self, hello: wire.Hello) -> None:
+    def _on_hello(self, hello: wire.Hello, source: str = "") -> None:
         info = self.workers.get(hello.name)
         now = time.monotonic()
+        if not _same_host(hello.rpc_address, source):
+            return self._refuse(f"a hello from {source or 'an unknown host'} naming another host's address"
+                                f" ({hello.rpc_address[:80]!r}): a worker is dialed where it is")
         if info is not None and info.welcomed and info.session == hello.session:
             # A member saying it is still here (or a hello sent before it took its welcome):
             # its sealed heartbeats prove which key it holds; if they stop, it is lost and
@@ -293,30 +322,39 @@ class Membership:
             join = self._joins[hello.name] = _Join()
         if join.busy or now - join.tried < WELCOME_RETRY:
             return
+        if len(self._welcomes) >= MAX_WELCOMING or not self._take_welcome_budget(now):
+            return self._refuse("a join: too many welcomes at once (tried again at its next hello)")
         join.busy, join.tried = True, now
         task = asyncio.create_task(self._welcome(hello, join), name=f"welcome-{hello.name}")
         self._welcomes.add(task)  # kept, so close() can stop it and it is not collected
         task.add_done_callback(self._welcomes.discard)
 
+    def _take_welcome_budget(self, now: float) -> bool:
+        refill = max(0.0, now - self._welcome_budget_at) * WELCOME_RATE
+        self._welcome_budget = min(WELCOME_RATE, self._welcome_budget + refill)
+        self._welcome_budget_at = now
+        if self._welcome_budget < 1.0:
+            return False
+        self._welcome_budget -= 1.0
+        return True
+
     async def _welcome(self, hello: wire.Hello, join: _Join) -> None:
-        """Offer a session key at the hello's address; a member once it acks with that key."""
+        """Offer a session (its key derived from the join key, never sent) at the hello's
+        address; a member once it acks with that key."""
         try:
-            client = RpcClient(hello.rpc_address, timeout=3.0)
+            # One dial per second at most: an address that accepts and drops connections is
+            # not hammered for the welcome's whole timeout.
+            client = RpcClient(hello.rpc_address, timeout=WELCOME_TIMEOUT, reconnect_min=1.0)
         except pynng.NNGException as e:
             join.busy = False
             return self._refuse(f"a hello with an unusable address ({e})")
         adopted = False
         try:
             kid = secrets.token_hex(8)
-            if self.join:
-                key, sent_key = session_key(self.join, self.epoch, hello.session, kid), ""
-            else:
-                key = secrets.token_bytes(32)
-                sent_key = key.hex()
-            msg = wire.Welcome(self.epoch, hello.session, kid, sent_key, self.api_port, self.public_url,
+            key = session_key(self.join, self.epoch, hello.session, kid)
+            msg = wire.Welcome(self.epoch, hello.session, kid, "", self.api_port, self.public_url,
                                self.heartbeat_interval)
-            if self.join:
-                msg = dataclasses.replace(msg, proof=welcome_proof(self.join, msg))
+            msg = dataclasses.replace(msg, proof=welcome_proof(self.join, msg))
             channel = Channel(key, kid, send=C2W, recv=W2C)
             try:
                 reply = await client.call(msg, channel=_WelcomeReply(channel))
@@ -354,6 +392,8 @@ class Membership:
             old.close()
         if not info.welcomed:
             logger.info("welcomed worker %s at %s", hello.name, hello.rpc_address)
+        if info.session != hello.session:
+            info.proven = 0  # another process: it proves itself again
         info.session, info.rpc_address = hello.session, hello.rpc_address
         info.channel, info.welcomed, info.welcomed_at = channel, True, time.monotonic()
         info.last_seen_mono = time.monotonic()  # the TTL runs from the welcome
@@ -439,6 +479,27 @@ class Membership:
     def _notify_change(self) -> None:
         for cb in self._on_change:
             cb()
+
+
+def _source_host(message: pynng.Message) -> str:
+    """The host a pub/sub message came from ("" if its connection is gone already)."""
+    try:
+        return str(message.pipe.remote_address).rsplit(":", 1)[0].strip("[]")
+    except (pynng.NNGException, AttributeError, ValueError):
+        return ""
+
+
+def _same_host(rpc_address: str, source: str) -> bool:
+    """Whether ``rpc_address`` (``tcp://HOST:PORT``) is on the host a hello came from: a hello
+    never makes the controller dial a third party. Loopback addresses are one host."""
+    host = rpc_address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    try:
+        a, b = ipaddress.ip_address(host), ipaddress.ip_address(source)
+    except ValueError:
+        return False  # a name, or no source: an address we cannot tie to the hello's sender
+    a = a.ipv4_mapped or a if isinstance(a, ipaddress.IPv6Address) else a
+    b = b.ipv4_mapped or b if isinstance(b, ipaddress.IPv6Address) else b
+    return a == b or (a.is_loopback and b.is_loopback)
 
 
 class _WelcomeReply:

@@ -113,6 +113,12 @@ CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Directories of deleted workloads: never given to another workload, so that nothing a
+-- deleted workload left behind (a write in flight when it was deleted) is ever seen again.
+CREATE TABLE IF NOT EXISTS retired_dirs (
+    dir TEXT PRIMARY KEY,
+    retired_at DOUBLE PRECISION NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     holder TEXT NOT NULL,

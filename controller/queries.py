@@ -180,16 +180,18 @@ class SqlDatastore(abc.ABC):
         meta, params = meta or {}, params or {}
 
         def create() -> Script[str]:
-            # Its directory is its name unless another user's workload has that one already:
-            # chosen in the statement itself, so two creations at once cannot both take it
-            # (on an engine with concurrent writers the loser tries the other directory).
+            # Its directory is its name unless another user's workload has that one already, or
+            # a deleted workload had it (a directory is never used twice): chosen in the
+            # statement itself, so two creations at once cannot both take it (on an engine with
+            # concurrent writers the loser tries the other directory).
             for dir_ in (None, f"{name}.{wid[:8]}"):
                 result = yield q(
                     "INSERT INTO workloads(id, name, dir, owner, filter, tags, created_at, meta, params)"
-                    " VALUES (?, ?, " + ("CASE WHEN EXISTS (SELECT 1 FROM workloads WHERE dir = ?) THEN ? ELSE ? END"
+                    " VALUES (?, ?, " + ("CASE WHEN EXISTS (SELECT 1 FROM workloads WHERE dir = ?) OR EXISTS"
+                                         " (SELECT 1 FROM retired_dirs WHERE dir = ?) THEN ? ELSE ? END"
                                          if dir_ is None else "?") + ", ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT DO NOTHING RETURNING dir",
-                    wid, name, *((name, f"{name}.{wid[:8]}", name) if dir_ is None else (dir_,)), owner,
+                    wid, name, *((name, name, f"{name}.{wid[:8]}", name) if dir_ is None else (dir_,)), owner,
                     filter.value, ",".join(tags), now, json.dumps(meta), json.dumps(params))
                 if result.rows:
                     return result.scalar()
@@ -269,6 +271,8 @@ class SqlDatastore(abc.ABC):
             jobs = (yield q("DELETE FROM jobs WHERE workload_id = ?", workload_id)).rowcount
             yield q("DELETE FROM images WHERE workload_id = ?", workload_id)
             yield q("DELETE FROM workloads WHERE id = ?", workload_id)
+            yield q("INSERT INTO retired_dirs(dir, retired_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    row[5], time.time())
             return {"workload_id": workload_id, "workload_name": row[4], "dir": row[5], "images": row[1],
                     "filtered_images": row[2], "jobs": jobs, "bytes": row[3]}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.formats import sniff_format
+from controller import metadata
 from controller.images import KEEP_BYTES, Download, ImageStore, StoredFile, fast_header, header_of
 from controller.models import BadInput, InsufficientStorage, Unavailable
 
@@ -46,6 +48,10 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise ValueError("s3:// needs a bucket name")
     prefix = prefix.strip("/")
     return bucket, f"{prefix}/" if prefix else ""
+
+
+#: The end of a result looked at for metadata (PNG and WebP put it after the pixels).
+TAIL_BYTES = 64 * 1024
 
 
 class S3ImageStore(ImageStore):
@@ -162,6 +168,10 @@ class S3ImageStore(ImageStore):
     async def write(self, key: str, data: bytes) -> None:
         await self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
+    async def remove(self, key: str) -> None:
+        self.forget(key)
+        await self._call(key, lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
     async def remove_workload(self, workload_dir: str) -> int:
         self._forget_prefix(f"{workload_dir}/")
         return await self.remove_prefix(f"{workload_dir}/")
@@ -222,7 +232,32 @@ class S3ImageStore(ImageStore):
                 head = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
             except BadInput:
                 return None
-        return StoredFile(None, fmt, size, head.width, head.height, head.mode)
+        return StoredFile(None, fmt, size, head.width, head.height, head.mode, head=data)
+
+
+    async def clean_stored_result(self, key: str, stored: StoredFile) -> StoredFile:
+        """Its first and last bytes are looked at for signs of metadata (where every format
+        puts it: before or after the pixels); only then is the whole object read, stripped and
+        written back. (Metadata hidden in the middle of a large result is not looked for: the
+        server would have to read every result.)"""
+        async def part(byte_range: str) -> bytes:
+            response = await self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range=byte_range)
+            async with response["Body"] as body:
+                return await body.read()
+
+        head = stored.head or await self._call(key, lambda: part(f"bytes=0-{HEADER_BYTES - 1}"))
+        suspicious = stored.format == "TIFF" or metadata.may_have_metadata(head, stored.format)
+        if not suspicious and stored.size > len(head):
+            tail = await self._call(key, lambda: part(f"bytes=-{TAIL_BYTES}"))
+            suspicious = metadata.may_have_metadata(tail, stored.format)
+        if not suspicious:
+            return stored
+        data = await self.read(key)
+        clean = await self.without_metadata(dataclasses.replace(stored, data=data, size=len(data)))
+        if clean.data is not data:
+            assert clean.data is not None
+            await self.write(key, clean.data)
+        return dataclasses.replace(clean, data=None, head=b"")
 
 
 def _status(e: ClientError) -> int:

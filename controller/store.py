@@ -112,6 +112,12 @@ CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Directories of deleted workloads: never given to another workload, so that nothing a
+-- deleted workload left behind (a write in flight when it was deleted) is ever seen again.
+CREATE TABLE IF NOT EXISTS retired_dirs (
+    dir TEXT PRIMARY KEY,
+    retired_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     name TEXT PRIMARY KEY,
     tags TEXT NOT NULL,

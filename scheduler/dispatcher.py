@@ -56,6 +56,7 @@ class Scheduler:
         self._probation: dict[str, float] = {}  # worker -> until when others go first
         self._pending: set[int] = set()  # jobs queued or being attempted
         self._transient: dict[int, int] = {}  # job id -> attempts that failed for the stores' sake
+        self._final_by: dict[int, set[str]] = {}  # job id -> workers that said no attempt can help
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -178,7 +179,7 @@ class Scheduler:
                 gpu_count=w.gpu.count,
                 gpu_utilization=w.gpu.utilization_percent,
                 in_flight=len(ours) + len(foreign),
-                capacity=w.capacity,
+                capacity=w.slots(),  # its claim, as far as it has proven it
                 ready=w.alive and w.welcomed and not w.draining and w.capacity > 0,
                 probation=self._probation.get(w.name, 0.0) > now,
             ))
@@ -261,6 +262,7 @@ class Scheduler:
             if outcome is not None and outcome.result is not None:
                 self.latency.record(job.size, outcome.answered_at - t0)  # what a hedge waits for
                 self.stats.jobs_done += 1
+                self.membership.credit(outcome.worker)  # its result is stored: trusted with one more slot
                 r = outcome.result
                 if not outcome.recorded:
                     await self.jobs.record_result(job, outcome.worker, r.download_ms, r.process_ms, r.upload_ms)
@@ -312,7 +314,14 @@ class Scheduler:
         if failure.transient:  # not the job's fault: the attempt does not count
             self._transient[job.id] = self._transient.get(job.id, 0) + 1
         counted = job.attempts - self._transient.get(job.id, 0)
-        if failure.final or counted >= self.settings.max_attempts:
+        final = False
+        if failure.final:
+            # One worker's word never fails a job for good (it may lie, or be broken): a second
+            # worker must say so too, else the job is retried elsewhere, within max_attempts.
+            said = self._final_by.setdefault(job.id, set())
+            said.add(worker)
+            final = len(said) >= 2
+        if final or counted >= self.settings.max_attempts:
             logger.error("job %d (workload %s, image %d) failed for good after %d attempt(s): %s",
                          job.id, job.workload_id, job.image_id, job.attempts, failure.reason)
             await self.jobs.fail(job, failure.reason)
@@ -354,3 +363,4 @@ class Scheduler:
         self._transient.pop(job.id, None)
         self._avoid.pop(job.id, None)
         self._not_before.pop(job.id, None)
+        self._final_by.pop(job.id, None)

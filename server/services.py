@@ -35,9 +35,10 @@ from api.keys import (
     STORE,
 )
 from api.ratelimit import LoginThrottle
+from common import localjoin
 from common.config import tcp_url
 from common.aio import stop_tasks
-from controller.auth import Auth, is_loopback, system_join_token, system_secret
+from controller.auth import Auth, system_join_token, system_secret
 from controller.datastore import Datastore
 from controller.images import FileImageStore, ImageStore
 from controller.jobs import JobLifecycle
@@ -133,15 +134,19 @@ async def _membership(app: web.Application) -> AsyncIterator[None]:
     """The controller's socket: workers join and heartbeat here."""
     s = app[SETTINGS]
     ttl = s.worker_ttl or 3 * s.heartbeat_interval
-    join_token = app[JOIN_TOKEN] = await system_join_token(app[STORE], s.data_dir, s.join_token,
-                                                           required=not is_loopback(s.host))
+    join_token = app[JOIN_TOKEN] = await system_join_token(app[STORE], s.data_dir, s.join_token, required=True)
     membership = Membership(app[STORE], app[AUTH].secret, s.port, s.public_url, s.heartbeat_interval, ttl,
                             join_token, forget_after=s.forget_after, max_workers=s.max_workers)
     app[MEMBERSHIP] = membership
     try:
         await membership.start(tcp_url(s.host, s.controller_port))
+        # Workers on this machine find the token by themselves (the course's command line has
+        # no flag for it); those elsewhere are given it.
+        if localjoin.publish(s.controller_port, join_token) is None:
+            logger.warning("workers on this machine need DPIP_JOIN_TOKEN too (in %s)", s.data_dir / "join-token")
         yield
     finally:
+        localjoin.withdraw(s.controller_port, join_token)
         await membership.close()
 
 

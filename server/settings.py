@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.peer import Network, parse_cidrs
+from common.net import Network, parse_cidrs
 from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, parse_range
 
 
@@ -62,7 +62,8 @@ class ServerSettings:
     max_workers: int = option(1000, "most workers tracked at once; joins beyond it are refused")
     job_timeout: float = option(120.0, "longest a job attempt may take")
     max_attempts: int = option(3, "attempts before a job fails")
-    login_failures: int = option(5, "failed logins allowed per user and address per minute (4x per address)")
+    login_failures: int = option(5, "failed logins allowed per user and address per minute (4x per address;"
+                                    " 4x per user across addresses per day, then backoff for new addresses)")
     trusted_proxies: tuple[Network, ...] = option(
         (), "reverse proxies whose X-Forwarded-For gives the client address (for login throttling and"
             " the like); from anyone else the header is ignored",
@@ -80,8 +81,9 @@ class ServerSettings:
     max_pixels: int = option(50_000_000, "largest image accepted or decoded, in pixels (width x height)")
     fsync: bool = option(True, "do not fsync uploads (faster, but a power cut may lose accepted ones)",
                          flag="--no-fsync")
-    join_token: str = option("", "workers must present it (generated and saved if unset and --host is"
-                                 " not loopback)")
+    join_token: str = option("", "workers must present it (default: generated once and kept in the data"
+                                 " dir as join-token; workers on this machine find it by themselves;"
+                                 " better given as DPIP_JOIN_TOKEN than on the command line)")
     system_name: str = option("DPIP", None)
     access_log: bool = option(False, "log every HTTP request (off by default: it costs time on busy systems)")
     autoscale: tuple[int, int] | None = option(

@@ -27,6 +27,7 @@ class StubWorker:
     capacity: int = 2
     tags: tuple[str, ...] = ()
     cpu_percent: float = 10.0
+    trusted: bool = True  # False: a newcomer whose claimed capacity is not yet proven
     received: list[wire.RunJob] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
     _answers: dict[int, asyncio.Future] = field(default_factory=dict)
@@ -68,10 +69,17 @@ class StubMembership:
         self.stubs[stub.name] = stub
         self.workers[stub.name] = WorkerInfo(
             stub.name, list(stub.tags), alive=True, welcomed=True, capacity=stub.capacity,
-            cpu_percent=stub.cpu_percent, rpc_address=f"stub://{stub.name}", channel=object())  # type: ignore[arg-type]
+            cpu_percent=stub.cpu_percent, rpc_address=f"stub://{stub.name}", channel=object(),  # type: ignore[arg-type]
+            proven=stub.capacity if stub.trusted else 0)
         for cb in self._on_change:
             cb()
         return stub
+
+    def credit(self, name: str) -> None:
+        """A result of ``name``'s was stored: one more slot trusted, as membership does."""
+        info = self.workers.get(name)
+        if info is not None and info.proven < info.capacity:
+            info.proven += 1
 
     def kill(self, name: str) -> None:
         info = self.workers[name]

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 
 import aiohttp
 import pynng
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
-from common import wire
+from common import localjoin, wire
 from common.rpc import RpcServer
 from worker.filters import process
 from worker.link import Refused, WorkerLink
@@ -35,15 +35,37 @@ class Telemetry:
     running_job_ids: list[int] = field(default_factory=list)  # jobs "from elsewhere"
 
 
+#: The position a lying worker makes up, and the text it adds.
+MADE_UP_GPS = {1: "N", 2: (48.0, 51.0, 24.0), 3: "W", 4: (2.0, 21.0, 7.0)}
+
+
+def with_metadata(png: bytes) -> bytes:
+    """The same PNG with EXIF (a GPS position) and a text chunk added."""
+    exif = Image.Exif()
+    exif[0x8825] = MADE_UP_GPS
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "taken at the made-up place")
+    with Image.open(io.BytesIO(png)) as im:
+        buf = io.BytesIO()
+        im.save(buf, "PNG", exif=exif.tobytes(), pnginfo=info)
+    return buf.getvalue()
+
+
 class FakeWorker:
     def __init__(self, name: str, controller: str, telemetry: Telemetry, filter_override: str = "",
-                 join_token: str = "", lie: bool = False, inline: str = "") -> None:
+                 join_token: str | None = "", lie: bool = False, inline: str = "", refuse: bool = False,
+                 metadata: bool = False) -> None:
         self.name = name
         self.filter_override = filter_override  # "inverted": results told apart by their pixels
         self.controller = controller
         self.telemetry = telemetry
-        self.link = WorkerLink(name, join_token)
+        # "": the token the server left for this machine's workers, as a real local worker
+        # finds it; None: no token at all (a process without credentials)
+        port = int(controller.rsplit(":", 1)[1])
+        self.link = WorkerLink(name, (lambda: localjoin.read(port)) if join_token == "" else join_token or "")
         self.lie = lie  # reply "done" without storing anything
+        self.refuse = refuse  # reply "cannot decode, no retry can help" to every job
+        self.metadata = metadata  # results carry EXIF (a made-up GPS position) and a text chunk
         # "": download and upload over HTTP; "yes": use the job's inline original and reply
         # with the result inline; "wrong": reply inline with a colour image (never a grayscale)
         self.inline = inline
@@ -123,6 +145,10 @@ class FakeWorker:
             if self._closing:
                 ev.set()  # closing: hold nothing, so that closing never waits on a held job
             await ev.wait()
+            if self.refuse:
+                return channel.seal_reply(wire.JobResult(inner.job_id, ok=False, worker=self.name,
+                                                         error="cannot decode the image", retryable=False),
+                                          msg.seq)
             data = ""
             if self.inline:
                 data = wire.inline(self._inline_result(inner))
@@ -139,6 +165,8 @@ class FakeWorker:
                 assert r.status == 200, await r.text()
                 data = await r.read()
             out, _ = process(data, msg.filter)
+            if self.metadata:
+                out = with_metadata(out)
             if self.filter_override == "inverted":  # a valid-looking result, told apart by its pixels
                 with Image.open(io.BytesIO(out)) as im:
                     buf = io.BytesIO()
@@ -158,7 +186,8 @@ class FakeWorker:
                 buf = io.BytesIO()
                 Image.new("RGB", im.size, (200, 10, 10)).save(buf, "PNG")
             return buf.getvalue()
-        return process(original, msg.filter)[0]
+        out = process(original, msg.filter)[0]
+        return with_metadata(out) if self.metadata else out
 
     async def close(self) -> None:
         self._closing = True

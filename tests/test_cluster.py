@@ -119,7 +119,7 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):
         assert all(k.startswith("photos/") for k in keys)
         assert sum("/original/" in k for k in keys) == sum("/filtered/" in k for k in keys) == 2 * len(originals)
         assert any("/thumbs/" in k for k in keys), "the thumbnail lives in the bucket too"
-        assert files_under(a.data_dir) == [], "no image byte on the server's disk"
+        assert files_under(a.data_dir) == ["join-token"], "no image byte on the server's disk (a copy of the join token)"
 
         b.start_server()  # same database: the same users, secret and token
         wid = results["grayscale"]
@@ -129,7 +129,7 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):
             assert pixels(got.read()) == expected_pixels(originals[5], "grayscale")
         servers = {s["name"]: s for s in b.get("/status", token)["servers"]}
         assert servers["a"]["leader"] and servers["a"]["alive"] and not servers["b"]["leader"]
-        assert files_under(b.data_dir) == []
+        assert files_under(b.data_dir) == ["join-token"]
         # a logout on one server revokes the token on every one
         assert ref.request(b.url, "DELETE", "/logout", headers=ref.bearer(token)).status == 200
         wait_until(lambda: ref.request(a.url, "GET", "/status", headers=ref.bearer(token)).status == 401, 10,

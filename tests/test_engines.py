@@ -166,3 +166,52 @@ async def test_s3_outage_and_recovery_keep_objects(s3, client, bucket):
     assert await body_of(client, bucket, "kept") == b"survives an outage"
     await client.put_object(Bucket=bucket, Key="after", Body=b"written after")
     assert await body_of(client, bucket, "after") == b"written after"
+
+
+async def test_a_result_a_worker_put_in_the_bucket_is_stripped_of_its_metadata(s3, bucket, monkeypatch):
+    """A worker writes results to the object store itself: one with EXIF (a GPS position) and a
+    text chunk, small or past the first 256 KiB the server judges, is rewritten without them;
+    an honest one is left as it is."""
+    import io
+    import os
+
+    from PIL import Image
+
+    from controller.s3images import S3ImageStore
+    from tests.fakeworker import with_metadata
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    store = S3ImageStore(f"s3://{bucket}", 32 << 20, 50_000_000)
+    await store.open()
+    try:
+        small = io.BytesIO()
+        Image.new("L", (64, 48), 90).save(small, "PNG")
+        big = io.BytesIO()  # incompressible: its text chunks come after 256 KiB of pixels
+        Image.frombytes("L", (600, 600), os.urandom(360_000)).save(big, "PNG", compress_level=0)
+        for name, honest in (("small", small.getvalue()), ("big", big.getvalue())):
+            for key, data in ((f"{name}-clean.png", honest), (f"{name}-dirty.png", with_metadata(honest)),
+                              (f"{name}-dirty-at-the-end.png", _text_before_iend(honest))):
+                await store.write(key, data)
+                stored = await store.stored_result(key)
+                assert stored is not None
+                cleaned = await store.clean_stored_result(key, stored)
+                kept = await store.read(key)
+                if key.endswith("clean.png"):
+                    assert kept == honest and cleaned.size == len(honest)
+                else:
+                    assert b"eXIf" not in kept and b"tEXt" not in kept and cleaned.size == len(kept)
+                    with Image.open(io.BytesIO(kept)) as im, Image.open(io.BytesIO(honest)) as src:
+                        assert im.tobytes() == src.tobytes() and dict(im.getexif()) == {}
+    finally:
+        await store.close()
+
+
+def _text_before_iend(png: bytes) -> bytes:
+    """A text chunk after the pixels (where the first 256 KiB do not reach in a large file)."""
+    import struct
+    import zlib
+
+    body = b"tEXt" + b"Comment\x00taken at the made-up place"
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:-12] + chunk + png[-12:]

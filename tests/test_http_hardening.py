@@ -21,7 +21,7 @@ from PIL import Image, JpegImagePlugin
 
 from server.services import build_app
 from api.keys import AUTH, SETTINGS
-from api.peer import client_address, parse_cidrs
+from common.net import client_address, parse_cidrs
 from api.ratelimit import LoginThrottle
 from controller.auth import USER
 from controller.images import check_workload_name, make_thumbnail

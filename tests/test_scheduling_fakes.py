@@ -64,7 +64,31 @@ async def test_a_failed_attempt_goes_to_another_worker(store):
         await fleet.scheduler.close()
 
 
-async def test_an_error_no_retry_can_fix_fails_at_once_and_others_fail_after_max_attempts(store):
+async def test_an_error_no_retry_can_fix_fails_once_a_second_worker_says_so(store):
+    """One worker's "no retry can help" is never the last word (it may be broken, or lie): the
+    job goes to another worker; once that one says so too, it fails for good, before its last
+    attempt. A job the second worker can do is done."""
+    fleet = await fleet_of(store)
+    a = fleet.membership.add(StubWorker("a", cpu_percent=1))
+    b = fleet.membership.add(StubWorker("b", cpu_percent=90))
+    wl = await fleet.workload("w")
+    try:
+        for image_id, second_says in ((0, "cannot decode"), (1, None)):
+            await fleet.submit(wl, 1, first=image_id)
+            await until(lambda: a.received and a.received[-1].image_id == image_id, f"image {image_id} on a")
+            a.fail(a.received[-1].job_id, "cannot decode", retryable=False)
+            await until(lambda: b.received and b.received[-1].image_id == image_id, f"image {image_id} retried on b")
+            if second_says:
+                b.fail(b.received[-1].job_id, second_says, retryable=False)
+            else:
+                b.finish(b.received[-1].job_id)
+        await until(lambda: _state(fleet, wl, 0, ("failed", 2)), "failed on two workers' word")
+        await until(lambda: _state(fleet, wl, 1, ("done", 2)), "done by the second worker")
+    finally:
+        await fleet.scheduler.close()
+
+
+async def test_the_only_worker_saying_no_retry_can_help_gets_every_attempt_and_so_does_a_flaky_job(store):
     fleet = await fleet_of(store)
     w = fleet.membership.add(StubWorker("w"))
     wl = await fleet.workload("w")
@@ -72,12 +96,34 @@ async def test_an_error_no_retry_can_fix_fails_at_once_and_others_fail_after_max
     try:
         await until(lambda: len(w.received) == 2, "both jobs")
         final, flaky = w.received
-        w.fail(final.job_id, "cannot decode", retryable=False)
         for n in range(3):  # the only worker: retried on it once nobody else can
-            await until(lambda n=n: sum(m.job_id == flaky.job_id for m in w.received) == n + 1, f"attempt {n + 1}")
-            w.fail(flaky.job_id, "flaky")
+            for job, error, retryable in ((final, "cannot decode", False), (flaky, "flaky", True)):
+                await until(lambda n=n, job=job: sum(m.job_id == job.job_id for m in w.received) == n + 1,
+                            f"attempt {n + 1}")
+                w.fail(job.job_id, error, retryable=retryable)
         await until(lambda: _state(fleet, wl, flaky.image_id, ("failed", 3)), "failed after 3 attempts")
-        assert (await fleet.states(wl))[final.image_id] == ("failed", 1)
+        await until(lambda: _state(fleet, wl, final.image_id, ("failed", 3)), "failed after 3 attempts")
+    finally:
+        await fleet.scheduler.close()
+
+
+async def test_a_newcomers_claimed_capacity_is_trusted_as_far_as_it_has_proven_it(store):
+    """A worker that claims 4096 slots gets two at first, and one more per result stored; one
+    that never stores a result never gets more."""
+    fleet = await fleet_of(store)
+    big = fleet.membership.add(StubWorker("big", capacity=4096, trusted=False))
+    wl = await fleet.workload("w")
+    await fleet.submit(wl, 20)
+    try:
+        await until(lambda: len(big.received) == 2, "two jobs at first")
+        assert fleet.scheduler.queued() == 18
+        for m in list(big.received):
+            big.finish(m.job_id)
+        await until(lambda: len(big.received) == 6, "two results stored: four at once")
+        for m in big.received[2:]:
+            big.fail(m.job_id, "no", retryable=True)
+        await until(lambda: len(big.received) == 10, "no more for failures")
+        assert fleet.membership.workers["big"].slots() == 4
     finally:
         await fleet.scheduler.close()
 

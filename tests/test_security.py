@@ -15,9 +15,11 @@ from tests.helpers import check_filtered, push, wait_completed, workload
 JOIN = "s3cret-join-token"
 
 
-def test_workers_need_the_join_token_when_one_is_set(make_system):
+def test_workers_need_the_join_token_when_one_is_set(make_system, tmp_path):
     system = make_system("--join-token", JOIN)
-    system.start_worker("none")
+    elsewhere = tmp_path / "other-runtime"  # a process that cannot read the server user's token file
+    elsewhere.mkdir(mode=0o700)
+    system.start_worker("none", env={"XDG_RUNTIME_DIR": str(elsewhere)})
     system.start_worker("wrong", env={"DPIP_JOIN_TOKEN": "not-it"})
     system.start_worker("right", env={"DPIP_JOIN_TOKEN": JOIN})
     token = system.login()

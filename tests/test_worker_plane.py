@@ -5,9 +5,11 @@ about its results, and the bounds on membership. Real server, real workers, real
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
+import socket
 import threading
 import io
 import time
@@ -17,12 +19,13 @@ import psutil
 import pynng
 from PIL import Image
 
-from common import seal, wire
+from common import localjoin, seal, wire
 from scripts import refclient as ref
 from scripts.frames import frame_png
 from scripts.localsys import wait_until
 from tests.fakeworker import FakeWorker, Telemetry
-from tests.helpers import Api, check_filtered, has_workers, job_rows, push, until, wait_completed, welcomed, workload
+from tests.helpers import (Api, check_filtered, has_workers, job_rows, publish_until_dropped,
+                           push, until, wait_completed, welcomed, workload)
 from worker.service import Worker, WorkerSettings
 
 
@@ -103,8 +106,8 @@ def test_hostile_bytes_stop_nothing_and_bloat_nothing(make_system):
 
 
 async def test_a_rogue_joiner_reads_only_what_it_was_sent(make_system):
-    """Without a join token (the loopback default) anyone local may join as a worker; all it
-    gets is a capability for each job it is sent, and that dies with its session."""
+    """A process that joins as a worker (here with the join token this machine's workers find):
+    all it gets is a capability for each job it is sent, and that dies with its session."""
     system = make_system("--hedge", "off")
     rogue = await FakeWorker("rogue", system.controller, Telemetry(capacity=1)).start()
     try:
@@ -221,12 +224,15 @@ async def _send_and_count(pub: pynng.Pub0, data: bytes, system, before: float) -
 async def test_a_worker_refuses_replays_and_strangers(tmp_path):
     """A real Worker in this process, welcomed by the test acting as its server."""
     settings = WorkerSettings(controller_host="127.0.0.1", controller_port=9, name="solo", capacity=1,
-                              advertise_host="127.0.0.1")
+                              advertise_host="127.0.0.1", join_token="the-join-token")
     worker = Worker(settings)
     await worker.start()
     try:
-        kid, key = seal.new_key()
-        welcome = wire.Welcome("e1", worker.session, kid, key.hex(), 8080, "http://127.0.0.1:9", 1.0)
+        join = seal.join_key("the-join-token")
+        kid = seal.new_key()[0]
+        key = seal.session_key(join, "e1", worker.session, kid)
+        welcome = wire.Welcome("e1", worker.session, kid, "", 8080, "http://127.0.0.1:9", 1.0)
+        welcome = dataclasses.replace(welcome, proof=seal.welcome_proof(join, welcome))
         with pynng.Req0(dial=worker.rpc_address, send_timeout=3000, recv_timeout=3000) as req:
             async def ask(data: bytes) -> bytes:
                 await req.asend(data)
@@ -234,6 +240,9 @@ async def test_a_worker_refuses_replays_and_strangers(tmp_path):
 
             stranger = wire.Welcome("e2", "cd" * 16, "1f1f", "22" * 32, 1, "", 1.0)
             assert "welcome refused" in wire.decode(await ask(wire.encode(stranger))).error
+            # our own session, but a key in clear and no proof: anyone who saw the hello could
+            in_clear = wire.Welcome("e3", worker.session, "2f2f", "33" * 32, 1, "", 1.0)
+            assert "welcome refused" in wire.decode(await ask(wire.encode(in_clear))).error
             ours = seal.Channel(key, kid, send=seal.C2W, recv=seal.W2C)
             ack = ours.open_reply(await ask(wire.encode(welcome)), 0)
             assert isinstance(ack, wire.Ack) and ack.ok
@@ -252,9 +261,20 @@ async def test_a_worker_refuses_replays_and_strangers(tmp_path):
             other_key = seal.Channel(secrets.token_bytes(32), kid, send=seal.C2W, recv=seal.W2C)
             data, _ = other_key.seal(wire.CancelJob(7))
             assert "bad MAC" in wire.decode(await ask(data)).error
-        assert worker.refused == 4
+        assert worker.refused == 5
     finally:
         await worker.close()
+
+
+async def _one_job_for(api: Api, fake: FakeWorker) -> str:
+    """Log in, wait for ``fake`` to join, give it a workload of one image; the workload's id
+    once the job is with it (held until released)."""
+    await api.login()
+    await until(lambda: has_workers(api, {fake.name}), 20, f"{fake.name} to join")
+    wid = await api.workload()
+    await api.upload(wid, 0)
+    await until(lambda: _has_jobs(fake, 1), 10, f"{fake.name}'s job")
+    return wid
 
 
 async def _retried_by_an_honest_worker(system, bad: FakeWorker, inline: str = "") -> tuple[dict, dict, bytes]:
@@ -264,11 +284,7 @@ async def _retried_by_an_honest_worker(system, bad: FakeWorker, inline: str = ""
     try:
         async with aiohttp.ClientSession() as http:
             api = Api(http, system.url)
-            await api.login()
-            await until(lambda: has_workers(api, {bad.name}), 20, f"{bad.name} to join")
-            wid = await api.workload()
-            await api.upload(wid, 0)
-            await until(lambda: _has_jobs(bad, 1), 10, f"{bad.name}'s job")
+            wid = await _one_job_for(api, bad)
             honest = await FakeWorker("honest", system.controller, Telemetry(capacity=1, cpu_percent=90),
                                       inline=inline).start()
             await until(lambda: has_workers(api, {bad.name, "honest"}), 20, "the honest worker")
@@ -367,3 +383,112 @@ def test_rpc_addresses_are_for_the_admin_only(make_system):
     (seen_by_admin,) = ref.get_json(system.url, token, "/status")["workers"]
     assert "rpc_address" not in seen_by_bob and seen_by_admin["rpc_address"].startswith("tcp://")
     assert time.time() - seen_by_bob["last_seen"] < 60
+
+
+# -- a local process without credentials (issue 21, items 7 and 8) --------------------------
+
+async def test_a_local_process_without_the_join_token_never_joins_and_holds_no_name(make_system):
+    """Loopback default, no --join-token: a process that does not have the token this machine's
+    workers find (another user's) is refused, whatever capacity it claims and whatever name it
+    takes; the real worker of that name joins and does the work."""
+    system = make_system("--hedge", "off")
+    squatter = await FakeWorker("w1", system.controller, Telemetry(capacity=4096), join_token=None).start()
+    try:
+        await until(lambda: _refused(system, 3), 20, "the controller to refuse the hellos")
+        system.start_worker("w1")
+        token = system.login()
+        system.wait_workers({"w1"}, token)
+        wid = workload(system.url, token)
+        frames = {i: frame_png(i, 32, 32) for i in range(3)}
+        push(system, token, wid, frames)
+        wait_completed(system.url, token, wid)
+        check_filtered(system, token, wid, frames)
+        assert squatter.token == "" and squatter.jobs == []
+    finally:
+        await squatter.close()
+
+
+async def _refused(system, n: int) -> bool:
+    return plane_dropped(system) >= n
+
+
+def test_the_local_join_token_is_the_users_only(make_system):
+    system = make_system()
+    path = localjoin.token_path(system.controller_port)
+    assert path.read_text().strip() == (system.data_dir / "join-token").read_text().strip()
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert (system.data_dir / "join-token").stat().st_mode & 0o777 == 0o600
+
+
+async def test_one_workers_cannot_decode_is_checked_by_another(make_system):
+    """A worker that answers "no retry can help" to every job fails nothing for good: the job
+    goes to another worker, which does it."""
+    system = make_system("--hedge", "off")
+    refuser = await FakeWorker("refuser", system.controller, Telemetry(capacity=1), refuse=True).start()
+    view, job, _ = await _retried_by_an_honest_worker(system, refuser)
+    assert view["filtered_images"] == [0] and view["failed_images"] == []
+    assert job["attempts"] == 2 and job["worker"] == "honest"
+
+
+async def test_metadata_a_worker_puts_in_a_result_is_never_stored(make_system):
+    """A worker adds EXIF (a made-up GPS position) and a text chunk to the results it uploads
+    and to those it returns inline: what is stored and served has neither, pixels unchanged."""
+    system = make_system("--hedge", "off")
+    for inline in ("", "yes"):
+        liar = await FakeWorker(f"liar{inline}", system.controller, Telemetry(capacity=1), inline=inline,
+                                metadata=True).start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                api = Api(http, system.url)
+                wid = await _one_job_for(api, liar)
+                liar.release_all()
+                view = await until(lambda: _completed(api, wid), 20, "the workload")
+                assert view["filtered_images"] == [0]
+                async with http.get(f"{system.url}/images/0", params={"workload_id": wid, "type": "filtered"}) as r:
+                    result = await r.read()
+        finally:
+            await liar.close()
+        with Image.open(io.BytesIO(result)) as im:
+            assert dict(im.getexif()) == {} and "exif" not in im.info and "Comment" not in im.info
+            assert im.tobytes() == Image.open(io.BytesIO(frame_png(0, 32, 32))).convert("L").tobytes()
+        assert b"eXIf" not in result and b"tEXt" not in result
+
+
+def test_hellos_never_make_the_controller_dial_a_third_party(make_system):
+    """Unsealed hellos, and hellos sealed with the join token but naming an address on another
+    host than their own, are refused: a plain TCP listener they name is never dialled."""
+    system = make_system()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.0)
+    target = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    join = seal.join_key((system.data_dir / "join-token").read_text().strip())
+    blobs = [wire.encode(wire.Hello(f"u{i}", "ab" * 16, target)) for i in range(3)]
+    blobs += [seal.seal_with(join, seal.JOIN, seal.W2C, i + 1, wire.Hello(f"s{i}", "cd" * 16, f"tcp://10.255.{i}.1:9"))
+              for i in range(3)]
+    with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
+        publish_until_dropped(pub, blobs, system.url)
+    try:
+        listener.accept()
+        dialled = True
+    except BlockingIOError:
+        dialled = False
+    listener.close()
+    assert not dialled, "the controller dialled the address an unsealed hello named"
+
+
+def test_welcomes_in_all_are_bounded(monkeypatch):
+    """However many names hellos come with, at most WELCOME_RATE welcomes start a second."""
+    from controller import membership as m
+
+    class NoStore:
+        async def known_workers(self):
+            return []
+
+    members = m.Membership(NoStore(), b"s" * 32, 8080, "", join_token="t")  # type: ignore[arg-type]
+    now = 1000.0
+    started = sum(members._take_welcome_budget(now) for _ in range(500))
+    assert started == int(m.WELCOME_RATE)
+    assert members._take_welcome_budget(now + 0.5) and sum(
+        members._take_welcome_budget(now + 0.5) for _ in range(100)) == int(m.WELCOME_RATE / 2) - 1

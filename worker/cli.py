@@ -6,13 +6,17 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 from common import aio
-from common.config import CONTROLLER_PORT, EnvDefaultsParser, setup_logging, split_host_port
+from common.config import CONTROLLER_PORT, EnvDefaultsParser, secrets_in_flags, setup_logging, split_host_port
 from worker.filters import EncodeOptions
 from worker.service import Worker, WorkerSettings
 
 logger = logging.getLogger(__name__)
+
+#: Flags that carry a secret, and the variable to use instead.
+SECRET_FLAGS = {"--join-token": "DPIP_JOIN_TOKEN", "--image-store-token": "DPIP_IMAGE_STORE_TOKEN"}
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
@@ -47,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
+    for warning in secrets_in_flags(sys.argv[1:] if argv is None else argv, SECRET_FLAGS):
+        logger.warning(warning)
     try:
         controllers = tuple(split_host_port(c.strip(), "localhost", CONTROLLER_PORT)
                             for c in a.controller.split(",") if c.strip())

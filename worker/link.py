@@ -3,16 +3,19 @@ what it publishes and opening what it is sent. No sockets here: :mod:`worker.ser
 tests' impersonated workers) move the bytes.
 
 Trust rule: a worker obeys only the server that welcomed it. A welcome must name the worker's
-own session (a random id only the worker and the servers it heartbeats to have seen) and, with
-a join token, carry the join key's proof; every later request must be sealed with the session
-key that welcome set up, with a sequence number not seen before.
+own session (a random id only the worker and the servers it heartbeats to have seen) and carry
+the join key's proof (a worker without the join token takes no welcome: a session key sent in
+clear could come from anyone); every later request must be sealed with the session key that
+welcome set up, with a sequence number not seen before.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from collections import deque
+from collections.abc import Callable
 
 from common import wire
 from common.seal import (
@@ -32,13 +35,22 @@ class Refused(Exception):
     """A message this worker will not act on; the text says why (it goes back to the sender)."""
 
 
-class WorkerLink:
-    """The worker plane's state of one worker process."""
+#: How often, at most, a worker looks again for the join token its machine's server left.
+TOKEN_RECHECK = 1.0
 
-    def __init__(self, name: str, join_token: str = "") -> None:
+
+class WorkerLink:
+    """The worker plane's state of one worker process. ``join_token`` is the controller's join
+    token, or a function that finds it (the one a server on this machine left, looked for
+    again, at most every second, while no welcome has come)."""
+
+    def __init__(self, name: str, join_token: str | Callable[[], str] = "") -> None:
         self.name = name
         self.session = secrets.token_hex(16)
-        self.join = join_key(join_token)
+        self._find_token = join_token if callable(join_token) else None
+        self._token = join_token if isinstance(join_token, str) else ""
+        self._looked = -TOKEN_RECHECK
+        self.join = join_key(self._token)
         self.channel: Channel | None = None
         self.epoch = ""
         self._old_kids: deque[str] = deque(maxlen=64)  # welcomes already used: never again
@@ -48,8 +60,18 @@ class WorkerLink:
     def kid(self) -> str:
         return self.channel.kid if self.channel is not None else ""
 
+    def _refresh_token(self) -> None:
+        now = time.monotonic()
+        if self._find_token is None or self.channel is not None or now - self._looked < TOKEN_RECHECK:
+            return
+        self._looked = now
+        token = self._find_token()
+        if token != self._token:
+            self._token, self.join = token, join_key(token)
+
     def hello(self, rpc_address: str) -> bytes:
         """Here I am (sealed with the join key if there is one)."""
+        self._refresh_token()
         msg = wire.Hello(self.name, self.session, rpc_address, self.kid)
         if not self.join:
             return wire.encode(msg)
@@ -70,14 +92,11 @@ class WorkerLink:
             return self.channel.seal_reply(wire.Ack(), 0)  # our ack was lost: say it again
         if w.kid in self._old_kids or not w.kid:
             raise Refused("welcome refused: its key was used before")
-        if self.join:
-            if not hmac.compare_digest(w.proof, welcome_proof(self.join, w)):
-                raise Refused("welcome refused: wrong join token proof")
-            key = session_key(self.join, w.epoch, w.worker_session, w.kid)
-        else:
-            if len(w.session_key) != 64:
-                raise Refused("welcome refused: no session key")
-            key = bytes.fromhex(w.session_key)
+        if not self.join:  # a key sent in clear could have been sent by anyone who saw our hello
+            raise Refused("welcome refused: this worker has no join token (DPIP_JOIN_TOKEN)")
+        if not hmac.compare_digest(w.proof, welcome_proof(self.join, w)):
+            raise Refused("welcome refused: wrong join token proof")
+        key = session_key(self.join, w.epoch, w.worker_session, w.kid)
         if self.channel is not None:
             self._old_kids.append(self.channel.kid)
         self.channel = Channel(key, w.kid, send=W2C, recv=C2W)

@@ -17,13 +17,14 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
 import pynng
 
-from common import wire
+from common import localjoin, wire
 from common.aio import stop_tasks
 from common.formats import FORMATS
 from common.config import local_address_towards, tcp_url
@@ -60,6 +61,17 @@ class WorkerSettings:
     fail_rate: float = 0.0  # this share of jobs is dropped: never done, never answered
     join_token: str = ""  # the controller's, if it requires one (DPIP_JOIN_TOKEN)
     exit_with_parent: bool = False  # an autoscaled worker stops when its server process is gone
+
+
+def join_token_for(settings: WorkerSettings, host: str, port: int) -> str | Callable[[], str]:
+    """The join token for the controller at ``host:port``: the one given (``--join-token``,
+    ``DPIP_JOIN_TOKEN``), else, for a controller on this machine, the one its server left for
+    local workers (:mod:`common.localjoin`), else none (a remote server will refuse us)."""
+    if settings.join_token:
+        return settings.join_token
+    if localjoin.is_this_machine(host):
+        return lambda: localjoin.read(port)
+    return ""
 
 
 class JobFailed(Exception):
@@ -102,7 +114,7 @@ class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.s = settings
         controllers = settings.controllers or ((settings.controller_host, settings.controller_port),)
-        self.links = [ControllerLink(host, port, WorkerLink(settings.name, settings.join_token),
+        self.links = [ControllerLink(host, port, WorkerLink(settings.name, join_token_for(settings, host, port)),
                                      heartbeat_interval=settings.heartbeat_interval)
                       for host, port in controllers]
         self.link = self.links[0].link  # the first controller's (tests and old callers)
@@ -222,8 +234,11 @@ class Worker:
             now = time.monotonic()
             if len(unwelcomed) == len(self.links) and now - last_said >= WAITING_LOG_INTERVAL:
                 last_said = now
-                logger.info("still waiting for a welcome from %s (%.0f s): is the server running there?",
-                            ", ".join(c.address for c in unwelcomed), now - waiting_since)
+                logger.info("still waiting for a welcome from %s (%.0f s): is the server running there?%s",
+                            ", ".join(c.address for c in unwelcomed), now - waiting_since,
+                            "" if all(c.link.join for c in unwelcomed) else
+                            " This worker has no join token for it: give it the server's (DPIP_JOIN_TOKEN,"
+                            " kept in the server's data dir as join-token)")
             elif len(unwelcomed) < len(self.links):
                 waiting_since = last_said = now
             interval = min(c.heartbeat_interval for c in self.links)

@@ -1,7 +1,9 @@
-"""Who is calling: the socket's peer, or, when that peer is a reverse proxy we trust
-(``--trusted-proxy``), the client address the proxy forwarded in ``X-Forwarded-For``.
+"""Network addresses, as pure functions: who is calling (the socket's peer, or, behind a reverse
+proxy we trust (``--trusted-proxy``), the client address it forwarded in ``X-Forwarded-For``),
+whether an address is this machine's loopback, and the group an address counts in for limits
+(an IPv6 client owns a whole /64, so it counts as one).
 
-Pure functions: the request-facing wrapper is ``api.params.client_address``.
+The request-facing wrapper is ``api.params.client_address``.
 """
 
 from __future__ import annotations
@@ -34,16 +36,39 @@ def client_address(peer: str, forwarded_for: list[str], trusted: tuple[Network, 
     that is not a trusted proxy. Each proxy appends the address it saw, so everything left of
     the first untrusted one may be made up by the client: it is never used. Without trusted
     proxies, the peer, whatever the headers say."""
-    address = _canonical(peer)
+    address = canonical(peer)
     if not trusted:
         return address
     hops = [h.strip() for header in forwarded_for for h in header.split(",") if h.strip()]
     while hops and _is_trusted(address, trusted):
-        address = _canonical(hops.pop())
+        address = canonical(hops.pop())
     return address
 
 
-def _canonical(address: str) -> str:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(canonical(host)).is_loopback
+    except ValueError:
+        return False
+
+
+def address_group(address: str) -> str:
+    """The key an address is limited under: an IPv4 address itself, an IPv6 address its /64
+    (one subscriber gets a whole /64 and can pick any address in it)."""
+    address = canonical(address)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return address
+
+
+def canonical(address: str) -> str:
     """One spelling per address (``::ffff:10.0.0.1`` is ``10.0.0.1``), so keys cannot be varied."""
     try:
         ip = ipaddress.ip_address(address)
