@@ -10,12 +10,14 @@ import urllib.request
 
 import pytest
 
+from api import observe
 from api.handlers import FEED_NEWEST
-from api.observe import EVENT_TIMING, Feed, diff_entries
+from api.keys import AUTH, CLAIMS
+from api.observe import EVENT_HUB, EVENT_TIMING, EventHub, Feed, diff_entries
 from scripts import refclient as ref
 from server.services import build_app
-from tests.helpers import push, wait_completed, workload
-from tests.support import bearer, login, new_workload, png, png_bytes, upload
+from tests.helpers import push, until, wait_completed, workload
+from tests.support import assert_error, bearer, login, new_workload, png, png_bytes, upload
 
 KEEP_ALIVE = ("comment", "keep-alive")
 
@@ -181,6 +183,155 @@ async def test_stream_ends_when_the_server_stops(quick):
     rest = await asyncio.wait_for(resp.content.read(), 30)
     assert b"data: " not in rest.replace(b": keep-alive", b"")
     resp.close()
+    assert quick.app[EVENT_HUB].open_streams() == 0  # and its slot is free
+
+
+# -- streams: capped, and one snapshot per user and tick however many -------------------------
+
+def now(cond):
+    """``cond`` as the awaitable condition ``until`` polls."""
+    async def check():
+        return cond()
+    return check
+
+
+async def open_stream(client, token: str) -> AsyncStream:
+    """A stream that has sent its first snapshot."""
+    resp = await client.get("/events", headers=bearer(token))
+    assert resp.status == 200, await resp.text()
+    stream = AsyncStream(resp)
+    assert (await stream.next())[0] == "snapshot"
+    return stream
+
+
+async def add_user(client, name: str) -> str:
+    await client.app[AUTH].add_user(name, f"{name}-password")
+    return await login(client, name, f"{name}-password")
+
+
+async def test_streams_are_capped_per_user_and_a_closed_one_frees_its_slot(quick):
+    admin, bob = await login(quick), await add_user(quick, "bob")
+    streams = [await open_stream(quick, admin) for _ in range(8)]
+    try:
+        r = await quick.get("/events", headers=bearer(admin))  # a 9th: refused before it starts
+        assert r.status == 429  # (before reading: a stream's body never ends)
+        await assert_error(r, 429, "too many event streams for this user", "8")
+        assert int(r.headers["Retry-After"]) >= 1
+        # Another user's stream and everyone's requests still answer.
+        streams.append(await open_stream(quick, bob))
+        r = await quick.get("/status", headers=bearer(admin))
+        assert r.status == 200 and "workers" in await r.json()
+        hub = quick.app[EVENT_HUB]
+        assert (hub.open_streams("admin"), hub.open_streams("bob"), hub.open_streams()) == (8, 1, 9)
+
+        streams.pop(0).resp.close()  # the client goes: its slot is free
+        await until(now(lambda: hub.open_streams("admin") == 7), 30, "the closed stream's end")
+        streams.append(await open_stream(quick, admin))
+        assert hub.open_streams("admin") == 8
+    finally:
+        for s in streams:
+            s.resp.close()
+
+
+async def test_a_logout_ends_the_users_streams_and_frees_their_slots(quick):
+    admin = await login(quick)
+    streams = [await open_stream(quick, admin) for _ in range(8)]
+    try:
+        assert (await quick.delete("/logout", headers=bearer(admin))).status == 200
+        for s in streams:  # each ends (a hang would time out)
+            rest = await asyncio.wait_for(s.resp.content.read(), 30)
+            assert b"data: " not in rest.replace(b": keep-alive", b"")
+        await until(now(lambda: quick.app[EVENT_HUB].open_streams() == 0), 30, "the streams' slots freed")
+        again = await login(quick)
+        streams += [await open_stream(quick, again) for _ in range(8)]
+    finally:
+        for s in streams:
+            s.resp.close()
+
+
+@pytest.fixture
+async def crowded(aiohttp_client, settings):
+    """Room for 3 streams on the whole server."""
+    app = build_app(settings)
+    app[EVENT_TIMING] = (0.05, 0.3)
+    app[EVENT_HUB] = EventHub(total=3)
+    return await aiohttp_client(app)
+
+
+async def test_streams_are_capped_in_total(crowded):
+    admin, bob = await login(crowded), await add_user(crowded, "bob")
+    streams = [await open_stream(crowded, admin), await open_stream(crowded, admin), await open_stream(crowded, bob)]
+    try:
+        r = await crowded.get("/events", headers=bearer(bob))
+        assert r.status == 429
+        await assert_error(r, 429, "too many event streams on this server")
+        streams.pop().resp.close()
+        await until(now(lambda: crowded.app[EVENT_HUB].open_streams() == 2), 30, "the closed stream's end")
+        streams.append(await open_stream(crowded, bob))
+    finally:
+        for s in streams:
+            s.resp.close()
+
+
+@pytest.fixture
+async def steady(aiohttp_client, settings):
+    app = build_app(settings)
+    app[EVENT_TIMING] = (0.1, 5.0)  # a look every 100 ms
+    return await aiohttp_client(app)
+
+
+async def test_streams_of_a_user_share_one_snapshot_per_tick(steady, monkeypatch):
+    """6 streams of admin's and 3 of bob's: each user's workloads are read once a tick, the
+    workers once a tick for everyone, and a change reaches a user's streams as one snapshot."""
+    admin = [await login(steady) for _ in range(6)]  # a token per stream, to count its looks
+    bob = [await add_user(steady, "bob"), *[await login(steady, "bob", "bob-password") for _ in range(2)]]
+    await new_workload(steady, admin[0])
+    calls = {"admin": 0, "bob": 0, "workers": 0}
+    looks = {token: 0 for token in admin + bob}
+    summaries, workers, verify = observe.workload_summaries, observe.workers_json, steady.app[AUTH].verify
+
+    async def counted_summaries(request):
+        calls[request[CLAIMS].subject] += 1
+        return await summaries(request)
+
+    def counted_workers(*args, **kwargs):
+        calls["workers"] += 1
+        return workers(*args, **kwargs)
+
+    def counted_verify(token, scopes):
+        if token in looks:
+            looks[token] += 1
+        return verify(token, scopes)
+
+    monkeypatch.setattr(observe, "workload_summaries", counted_summaries)
+    monkeypatch.setattr(observe, "workers_json", counted_workers)
+    monkeypatch.setattr(steady.app[AUTH], "verify", counted_verify)
+    streams = {token: await open_stream(steady, token) for token in admin + bob}
+    try:
+        for key in calls:
+            calls[key] = 0
+        for token in looks:
+            looks[token] = 0
+        await until(now(lambda: min(looks.values()) >= 20), 60, "20 looks of every stream")
+        ticks = max(looks.values())  # each stream looks once a tick at most
+        assert calls["admin"] <= 2 * ticks + 2, (calls, looks)  # once a tick; 6 streams per tick before
+        assert calls["bob"] <= 2 * ticks + 2, (calls, looks)
+        assert calls["workers"] <= 2 * ticks + 2, (calls, looks)  # for both users
+        assert steady.app[EVENT_HUB].computed["admin"] >= 1
+
+        # A new workload reaches all of admin's streams in the same snapshot (its one time).
+        new = (await new_workload(steady, admin[0]))["workload_id"]
+        times = set()
+        for token in admin:
+            while True:
+                kind, changes = await streams[token].next()
+                if kind == "changes" and new in ids(changes.get("workloads", {}).get("set", [])):
+                    times.add(changes["server_time"])
+                    break
+        assert len(times) == 1, times
+    finally:
+        for s in streams.values():
+            s.resp.close()
 
 
 # -- a real system: real workers, real heartbeats -------------------------------------------
