@@ -173,6 +173,8 @@ class WorkloadView:
 
     @property
     def status(self) -> WorkloadStatus:
+        """Completed once it has images and each is filtered or failed for good (the rule
+        ``controller.schema.COMPLETED`` says in SQL over the counters)."""
         finished = len(self.filtered_images) + len(self.failed_images)
         if self.image_count > 0 and finished >= self.image_count:
             return WorkloadStatus.COMPLETED

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from controller import sql
+from controller import schema, sql
 from controller.models import Unavailable
 from controller.queries import SqlDatastore
 from controller.sql import Result, Script, Statement, UniqueViolation
@@ -34,112 +34,12 @@ JOBS_CHANNEL = "dpip_jobs"
 SCHEMA_LOCK = 0x6470_6970  # "dpip": the advisory lock held while the schema is created
 SCHEMA_VERSION = 1
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS users (
-    name TEXT PRIMARY KEY,
-    password_hash TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revoked_tokens (
-    jti TEXT PRIMARY KEY,
-    expires_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS workloads (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    dir TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    tags TEXT NOT NULL DEFAULT '',
-    created_at DOUBLE PRECISION NOT NULL,
-    next_image_id INTEGER NOT NULL DEFAULT 0,
-    meta TEXT NOT NULL DEFAULT '{}',
-    params TEXT NOT NULL DEFAULT '{}',
-    image_count INTEGER NOT NULL DEFAULT 0,
-    filtered_count INTEGER NOT NULL DEFAULT 0,
-    failed_count INTEGER NOT NULL DEFAULT 0,
-    running_count INTEGER NOT NULL DEFAULT 0,
-    started INTEGER NOT NULL DEFAULT 0,
-    bytes BIGINT NOT NULL DEFAULT 0,
-    UNIQUE (owner, name)
-);
-CREATE TABLE IF NOT EXISTS images (
-    workload_id TEXT NOT NULL REFERENCES workloads(id),
-    image_id INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    format TEXT NOT NULL,
-    size BIGINT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    width INTEGER,
-    height INTEGER,
-    mode TEXT,
-    filename TEXT,
-    photo TEXT,
-    PRIMARY KEY (workload_id, type, image_id)
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id BIGSERIAL PRIMARY KEY,
-    workload_id TEXT NOT NULL REFERENCES workloads(id),
-    image_id INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT,
-    error TEXT,
-    created_at DOUBLE PRECISION NOT NULL,
-    dispatched_at DOUBLE PRECISION,
-    deadline DOUBLE PRECISION,
-    finished_at DOUBLE PRECISION,
-    copies INTEGER NOT NULL DEFAULT 0,
-    download_ms DOUBLE PRECISION,
-    process_ms DOUBLE PRECISION,
-    upload_ms DOUBLE PRECISION,
-    UNIQUE (workload_id, image_id)
-);
--- columns later versions added (a database made by an earlier one)
-ALTER TABLE images ADD COLUMN IF NOT EXISTS filename TEXT;
-ALTER TABLE images ADD COLUMN IF NOT EXISTS photo TEXT;
-ALTER TABLE workloads ADD COLUMN IF NOT EXISTS bytes BIGINT NOT NULL DEFAULT 0;
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE INDEX IF NOT EXISTS workloads_owner ON workloads(owner, created_at);
-CREATE TABLE IF NOT EXISTS workers (
-    name TEXT PRIMARY KEY,
-    tags TEXT NOT NULL,
-    rpc_address TEXT NOT NULL,
-    first_seen DOUBLE PRECISION NOT NULL,
-    last_seen DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS settings (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
--- Directories of deleted workloads: never given to another workload, so that nothing a
--- deleted workload left behind (a write in flight when it was deleted) is ever seen again.
-CREATE TABLE IF NOT EXISTS retired_dirs (
-    dir TEXT PRIMARY KEY,
-    retired_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    term BIGINT NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS servers (
-    name TEXT PRIMARY KEY,
-    api_url TEXT NOT NULL,
-    controller TEXT NOT NULL,
-    started_at DOUBLE PRECISION NOT NULL,
-    last_seen DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS auth_version (version BIGINT NOT NULL);
+SCHEMA = schema.create_all(schema.POSTGRESQL) + "\n".join(
+    schema.added_columns(schema.POSTGRESQL, "workloads") + schema.added_columns(schema.POSTGRESQL, "images")) + f"""
 
 CREATE OR REPLACE FUNCTION dpip_images_counted() RETURNS trigger AS $$
 BEGIN
-    UPDATE workloads SET image_count = image_count + (NEW.type = 'original')::int,
-                         filtered_count = filtered_count + (NEW.type = 'filtered')::int,
-                         bytes = bytes + NEW.size
-    WHERE id = NEW.workload_id;
+    UPDATE workloads SET {schema.images_counted(schema.POSTGRESQL)} WHERE id = NEW.workload_id;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
 DROP TRIGGER IF EXISTS images_counted ON images;
@@ -148,11 +48,7 @@ CREATE TRIGGER images_counted AFTER INSERT ON images FOR EACH ROW EXECUTE FUNCTI
 CREATE OR REPLACE FUNCTION dpip_jobs_counted() RETURNS trigger AS $$
 BEGIN
     IF OLD.state IS DISTINCT FROM NEW.state THEN
-        UPDATE workloads SET
-            running_count = running_count + (NEW.state = 'dispatched')::int - (OLD.state = 'dispatched')::int,
-            failed_count = failed_count + (NEW.state = 'failed')::int - (OLD.state = 'failed')::int,
-            started = CASE WHEN NEW.state = 'dispatched' THEN 1 ELSE started END
-        WHERE id = NEW.workload_id;
+        UPDATE workloads SET {schema.jobs_counted(schema.POSTGRESQL)} WHERE id = NEW.workload_id;
     END IF;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
@@ -161,7 +57,7 @@ CREATE TRIGGER jobs_counted AFTER UPDATE OF state ON jobs FOR EACH ROW EXECUTE F
 
 CREATE OR REPLACE FUNCTION dpip_job_announced() RETURNS trigger AS $$
 BEGIN
-    PERFORM pg_notify('dpip_jobs', NEW.id::text);
+    PERFORM pg_notify('{JOBS_CHANNEL}', NEW.id::text);
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
 DROP TRIGGER IF EXISTS job_announced ON jobs;

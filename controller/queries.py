@@ -25,6 +25,7 @@ from controller.models import (
     WorkloadView,
     quoted,
 )
+from controller import schema
 from controller.sql import Script, q
 
 T = TypeVar("T")
@@ -236,8 +237,7 @@ class SqlDatastore(abc.ABC):
         those few, whatever the owner's history."""
         def active() -> Script[list[WorkloadView]]:
             rows = (yield q(f"SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE owner = ? AND NOT"
-                            " (image_count > 0 AND filtered_count + failed_count >= image_count)"
-                            " ORDER BY created_at", owner)).rows
+                            f" ({schema.COMPLETED}) ORDER BY created_at", owner)).rows
             return (yield from views_of(rows))
 
         return await self.read(active())
@@ -281,8 +281,8 @@ class SqlDatastore(abc.ABC):
     async def expired_workloads(self, before: float, limit: int = 100) -> list[tuple[str, str]]:
         """(id, owner) of completed workloads created before ``before``, oldest first."""
         rows = await self.read(_rows(
-            "SELECT id, owner FROM workloads WHERE created_at < ? AND image_count > 0"
-            " AND filtered_count + failed_count >= image_count ORDER BY created_at LIMIT ?", before, limit))
+            f"SELECT id, owner FROM workloads WHERE created_at < ? AND {schema.COMPLETED}"
+            " ORDER BY created_at LIMIT ?", before, limit))
         return [(r[0], r[1]) for r in rows]
 
     async def bytes_of(self, owner: str) -> int:

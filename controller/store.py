@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from controller import sql
+from controller import schema, sql
 from controller.models import InsufficientStorage
 from controller.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, tags_of
 from controller.sql import Result, Script, Statement, UniqueViolation
@@ -32,128 +32,20 @@ __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "GroupCommit", "Reader", "Store", "tags_o
 
 logger = logging.getLogger(__name__)
 
-#: Names are unique per owner; ``dir`` (the images directory) is unique across owners.
-WORKLOADS_TABLE = """
-CREATE TABLE IF NOT EXISTS {table} (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    dir TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    tags TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    next_image_id INTEGER NOT NULL DEFAULT 0,
-    meta TEXT NOT NULL DEFAULT '{{}}',
-    params TEXT NOT NULL DEFAULT '{{}}',
-    -- kept by the triggers below, so that a workload's status costs one row, not its history
-    image_count INTEGER NOT NULL DEFAULT 0,
-    filtered_count INTEGER NOT NULL DEFAULT 0,
-    failed_count INTEGER NOT NULL DEFAULT 0,
-    running_count INTEGER NOT NULL DEFAULT 0,
-    started INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,  -- of its images, originals and results: for quotas
-    UNIQUE (owner, name)
-);
-"""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    name TEXT PRIMARY KEY,
-    password_hash TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revoked_tokens (
-    jti TEXT PRIMARY KEY,
-    expires_at REAL NOT NULL
-);
-""" + WORKLOADS_TABLE.format(table="workloads") + """
-CREATE TABLE IF NOT EXISTS images (
-    workload_id TEXT NOT NULL REFERENCES workloads(id),
-    image_id INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    format TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    width INTEGER,  -- from the header at upload, upright (NULL in rows of earlier versions)
-    height INTEGER,
-    mode TEXT,
-    filename TEXT,  -- the uploaded file's name (originals)
-    photo TEXT,  -- JSON: camera, time taken, GPS position, from the original's EXIF (owner only)
-    PRIMARY KEY (workload_id, type, image_id)
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    workload_id TEXT NOT NULL REFERENCES workloads(id),
-    image_id INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT,
-    error TEXT,
-    created_at REAL NOT NULL,
-    dispatched_at REAL,
-    deadline REAL,
-    finished_at REAL,
-    copies INTEGER NOT NULL DEFAULT 0,
-    download_ms REAL,
-    process_ms REAL,
-    upload_ms REAL,
-    UNIQUE (workload_id, image_id)
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE INDEX IF NOT EXISTS workloads_owner ON workloads(owner, created_at);
-CREATE TABLE IF NOT EXISTS servers (
-    name TEXT PRIMARY KEY,
-    api_url TEXT NOT NULL,
-    controller TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS settings (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
--- Directories of deleted workloads: never given to another workload, so that nothing a
--- deleted workload left behind (a write in flight when it was deleted) is ever seen again.
-CREATE TABLE IF NOT EXISTS retired_dirs (
-    dir TEXT PRIMARY KEY,
-    retired_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS workers (
-    name TEXT PRIMARY KEY,
-    tags TEXT NOT NULL,
-    rpc_address TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL
-);
-"""
-
-
-#: The workloads' counters follow their images and jobs inside the very statement that changes
-#: them: a transition stays one statement, and no code path can forget a counter.
-COUNTERS = """
+#: Every table and index (:mod:`controller.schema`), then the counters' triggers: the workloads'
+#: counters follow their images and jobs inside the very statement that changes them, so a
+#: transition stays one statement and no code path can forget a counter.
+SCHEMA = schema.create_all(schema.SQLITE)
+COUNTERS = f"""
 DROP TRIGGER IF EXISTS images_counted;
-CREATE TRIGGER IF NOT EXISTS images_counted_v2 AFTER INSERT ON images BEGIN
-    UPDATE workloads SET image_count = image_count + (NEW.type = 'original'),
-                         filtered_count = filtered_count + (NEW.type = 'filtered'),
-                         bytes = bytes + NEW.size
-    WHERE id = NEW.workload_id;
+DROP TRIGGER IF EXISTS images_counted_v2;
+CREATE TRIGGER images_counted_v2 AFTER INSERT ON images BEGIN
+    UPDATE workloads SET {schema.images_counted(schema.SQLITE)} WHERE id = NEW.workload_id;
 END;
-CREATE TRIGGER IF NOT EXISTS jobs_counted AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
-    UPDATE workloads SET running_count = running_count + (NEW.state = 'dispatched') - (OLD.state = 'dispatched'),
-                         failed_count = failed_count + (NEW.state = 'failed') - (OLD.state = 'failed'),
-                         started = started OR NEW.state = 'dispatched'
-    WHERE id = NEW.workload_id;
+DROP TRIGGER IF EXISTS jobs_counted;
+CREATE TRIGGER jobs_counted AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+    UPDATE workloads SET {schema.jobs_counted(schema.SQLITE)} WHERE id = NEW.workload_id;
 END;
-"""
-
-RECOUNT = """
-UPDATE workloads SET
-    image_count = (SELECT COUNT(*) FROM images i WHERE i.workload_id = workloads.id AND i.type = 'original'),
-    filtered_count = (SELECT COUNT(*) FROM images i WHERE i.workload_id = workloads.id AND i.type = 'filtered'),
-    failed_count = (SELECT COUNT(*) FROM jobs j WHERE j.workload_id = workloads.id AND j.state = 'failed'),
-    running_count = (SELECT COUNT(*) FROM jobs j WHERE j.workload_id = workloads.id AND j.state = 'dispatched'),
-    started = EXISTS (SELECT 1 FROM jobs j WHERE j.workload_id = workloads.id AND j.attempts > 0),
-    bytes = (SELECT COALESCE(SUM(size), 0) FROM images i WHERE i.workload_id = workloads.id)
 """
 
 
@@ -379,37 +271,27 @@ class Store(SqlDatastore):
 
     async def _migrate(self) -> None:
         """Add the columns later versions introduced to a data dir made by an earlier one."""
-        async with self.db.execute("PRAGMA table_info(workloads)") as cur:
-            columns = {r["name"] for r in await cur.fetchall()}
-        if "meta" not in columns:
-            async with self._transaction() as db:
-                await db.execute("ALTER TABLE workloads ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
-        if "dir" not in columns:
-            await self._rebuild_workloads()  # with every later column too
-        elif "params" not in columns:
-            async with self._transaction() as db:
-                await db.execute("ALTER TABLE workloads ADD COLUMN params TEXT NOT NULL DEFAULT '{}'")
-        if "image_count" not in columns:  # counters came later: count what is there once
-            async with self._transaction() as db:
-                if "dir" in columns:  # (a rebuilt table has them already)
-                    for column in ("image_count", "filtered_count", "failed_count", "running_count", "started",
-                                   "bytes"):
-                        await db.execute(f"ALTER TABLE workloads ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
-                await db.execute(RECOUNT)
-        async with self.db.execute("PRAGMA table_info(images)") as cur:
-            image_columns = {r["name"] for r in await cur.fetchall()}
-        added = [c for c in ("width INTEGER", "height INTEGER", "mode TEXT", "filename TEXT", "photo TEXT")
-                 if c.split()[0] not in image_columns]
-        if added:
-            async with self._transaction() as db:
-                for column in added:
-                    await db.execute(f"ALTER TABLE images ADD COLUMN {column}")
-        async with self.db.execute("PRAGMA table_info(workloads)") as cur:
-            if "bytes" not in {r["name"] for r in await cur.fetchall()}:
+        columns = await self._columns("workloads")
+        if "dir" not in columns:  # rebuilt with every later column, the counters to be counted
+            if "meta" not in columns:
                 async with self._transaction() as db:
-                    await db.execute("ALTER TABLE workloads ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
-                    await db.execute("UPDATE workloads SET bytes = (SELECT COALESCE(SUM(size), 0) FROM images i"
-                                     " WHERE i.workload_id = workloads.id)")
+                    await db.execute("ALTER TABLE workloads ADD COLUMN "
+                                     + schema.TABLE["workloads"].column("meta").ddl(schema.SQLITE))
+            await self._rebuild_workloads()
+        else:
+            async with self._transaction() as db:
+                for statement in schema.added_columns(schema.SQLITE, "workloads", columns):
+                    await db.execute(statement)
+        if not {"image_count", "bytes"} <= columns:  # counters came later: count what is there once
+            async with self._transaction() as db:
+                await db.execute(schema.recount())
+        async with self._transaction() as db:
+            for statement in schema.added_columns(schema.SQLITE, "images", await self._columns("images")):
+                await db.execute(statement)
+
+    async def _columns(self, table: str) -> set[str]:
+        async with self.db.execute(f"PRAGMA table_info({table})") as cur:
+            return {r["name"] for r in await cur.fetchall()}
 
     async def _rebuild_workloads(self) -> None:
         """Names were unique across owners and were their directories: keep each as its ``dir``
@@ -420,7 +302,7 @@ class Store(SqlDatastore):
         try:
             await db.executescript(
                 "BEGIN;"
-                + WORKLOADS_TABLE.format(table="workloads_v2")
+                + schema.TABLE["workloads"].ddl(schema.SQLITE, "workloads_v2")
                 + "INSERT INTO workloads_v2(id, name, dir, owner, filter, tags, created_at, next_image_id,"
                 " meta) SELECT id, name, name, owner, filter, tags, created_at, next_image_id, meta"
                 " FROM workloads;"
