@@ -1,7 +1,8 @@
 """What the rest of DPIP needs from a datastore: the contract that
-:class:`~controller.queries.SqlDatastore` implements on each engine (SQLite today, in
-:mod:`controller.store`). ``tests/test_datastore_contract.py`` runs one suite against every
-implementation.
+:class:`~controller.queries.SqlDatastore` implements on each engine (SQLite in
+:mod:`controller.store`, PostgreSQL in :mod:`controller.pgstore`), and what a datastore several
+servers share adds (:class:`SharedDatastore`: the scheduler's lease, news of jobs).
+``tests/test_datastore_contract.py`` runs one suite against every implementation.
 
 Writes are transactions (:meth:`Datastore.grouped`): a script of :mod:`controller.sql`, all or
 nothing. The job transitions themselves live in :mod:`controller.jobs`, as such scripts.
@@ -9,7 +10,8 @@ nothing. The job transitions themselves live in :mod:`controller.jobs`, as such 
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from collections.abc import Callable
+from typing import Protocol, TypeVar, cast
 
 from controller.models import Filter, ImageType, Workload, WorkloadView
 from controller.sql import Script
@@ -20,7 +22,10 @@ T = TypeVar("T")
 class Datastore(Protocol):
     """Users, tokens, workloads, images, jobs and workers, persisted."""
 
-    shared: bool  # whether other servers may use it too (then they share settings and a lease)
+    #: Whether other servers may use it too: then they share its settings (the signing secret,
+    #: the join token), take image ids from its counters, and one of them schedules, by a lease
+    #: (it is then a :class:`SharedDatastore`).
+    shared: bool
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -71,3 +76,30 @@ class Datastore(Protocol):
     async def upsert_worker(self, name: str, tags: list[str], rpc_address: str) -> None: ...
     async def forget_worker(self, name: str) -> None: ...
     async def known_workers(self) -> list[dict]: ...
+
+    # the servers of the system (one, unless several share the datastore)
+    async def server_seen(self, name: str, api_url: str, controller: str, started_at: float) -> None: ...
+    async def servers(self) -> list[dict]: ...
+    async def forget_servers(self, older_than: float) -> None: ...
+
+
+class JobListener(Protocol):
+    """News of jobs inserted by any server, until closed."""
+
+    def is_closed(self) -> bool: ...
+    async def close(self) -> None: ...
+
+
+class SharedDatastore(Datastore, Protocol):
+    """A datastore several servers use at once (PostgreSQL): a lease says which one schedules,
+    and every server hears of the jobs the others enqueue."""
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> int | None: ...
+    async def release_lease(self, name: str, holder: str) -> None: ...
+    async def lease_holder(self, name: str) -> str | None: ...
+    async def listen_jobs(self, on_job: Callable[[int], None]) -> JobListener: ...
+
+
+def as_shared(store: Datastore) -> SharedDatastore | None:
+    """``store`` as a datastore other servers share (its engine says so), or None."""
+    return cast(SharedDatastore, store) if store.shared else None

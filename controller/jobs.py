@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 from controller.datastore import Datastore
+from controller.imageids import image_ids
 from controller.images import ImageStore, StoredFile, header_from_bytes, image_key
 from controller.results import result_problem
 from controller.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
@@ -68,10 +69,8 @@ class JobLifecycle:
         self.store = store
         self.images = images
         self.traffic = JobTraffic()
+        self.ids = image_ids(store)  # the originals' ids
         self._locks: dict[str, asyncio.Lock] = {}
-        self._next_ids: dict[str, int] = {}  # workload -> its next original id (see _take_id)
-        self._taken: dict[str, set[int]] = {}  # workload -> ids of originals being placed now
-        self._background: set[asyncio.Future] = set()
         self._deleted: OrderedDict[str, float] = OrderedDict()  # workloads deleted here, recently
 
     def lock(self, workload_id: str) -> asyncio.Lock:
@@ -117,60 +116,19 @@ class JobLifecycle:
         its row; ids follow arrival order."""
         assert self.images is not None
         if chosen is None:
-            image_id = await self._take_id(workload.id)
+            image_id = await self.ids.take(workload.id)
         else:
-            async with self.lock(workload.id):  # never with a seeding or another chosen id
-                taken = self._taken.setdefault(workload.id, set())
-                if chosen in taken or await self.store.has_image(workload.id, chosen, ImageType.ORIGINAL):
-                    raise Conflict(f"original image {chosen} of workload {quoted(workload.id)} already exists")
-                taken.add(chosen)
-                if workload.id in self._next_ids:
-                    self._next_ids[workload.id] = max(self._next_ids[workload.id], chosen + 1)
-            image_id = chosen
+            image_id = await self.ids.choose(workload.id, chosen)
         try:
             return await self._place_original(workload, image_id, stored, filename, quota)
         except asyncio.CancelledError:
-            self._give_back(workload.id, image_id)
+            self.ids.cancelled(workload.id, image_id)
             raise
         except BaseException:
-            if self.store.shared:
-                await self.store.grouped(_give_counter_back(workload.id, image_id), durable=False)
-            else:
-                self._give_back(workload.id, image_id)
+            await self.ids.give_back(workload.id, image_id)
             raise
         finally:
-            self._taken.get(workload.id, set()).discard(image_id)
-
-    async def _take_id(self, workload_id: str) -> int:
-        """The workload's next original id, taken in memory (no lock held over the upload's
-        I/O): concurrent uploads get distinct ids in arrival order. The datastore's counter,
-        which each recorded original advances, seeds it; so after a crash an id taken but not
-        recorded is taken again by the next upload. When other servers take ids too (a shared
-        datastore), the counter itself is taken, in one statement."""
-        if self.store.shared:
-            return await self.store.grouped(_take_counter(workload_id), durable=False)
-        if workload_id not in self._next_ids:
-            async with self.lock(workload_id):
-                if workload_id not in self._next_ids:
-                    self._next_ids[workload_id] = await self.store.next_image_id(workload_id)
-        taken = self._taken.setdefault(workload_id, set())
-        image_id = self._next_ids[workload_id]
-        while image_id in taken:  # a chosen id being placed, not yet counted
-            image_id += 1
-        self._next_ids[workload_id] = image_id + 1
-        taken.add(image_id)
-        return image_id
-
-    def _give_back(self, workload_id: str, image_id: int) -> None:
-        """An upload that failed after taking the newest id returns it (no gap for a client that
-        sends one image at a time)."""
-        if self.store.shared:  # (not awaited: the upload is being cancelled)
-            task = asyncio.ensure_future(self.store.grouped(_give_counter_back(workload_id, image_id), durable=False))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure costs a gap only
-        elif self._next_ids.get(workload_id) == image_id + 1:
-            self._next_ids[workload_id] = image_id
+            self.ids.placed(workload.id, image_id)
 
     async def _place_original(self, workload: Workload, image_id: int, stored: StoredFile,
                               filename: str | None, quota: int) -> Job:
@@ -319,8 +277,8 @@ class JobLifecycle:
         if removed is None:
             return None
         removed["files"] = (files or 0) + await self.images.remove_workload(workload.dir)
-        for table in (self._next_ids, self._taken, self._locks):
-            table.pop(workload.id, None)
+        self.ids.forget(workload.id)
+        self._locks.pop(workload.id, None)
         return removed
 
     async def thumbnail(self, workload: Workload, type_: ImageType, image_id: int, fmt: str, size: str) -> str:
@@ -489,16 +447,3 @@ def check_quota(owner: str, size: int, quota: int) -> Script[None]:
     if used + size > quota:
         raise QuotaExceeded(f"quota exceeded: your images take {used} of your {quota} bytes and this one"
                             f" has {size}; delete a workload to make room")
-
-
-def _take_counter(workload_id: str) -> Script[int]:
-    taken = (yield q("UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?"
-                     " RETURNING next_image_id - 1", workload_id)).scalar()
-    if taken is None:
-        raise NotFound(f"workload {quoted(workload_id)} not found")
-    return taken
-
-
-def _give_counter_back(workload_id: str, image_id: int) -> Script[None]:
-    yield q("UPDATE workloads SET next_image_id = ? WHERE id = ? AND next_image_id = ?",
-            image_id, workload_id, image_id + 1)

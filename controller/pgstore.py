@@ -196,8 +196,8 @@ class PgStore(SqlDatastore):
         """Changes whenever users or revocations change, from any server."""
         return await self.read(_auth_version())
 
-    async def listen_jobs(self, on_job: Callable[[int], None]) -> Callable[[], Any]:
-        """Call ``on_job(id)`` for each job inserted from now on; returns an async ``stop``.
+    async def listen_jobs(self, on_job: Callable[[int], None]) -> _Listener:
+        """Call ``on_job(id)`` for each job inserted from now on, until the listener is closed.
         The connection is dedicated (a pooled one would be handed to others)."""
         conn = await asyncpg.connect(self.url, timeout=self.timeout)
 
@@ -206,15 +206,23 @@ class PgStore(SqlDatastore):
                 on_job(int(payload))
 
         await conn.add_listener(JOBS_CHANNEL, notified)
+        return _Listener(conn)
 
-        async def stop() -> None:
-            try:
-                await asyncio.wait_for(conn.close(), 5)
-            except (asyncio.TimeoutError, *CONNECTION_ERRORS):
-                conn.terminate()
 
-        stop.is_closed = conn.is_closed  # type: ignore[attr-defined]
-        return stop
+class _Listener:
+    """A connection listening for ``dpip_jobs`` (a :class:`~controller.datastore.JobListener`)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    def is_closed(self) -> bool:
+        return self._conn.is_closed()
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._conn.close(), 5)
+        except (asyncio.TimeoutError, *CONNECTION_ERRORS):
+            self._conn.terminate()
 
 
 def _release(name: str, holder: str) -> Script[None]:

@@ -18,9 +18,9 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
 
 from common.aio import stop_tasks
+from controller.datastore import JobListener, SharedDatastore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from controller.models import DpipError, Job
@@ -39,7 +39,9 @@ class LeadingScheduler:
     """This server's scheduler while it leads; an empty one while another server does."""
 
     def __init__(self, jobs: JobLifecycle, membership: Membership, settings: SchedulerSettings,
-                 name: str, lease_ttl: float = 3.0) -> None:
+                 name: str, lease_ttl: float = 3.0, shared: SharedDatastore | None = None) -> None:
+        """``shared``: the datastore other servers share, whose lease says who schedules; None
+        (one server on its own datastore): this one always does."""
         self.jobs = jobs
         self.membership = membership
         self.settings = settings
@@ -50,17 +52,17 @@ class LeadingScheduler:
         self.term = 0
         self.terms = 0  # how many terms this server has led (for the curious, and the tests)
         self.on_job_done: Callable[[Job, float], None] | None = None
-        self._store = jobs.store
+        self._store = shared
         self._task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
-        self._stop_listening: Any = None
+        self._listener: JobListener | None = None
         self._heard: set[int] = set()
         self._heard_event = asyncio.Event()
         self._valid_until = 0.0  # monotonic: when our lease may have expired, with a margin
 
     @property
     def shared(self) -> bool:
-        return self._store.shared
+        return self._store is not None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -75,20 +77,21 @@ class LeadingScheduler:
             await stop_tasks([self._task])
         was_leading = self.current is not None
         await self._step_down("stopping")
-        if was_leading and self.shared:
+        if was_leading and self._store is not None:
             try:
-                await self._store.release_lease(LEASE, self.holder)  # type: ignore[attr-defined]
+                await self._store.release_lease(LEASE, self.holder)
             except DpipError as e:
                 logger.warning("could not give the lease up: %s", e)
 
     async def _campaign(self) -> None:
         """Take the lease when it is free; renew it while leading; step down when we cannot."""
+        assert self._store is not None
         while True:
             period = self.lease_ttl / (3 if self.current is not None else 6)
             asked = time.monotonic()
             try:
                 term = await asyncio.wait_for(
-                    self._store.acquire_lease(LEASE, self.holder, self.lease_ttl),  # type: ignore[attr-defined]
+                    self._store.acquire_lease(LEASE, self.holder, self.lease_ttl),
                     timeout=max(0.1, self.lease_ttl - SAFETY_MARGIN - period))
             except (DpipError, asyncio.TimeoutError, OSError) as e:
                 term = None
@@ -112,9 +115,9 @@ class LeadingScheduler:
         scheduler = Scheduler(self.jobs, self.membership, self.settings)
         scheduler.on_job_done = self.on_job_done
         self.current = scheduler
-        if self.shared:
+        if self._store is not None:
             logger.info("server %s leads (term %d): scheduling", self.name, term)
-            self._stop_listening = await self._store.listen_jobs(self._heard_of)  # type: ignore[attr-defined]
+            self._listener = await self._store.listen_jobs(self._heard_of)
             self._sweeper = asyncio.create_task(self._sweep(scheduler), name="queued-sweep")
         await scheduler.start()
 
@@ -127,9 +130,9 @@ class LeadingScheduler:
         if self._sweeper is not None:
             await stop_tasks([self._sweeper])
             self._sweeper = None
-        if self._stop_listening is not None:
-            await self._stop_listening()
-            self._stop_listening = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         await scheduler.close()
 
     # -- jobs enqueued elsewhere --------------------------------------------------------------
@@ -163,8 +166,8 @@ class LeadingScheduler:
                         if len(found) < 1000:
                             break
                         after = found[-1].id
-                if self._stop_listening is not None and self._stop_listening.is_closed():
-                    self._stop_listening = await self._store.listen_jobs(self._heard_of)  # type: ignore[attr-defined]
+                if self._store is not None and self._listener is not None and self._listener.is_closed():
+                    self._listener = await self._store.listen_jobs(self._heard_of)
             except (DpipError, OSError) as e:
                 logger.warning("looking for queued jobs failed: %s", e)
                 self._heard.update(ids)
@@ -200,9 +203,9 @@ class LeadingScheduler:
         """The name of the server that schedules now (None if none does, for a moment)."""
         if self.current is not None:
             return self.name
-        if not self.shared:
+        if self._store is None:
             return None
-        holder = await self._store.lease_holder(LEASE)  # type: ignore[attr-defined]
+        holder = await self._store.lease_holder(LEASE)
         return holder.rsplit("/", 1)[0] if holder else None
 
     def describe(self) -> dict:

@@ -39,7 +39,7 @@ from common import localjoin
 from common.config import tcp_url
 from common.aio import stop_tasks
 from controller.auth import Auth, system_join_token, system_secret
-from controller.datastore import Datastore
+from controller.datastore import Datastore, as_shared
 from controller.images import FileImageStore, ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
@@ -159,7 +159,7 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
         hedge_quantile=s.hedge_quantile,
         hedge_floor=s.hedge_floor_ms / 1000,
         hedge_initial=s.hedge_initial_ms / 1000,
-    ), s.name(), s.lease_ttl)
+    ), s.name(), s.lease_ttl, shared=as_shared(app[STORE]))
     scheduler.on_job_done = app[METRICS].job_done
     app[SCHEDULER] = scheduler
     try:
