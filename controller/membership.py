@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import pynng
 
@@ -54,6 +55,19 @@ WELCOME_TIMEOUT = 3.0  # seconds a welcome waits for the worker's acknowledgemen
 TRUSTED_AT_FIRST = 2
 
 
+class WorkerState(str, Enum):
+    """Where a worker is in its life, as membership sees it.
+
+    ``gone`` (not a member: never welcomed this run, lost, or left) -> welcome -> ``welcomed``
+    -> first sealed heartbeat -> ``alive`` <-> ``draining`` (as its heartbeats say) -> silent for
+    the TTL, a goodbye, or a restart under the same name -> ``gone``."""
+
+    GONE = "gone"
+    WELCOMED = "welcomed"
+    ALIVE = "alive"
+    DRAINING = "draining"
+
+
 @dataclass
 class WorkerInfo:
     """What the controller knows of one worker: its last heartbeat and its liveness."""
@@ -70,13 +84,30 @@ class WorkerInfo:
     jobs_done: int = 0
     last_seen: float = 0.0  # wall clock, for people
     last_seen_mono: float = 0.0  # monotonic, for the TTL and forgetting
-    alive: bool = False
-    welcomed: bool = False
+    state: WorkerState = WorkerState.GONE
     welcomed_at: float = 0.0  # monotonic
-    draining: bool = False
     running_job_ids: list[int] = field(default_factory=list)
     channel: Channel | None = field(default=None, repr=False)  # the session key; None when dead
     proven: int = 0  # its results stored this session (what its claimed capacity is trusted to)
+
+    @property
+    def alive(self) -> bool:
+        """Heartbeating (draining or not)."""
+        return self.state in (WorkerState.ALIVE, WorkerState.DRAINING)
+
+    @property
+    def welcomed(self) -> bool:
+        """A member: welcomed on its current session, whether it has heartbeated yet or not."""
+        return self.state != WorkerState.GONE
+
+    @property
+    def draining(self) -> bool:
+        return self.state == WorkerState.DRAINING
+
+    @property
+    def ready(self) -> bool:
+        """It may be given jobs: alive, not draining, with room for some."""
+        return self.state == WorkerState.ALIVE and self.capacity > 0
 
     def slots(self) -> int:
         """The jobs it may hold at once: what it claims, but no more than it has proven it can
@@ -195,6 +226,10 @@ class Membership:
 
     def snapshot(self) -> list[WorkerInfo]:
         return list(self.workers.values())
+
+    def member(self, name: str) -> WorkerInfo | None:
+        """What is known of worker ``name`` (alive or not), or None."""
+        return self.workers.get(name)
 
     # -- talking to workers -----------------------------------------------------------------
 
@@ -395,7 +430,7 @@ class Membership:
         if info.session != hello.session:
             info.proven = 0  # another process: it proves itself again
         info.session, info.rpc_address = hello.session, hello.rpc_address
-        info.channel, info.welcomed, info.welcomed_at = channel, True, time.monotonic()
+        info.channel, info.state, info.welcomed_at = channel, WorkerState.WELCOMED, time.monotonic()
         info.last_seen_mono = time.monotonic()  # the TTL runs from the welcome
         self._by_kid[channel.kid] = info
         self.clients[info.name] = client
@@ -410,12 +445,12 @@ class Membership:
         info.running_jobs = hb.running_jobs
         info.capacity = hb.capacity
         info.jobs_done = hb.jobs_done
-        info.draining = hb.draining
         info.running_job_ids = list(hb.running_job_ids)
         info.last_seen = time.time()
         info.last_seen_mono = time.monotonic()
-        if not info.alive:
-            info.alive = True
+        was_alive = info.alive
+        info.state = WorkerState.DRAINING if hb.draining else WorkerState.ALIVE
+        if not was_alive:
             logger.info("worker %s is alive at %s (tags %s, capacity %d)",
                         info.name, info.rpc_address, ",".join(hb.tags) or "-", hb.capacity)
         self._notify_change()
@@ -451,7 +486,7 @@ class Membership:
 
     def _forget_one(self) -> bool:
         """Make room: forget the longest-dead worker, if any is dead."""
-        dead = [w for w in self.workers.values() if not w.alive and not w.welcomed]
+        dead = [w for w in self.workers.values() if w.state == WorkerState.GONE]
         if not dead:
             return False
         oldest = min(dead, key=lambda w: w.last_seen_mono)
@@ -461,8 +496,7 @@ class Membership:
     def _lose(self, info: WorkerInfo, why: str) -> None:
         """Dead or gone: its session key and capabilities die, its jobs are requeued."""
         (logger.info if why == "it said goodbye" else logger.warning)("worker %s is gone: %s", info.name, why)
-        info.alive = False
-        info.welcomed = False
+        info.state = WorkerState.GONE
         info.running_jobs = 0
         info.running_job_ids = []
         info.cpu_percent = info.memory_percent = 0.0

@@ -16,17 +16,15 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol
 
 from common import wire
 from common.rpc import RpcError
 from controller.jobs import JobLifecycle, Timing
-from controller.membership import Membership
 from controller.models import DpipError, InsufficientStorage, Job, Unavailable
 from scheduler.latency import LatencyTracker
+from scheduler.ports import Members, Slots
 
 logger = logging.getLogger(__name__)
 
@@ -89,19 +87,10 @@ def _answer(answered: asyncio.Future[float]) -> None:
         answered.set_result(time.monotonic())
 
 
-class Slots(Protocol):
-    """What the carrier needs from the scheduler: slot keeping and task tracking."""
-
-    def reserve_second(self, job: Job, primary: str) -> str | None: ...
-    def queued(self) -> int: ...
-    def release(self, worker: str, job: Job) -> None: ...
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task: ...
-
-
 class Carrier:
     """Sends the copies of one attempt, and knows when to hedge and whom to cancel."""
 
-    def __init__(self, jobs: JobLifecycle, membership: Membership, settings: SchedulerSettings,
+    def __init__(self, jobs: JobLifecycle, membership: Members, settings: SchedulerSettings,
                  latency: LatencyTracker, stats: DispatchStats, slots: Slots) -> None:
         self.jobs = jobs
         self.membership = membership
@@ -152,7 +141,7 @@ class Carrier:
         return max(s.hedge_floor, min(p, s.hedge_multiple * median))
 
     def _address(self, worker: str) -> str:
-        info = self.membership.workers.get(worker)
+        info = self.membership.member(worker)
         return info.rpc_address if info is not None else ""
 
     def _start(self, job: Job, worker: str, tied: tuple[str, str] = ("", ""),
@@ -223,7 +212,7 @@ class Carrier:
 
     async def _call(self, job: Job, worker: str, tied: tuple[str, str], answered: asyncio.Future[float]) -> Outcome:
         """Run the job on ``worker``: success once its result is stored, else what went wrong."""
-        info = self.membership.workers.get(worker)
+        info = self.membership.member(worker)
         if info is None or info.channel is None:
             return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
                                                    backoff=False))
@@ -246,7 +235,7 @@ class Carrier:
             _answer(answered)
         except RpcError as e:
             _answer(answered)
-            info = self.membership.workers.get(worker)
+            info = self.membership.member(worker)
             if info is None or not info.alive:  # not the job's fault: straight back in line
                 return Outcome(worker, failure=Failure(f"worker {worker} died while running the job",
                                                        backoff=False))

@@ -16,10 +16,10 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from common.aio import stop_tasks
 from controller.jobs import JobLifecycle
-from controller.membership import Membership
 from controller.models import DpipError, Job
 from scheduler.carrier import (
     Carrier,
@@ -29,6 +29,7 @@ from scheduler.carrier import (
     SchedulerSettings,
 )
 from scheduler.latency import LatencyTracker
+from scheduler.ports import Members
 from scheduler.placement import JobView, WorkerView, place, why_not
 
 logger = logging.getLogger(__name__)
@@ -41,22 +42,29 @@ ORPHAN_SWEEP = 5.0
 __all__ = ["HedgePolicy", "Scheduler", "SchedulerSettings"]
 
 
+@dataclass
+class Pending:
+    """What the scheduler keeps of a job from its queueing until it is settled (done, failed,
+    or finished elsewhere): one record, dropped whole."""
+
+    avoid: set[str] = field(default_factory=set)  # workers that failed it already
+    not_before: float = 0.0  # monotonic time of its next try
+    transient: int = 0  # attempts that failed for the stores' sake (not counted)
+    final_by: set[str] = field(default_factory=set)  # workers that said no attempt can help
+
+
 class Scheduler:
     """Owns the queue and the jobs in flight; wakes up on new jobs and on worker news."""
 
-    def __init__(self, jobs: JobLifecycle, membership: Membership, settings: SchedulerSettings) -> None:
+    def __init__(self, jobs: JobLifecycle, membership: Members, settings: SchedulerSettings) -> None:
         self.jobs = jobs
         self.membership = membership
         self.settings = settings
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # workload -> jobs, FIFO
+        self._pending: dict[int, Pending] = {}  # job id -> its record, while queued or attempted
         self._in_flight: dict[str, dict[int, Job]] = {}  # worker -> job id -> job
         self._finished: OrderedDict[int, float] = OrderedDict()  # job id -> when its call ended (recently)
-        self._avoid: dict[int, set[str]] = {}  # job id -> workers that failed it already
-        self._not_before: dict[int, float] = {}  # job id -> monotonic time of its next try
         self._probation: dict[str, float] = {}  # worker -> until when others go first
-        self._pending: set[int] = set()  # jobs queued or being attempted
-        self._transient: dict[int, int] = {}  # job id -> attempts that failed for the stores' sake
-        self._final_by: dict[int, set[str]] = {}  # job id -> workers that said no attempt can help
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -150,7 +158,7 @@ class Scheduler:
         at start and a submit may name the same job): one attempt at a time per job."""
         if job.id in self._pending and not retry:
             return
-        self._pending.add(job.id)
+        self._pending.setdefault(job.id, Pending())
         self._queues.setdefault(job.workload_id, deque()).append(job)
 
     async def _run(self) -> None:
@@ -180,7 +188,7 @@ class Scheduler:
                 gpu_utilization=w.gpu.utilization_percent,
                 in_flight=len(ours) + len(foreign),
                 capacity=w.slots(),  # its claim, as far as it has proven it
-                ready=w.alive and w.welcomed and not w.draining and w.capacity > 0,
+                ready=w.ready,
                 probation=self._probation.get(w.name, 0.0) > now,
             ))
         return views
@@ -203,7 +211,7 @@ class Scheduler:
                     continue
                 queue = self._queues[wid]
                 job = queue[0]
-                not_before = self._not_before.get(job.id, 0.0)
+                not_before = self._record(job).not_before
                 if not_before > now:
                     next_retry = min(next_retry or not_before, not_before)
                     blocked.add(wid)
@@ -307,20 +315,20 @@ class Scheduler:
             await self._retry_or_fail(job, worker, failure)
         except DpipError as e:  # the datastore is out of reach: keep the job here, try again later
             logger.warning("job %d: could not record its failed attempt (%s); trying it again later", job.id, e)
-            self._not_before[job.id] = time.monotonic() + TRANSIENT_BACKOFF_MAX
+            self._record(job).not_before = time.monotonic() + TRANSIENT_BACKOFF_MAX
             self._enqueue(job, retry=True)
 
     async def _retry_or_fail(self, job: Job, worker: str, failure: Failure) -> None:
+        record = self._record(job)
         if failure.transient:  # not the job's fault: the attempt does not count
-            self._transient[job.id] = self._transient.get(job.id, 0) + 1
-        counted = job.attempts - self._transient.get(job.id, 0)
+            record.transient += 1
+        counted = job.attempts - record.transient
         final = False
         if failure.final:
             # One worker's word never fails a job for good (it may lie, or be broken): a second
             # worker must say so too, else the job is retried elsewhere, within max_attempts.
-            said = self._final_by.setdefault(job.id, set())
-            said.add(worker)
-            final = len(said) >= 2
+            record.final_by.add(worker)
+            final = len(record.final_by) >= 2
         if final or counted >= self.settings.max_attempts:
             logger.error("job %d (workload %s, image %d) failed for good after %d attempt(s): %s",
                          job.id, job.workload_id, job.image_id, job.attempts, failure.reason)
@@ -334,11 +342,11 @@ class Scheduler:
         logger.warning("job %d attempt %d on %s failed, retrying: %s",
                        job.id, job.attempts, worker, failure.reason)
         if failure.transient:
-            delay = min(TRANSIENT_BACKOFF_MAX, self.settings.retry_backoff * 2 ** (self._transient[job.id] - 1))
+            delay = min(TRANSIENT_BACKOFF_MAX, self.settings.retry_backoff * 2 ** (record.transient - 1))
         else:
-            self._avoid.setdefault(job.id, set()).add(worker)
+            record.avoid.add(worker)
             delay = self.settings.retry_backoff * 2 ** (counted - 1) if failure.backoff else 0.0
-        self._not_before[job.id] = time.monotonic() + delay
+        record.not_before = time.monotonic() + delay
         self._enqueue(queued, retry=True)
 
     async def _orphans(self) -> None:
@@ -347,20 +355,20 @@ class Scheduler:
         while True:
             await asyncio.sleep(ORPHAN_SWEEP)
             try:
-                for job in await self.jobs.overdue(exclude=self._pending):
+                for job in await self.jobs.overdue(exclude=set(self._pending)):
                     logger.warning("job %d was dispatched but nothing holds it: queued again", job.id)
                     self._enqueue(job)
                 self._place_now()
             except DpipError as e:
                 logger.warning("looking for orphaned jobs failed: %s", e)
 
+    def _record(self, job: Job) -> Pending:
+        return self._pending.setdefault(job.id, Pending())
+
     def _view(self, job: Job) -> JobView:
-        return JobView(frozenset(job.tags), frozenset(self._avoid.get(job.id, ())))
+        record = self._pending.get(job.id)
+        return JobView(frozenset(job.tags), frozenset(record.avoid) if record else frozenset())
 
     def _settled(self, job: Job) -> None:
         """The job left the scheduler for good (done, failed, or finished elsewhere)."""
-        self._pending.discard(job.id)
-        self._transient.pop(job.id, None)
-        self._avoid.pop(job.id, None)
-        self._not_before.pop(job.id, None)
-        self._final_by.pop(job.id, None)
+        self._pending.pop(job.id, None)

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from common.aio import stop_tasks
 from controller.datastore import JobListener, SharedDatastore
 from controller.jobs import JobLifecycle
-from controller.membership import Membership
 from controller.models import DpipError, Job
 from scheduler.dispatcher import Scheduler, SchedulerSettings
+from scheduler.ports import Members
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ SWEEP_INTERVAL = 3.0
 class LeadingScheduler:
     """This server's scheduler while it leads; an empty one while another server does."""
 
-    def __init__(self, jobs: JobLifecycle, membership: Membership, settings: SchedulerSettings,
+    def __init__(self, jobs: JobLifecycle, membership: Members, settings: SchedulerSettings,
                  name: str, lease_ttl: float = 3.0, shared: SharedDatastore | None = None) -> None:
         """``shared``: the datastore other servers share, whose lease says who schedules; None
         (one server on its own datastore): this one always does."""

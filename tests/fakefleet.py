@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from common import wire
 from common.rpc import RpcError
 from controller.jobs import JobLifecycle
-from controller.membership import WorkerInfo
+from controller.membership import WorkerInfo, WorkerState
 from controller.models import Filter, Workload
 from controller.store import Store
 from scheduler.dispatcher import Scheduler, SchedulerSettings
@@ -48,7 +48,7 @@ class StubWorker:
 
 
 class StubMembership:
-    """What the scheduler and carrier need from membership, for stub workers."""
+    """The scheduler's port to the workers (:class:`scheduler.ports.Members`), for stub workers."""
 
     def __init__(self, jobs: JobLifecycle) -> None:
         self.jobs = jobs
@@ -68,7 +68,7 @@ class StubMembership:
     def add(self, stub: StubWorker) -> StubWorker:
         self.stubs[stub.name] = stub
         self.workers[stub.name] = WorkerInfo(
-            stub.name, list(stub.tags), alive=True, welcomed=True, capacity=stub.capacity,
+            stub.name, list(stub.tags), state=WorkerState.ALIVE, capacity=stub.capacity,
             cpu_percent=stub.cpu_percent, rpc_address=f"stub://{stub.name}", channel=object(),  # type: ignore[arg-type]
             proven=stub.capacity if stub.trusted else 0)
         for cb in self._on_change:
@@ -83,7 +83,7 @@ class StubMembership:
 
     def kill(self, name: str) -> None:
         info = self.workers[name]
-        info.alive = info.welcomed = False
+        info.state = WorkerState.GONE
         info.channel = None
         for future in self.stubs[name]._answers.values():
             if not future.done():
@@ -93,6 +93,9 @@ class StubMembership:
 
     def snapshot(self) -> list[WorkerInfo]:
         return list(self.workers.values())
+
+    def member(self, name: str) -> WorkerInfo | None:
+        return self.workers.get(name)
 
     def capability(self, name: str, *args: object) -> str:
         return f"stub-capability-for-{name}"
@@ -131,7 +134,7 @@ class Fleet:
         self.store = store
         self.jobs = JobLifecycle(store)
         self.membership = StubMembership(self.jobs)
-        self.scheduler = Scheduler(self.jobs, self.membership, settings)  # type: ignore[arg-type]
+        self.scheduler = Scheduler(self.jobs, self.membership, settings)
 
     async def workload(self, name: str, tags: tuple[str, ...] = ()) -> Workload:
         return await self.store.create_workload(name, "alice", Filter.GRAYSCALE, tags)

@@ -11,7 +11,7 @@ from api.keys import AUTH, MEMBERSHIP, STORE
 from common import seal
 from common.seal import Channel
 from controller.auth import WORKER
-from controller.membership import WorkerInfo
+from controller.membership import WorkerInfo, WorkerState
 from tests.support import ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, upload
 
 
@@ -82,7 +82,8 @@ def job_capability(app, worker: str, workload_id: str, image_id: int, alive: boo
     return a capability for one of its jobs."""
     membership = app[MEMBERSHIP]
     kid, key = seal.new_key()
-    info = WorkerInfo(worker, alive=alive, welcomed=alive, channel=Channel(key, kid, seal.C2W, seal.W2C))
+    info = WorkerInfo(worker, state=WorkerState.ALIVE if alive else WorkerState.GONE,
+                      channel=Channel(key, kid, seal.C2W, seal.W2C))
     membership.workers[worker] = info
     return membership.capability(worker, 1, workload_id, image_id, "grayscale", time.time() + 60)
 
