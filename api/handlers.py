@@ -23,6 +23,7 @@ from api.keys import (
     SCHEDULER,
     SETTINGS,
     STORE,
+    WORKLOADS,
 )
 from api.params import (
     MULTIPART_ERRORS,
@@ -36,12 +37,12 @@ from api.params import (
     request_params,
     required,
 )
-from common import filters, wire
+from common import filters
 from common.formats import FORMATS
 from controller.queries import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
 from controller.auth import JOB, USER, Claims
-from controller.images import StoredFile, check_workload_name, image_key
+from controller.images import StoredFile, image_key
 from controller.models import (
     BadInput,
     Filter,
@@ -201,27 +202,10 @@ def workers_json(app: web.Application, admin: bool = False) -> list[dict]:
 async def create_workload(request: web.Request) -> web.Response:
     params = await request_params(request)
     spec, filter_params = _filter_of(params)
-    name = params.get("workload_name", "").strip() or None
-    if name is not None:
-        check_workload_name(name)
-    tags = _tags_of(params.get("tags", ""))
-    store = request.app[STORE]
-    meta = _meta(params.get("meta", ""))
-    workload = await store.create_workload(name, request[CLAIMS].subject, Filter(spec.name), tags, meta,
-                                           filter_params)
-    return web.json_response(_workload_json(request, await store.workload_view(workload)))
-
-
-def _tags_of(raw: str) -> tuple[str, ...]:
-    """The tags a workload's workers must have: as many as a worker may have at most, each a
-    name like a worker's (a tag no worker can carry would keep the workload waiting forever)."""
-    tags = sorted({t.strip() for t in raw.split(",") if t.strip()})
-    if len(tags) > wire.MAX_TAGS:
-        raise BadInput(f"at most {wire.MAX_TAGS} tags, got {len(tags)}")
-    for tag in tags:
-        if not wire.NAME_RE.fullmatch(tag):
-            raise BadInput(f"a tag is 1-64 letters, digits, '.', '_' or '-' (got {quoted(tag)})")
-    return tuple(tags)
+    workload = await request.app[WORKLOADS].create(
+        request[CLAIMS].subject, Filter(spec.name), params.get("workload_name", "").strip() or None,
+        params.get("tags", ""), _meta(params.get("meta", "")), filter_params)
+    return web.json_response(_workload_json(request, await request.app[STORE].workload_view(workload)))
 
 
 def _filter_of(params: dict[str, str]) -> tuple[filters.FilterSpec, dict]:
@@ -281,17 +265,11 @@ async def get_workload(request: web.Request) -> web.Response:
 @requires(USER)
 async def delete_workload(request: web.Request) -> web.Response:
     """The caller's workload, its jobs, images and thumbnails, files too (anyone else: 404)."""
-    app = request.app
-    workload = await app[STORE].get_workload(request.match_info["workload_id"], request[CLAIMS].subject)
-    cancelled = app[SCHEDULER].drop_workload(workload.id)  # nothing new starts; running copies stop
-    removed = await app[JOBS].delete_workload(workload)
-    if removed is None:
-        raise NotFound(f"workload {quoted(workload.id)} not found")
+    removed = await request.app[WORKLOADS].delete(request.match_info["workload_id"], request[CLAIMS].subject)
     logger.info("workload %s (%s) of %s deleted: %d images, %d results, %d files, %d bytes",
-                workload.id, workload.name, workload.owner, removed["images"], removed["filtered_images"],
-                removed["files"], removed["bytes"])
-    removed.pop("dir", None)
-    return web.json_response({"deleted": True, **removed, "jobs_cancelled": cancelled})
+                removed["workload_id"], removed["workload_name"], request[CLAIMS].subject, removed["images"],
+                removed["filtered_images"], removed["files"], removed["bytes"])
+    return web.json_response({"deleted": True, **removed})
 
 
 @requires(USER)
@@ -349,18 +327,6 @@ async def upload_image(request: web.Request) -> web.Response:
             await images.discard(stored)  # a no-op once the file was moved into place
 
 
-async def _check_quota(request: web.Request, size: int) -> None:
-    """With ``--quota-bytes``: the caller's images, this one included, must fit (a first look,
-    before the file is placed; the reservation itself is made with the image's row)."""
-    quota = request.app[SETTINGS].quota_bytes
-    if not quota:
-        return
-    used = await request.app[STORE].bytes_of(request[CLAIMS].subject)
-    if used + size > quota:
-        raise QuotaExceeded(f"quota exceeded: your images take {used} of your {quota} bytes and this one"
-                            f" has {size}; delete a workload to make room")
-
-
 def _etags(header: str) -> set[str]:
     """The entity tags of an ``If-None-Match`` header (weak ones compare as strong: RFC 9110)."""
     return {t.strip().removeprefix("W/") for t in header.split(",") if t.strip()}
@@ -385,7 +351,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
     if type_ == ImageType.ORIGINAL:
         if claims.scope != USER:
             raise Forbidden("workers upload filtered images only")
-        await _check_quota(request, stored.size)
+        await app[WORKLOADS].check_quota(claims.subject, stored.size)
         # the CLI numbers frames itself to keep their order
         chosen = int_param(params, "image_id", required=False, maximum=MAX_IMAGE_ID)
         job = await app[JOBS].accept_original(workload, stored, chosen, uploaded_as, app[SETTINGS].quota_bytes)
@@ -397,13 +363,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
         image_id = int_param(params, "image_id")
         assert image_id is not None
         _job_image(request, workload.id, image_id, type_, ImageType.FILTERED)
-        try:
-            original = await store.image_header(workload.id, image_id, ImageType.ORIGINAL)
-        except NotFound as e:
-            raise BadInput(f"workload has no original image {image_id}") from e
-        app[JOBS].traffic.from_workers += stored.size
-        await app[JOBS].accept_result(workload.id, workload.dir, workload.filter.value, image_id,
-                                      original if original[3] is not None else None, stored)  # type: ignore[arg-type]
+        await app[JOBS].accept_uploaded_result(workload, image_id, stored)
     return {"workload_id": workload.id, "image_id": image_id, "type": type_.value}
 
 
@@ -435,8 +395,7 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     content_type = FORMATS[fmt][1]
     download = await images.download(key, content_type)
     if request[CLAIMS].scope == JOB:  # a worker fetching its job's original through us
-        request.app[JOBS].traffic.to_workers += download.size or (
-            download.path.stat().st_size if download.path is not None else 0)
+        request.app[JOBS].sent_to_worker(download)
     if download.url:  # --redirect-downloads: the object store serves it, for a short while
         raise web.HTTPTemporaryRedirect(download.url)
     if download.path is not None:

@@ -15,6 +15,7 @@ from controller.images import ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from controller.store import Store
+from controller.workloads import Workloads
 from server.settings import ServerSettings
 
 SETTINGS = web.AppKey("settings", ServerSettings)
@@ -22,6 +23,7 @@ STORE = web.AppKey("store", Store)
 AUTH = web.AppKey("auth", Auth)
 IMAGES = web.AppKey("images", ImageStore)
 JOBS = web.AppKey("jobs", JobLifecycle)
+WORKLOADS = web.AppKey("workloads", Workloads)
 MEMBERSHIP = web.AppKey("membership", Membership)
 SCHEDULER = web.AppKey("scheduler", SchedulerPort)
 LOGIN_LIMITS = web.AppKey("login_limits", LoginThrottle)  # per (user, address) and per address
@@ -31,4 +33,4 @@ STOPPING = web.AppKey("stopping", asyncio.Event)  # set on shutdown: long-lived 
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
 JOB_CLAIMS = web.RequestKey("job_claims", JobClaims)  # set when the caller holds a job capability
 __all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "JOB_CLAIMS", "JOBS", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "SCHEDULER",
-           "SETTINGS", "STOPPING", "STORE", "Claims"]
+           "SETTINGS", "STOPPING", "STORE", "WORKLOADS", "Claims"]

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from controller.datastore import Datastore
 from controller.imageids import image_ids
-from controller.images import ImageStore, StoredFile, header_from_bytes, image_key
+from controller.images import Download, ImageStore, StoredFile, header_from_bytes, image_key
 from controller.results import result_problem
 from controller.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
                                NotFound, QuotaExceeded, Workload, quoted)
@@ -349,6 +349,23 @@ class JobLifecycle:
                 await self.images.remove(key)
             return outcome == RECORDED
 
+    async def accept_uploaded_result(self, workload: Workload, image_id: int, stored: StoredFile) -> bool:
+        """A result a worker uploaded over HTTP (with its job's capability): judged against its
+        original, stored and recorded (see :meth:`accept_result`)."""
+        try:
+            header = await self.store.image_header(workload.id, image_id, ImageType.ORIGINAL)
+        except NotFound as e:
+            raise BadInput(f"workload has no original image {image_id}") from e
+        self.traffic.from_workers += stored.size
+        fmt, width, height, mode = header
+        known = (fmt, width, height, mode) if width is not None and height is not None and mode is not None \
+            else None  # a row of an earlier version: read from the image
+        return await self.accept_result(workload.id, workload.dir, workload.filter.value, image_id, known, stored)
+
+    def sent_to_worker(self, download: Download) -> None:
+        """A worker fetched its job's original through the API."""
+        self.traffic.to_workers += download.size or (download.path.stat().st_size if download.path else 0)
+
     async def _original_header(self, workload_id: str, workload_dir: str, image_id: int,
                                original: tuple[str, int, int, str] | None) -> tuple[str, int, int, str]:
         if original is not None:
@@ -445,5 +462,9 @@ def check_quota(owner: str, size: int, quota: int) -> Script[None]:
     yield q("UPDATE users SET name = name WHERE name = ?", owner)
     used = int((yield q("SELECT COALESCE(SUM(bytes), 0) FROM workloads WHERE owner = ?", owner)).scalar() or 0)
     if used + size > quota:
-        raise QuotaExceeded(f"quota exceeded: your images take {used} of your {quota} bytes and this one"
-                            f" has {size}; delete a workload to make room")
+        raise quota_exceeded(used, quota, size)
+
+
+def quota_exceeded(used: int, quota: int, size: int) -> QuotaExceeded:
+    return QuotaExceeded(f"quota exceeded: your images take {used} of your {quota} bytes and this one"
+                         f" has {size}; delete a workload to make room")

@@ -33,6 +33,7 @@ from api.keys import (
     SCHEDULER,
     SETTINGS,
     STORE,
+    WORKLOADS,
 )
 from api.ratelimit import LoginThrottle
 from common import localjoin
@@ -45,6 +46,7 @@ from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from controller.models import DpipError
 from controller.store import Store
+from controller.workloads import Workloads
 from scheduler.autoscale import Autoscaler, ScalePolicy
 from scheduler.dispatcher import HedgePolicy, SchedulerSettings
 from scheduler.leader import LeadingScheduler
@@ -162,6 +164,7 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     ), s.name(), s.lease_ttl, shared=as_shared(app[STORE]))
     scheduler.on_job_done = app[METRICS].job_done
     app[SCHEDULER] = scheduler
+    app[WORKLOADS] = Workloads(app[STORE], app[JOBS], s.quota_bytes, drop_jobs=scheduler.drop_workload)
     try:
         await scheduler.start()
         yield
@@ -219,7 +222,7 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
     async def sweep() -> None:
         while True:
             try:
-                await remove_expired(app, time.time() - s.retain_days * 86400)
+                await app[WORKLOADS].remove_expired(time.time() - s.retain_days * 86400, s.retain_days)
             except DpipError as e:
                 logger.warning("retention: %s", e)
             await asyncio.sleep(min(RETENTION_INTERVAL, max(1.0, s.retain_days * 86400 / 10)))
@@ -229,23 +232,6 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await stop_tasks([task])
-
-
-async def remove_expired(app: web.Application, before: float) -> int:
-    """Remove the completed workloads created before ``before``; how many."""
-    store, jobs, days = app[STORE], app[JOBS], app[SETTINGS].retain_days
-    removed = 0
-    while batch := await store.expired_workloads(before):
-        for workload_id, owner in batch:
-            workload = await store.get_workload(workload_id)
-            app[SCHEDULER].drop_workload(workload_id)
-            gone = await jobs.delete_workload(workload)
-            if gone is not None:
-                removed += 1
-                logger.info("retention: removed workload %s (%s) of %s, completed and older than %g days:"
-                            " %d images, %d results, %d bytes", workload_id, workload.name, owner, days,
-                            gone["images"], gone["filtered_images"], gone["bytes"])
-    return removed
 
 
 async def _autoscaler(app: web.Application) -> AsyncIterator[None]:
