@@ -93,17 +93,59 @@ def param_names() -> frozenset[str]:
     return frozenset(p.name for s in REGISTRY.values() for p in s.params)
 
 
+#: Modes of more than 8 bits a band (16- and 32-bit integers, 32-bit floats): all grayscale.
+DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+
+
 @register("grayscale", "luminance (ITU-R 601-2), keeping an alpha channel if there is one",
           grayscale_output=True)
 def grayscale(im: Image.Image, params: dict) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in DEEP_MODES:
+        return im.copy()  # gray already, at its own depth (an 8-bit L would clip it at 255)
+    if im.mode == "LAB":
+        return im.getchannel("L")  # its lightness (Pillow converts LAB to nothing else)
+    if im.mode == "HSV":
+        im = im.convert("RGB")
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:  # a colour marked transparent too
         return im.convert("LA")
     return im.convert("L")
+
+
+#: Modes GaussianBlur does not take, and the mode each is blurred in (a palette decoded).
+_BLURRED_AS = {"1": "L", "P": "RGB", "PA": "RGBA", "HSV": "RGB"}
 
 
 @register("blur", "Gaussian blur",
           Param("radius", float, 2.0, 0.0, 50.0, "the Gaussian's standard deviation, in pixels"))
 def blur(im: Image.Image, params: dict) -> Image.Image:
-    if im.mode in ("P", "1"):
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    return im.filter(ImageFilter.GaussianBlur(float(params.get("radius", 2.0))))
+    gaussian = ImageFilter.GaussianBlur(float(params.get("radius", 2.0)))
+    mode = im.mode
+    if mode in DEEP_MODES:
+        return _deep_blur(im, gaussian)
+    if mode in ("LAB", "YCbCr"):  # GaussianBlur refuses them: band by band, as it does RGB
+        return Image.merge(mode, [band.filter(gaussian) for band in im.split()])
+    if "transparency" in im.info:  # a colour (or palette entry) marked transparent: blurred as alpha
+        im = im.convert("LA" if mode in ("1", "L", "LA") else "RGBA")
+    elif mode in _BLURRED_AS:
+        im = im.convert(_BLURRED_AS[mode])
+    out = im.filter(gaussian)
+    return out.convert(mode) if mode == "HSV" else out
+
+
+def _deep_blur(im: Image.Image, gaussian: ImageFilter.GaussianBlur) -> Image.Image:
+    """GaussianBlur takes 8-bit bands only: the image's own range of values is spread over 256
+    levels, blurred, and mapped back into its mode. Exact for integers within 256 values of
+    each other; otherwise to 1/255 of the image's range (its values are never clipped)."""
+    values = im.convert("F")  # (Pillow finds no extrema of an I;16B image)
+    low, high = values.getextrema()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("it has infinite values, which a blur cannot spread")
+    step = (high - low) / 255 if im.mode == "F" or high - low > 255 else 1
+    step = step or 1  # a flat image
+    levels = values.point(lambda v: (v - low) / step + 0.5).convert("L")  # rounded
+    back = levels.filter(gaussian).convert("F").point(lambda v: v * step)
+    if im.mode == "F":
+        return back.point(lambda v: v + low)
+    whole = back.point(lambda v: v + 0.5).convert("I").point(lambda v: v + int(low))  # rounded (>= 0 before)
+    return whole if im.mode == "I" else whole.convert(im.mode)  # via I: Pillow's F to I;16 clips at 255
