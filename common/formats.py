@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import zlib
 
+#: Largest image accepted or decoded, width x height (the server's --max-pixels default, the
+#: worker's own limit): a header is read before any pixel, so a small file that claims a huge
+#: image costs nothing.
+MAX_PIXELS = 50_000_000
+
 #: format name (as Pillow says it) -> (file extension, Content-Type)
 FORMATS: dict[str, tuple[str, str]] = {
     "PNG": ("png", "image/png"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from common import filters
+from common import filters, formats
 
 ORIENTATION = 0x0112  # the EXIF tag
 #: How to turn an image upright, by its EXIF orientation (1, or none: as it is).
@@ -23,10 +23,9 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
             8: Image.Transpose.ROTATE_90}
 
-#: Largest image a worker decodes (the server's default limit too): the header is checked
-#: before any pixel is decoded, so a small file that claims a huge image costs nothing. An
-#: animation's frames (a TIFF's pages) count together: each is decoded at the canvas's size.
-MAX_PIXELS = 50_000_000
+#: Largest image a worker decodes (:data:`common.formats.MAX_PIXELS`). An animation's frames
+#: (a TIFF's pages) count together: each is decoded at the canvas's size.
+MAX_PIXELS = formats.MAX_PIXELS
 #: Most frames (pages) filtered: a frame costs ~0.1 ms and an object in memory however small it
 #: is, and a few bytes of GIF make one (40 s at 25 frames a second; long GIFs have hundreds).
 MAX_FRAMES = 1000
