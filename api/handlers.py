@@ -39,10 +39,10 @@ from api.params import (
 )
 from common import filters
 from common.formats import FORMATS
-from controller.queries import DEFAULT_PAGE, MAX_PAGE
+from storage.queries import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
 from controller.auth import JOB, USER, Claims
-from controller.images import StoredFile, image_key
+from storage.images import StoredFile, image_key
 from controller.models import (
     BadInput,
     Filter,

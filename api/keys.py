@@ -11,15 +11,15 @@ from api.ports import AutoscalerPort, SchedulerPort
 from api.ratelimit import LoginThrottle
 from controller.auth import Auth, Claims
 from controller.capability import JobClaims
-from controller.images import ImageStore
+from storage.images import ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
-from controller.store import Store
+from storage.sqlite import SqliteDatastore
 from controller.workloads import Workloads
 from server.settings import ServerSettings
 
 SETTINGS = web.AppKey("settings", ServerSettings)
-STORE = web.AppKey("store", Store)
+STORE = web.AppKey("store", SqliteDatastore)
 AUTH = web.AppKey("auth", Auth)
 IMAGES = web.AppKey("images", ImageStore)
 JOBS = web.AppKey("jobs", JobLifecycle)

@@ -19,7 +19,7 @@ from prometheus_client import (
 from controller.membership import Membership
 from controller.models import Job, JobState
 from controller.jobs import JobTraffic
-from controller.store import Store
+from storage.sqlite import SqliteDatastore
 from api.ports import SchedulerPort
 
 #: Seconds from dispatch to the result stored: a small image takes ~30 ms, a 720p frame ~150 ms.
@@ -62,7 +62,7 @@ class Metrics:
     def request(self, route: str, method: str, status: int) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
 
-    async def render(self, store: Store, scheduler: SchedulerPort, membership: Membership,
+    async def render(self, store: SqliteDatastore, scheduler: SchedulerPort, membership: Membership,
                      traffic: JobTraffic | None = None, storage: dict | None = None) -> bytes:
         for name, space in (storage or {}).items():
             if space is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.images import THUMB_SIZES
+from storage.thumbnails import THUMB_SIZES
 from common import filters
 from controller.models import Filter, ImageType, JobState, WorkloadStatus
 

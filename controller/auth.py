@@ -24,7 +24,7 @@ from pathlib import Path
 import jwt
 
 from controller.models import Forbidden, Unauthorized, quoted
-from controller.datastore import Datastore
+from storage.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 

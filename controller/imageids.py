@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 
-from controller.datastore import Datastore
+from storage.datastore import Datastore
 from controller.models import Conflict, ImageType, NotFound, quoted
-from controller.sql import Script, q
+from storage.sql import Script, q
 
 
 class ImageIds:

@@ -10,8 +10,8 @@
                         +--------------------------------------------------------- dispatched
 ```
 
-Each transition is one transaction, all or nothing (:meth:`Store.grouped`: a script of
-:mod:`controller.sql`, the same on every engine; on SQLite committed together with the others
+Each transition is one transaction, all or nothing (:meth:`SqliteDatastore.grouped`: a script of
+:mod:`storage.sql`, the same on every engine; on SQLite committed together with the others
 waiting at that moment, each in its own savepoint), whose guard is in its SQL (``WHERE state = ?``),
 and returns a frozen :class:`~controller.models.Job` snapshot, or None when the guard says the
 job had moved on meanwhile (its result arrived while a retry was being decided, ...). The
@@ -30,14 +30,15 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
-from controller.datastore import Datastore
+from storage.datastore import Datastore
 from controller.imageids import image_ids
-from controller.images import Download, ImageStore, StoredFile, header_from_bytes, image_key
+from storage.facts import header_from_bytes
+from storage.images import Download, ImageStore, StoredFile, image_key
 from controller.results import result_problem
 from controller.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
                                NotFound, QuotaExceeded, Workload, quoted)
-from controller.queries import tags_of
-from controller.sql import Script, q
+from storage.queries import tags_of
+from storage.sql import Script, q
 
 
 #: How recording a result ended (:meth:`JobLifecycle._record_result`).

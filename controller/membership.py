@@ -42,7 +42,7 @@ from common.seal import C2W, JOIN, W2C, Channel, SealError, join_key, open_with,
 from controller import capability
 from controller.capability import JobClaims
 from controller.models import Unauthorized
-from controller.datastore import Datastore
+from storage.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from common import filters
+from common import filters, wire
 
 
 #: Error messages quote at most this many characters of what the client sent.
@@ -174,7 +174,7 @@ class WorkloadView:
     @property
     def status(self) -> WorkloadStatus:
         """Completed once it has images and each is filtered or failed for good (the rule
-        ``controller.schema.COMPLETED`` says in SQL over the counters)."""
+        ``storage.schema.COMPLETED`` says in SQL over the counters)."""
         finished = len(self.filtered_images) + len(self.failed_images)
         if self.image_count > 0 and finished >= self.image_count:
             return WorkloadStatus.COMPLETED
@@ -226,3 +226,18 @@ class Job:
     workload_dir: str = field(default="", compare=False)  # where its images live (Workload.dir)
     #: the original's (format, width, height, mode), to judge a result by; None if unknown
     original: tuple[str, int, int, str] | None = field(default=None, compare=False)
+
+
+#: What a workload's name (its directory) may be, like a worker's and a tag: always fullmatch
+#: ("$" would pass a trailing newline).
+NAME_RE = wire.NAME_RE
+
+
+def check_workload_name(name: str) -> str:
+    """A workload name becomes a directory: only ``[A-Za-z0-9._-]``, 1..64 chars, not dots."""
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise BadInput(
+            "workload_name must be 1-64 characters of letters, digits, '.', '_' or '-'"
+            f" (got {quoted(name)})"
+        )
+    return name

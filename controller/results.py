@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common import filters
-from controller.images import StoredFile
+from storage.images import StoredFile
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La"}) | filters.DEEP_MODES
 #: Where a format cannot say "grayscale" in its header, the modes a grayscale result may have:

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from controller.auth import hash_password
-from controller.images import check_workload_name
+from controller.models import check_workload_name
 from controller.models import BadInput, Conflict
-from controller.datastore import Datastore
-from controller.store import Store
+from storage.datastore import Datastore
+from storage.sqlite import SqliteDatastore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,12 +50,12 @@ def _ask_password(name: str) -> str:
 
 async def _run(a: argparse.Namespace) -> str:
     if a.database.startswith(("postgresql://", "postgres://")):
-        from controller.pgstore import PgStore
-        store: Datastore = PgStore(a.database)
+        from storage.postgres import PostgresDatastore
+        store: Datastore = PostgresDatastore(a.database)
     else:
         path = Path(a.database[len("sqlite:///"):]) if a.database.startswith("sqlite:///") else a.data_dir / "dpip.sqlite3"
         path.parent.mkdir(parents=True, exist_ok=True)
-        store = Store(path)
+        store = SqliteDatastore(path)
     await store.open()
     try:
         if a.action == "list":

@@ -9,10 +9,9 @@ import logging
 from collections.abc import Callable
 
 from common import wire
-from controller.datastore import Datastore
-from controller.images import check_workload_name
+from storage.datastore import Datastore
 from controller.jobs import JobLifecycle, quota_exceeded
-from controller.models import BadInput, Filter, NotFound, Workload, quoted
+from controller.models import BadInput, Filter, NotFound, Workload, check_workload_name, quoted
 
 logger = logging.getLogger(__name__)
 

@@ -67,6 +67,7 @@ class Scheduler:
         self._probation: dict[str, float] = {}  # worker -> until when others go first
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
+        self._closing = False
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -91,6 +92,7 @@ class Scheduler:
         self.spawn(self._orphans())
 
     async def close(self) -> None:
+        self._closing = True  # nothing new starts: a slot freed by a copy being stopped places nothing
         self.membership.unsubscribe(on_change=self.wake, on_lost=self._on_lost)
         if self._timer is not None:
             self._timer.cancel()
@@ -195,6 +197,8 @@ class Scheduler:
 
     def _place_what_fits(self) -> None:
         """Round-robin over workloads: each turn places the head job of the next workload."""
+        if self._closing:
+            return
         workers = self._views()
         if workers:  # rotate, so ties between equal workers go round (one step per job placed,
             # not per call: calls come in a fixed number per job, which would alias the turn)
@@ -252,7 +256,7 @@ class Scheduler:
             # The job travels while its transition is written (one trip to SQLite, but behind
             # the uploads' writes when they pour in): the write lock is first come, first
             # served, so it lands before this attempt's result or retry does.
-            recording = asyncio.ensure_future(self.jobs.dispatch(job, primary, self.settings.job_timeout))
+            recording = self.spawn(self.jobs.dispatch(job, primary, self.settings.job_timeout))
             job = self.jobs.as_dispatched(job)
             t0 = time.monotonic()
             copies = await self.carrier.send(job, primary)
@@ -297,7 +301,10 @@ class Scheduler:
         return name
 
     def spawn(self, coro) -> asyncio.Task:
-        """Run ``coro`` as a task that close() will stop."""
+        """Run ``coro`` as a task that close() will stop (once closing, one that never starts)."""
+        if self._closing:
+            coro.close()
+            coro = _nothing()
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -372,3 +379,7 @@ class Scheduler:
     def _settled(self, job: Job) -> None:
         """The job left the scheduler for good (done, failed, or finished elsewhere)."""
         self._pending.pop(job.id, None)
+
+
+async def _nothing() -> None:
+    """What a task spawned while the scheduler closes runs instead."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from common.aio import stop_tasks
-from controller.datastore import JobListener, SharedDatastore
+from storage.datastore import JobListener, SharedDatastore
 from controller.jobs import JobLifecycle
 from controller.models import DpipError, Job
 from scheduler.dispatcher import Scheduler, SchedulerSettings

@@ -40,12 +40,12 @@ from common import localjoin
 from common.config import tcp_url
 from common.aio import stop_tasks
 from controller.auth import Auth, system_join_token, system_secret
-from controller.datastore import Datastore, as_shared
-from controller.images import FileImageStore, ImageStore
+from storage.datastore import Datastore, as_shared
+from storage.images import FileImageStore, ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from controller.models import DpipError
-from controller.store import Store
+from storage.sqlite import SqliteDatastore
 from controller.workloads import Workloads
 from scheduler.autoscale import Autoscaler, ScalePolicy
 from scheduler.dispatcher import HedgePolicy, SchedulerSettings
@@ -66,15 +66,15 @@ def build_app(settings: ServerSettings) -> web.Application:
 def open_datastore(s: ServerSettings) -> Datastore:
     """The datastore ``--database`` names (SQLite in the data dir by default)."""
     if s.uses_sqlite:
-        return Store(s.db_path)
-    from controller.pgstore import PgStore  # only deployments on PostgreSQL need asyncpg loaded
-    return PgStore(s.database)
+        return SqliteDatastore(s.db_path)
+    from storage.postgres import PostgresDatastore  # only deployments on PostgreSQL need asyncpg loaded
+    return PostgresDatastore(s.database)
 
 
 def open_image_store(s: ServerSettings) -> ImageStore:
     """The image store ``--image-store`` names (files in the data dir by default)."""
     if s.uses_s3:
-        from controller.s3images import S3ImageStore
+        from storage.s3 import S3ImageStore
         return S3ImageStore(s.image_store, s.max_upload_bytes, s.max_pixels, s.redirect_downloads)
     return FileImageStore(s.images_dir, s.incoming_dir, s.max_upload_bytes, s.max_pixels, s.fsync)
 

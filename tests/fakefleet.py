@@ -15,7 +15,7 @@ from common.rpc import RpcError
 from controller.jobs import JobLifecycle
 from controller.membership import WorkerInfo, WorkerState
 from controller.models import Filter, Workload
-from controller.store import Store
+from storage.sqlite import SqliteDatastore
 from scheduler.dispatcher import Scheduler, SchedulerSettings
 
 
@@ -130,7 +130,7 @@ class StubMembership:
 class Fleet:
     """A scheduler over stub workers; ``submit`` stores and queues images like an upload."""
 
-    def __init__(self, store: Store, settings: SchedulerSettings) -> None:
+    def __init__(self, store: SqliteDatastore, settings: SchedulerSettings) -> None:
         self.store = store
         self.jobs = JobLifecycle(store)
         self.membership = StubMembership(self.jobs)

@@ -1,4 +1,4 @@
-"""The datastore contract (controller.datastore.Datastore) and the job lifecycle on top of it,
+"""The datastore contract (storage.datastore.Datastore) and the job lifecycle on top of it,
 run against every implementation: today the SQLite store, on a real file."""
 
 from __future__ import annotations
@@ -9,23 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from controller.datastore import Datastore
+from storage.datastore import Datastore
 from controller.jobs import JobLifecycle
 from controller.models import Conflict, Filter, ImageType, JobState, NotFound
-from controller.sql import Script, q
-from controller.store import Store
+from storage.sql import Script, q
+from storage.sqlite import SqliteDatastore
 
 def _postgres(request, tmp: Path) -> Datastore:
     """A fresh database of the session's PostgreSQL (started by the tests; skipped with the
     reason where it cannot run)."""
-    from controller.pgstore import PgStore
+    from storage.postgres import PostgresDatastore
 
     server = request.getfixturevalue("postgres")
-    return PgStore(server.new_database(f"contract_{tmp.name}"))
+    return PostgresDatastore(server.new_database(f"contract_{tmp.name}"))
 
 
 IMPLEMENTATIONS: dict[str, Callable[[pytest.FixtureRequest, Path], Datastore]] = {
-    "sqlite": lambda request, tmp: Store(tmp / "dpip.sqlite3"),
+    "sqlite": lambda request, tmp: SqliteDatastore(tmp / "dpip.sqlite3"),
     "postgresql": _postgres,
 }
 
@@ -236,7 +236,7 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     """Concurrent uploads take ids in memory without a lock over their I/O: all distinct, no
     gap; a chosen id in use is a 409; an upload that fails returns its id; a restart (a new
     lifecycle) goes on from the datastore."""
-    from controller.images import FileImageStore, StoredFile
+    from storage.images import FileImageStore, StoredFile
     from tests.support import png_bytes
 
     (tmp_path / "incoming").mkdir()

@@ -177,7 +177,7 @@ async def test_a_result_a_worker_put_in_the_bucket_is_stripped_of_its_metadata(s
 
     from PIL import Image
 
-    from controller.s3images import S3ImageStore
+    from storage.s3 import S3ImageStore
     from tests.fakeworker import with_metadata
 
     for k, v in s3.env().items():

@@ -19,8 +19,9 @@ from PIL import Image, ImageChops, ImageFilter, ImageSequence
 
 from common import filters
 from common.formats import FORMATS, sniff_format
-from controller import metadata
-from controller.images import StoredFile, header_of
+from storage import metadata
+from storage.facts import header_of
+from storage.images import StoredFile
 from controller.models import BadInput
 from controller.results import result_problem
 from scripts import refclient as ref

@@ -13,7 +13,7 @@ import threading
 from PIL import Image
 
 from api.keys import AUTH, IMAGES, JOBS, STORE
-from controller import images as image_module
+from storage import thumbnails as image_module
 from scripts import refclient as ref
 from scripts.frames import frame_png
 from tests.helpers import job_rows, push, slow, wait_completed, workload

@@ -24,10 +24,11 @@ from api.keys import AUTH, SETTINGS
 from common.net import client_address, parse_cidrs
 from api.ratelimit import LoginThrottle
 from controller.auth import USER
-from controller.images import check_workload_name, make_thumbnail
+from controller.models import check_workload_name
+from storage.thumbnails import make_thumbnail
 from controller.jobs import JobLifecycle
 from controller.models import BadInput, Filter, TooManyRequests, Unauthorized, quoted
-from controller.store import SCHEMA, Store
+from storage.sqlite import SCHEMA, SqliteDatastore
 from scripts import refclient as ref
 from scripts.localsys import ROOT, wait_until
 from tests.support import ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, upload
@@ -300,7 +301,7 @@ async def test_an_old_datastore_is_migrated_to_per_owner_names(tmp_path):
         db.execute("INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
                    " VALUES ('w1', 0, 'original', 'PNG', 10, 1.0)")
         db.execute("INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES ('w1', 0, 'queued', 1.0)")
-    store = Store(path)
+    store = SqliteDatastore(path)
     await store.open()  # rebuilds workloads
     try:
         jobs = JobLifecycle(store)
@@ -318,7 +319,7 @@ async def test_an_old_datastore_is_migrated_to_per_owner_names(tmp_path):
             assert (await cur.fetchone())[0] == 1
     finally:
         await store.close()
-    again = Store(path)
+    again = SqliteDatastore(path)
     await again.open()  # a second start does not migrate again
     await again.close()
 

@@ -13,7 +13,7 @@ import aiohttp
 from PIL import Image, ImageDraw
 
 from controller.auth import hash_password
-from controller.store import Store
+from storage.sqlite import SqliteDatastore
 from scripts.localsys import LocalSystem
 from tests.helpers import until
 from tests.support import ADMIN_PASSWORD
@@ -32,7 +32,7 @@ def tagged_png(client: int, seq: int) -> bytes:
 
 async def add_users(system: LocalSystem) -> None:
     system.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(system.data_dir / "dpip.sqlite3")
+    store = SqliteDatastore(system.data_dir / "dpip.sqlite3")
     await store.open()
     try:
         await store.add_user("admin", hash_password(ADMIN_PASSWORD))  # no first-start admin now

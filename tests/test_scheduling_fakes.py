@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from controller.store import Store
+from storage.sqlite import SqliteDatastore
 from scheduler.carrier import HedgePolicy, SchedulerSettings
 from tests.fakefleet import Fleet, StubWorker, until
 
@@ -15,14 +15,14 @@ FAST = SchedulerSettings(job_timeout=5.0, max_attempts=3, retry_backoff=0.001, h
 
 
 @pytest.fixture
-async def store(tmp_path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "dpip.sqlite3")
+async def store(tmp_path) -> AsyncIterator[SqliteDatastore]:
+    s = SqliteDatastore(tmp_path / "dpip.sqlite3")
     await s.open()
     yield s
     await s.close()
 
 
-async def fleet_of(store: Store, settings: SchedulerSettings = FAST) -> Fleet:
+async def fleet_of(store: SqliteDatastore, settings: SchedulerSettings = FAST) -> Fleet:
     fleet = Fleet(store, settings)
     await fleet.scheduler.start()
     return fleet

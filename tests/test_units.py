@@ -269,7 +269,7 @@ def test_renames_waiting_together_share_one_directory_fsync(tmp_path, monkeypatc
     """A rename is on disk once an fsync of its directory that *began after it* has ended: the
     two that arrive while the first fsync runs share the next one, and neither returns early."""
     import threading
-    from controller import images
+    from storage import files as images
 
     first_started, release = threading.Event(), threading.Event()
     began: list[int] = []  # how many callers had registered when each fsync began

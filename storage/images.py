@@ -1,7 +1,7 @@
 """The image store: where image bytes live, named by keys ``<workload dir>/<type>/<id>.<ext>``.
 
 Two kinds, one interface (:class:`ImageStore`): files under ``<data-dir>/images/`` (the
-default, :class:`FileImageStore`) or an S3-compatible bucket (:mod:`controller.s3images`).
+default, :class:`FileImageStore`) or an S3-compatible bucket (:mod:`storage.s3`).
 A workload's directory is its name, or ``<name>.<id prefix>`` when another user's workload
 already has that name (names are unique per owner only).
 
@@ -15,71 +15,35 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import dataclasses
-import errno
 import io
-import mmap
 import os
-import re
 import shutil
-import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-from PIL import Image, ImageOps
 
 from common import wire
-from common.formats import FORMATS, png_header, sniff_format
-from controller import exifdata, metadata
-from controller.models import BadInput, ImageType, InsufficientStorage, NotFound, TooLarge, clipped, quoted
+from common.formats import FORMATS, sniff_format
+from controller.models import BadInput, ImageType, NotFound, TooLarge, quoted
+from storage import facts, files, metadata, thumbnails
 
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # always fullmatch: "$" would pass a trailing "\n"
-#: Thumbnail sizes: pixels on the long side, aspect kept (never enlarged).
-THUMB_SIZES = {"small": 100, "medium": 300, "large": 600}
-THUMB_THREADS = 2  # thumbnails made at once; others wait (uploads keep the default pool)
-THUMB_THREADS_PER_USER = 1  # of those, one user's at most: a user's slow decodes never starve others
-#: A progressive JPEG is decoded once per scan: 1000 scans of a 94 KB file took minutes. Encoders
-#: write about 10 (libjpeg's progressive default, mozjpeg 9-12); refused beyond this many, or
-#: beyond this many full decodes' worth of the largest accepted image (scans x pixels).
-MAX_JPEG_SCANS = 100
-MAX_JPEG_SCAN_IMAGES = 20
-#: What Pillow raises beyond ``Image.MAX_IMAGE_PIXELS`` (the warning, when warnings are errors).
-DECOMPRESSION_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 #: Files up to this size are kept in memory as they are received, so a job can carry them
 #: inline (:data:`common.wire.INLINE_MAX_BYTES`) without reading them back.
 KEEP_BYTES = wire.INLINE_MAX_BYTES
+
 #: Bytes of recently stored small originals kept in memory, waiting for their jobs.
 RECENT_BYTES = 64 << 20
-#: Decode and reduce to at least this many times the thumbnail's size, then resample properly.
-THUMB_REDUCING_GAP = 2
+
 _FLUSH_BYTES = 1 << 20
-
-
-def check_workload_name(name: str) -> str:
-    """A workload name becomes a directory: only ``[A-Za-z0-9._-]``, 1..64 chars, not dots."""
-    if not NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise BadInput(
-            "workload_name must be 1-64 characters of letters, digits, '.', '_' or '-'"
-            f" (got {quoted(name)})"
-        )
-    return name
 
 
 def image_key(workload_dir: str, type_: ImageType, image_id: int, fmt: str) -> str:
     """Where an image lives in a store; ``workload_dir`` is ``Workload.dir`` (not its name)."""
     return f"{workload_dir}/{type_.value}/{image_id}.{FORMATS[fmt][0]}"
-
-
-def thumb_key(workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str) -> str:
-    return f"{workload_dir}/thumbs/{type_.value}-{image_id}-{size}.{FORMATS[fmt][0]}"
-
 
 @dataclass(frozen=True)
 class StoredFile:
@@ -96,7 +60,6 @@ class StoredFile:
     photo: dict | None = None  # camera, time taken, GPS position (from EXIF), if any
     head: bytes = field(default=b"", repr=False)  # a direct result's first bytes, as judged
 
-
 @dataclass(frozen=True)
 class Download:
     """How to send a stored image: a local file, bytes in chunks, or a URL to redirect to."""
@@ -105,7 +68,6 @@ class Download:
     chunks: AsyncIterator[bytes] | None = None
     size: int | None = None
     url: str = ""
-
 
 class ImageStore(abc.ABC):
     """What every image store does: judge uploads, keep them at keys, hand them out, and keep
@@ -117,8 +79,8 @@ class ImageStore(abc.ABC):
     def __init__(self, max_bytes: int, max_pixels: int) -> None:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
-        self._thumb_pool = ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="thumbs")
-        self._thumb_slots = FairSlots(THUMB_THREADS, THUMB_THREADS_PER_USER)
+        self._thumb_pool = ThreadPoolExecutor(thumbnails.THUMB_THREADS, thread_name_prefix="thumbs")
+        self._thumb_slots = thumbnails.FairSlots(thumbnails.THUMB_THREADS, thumbnails.THUMB_THREADS_PER_USER)
         self._recent: OrderedDict[str, bytes] = OrderedDict()  # small stored originals, newest last
         self._recent_bytes = 0
 
@@ -144,12 +106,12 @@ class ImageStore(abc.ABC):
         fmt = sniff_format(data[:16])
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
-        head = fast_header(data, fmt)  # an 8-bit PNG without EXIF: no Pillow, no thread
+        head = facts.fast_header(data, fmt)  # an 8-bit PNG without EXIF: no Pillow, no thread
         if head is None:
-            head = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
+            head = await asyncio.get_running_loop().run_in_executor(None, facts.header_of, io.BytesIO(data), fmt)
         self._check_pixels(head.width, head.height)
         if fmt == "JPEG":
-            self._check_scans(jpeg_scans([data]), head.width, head.height)
+            facts.check_scans(facts.jpeg_scans([data]), head.width, head.height, self.max_pixels)
         return StoredFile(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo)
 
     async def _checked(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -172,13 +134,6 @@ class ImageStore(abc.ABC):
         if width * height > self.max_pixels:
             raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
 
-    def _check_scans(self, scans: int, width: int, height: int) -> None:
-        """A JPEG costs a decode per scan: refuse one that would cost more than many images."""
-        if scans > MAX_JPEG_SCANS or scans * width * height > MAX_JPEG_SCAN_IMAGES * self.max_pixels:
-            raise BadInput(f"a progressive JPEG of {scans} scans ({width}x{height} pixels) would take too long"
-                           f" to decode: at most {MAX_JPEG_SCANS} scans, and at most"
-                           f" {MAX_JPEG_SCAN_IMAGES * self.max_pixels} scans x pixels, are accepted")
-
     @abc.abstractmethod
     async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
         """Put a received image at ``key``. With ``replace=False`` an existing image wins
@@ -197,7 +152,7 @@ class ImageStore(abc.ABC):
         if stored.format == "TIFF":
             source = io.BytesIO(stored.data) if stored.data is not None else stored.path
             assert source is not None
-            problem = await loop.run_in_executor(None, _tiff_result_problem, source)
+            problem = await loop.run_in_executor(None, facts.tiff_result_problem, source)
             if problem:
                 raise BadInput(problem)
             return stored
@@ -212,7 +167,7 @@ class ImageStore(abc.ABC):
             return dataclasses.replace(stored, data=clean, size=len(clean), path=None)
         assert stored.path is not None
         try:
-            size = await loop.run_in_executor(None, _strip_file, stored.path, stored.format, self._fsync())
+            size = await loop.run_in_executor(None, files.strip_file, stored.path, stored.format, self._fsync())
         except metadata.Malformed as e:
             raise BadInput(f"the {stored.format} result is malformed: {e}") from e
         return stored if size is None else dataclasses.replace(stored, size=size)
@@ -262,27 +217,27 @@ class ImageStore(abc.ABC):
             self._recent_bytes -= len(old)
 
     async def thumbnail(self, workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str,
-                        owner: str = "", guard: Guard | None = None) -> str:
+                        owner: str = "", guard: thumbnails.Guard | None = None) -> str:
         """The key of a scaled copy, made on first request and kept under ``<workload>/thumbs/``.
         Stored images never change (ids are not reused, results are first-wins, a directory
         is never given to a second workload), so neither do these. ``owner``'s thumbnails take
-        at most :data:`THUMB_THREADS_PER_USER` of the threads; ``guard`` is entered around the
+        at most :data:`thumbnails.THUMB_THREADS_PER_USER` of the threads; ``guard`` is entered around the
         write and says whether the workload still exists (a delete may come while decoding):
         if not, nothing is written and the image is :class:`NotFound`."""
-        px = THUMB_SIZES.get(size)
+        px = thumbnails.THUMB_SIZES.get(size)
         if px is None:
-            raise BadInput(f"size must be one of {', '.join(THUMB_SIZES)}, got {quoted(size)}")
-        key = thumb_key(workload_dir, type_, image_id, fmt, size)
+            raise BadInput(f"size must be one of {', '.join(thumbnails.THUMB_SIZES)}, got {quoted(size)}")
+        key = thumbnails.thumb_key(workload_dir, type_, image_id, fmt, size)
         if await self.exists(key):
             return key
         source = await self.read(image_key(workload_dir, type_, image_id, fmt))
         async with self._thumb_slots.turn(owner):  # a gallery asks for dozens at once; decoding is heavy
             try:
                 data = await asyncio.get_running_loop().run_in_executor(
-                    self._thumb_pool, make_thumbnail, source, px, fmt)
-            except (OSError, SyntaxError, ValueError, *DECOMPRESSION_BOMB) as e:
+                    self._thumb_pool, thumbnails.make_thumbnail, source, px, fmt)
+            except (OSError, SyntaxError, ValueError, *facts.DECOMPRESSION_BOMB) as e:
                 raise BadInput(f"{type_.value} image {image_id} cannot be decoded for a thumbnail:"
-                               f" {pillow_reason(e)}") from e
+                               f" {facts.pillow_reason(e)}") from e
         if guard is None:
             await self.write(key, data)
             return key
@@ -323,7 +278,6 @@ class ImageStore(abc.ABC):
         """:meth:`without_metadata` for a result a worker put at ``key`` itself."""
         return stored
 
-
 class FileImageStore(ImageStore):
     """Images as files under ``root`` (``<data-dir>/images``), uploads staged in ``incoming``."""
 
@@ -333,7 +287,7 @@ class FileImageStore(ImageStore):
         self.incoming = incoming
         self.fsync = fsync
         self._committed: set[Path] = set()  # temp files commit() took: discard() has nothing to do
-        self._dir_sync = DirSync()
+        self._dir_sync = files.DirSync()
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -349,7 +303,7 @@ class FileImageStore(ImageStore):
         """
         loop = asyncio.get_running_loop()
         tmp = self.incoming / f"{uuid.uuid4().hex}.upload"
-        writer = _TmpWriter(tmp)
+        writer = files.TmpWriter(tmp)
         buffered: list[bytes] = []
         pending = size = 0
         try:
@@ -371,16 +325,16 @@ class FileImageStore(ImageStore):
             raise
         return StoredFile(tmp, fmt, size, head.width, head.height, head.mode, kept, head.photo)
 
-    def _finish(self, writer: _TmpWriter, rest: list[bytes], kept: bytes | None) -> tuple[str, Header]:
+    def _finish(self, writer: files.TmpWriter, rest: list[bytes], kept: bytes | None) -> tuple[str, facts.Header]:
         """Write the rest, flush to disk, then read the header (only): format and size. A small
         file's header is read from its bytes in memory (an 8-bit PNG's without Pillow)."""
-        with no_space_left("the image"):
+        with files.no_space_left("the image"):
             writer.write(rest)
             writer.close(fsync=self.fsync)
         source: Path | io.BytesIO = writer.path
         if kept is not None:
             fmt = sniff_format(kept[:16])
-            fast = fast_header(kept, fmt) if fmt else None
+            fast = facts.fast_header(kept, fmt) if fmt else None
             if fast is not None:
                 return fmt, fast
             source = io.BytesIO(kept)
@@ -389,10 +343,10 @@ class FileImageStore(ImageStore):
                 fmt = sniff_format(g.read(16))
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
-        head = header_of(source, fmt)
+        head = facts.header_of(source, fmt)
         if fmt == "JPEG":
-            scans = jpeg_scans([kept]) if kept is not None else jpeg_scans(_file_chunks(writer.path))
-            self._check_scans(scans, head.width, head.height)
+            scans = facts.jpeg_scans([kept]) if kept is not None else facts.jpeg_scans(facts.file_chunks(writer.path))
+            facts.check_scans(scans, head.width, head.height, self.max_pixels)
         return fmt, head
 
     async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
@@ -417,7 +371,7 @@ class FileImageStore(ImageStore):
         if stored.path in self._committed:
             self._committed.discard(stored.path)
             return
-        await asyncio.get_running_loop().run_in_executor(None, _unlink, stored.path)
+        await asyncio.get_running_loop().run_in_executor(None, files.unlink, stored.path)
 
     async def download(self, key: str, content_type: str) -> Download:
         return Download(path=self.path(key))
@@ -429,14 +383,14 @@ class FileImageStore(ImageStore):
         return self.path(key).exists()
 
     async def write(self, key: str, data: bytes) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, _write_replacing, self.path(key), data)
+        await asyncio.get_running_loop().run_in_executor(None, files.write_replacing, self.path(key), data)
 
     def _write_placed(self, data: bytes, tmp: Path, final: Path, replace: bool) -> bool:
         """In a thread: ``data`` into ``tmp`` (synced), then placed at ``final``. A full disk
         leaves nothing behind (InsufficientStorage)."""
-        writer = _TmpWriter(tmp)
+        writer = files.TmpWriter(tmp)
         try:
-            with no_space_left("the image"):
+            with files.no_space_left("the image"):
                 writer.write([data])
                 writer.close(fsync=self.fsync)
         except BaseException:
@@ -449,7 +403,7 @@ class FileImageStore(ImageStore):
         """In a thread: move ``src`` to ``dst`` (with ``replace=False`` an existing ``dst`` wins
         and ``src`` is dropped); the rename is on disk when this returns."""
         try:
-            with no_space_left("the image"):
+            with files.no_space_left("the image"):
                 dst.parent.mkdir(parents=True, exist_ok=True)
         except BaseException:
             src.unlink(missing_ok=True)
@@ -469,11 +423,11 @@ class FileImageStore(ImageStore):
 
     async def remove(self, key: str) -> None:
         self.forget(key)
-        await asyncio.get_running_loop().run_in_executor(None, _unlink, self.path(key))
+        await asyncio.get_running_loop().run_in_executor(None, files.unlink, self.path(key))
 
     async def remove_workload(self, workload_dir: str) -> int:
         self._forget_prefix(f"{workload_dir}/")
-        return await asyncio.get_running_loop().run_in_executor(None, _remove_tree, self.root / workload_dir)
+        return await asyncio.get_running_loop().run_in_executor(None, files.remove_tree, self.root / workload_dir)
 
     def space(self) -> tuple[int, int] | None:
         try:
@@ -481,283 +435,3 @@ class FileImageStore(ImageStore):
         except OSError:
             return None
         return usage.free, usage.total
-
-
-def _strip_file(path: Path, fmt: str, fsync: bool) -> int | None:
-    """In a thread: drop the metadata of the (temporary) file at ``path`` in place; its new
-    size, or None if it had none (then nothing is written: an honest result costs a walk of
-    its chunk headers through a memory map)."""
-    with open(path, "rb") as f:
-        with contextlib.closing(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) as view:
-            ranges = metadata.keep_ranges(view, fmt)
-            if ranges is None:
-                return None
-            clean = metadata.join(view, ranges, fmt)
-    tmp = path.with_name(path.name + ".clean")
-    writer = _TmpWriter(tmp)
-    try:
-        with no_space_left("the image"):
-            writer.write([clean])
-            writer.close(fsync=fsync)
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close(quiet=True)
-        tmp.unlink(missing_ok=True)
-        raise
-    return len(clean)
-
-
-def _tiff_result_problem(source: Path | io.BytesIO) -> str | None:
-    try:
-        with Image.open(source, formats=["TIFF"]) as im:
-            return metadata.tiff_problem(list(im.tag_v2.keys()))  # type: ignore[attr-defined]
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"the TIFF result is malformed: {pillow_reason(e)}"
-
-
-class _TmpWriter:
-    """A temporary file opened lazily, written in batches from the executor."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._f: BinaryIO | None = None
-
-    def write(self, chunks: list[bytes]) -> None:
-        if self._f is None:  # 0600 whatever the umask: it becomes the stored image as it is
-            self._f = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
-        self._f.writelines(chunks)
-
-    def write_checked(self, chunks: list[bytes]) -> None:
-        with no_space_left("the image"):
-            self.write(chunks)
-
-    def close(self, fsync: bool = False, quiet: bool = False) -> None:
-        """Flush and close (``quiet``: after a failure, whatever the close says)."""
-        if self._f is None:
-            return
-        f, self._f = self._f, None
-        try:
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-            f.close()
-        except OSError:
-            if not quiet:
-                raise
-
-
-class DirSync:
-    """fsyncs of directories, shared. A rename is on disk once an fsync of its directory that
-    began after it has ended; so renames into one directory that wait at the same time share
-    one fsync (uploads pouring into a workload: one or two fsyncs where there were eight)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._dirs: dict[Path, _DirState] = {}
-
-    def sync(self, directory: Path) -> None:
-        """Return once every rename into ``directory`` made before this call is on disk."""
-        with self._lock:
-            state = self._dirs.get(directory)
-            if state is None:
-                state = self._dirs[directory] = _DirState()
-            state.requested += 1
-            state.users += 1
-            mine = state.requested
-        try:
-            with state.syncing:
-                if state.synced >= mine:
-                    return  # an fsync that began after our rename has ended meanwhile
-                with self._lock:
-                    upto = state.requested  # every one of these renamed before the fsync begins
-                fd = os.open(directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                state.synced = upto
-        finally:
-            with self._lock:
-                state.users -= 1
-                if state.users == 0:
-                    del self._dirs[directory]
-
-
-@dataclass
-class _DirState:
-    requested: int = 0  # renames that asked for an fsync
-    synced: int = 0  # of those, the first this many are on disk
-    users: int = 0  # threads inside sync() for this directory
-    syncing: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass(frozen=True)
-class Header:
-    """What an image's header says: its size as seen (upright), its mode, its EXIF facts."""
-
-    width: int
-    height: int
-    mode: str
-    photo: dict | None = None
-
-
-def fast_header(data: bytes, fmt: str) -> Header | None:
-    """An 8-bit PNG's header without Pillow, unless it carries EXIF (then Pillow reads it)."""
-    if fmt != "PNG" or b"eXIf" in data[:65536]:
-        return None
-    head = png_header(data)
-    return Header(*head) if head is not None else None
-
-
-def header_of(source: Path | io.BytesIO, fmt: str) -> Header:
-    """The header (no pixels decoded): size, mode, and from EXIF the orientation (a portrait
-    photo stored sideways is counted upright) and what a photo's owner may want to see."""
-    try:
-        with Image.open(source, formats=[fmt]) as im:
-            width, height = im.size
-            try:
-                exif = _exif_of(im, fmt)
-            except (OSError, SyntaxError, ValueError, TypeError, KeyError):
-                exif = None  # broken EXIF: the pixels may still be fine
-            if exif and exif.get(exifdata.ORIENTATION) in (5, 6, 7, 8):
-                width, height = height, width
-            return Header(width, height, im.mode, exifdata.photo_facts(exif) if exif else None)
-    except DECOMPRESSION_BOMB as e:  # more pixels than Image.MAX_IMAGE_PIXELS (main.py)
-        raise BadInput(f"the uploaded {fmt} image has too many pixels: {pillow_reason(e)}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(f"the uploaded {fmt} image has a broken header: {pillow_reason(e)}") from e
-
-
-#: What Pillow puts in its messages that is ours, not the client's: a buffer's repr, a path.
-_OUR_OBJECTS = re.compile(r"\s*(<[\w.]+ object at 0x[0-9a-fA-F]+>|'[^']*/[^']*'|PosixPath\([^)]*\))")
-
-
-def pillow_reason(e: BaseException) -> str:
-    """Pillow's reason for refusing an image, in words for the client: without the repr of
-    our buffer or the path of our temporary file, and short."""
-    if isinstance(e, Image.UnidentifiedImageError):
-        return "the image library cannot identify it (a corrupt or unsupported file)"
-    return clipped(_OUR_OBJECTS.sub("", str(e)).strip(" :") or type(e).__name__)
-
-
-#: Formats whose EXIF Pillow reads from the header (for others it would decode the pixels first).
-EXIF_IN_HEADER = frozenset({"JPEG", "TIFF", "WEBP"})
-
-
-def _exif_of(im: Image.Image, fmt: str) -> Image.Exif | None:
-    """The EXIF of an image, from its header only: a PNG's eXIf chunk if it comes before the
-    pixels (as cameras and phones write it); a PNG's ``getexif()`` would decode the whole
-    image looking for one after them (26 ms for a 720p frame)."""
-    if fmt == "PNG":
-        raw = im.info.get("exif")
-        if not raw:
-            return None
-        exif = Image.Exif()
-        exif.load(raw)
-        return exif
-    return im.getexif() if fmt in EXIF_IN_HEADER else None
-
-
-def make_thumbnail(source: bytes, px: int, fmt: str) -> bytes:
-    """Decode reduced where the format allows (JPEG: at 1/2..1/8 scale via ``draft``), then
-    shrink in steps: a 50 MP photo never becomes 150 MB of pixels for a 300 px preview. Upright
-    (EXIF orientation applied) and without EXIF: no GPS position in what is shown around."""
-    with Image.open(io.BytesIO(source)) as im:
-        if im.format == "JPEG":
-            im.draft(im.mode, (px * THUMB_REDUCING_GAP, px * THUMB_REDUCING_GAP))
-        im.thumbnail((px, px), reducing_gap=THUMB_REDUCING_GAP)
-        upright = ImageOps.exif_transpose(im)
-        out = io.BytesIO()
-        upright.save(out, fmt)  # Pillow writes EXIF only when asked to
-        return out.getvalue()
-
-
-def _write_replacing(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")  # two first requests may race
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _remove_tree(path: Path) -> int:
-    """In a thread: every file under ``path``; how many there were."""
-    count = sum(1 for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-    shutil.rmtree(path, ignore_errors=True)
-    return count
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
-
-
-def jpeg_scans(chunks: Iterable[bytes]) -> int:
-    """How many start-of-scan markers (FF DA) a JPEG has: how many passes decoding it takes.
-    In entropy-coded data an FF is always followed by 00 or a restart marker, so every FF DA is
-    a marker (an EXIF thumbnail's scans count too: a few more, never fewer)."""
-    count, last = 0, 0
-    for chunk in chunks:
-        if not chunk:
-            continue
-        count += chunk.count(b"\xff\xda") + (last == 0xFF and chunk[0] == 0xDA)
-        last = chunk[-1]
-    return count
-
-
-def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
-#: Entered around a derived write: yields whether the workload is still there to write for.
-Guard = Callable[[], AbstractAsyncContextManager[bool]]
-
-
-class FairSlots:
-    """``total`` slots shared by all, at most ``per_key`` of them for one key (a user) at once:
-    one user's queue of slow work waits on its own turn, never in front of another's."""
-
-    def __init__(self, total: int, per_key: int) -> None:
-        self._all = asyncio.Semaphore(total)
-        self._per_key = per_key
-        self._keys: dict[str, tuple[asyncio.Semaphore, int]] = {}  # key -> (its slots, users)
-
-    @contextlib.asynccontextmanager
-    async def turn(self, key: str) -> AsyncIterator[None]:
-        own, users = self._keys.get(key) or (asyncio.Semaphore(self._per_key), 0)
-        self._keys[key] = (own, users + 1)
-        try:
-            async with own, self._all:
-                yield
-        finally:
-            own, users = self._keys[key]
-            if users <= 1:
-                del self._keys[key]
-            else:
-                self._keys[key] = (own, users - 1)
-
-
-def header_from_bytes(data: bytes) -> tuple[str, int, int, str]:
-    """(format, width as seen, height as seen, mode) of a stored image."""
-    fmt = sniff_format(data[:16]) or ""
-    head = header_of(io.BytesIO(data), fmt) if fmt else None
-    if head is None:
-        raise BadInput("not an image")
-    return fmt, head.width, head.height, head.mode
-
-
-@contextlib.contextmanager
-def no_space_left(what: str) -> Iterator[None]:
-    """A full disk (or quota) is InsufficientStorage (507), not an error of ours."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InsufficientStorage(f"no space left on the server's disk for {what}: free some space"
-                                      " (e.g. delete a workload) and try again") from e
-        raise

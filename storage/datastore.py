@@ -1,10 +1,10 @@
 """What the rest of DPIP needs from a datastore: the contract that
-:class:`~controller.queries.SqlDatastore` implements on each engine (SQLite in
-:mod:`controller.store`, PostgreSQL in :mod:`controller.pgstore`), and what a datastore several
+:class:`~storage.queries.SqlDatastore` implements on each engine (SQLite in
+:mod:`storage.sqlite`, PostgreSQL in :mod:`storage.postgres`), and what a datastore several
 servers share adds (:class:`SharedDatastore`: the scheduler's lease, news of jobs).
 ``tests/test_datastore_contract.py`` runs one suite against every implementation.
 
-Writes are transactions (:meth:`Datastore.grouped`): a script of :mod:`controller.sql`, all or
+Writes are transactions (:meth:`Datastore.grouped`): a script of :mod:`storage.sql`, all or
 nothing. The job transitions themselves live in :mod:`controller.jobs`, as such scripts.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar, cast
 
 from controller.models import Filter, ImageType, Workload, WorkloadView
-from controller.sql import Script
+from storage.sql import Script
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL datastore (asyncpg): the same scripts as SQLite's (:mod:`controller.queries`),
+"""The PostgreSQL datastore (asyncpg): the same scripts as SQLite's (:mod:`storage.queries`),
 for deployments past one machine, where several servers share one database.
 
 A script runs on a pooled connection inside one transaction; a transaction that need not be
@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from controller import schema, sql
+from storage import schema, sql
 from controller.models import Unavailable
-from controller.queries import SqlDatastore
-from controller.sql import Result, Script, Statement, UniqueViolation
+from storage.queries import SqlDatastore
+from storage.sql import Result, Script, Statement, UniqueViolation
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def unavailable(e: BaseException) -> Unavailable:
     return Unavailable(f"the database is unavailable ({type(e).__name__}); try again shortly")
 
 
-class PgStore(SqlDatastore):
+class PostgresDatastore(SqlDatastore):
     """The datastore on a PostgreSQL database (``postgresql://USER[:PW]@HOST:PORT/DB``)."""
 
     shared = True  # other servers may write to it too
@@ -118,7 +118,7 @@ class PgStore(SqlDatastore):
         self._pool: asyncpg.Pool | None = None
 
     def __repr__(self) -> str:
-        return f"PgStore({_without_password(self.url)})"
+        return f"PostgresDatastore({_without_password(self.url)})"
 
     async def open(self) -> None:
         try:
@@ -146,7 +146,7 @@ class PgStore(SqlDatastore):
 
     @property
     def pool(self) -> asyncpg.Pool:
-        assert self._pool is not None, "PgStore.open() first"
+        assert self._pool is not None, "PostgresDatastore.open() first"
         return self._pool
 
     async def read(self, script: Script[T]) -> T:
@@ -210,7 +210,7 @@ class PgStore(SqlDatastore):
 
 
 class _Listener:
-    """A connection listening for ``dpip_jobs`` (a :class:`~controller.datastore.JobListener`)."""
+    """A connection listening for ``dpip_jobs`` (a :class:`~storage.datastore.JobListener`)."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn

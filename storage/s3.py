@@ -25,8 +25,9 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.formats import sniff_format
-from controller import metadata
-from controller.images import KEEP_BYTES, Download, ImageStore, StoredFile, fast_header, header_of
+from storage import metadata
+from storage.facts import fast_header, header_of
+from storage.images import KEEP_BYTES, Download, ImageStore, StoredFile
 from controller.models import BadInput, InsufficientStorage, Unavailable
 
 logger = logging.getLogger(__name__)

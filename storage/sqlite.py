@@ -1,6 +1,6 @@
 """The SQLite datastore: one file with users, tokens, workloads, images, jobs, workers.
 
-Every query is a script of :mod:`controller.queries` (written once for every engine); this
+Every query is a script of :mod:`storage.queries` (written once for every engine); this
 module runs them on SQLite. Writes go through :class:`GroupCommit`: one connection in its own
 thread, where every transaction waiting at that moment runs in one ``BEGIN ... COMMIT`` (each
 in a savepoint, so one failing rolls back alone): one trip to the thread and one fsync for the
@@ -23,16 +23,16 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from controller import schema, sql
+from storage import schema, sql
 from controller.models import InsufficientStorage
-from controller.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, tags_of
-from controller.sql import Result, Script, Statement, UniqueViolation
+from storage.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, tags_of
+from storage.sql import Result, Script, Statement, UniqueViolation
 
-__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "GroupCommit", "Reader", "Store", "tags_of"]
+__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "GroupCommit", "Reader", "SqliteDatastore", "tags_of"]
 
 logger = logging.getLogger(__name__)
 
-#: Every table and index (:mod:`controller.schema`), then the counters' triggers: the workloads'
+#: Every table and index (:mod:`storage.schema`), then the counters' triggers: the workloads'
 #: counters follow their images and jobs inside the very statement that changes them, so a
 #: transition stays one statement and no code path can forget a counter.
 SCHEMA = schema.create_all(schema.SQLITE)
@@ -145,7 +145,7 @@ class GroupCommit:
 
     async def run(self, script: Script[T], durable: bool = True) -> T:
         """Run ``script`` with others; its result once committed, and on disk unless it is not
-        ``durable`` (see :meth:`Store.grouped`)."""
+        ``durable`` (see :meth:`SqliteDatastore.grouped`)."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((script, future, durable))
         if self._flusher is None:
@@ -209,7 +209,7 @@ class GroupCommit:
         return outcomes
 
 
-class Store(SqlDatastore):
+class SqliteDatastore(SqlDatastore):
     """The datastore on one SQLite file (one server: nobody else schedules on it)."""
 
     shared = False
@@ -223,7 +223,7 @@ class Store(SqlDatastore):
     @property
     def db(self) -> aiosqlite.Connection:
         """The connection that opened the file (schema, migrations, checks)."""
-        assert self._db is not None, "Store.open() first"
+        assert self._db is not None, "SqliteDatastore.open() first"
         return self._db
 
     async def read(self, script: Script[T]) -> T:

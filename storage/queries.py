@@ -1,9 +1,9 @@
-"""The datastore's reads and writes, once for every SQL engine (:mod:`controller.sql` scripts).
+"""The datastore's reads and writes, once for every SQL engine (:mod:`storage.sql` scripts).
 
-:class:`SqlDatastore` implements the :class:`~controller.datastore.Datastore` contract on top of
+:class:`SqlDatastore` implements the :class:`~storage.datastore.Datastore` contract on top of
 two primitives an engine provides: ``read(script)`` (one consistent read, committed data only)
 and ``grouped(script, durable)`` (one transaction, all or nothing). The SQLite engine
-(:mod:`controller.store`) runs a script in one trip to its thread and commits concurrent
+(:mod:`storage.sqlite`) runs a script in one trip to its thread and commits concurrent
 transactions together; the PostgreSQL engine runs them on a pool.
 """
 
@@ -25,8 +25,8 @@ from controller.models import (
     WorkloadView,
     quoted,
 )
-from controller import schema
-from controller.sql import Script, q
+from storage import schema
+from storage.sql import Script, q
 
 T = TypeVar("T")
 
