@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from cli.config import EXIT_AUTH, EXIT_FAILED, EXIT_UNREACHABLE, CliError
+from cli.session import EXIT_AUTH, EXIT_FAILED, EXIT_UNREACHABLE, CliError
 
 #: Statuses worth another try: the server or a proxy in front of it is busy or restarting.
 RETRYABLE = {429, 502, 503, 504}

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from cli import config, names, pushes, show, transfer, video
+from cli import names, pushes, session as saved, show, transfer, video
 from cli.client import RETRYABLE, Api, ApiError
-from cli.config import EXIT_AUTH, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, CliError, Session
+from cli.session import EXIT_AUTH, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, CliError, Session
 from cli.transfer import PushResult, Upload, err, progress_bar
 
 #: Where a new user finds the admin password (``make run`` prints it on the first start).
@@ -30,9 +30,9 @@ PASSWORD_HINT = "printed by make run, also in data/admin-password"
 
 
 def _session(args: argparse.Namespace, need_token: bool = True) -> Session:
-    session = config.load()
+    session = saved.load()
     if getattr(args, "url", None):
-        session = config.at_url(session, args.url)
+        session = saved.at_url(session, args.url)
         session.token = os.environ.get("DPIP_TOKEN") or session.token
     if need_token and not session.token:
         raise CliError(f"not logged in to {session.url}: run `dpip login --url {session.url}` first", EXIT_AUTH)
@@ -70,7 +70,7 @@ async def _login(session: Session, user: str, password: str, hint: str) -> int:
             if e.status == 401:
                 raise CliError(f"login refused for {user!r}: wrong user or password{hint}", EXIT_AUTH) from e
             raise
-    path = config.save(Session(session.url, user, token))
+    path = saved.save(Session(session.url, user, token))
     err.print(f"logged in to {session.url} as {user} (token saved in {path})")
     return EXIT_OK
 
@@ -84,7 +84,7 @@ async def cmd_logout(args: argparse.Namespace) -> int:
             except ApiError as e:
                 if e.status != 401:  # an expired or revoked token is logged out already
                     raise
-    config.forget()
+    saved.forget()
     err.print(f"logged out of {session.url}")
     return EXIT_OK
 

@@ -1,5 +1,5 @@
 """The ``dpip`` entry point: parse the command line, run the command, and turn every failure into
-one line on stderr and an exit code (see ``EXIT_*`` in :mod:`cli.config`), never a traceback.
+one line on stderr and an exit code (see ``EXIT_*`` in :mod:`cli.session`), never a traceback.
 
 The commands (aiohttp, rich, PyAV: half a second of imports) are imported only once the line
 is parsed, inside the handlers: a Ctrl-C that early is an interruption like any other.
@@ -15,7 +15,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-from cli.config import EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, CliError
+from cli.session import EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, CliError
 from common import filters
 
 DESCRIPTION = """\

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cli.config import CliError
+from cli.session import CliError
 from common.formats import FORMATS, sniff_format
 
 EXTENSIONS = {fmt: ext for fmt, (ext, _) in FORMATS.items()}

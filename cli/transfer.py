@@ -28,7 +28,7 @@ from rich.progress import (
 from cli import names as naming
 from cli import pushes
 from cli.client import Api, ApiError
-from cli.config import CliError
+from cli.session import CliError
 from common.formats import FORMATS
 
 T = TypeVar("T")

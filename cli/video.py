@@ -16,7 +16,7 @@ from pathlib import Path
 import av
 from PIL import Image, ImageDraw
 
-from cli.config import CliError
+from cli.session import CliError
 
 #: Output codec by file extension; the first one this FFmpeg build has is used.
 CODECS: dict[str, tuple[str, ...]] = {

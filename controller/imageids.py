@@ -103,10 +103,10 @@ class SharedImageIds(ImageIds):
         self._background: set[asyncio.Future] = set()
 
     async def take(self, workload_id: str) -> int:
-        return await self.store.grouped(_take_counter(workload_id), durable=False)
+        return await self.store.write(_take_counter(workload_id), durable=False)
 
     async def give_back(self, workload_id: str, image_id: int) -> None:
-        await self.store.grouped(_give_counter_back(workload_id, image_id), durable=False)
+        await self.store.write(_give_counter_back(workload_id, image_id), durable=False)
 
     def cancelled(self, workload_id: str, image_id: int) -> None:
         task = asyncio.ensure_future(self.give_back(workload_id, image_id))  # not awaited: being cancelled

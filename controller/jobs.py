@@ -10,7 +10,7 @@
                         +--------------------------------------------------------- dispatched
 ```
 
-Each transition is one transaction, all or nothing (:meth:`SqliteDatastore.grouped`: a script of
+Each transition is one transaction, all or nothing (:meth:`Datastore.write`: a script of
 :mod:`storage.sql`, the same on every engine; on SQLite committed together with the others
 waiting at that moment, each in its own savepoint), whose guard is in its SQL (``WHERE state = ?``),
 and returns a frozen :class:`~controller.models.Job` snapshot, or None when the guard says the
@@ -104,7 +104,7 @@ class JobLifecycle:
             return (yield q("INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)"
                             " RETURNING id", workload.id, image_id, JobState.QUEUED.value, now)).scalar()
 
-        job_id = await self.store.grouped(record())
+        job_id = await self.store.write(record())
         assert job_id is not None
         return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
                    params=workload.params, workload_dir=workload.dir,
@@ -196,7 +196,7 @@ class JobLifecycle:
                         JobState.DONE.value, now, *timing, workload_id, image_id)
             return RECORDED
 
-        return await self.store.grouped(record())
+        return await self.store.write(record())
 
     async def has_result(self, job: Job) -> bool:
         """Whether the job's result is stored: what "done" means, whatever a worker says."""
@@ -235,7 +235,7 @@ class JobLifecycle:
         def statement() -> Script[bool]:
             return (yield q(sql, *params)).rowcount == 1
 
-        return await self.store.grouped(statement(), durable)
+        return await self.store.write(statement(), durable)
 
     async def recover(self) -> list[Job]:
         """At the start of scheduling (a start, a takeover): jobs dispatched before (by a
@@ -246,7 +246,7 @@ class JobLifecycle:
                     JobState.QUEUED.value, JobState.DISPATCHED.value)
             return (yield from _queued(()))
 
-        return [_job_of(r) for r in await self.store.grouped(requeue())]
+        return [_job_of(r) for r in await self.store.write(requeue())]
 
     async def queued(self, ids: list[int] | tuple[int, ...] = (), after: int = -1, limit: int = 1000) -> list[Job]:
         """Queued jobs (those of ``ids``, or the first ``limit`` of id above ``after``), oldest
@@ -324,7 +324,7 @@ class JobLifecycle:
                     JobState.QUEUED.value, JobState.DISPATCHED.value, *ids)
             return (yield from _queued(ids))
 
-        return [_job_of(r) for r in await self.store.grouped(requeue())]
+        return [_job_of(r) for r in await self.store.write(requeue())]
 
     # -- results ----------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ TRANSIENT_BACKOFF_MAX = 5.0
 #: How often dispatched jobs that nothing holds are looked for.
 ORPHAN_SWEEP = 5.0
 
-__all__ = ["HedgePolicy", "Scheduler", "SchedulerSettings"]
+__all__ = ["Dispatcher", "HedgePolicy", "SchedulerSettings"]
 
 
 @dataclass
@@ -53,8 +53,10 @@ class Pending:
     final_by: set[str] = field(default_factory=set)  # workers that said no attempt can help
 
 
-class Scheduler:
-    """Owns the queue and the jobs in flight; wakes up on new jobs and on worker news."""
+class Dispatcher:
+    """The scheduling of one term of leadership (:class:`scheduler.leader.LeadingScheduler`
+    runs one while this server leads): owns the queue and the jobs in flight, places queued
+    jobs and carries them to workers; wakes up on new jobs and on worker news."""
 
     def __init__(self, jobs: JobLifecycle, membership: Members, settings: SchedulerSettings) -> None:
         self.jobs = jobs

@@ -3,7 +3,7 @@
 On one SQLite file there is one server, which always schedules. On a shared datastore
 (PostgreSQL) every server serves the API and tracks the workers, but only the holder of the
 lease ``scheduler`` (TTL ``lease_ttl``, at most 3 s, renewed three times per TTL) runs a
-:class:`~scheduler.dispatcher.Scheduler`: the first server to start takes it; the others try
+:class:`~scheduler.dispatcher.Dispatcher`: the first server to start takes it; the others try
 every sixth of a TTL, so one of them takes over within a TTL and a half of the leader's death.
 A new term starts by requeueing what was dispatched (by whoever led before) and then schedules
 what is queued; jobs enqueued by other servers reach it by notification (and a sweep every
@@ -23,7 +23,7 @@ from common.aio import stop_tasks
 from storage.datastore import JobListener, SharedDatastore
 from controller.jobs import JobLifecycle
 from controller.models import DpipError, Job
-from scheduler.dispatcher import Scheduler, SchedulerSettings
+from scheduler.dispatcher import Dispatcher, SchedulerSettings
 from scheduler.ports import Members
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class LeadingScheduler:
         self.name = name
         self.holder = f"{name}/{secrets.token_hex(4)}"  # a restarted server waits for its old lease
         self.lease_ttl = lease_ttl
-        self.current: Scheduler | None = None
+        self.current: Dispatcher | None = None
         self.term = 0
         self.terms = 0  # how many terms this server has led (for the curious, and the tests)
         self.on_job_done: Callable[[Job, float], None] | None = None
@@ -112,7 +112,7 @@ class LeadingScheduler:
     async def _lead(self, term: int) -> None:
         self.term = term
         self.terms += 1
-        scheduler = Scheduler(self.jobs, self.membership, self.settings)
+        scheduler = Dispatcher(self.jobs, self.membership, self.settings)
         scheduler.on_job_done = self.on_job_done
         self.current = scheduler
         if self._store is not None:
@@ -141,7 +141,7 @@ class LeadingScheduler:
         self._heard.add(job_id)
         self._heard_event.set()
 
-    async def _sweep(self, scheduler: Scheduler) -> None:
+    async def _sweep(self, scheduler: Dispatcher) -> None:
         """Submit the jobs other servers enqueued: those we are told of at once, and every
         queued one we do not hold, every few seconds."""
         last_sweep = time.monotonic()

@@ -152,7 +152,7 @@ class PostgresDatastore(SqlDatastore):
     async def read(self, script: Script[T]) -> T:
         return await self._run(script, readonly=True)
 
-    async def grouped(self, script: Script[T], durable: bool = True) -> T:
+    async def write(self, script: Script[T], durable: bool = True) -> T:
         return await self._run(script, durable=durable)
 
     async def _run(self, script: Script[T], readonly: bool = False, durable: bool = True) -> T:
@@ -179,11 +179,11 @@ class PostgresDatastore(SqlDatastore):
                 " WHERE leases.holder = EXCLUDED.holder OR leases.expires_at < EXTRACT(EPOCH FROM clock_timestamp())"
                 " RETURNING term", name, holder, float(ttl))).scalar()
 
-        return await self.grouped(take())
+        return await self.write(take())
 
     async def release_lease(self, name: str, holder: str) -> None:
         """Give the lease up at once (a clean stop), so a standby need not wait for it to expire."""
-        await self.grouped(_release(name, holder))
+        await self.write(_release(name, holder))
 
     async def lease_holder(self, name: str) -> str | None:
         """Who holds the lease now (None if nobody, or it expired)."""

@@ -2,7 +2,7 @@
 
 :class:`SqlDatastore` implements the :class:`~storage.datastore.Datastore` contract on top of
 two primitives an engine provides: ``read(script)`` (one consistent read, committed data only)
-and ``grouped(script, durable)`` (one transaction, all or nothing). The SQLite engine
+and ``write(script, durable)`` (one transaction, all or nothing). The SQLite engine
 (:mod:`storage.sqlite`) runs a script in one trip to its thread and commits concurrent
 transactions together; the PostgreSQL engine runs them on a pool.
 """
@@ -70,14 +70,14 @@ def views_of(rows: list) -> Script[list[WorkloadView]]:
 
 class SqlDatastore(abc.ABC):
     """Users, tokens, workloads, images, jobs and workers in SQL; an engine subclass provides
-    :meth:`read`, :meth:`grouped` (and opening, closing, its schema)."""
+    :meth:`read`, :meth:`write` (and opening, closing, its schema)."""
 
     @abc.abstractmethod
     async def read(self, script: Script[T]) -> T:
         """Run a read-only ``script``: it sees committed data, consistently."""
 
     @abc.abstractmethod
-    async def grouped(self, script: Script[T], durable: bool = True) -> T:
+    async def write(self, script: Script[T], durable: bool = True) -> T:
         """Run ``script`` as one transaction, all or nothing (possibly committed together with
         others); its result once committed, and on disk unless it need not be ``durable``."""
 
@@ -95,7 +95,7 @@ class SqlDatastore(abc.ABC):
                         " ON CONFLICT DO NOTHING", name, password_hash, now)).rowcount != 1:
                 raise Conflict(f"user {quoted(name)} exists")
 
-        await self.grouped(add())
+        await self.write(add())
         return now
 
     async def list_users(self) -> list[tuple[str, float]]:
@@ -114,7 +114,7 @@ class SqlDatastore(abc.ABC):
             yield q("UPDATE workloads SET owner = ? WHERE owner = ?", tomb, name)
             return True
 
-        return await self.grouped(remove())
+        return await self.write(remove())
 
     async def user(self, name: str) -> tuple[str, float] | None:
         """``(password_hash, created_at)`` of a user, or None."""
@@ -130,7 +130,7 @@ class SqlDatastore(abc.ABC):
                     jti, expires_at)
             yield q("DELETE FROM revoked_tokens WHERE expires_at < ?", time.time())
 
-        await self.grouped(revoke())
+        await self.write(revoke())
 
     async def revoked_tokens(self) -> set[str]:
         rows = await self.read(_rows("SELECT jti FROM revoked_tokens WHERE expires_at >= ?", time.time()))
@@ -147,13 +147,13 @@ class SqlDatastore(abc.ABC):
             yield q("INSERT INTO settings(name, value) VALUES (?, ?) ON CONFLICT DO NOTHING", name, default)
             return (yield q("SELECT value FROM settings WHERE name = ?", name)).scalar()
 
-        return await self.grouped(get_or_set())
+        return await self.write(get_or_set())
 
     # -- the servers of the system ---------------------------------------------------------
 
     async def server_seen(self, name: str, api_url: str, controller: str, started_at: float) -> None:
         """This server is alive (every second or so)."""
-        await self.grouped(_statement(
+        await self.write(_statement(
             "INSERT INTO servers(name, api_url, controller, started_at, last_seen) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT(name) DO UPDATE SET api_url = excluded.api_url, controller = excluded.controller,"
             " started_at = excluded.started_at, last_seen = excluded.last_seen",
@@ -166,7 +166,7 @@ class SqlDatastore(abc.ABC):
                 for r in rows]
 
     async def forget_servers(self, older_than: float) -> None:
-        await self.grouped(_statement("DELETE FROM servers WHERE last_seen < ?", older_than), durable=False)
+        await self.write(_statement("DELETE FROM servers WHERE last_seen < ?", older_than), durable=False)
 
     # -- workloads --------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class SqlDatastore(abc.ABC):
                     break
             raise Conflict(f"workload_name {quoted(name)} is already in use (by one of yours)")
 
-        return Workload(wid, name, owner, filter, tags, now, meta, await self.grouped(create()), params)
+        return Workload(wid, name, owner, filter, tags, now, meta, await self.write(create()), params)
 
     async def get_workload(self, workload_id: str, owner: str | None = None) -> Workload:
         """The workload, or :class:`NotFound` (also when ``owner`` is given and differs)."""
@@ -276,7 +276,7 @@ class SqlDatastore(abc.ABC):
             return {"workload_id": workload_id, "workload_name": row[4], "dir": row[5], "images": row[1],
                     "filtered_images": row[2], "jobs": jobs, "bytes": row[3]}
 
-        return await self.grouped(delete())
+        return await self.write(delete())
 
     async def expired_workloads(self, before: float, limit: int = 100) -> list[tuple[str, str]]:
         """(id, owner) of completed workloads created before ``before``, oldest first."""
@@ -378,14 +378,14 @@ class SqlDatastore(abc.ABC):
 
     async def upsert_worker(self, name: str, tags: list[str], rpc_address: str) -> None:
         now = time.time()
-        await self.grouped(_statement(
+        await self.write(_statement(
             "INSERT INTO workers(name, tags, rpc_address, first_seen, last_seen)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET tags = excluded.tags,"
             " rpc_address = excluded.rpc_address, last_seen = excluded.last_seen",
             name, json.dumps(tags), rpc_address, now, now))
 
     async def forget_worker(self, name: str) -> None:
-        await self.grouped(_statement("DELETE FROM workers WHERE name = ?", name))
+        await self.write(_statement("DELETE FROM workers WHERE name = ?", name))
 
     async def known_workers(self) -> list[dict]:
         rows = await self.read(_rows("SELECT name, tags, last_seen FROM workers"))

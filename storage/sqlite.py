@@ -145,7 +145,7 @@ class GroupCommit:
 
     async def run(self, script: Script[T], durable: bool = True) -> T:
         """Run ``script`` with others; its result once committed, and on disk unless it is not
-        ``durable`` (see :meth:`SqliteDatastore.grouped`)."""
+        ``durable`` (see :meth:`SqliteDatastore.write`)."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((script, future, durable))
         if self._flusher is None:
@@ -229,7 +229,7 @@ class SqliteDatastore(SqlDatastore):
     async def read(self, script: Script[T]) -> T:
         return await self._reader.run(script)
 
-    async def grouped(self, script: Script[T], durable: bool = True) -> T:
+    async def write(self, script: Script[T], durable: bool = True) -> T:
         """Run ``script`` all or nothing, committed together with the others that are waiting:
         the path of every write. Its result once it is on disk; or, if it need not be
         ``durable`` (a crash losing it loses nothing: recovery redoes it), once it is committed,

@@ -16,7 +16,7 @@ from controller.jobs import JobLifecycle
 from controller.membership import WorkerInfo, WorkerState
 from controller.models import Filter, Workload
 from storage.sqlite import SqliteDatastore
-from scheduler.dispatcher import Scheduler, SchedulerSettings
+from scheduler.dispatcher import Dispatcher, SchedulerSettings
 
 
 @dataclass
@@ -134,7 +134,7 @@ class Fleet:
         self.store = store
         self.jobs = JobLifecycle(store)
         self.membership = StubMembership(self.jobs)
-        self.scheduler = Scheduler(self.jobs, self.membership, settings)
+        self.scheduler = Dispatcher(self.jobs, self.membership, settings)
 
     async def workload(self, name: str, tags: tuple[str, ...] = ()) -> Workload:
         return await self.store.create_workload(name, "alice", Filter.GRAYSCALE, tags)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 from cli import video
-from cli.config import Session, save
+from cli.session import Session, save
 from cli.transfer import collect, natural_key
 from scripts.localsys import clean_env, free_port, wait_until
 from tests.dpip_cli import DPIP, Cli, frames_dir, one_line_error

@@ -198,7 +198,7 @@ async def test_grouped_transactions_commit_together_and_fail_alone(store):
         yield from take()
         raise ValueError("changed my mind")
 
-    results = await asyncio.gather(*(store.grouped(half_then_fail() if i % 5 == 4 else take()) for i in range(50)),
+    results = await asyncio.gather(*(store.write(half_then_fail() if i % 5 == 4 else take()) for i in range(50)),
                                    return_exceptions=True)
     failed = [r for r in results if isinstance(r, ValueError)]
     taken = sorted(r for r in results if isinstance(r, int))
