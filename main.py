@@ -20,6 +20,7 @@ import warnings
 from aiohttp import web
 from PIL import Image
 
+from api.connections import ConnectionPolicy, GuardedRunner, raise_fd_limit
 from common import aio
 from common.config import setup_logging
 from controller import users
@@ -42,7 +43,10 @@ async def serve(settings: ServerSettings) -> None:
     that fails (a port in use) unwinds whatever it had opened before it raises."""
     app = build_app(settings)
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
-    runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
+    # Slow clients and connection caps (api/connections.py): the total comes from the open-file
+    # limit, raised first to its hard limit.
+    policy = ConnectionPolicy.from_settings(settings, raise_fd_limit())
+    runner = GuardedRunner(app, policy, access_log=access_log, handle_signals=False)
     try:
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
@@ -52,6 +56,7 @@ async def serve(settings: ServerSettings) -> None:
         raise
     logger.info("API on http://%s:%d, controller on tcp://%s:%d, data in %s",
                 settings.host, settings.port, settings.host, settings.controller_port, settings.data_dir)
+    logger.info("connections: %s", policy.describe())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -17,6 +17,7 @@ from typing import Any
 
 from common.net import Network, parse_cidrs
 from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, parse_range
+from common.formats import MAX_PIXELS
 
 
 SQLITE = "sqlite:///"
@@ -78,7 +79,7 @@ class ServerSettings:
     quota_bytes: int = option(0, "bytes of images (originals and results) each user may keep; 0: no quota")
     retain_days: float = option(0.0, "remove completed workloads created more than this many days ago"
                                      " (their images too); 0: keep everything")
-    max_pixels: int = option(50_000_000, "largest image accepted or decoded, in pixels (width x height)")
+    max_pixels: int = option(MAX_PIXELS, "largest image accepted or decoded, in pixels (width x height)")
     fsync: bool = option(True, "do not fsync uploads (faster, but a power cut may lose accepted ones)",
                          flag="--no-fsync")
     join_token: str = option("", "workers must present it (default: generated once and kept in the data"
@@ -95,6 +96,23 @@ class ServerSettings:
     scale_up_cmd: str = option("", "shell command that starts a worker elsewhere; {name} and {controller}"
                                    " are filled in")
     scale_down_cmd: str = option("", "shell command that stops worker {name}")
+    # Slow clients (api/connections.py; Apache's RequestReadTimeout header=20-40,MinRate=500
+    # body=20,MinRate=500, nginx's keep-alive 75 s). A timeout of 0 is off.
+    header_timeout: float = option(20.0, "seconds a request's headers may take from their first byte (from"
+                                         " the connection on a fresh one), plus 1 s per --min-rate bytes"
+                                         " received, at most twice this; then 408 and closed; 0: no limit")
+    body_timeout: float = option(20.0, "seconds a request's body may keep its handler waiting, plus 1 s per"
+                                       " --min-rate bytes received; then closed; 0: no limit")
+    min_rate: float = option(500.0, "bytes a second that earn a slow client 1 s more for headers and body")
+    keepalive_timeout: float = option(75.0, "seconds an idle connection stays open between requests"
+                                            " (0: closed after each response)")
+    send_timeout: float = option(60.0, "seconds a client may leave our response unread (writes stalled)"
+                                       " before its connection is reset; 0: no limit")
+    max_connections: int = option(0, "client connections at once; 0: from the open-file limit (raised to"
+                                     " its hard limit at start): half of what 128 kept for the server leave")
+    max_connections_per_address: int = option(256, "connections at once from one address (an IPv6 /64 is"
+                                                   " one; --trusted-proxy ones are exempt), at most half of"
+                                                   " --max-connections; beyond it a 503")
 
     @property
     def db_path(self) -> Path:
