@@ -20,12 +20,12 @@ import warnings
 from aiohttp import web
 from PIL import Image
 
-from api.connections import ConnectionPolicy, GuardedRunner, raise_fd_limit
+from api.connections import GuardedRunner, raise_fd_limit
 from common import aio
 from common.config import setup_logging
 from controller import users
 from server.services import before_stop, build_app
-from server.settings import ServerSettings, parse_server_args
+from server.settings import ServerSettings, connection_policy, parse_server_args, secret_warnings
 
 logger = logging.getLogger("dpip")
 
@@ -45,7 +45,7 @@ async def serve(settings: ServerSettings) -> None:
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
     # Slow clients and connection caps (api/connections.py): the total comes from the open-file
     # limit, raised first to its hard limit.
-    policy = ConnectionPolicy.from_settings(settings, raise_fd_limit())
+    policy = connection_policy(settings, raise_fd_limit())
     runner = GuardedRunner(app, policy, access_log=access_log, handle_signals=False)
     try:
         await runner.setup()
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(users.main(argv[1:]))
     settings, level = parse_server_args(argv)
     setup_logging(level)
+    for warning in secret_warnings(argv, settings):
+        logger.warning(warning)
     limit_pixels(settings.max_pixels)
     aio.run(serve(settings))
 

@@ -16,10 +16,10 @@ from aiohttp import web
 
 from api import handlers, observe
 from api.keys import AUTH, METRICS, SETTINGS, STOPPING
+from api.ports import ApiSettings
 from api.metrics import Metrics
 from common.logs import LogLimiter
-from controller.models import DpipError, clipped
-from server.settings import ServerSettings
+from common.models import DpipError, clipped
 
 logger = logging.getLogger(__name__)
 _store_log = LogLimiter(logger)  # an outage answers every request with a 503: a few lines say so
@@ -89,7 +89,7 @@ def _internal_error(request: web.Request) -> web.Response:
     return web.json_response({"error": "internal server error", "request_id": request_id}, status=500)
 
 
-def create_app(settings: ServerSettings) -> web.Application:
+def create_app(settings: ApiSettings) -> web.Application:
     """The HTTP API. The services it serves (datastore, membership, scheduler, ...) are added by
     the composition root, :func:`server.services.build_app`."""
     app = web.Application(middlewares=[observe.count_requests, errors_as_json, fresh_users],

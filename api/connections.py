@@ -46,8 +46,7 @@ from aiohttp.web_protocol import _ErrInfo  # what the parser queues for a reques
 from api.app import error_response
 from common.logs import LogLimiter
 from common.net import Network, address_group, canonical
-from controller.models import clipped, quoted
-from server.settings import ServerSettings
+from common.models import clipped, quoted
 
 logger = logging.getLogger(__name__)
 _log = LogLimiter(logger)  # every line here is one a client can provoke
@@ -103,15 +102,6 @@ class ConnectionPolicy:
     #: Addresses whose connections count in the total only: trusted reverse proxies, which
     #: carry many clients each.
     unlimited: tuple[Network, ...] = ()
-
-    @classmethod
-    def from_settings(cls, s: ServerSettings, fd_limit: int) -> ConnectionPolicy:
-        total = s.max_connections if s.max_connections > 0 else connections_for(fd_limit)
-        per_address = s.max_connections_per_address if s.max_connections_per_address > 0 else total
-        return cls(header_timeout=s.header_timeout, body_timeout=s.body_timeout, min_rate=s.min_rate,
-                   keepalive_timeout=s.keepalive_timeout, send_timeout=s.send_timeout,
-                   max_connections=total, max_per_address=max(1, min(per_address, total // 2)),
-                   unlimited=s.trusted_proxies)
 
     def header_allowance(self, received: int) -> float:
         """Seconds a request's headers may take after ``received`` bytes of them."""

@@ -43,7 +43,7 @@ from storage.queries import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
 from controller.auth import JOB, USER, Claims
 from storage.images import StoredFile, image_key
-from controller.models import (
+from common.models import (
     BadInput,
     Filter,
     Forbidden,

@@ -7,19 +7,18 @@ import asyncio
 from aiohttp import web
 
 from api.metrics import Metrics
-from api.ports import AutoscalerPort, SchedulerPort
+from api.ports import ApiSettings, AutoscalerPort, SchedulerPort
 from api.ratelimit import LoginThrottle
 from controller.auth import Auth, Claims
 from controller.capability import JobClaims
 from storage.images import ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
-from storage.sqlite import SqliteDatastore
+from storage.datastore import Datastore
 from controller.workloads import Workloads
-from server.settings import ServerSettings
 
-SETTINGS = web.AppKey("settings", ServerSettings)
-STORE = web.AppKey("store", SqliteDatastore)
+SETTINGS = web.AppKey("settings", ApiSettings)
+STORE = web.AppKey("store", Datastore)
 AUTH = web.AppKey("auth", Auth)
 IMAGES = web.AppKey("images", ImageStore)
 JOBS = web.AppKey("jobs", JobLifecycle)

@@ -17,7 +17,7 @@ from prometheus_client import (
 )
 
 from controller.membership import Membership
-from controller.models import Job, JobState
+from common.models import Job, JobState
 from controller.jobs import JobTraffic
 from storage.sqlite import SqliteDatastore
 from api.ports import SchedulerPort

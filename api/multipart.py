@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import MultipartReader, StreamReader, web
 
-from controller.models import BadInput, TooLarge
+from common.models import BadInput, TooLarge
 
 #: Bodies up to this size (by Content-Length) are read whole and parsed here.
 SMALL_BODY = 512 * 1024

@@ -31,7 +31,7 @@ from api.params import bearer_token, client_address
 from common import filters
 from common.net import is_loopback
 from controller.auth import USER
-from controller.models import DpipError, TooManyRequests
+from common.models import DpipError, TooManyRequests
 
 STATIC = Path(__file__).parent / "static"
 EVENT_INTERVAL = 1.0  # seconds between looks for changes on /events

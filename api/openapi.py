@@ -11,7 +11,7 @@ from typing import Any
 
 from storage.thumbnails import THUMB_SIZES
 from common import filters
-from controller.models import Filter, ImageType, JobState, WorkloadStatus
+from common.models import Filter, ImageType, JobState, WorkloadStatus
 
 BEARER = [{"bearer": []}]
 

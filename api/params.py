@@ -15,7 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from api import multipart
 from common import net
 from api.keys import SETTINGS
-from controller.models import BadInput, TooLarge, Unauthorized, clipped, quoted
+from common.models import BadInput, TooLarge, Unauthorized, clipped, quoted
 
 #: What aiohttp's multipart reader raises on a malformed body.
 MULTIPART_ERRORS = (ValueError, AssertionError, HttpProcessingError)

@@ -1,12 +1,29 @@
-"""What the HTTP layer needs from the scheduler and the autoscaler, and no more: the API
-depends on these small interfaces, never on the scheduler's modules (the composition root,
-:mod:`server.services`, plugs the real ones in)."""
+"""What the HTTP layer needs from the settings, the scheduler and the autoscaler, and no more:
+the API depends on these small interfaces, never on the server's or the scheduler's modules
+(the composition root, :mod:`server.services`, plugs the real ones in)."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from controller.models import Job
+from common.net import Network
+from common.models import Job
+
+
+class ApiSettings(Protocol):
+    """The settings the API reads (:class:`server.settings.ServerSettings` has them all)."""
+
+    @property
+    def system_name(self) -> str: ...
+    @property
+    def admin_user(self) -> str: ...
+    @property
+    def quota_bytes(self) -> int: ...
+    @property
+    def public_url(self) -> str: ...
+    @property
+    def trusted_proxies(self) -> tuple[Network, ...]: ...
+    def name(self) -> str: ...
 
 
 class SchedulerPort(Protocol):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.net import address_group
-from controller.models import TooManyRequests
+from common.models import TooManyRequests
 
 logger = logging.getLogger(__name__)
 

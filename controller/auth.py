@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jwt
 
-from controller.models import Forbidden, Unauthorized, quoted
+from common.models import Forbidden, Unauthorized, quoted
 from storage.datastore import Datastore
 
 logger = logging.getLogger(__name__)

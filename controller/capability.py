@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from controller.models import Unauthorized
+from common.models import Unauthorized
 
 PREFIX = "job."
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 
 from storage.datastore import Datastore
-from controller.models import Conflict, ImageType, NotFound, quoted
+from common.models import Conflict, ImageType, NotFound, quoted
 from storage.sql import Script, q
 
 

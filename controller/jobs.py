@@ -13,7 +13,7 @@
 Each transition is one transaction, all or nothing (:meth:`Datastore.write`: a script of
 :mod:`storage.sql`, the same on every engine; on SQLite committed together with the others
 waiting at that moment, each in its own savepoint), whose guard is in its SQL (``WHERE state = ?``),
-and returns a frozen :class:`~controller.models.Job` snapshot, or None when the guard says the
+and returns a frozen :class:`~common.models.Job` snapshot, or None when the guard says the
 job had moved on meanwhile (its result arrived while a retry was being decided, ...). The
 upload handler and the scheduler change jobs only through this module; ``complete`` is the
 only way to ``done`` and is driven by the result being stored, never by what a worker says.
@@ -35,7 +35,7 @@ from controller.imageids import image_ids
 from storage.facts import header_from_bytes
 from storage.images import Download, ImageStore, StoredFile, image_key
 from controller.results import result_problem
-from controller.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
+from common.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
                                NotFound, QuotaExceeded, Workload, quoted)
 from storage.queries import tags_of
 from storage.sql import Script, q

@@ -41,7 +41,7 @@ from common.rpc import RpcClient, RpcError
 from common.seal import C2W, JOIN, W2C, Channel, SealError, join_key, open_with, session_key, welcome_proof
 from controller import capability
 from controller.capability import JobClaims
-from controller.models import Unauthorized
+from common.models import Unauthorized
 from storage.datastore import Datastore
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from controller.auth import hash_password
-from controller.models import check_workload_name
-from controller.models import BadInput, Conflict
+from common.models import check_workload_name
+from common.models import BadInput, Conflict
 from storage.datastore import Datastore
 from storage.sqlite import SqliteDatastore
 

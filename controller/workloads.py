@@ -11,7 +11,7 @@ from collections.abc import Callable
 from common import wire
 from storage.datastore import Datastore
 from controller.jobs import JobLifecycle, quota_exceeded
-from controller.models import BadInput, Filter, NotFound, Workload, check_workload_name, quoted
+from common.models import BadInput, Filter, NotFound, Workload, check_workload_name, quoted
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from enum import Enum
 from common import wire
 from common.rpc import RpcError
 from controller.jobs import JobLifecycle, Timing
-from controller.models import DpipError, InsufficientStorage, Job, Unavailable
+from common.models import DpipError, InsufficientStorage, Job, Unavailable
 from scheduler.latency import LatencyTracker
 from scheduler.ports import Members, Slots
 

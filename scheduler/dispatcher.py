@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from common.aio import stop_tasks
 from controller.jobs import JobLifecycle
-from controller.models import DpipError, Job
+from common.models import DpipError, Job
 from scheduler.carrier import (
     Carrier,
     DispatchStats,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from common.aio import stop_tasks
 from storage.datastore import JobListener, SharedDatastore
 from controller.jobs import JobLifecycle
-from controller.models import DpipError, Job
+from common.models import DpipError, Job
 from scheduler.dispatcher import Dispatcher, SchedulerSettings
 from scheduler.ports import Members
 

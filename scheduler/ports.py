@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from common import wire
 from controller.membership import WorkerInfo
-from controller.models import Job
+from common.models import Job
 
 
 class Members(Protocol):

@@ -44,7 +44,7 @@ from storage.datastore import Datastore, as_shared
 from storage.images import FileImageStore, ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
-from controller.models import DpipError
+from common.models import DpipError
 from storage.sqlite import SqliteDatastore
 from controller.workloads import Workloads
 from scheduler.autoscale import Autoscaler, ScalePolicy

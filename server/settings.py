@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from api.connections import ConnectionPolicy, connections_for
 from common.net import Network, parse_cidrs
-from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, parse_range
+from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, parse_range, secrets_in_flags
 from common.formats import MAX_PIXELS
 
+
+#: Flags that carry a secret (visible to every local user in the process's command line), and
+#: the variable to give it in instead.
+SECRET_FLAGS = {"--admin-password": "DPIP_ADMIN_PASSWORD", "--join-token": "DPIP_JOIN_TOKEN"}
 
 SQLITE = "sqlite:///"
 POSTGRES = ("postgresql://", "postgres://")
@@ -204,3 +210,22 @@ def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(str(e)) from None
     convert.__name__ = parse.__name__
     return convert
+
+
+def connection_policy(s: ServerSettings, fd_limit: int) -> ConnectionPolicy:
+    """The client connections' deadlines and caps these settings ask for; the total from the
+    open-file limit unless given, no address more than half of it."""
+    total = s.max_connections if s.max_connections > 0 else connections_for(fd_limit)
+    per_address = s.max_connections_per_address if s.max_connections_per_address > 0 else total
+    return ConnectionPolicy(header_timeout=s.header_timeout, body_timeout=s.body_timeout, min_rate=s.min_rate,
+                            keepalive_timeout=s.keepalive_timeout, send_timeout=s.send_timeout,
+                            max_connections=total, max_per_address=max(1, min(per_address, total // 2)),
+                            unlimited=s.trusted_proxies)
+
+
+def secret_warnings(argv: list[str], s: ServerSettings) -> list[str]:
+    """What to warn of: secrets given as flags (a database URL only if it has a password)."""
+    warnings = secrets_in_flags(argv, SECRET_FLAGS)
+    if re.search(r"://[^/@:]*:[^/@]+@", s.database) and any(a.split("=", 1)[0] == "--database" for a in argv):
+        warnings += secrets_in_flags(["--database"], {"--database": "DPIP_DATABASE (or PGPASSWORD for the password)"})
+    return warnings

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, TypeVar, cast
 
-from controller.models import Filter, ImageType, Workload, WorkloadView
+from common.models import Filter, ImageType, Workload, WorkloadView
 from storage.sql import Script
 
 T = TypeVar("T")

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from common.formats import png_header, sniff_format
-from controller.models import BadInput, clipped
+from common.models import BadInput, clipped
 from storage import exifdata, metadata
 
 #: What Pillow raises beyond ``Image.MAX_IMAGE_PIXELS`` (the warning, when warnings are errors).

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from controller.models import InsufficientStorage
+from common.models import InsufficientStorage
 from storage import metadata
 
 class TmpWriter:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import wire
 from common.formats import FORMATS, sniff_format
-from controller.models import BadInput, ImageType, NotFound, TooLarge, quoted
+from common.models import BadInput, ImageType, NotFound, TooLarge, quoted
 from storage import facts, files, metadata, thumbnails
 
 #: Files up to this size are kept in memory as they are received, so a job can carry them

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from storage import schema, sql
-from controller.models import Unavailable
+from common.models import Unavailable
 from storage.queries import SqlDatastore
 from storage.sql import Result, Script, Statement, UniqueViolation
 

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, TypeVar
 
-from controller.models import (
+from common.models import (
     Conflict,
     Filter,
     ImageType,

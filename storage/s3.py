@@ -5,8 +5,8 @@ results straight to the bucket through presigned URLs good for one job.
 The endpoint, the keys and the region come the AWS SDK's own way (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, or a profile). The
 bucket is created if missing. Uploads are judged in memory (at most ``--max-upload-bytes``
-each) and put whole. A store that cannot be reached is :class:`~controller.models.Unavailable`
-(503), one that is full :class:`~controller.models.InsufficientStorage` (507).
+each) and put whole. A store that cannot be reached is :class:`~common.models.Unavailable`
+(503), one that is full :class:`~common.models.InsufficientStorage` (507).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from common.formats import sniff_format
 from storage import metadata
 from storage.facts import fast_header, header_of
 from storage.images import KEEP_BYTES, Download, ImageStore, StoredFile
-from controller.models import BadInput, InsufficientStorage, Unavailable
+from common.models import BadInput, InsufficientStorage, Unavailable
 
 logger = logging.getLogger(__name__)
 

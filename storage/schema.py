@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controller.models import ImageType, JobState
+from common.models import ImageType, JobState
 
 SQLITE, POSTGRESQL = "sqlite", "postgresql"
 

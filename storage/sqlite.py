@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from storage import schema, sql
-from controller.models import InsufficientStorage
+from common.models import InsufficientStorage
 from storage.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, tags_of
 from storage.sql import Result, Script, Statement, UniqueViolation
 

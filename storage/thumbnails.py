@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from PIL import Image, ImageOps
 
 from common.formats import FORMATS
-from controller.models import ImageType
+from common.models import ImageType
 
 #: Thumbnail sizes: pixels on the long side, aspect kept (never enlarged).
 THUMB_SIZES = {"small": 100, "medium": 300, "large": 600}

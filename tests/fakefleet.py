@@ -14,7 +14,7 @@ from common import wire
 from common.rpc import RpcError
 from controller.jobs import JobLifecycle
 from controller.membership import WorkerInfo, WorkerState
-from controller.models import Filter, Workload
+from common.models import Filter, Workload
 from storage.sqlite import SqliteDatastore
 from scheduler.dispatcher import Dispatcher, SchedulerSettings
 

@@ -11,7 +11,7 @@ import pytest
 
 from storage.datastore import Datastore
 from controller.jobs import JobLifecycle
-from controller.models import Conflict, Filter, ImageType, JobState, NotFound
+from common.models import Conflict, Filter, ImageType, JobState, NotFound
 from storage.sql import Script, q
 from storage.sqlite import SqliteDatastore
 

@@ -22,7 +22,7 @@ from common.formats import FORMATS, sniff_format
 from storage import metadata
 from storage.facts import header_of
 from storage.images import StoredFile
-from controller.models import BadInput
+from common.models import BadInput
 from controller.results import result_problem
 from scripts import refclient as ref
 from tests.helpers import wait_completed, workload

@@ -24,10 +24,10 @@ from api.keys import AUTH, SETTINGS
 from common.net import client_address, parse_cidrs
 from api.ratelimit import LoginThrottle
 from controller.auth import USER
-from controller.models import check_workload_name
+from common.models import check_workload_name
 from storage.thumbnails import make_thumbnail
 from controller.jobs import JobLifecycle
-from controller.models import BadInput, Filter, TooManyRequests, Unauthorized, quoted
+from common.models import BadInput, Filter, TooManyRequests, Unauthorized, quoted
 from storage.sqlite import SCHEMA, SqliteDatastore
 from scripts import refclient as ref
 from scripts.localsys import ROOT, wait_until

@@ -17,7 +17,7 @@ import pytest
 from api.keys import AUTH
 from api.ratelimit import FailureLimiter, LoginThrottle
 from common.net import parse_cidrs
-from controller.models import TooManyRequests
+from common.models import TooManyRequests
 from server.services import build_app
 from tests.support import ADMIN_PASSWORD, basic
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from api import multipart
-from controller.models import BadInput, TooLarge
+from common.models import BadInput, TooLarge
 from scripts import refclient as ref
 
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from api.keys import IMAGES, STORE
-from controller.models import DpipError
+from common.models import DpipError
 from scripts.localsys import ROOT, clean_env, free_port
 from server.services import build_app
 from server.settings import ServerSettings, parse_server_args

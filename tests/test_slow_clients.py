@@ -24,7 +24,7 @@ from PIL import Image
 from api.connections import ConnectionPolicy, connections_for, parser_error
 from scripts import refclient as ref
 from scripts.localsys import LocalSystem, wait_until
-from server.settings import ServerSettings
+from server.settings import ServerSettings, connection_policy
 from tests.support import ADMIN_PASSWORD
 
 HEADER, BODY, KEEPALIVE, SEND = 2.0, 2.0, 3.0, 2.0
@@ -368,8 +368,8 @@ def test_the_file_limit_is_raised_to_the_hard_limit(tmp_path: Path):
 
 def test_the_per_address_cap_is_at_most_half_the_total():
     settings = ServerSettings(max_connections=10, max_connections_per_address=256)
-    assert ConnectionPolicy.from_settings(settings, 20000).max_per_address == 5
-    derived = ConnectionPolicy.from_settings(ServerSettings(), 20000)
+    assert connection_policy(settings, 20000).max_per_address == 5
+    derived = connection_policy(ServerSettings(), 20000)
     assert derived.max_connections == (20000 - 128) // 2 and derived.max_per_address == 256
 
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from common import wire
 from common.config import EnvDefaultsParser, split_host_port
 from common.formats import sniff_format
-from controller.models import Filter, Job
+from common.models import Filter, Job
 from scheduler.carrier import Carrier, DispatchStats, SchedulerSettings
 from scheduler.latency import LatencyTracker
 from scheduler.placement import JobView, WorkerView, place
