@@ -50,7 +50,6 @@ from common.models import (
     ImageType,
     LoginFailed,
     NotFound,
-    QuotaExceeded,
     Unauthorized,
     UnsupportedMedia,
     WorkloadView,

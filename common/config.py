@@ -1,11 +1,16 @@
-"""Command-line parsing shared by the server and the worker: every flag has a DPIP_* variable."""
+"""Command-line parsing shared by the server and the worker: settings dataclasses whose fields
+declare their own flags (:func:`option`, :func:`add_options`), and every flag has a DPIP_*
+variable."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 
 #: The reference's ports: the HTTP API and the controller.
@@ -23,6 +28,49 @@ def parse_range(text: str) -> tuple[int, int]:
     if not sep or low < 0 or high < 1 or low > high:
         raise ValueError(f"--autoscale takes MIN:MAX with 0 <= MIN <= MAX and MAX >= 1 (got {text!r})")
     return low, high
+
+
+def option(default: Any, help: str | None, *, flag: str | None = None,
+           parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A settings field with its command-line flag (``help=None``: no flag)."""
+    meta = {"help": help, "flag": flag, "parse": parse, "metavar": metavar, "choices": choices}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def add_options(p: argparse.ArgumentParser, settings: type) -> list[dataclasses.Field]:
+    """A flag (and its ``DPIP_*`` variable) for each field of the ``settings`` dataclass that
+    has help; those fields, whose values ``parse_args`` then gives under their own names."""
+    fields = [f for f in dataclasses.fields(settings) if f.metadata.get("help") is not None]
+    for f in fields:
+        _add_option(p, f)
+    return fields
+
+
+def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    if isinstance(default, bool):
+        action = "store_false" if default else "store_true"
+        p.add_argument(flag, dest=f.name, action=action, default=default, help=meta["help"])
+        return
+    parse = meta["parse"]
+    kind = _checked(parse) if parse else type(default)
+    env = "DPIP_" + flag[2:].upper().replace("-", "_")  # the flag's name, e.g. DPIP_TRUSTED_PROXY
+    p.add_argument(flag, dest=f.name, type=kind, default=default, help=meta["help"],
+                   metavar=meta["metavar"], choices=meta["choices"], env=env)
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse shows an ArgumentTypeError's own words (a plain ValueError it hides)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 class EnvDefaultsParser(argparse.ArgumentParser):

@@ -7,20 +7,20 @@ so a setting, its default, its flag and its ``DPIP_*`` variable cannot drift apa
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import re
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from api.connections import ConnectionPolicy, connections_for
 from common.net import Network, parse_cidrs
-from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, parse_range, secrets_in_flags
+from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, add_options, option, parse_range, secrets_in_flags
 from common.formats import MAX_PIXELS
+from scheduler.carrier import SchedulerSettings
 
+
+#: The scheduler's own defaults, which its flags take.
+SCHEDULING = SchedulerSettings()
 
 #: Flags that carry a secret (visible to every local user in the process's command line), and
 #: the variable to give it in instead.
@@ -30,14 +30,6 @@ SQLITE = "sqlite:///"
 POSTGRES = ("postgresql://", "postgres://")
 FILES = "file://"
 S3 = "s3://"
-
-
-def option(default: Any, help: str | None, *, flag: str | None = None,
-           parse: Callable[[str], Any] | None = None, metavar: str | None = None,
-           choices: tuple[str, ...] | None = None) -> Any:
-    """A settings field with its command-line flag (``help=None``: no flag)."""
-    meta = {"help": help, "flag": flag, "parse": parse, "metavar": metavar, "choices": choices}
-    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -67,20 +59,20 @@ class ServerSettings:
     worker_ttl: float = option(0.0, "a worker silent this long is dead (default: 3 heartbeat intervals)")
     forget_after: float = option(600.0, "seconds after which a dead worker is forgotten (leaves /status)")
     max_workers: int = option(1000, "most workers tracked at once; joins beyond it are refused")
-    job_timeout: float = option(120.0, "longest a job attempt may take")
-    max_attempts: int = option(3, "attempts before a job fails")
+    job_timeout: float = option(SCHEDULING.job_timeout, "longest a job attempt may take")
+    max_attempts: int = option(SCHEDULING.max_attempts, "attempts before a job fails")
     login_failures: int = option(5, "failed logins allowed per user and address per minute (4x per address;"
                                     " 4x per user across addresses per day, then backoff for new addresses)")
     trusted_proxies: tuple[Network, ...] = option(
         (), "reverse proxies whose X-Forwarded-For gives the client address (for login throttling and"
             " the like); from anyone else the header is ignored",
         flag="--trusted-proxy", parse=parse_cidrs, metavar="CIDR[,CIDR]")
-    hedge: str = option("hedged", "tail-latency policy: a second copy after the recent p95 (hedged), two"
+    hedge: str = option(SCHEDULING.hedge.value, "tail-latency policy: a second copy after the recent p95 (hedged), two"
                                   " copies at once that cancel each other on start (tied), or none",
                         choices=("off", "hedged", "tied"))
-    hedge_quantile: float = option(0.95, "hedge once a job is slower than this quantile of recent ones")
-    hedge_floor_ms: float = option(20.0, "never hedge sooner than this")
-    hedge_initial_ms: float = option(1000.0, "hedge delay until 20 latencies of a size are known")
+    hedge_quantile: float = option(SCHEDULING.hedge_quantile, "hedge once a job is slower than this quantile of recent ones")
+    hedge_floor_ms: float = option(SCHEDULING.hedge_floor * 1000, "never hedge sooner than this")
+    hedge_initial_ms: float = option(SCHEDULING.hedge_initial * 1000, "hedge delay until 20 latencies of a size are known")
     max_upload_bytes: int = option(32 * 1024 * 1024, "largest accepted upload")
     quota_bytes: int = option(0, "bytes of images (originals and results) each user may keep; 0: no quota")
     retain_days: float = option(0.0, "remove completed workloads created more than this many days ago"
@@ -158,9 +150,7 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
     """Parse ``main.py``'s flags (built from :class:`ServerSettings`); returns the settings and
     the log level."""
     p = EnvDefaultsParser(prog="main.py", description="DPIP server: HTTP API, controller and scheduler.")
-    fields = [f for f in dataclasses.fields(ServerSettings) if f.metadata.get("help") is not None]
-    for f in fields:
-        _add_option(p, f)
+    fields = add_options(p, ServerSettings)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     settings = ServerSettings(**{f.name: getattr(a, f.name) for f in fields})
@@ -185,31 +175,6 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
     if not 0.5 <= settings.lease_ttl <= 3.0:
         p.error("--lease-ttl must be between 0.5 and 3 seconds")
     return settings, a.log_level
-
-
-def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
-    meta, default = f.metadata, f.default
-    flag = meta["flag"] or "--" + f.name.replace("_", "-")
-    if isinstance(default, bool):
-        action = "store_false" if default else "store_true"
-        p.add_argument(flag, dest=f.name, action=action, default=default, help=meta["help"])
-        return
-    parse = meta["parse"]
-    kind = _checked(parse) if parse else type(default)
-    env = "DPIP_" + flag[2:].upper().replace("-", "_")  # the flag's name, e.g. DPIP_TRUSTED_PROXY
-    p.add_argument(flag, dest=f.name, type=kind, default=default, help=meta["help"],
-                   metavar=meta["metavar"], choices=meta["choices"], env=env)
-
-
-def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """argparse shows an ArgumentTypeError's own words (a plain ValueError it hides)."""
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    convert.__name__ = parse.__name__
-    return convert
 
 
 def connection_policy(s: ServerSettings, fd_limit: int) -> ConnectionPolicy:

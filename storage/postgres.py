@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 

@@ -12,9 +12,8 @@ import threading
 
 from PIL import Image
 
-from api.keys import AUTH, IMAGES, JOBS, STORE
+from api.keys import AUTH, IMAGES, STORE
 from storage import thumbnails as image_module
-from scripts import refclient as ref
 from scripts.frames import frame_png
 from tests.helpers import job_rows, push, slow, wait_completed, workload
 from tests.support import assert_error, bearer, login, new_workload, png_bytes, upload

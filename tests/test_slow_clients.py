@@ -21,7 +21,7 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from PIL import Image
 
-from api.connections import ConnectionPolicy, connections_for, parser_error
+from api.connections import connections_for, parser_error
 from scripts import refclient as ref
 from scripts.localsys import LocalSystem, wait_until
 from server.settings import ServerSettings, connection_policy

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from common import aio
-from common.config import CONTROLLER_PORT, EnvDefaultsParser, secrets_in_flags, setup_logging, split_host_port
+from common.config import CONTROLLER_PORT, EnvDefaultsParser, add_options, secrets_in_flags, setup_logging, split_host_port
 from worker.filters import EncodeOptions
 from worker.service import Worker, WorkerSettings
 
@@ -27,27 +27,10 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--worker-name", "--node-name", dest="worker_name", default=None,
                    help="unique name of this worker (default: host name and pid)")
     p.add_argument("--tags", default="", help="comma-separated tags, e.g. gpu,largeMemory")
-    p.add_argument("--capacity", type=int, default=os.cpu_count() or 1,
-                   help="jobs run at once (default: number of cores)")
-    p.add_argument("--advertise-host", default="",
-                   help="address the server dials for RPC (default: our address towards the controller)")
-    p.add_argument("--rpc-bind", default="", help="address to listen on for RPC (default: the advertised one)")
-    p.add_argument("--rpc-port", type=int, default=0, help="RPC port (default: any free port)")
-    p.add_argument("--image-store-endpoint", default="",
-                   help="API URL, overriding what the controller says (every image then goes"
-                        " through it, none inline)")
-    p.add_argument("--image-store-token", default="", help="API token, overriding what the controller sends")
-    p.add_argument("--png-compress-level", type=int, default=1, choices=range(0, 10), metavar="0-9",
+    p.add_argument("--png-compress-level", type=int, default=EncodeOptions.png_compress_level,
+                   choices=range(0, 10), metavar="0-9",
                    help="zlib level for PNG output (default 1: fast; Pillow's own default is 6)")
-    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats until the controller sets it")
-    p.add_argument("--slow-rate", type=float, default=0.0, help="fault knob: share of jobs made slow (0-1)")
-    p.add_argument("--slow-ms", type=float, default=0.0, help="fault knob: how much slower, in ms")
-    p.add_argument("--fail-rate", type=float, default=0.0,
-                   help="fault knob: share of jobs dropped without any reply (0-1)")
-    p.add_argument("--join-token", default="",
-                   help="the controller's join token, if it requires one (better: the env variable)")
-    p.add_argument("--exit-with-parent", action="store_true",
-                   help="drain and exit when the process that started us ends (the server's autoscaler uses it)")
+    fields = add_options(p, WorkerSettings)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
@@ -74,19 +57,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         controllers=controllers,
         name=a.worker_name or f"{os.uname().nodename}-{os.getpid()}",
         tags=tuple(t.strip() for t in a.tags.split(",") if t.strip()),
-        capacity=a.capacity,
-        advertise_host=a.advertise_host,
-        rpc_bind=a.rpc_bind,
-        rpc_port=a.rpc_port,
-        image_store_endpoint=a.image_store_endpoint,
-        image_store_token=a.image_store_token,
-        heartbeat_interval=a.heartbeat_interval,
         encode=EncodeOptions(png_compress_level=a.png_compress_level),
-        slow_rate=a.slow_rate,
-        slow_ms=a.slow_ms,
-        fail_rate=a.fail_rate,
-        join_token=a.join_token,
-        exit_with_parent=a.exit_with_parent,
+        **{f.name: getattr(a, f.name) for f in fields},
     )
 
 

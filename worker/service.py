@@ -27,7 +27,7 @@ import pynng
 from common import localjoin, wire
 from common.aio import stop_tasks
 from common.formats import FORMATS
-from common.config import local_address_towards, tcp_url
+from common.config import local_address_towards, option, tcp_url
 from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError, RpcServer
 from worker.filters import EncodeOptions, FilterError, process
@@ -39,28 +39,35 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerSettings:
+    """A worker's settings; the fields with help are its flags (``worker/cli.py`` adds those
+    that are parsed into several fields: the controllers, the name, the tags, the encoding)."""
+
     controller_host: str
     controller_port: int
     name: str
     #: every controller to heartbeat to (several servers of one system); the first by default
     controllers: tuple[tuple[str, int], ...] = ()
     tags: tuple[str, ...] = ()
-    capacity: int = os.cpu_count() or 1
-    advertise_host: str = ""  # default: our address towards the controller
-    rpc_bind: str = ""  # default: the advertise host
-    rpc_port: int = 0  # 0: any free port
-    image_store_endpoint: str = ""  # overrides what the controller says
-    image_store_token: str = ""
-    heartbeat_interval: float = 1.0
+    capacity: int = option(os.cpu_count() or 1, "jobs run at once (default: number of cores)")
+    advertise_host: str = option("", "address the server dials for RPC (default: our address towards the"
+                                     " controller)")
+    rpc_bind: str = option("", "address to listen on for RPC (default: the advertised one)")
+    rpc_port: int = option(0, "RPC port (default: any free port)")
+    image_store_endpoint: str = option("", "API URL, overriding what the controller says (every image then"
+                                           " goes through it, none inline)")
+    image_store_token: str = option("", "API token, overriding what the controller sends")
+    heartbeat_interval: float = option(1.0, "seconds between heartbeats until the controller sets it")
     encode: EncodeOptions = EncodeOptions()
     http_timeout: float = 60.0
     drain_timeout: float = 60.0
     # Fault knobs for operators and tests (off by default):
-    slow_rate: float = 0.0  # this share of jobs takes slow_ms longer
-    slow_ms: float = 0.0
-    fail_rate: float = 0.0  # this share of jobs is dropped: never done, never answered
-    join_token: str = ""  # the controller's, if it requires one (DPIP_JOIN_TOKEN)
-    exit_with_parent: bool = False  # an autoscaled worker stops when its server process is gone
+    slow_rate: float = option(0.0, "fault knob: share of jobs made slow (0-1)")
+    slow_ms: float = option(0.0, "fault knob: how much slower, in ms")
+    fail_rate: float = option(0.0, "fault knob: share of jobs dropped without any reply (0-1)")
+    join_token: str = option("", "the controller's join token, if this worker does not find it by itself"
+                                 " (better: the env variable)")
+    exit_with_parent: bool = option(False, "drain and exit when the process that started us ends (the"
+                                           " server's autoscaler uses it)")
 
 
 def join_token_for(settings: WorkerSettings, host: str, port: int) -> str | Callable[[], str]:
