@@ -18,8 +18,7 @@ from pathlib import Path
 from controller.auth import hash_password
 from common.models import check_workload_name
 from common.models import BadInput, Conflict
-from storage.datastore import Datastore
-from storage.sqlite import SqliteDatastore
+from storage import engines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,13 +48,9 @@ def _ask_password(name: str) -> str:
 
 
 async def _run(a: argparse.Namespace) -> str:
-    if a.database.startswith(("postgresql://", "postgres://")):
-        from storage.postgres import PostgresDatastore
-        store: Datastore = PostgresDatastore(a.database)
-    else:
-        path = Path(a.database[len("sqlite:///"):]) if a.database.startswith("sqlite:///") else a.data_dir / "dpip.sqlite3"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = SqliteDatastore(path)
+    if engines.is_sqlite(a.database):
+        engines.sqlite_path(a.database, a.data_dir).parent.mkdir(parents=True, exist_ok=True)
+    store = engines.open_datastore(a.database, a.data_dir)
     await store.open()
     try:
         if a.action == "list":

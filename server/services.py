@@ -45,7 +45,7 @@ from storage.images import FileImageStore, ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from common.models import DpipError
-from storage.sqlite import SqliteDatastore
+from storage import engines
 from controller.workloads import Workloads
 from scheduler.autoscale import Autoscaler, ScalePolicy
 from scheduler.dispatcher import HedgePolicy, SchedulerSettings
@@ -65,10 +65,7 @@ def build_app(settings: ServerSettings) -> web.Application:
 
 def open_datastore(s: ServerSettings) -> Datastore:
     """The datastore ``--database`` names (SQLite in the data dir by default)."""
-    if s.uses_sqlite:
-        return SqliteDatastore(s.db_path)
-    from storage.postgres import PostgresDatastore  # only deployments on PostgreSQL need asyncpg loaded
-    return PostgresDatastore(s.database)
+    return engines.open_datastore(s.database, s.data_dir)
 
 
 def open_image_store(s: ServerSettings) -> ImageStore:

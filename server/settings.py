@@ -16,6 +16,8 @@ from api.connections import ConnectionPolicy, connections_for
 from common.net import Network, parse_cidrs
 from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, add_options, option, parse_range, secrets_in_flags
 from common.formats import MAX_PIXELS
+from storage import engines
+from storage.engines import FILES, POSTGRES, S3, SQLITE
 from scheduler.carrier import SchedulerSettings
 
 
@@ -26,10 +28,6 @@ SCHEDULING = SchedulerSettings()
 #: the variable to give it in instead.
 SECRET_FLAGS = {"--admin-password": "DPIP_ADMIN_PASSWORD", "--join-token": "DPIP_JOIN_TOKEN"}
 
-SQLITE = "sqlite:///"
-POSTGRES = ("postgresql://", "postgres://")
-FILES = "file://"
-S3 = "s3://"
 
 
 @dataclass(frozen=True)
@@ -115,13 +113,11 @@ class ServerSettings:
     @property
     def db_path(self) -> Path:
         """The SQLite file (when the datastore is SQLite)."""
-        if self.database.startswith(SQLITE):
-            return Path(self.database[len(SQLITE):])
-        return self.data_dir / "dpip.sqlite3"
+        return engines.sqlite_path(self.database, self.data_dir)
 
     @property
     def uses_sqlite(self) -> bool:
-        return not self.database or self.database.startswith(SQLITE)
+        return engines.is_sqlite(self.database)
 
     @property
     def images_dir(self) -> Path:
