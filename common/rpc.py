@@ -1,6 +1,6 @@
 """Request/reply over nng with contexts, finite timeouts and no silent re-sends.
 
-pynng's defaults bite (see MEASURED.md): every timeout is infinite, ``Req0`` re-sends a request
+pynng's defaults bite (measured before DPIP existed): every timeout is infinite, ``Req0`` re-sends a request
 every 60 s while the peer is slow, and a plain ``Rep0`` serves one request at a time. Both
 classes here fix those once so callers cannot forget.
 """

@@ -29,7 +29,7 @@ from storage.datastore import Datastore
 logger = logging.getLogger(__name__)
 
 USER = "user"
-WORKER = "worker"  # tokens of earlier versions; no longer accepted anywhere
+WORKER = "worker"  # the scope of earlier versions' worker tokens: refused everywhere (403), never issued
 JOB = "job"  # a worker's capability for one job (controller.capability), not a JWT
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 #: How often, at most, users and revocations are re-read when another process changed them.

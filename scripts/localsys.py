@@ -241,5 +241,11 @@ class LocalSystem:
     def __enter__(self) -> LocalSystem:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Stopped whatever happened; if something failed, with its processes' logs printed first
+        (pytest shows them beside the failure)."""
+        try:
+            if exc_type is not None:
+                print(self.logs())
+        finally:
+            self.stop()

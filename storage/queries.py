@@ -121,8 +121,6 @@ class SqlDatastore(abc.ABC):
         row = await self.read(_one("SELECT password_hash, created_at FROM users WHERE name = ?", name))
         return (row[0], row[1]) if row else None
 
-    async def password_hash(self, name: str) -> str | None:
-        return await self.read(_scalar("SELECT password_hash FROM users WHERE name = ?", name))
 
     async def revoke_token(self, jti: str, expires_at: float) -> None:
         def revoke() -> Script[None]:

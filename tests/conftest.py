@@ -9,9 +9,8 @@ import pytest
 
 from server.services import build_app
 from server.settings import ServerSettings
-from scripts.localsys import LocalSystem, free_port
+from tests.helpers import ADMIN_PASSWORD, free_port, LocalSystem
 from tests.engines import postgres, s3  # noqa: F401  (session fixtures: real PostgreSQL and S3)
-from tests.support import ADMIN_PASSWORD
 
 
 @pytest.fixture
@@ -37,17 +36,12 @@ def system(tmp_path_factory) -> Iterator[LocalSystem]:
     """A real server and two real workers (one started the reference's way, with old flags)."""
     base = tmp_path_factory.mktemp("system")
     sysm = LocalSystem(base / "data", log_dir=base / "logs", admin_password=ADMIN_PASSWORD)
-    try:
+    with sysm:  # its logs are printed if this fails
         sysm.start_server()
         sysm.start_worker("w1", "--tags", "fast,blue")
         sysm.start_worker("w2", reference_form=True, name_flag="--node-name")
         sysm.wait_workers({"w1", "w2"})
         yield sysm
-    except BaseException:
-        print(sysm.logs())
-        raise
-    finally:
-        sysm.stop()
 
 
 @pytest.fixture

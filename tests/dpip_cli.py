@@ -8,8 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from scripts.localsys import clean_env
-from tests.support import ADMIN_PASSWORD
+from tests.helpers import ADMIN_PASSWORD, clean_env
 
 DPIP = str(Path(sys.executable).parent / "dpip")
 

@@ -145,18 +145,3 @@ class Fleet:
 
     async def states(self, workload: Workload) -> dict[int, tuple[str, int]]:
         return {j["image_id"]: (j["state"], j["attempts"]) for j in await self.store.job_timings(workload.id)}
-
-
-async def until(cond: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    """Wait for ``cond()`` (sync or async) to hold, yielding to the loop in between."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)

@@ -1,12 +1,19 @@
-"""Helpers for the tests that drive a real system: workloads, uploads, checks of the results."""
+"""The one library of the tests: what two or more test modules use goes here (a helper used by
+one module stays in it; fixtures are conftest's). Tests reach the tools of ``scripts/`` (the
+reference's client, the frames, the local system's launcher) through this module, not directly.
+
+Waiting is always on a condition with a deadline: :func:`wait_until` (sync) or :func:`until`
+(async; ``cond`` sync or async), both ``(cond, timeout, what)``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import io
+import socket
 import sqlite3
-import time
 
 import aiohttp
 import pynng
@@ -14,9 +21,66 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts import refclient as ref
-from scripts.localsys import LocalSystem, wait_until
 from scripts.frames import frame_png
-from tests.support import ADMIN_PASSWORD
+from scripts.localsys import ROOT, LocalSystem, clean_env, free_port, wait_until
+
+__all__ = ["ROOT", "LocalSystem", "clean_env", "frame_png", "free_port", "ref", "wait_until"]  # and all below
+
+ADMIN_PASSWORD = "test-admin-pw"
+
+
+
+
+def png_bytes(width: int = 64, height: int = 48, colour=(200, 100, 50), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png(colour: tuple[int, int, int], size=(160, 120)) -> bytes:
+    """A plain PNG of one colour (default 160x120)."""
+    return png_bytes(size[0], size[1], colour)
+
+
+# -- the in-process app (aiohttp's test client) ---------------------------------------------
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def login(client, user="admin", password=ADMIN_PASSWORD) -> str:
+    r = await client.get("/login", headers=basic(user, password))
+    assert r.status == 200
+    return (await r.json())["token"]
+
+
+async def new_workload(client, token, **params) -> dict:
+    r = await client.post("/workloads", headers=bearer(token), data=params or None)
+    assert r.status == 200, await r.text()
+    return await r.json()
+
+
+async def upload(client, token, workload_id, data, type_="original", field="data", extra=None):
+    body, ctype = ref.multipart({"workload_id": workload_id, "type": type_, **(extra or {})},
+                                field, "17.png", data)
+    return await client.post("/images", data=body, headers={**bearer(token), "Content-Type": ctype})
+
+
+async def assert_error(r, status: int, *words: str) -> dict:
+    assert r.status == status, (r.status, await r.text())
+    assert r.content_type == "application/json"
+    body = await r.json()
+    assert set(body) == {"error"} and body["error"]
+    for w in words:
+        assert w in body["error"], body
+    return body
+
+
+# -- a real system ------------------------------------------------------------------------
 
 
 def slow(ms: int, rate: float = 1) -> tuple[str, ...]:
@@ -113,20 +177,40 @@ def push(system: LocalSystem, token: str, wid: str, frames: dict[int, bytes]) ->
 
 # -- async: for tests that run impersonated workers in their own event loop -------------
 
-async def until(cond, timeout: float, what: str):
-    """Await ``cond()`` until it returns something truthy; TimeoutError after ``timeout``, even
-    if a call of ``cond`` itself hangs."""
-    deadline = time.monotonic() + timeout
+async def until(cond, timeout: float, what: str, interval: float = 0.05):
+    """Call ``cond()`` (awaiting it if it is async) until it returns something truthy, and return
+    that; TimeoutError after ``timeout``, even if a call of ``cond`` itself hangs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while True:
-        try:
-            value = await asyncio.wait_for(cond(), max(0.1, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            value = None
+        value = cond()
+        if inspect.isawaitable(value):
+            try:
+                value = await asyncio.wait_for(value, max(0.1, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                value = None
         if value:
             return value
-        if time.monotonic() > deadline:
+        if loop.time() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(interval)
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be bound the way the server binds it (SO_REUSEADDR) right now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def completed_with(system: LocalSystem, token: str, wid: str, images: int) -> bool:
+    """Whether the workload is completed with ``images`` images."""
+    view = system.get(f"/workloads/{wid}", token)
+    return view["status"] == "completed" and view["images"] == images
 
 
 class Api:

@@ -12,7 +12,7 @@ from common import seal
 from common.seal import Channel
 from controller.auth import WORKER
 from controller.membership import WorkerInfo, WorkerState
-from tests.support import ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, upload
+from tests.helpers import ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, upload
 
 
 # -- login / logout / tokens ----------------------------------------------------------------

@@ -13,10 +13,7 @@ import pytest
 
 from common.config import parse_range
 from scheduler.autoscale import Decision, Fleet, Managed, Phase, ScalePolicy, decide
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import wait_until
-from tests.helpers import check_filtered, push, wait_completed, workload
+from tests.helpers import check_filtered, frame_png, push, ref, wait_completed, wait_until, workload
 
 POLICY = ScalePolicy(minimum=0, maximum=3, idle_timeout=10, up_cooldown=2, down_cooldown=2, worker_capacity=2)
 

@@ -16,10 +16,7 @@ import pytest
 from PIL import Image
 
 from common import filters
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import LocalSystem, wait_until
-from tests.support import ADMIN_PASSWORD
+from tests.helpers import ADMIN_PASSWORD, completed_with, frame_png, LocalSystem, ref, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,11 +50,6 @@ def new_workload(system: LocalSystem, token: str, filter_name: str) -> str:
     return r.json()["workload_id"]
 
 
-def completed(system: LocalSystem, token: str, wid: str, images: int) -> bool:
-    view = system.get(f"/workloads/{wid}", token)
-    return view["status"] == "completed" and view["images"] == images
-
-
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
@@ -87,7 +79,7 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):
     store = f"s3://{bucket}/photos"
     a = cluster_server(tmp_path, "a", database, store, s3)
     b = cluster_server(tmp_path, "b", database, store, s3, "--redirect-downloads")
-    try:
+    with a, b:  # its logs are printed if this fails
         a.start_server()
         token = a.start_workers({"w1": (), "w2": ()})
         originals = [frame_png(i, 64, 64) for i in range(4)] + [frame_png(i, 480, 360) for i in range(2)]
@@ -98,7 +90,7 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):
             for i, data in enumerate(originals):
                 r = ref.upload(a.url, token, wid, f"{i}.png", data)
                 assert r.status == 200, r.body
-            wait_until(lambda: completed(a, token, wid, len(originals)), 90, f"{filter_name} to complete")
+            wait_until(lambda: completed_with(a, token, wid, len(originals)), 90, f"{filter_name} to complete")
             view = a.get(f"/workloads/{wid}", token)
             assert view["filtered_images"] == list(range(len(originals))) and view["failed_images"] == []
             for i, data in enumerate(originals):
@@ -134,12 +126,6 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):
         assert ref.request(b.url, "DELETE", "/logout", headers=ref.bearer(token)).status == 200
         wait_until(lambda: ref.request(a.url, "GET", "/status", headers=ref.bearer(token)).status == 401, 10,
                    "the other server to refuse the revoked token")
-    except BaseException:
-        print(a.logs(), b.logs())
-        raise
-    finally:
-        b.stop()
-        a.stop()
 
 
 def test_a_standby_takes_over_when_the_leader_is_killed(tmp_path, postgres, s3):
@@ -150,7 +136,7 @@ def test_a_standby_takes_over_when_the_leader_is_killed(tmp_path, postgres, s3):
     store = f"s3://{bucket}"
     a = cluster_server(tmp_path, "a", database, store, s3)
     b = cluster_server(tmp_path, "b", database, store, s3)
-    try:
+    with a, b:  # its logs are printed if this fails
         a.start_server()
         b.start_server()
         both = f"{a.controller},{b.controller}"
@@ -173,7 +159,7 @@ def test_a_standby_takes_over_when_the_leader_is_killed(tmp_path, postgres, s3):
             assert r.status == 200, r.body
         wait_until(lambda: b.get("/status", token)["scheduler"]["leader"], 30, "the standby to lead")
         print(f"takeover {time.monotonic() - killed:.2f} s after the kill")
-        wait_until(lambda: completed(b, token, wid, len(originals)), 120, "the workload to complete")
+        wait_until(lambda: completed_with(b, token, wid, len(originals)), 120, "the workload to complete")
         view = b.get(f"/workloads/{wid}", token)
         assert view["filtered_images"] == list(range(len(originals))) and view["failed_images"] == []
         for i, data in enumerate(originals):
@@ -189,12 +175,6 @@ def test_a_standby_takes_over_when_the_leader_is_killed(tmp_path, postgres, s3):
         servers = lambda: {s["name"]: s for s in a.get("/status", token)["servers"]}  # noqa: E731
         wait_until(lambda: servers()["a"]["alive"] and servers()["b"]["leader"], 30, "a back as a standby")
         assert not a.get("/status", token)["scheduler"]["leader"]
-    except BaseException:
-        print(a.logs(), b.logs())
-        raise
-    finally:
-        b.stop()
-        a.stop()
 
 
 def test_outages_of_the_stores_are_503s_and_heal(tmp_path, postgres, s3):
@@ -202,7 +182,7 @@ def test_outages_of_the_stores_are_503s_and_heal(tmp_path, postgres, s3):
     they work again once it is back. The database down: a 503 too, then everything works."""
     database, bucket = postgres.new_database("outage"), s3.new_bucket_name("outage")
     system = cluster_server(tmp_path, "a", database, f"s3://{bucket}", s3)
-    try:
+    with system:  # its logs are printed if this fails
         system.start_server()
         token = system.start_workers({"w1": ()})
         wid = ref.create_workload(system.url, token)["workload_id"]
@@ -226,10 +206,5 @@ def test_outages_of_the_stores_are_503s_and_heal(tmp_path, postgres, s3):
         wait_until(lambda: ref.request(system.url, "GET", f"/workloads/{wid}",
                                        headers=ref.bearer(token)).status == 200, 60, "the database to answer")
         assert ref.upload(system.url, token, wid, "2.png", frame_png(2, 64, 64)).status == 200
-        wait_until(lambda: completed(system, token, wid, 3), 90, "every accepted image to be filtered")
+        wait_until(lambda: completed_with(system, token, wid, 3), 90, "every accepted image to be filtered")
         assert system.get(f"/workloads/{wid}", token)["filtered_images"] == [0, 1, 2]
-    except BaseException:
-        print(system.logs())
-        raise
-    finally:
-        system.stop()

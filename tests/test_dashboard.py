@@ -15,10 +15,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from scripts import refclient as ref
-from scripts.localsys import wait_until
-from tests.helpers import push, view, wait_completed, workload
-from tests.support import ADMIN_PASSWORD, png
+from tests.helpers import ADMIN_PASSWORD, png, push, ref, view, wait_completed, wait_until, workload
 
 DROP_FILES = """
 const [selector, files] = arguments;

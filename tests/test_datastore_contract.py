@@ -237,7 +237,7 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     gap; a chosen id in use is a 409; an upload that fails returns its id; a restart (a new
     lifecycle) goes on from the datastore."""
     from storage.images import FileImageStore, StoredFile
-    from tests.support import png_bytes
+    from tests.helpers import png_bytes
 
     (tmp_path / "incoming").mkdir()
     images = FileImageStore(tmp_path / "images", tmp_path / "incoming", 10**7, 10**8)

@@ -7,19 +7,7 @@ import time
 
 from PIL import Image, ImageFilter
 
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import wait_until
-from tests.helpers import job_rows
-from tests.support import ADMIN_PASSWORD
-
-
-def wait_completed(url: str, token: str, workload_id: str, timeout: float = 120) -> dict:
-    def done():
-        w = ref.get_json(url, token, f"/workloads/{workload_id}")
-        return w if w["status"] == "completed" else None
-
-    return wait_until(done, timeout, f"workload {workload_id} to complete", interval=0.2)
+from tests.helpers import ADMIN_PASSWORD, frame_png, job_rows, ref, wait_completed, wait_until
 
 
 def test_reference_clients_grayscale_round_trip(system, tmp_path):
@@ -166,7 +154,7 @@ def test_the_e2e_script_passes(system):
     import subprocess
     import sys
 
-    from scripts.localsys import ROOT
+    from tests.helpers import ROOT
 
     env = {**os.environ, "DPIP_URL": system.url, "DPIP_PASSWORD": ADMIN_PASSWORD,
            "PYTHON": sys.executable, "E2E_FRAMES": "6"}

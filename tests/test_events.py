@@ -14,10 +14,9 @@ from api import observe
 from api.handlers import FEED_NEWEST
 from api.keys import AUTH, CLAIMS
 from api.observe import EVENT_HUB, EVENT_TIMING, EventHub, Feed, diff_entries
-from scripts import refclient as ref
+from tests.helpers import (assert_error, bearer, login, new_workload, png, png_bytes, push, ref, until,
+    upload, wait_completed, workload)
 from server.services import build_app
-from tests.helpers import push, until, wait_completed, workload
-from tests.support import assert_error, bearer, login, new_workload, png, png_bytes, upload
 
 KEEP_ALIVE = ("comment", "keep-alive")
 

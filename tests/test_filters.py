@@ -9,9 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from common import filters
-from scripts.frames import frame_png
-from scripts import refclient as ref
-from tests.helpers import push, wait_completed
+from tests.helpers import frame_png, push, ref, wait_completed
 
 
 def test_every_parameter_is_checked_against_its_range():

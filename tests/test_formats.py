@@ -24,8 +24,7 @@ from storage.facts import header_of
 from storage.images import StoredFile
 from common.models import BadInput
 from controller.results import result_problem
-from scripts import refclient as ref
-from tests.helpers import wait_completed, workload
+from tests.helpers import ref, wait_completed, workload
 from worker.filters import FilterError, process
 
 W, H = 24, 16

@@ -17,10 +17,8 @@ import jwt
 import pynng
 from PIL import Image
 
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import wait_until
-from tests.helpers import check_filtered, publish_until_dropped, push, send_oversized, wait_completed, workload
+from tests.helpers import (check_filtered, frame_png, publish_until_dropped, push, ref, send_oversized,
+    wait_completed, wait_until, workload)
 
 MAX_UPLOAD = 300_000
 
@@ -75,7 +73,7 @@ def test_hostile_inputs_table(make_system, tmp_path):
     import subprocess
     import sys
 
-    from scripts.localsys import ROOT
+    from tests.helpers import ROOT
     subprocess.run([sys.executable, "main.py", "users", "--data-dir", str(system.data_dir), "add", "mallory"],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=60)
     mallory = ref.login(url, "mallory", mallory_pw)

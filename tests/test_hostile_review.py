@@ -14,9 +14,8 @@ from PIL import Image
 
 from api.keys import AUTH, IMAGES, STORE
 from storage import thumbnails as image_module
-from scripts.frames import frame_png
-from tests.helpers import job_rows, push, slow, wait_completed, workload
-from tests.support import assert_error, bearer, login, new_workload, png_bytes, upload
+from tests.helpers import (assert_error, bearer, frame_png, job_rows, login, new_workload, png_bytes, push,
+    slow, upload, wait_completed, workload)
 
 
 def _thumbnail_gate(monkeypatch) -> tuple[threading.Event, threading.Event]:

@@ -29,9 +29,8 @@ from storage.thumbnails import make_thumbnail
 from controller.jobs import JobLifecycle
 from common.models import BadInput, Filter, TooManyRequests, Unauthorized, quoted
 from storage.sqlite import SCHEMA, SqliteDatastore
-from scripts import refclient as ref
-from scripts.localsys import ROOT, wait_until
-from tests.support import ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, upload
+from tests.helpers import (ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, ref,
+    ROOT, upload, wait_until)
 
 # -- 1. login throttling under concurrency ----------------------------------------------------
 

@@ -14,9 +14,7 @@ from PIL import Image, ImageDraw
 
 from controller.auth import hash_password
 from storage.sqlite import SqliteDatastore
-from scripts.localsys import LocalSystem
-from tests.helpers import until
-from tests.support import ADMIN_PASSWORD
+from tests.helpers import ADMIN_PASSWORD, LocalSystem, until
 
 CLIENTS, USERS, SECONDS, PERIOD = 50, 10, 20.0, 1.0
 

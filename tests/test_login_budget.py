@@ -19,7 +19,7 @@ from api.ratelimit import FailureLimiter, LoginThrottle
 from common.net import parse_cidrs
 from common.models import TooManyRequests
 from server.services import build_app
-from tests.support import ADMIN_PASSWORD, basic
+from tests.helpers import ADMIN_PASSWORD, basic
 
 DAY = 86400.0
 

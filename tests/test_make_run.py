@@ -19,8 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scripts.localsys import ROOT, LocalSystem, clean_env, free_port, wait_until
-from tests.support import ADMIN_PASSWORD
+from tests.helpers import ADMIN_PASSWORD, clean_env, free_port, LocalSystem, port_free, ROOT, wait_until
 
 RUN_LOCAL = ROOT / "scripts" / "run_local.py"
 
@@ -74,16 +73,6 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # exited, not yet reaped by init
     except psutil.NoSuchProcess:
         return True
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def running_with(text: str) -> list[int]:

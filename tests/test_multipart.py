@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from api import multipart
 from common.models import BadInput, TooLarge
-from scripts import refclient as ref
+from tests.helpers import ref
 
 
 class _Protocol:

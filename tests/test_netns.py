@@ -19,10 +19,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import LocalSystem, wait_until
-from tests.support import ADMIN_PASSWORD
+from tests.helpers import ADMIN_PASSWORD, frame_png, LocalSystem, ref, wait_until
 
 SUBNET = "10.231.77"
 SERVER_IP = f"{SUBNET}.1"

@@ -16,9 +16,7 @@ from schemathesis.checks import content_type_conformance, not_a_server_error, re
 from api import openapi
 from server.services import build_app
 from server.settings import ServerSettings
-from scripts import refclient as ref
-from tests.helpers import push, wait_completed, workload
-from tests.support import ADMIN_PASSWORD, png
+from tests.helpers import ADMIN_PASSWORD, png, push, ref, wait_completed, workload
 
 #: Left to their own tests: /logout would revoke the token mid-run, /events never ends.
 NOT_FUZZED = {("DELETE", "/logout"), ("GET", "/events")}
@@ -34,11 +32,11 @@ def test_every_route_is_described(tmp_path):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from scripts.localsys import LocalSystem
+    from tests.helpers import LocalSystem
 
     base = tmp_path_factory.mktemp("openapi")
     s = LocalSystem(base / "data", log_dir=base / "logs", admin_password=ADMIN_PASSWORD)
-    try:
+    with s:  # its logs are printed if this fails
         s.start_server()
         s.start_worker("oa-1")
         s.wait_workers({"oa-1"})
@@ -47,11 +45,6 @@ def live(tmp_path_factory):
         push(s, token, wid, {0: png((200, 10, 10)), 1: png((10, 10, 200))})
         wait_completed(s.url, token, wid)
         yield s, token
-    except BaseException:
-        print(s.logs())
-        raise
-    finally:
-        s.stop()
 
 
 def operations(url: str) -> list:

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import ROOT, LocalSystem, clean_env, wait_until
-from tests.support import ADMIN_PASSWORD, assert_error, bearer, login, new_workload, png_bytes, upload
+from tests.helpers import (ADMIN_PASSWORD, assert_error, bearer, clean_env, completed_with, frame_png, LocalSystem, login,
+    new_workload, png_bytes, ref, ROOT, upload, wait_until)
 
 
 def photo_jpeg(width: int = 60, height: int = 40, orientation: int = 6) -> bytes:
@@ -62,16 +60,11 @@ def _login(system: LocalSystem, name: str) -> str | None:
         return None  # not seen by the server yet
 
 
-def completed(system: LocalSystem, token: str, wid: str, images: int) -> bool:
-    view = system.get(f"/workloads/{wid}", token)
-    return view["status"] == "completed" and view["images"] == images
-
-
 # -- delete ------------------------------------------------------------------------------------
 
 def test_deleting_a_workload_cancels_its_jobs_and_removes_everything(tmp_path):
     system = make(tmp_path)
-    try:
+    with system:  # its logs are printed if this fails
         system.start_server()
         token = system.start_workers({"slow": ("--capacity", "2", "--slow-rate", "1", "--slow-ms", "1500")})
         keep = ref.create_workload(system.url, token)["workload_id"]
@@ -102,20 +95,15 @@ def test_deleting_a_workload_cancels_its_jobs_and_removes_everything(tmp_path):
         # the running copies were cancelled: the worker is free again, and others go on
         wait_until(lambda: all(w["running_jobs"] == 0 for w in system.get("/status", token)["workers"]), 30,
                    "the worker's slots to be free")
-        wait_until(lambda: completed(system, token, keep, 1), 30, "the other workload to finish")
+        wait_until(lambda: completed_with(system, token, keep, 1), 30, "the other workload to finish")
         assert not folder.exists() or not files_of(folder), "no late result came back into it"
-    except BaseException:
-        print(system.logs())
-        raise
-    finally:
-        system.stop()
 
 
 # -- retention and quotas ---------------------------------------------------------------------
 
 def test_completed_workloads_older_than_the_retention_are_removed(tmp_path):
     system = make(tmp_path, "--retain-days", str(3 / 86400))  # three seconds
-    try:
+    with system:  # its logs are printed if this fails
         system.start_server()
         token = system.start_workers({"w": ()})
         done = ref.create_workload(system.url, token)["workload_id"]
@@ -125,11 +113,6 @@ def test_completed_workloads_older_than_the_retention_are_removed(tmp_path):
                                        headers=ref.bearer(token)).status == 404, 60, "the retention to remove it")
         assert system.get(f"/workloads/{active}", token)["workload_id"] == active, "not completed: kept"
         assert not files_of(system.data_dir / "images")
-    except BaseException:
-        print(system.logs())
-        raise
-    finally:
-        system.stop()
 
 
 async def test_a_quota_is_a_clear_413_and_deleting_makes_room(aiohttp_client, settings):
@@ -157,7 +140,7 @@ async def test_a_quota_is_a_clear_413_and_deleting_makes_room(aiohttp_client, se
 
 def test_photos_come_out_upright_without_exif_and_their_facts_stay_with_their_owner(tmp_path):
     system = make(tmp_path)
-    try:
+    with system:  # its logs are printed if this fails
         system.start_server()
         token = system.start_workers({"w": ()})
         r = ref.request(system.url, "POST", "/workloads", b"filter=grayscale",
@@ -165,7 +148,7 @@ def test_photos_come_out_upright_without_exif_and_their_facts_stay_with_their_ow
         wid = r.json()["workload_id"]
         photo = photo_jpeg()
         assert ref.upload(system.url, token, wid, "IMG_0001.jpg", photo).status == 200
-        wait_until(lambda: completed(system, token, wid, 1), 60, "the photo to be filtered")
+        wait_until(lambda: completed_with(system, token, wid, 1), 60, "the photo to be filtered")
         result = ref.request(system.url, "GET", f"/images/0?workload_id={wid}&type=filtered",
                              headers=ref.bearer(token))
         assert result.status == 200 and result.headers["content-type"] == "image/jpeg"
@@ -191,11 +174,6 @@ def test_photos_come_out_upright_without_exif_and_their_facts_stay_with_their_ow
         eve = add_user(system, "eve")
         r = ref.request(system.url, "GET", f"/images?workload_id={wid}", headers=ref.bearer(eve))
         assert r.status == 404 and b"gps" not in r.body
-    except BaseException:
-        print(system.logs())
-        raise
-    finally:
-        system.stop()
 
 
 # -- validators -------------------------------------------------------------------------------
@@ -207,7 +185,7 @@ def test_images_have_validators_and_a_304(tmp_path):
         token = system.start_workers({"w": ()})
         wid = ref.create_workload(system.url, token)["workload_id"]
         assert ref.upload(system.url, token, wid, "0.png", frame_png(0, 32, 32)).status == 200
-        wait_until(lambda: completed(system, token, wid, 1), 60, "done")
+        wait_until(lambda: completed_with(system, token, wid, 1), 60, "done")
         for type_, cache in (("filtered", "immutable"), ("original", "no-cache")):
             path = f"/images/0?workload_id={wid}&type={type_}"
             r = ref.request(system.url, "GET", path, headers=ref.bearer(token))
@@ -242,7 +220,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_is_a_507_and_uploads_work_again_once_space_is_freed(tmp_path, small_disk):
     system = LocalSystem(small_disk / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD)
-    try:
+    with system:  # its logs are printed if this fails
         system.start_server()
         token = system.start_workers({"w": ()})
         free = system.get("/status", token)["storage"]["images"]["free_bytes"]
@@ -278,14 +256,9 @@ def test_a_full_disk_is_a_507_and_uploads_work_again_once_space_is_freed(tmp_pat
         assert r.status == 200 and r.json()["images"] == accepted
         wid = ref.create_workload(system.url, token)["workload_id"]
         assert ref.upload(system.url, token, wid, "0.png", big).status == 200
-        wait_until(lambda: completed(system, token, wid, 1), 60, "an image after the space was freed")
+        wait_until(lambda: completed_with(system, token, wid, 1), 60, "an image after the space was freed")
         log = (tmp_path / "logs" / "server.log").read_text()
         assert "Traceback" not in log
-    except BaseException:
-        print(system.logs())
-        raise
-    finally:
-        system.stop()
 
 
 # -- a newcomer's first hour: what the server side says --------------------------------------

@@ -11,21 +11,8 @@ import time
 
 import pynng
 
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import wait_until
-from tests.helpers import (
-    SLOW,
-    check_filtered,
-    job_rows,
-    publish_until_dropped,
-    push,
-    send_oversized,
-    slow,
-    view,
-    wait_completed,
-    workload,
-)
+from tests.helpers import (check_filtered, frame_png, job_rows, publish_until_dropped, push, ref,
+    send_oversized, SLOW, slow, view, wait_completed, wait_until, workload)
 
 # -- must-show 1: a worker killed mid-way ------------------------------------------------------
 

@@ -9,7 +9,8 @@ import pytest
 
 from storage.sqlite import SqliteDatastore
 from scheduler.carrier import HedgePolicy, SchedulerSettings
-from tests.fakefleet import Fleet, StubWorker, until
+from tests.fakefleet import Fleet, StubWorker
+from tests.helpers import until
 
 FAST = SchedulerSettings(job_timeout=5.0, max_attempts=3, retry_backoff=0.001, hedge=HedgePolicy.OFF)
 
@@ -37,12 +38,12 @@ async def test_workloads_take_turns(store):
     await fleet.scheduler.start()
     try:
         for n in range(1, 7):
-            await until(lambda n=n: len(w.received) == n, f"job {n}")
+            await until(lambda n=n: len(w.received) == n, 10, f"job {n}")
             w.finish(w.received[-1].job_id)
         order = [m.workload_id for m in w.received]
         assert order[:4] == [big.id, small.id, big.id, small.id], "a small workload is not starved"
-        await until(lambda: _all(fleet, big, ("done", 1)), "every job of the big workload done")
-        await until(lambda: _all(fleet, small, ("done", 1)), "every job of the small workload done")
+        await until(lambda: _all(fleet, big, ("done", 1)), 10, "every job of the big workload done")
+        await until(lambda: _all(fleet, small, ("done", 1)), 10, "every job of the small workload done")
     finally:
         await fleet.scheduler.close()
 
@@ -54,11 +55,11 @@ async def test_a_failed_attempt_goes_to_another_worker(store):
     wl = await fleet.workload("w")
     await fleet.submit(wl, 1)
     try:
-        await until(lambda: first.received, "the first attempt, on the idler worker")
+        await until(lambda: first.received, 10, "the first attempt, on the idler worker")
         first.fail(first.received[0].job_id)
-        await until(lambda: second.received, "the retry, elsewhere")
+        await until(lambda: second.received, 10, "the retry, elsewhere")
         second.finish(second.received[0].job_id)
-        await until(lambda: _state(fleet, wl, 0, ("done", 2)), "done on the second attempt")
+        await until(lambda: _state(fleet, wl, 0, ("done", 2)), 10, "done on the second attempt")
         assert len(first.received) == 1, "the worker that failed it is avoided"
     finally:
         await fleet.scheduler.close()
@@ -75,15 +76,15 @@ async def test_an_error_no_retry_can_fix_fails_once_a_second_worker_says_so(stor
     try:
         for image_id, second_says in ((0, "cannot decode"), (1, None)):
             await fleet.submit(wl, 1, first=image_id)
-            await until(lambda: a.received and a.received[-1].image_id == image_id, f"image {image_id} on a")
+            await until(lambda: a.received and a.received[-1].image_id == image_id, 10, f"image {image_id} on a")
             a.fail(a.received[-1].job_id, "cannot decode", retryable=False)
-            await until(lambda: b.received and b.received[-1].image_id == image_id, f"image {image_id} retried on b")
+            await until(lambda: b.received and b.received[-1].image_id == image_id, 10, f"image {image_id} retried on b")
             if second_says:
                 b.fail(b.received[-1].job_id, second_says, retryable=False)
             else:
                 b.finish(b.received[-1].job_id)
-        await until(lambda: _state(fleet, wl, 0, ("failed", 2)), "failed on two workers' word")
-        await until(lambda: _state(fleet, wl, 1, ("done", 2)), "done by the second worker")
+        await until(lambda: _state(fleet, wl, 0, ("failed", 2)), 10, "failed on two workers' word")
+        await until(lambda: _state(fleet, wl, 1, ("done", 2)), 10, "done by the second worker")
     finally:
         await fleet.scheduler.close()
 
@@ -94,15 +95,14 @@ async def test_the_only_worker_saying_no_retry_can_help_gets_every_attempt_and_s
     wl = await fleet.workload("w")
     await fleet.submit(wl, 2)
     try:
-        await until(lambda: len(w.received) == 2, "both jobs")
+        await until(lambda: len(w.received) == 2, 10, "both jobs")
         final, flaky = w.received
         for n in range(3):  # the only worker: retried on it once nobody else can
             for job, error, retryable in ((final, "cannot decode", False), (flaky, "flaky", True)):
-                await until(lambda n=n, job=job: sum(m.job_id == job.job_id for m in w.received) == n + 1,
-                            f"attempt {n + 1}")
+                await until(lambda n=n, job=job: sum(m.job_id == job.job_id for m in w.received) == n + 1, 10, f"attempt {n + 1}")
                 w.fail(job.job_id, error, retryable=retryable)
-        await until(lambda: _state(fleet, wl, flaky.image_id, ("failed", 3)), "failed after 3 attempts")
-        await until(lambda: _state(fleet, wl, final.image_id, ("failed", 3)), "failed after 3 attempts")
+        await until(lambda: _state(fleet, wl, flaky.image_id, ("failed", 3)), 10, "failed after 3 attempts")
+        await until(lambda: _state(fleet, wl, final.image_id, ("failed", 3)), 10, "failed after 3 attempts")
     finally:
         await fleet.scheduler.close()
 
@@ -115,14 +115,14 @@ async def test_a_newcomers_claimed_capacity_is_trusted_as_far_as_it_has_proven_i
     wl = await fleet.workload("w")
     await fleet.submit(wl, 20)
     try:
-        await until(lambda: len(big.received) == 2, "two jobs at first")
+        await until(lambda: len(big.received) == 2, 10, "two jobs at first")
         assert fleet.scheduler.queued() == 18
         for m in list(big.received):
             big.finish(m.job_id)
-        await until(lambda: len(big.received) == 6, "two results stored: four at once")
+        await until(lambda: len(big.received) == 6, 10, "two results stored: four at once")
         for m in big.received[2:]:
             big.fail(m.job_id, "no", retryable=True)
-        await until(lambda: len(big.received) == 10, "no more for failures")
+        await until(lambda: len(big.received) == 10, 10, "no more for failures")
         assert fleet.membership.workers["big"].slots() == 4
     finally:
         await fleet.scheduler.close()
@@ -134,12 +134,12 @@ async def test_a_dead_workers_job_is_requeued_at_once(store):
     wl = await fleet.workload("w")
     await fleet.submit(wl, 1)
     try:
-        await until(lambda: doomed.received, "the job on the doomed worker")
+        await until(lambda: doomed.received, 10, "the job on the doomed worker")
         fleet.membership.kill("doomed")
         heir = fleet.membership.add(StubWorker("heir"))
-        await until(lambda: heir.received, "the job on the heir")
+        await until(lambda: heir.received, 10, "the job on the heir")
         heir.finish(heir.received[0].job_id)
-        await until(lambda: _state(fleet, wl, 0, ("done", 2)), "done by the heir")
+        await until(lambda: _state(fleet, wl, 0, ("done", 2)), 10, "done by the heir")
     finally:
         await fleet.scheduler.close()
 
@@ -152,10 +152,10 @@ async def test_a_hedge_goes_to_a_second_worker_and_the_loser_is_cancelled(store)
     wl = await fleet.workload("w")
     await fleet.submit(wl, 1)
     try:
-        await until(lambda: slow.received and quick.received, "the first copy, then the hedge")
+        await until(lambda: slow.received and quick.received, 10, "the first copy, then the hedge")
         quick.finish(quick.received[0].job_id)
-        await until(lambda: slow.cancelled, "the slow copy cancelled")
-        await until(lambda: _state(fleet, wl, 0, ("done", 1)), "one attempt, done")
+        await until(lambda: slow.cancelled, 10, "the slow copy cancelled")
+        await until(lambda: _state(fleet, wl, 0, ("done", 1)), 10, "one attempt, done")
         (timing,) = await store.job_timings(wl.id)
         assert timing["copies"] == 2 and fleet.scheduler.stats.hedges == 1
     finally:
@@ -168,10 +168,10 @@ async def test_jobs_wait_for_a_worker_with_their_tags(store):
     wl = await fleet.workload("w", tags=("gpu",))
     await fleet.submit(wl, 1)
     try:
-        await until(lambda: fleet.scheduler.waiting.get(wl.id), "a reason to wait")
+        await until(lambda: fleet.scheduler.waiting.get(wl.id), 10, "a reason to wait")
         assert "gpu" in fleet.scheduler.waiting[wl.id] and not plain.received
         gpu = fleet.membership.add(StubWorker("gpu", tags=("gpu",)))
-        await until(lambda: gpu.received, "the job on the gpu worker")
+        await until(lambda: gpu.received, 10, "the job on the gpu worker")
         assert wl.id not in fleet.scheduler.waiting
     finally:
         await fleet.scheduler.close()
@@ -195,10 +195,10 @@ async def test_equal_workers_share_jobs_sent_one_at_a_time(store):
     try:
         for i in range(9):
             await fleet.submit(wl, 1, first=i)
-            await until(lambda i=i: sum(len(s.received) for s in stubs) == i + 1, f"job {i}")
+            await until(lambda i=i: sum(len(s.received) for s in stubs) == i + 1, 10, f"job {i}")
             (stub,) = [s for s in stubs if s.received and s.received[-1].image_id == i]
             stub.finish(stub.received[-1].job_id)
-            await until(lambda i=i: _all_done(fleet, wl, i + 1), f"job {i} done")
+            await until(lambda i=i: _all_done(fleet, wl, i + 1), 10, f"job {i} done")
             for _ in range(2):  # looks that place nothing, as heartbeats' wakes give
                 fleet.scheduler._place_what_fits()
         assert sorted(len(s.received) for s in stubs) == [3, 3, 3]

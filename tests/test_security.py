@@ -7,10 +7,7 @@ import os
 import subprocess
 import sys
 
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import ROOT, wait_until
-from tests.helpers import check_filtered, push, wait_completed, workload
+from tests.helpers import check_filtered, frame_png, metric, push, ref, ROOT, wait_completed, wait_until, workload
 
 JOIN = "s3cret-join-token"
 
@@ -24,7 +21,7 @@ def test_workers_need_the_join_token_when_one_is_set(make_system, tmp_path):
     system.start_worker("right", env={"DPIP_JOIN_TOKEN": JOIN})
     token = system.login()
     system.wait_workers({"right"}, token)
-    wait_until(lambda: metric(system, "dpip_worker_plane_refused") >= 2, 10,
+    wait_until(lambda: metric(system.url, "dpip_worker_plane_refused") >= 2, 10,
                "the controller to refuse the other two")
     assert {w["name"] for w in ref.get_json(system.url, token, "/status")["workers"]} == {"right"}
     wid = workload(system.url, token)
@@ -35,12 +32,6 @@ def test_workers_need_the_join_token_when_one_is_set(make_system, tmp_path):
     jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
     assert {j["worker"] for j in jobs} == {"right"}
     assert {w["name"] for w in ref.get_json(system.url, token, "/status")["workers"]} == {"right"}
-
-
-def metric(system, name: str) -> float:
-    """One unlabelled sample of the server's /metrics (open on loopback)."""
-    text = ref.request(system.url, "GET", "/metrics").body.decode()
-    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def test_failed_logins_are_throttled_per_user_and_address(make_system):

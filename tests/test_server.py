@@ -14,7 +14,7 @@ from aiohttp import web
 
 from api.keys import IMAGES, STORE
 from common.models import DpipError
-from scripts.localsys import ROOT, clean_env, free_port
+from tests.helpers import clean_env, free_port, ROOT
 from server.services import build_app
 from server.settings import ServerSettings, parse_server_args
 

@@ -17,7 +17,7 @@ from scheduler.carrier import Carrier, DispatchStats, SchedulerSettings
 from scheduler.latency import LatencyTracker
 from scheduler.placement import JobView, WorkerView, place
 from worker.filters import EncodeOptions, FilterError, process
-from tests.support import png_bytes
+from tests.helpers import png_bytes
 
 # -- wire -----------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from cli import video
-from scripts.localsys import ROOT, LocalSystem, clean_env
+from tests.helpers import clean_env, LocalSystem, ROOT
 
 
 def guide_blocks() -> list[str]:

@@ -20,23 +20,11 @@ import pynng
 from PIL import Image
 
 from common import localjoin, seal, wire
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import wait_until
+from tests.helpers import (Api, check_filtered, frame_png, has_workers, job_rows, metric, plane_dropped,
+    publish_until_dropped,
+    push, ref, until, wait_completed, wait_until, welcomed, workload)
 from tests.fakeworker import FakeWorker, Telemetry
-from tests.helpers import (Api, check_filtered, has_workers, job_rows, publish_until_dropped,
-                           push, until, wait_completed, welcomed, workload)
 from worker.service import Worker, WorkerSettings
-
-
-def metric(system, name: str) -> float:
-    """One unlabelled sample of the server's /metrics (open on loopback)."""
-    text = ref.request(system.url, "GET", "/metrics").body.decode()
-    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
-def plane_dropped(system) -> float:
-    return metric(system, "dpip_worker_plane_refused") + metric(system, "dpip_worker_plane_bad_messages")
 
 
 def hostile_blobs() -> list[bytes]:
@@ -77,7 +65,7 @@ def test_hostile_bytes_stop_nothing_and_bloat_nothing(make_system):
     with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
         target = len(blobs) * 20
         # pub/sub drops what is sent before the connection is up: send until counted
-        wait_until(lambda: [pub.send(b) for b in blobs] and plane_dropped(system) >= target, 30,
+        wait_until(lambda: [pub.send(b) for b in blobs] and plane_dropped(system.url) >= target, 30,
                    "the controller to count the hostile messages")
         for h in hellos:
             pub.send(h)
@@ -208,7 +196,7 @@ async def test_a_replayed_heartbeat_is_refused(make_system):
             await until(lambda: has_workers(api, {"f"}), 20, "the fake to join")
             captured = [d for d in fake.sent if b'"kid":"join"' not in d and b'"hello"' not in d]
             assert captured, "a sealed heartbeat"
-            before = plane_dropped(system)
+            before = plane_dropped(system.url)
             with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
                 await until(lambda: _send_and_count(pub, captured[-1], system, before), 10,
                             "the replay to be refused")
@@ -218,7 +206,7 @@ async def test_a_replayed_heartbeat_is_refused(make_system):
 
 async def _send_and_count(pub: pynng.Pub0, data: bytes, system, before: float) -> bool:
     pub.send(data)
-    return metric(system, "dpip_worker_plane_refused") > before
+    return metric(system.url, "dpip_worker_plane_refused") > before
 
 
 async def test_a_worker_refuses_replays_and_strangers(tmp_path):
@@ -342,7 +330,7 @@ async def test_membership_is_bounded_and_forgets_the_dead(make_system):
             api = Api(http, system.url)
             await api.login()
             await until(lambda: has_workers(api, {"f0", "f1"}), 20, "two workers")
-            before = metric(system, "dpip_worker_plane_refused")
+            before = metric(system.url, "dpip_worker_plane_refused")
             extra = await FakeWorker("f2", system.controller, Telemetry()).start()
             await until(lambda: _refused_more(system, before), 10, "the third to be refused")
             assert await _names(http, system) == {"f0", "f1"}
@@ -355,7 +343,7 @@ async def test_membership_is_bounded_and_forgets_the_dead(make_system):
 
 
 async def _refused_more(system, before: float) -> bool:
-    return metric(system, "dpip_worker_plane_refused") > before
+    return metric(system.url, "dpip_worker_plane_refused") > before
 
 
 async def _names(http: aiohttp.ClientSession, system) -> set[str]:
@@ -371,7 +359,7 @@ def test_rpc_addresses_are_for_the_admin_only(make_system):
     import subprocess
     import sys
 
-    from scripts.localsys import ROOT, clean_env
+    from tests.helpers import ROOT, clean_env
 
     system = make_system()
     token = system.start_workers({"w": ()})
@@ -409,7 +397,7 @@ async def test_a_local_process_without_the_join_token_never_joins_and_holds_no_n
 
 
 async def _refused(system, n: int) -> bool:
-    return plane_dropped(system) >= n
+    return plane_dropped(system.url) >= n
 
 
 def test_the_local_join_token_is_the_users_only(make_system):
