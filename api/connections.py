@@ -138,7 +138,7 @@ def parser_error(exc: HttpProcessingError) -> str:
     # bytes, a caret under the fault.
     lines = [line.strip() for line in exc.message.splitlines() if line.strip()]
     what = [line.rstrip(":") for line in lines if not line.startswith(("b'", 'b"', "^"))]
-    where = [line for line in lines if line.startswith(("b'", 'b"'))]
+    where = [line for line in lines if line.startswith(("b'", 'b"')) and len(line) > 3]  # not b''
     text = "malformed request: " + (clipped(": ".join(what)) if what else "bad syntax")
     return f"{text}: {clipped(where[0])}" if where else text
 
