@@ -178,6 +178,16 @@ def test_headers_sent_a_line_at_a_time_are_cut_off_while_others_are_served(make_
     assert HEADER <= took < 2 * HEADER + 2 * SWEEP + 1, took
 
 
+def send_slowly(s: socket.socket, data: bytes, piece: int) -> tuple[int, bytes]:
+    """``data`` in pieces of ``piece`` bytes a quarter of a second apart (the connection must
+    stay open all along); the answer's status and body."""
+    *pieces, last = chunks(data, piece)
+    for part in pieces:
+        s.sendall(part)
+        assert still_open_after(s, 0.25) == b""
+    return exchange(s, last)
+
+
 def test_headers_at_a_good_rate_may_take_longer_than_the_header_timeout(make_system):
     """1 s more per 500 bytes received: 4 KB of headers at ~1.6 KB/s (2.5 s) are served."""
     system = make_system(*FLAGS)
@@ -186,11 +196,7 @@ def test_headers_at_a_good_rate_may_take_longer_than_the_header_timeout(make_sys
     request = f"GET /status HTTP/1.1\r\nHost: dpip\r\nAuthorization: Bearer {token}\r\n{headers}\r\n".encode()
     s = connect(system)
     start = time.monotonic()
-    *pieces, last = chunks(request, 400)
-    for piece in pieces:
-        s.sendall(piece)
-        assert still_open_after(s, 0.25) == b""
-    status, body = exchange(s, last)
+    status, body = send_slowly(s, request, 400)
     assert time.monotonic() - start > HEADER
     assert status == 200 and "workers" in json.loads(body)
 
@@ -245,11 +251,7 @@ def test_a_body_at_a_good_rate_may_take_longer_than_the_body_timeout(make_system
     s = connect(system)
     s.sendall(upload_head(token, ctype, len(body)))
     start = time.monotonic()
-    *pieces, last = chunks(body, 1000)
-    for piece in pieces:
-        s.sendall(piece)
-        assert still_open_after(s, 0.25) == b""
-    status, answer = exchange(s, last)
+    status, answer = send_slowly(s, body, 1000)
     assert time.monotonic() - start > BODY
     assert status == 200, answer
     assert json.loads(answer)["image_id"] == 0
