@@ -6,7 +6,9 @@
    from 4 aiohttp clients, 4 plain ``requests`` clients and ``dpip push``; each is timed from the
    first upload to the workload completed, and compared with the pool.
 3. Dispatch overhead, with 64x64 PNGs: throughput from 8 ``requests`` clients (and from the 4
-   aiohttp ones), the server's own per-image latency, and a client's round trip, one at a time.
+   aiohttp ones), the server's own per-image latency, and a client's round trip, one at a time;
+   the server's CPU per image (all its threads, from /proc) while the plain clients push, and
+   per 720p frame against the workers' CPU for the same frames.
 4. Scaling: N workers whose jobs all take 100 ms longer (capacity 1), against linear (N * 10 img/s);
    a fresh system per N.
 5. History: ``GET /status`` and a page of ``GET /workloads`` with thousands of workloads.
@@ -17,7 +19,7 @@
 It ends with one table (figure | measured | target | verdict), also written to
 bench-out/bench-table.txt.
 
-    .venv/bin/python scripts/bench.py [--frames 200] [--clients 4] [--tiny 500] [--scale 16,64]
+    .venv/bin/python scripts/bench.py [--frames 200] [--clients 4] [--tiny 600] [--scale 16,64]
     quick: .venv/bin/python scripts/bench.py --frames 20 --tiny 100 --round-trips 50 --scale 16 --history 1000
 """
 
@@ -46,16 +48,19 @@ from scripts.benchclients import aiohttp_push, cli_push, requests_push, round_tr
 from scripts.benchtable import Row, latencies_ms, percentile, table  # noqa: E402
 from scripts.frames import frame_png  # noqa: E402
 from scripts.localsys import ROOT, LocalSystem  # noqa: E402
+from scripts.proccpu import CpuMeter  # noqa: E402
 
 CACHE = ROOT / "bench-out"
 TABLE = CACHE / "bench-table.txt"
 
 # The issue's targets.
-TINY_RATE = 780.0  # img/s of tiny images: what Celery + Redis does with no-op tasks here
+TINY_RATE = 400.0  # img/s of tiny images on 2 cores, plain HTTP clients (issue 23; was 780, Celery's no-op rate elsewhere)
 ROUND_TRIP_MS = 4.0  # p50, one image at a time
 CELERY_ROUND_TRIP_MS = 1.7  # Celery's no-op round trip where the two targets above were set
 POOL_RATIO = 0.85  # 720p: DPIP / local pool
 HISTORY_MS = 20.0  # p50 of a GET, whatever the history
+SERVER_MS_PER_TINY = 0.7  # the server's CPU per tiny image (all its threads): >= 1,400 img/s per core
+SERVER_SHARE_720P = 0.05  # the server's CPU per 720p frame / the workers' (file store)
 SLOW_MS = 100  # the scaling run's job time: every worker does 1000 / SLOW_MS img/s at most
 IMAGES_PER_WORKER = 30  # the scaling run pushes this many images per worker
 
@@ -141,12 +146,19 @@ def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: in
                  config_home: Path) -> list[Row]:
     """The frames pushed by aiohttp clients, by ``requests`` clients and by ``dpip push``."""
     frames = [f.read_bytes() for f in files]
+    meter = meter_of(system).start()
     big = aiohttp_push(system.url, token, frames, clients)
+    spent = meter.stop()
     p50, p99 = server_latency(system, big.workload_id, big.images)
     say(f"DPIP end to end ({len(system.workers)} workers, {clients} clients, upload -> filtered): "
         f"{big.rate:.1f} img/s in {big.elapsed:.1f}s; per-image latency p50 {p50:.0f} ms, p99 {p99:.0f} ms")
     aio = Row(f"720p / local pool, {clients} aiohttp clients", big.rate / pool_rate, "", POOL_RATIO, True)
     say(f"ratio DPIP / local pool: {aio.value:.2f} ({aio.judgement})")
+    share = Row("720p: server CPU / workers' CPU (file store)", spent.server.total / spent.workers.total, "",
+                SERVER_SHARE_720P, False,
+                f"{spent.per_image_ms(big.images):.1f} vs {1000 * spent.workers.total / big.images:.1f} ms per frame")
+    say(f"720p CPU per frame: server {spent.per_image_ms(big.images):.1f} ms ({spent.breakdown(big.images)}),"
+        f" workers {1000 * spent.workers.total / big.images:.1f} ms: ratio {share.value:.3f} ({share.judgement})")
 
     plain = requests_push(system.url, token, frames, clients)
     req = Row(f"720p / local pool, {clients} requests clients", plain.rate / pool_rate, "", POOL_RATIO, True)
@@ -157,7 +169,12 @@ def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: in
     dpip = Row(f"720p / local pool, dpip push --jobs {clients}", cli.rate / pool_rate, "", POOL_RATIO, True)
     say(f"DPIP end to end, dpip push --jobs {clients} (its start included) until completed: {cli.rate:.1f} img/s"
         f" in {cli.elapsed:.1f}s; ratio to local pool {dpip.value:.2f} ({dpip.judgement})")
-    return [req, aio, dpip]
+    return [req, aio, dpip, share]
+
+
+def meter_of(system: LocalSystem) -> CpuMeter:
+    assert system.server is not None
+    return CpuMeter(system.server.pid, [w.pid for w in system.workers.values()])
 
 
 def measure_celery(tasks: int, clients: int, tiny: Row, round_trip: Row) -> list[Row]:
@@ -179,18 +196,27 @@ def measure_celery(tasks: int, clients: int, tiny: Row, round_trip: Row) -> list
     ]
 
 
-def measure_tiny(system: LocalSystem, token: str, tiny: list[bytes], clients: int, plain_clients: int) -> Row:
-    """Throughput on tiny images: ``clients`` aiohttp clients, then ``plain_clients`` requests ones."""
+def measure_tiny(system: LocalSystem, token: str, tiny: list[bytes], clients: int,
+                 plain_clients: int) -> list[Row]:
+    """Throughput on tiny images: ``clients`` aiohttp clients, then ``plain_clients`` requests
+    ones, during which the server's CPU is metered (all its threads, from /proc)."""
     pushed = aiohttp_push(system.url, token, tiny, clients)
     p50, p99 = server_latency(system, pushed.workload_id, pushed.images)
     say(f"dispatch overhead: {len(tiny)} tiny 64x64 PNGs, {clients} clients: {pushed.rate:.1f} img/s; "
         f"latency upload accepted -> filtered stored p50 {p50:.1f} ms, p99 {p99:.1f} ms (queueing included)")
+    meter = meter_of(system).start()
     plain = requests_push(system.url, token, tiny, plain_clients)
+    spent = meter.stop()
     workers = len(system.workers)
     row = Row(f"tiny, {plain_clients} plain HTTP clients, {workers} workers", plain.rate, "img/s", TINY_RATE, True)
     say(f"dispatch overhead: {len(tiny)} tiny 64x64 PNGs, {plain_clients} plain requests clients, {workers} workers:"
         f" {plain.rate:.1f} img/s ({row.judgement})")
-    return row
+    ms = spent.per_image_ms(len(tiny))
+    cpu = Row("server CPU per tiny image (all its threads)", ms, "ms", SERVER_MS_PER_TINY, False,
+              f"ceiling {1000 / ms:.0f} img/s per server core")
+    say(f"server CPU per tiny image: {ms:.2f} ms ({spent.breakdown(len(tiny))}); one server core's ceiling"
+        f" {1000 / ms:.0f} img/s ({cpu.judgement})")
+    return [row, cpu]
 
 
 def measure_round_trip(system: LocalSystem, token: str, tiny: list[bytes]) -> Row:
@@ -269,7 +295,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=200, help="720p frames")
     p.add_argument("--clients", type=int, default=4, help="concurrent clients pushing 720p frames")
     p.add_argument("--level", type=int, default=1, help="PNG zlib level for pool and workers")
-    p.add_argument("--tiny", type=int, default=500, help="64x64 images for the dispatch-overhead run")
+    p.add_argument("--tiny", type=int, default=600, help="64x64 images for the dispatch-overhead run")
     p.add_argument("--tiny-clients", type=int, default=8, help="requests threads pushing tiny images")
     p.add_argument("--round-trips", type=int, default=200, help="tiny images sent one at a time")
     p.add_argument("--scale", type=worker_counts, default=[16, 64], metavar="N,N",
@@ -288,13 +314,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dpip-bench-") as tmp:
         with running_system(Path(tmp) / "main", workers) as (system, token):
             big = measure_720p(system, token, files, a.clients, pool_rate, Path(tmp) / "config")
-            throughput = measure_tiny(system, token, tiny[:a.tiny], a.clients, a.tiny_clients)
+            throughput, server_cpu = measure_tiny(system, token, tiny[:a.tiny], a.clients, a.tiny_clients)
             round_trip = measure_round_trip(system, token, tiny[:a.round_trips])
             history = measure_history(system, token, a.history)
         scaling = [measure_scaling(Path(tmp) / f"scale-{n}", n, tiny[:n * IMAGES_PER_WORKER], a.tiny_clients)
                    for n in a.scale]
     baseline = measure_celery(a.tiny * 4, a.tiny_clients, throughput, round_trip)
-    text = table([throughput, round_trip, *baseline, *scaling, *big, *history])
+    text = table([server_cpu, throughput, round_trip, *baseline, *scaling, *big, *history])
     print(f"\n{text}")
     CACHE.mkdir(exist_ok=True)
     run = " ".join(sys.argv[1:]) or "defaults"
