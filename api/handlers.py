@@ -392,22 +392,29 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     else:
         key = image_key(workload.dir, type_, image_id, fmt)
     content_type = FORMATS[fmt][1]
-    download = await images.download(key, content_type)
-    if request[CLAIMS].scope == JOB:  # a worker fetching its job's original through us
-        request.app[JOBS].sent_to_worker(download)
-    if download.url:  # --redirect-downloads: the object store serves it, for a short while
-        raise web.HTTPTemporaryRedirect(download.url)
-    if download.path is not None:
-        return web.FileResponse(download.path, headers={"Content-Type": content_type, **cache})
-    response = web.StreamResponse(headers={"Content-Type": content_type, **cache})
-    if download.size is not None:
-        response.content_length = download.size
-    await response.prepare(request)
-    assert download.chunks is not None
-    async for chunk in download.chunks:
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    whole = request.method == "GET" and "Range" not in request.headers
+    download = await images.download(key, content_type, whole)
+    try:
+        if request[CLAIMS].scope == JOB:  # a worker fetching its job's original through us
+            request.app[JOBS].sent_to_worker(download)
+        if download.url:  # --redirect-downloads: the object store serves it, for a short while
+            raise web.HTTPTemporaryRedirect(download.url)
+        if download.path is not None:
+            return web.FileResponse(download.path, headers={"Content-Type": content_type, **cache})
+        response = web.StreamResponse(headers={"Content-Type": content_type, **cache})
+        if download.size is not None:
+            response.content_length = download.size
+        await response.prepare(request)
+        if download.data is not None:
+            await response.write(download.data)
+        else:
+            assert download.chunks is not None
+            async for chunk in download.chunks:
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        download.release()
 
 
 @requires(USER)

@@ -21,7 +21,7 @@ import os
 import shutil
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,11 @@ KEEP_BYTES = wire.INLINE_MAX_BYTES
 
 #: Bytes of recently stored small originals kept in memory, waiting for their jobs.
 RECENT_BYTES = 64 << 20
+#: Files up to this size are read in one trip to a thread and sent from memory (a 720p frame
+#: a worker fetches): the event loop cannot sendfile on uvloop, and aiohttp's fallback reads
+#: 256 KiB per trip. At most READ_BUDGET bytes are held so at once; beyond it, streamed.
+SMALL_DOWNLOAD = 4 << 20
+READ_BUDGET = 64 << 20
 
 _FLUSH_BYTES = 1 << 20
 
@@ -62,12 +67,15 @@ class StoredFile:
 
 @dataclass(frozen=True)
 class Download:
-    """How to send a stored image: a local file, bytes in chunks, or a URL to redirect to."""
+    """How to send a stored image: a local file, its bytes read already, bytes in chunks, or a
+    URL to redirect to. ``release`` is called once the response is sent (or failed)."""
 
     path: Path | None = None
     chunks: AsyncIterator[bytes] | None = None
     size: int | None = None
     url: str = ""
+    data: bytes | None = None
+    release: Callable[[], None] = lambda: None
 
 class ImageStore(abc.ABC):
     """What every image store does: judge uploads, keep them at keys, hand them out, and keep
@@ -178,8 +186,9 @@ class ImageStore(abc.ABC):
     # -- handing out ------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def download(self, key: str, content_type: str) -> Download:
-        """How to send the image at ``key`` to a client."""
+    async def download(self, key: str, content_type: str, whole: bool = False) -> Download:
+        """How to send the image at ``key`` to a client; ``whole``: a small one's bytes in
+        memory are welcome (the client wants all of it, no range)."""
 
     @abc.abstractmethod
     async def read(self, key: str) -> bytes:
@@ -288,6 +297,7 @@ class FileImageStore(ImageStore):
         self.fsync = fsync
         self._committed: set[Path] = set()  # temp files commit() took: discard() has nothing to do
         self._dir_sync = files.DirSync()
+        self._reading = 0  # bytes reserved by downloads read into memory (READ_BUDGET)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -298,8 +308,9 @@ class FileImageStore(ImageStore):
     async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
         """Stream ``chunks`` into a file under ``incoming`` and validate it.
 
-        Bytes are buffered up to 1 MiB between writes, so a small image costs one trip to
-        the executor and a large one a few, instead of one per network chunk.
+        Bytes are buffered up to 1 MiB between writes, so a large image costs a few trips to
+        the executor instead of one per network chunk; a small one (up to KEEP_BYTES) is judged
+        in memory and costs none until :meth:`commit`.
         """
         loop = asyncio.get_running_loop()
         tmp = self.incoming / f"{uuid.uuid4().hex}.upload"
@@ -316,37 +327,30 @@ class FileImageStore(ImageStore):
                     buffered, pending = [], 0
             if size == 0:
                 raise BadInput("the uploaded file is empty")
-            kept = b"".join(buffered) if size <= KEEP_BYTES else None  # never flushed: all here
-            fmt, head = await loop.run_in_executor(None, self._finish, writer, buffered, kept)
+            if size <= KEEP_BYTES:  # never flushed, all here: judged in memory, and written,
+                # synced and placed by commit() in one trip to a thread
+                return await self.receive_bytes(b"".join(buffered))
+            fmt, head = await loop.run_in_executor(None, self._finish, writer, buffered)
             self._check_pixels(head.width, head.height)
         except BaseException:
             writer.close(quiet=True)
             tmp.unlink(missing_ok=True)
             raise
-        return StoredFile(tmp, fmt, size, head.width, head.height, head.mode, kept, head.photo)
+        return StoredFile(tmp, fmt, size, head.width, head.height, head.mode, None, head.photo)
 
-    def _finish(self, writer: files.TmpWriter, rest: list[bytes], kept: bytes | None) -> tuple[str, facts.Header]:
-        """Write the rest, flush to disk, then read the header (only): format and size. A small
-        file's header is read from its bytes in memory (an 8-bit PNG's without Pillow)."""
+    def _finish(self, writer: files.TmpWriter, rest: list[bytes]) -> tuple[str, facts.Header]:
+        """Write the rest, flush to disk, then read the header (only): format and size."""
         with files.no_space_left("the image"):
             writer.write(rest)
             writer.close(fsync=self.fsync)
-        source: Path | io.BytesIO = writer.path
-        if kept is not None:
-            fmt = sniff_format(kept[:16])
-            fast = facts.fast_header(kept, fmt) if fmt else None
-            if fast is not None:
-                return fmt, fast
-            source = io.BytesIO(kept)
-        else:
-            with open(writer.path, "rb") as g:
-                fmt = sniff_format(g.read(16))
+        with open(writer.path, "rb") as g:
+            fmt = sniff_format(g.read(16))
         if fmt is None:
             raise BadInput("the uploaded file is not an image (unknown format)")
-        head = facts.header_of(source, fmt)
+        head = facts.header_of(writer.path, fmt)
         if fmt == "JPEG":
-            scans = facts.jpeg_scans([kept]) if kept is not None else facts.jpeg_scans(facts.file_chunks(writer.path))
-            facts.check_scans(scans, head.width, head.height, self.max_pixels)
+            facts.check_scans(facts.jpeg_scans(facts.file_chunks(writer.path)), head.width, head.height,
+                              self.max_pixels)
         return fmt, head
 
     async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
@@ -373,8 +377,26 @@ class FileImageStore(ImageStore):
             return
         await asyncio.get_running_loop().run_in_executor(None, files.unlink, stored.path)
 
-    async def download(self, key: str, content_type: str) -> Download:
-        return Download(path=self.path(key))
+    async def download(self, key: str, content_type: str, whole: bool = False) -> Download:
+        path = self.path(key)
+        if not whole or self._reading + SMALL_DOWNLOAD > READ_BUDGET:
+            return Download(path=path)
+        self._reading += SMALL_DOWNLOAD  # reserved before the read, so concurrent ones count
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, _read_small, path)
+        except BaseException as e:
+            self._reading -= SMALL_DOWNLOAD
+            if isinstance(e, FileNotFoundError):
+                raise NotFound("image not found") from e
+            raise
+        if data is None:  # larger: streamed from the file
+            self._reading -= SMALL_DOWNLOAD
+            return Download(path=path)
+
+        def release() -> None:
+            self._reading -= SMALL_DOWNLOAD
+
+        return Download(data=data, size=len(data), release=release)
 
     async def read(self, key: str) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(None, self.path(key).read_bytes)
@@ -435,3 +457,10 @@ class FileImageStore(ImageStore):
         except OSError:
             return None
         return usage.free, usage.total
+
+
+def _read_small(path: Path) -> bytes | None:
+    """In a thread: the file's bytes if it holds at most SMALL_DOWNLOAD, else None."""
+    with open(path, "rb") as f:
+        data = f.read(SMALL_DOWNLOAD + 1)
+    return data if len(data) <= SMALL_DOWNLOAD else None

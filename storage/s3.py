@@ -133,7 +133,7 @@ class S3ImageStore(ImageStore):
 
     # -- handing out ------------------------------------------------------------------------
 
-    async def download(self, key: str, content_type: str) -> Download:
+    async def download(self, key: str, content_type: str, whole: bool = False) -> Download:
         if self.redirect_downloads:
             url = await self._call(key, lambda: self._client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": self._key(key),

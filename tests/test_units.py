@@ -302,3 +302,36 @@ def test_renames_waiting_together_share_one_directory_fsync(tmp_path, monkeypatc
     assert sorted(returned) == ["a", "b", "c"]
     assert began == [1, 3]  # two fsyncs for three renames; the second began after all three
     assert sync._dirs == {}  # nothing kept once nobody waits
+
+
+async def test_small_downloads_are_read_whole_within_a_budget(tmp_path, monkeypatch):
+    """A small image a client wants whole is read in one trip and sent from memory; a large one,
+    a range, or one past the bytes held at once is streamed from its file; a missing one is 404."""
+    from common.models import NotFound
+    from storage import images as images_mod
+    from storage.images import FileImageStore
+
+    monkeypatch.setattr(images_mod, "SMALL_DOWNLOAD", 100)
+    monkeypatch.setattr(images_mod, "READ_BUDGET", 250)  # two small ones at once
+    store = FileImageStore(tmp_path, tmp_path / "incoming", 10**6, 10**8)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "small").write_bytes(b"s" * 100)
+    (tmp_path / "w" / "large").write_bytes(b"l" * 101)
+
+    first = await store.download("w/small", "image/png", whole=True)
+    assert first.data == b"s" * 100 and first.path is None
+    assert (await store.download("w/small", "image/png")).path == tmp_path / "w" / "small", "a range: the file"
+    large = await store.download("w/large", "image/png", whole=True)
+    assert large.data is None and large.path == tmp_path / "w" / "large"
+    second = await store.download("w/small", "image/png", whole=True)
+    assert second.data is not None
+    third = await store.download("w/small", "image/png", whole=True)
+    assert third.data is None and third.path is not None, "past the budget: streamed"
+    first.release()
+    again = await store.download("w/small", "image/png", whole=True)
+    assert again.data is not None, "released: room again"
+    again.release()
+    second.release()
+    with pytest.raises(NotFound):
+        await store.download("w/gone", "image/png", whole=True)
+    await store.close()
