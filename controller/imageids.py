@@ -12,6 +12,7 @@ An upload that fails gives its id back (no gap for a client that sends one image
 
 from __future__ import annotations
 
+import abc
 import asyncio
 
 from storage.datastore import Datastore
@@ -19,7 +20,7 @@ from common.models import Conflict, ImageType, NotFound, quoted
 from storage.sql import Script, q
 
 
-class ImageIds:
+class ImageIds(abc.ABC):
     """What both ways share: ids chosen by clients, checked against those being placed."""
 
     def __init__(self, store: Datastore) -> None:
@@ -30,9 +31,9 @@ class ImageIds:
     def _lock(self, workload_id: str) -> asyncio.Lock:
         return self._locks.setdefault(workload_id, asyncio.Lock())
 
+    @abc.abstractmethod
     async def take(self, workload_id: str) -> int:
         """The workload's next id, for an original being placed."""
-        raise NotImplementedError
 
     async def choose(self, workload_id: str, chosen: int) -> int:
         """``chosen`` for an original being placed, unless it is taken (:class:`Conflict`)."""

@@ -379,24 +379,26 @@ class FileImageStore(ImageStore):
 
     async def download(self, key: str, content_type: str, whole: bool = False) -> Download:
         path = self.path(key)
+        if whole and (recent := self._recent.get(key)) is not None:
+            return Download(data=recent, size=len(recent))  # held for its job already
         if not whole or self._reading + SMALL_DOWNLOAD > READ_BUDGET:
             return Download(path=path)
-        self._reading += SMALL_DOWNLOAD  # reserved before the read, so concurrent ones count
-        try:
+        self._reading += SMALL_DOWNLOAD  # the most it may read, reserved before, so that
+        try:  # concurrent reads count
             data = await asyncio.get_running_loop().run_in_executor(None, _read_small, path)
-        except BaseException as e:
+        except FileNotFoundError as e:
+            raise NotFound("image not found") from e
+        finally:
             self._reading -= SMALL_DOWNLOAD
-            if isinstance(e, FileNotFoundError):
-                raise NotFound("image not found") from e
-            raise
         if data is None:  # larger: streamed from the file
-            self._reading -= SMALL_DOWNLOAD
             return Download(path=path)
+        held = len(data)
+        self._reading += held
 
         def release() -> None:
-            self._reading -= SMALL_DOWNLOAD
+            self._reading -= held
 
-        return Download(data=data, size=len(data), release=release)
+        return Download(data=data, size=held, release=release)
 
     async def read(self, key: str) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(None, self.path(key).read_bytes)

@@ -312,7 +312,7 @@ async def test_small_downloads_are_read_whole_within_a_budget(tmp_path, monkeypa
     from storage.images import FileImageStore
 
     monkeypatch.setattr(images_mod, "SMALL_DOWNLOAD", 100)
-    monkeypatch.setattr(images_mod, "READ_BUDGET", 250)  # two small ones at once
+    monkeypatch.setattr(images_mod, "READ_BUDGET", 250)  # two held at once, and room to read
     store = FileImageStore(tmp_path, tmp_path / "incoming", 10**6, 10**8)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "small").write_bytes(b"s" * 100)
@@ -334,4 +334,6 @@ async def test_small_downloads_are_read_whole_within_a_budget(tmp_path, monkeypa
     second.release()
     with pytest.raises(NotFound):
         await store.download("w/gone", "image/png", whole=True)
+    store._remember("w/kept", b"k" * 10)  # a small original held for its job: no file read
+    assert (await store.download("w/kept", "image/png", whole=True)).data == b"k" * 10
     await store.close()
