@@ -11,6 +11,7 @@ import shutil
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -30,6 +31,12 @@ zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true,
 """
 
 
+def waiting(browser: webdriver.Chrome) -> WebDriverWait:
+    """Waits that look again when the page re-rendered an element between finding and reading
+    it (the dashboard redraws its tables on every refresh)."""
+    return WebDriverWait(browser, 60, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+
+
 @pytest.fixture
 def browser():
     options = webdriver.ChromeOptions()
@@ -45,7 +52,7 @@ def browser():
 
 
 def test_dashboard_login_live_workers_drop_upload_and_gallery(system, browser, tmp_path):
-    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    wait = waiting(browser)
     browser.get(system.url + "/")
     browser.find_element(By.ID, "user").clear()
     browser.find_element(By.ID, "user").send_keys("admin")
@@ -161,7 +168,7 @@ def test_dashboard_deletes_a_workload_after_asking(system, browser):
     folder = system.data_dir / "images" / name
     assert folder.exists()
 
-    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    wait = waiting(browser)
     browser.get(system.url + "/")
     assert not browser.find_element(By.ID, "live").is_displayed(), "no red 'offline' before logging in"
     assert "data/admin-password" in browser.find_element(By.ID, "login-view").text
