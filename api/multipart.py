@@ -17,10 +17,16 @@ from dataclasses import dataclass
 
 from aiohttp import MultipartReader, StreamReader, web
 
+from common.budget import ByteBudget
 from common.models import BadInput, TooLarge
 
 #: Bodies up to this size (by Content-Length) are read whole and parsed here.
 SMALL_BODY = 512 * 1024
+#: ... and up to this size too (a 720p frame, a worker's result) while the bytes of such bodies
+#: held at once stay within WHOLE_BUDGET; beyond it they are streamed. aiohttp's streaming
+#: reader costs the event loop several ms per MB (its per-chunk reads and boundary search).
+WHOLE_BODY = 4 << 20
+WHOLE_BUDGET = ByteBudget(64 << 20)
 #: The Content-Disposition every client sends: plain quoted parameters, nothing to unescape.
 _PLAIN_DISPOSITION = re.compile(r'form-data((?:\s*;\s*[A-Za-z]+="[^"\\\x00-\x1f\x7f]*")*)\s*;?\s*', re.IGNORECASE)
 _PLAIN_PARAM = re.compile(r'([A-Za-z]+)="([^"]*)"')
@@ -52,14 +58,25 @@ def plain_disposition(header: str) -> tuple[str | None, str | None] | None:
 
 
 def small_boundary(request: web.Request) -> bytes | None:
-    """The boundary of a small multipart/form-data body in plain form, or None (stream it)."""
+    """The boundary of a multipart/form-data body in plain form small enough to read whole
+    (:data:`SMALL_BODY`, or up to :data:`WHOLE_BODY` if :data:`WHOLE_BUDGET` takes its length:
+    give it back with :func:`done_with`), or None (stream it)."""
     length = request.content_length
-    if length is None or length > SMALL_BODY:
+    if length is None or length > WHOLE_BODY:
         return None
     m = _BOUNDARY.fullmatch(request.headers.get("Content-Type", ""))
     if m is None:
         return None
+    if length > SMALL_BODY and not WHOLE_BUDGET.take(length):
+        return None
     return (m.group(1) or m.group(2)).encode("latin-1")
+
+
+def done_with(request: web.Request) -> None:
+    """A body that :func:`small_boundary` let be read whole is no longer held."""
+    length = request.content_length or 0
+    if length > SMALL_BODY:
+        WHOLE_BUDGET.give(length)
 
 
 def parse(body: bytes, boundary: bytes, max_fields: int) -> list[Part] | None:

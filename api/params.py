@@ -3,6 +3,7 @@ body, on any method (the reference's pull client sends a form body on a GET)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -82,19 +83,36 @@ async def form_parts(request: web.Request) -> AsyncIterator[tuple[str | None, st
     """(name, filename, content) of each part of a multipart body: a small body read whole
     and split in memory (content: bytes), a large one streamed (content: aiohttp's part)."""
     boundary = multipart.small_boundary(request)
-    if boundary is not None:
-        body = await request.read()
+    if boundary is None:
+        async for part in await request.multipart():
+            if isinstance(part, BodyPartReader):
+                yield (*part_names(part), part)
+        return
+    try:
+        body = await _whole_body(request)
         parts = multipart.parse(body, boundary, MAX_FIELDS)
         if parts is not None:
+            del body
             for part in parts:
                 yield part.name, part.filename, part.data
             return
-        reader = multipart.reader_over(request, body)
-    else:
-        reader = await request.multipart()
-    async for part in reader:
-        if isinstance(part, BodyPartReader):
-            yield (*part_names(part), part)
+        async for part in multipart.reader_over(request, body):
+            if isinstance(part, BodyPartReader):
+                yield (*part_names(part), part)
+    finally:
+        multipart.done_with(request)
+
+
+async def _whole_body(request: web.Request) -> bytes:
+    """A body :func:`multipart.small_boundary` let be read whole: past ``client_max_size`` (the
+    bound of ``request.read()``) when its budget allowed it, up to its Content-Length."""
+    length = request.content_length or 0
+    if length <= multipart.SMALL_BODY:
+        return await request.read()
+    try:
+        return await request.content.readexactly(length)
+    except asyncio.IncompleteReadError as e:
+        raise BadInput(f"the body ended after {len(e.partial)} of its {length} bytes") from e
 
 
 def content_type(request: web.Request) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import wire
+from common.budget import ByteBudget
 from common.formats import FORMATS, sniff_format
 from common.models import BadInput, ImageType, NotFound, TooLarge, quoted
 from storage import facts, files, metadata, thumbnails
@@ -116,11 +117,17 @@ class ImageStore(abc.ABC):
             raise BadInput("the uploaded file is not an image (unknown format)")
         head = facts.fast_header(data, fmt)  # an 8-bit PNG without EXIF: no Pillow, no thread
         if head is None:
-            head = await asyncio.get_running_loop().run_in_executor(None, facts.header_of, io.BytesIO(data), fmt)
+            head = await asyncio.get_running_loop().run_in_executor(None, self._judged, data, fmt)
         self._check_pixels(head.width, head.height)
-        if fmt == "JPEG":
-            facts.check_scans(facts.jpeg_scans([data]), head.width, head.height, self.max_pixels)
         return StoredFile(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo)
+
+    def _judged(self, data: bytes, fmt: str) -> facts.Header:
+        """In a thread: the header of an image in memory (a JPEG's scans counted too)."""
+        head = facts.header_of(io.BytesIO(data), fmt)
+        if fmt == "JPEG":
+            self._check_pixels(head.width, head.height)  # the size first, as for a file
+            facts.check_scans(facts.jpeg_scans([data]), head.width, head.height, self.max_pixels)
+        return head
 
     async def _checked(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The upload's chunks, refused as soon as its first bytes are no image's or it grows
@@ -297,7 +304,7 @@ class FileImageStore(ImageStore):
         self.fsync = fsync
         self._committed: set[Path] = set()  # temp files commit() took: discard() has nothing to do
         self._dir_sync = files.DirSync()
-        self._reading = 0  # bytes reserved by downloads read into memory (READ_BUDGET)
+        self._reading = ByteBudget(READ_BUDGET)  # downloads read into memory
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -381,22 +388,23 @@ class FileImageStore(ImageStore):
         path = self.path(key)
         if whole and (recent := self._recent.get(key)) is not None:
             return Download(data=recent, size=len(recent))  # held for its job already
-        if not whole or self._reading + SMALL_DOWNLOAD > READ_BUDGET:
-            return Download(path=path)
-        self._reading += SMALL_DOWNLOAD  # the most it may read, reserved before, so that
-        try:  # concurrent reads count
+        if not whole or not self._reading.take(SMALL_DOWNLOAD):  # the most it may read, held
+            return Download(path=path)  # before reading, so that concurrent reads count
+        try:
             data = await asyncio.get_running_loop().run_in_executor(None, _read_small, path)
         except FileNotFoundError as e:
+            self._reading.give(SMALL_DOWNLOAD)
             raise NotFound("image not found") from e
-        finally:
-            self._reading -= SMALL_DOWNLOAD
+        except BaseException:
+            self._reading.give(SMALL_DOWNLOAD)
+            raise
+        held = len(data) if data is not None else 0
+        self._reading.give(SMALL_DOWNLOAD - held)  # it holds what it read until sent
         if data is None:  # larger: streamed from the file
             return Download(path=path)
-        held = len(data)
-        self._reading += held
 
         def release() -> None:
-            self._reading -= held
+            self._reading.give(held)
 
         return Download(data=data, size=held, release=release)
 

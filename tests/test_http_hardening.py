@@ -19,6 +19,7 @@ import uuid
 import pytest
 from PIL import Image, JpegImagePlugin
 
+from api import multipart
 from server.services import build_app
 from api.keys import AUTH, SETTINGS
 from common.net import client_address, parse_cidrs
@@ -30,7 +31,7 @@ from controller.jobs import JobLifecycle
 from common.models import BadInput, Filter, TooManyRequests, Unauthorized, quoted
 from storage.sqlite import SCHEMA, SqliteDatastore
 from tests.helpers import (ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, ref,
-    ROOT, upload, wait_until)
+    ROOT, until, upload, wait_until)
 
 # -- 1. login throttling under concurrency ----------------------------------------------------
 
@@ -349,7 +350,8 @@ def test_a_client_that_hangs_up_mid_upload_leaves_nothing_behind(make_system):
     system = make_system()
     token = system.login()
     wid = ref.create_workload(system.url, token)["workload_id"]
-    data = png_bytes(16, 16) + os.urandom(3 << 20)  # a PNG header, then more than one write's worth
+    # a PNG header, then more than one write's worth, and more than a body read whole
+    data = png_bytes(16, 16) + os.urandom(multipart.WHOLE_BODY + (1 << 20))
     body, ctype = ref.multipart({"workload_id": wid}, "data", "0.png", data)
     head = (f"POST /images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
@@ -362,6 +364,43 @@ def test_a_client_that_hangs_up_mid_upload_leaves_nothing_behind(make_system):
     assert ref.get_json(system.url, token, f"/workloads/{wid}")["images"] == 0
     assert ref.upload(system.url, token, wid, "0.png", png_bytes()).status == 200
     assert "Traceback" not in (system.log_dir / "server.log").read_text()
+
+
+async def test_bodies_read_whole_give_their_bytes_back(client):
+    """A body of a few MiB is read whole while the budget for such bodies allows (it streams
+    beyond): its bytes are given back when it was stored, refused, or cut off by its client."""
+    token = await login(client)
+    wid = (await new_workload(client, token))["workload_id"]
+    im = Image.frombytes("RGB", (640, 640), os.urandom(640 * 640 * 3))
+    buf = io.BytesIO()
+    im.save(buf, "PNG", compress_level=0)
+    big = buf.getvalue()
+    assert multipart.SMALL_BODY < len(big) < multipart.WHOLE_BODY
+    body, ctype = ref.multipart({"workload_id": wid}, "data", "0.png", big)
+    r = await client.post("/images", data=io.BytesIO(body), headers={**bearer(token), "Content-Type": ctype})
+    assert r.status == 200, await r.text()
+    assert multipart.WHOLE_BUDGET.held == 0
+    r = await client.get(f"/images/0?workload_id={wid}", headers=bearer(token))
+    assert r.status == 200 and await r.read() == big
+
+    boundary = "b" * 20
+    broken = b"--" + boundary.encode() + b"\r\nno blank line" + b"x" * (1 << 20)
+    r = await client.post("/images", data=io.BytesIO(broken), headers={
+        **bearer(token), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    await assert_error(r, 400, "multipart")
+    assert multipart.WHOLE_BUDGET.held == 0
+
+    body, ctype = ref.multipart({"workload_id": wid}, "data", "1.png", big)
+    head = (f"POST /images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head + body[: len(body) // 2])
+    await writer.drain()
+    await until(lambda: multipart.WHOLE_BUDGET.held > 0, 10, "the body to be read whole")
+    writer.close()
+    await until(lambda: multipart.WHOLE_BUDGET.held == 0, 10, "the cut-off body's bytes given back")
+    r = await client.get(f"/workloads/{wid}", headers=bearer(token))
+    assert (await r.json())["images"] == 1
 
 
 # -- 10. small error bodies -------------------------------------------------------------------
