@@ -1,4 +1,4 @@
-"""Small multipart/form-data bodies, parsed whole from memory in one pass.
+"""Multipart/form-data bodies of up to a few MiB, parsed whole from memory in one pass.
 
 aiohttp's :class:`~aiohttp.MultipartReader` streams, which a large upload needs; for a small one
 (a thumbnail, a frame of a few KiB) its per-part machinery (stream reads line by line, and a
