@@ -31,8 +31,7 @@ class SealError(wire.DecodeError):
 
 
 def _mac(key: bytes, *parts: object) -> str:
-    return hmac.new(key, "\n".join(str(p) for p in parts).encode("utf-8", "surrogatepass"),
-                    hashlib.sha256).hexdigest()
+    return hmac.digest(key, "\n".join(str(p) for p in parts).encode("utf-8", "surrogatepass"), "sha256").hex()
 
 
 def join_key(join_token: str) -> bytes:

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from common.models import Unauthorized
 
@@ -44,8 +44,8 @@ def derive_key(secret: bytes) -> bytes:
 
 
 def issue(key: bytes, claims: JobClaims) -> str:
-    body = base64.urlsafe_b64encode(json.dumps(asdict(claims), separators=(",", ":")).encode()).decode()
-    return f"{PREFIX}{body}.{hmac.new(key, body.encode(), hashlib.sha256).hexdigest()}"
+    body = base64.urlsafe_b64encode(json.dumps(vars(claims), separators=(",", ":")).encode()).decode()
+    return f"{PREFIX}{body}.{hmac.digest(key, body.encode(), 'sha256').hex()}"
 
 
 def is_capability(token: str) -> bool:
@@ -55,7 +55,7 @@ def is_capability(token: str) -> bool:
 def verify(key: bytes, token: str, now: float | None = None) -> JobClaims:
     """The claims of a genuine, unexpired capability; :class:`Unauthorized` otherwise."""
     body, _, mac = token[len(PREFIX):].partition(".")
-    expected = hmac.new(key, body.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+    expected = hmac.digest(key, body.encode("utf-8", "surrogatepass"), "sha256").hex()
     if not hmac.compare_digest(mac.encode("utf-8", "surrogatepass"), expected.encode()):
         raise Unauthorized("invalid job capability")
     try:
