@@ -337,3 +337,21 @@ async def test_small_downloads_are_read_whole_within_a_budget(tmp_path, monkeypa
     store._remember("w/kept", b"k" * 10)  # a small original held for its job: no file read
     assert (await store.download("w/kept", "image/png", whole=True)).data == b"k" * 10
     await store.close()
+
+
+def test_latency_quantiles_match_a_sort_of_the_window():
+    """The tracker keeps its window sorted as latencies come and go (duplicates included): every
+    quantile is what sorting the last ``window`` latencies gives."""
+    import random
+    from collections import deque
+
+    rng = random.Random(7)
+    tracker, window = LatencyTracker(window=50, min_samples=5), deque(maxlen=50)
+    for _ in range(2000):
+        v = rng.choice([rng.random(), 0.5, 0.25])
+        tracker.record(70_000, v)
+        window.append(v)
+        ordered = sorted(window)
+        for q in (0.0, 0.5, 0.95, 1.0):
+            expected = ordered[min(len(ordered) - 1, int(q * len(ordered)))] if len(ordered) >= 5 else None
+            assert tracker.percentile(70_000, q) == expected
