@@ -10,7 +10,9 @@
    the server's CPU per image (all its threads, from /proc) while the plain clients push, and
    per 720p frame against the workers' CPU for the same frames.
 4. Scaling: N workers whose jobs all take 100 ms longer (capacity 1), against linear (N * 10 img/s);
-   a fresh system per N.
+   a fresh system per N. Wide fleets: W workers of S slots with 1 s jobs (64 x 1, 32 x 8 and a
+   1,024-slot 64 x 16), warmed up first, against linear (W * S img/s), with the server's CPU per
+   image in the run.
 5. History: ``GET /status`` and a page of ``GET /workloads`` with thousands of workloads.
 6. The baseline: Celery 5 + Redis running no-op tasks on this machine in this run
    (``scripts/celery_noop.py``), so that tiny images and the round trip are also compared with
@@ -284,6 +286,47 @@ def measure_scaling(folder: Path, workers: int, tiny: list[bytes], clients: int)
     return row
 
 
+FLEET_JOB_MS = 1000  # the wide-fleet runs' job time
+FLEET_TARGET = 0.95  # fraction of linear for fleets of up to 256 slots (issue 23)
+FLEET_ROUNDS = 4  # the measured push gives every slot this many jobs
+
+
+def measure_fleet(folder: Path, workers: int, slots: int, tiny: list[bytes], clients: int) -> Row:
+    """A fresh system of ``workers`` workers of ``slots`` slots each, every job 1 s: warmed up
+    first (a newcomer is trusted with 2 slots, one more per stored result), then pushed
+    ``FLEET_ROUNDS`` jobs per slot; rate vs linear, and the server's CPU per image in the run,
+    which says how far one server core could go."""
+    slow = ("--capacity", str(slots), "--slow-rate", "1", "--slow-ms", str(FLEET_JOB_MS))
+    specs = {f"fleet-{i}": slow for i in range(workers)}
+    total = workers * slots
+    need = total * FLEET_ROUNDS
+    with running_system(folder, specs, timeout=60 + 3 * workers) as (system, token):
+        requests_push(system.url, token, tiny[:total * 2], clients)  # the trust ramp
+        meter = meter_of(system).start()
+        push = requests_push(system.url, token, (tiny * (need // len(tiny) + 1))[:need], clients)
+        spent = meter.stop()
+    linear = total * 1000 / FLEET_JOB_MS
+    target = FLEET_TARGET if total <= 256 else None
+    ms = spent.per_image_ms(need)
+    row = Row(f"{workers} workers x {slots} slots, 1 s jobs, fraction of linear", push.rate / linear, "",
+              target, True, f"{push.rate:.1f} of {linear:.0f} img/s; server {ms:.1f} ms CPU per image")
+    say(f"fleet: {workers} workers x {slots} slots, {FLEET_JOB_MS} ms per job, {need} tiny PNGs after a warm-up,"
+        f" {clients} plain requests clients: {push.rate:.1f} img/s = {row.value:.2f} of linear ({linear:.0f} img/s)"
+        f" ({row.judgement if target else 'reported'}); server CPU {ms:.2f} ms per image"
+        f" ({spent.breakdown(need)}): one server core's ceiling {1000 / ms:.0f} img/s")
+    return row
+
+
+def fleet_shapes(text: str) -> list[tuple[int, int]]:
+    """``64x1,32x8`` -> [(64, 1), (32, 8)]."""
+    shapes = []
+    for item in text.split(","):
+        if item.strip():
+            w, _, s = item.strip().partition("x")
+            shapes.append((int(w), int(s or 1)))
+    return shapes
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 def worker_counts(text: str) -> list[int]:
@@ -300,6 +343,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--round-trips", type=int, default=200, help="tiny images sent one at a time")
     p.add_argument("--scale", type=worker_counts, default=[16, 64], metavar="N,N",
                    help=f"worker counts for the scaling run ({IMAGES_PER_WORKER} images per worker; '' skips it)")
+    p.add_argument("--fleets", type=fleet_shapes, default=[(64, 1), (32, 8), (64, 16)], metavar="WxS,...",
+                   help="wide fleets with 1 s jobs: W workers of S slots ('' skips them)")
     p.add_argument("--history", type=int, default=10_000, help="workloads of one user for the history run")
     return p.parse_args()
 
@@ -319,6 +364,7 @@ def main() -> int:
             history = measure_history(system, token, a.history)
         scaling = [measure_scaling(Path(tmp) / f"scale-{n}", n, tiny[:n * IMAGES_PER_WORKER], a.tiny_clients)
                    for n in a.scale]
+        scaling += [measure_fleet(Path(tmp) / f"fleet-{w}x{s}", w, s, tiny, a.tiny_clients) for w, s in a.fleets]
     baseline = measure_celery(a.tiny * 4, a.tiny_clients, throughput, round_trip)
     text = table([server_cpu, throughput, round_trip, *baseline, *scaling, *big, *history])
     print(f"\n{text}")
