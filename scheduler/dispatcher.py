@@ -199,8 +199,8 @@ class Dispatcher:
 
     def _place_what_fits(self) -> None:
         """Round-robin over workloads: each turn places the head job of the next workload."""
-        if self._closing:
-            return
+        if self._closing or not self._queues:
+            return  # nothing to place: no views to build (a wide fleet frees a slot per job)
         workers = self._views()
         if workers:  # rotate, so ties between equal workers go round (one step per job placed,
             # not per call: calls come in a fixed number per job, which would alias the turn)
