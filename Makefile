@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install browser engines run test e2e bench bench-deps bench-tail bench-cli bench-scale bench-cluster clean
+.PHONY: install browser engines run test e2e bench bench-deps bench-tail bench-cli bench-scale bench-cluster bench-floor clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ bench-scale: install
 
 bench-cluster: install engines
 	$(PY) scripts/bench_cluster.py
+
+# What a bare aiohttp server spends per tiny upload, with and without durable files: the floor
+# under make bench's server-CPU-per-image row on this machine.
+bench-floor: install
+	$(PY) -m scripts.serverfloor
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
