@@ -3,7 +3,8 @@
     .venv/bin/python main.py [--host H] [--port P] [--controller-port C] [--data-dir D]
 
 Every flag also reads a DPIP_* variable (``--controller-port`` <- ``DPIP_CONTROLLER_PORT``).
-``python main.py users add|remove|list`` manages users.
+``python main.py users add|remove|list`` manages users; ``python main.py certs init|worker``
+makes TLS certificates (:mod:`common.certs`).
 SIGINT or SIGTERM stops it cleanly.
 """
 
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from aiohttp import web
 from PIL import Image
@@ -23,6 +25,7 @@ from PIL import Image
 from api.connections import GuardedRunner, raise_fd_limit
 from common import aio
 from common.config import setup_logging
+from common.tls import ServerTls, TlsError, nng_url
 from controller import users
 from server.services import before_stop, build_app
 from server.settings import ServerSettings, connection_policy, parse_server_args, secret_warnings
@@ -38,10 +41,10 @@ def dump_tasks() -> None:
         logger.warning("task %s:\n%s", task.get_name(), buf.getvalue())
 
 
-async def serve(settings: ServerSettings) -> None:
+async def serve(settings: ServerSettings, tls: ServerTls | None = None) -> None:
     """Run until SIGINT/SIGTERM, then close the API, controller and scheduler in order. A start
     that fails (a port in use) unwinds whatever it had opened before it raises."""
-    app = build_app(settings)
+    app = build_app(settings, tls)
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
     # Slow clients and connection caps (api/connections.py): the total comes from the open-file
     # limit, raised first to its hard limit.
@@ -49,13 +52,18 @@ async def serve(settings: ServerSettings) -> None:
     runner = GuardedRunner(app, policy, access_log=access_log, handle_signals=False)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True,
+                           ssl_context=tls.http() if tls is not None else None)
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
-    logger.info("API on http://%s:%d, controller on tcp://%s:%d, data in %s",
-                settings.host, settings.port, settings.host, settings.controller_port, settings.data_dir)
+    logger.info("API on %s://%s:%d, controller on %s, data in %s", settings.scheme, settings.host, settings.port,
+                nng_url(settings.host, settings.controller_port, tls is not None), settings.data_dir)
+    if tls is not None:
+        logger.info("TLS: certificate %s; workers %s", tls.identity.cert_file,
+                    f"must present a certificate of {tls.client_ca_file}" if tls.mutual
+                    else "are not asked for certificates (no --tls-client-ca)")
     logger.info("connections: %s", policy.describe())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,12 +93,23 @@ def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)
     if argv[:1] == ["users"]:
         sys.exit(users.main(argv[1:]))
+    if argv[:1] == ["certs"]:
+        from common import certs
+        sys.exit(certs.main(argv[1:]))
     settings, level = parse_server_args(argv)
     setup_logging(level)
     for warning in secret_warnings(argv, settings):
         logger.warning(warning)
     limit_pixels(settings.max_pixels)
-    aio.run(serve(settings))
+    tls = None
+    if settings.uses_tls:
+        try:
+            tls = ServerTls(Path(settings.tls_cert), Path(settings.tls_key),
+                            Path(settings.tls_client_ca) if settings.tls_client_ca else None)
+        except TlsError as e:
+            logger.error("%s", e)
+            sys.exit(2)
+    aio.run(serve(settings, tls))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class Metrics:
                                    "Worker-plane messages refused: wrong join token, bad seal, replay", registry=r)
         self.plane_bad = Gauge("dpip_worker_plane_bad_messages", "Worker-plane messages that did not decode",
                                registry=r)
+        self.welcomes_failed = Gauge("dpip_worker_welcomes_failed",
+                                     "Hellos whose worker could not be welcomed at its RPC address (gone, or"
+                                     " with TLS: its certificate is not of the client CA or does not name it)",
+                                     registry=r)
         self.worker_done = Gauge("dpip_worker_jobs_done", "Jobs the worker finished since it started",
                                  ["worker"], registry=r)
 
@@ -79,6 +83,7 @@ class Metrics:
         self.workers_alive.set(sum(w.alive for w in workers))
         self.plane_refused.set(membership.refused)
         self.plane_bad.set(membership.bad_messages)
+        self.welcomes_failed.set(membership.welcomes_failed)
         per_worker = (self.worker_alive, self.worker_cpu, self.worker_memory, self.worker_running,
                       self.worker_capacity, self.worker_done)
         for gauge in per_worker:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import ssl
 from typing import Any
 
 import aiohttp
@@ -12,6 +14,18 @@ from cli.session import EXIT_AUTH, EXIT_FAILED, EXIT_UNREACHABLE, CliError
 
 #: Statuses worth another try: the server or a proxy in front of it is busy or restarting.
 RETRYABLE = {429, 502, 503, 504}
+
+
+def _trust() -> ssl.SSLContext | bool:
+    """What an https:// server's certificate is checked against: ``$DPIP_CA_FILE`` (``--ca-file``)
+    if set, else the system's CAs (aiohttp's default). Never unchecked."""
+    ca_file = os.environ.get("DPIP_CA_FILE")
+    if not ca_file:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise CliError(f"cannot use the CA file {ca_file}: {getattr(e, 'strerror', None) or e}", EXIT_FAILED) from e
 
 
 class ApiError(CliError):
@@ -39,7 +53,7 @@ class Api:
 
     async def __aenter__(self) -> Api:
         self._http = aiohttp.ClientSession(
-            timeout=self._timeout, connector=aiohttp.TCPConnector(limit=self._connections)
+            timeout=self._timeout, connector=aiohttp.TCPConnector(limit=self._connections, ssl=_trust())
         )
         return self
 
@@ -145,6 +159,10 @@ class Api:
                             message = token_refused(message, bool(self.token), self.token_from)
                         raise ApiError(message, resp.status)
                     delay = float(resp.headers.get("Retry-After", 0) or 0) or 0.5 * 2**attempt
+            except aiohttp.ClientConnectorCertificateError as e:
+                raise CliError(f"the server at {self.url} shows a certificate we do not trust"
+                               f" ({e.certificate_error}): give its CA with --ca-file or DPIP_CA_FILE",
+                               EXIT_UNREACHABLE) from e
             except aiohttp.ClientConnectorError as e:
                 raise CliError(f"cannot reach the server at {self.url}: {e.os_error or e}",
                                EXIT_UNREACHABLE) from e

@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     """The command line; each command names its function in :mod:`cli.commands`."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="server address (default: the one you logged in to, or $DPIP_URL)")
+    common.add_argument("--ca-file", metavar="PEM",
+                        help="CA certificate(s) to trust for an https:// server (default: $DPIP_CA_FILE, else"
+                             " the system's CAs)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     tables = argparse.ArgumentParser(add_help=False)
     tables.add_argument("--json", action="store_true", help="print the server's JSON instead of a table")
@@ -155,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cli import commands, video
 
+    if getattr(args, "ca_file", None):
+        os.environ["DPIP_CA_FILE"] = args.ca_file  # every Api of this command trusts it (cli.client)
     try:
         outcome = getattr(commands, args.run)(args)
         return asyncio.run(outcome) if inspect.iscoroutine(outcome) else outcome

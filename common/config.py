@@ -113,8 +113,7 @@ def setup_logging(level: str = "INFO") -> None:
 def split_host_port(value: str, default_host: str, default_port: int) -> tuple[str, int]:
     """Parse ``host:port``, ``:port``, ``host`` or ``[v6]:port``; fill in what is missing."""
     value = value.strip()
-    if value.startswith("tcp://"):
-        value = value[len("tcp://") :]
+    value = value.removeprefix("tls+tcp://").removeprefix("tcp://")  # TLS is the --tls-* flags' business
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
         port = rest.lstrip(":")
@@ -131,11 +130,6 @@ def local_address_towards(host: str, port: int) -> str:
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.connect((host, port))
         return s.getsockname()[0]
-
-
-def tcp_url(host: str, port: int) -> str:
-    """An nng tcp:// address, bracketing IPv6 literals."""
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def secrets_in_flags(argv: list[str], flags: dict[str, str]) -> list[str]:

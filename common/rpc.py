@@ -31,7 +31,8 @@ class RpcError(Exception):
 class RpcClient:
     """One Req0 socket dialed to one peer; each call runs on its own context."""
 
-    def __init__(self, address: str, timeout: float = 5.0, reconnect_min: float = 0.1) -> None:
+    def __init__(self, address: str, timeout: float = 5.0, reconnect_min: float = 0.1,
+                 tls: pynng.TLSConfig | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self._sock = pynng.Req0(
@@ -42,6 +43,8 @@ class RpcClient:
         self._sock.resend_time = _NEVER_MS
         self._sock.reconnect_time_min = int(reconnect_min * 1000)
         self._sock.reconnect_time_max = max(1000, int(reconnect_min * 1000))
+        if tls is not None:  # for a tls+tcp:// address: whom we prove ourselves as, whom we trust
+            self._sock.tls_config = tls
         # Non-blocking dial: nng keeps redialing in the background until the peer listens.
         self._sock.dial(address, block=False)
 
@@ -110,10 +113,13 @@ class RpcServer:
         self.bad_messages = 0
         self._log = LogLimiter(logger)
 
-    def listen(self, address: str) -> str:
-        """Listen on ``address`` (port 0 picks a free one); return the bound tcp:// address."""
+    def listen(self, address: str, tls: pynng.TLSConfig | None = None) -> str:
+        """Listen on ``address`` (port 0 picks a free one; ``tls+tcp://`` with ``tls``); return
+        the bound address."""
+        if tls is not None:
+            self._sock.tls_config = tls
         listener = self._sock.listen(address)
-        return f"tcp://{listener.local_address}"
+        return f"{address.split('://', 1)[0]}://{listener.local_address}"
 
     def start(self) -> None:
         """Start the serving loops in the running event loop."""

@@ -100,7 +100,7 @@ class Hello:
     TYPE = "hello"
     name: str = name_field()
     session: str = hex_field()  # random per worker process; never shown to users
-    rpc_address: str = _bounds(pattern=re.compile(r"tcp://[^\s]{1,250}"))
+    rpc_address: str = _bounds(pattern=re.compile(r"(tls\+)?tcp://[^\s]{1,250}"))
     welcomed_by: str = hex_field("")  # key id of the welcome it holds ("" if none)
 
 

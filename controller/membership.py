@@ -38,6 +38,7 @@ from common import wire
 from common.aio import stop_tasks
 from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError
+from common.tls import ServerTls, is_tls
 from common.seal import C2W, JOIN, W2C, Channel, SealError, join_key, open_with, session_key, welcome_proof
 from controller import capability
 from controller.capability import JobClaims
@@ -159,8 +160,10 @@ class Membership:
         join_token: str = "",
         forget_after: float = 600.0,
         max_workers: int = 1000,
+        tls: ServerTls | None = None,
     ) -> None:
         self.store = store
+        self.tls = tls  # the worker plane over TLS (client certificates if tls.mutual)
         self.api_port = api_port
         self.public_url = public_url
         self.heartbeat_interval = heartbeat_interval
@@ -175,6 +178,7 @@ class Membership:
         self.clients: dict[str, RpcClient] = {}
         self.refused = 0  # hellos, heartbeats and goodbyes that failed authentication
         self.bad_messages = 0
+        self.welcomes_failed = 0  # hellos answered with a welcome that never got through
         self._cap_key = capability.derive_key(secret)
         self._by_kid: dict[str, WorkerInfo] = {}
         self._joins: OrderedDict[str, _Join] = OrderedDict()
@@ -209,6 +213,8 @@ class Membership:
                                                        last_seen_mono=time.monotonic() - (now - row["last_seen"]))
         self._sock = pynng.Sub0(recv_max_size=wire.MAX_MESSAGE_BYTES)
         self._sock.subscribe(b"")  # without this a Sub0 silently receives nothing
+        if self.tls is not None:
+            self._sock.tls_config = self.tls.listener()
         self._sock.listen(address)
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="membership-recv"),
@@ -337,6 +343,9 @@ class Membership:
         if not _same_host(hello.rpc_address, source):
             return self._refuse(f"a hello from {source or 'an unknown host'} naming another host's address"
                                 f" ({hello.rpc_address[:80]!r}): a worker is dialed where it is")
+        if is_tls(hello.rpc_address) != (self.tls is not None):
+            return self._refuse(f"a hello from {hello.name!r} with an RPC address in clear (it needs --tls-ca)"
+                                if self.tls else f"a hello from {hello.name!r} serving TLS, to a server without it")
         if info is not None and info.welcomed and info.session == hello.session:
             # A member saying it is still here (or a hello sent before it took its welcome):
             # its sealed heartbeats prove which key it holds; if they stop, it is lost and
@@ -379,7 +388,10 @@ class Membership:
         try:
             # One dial per second at most: an address that accepts and drops connections is
             # not hammered for the welcome's whole timeout.
-            client = RpcClient(hello.rpc_address, timeout=WELCOME_TIMEOUT, reconnect_min=1.0)
+            # With TLS, the worker's certificate must name the worker (checked by the handshake
+            # when there is a client CA): a certificate for one name cannot join as another.
+            client = RpcClient(hello.rpc_address, timeout=WELCOME_TIMEOUT, reconnect_min=1.0,
+                               tls=self.tls.dialer(hello.name) if self.tls is not None else None)
         except pynng.NNGException as e:
             join.busy = False
             return self._refuse(f"a hello with an unusable address ({e})")
@@ -394,8 +406,10 @@ class Membership:
             try:
                 reply = await client.call(msg, channel=_WelcomeReply(channel))
             except RpcError as e:
-                self._log.warning("welcome", "could not welcome worker %s at %s: %s",
-                                  hello.name, hello.rpc_address, e)
+                self.welcomes_failed += 1
+                self._log.warning("welcome", "could not welcome worker %s at %s: %s%s", hello.name,
+                                  hello.rpc_address, e, "" if self.tls is None or not self.tls.mutual else
+                                  " (or its certificate is not of the client CA, or does not name it)")
                 return
             if not (isinstance(reply, wire.Ack) and reply.ok):
                 return
@@ -524,9 +538,9 @@ def _source_host(message: pynng.Message) -> str:
 
 
 def _same_host(rpc_address: str, source: str) -> bool:
-    """Whether ``rpc_address`` (``tcp://HOST:PORT``) is on the host a hello came from: a hello
+    """Whether ``rpc_address`` (``tcp://HOST:PORT`` or ``tls+tcp://...``) is on the host a hello came from: a hello
     never makes the controller dial a third party. Loopback addresses are one host."""
-    host = rpc_address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    host = rpc_address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
     try:
         a, b = ipaddress.ip_address(host), ipaddress.ip_address(source)
     except ValueError:

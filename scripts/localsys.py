@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -64,8 +65,20 @@ class LocalSystem:
         python: str = sys.executable,
         inherit_env: bool = False,
         server_env: dict[str, str] | None = None,
+        tls_dir: Path | None = None,
+        mutual_tls: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
+        # TLS (common.certs makes the CA and the server's certificate in tls_dir; each worker
+        # gets its own when the plane is mutual): https:// API, tls+tcp:// worker plane.
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        self.mutual_tls = mutual_tls
+        self._ssl: ssl.SSLContext | None = None
+        if self.tls_dir is not None:
+            from common import certs
+            if not (self.tls_dir / "server.pem").exists():
+                certs.init(self.tls_dir, ["127.0.0.1"])
+            self._ssl = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
         self.log_dir = Path(log_dir) if log_dir else None
         self.port = port or free_port()
         self.controller_port = controller_port or free_port()
@@ -80,7 +93,32 @@ class LocalSystem:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_dir else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> str:
+        """The CA that signed the server's certificate (TLS only)."""
+        assert self.tls_dir is not None, "a LocalSystem with tls_dir"
+        return str(self.tls_dir / "ca.pem")
+
+    def tls_server_args(self) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        d = self.tls_dir
+        return ["--tls-cert", str(d / "server.pem"), "--tls-key", str(d / "server.key"),
+                *(["--tls-client-ca", str(d / "ca.pem")] if self.mutual_tls else [])]
+
+    def tls_worker_args(self, name: str, args: tuple[str, ...] = ()) -> list[str]:
+        """A worker's TLS flags: the CA, and (mutual TLS, unless ``args`` bring their own) a
+        certificate issued for ``name``."""
+        if self.tls_dir is None or "--tls-ca" in args:
+            return []
+        flags = ["--tls-ca", self.ca_file]
+        if self.mutual_tls and "--tls-cert" not in args:
+            from common import certs
+            issued = certs.worker(self.tls_dir, name)
+            flags += ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key)]
+        return flags
 
     @property
     def controller(self) -> str:
@@ -99,7 +137,7 @@ class LocalSystem:
         argv = [*prefix,
             self.python, "main.py", "--host", "127.0.0.1", "--port", str(self.port),
             "--controller-port", str(self.controller_port), "--data-dir", str(self.data_dir),
-            *self.server_args,
+            *self.tls_server_args(), *self.server_args,
         ]
         env = self._env(**self.server_env)
         if self.admin_password:
@@ -115,7 +153,7 @@ class LocalSystem:
         prefix: tuple[str, ...] = (),
     ) -> subprocess.Popen:
         """Start a worker; ``reference_form`` runs ``cd worker/ && python main.py`` instead of -m."""
-        flags = ["--controller", self.controller, name_flag, name, *args]
+        flags = ["--controller", self.controller, name_flag, name, *self.tls_worker_args(name, args), *args]
         if reference_form:
             argv, cwd = [*prefix, self.python, "main.py", *flags], ROOT / "worker"
         else:
@@ -158,7 +196,7 @@ class LocalSystem:
         if self.server is not None and self.server.poll() is not None:
             raise RuntimeError(f"server exited with {self.server.returncode}")
         try:
-            urllib.request.urlopen(self.url + "/status", timeout=1)
+            urllib.request.urlopen(self.url + "/status", timeout=1, context=self._ssl)
         except urllib.error.HTTPError:
             return True  # 401: it is up
         except OSError:
@@ -168,12 +206,12 @@ class LocalSystem:
     def login(self, user: str = "admin", password: str | None = None) -> str:
         cred = base64.b64encode(f"{user}:{password or self.admin_password}".encode()).decode()
         req = urllib.request.Request(self.url + "/login", headers={"Authorization": f"Basic {cred}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=self._ssl) as r:
             return json.load(r)["token"]
 
     def get(self, path: str, token: str) -> Any:
         req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=self._ssl) as r:
             return json.load(r)
 
     def alive_workers(self, token: str) -> set[str]:

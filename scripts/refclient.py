@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import ssl
 import uuid
 from urllib.parse import urlencode, urlsplit
 
@@ -24,7 +26,12 @@ class Response:
 def request(url: str, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None) -> Response:
     u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn: http.client.HTTPConnection
+    if u.scheme == "https":  # a server with --tls-cert: its CA from DPIP_CA_FILE (as dpip's), else the system's
+        context = ssl.create_default_context(cafile=os.environ.get("DPIP_CA_FILE") or None)
+        conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=30, context=context)
+    else:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()

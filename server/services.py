@@ -37,7 +37,7 @@ from api.keys import (
 )
 from api.ratelimit import LoginThrottle
 from common import localjoin
-from common.config import tcp_url
+from common.tls import ServerTls, nng_url
 from common.aio import stop_tasks
 from controller.auth import Auth, system_join_token, system_secret
 from storage.datastore import Datastore, as_shared
@@ -56,9 +56,15 @@ from server.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 
-def build_app(settings: ServerSettings) -> web.Application:
-    """The whole server: the HTTP API with the services it serves, started and stopped with it."""
+SERVER_TLS = web.AppKey("server_tls", ServerTls)  # set when the server runs TLS
+
+
+def build_app(settings: ServerSettings, tls: ServerTls | None = None) -> web.Application:
+    """The whole server: the HTTP API with the services it serves, started and stopped with it
+    (the API over HTTPS and the worker plane over TLS with ``tls``; see :mod:`common.tls`)."""
     app = create_app(settings)
+    if tls is not None:
+        app[SERVER_TLS] = tls
     app.cleanup_ctx.extend([_datastore, _images, _membership, _scheduler, _presence, _retention, _autoscaler])
     return app
 
@@ -134,11 +140,12 @@ async def _membership(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     ttl = s.worker_ttl or 3 * s.heartbeat_interval
     join_token = app[JOIN_TOKEN] = await system_join_token(app[STORE], s.data_dir, s.join_token, required=True)
+    tls = app.get(SERVER_TLS)
     membership = Membership(app[STORE], app[AUTH].secret, s.port, s.public_url, s.heartbeat_interval, ttl,
-                            join_token, forget_after=s.forget_after, max_workers=s.max_workers)
+                            join_token, forget_after=s.forget_after, max_workers=s.max_workers, tls=tls)
     app[MEMBERSHIP] = membership
     try:
-        await membership.start(tcp_url(s.host, s.controller_port))
+        await membership.start(nng_url(s.host, s.controller_port, tls is not None))
         # Workers on this machine find the token by themselves (the course's command line has
         # no flag for it); those elsewhere are given it.
         if localjoin.publish(s.controller_port, join_token) is None:
@@ -181,7 +188,7 @@ async def _presence(app: web.Application) -> AsyncIterator[None]:
     s, store = app[SETTINGS], app[STORE]
     started = time.time()
     host = s.host if s.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
-    api_url = s.public_url or f"http://{host}:{s.port}"
+    api_url = s.public_url or f"{s.scheme}://{host}:{s.port}"
 
     async def seen() -> None:
         try:

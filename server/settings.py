@@ -49,7 +49,14 @@ class ServerSettings:
                                   " name and API port)")
     lease_ttl: float = option(3.0, "seconds the scheduling server's lease lasts unrenewed: a standby"
                                    " takes over after it (shared databases only)")
-    public_url: str = option("", "URL workers use for the API (default: controller host + API port)")
+    public_url: str = option("", "URL workers use for the API (default: controller host + API port;"
+                                 " https:// with --tls-cert)")
+    tls_cert: str = option("", "PEM certificate: the API serves HTTPS and the controller tls+tcp:// with it,"
+                               " and it proves this server to workers (make one: main.py certs init)",
+                           metavar="PEM")
+    tls_key: str = option("", "PEM private key of --tls-cert", metavar="PEM")
+    tls_client_ca: str = option("", "PEM CA: a worker must present a certificate it signed, naming the"
+                                    " worker, or it never becomes a member (mutual TLS)", metavar="PEM")
     admin_user: str = option("admin", "admin user created on first start")
     admin_password: str = option("", "its password (default: generated, saved in the data dir)")
     token_ttl: float = option(24 * 3600.0, "token lifetime in seconds")
@@ -137,6 +144,15 @@ class ServerSettings:
     def uses_s3(self) -> bool:
         return self.image_store.startswith(S3)
 
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    @property
+    def scheme(self) -> str:
+        """The API's URL scheme."""
+        return "https" if self.uses_tls else "http"
+
     def name(self) -> str:
         """This server's name among several."""
         return self.server_name or f"{socket.gethostname()}:{self.port}"
@@ -168,6 +184,15 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         p.error("--redirect-downloads needs --image-store s3://...")
     if settings.quota_bytes < 0 or settings.retain_days < 0:
         p.error("--quota-bytes and --retain-days are 0 (off) or positive")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        p.error("--tls-client-ca needs --tls-cert and --tls-key (the worker plane is TLS first)")
+    if settings.uses_tls and settings.public_url.startswith("http://"):
+        p.error("--public-url must be https:// with --tls-cert: workers would send tokens and images in clear")
+    if settings.uses_tls and settings.autoscale is not None and not settings.scale_up_cmd:
+        p.error("--autoscale with local workers does not run with --tls-cert yet: give --scale-up-cmd and"
+                " --scale-down-cmd that start workers with their --tls-ca (and certificates)")
     if not 0.5 <= settings.lease_ttl <= 3.0:
         p.error("--lease-ttl must be between 0.5 and 3 seconds")
     return settings, a.log_level

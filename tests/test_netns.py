@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from common import certs
 from tests.helpers import ADMIN_PASSWORD, frame_png, LocalSystem, ref, wait_until
 
 SUBNET = "10.231.77"
@@ -119,16 +120,22 @@ def net() -> Iterator[Net]:
         n.down()
 
 
-def test_partitioned_worker_loses_nothing_and_rejoins(net, tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_partitioned_worker_loses_nothing_and_rejoins(net, tmp_path, monkeypatch, tls):
+    tls_dir = None
+    if tls:  # mutual TLS: the server's certificate names its bridge address; each worker gets its own
+        tls_dir = tmp_path / "tls"
+        certs.init(tls_dir, [SERVER_IP])
+        monkeypatch.setenv("DPIP_CA_FILE", str(tls_dir / "ca.pem"))  # for the reference client (refclient)
     system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
-                         port=8080, controller_port=40899,
+                         port=8080, controller_port=40899, tls_dir=tls_dir,
                          server_args=("--host", "0.0.0.0", "--join-token", JOIN_TOKEN))
     system.start_server(wait=False, prefix=net.prefix("srv"))
     controller = f"{SERVER_IP}:40899"
     for key in ("w1", "w2"):
         system.start_worker(key, "--controller", controller, "--slow-rate", "1", "--slow-ms", "300",
                             prefix=net.prefix(key), env={"DPIP_JOIN_TOKEN": JOIN_TOKEN})
-    url = f"http://{SERVER_IP}:8080"
+    url = f"{'https' if tls else 'http'}://{SERVER_IP}:8080"
     on_server = InNamespace(net.hosts["srv"])
     try:
         def api_up() -> bool:
@@ -150,8 +157,9 @@ def test_partitioned_worker_loses_nothing_and_rejoins(net, tmp_path):
         wait_until(lambda: all(w["alive"] for w in workers().values()) and len(workers()) == 2,
                    30, "both workers to join from their hosts")
         # Each advertises the address of its own host, never 127.0.0.1.
-        assert workers()["w1"]["rpc_address"].startswith(f"tcp://{net.ips['w1']}:")
-        assert workers()["w2"]["rpc_address"].startswith(f"tcp://{net.ips['w2']}:")
+        scheme = "tls+tcp" if tls else "tcp"
+        assert workers()["w1"]["rpc_address"].startswith(f"{scheme}://{net.ips['w1']}:")
+        assert workers()["w2"]["rpc_address"].startswith(f"{scheme}://{net.ips['w2']}:")
 
         wid = on_server(ref.create_workload, url, token)["workload_id"]
         frames = {i: frame_png(i, 64, 48) for i in range(30)}

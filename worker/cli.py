@@ -9,6 +9,7 @@ import signal
 import sys
 
 from common import aio
+from common.tls import TlsError
 from common.config import CONTROLLER_PORT, EnvDefaultsParser, add_options, secrets_in_flags, setup_logging, split_host_port
 from worker.filters import EncodeOptions
 from worker.service import Worker, WorkerSettings
@@ -99,4 +100,9 @@ async def _parent_watch(stop: asyncio.Event, interval: float = 1.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    aio.run(run(parse_args(argv)))
+    settings = parse_args(argv)
+    try:
+        aio.run(run(settings))
+    except TlsError as e:  # a certificate that cannot be used: one line naming it
+        logger.error("%s", e)
+        sys.exit(2)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pynng
@@ -27,7 +28,8 @@ import pynng
 from common import localjoin, wire
 from common.aio import stop_tasks
 from common.formats import FORMATS
-from common.config import local_address_towards, option, tcp_url
+from common.config import local_address_towards, option
+from common.tls import WorkerTls, is_tls, nng_url
 from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError, RpcServer
 from worker.filters import EncodeOptions, FilterError, process
@@ -66,6 +68,13 @@ class WorkerSettings:
     fail_rate: float = option(0.0, "fault knob: share of jobs dropped without any reply (0-1)")
     join_token: str = option("", "the controller's join token, if this worker does not find it by itself"
                                  " (better: the env variable)")
+    tls_ca: str = option("", "PEM CA the server's certificate must come from: the controller is dialed over"
+                             " tls+tcp:// and the API over https:// (with --tls-cert, default: the"
+                             " system's CAs)", metavar="PEM")
+    tls_cert: str = option("", "this worker's PEM certificate (main.py certs worker DIR NAME): it proves the"
+                               " worker's name to a server with --tls-client-ca, and its RPC serves TLS"
+                               " with it", metavar="PEM")
+    tls_key: str = option("", "PEM private key of --tls-cert", metavar="PEM")
     exit_with_parent: bool = option(False, "drain and exit when the process that started us ends (the"
                                            " server's autoscaler uses it)")
 
@@ -120,6 +129,11 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.s = settings
+        # TLS when told of a CA or given a certificate (common.tls); TlsError if they are unusable.
+        self.tls = WorkerTls(Path(settings.tls_ca) if settings.tls_ca else None,
+                             Path(settings.tls_cert) if settings.tls_cert else None,
+                             Path(settings.tls_key) if settings.tls_key else None,
+                             settings.name) if settings.tls_ca or settings.tls_cert or settings.tls_key else None
         controllers = settings.controllers or ((settings.controller_host, settings.controller_port),)
         self.links = [ControllerLink(host, port, WorkerLink(settings.name, join_token_for(settings, host, port)),
                                      heartbeat_interval=settings.heartbeat_interval)
@@ -145,16 +159,21 @@ class Worker:
     async def start(self) -> None:
         s = self.s
         advertise = s.advertise_host or local_address_towards(s.controller_host, s.controller_port)
-        bound = self._rpc.listen(tcp_url(s.rpc_bind or advertise, s.rpc_port))
+        tls = self.tls is not None
+        bound = self._rpc.listen(nng_url(s.rpc_bind or advertise, s.rpc_port, tls),
+                                 self.tls.listener() if self.tls is not None else None)
         port = bound.rsplit(":", 1)[1]
-        self.rpc_address = tcp_url(advertise, int(port))
+        self.rpc_address = nng_url(advertise, int(port), tls)
         self._rpc.start()
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.http_timeout))
+        connector = aiohttp.TCPConnector(ssl=self.tls.http()) if self.tls is not None else None
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.http_timeout), connector=connector)
         for c in self.links:  # a socket each: a controller hears only what is sealed for it
             c.pub = pynng.Pub0(send_timeout=1000)
             c.pub.reconnect_time_min = 100
             c.pub.reconnect_time_max = 1000
-            c.pub.dial(tcp_url(c.host, c.port), block=False)
+            if self.tls is not None:  # the server's certificate must be of our CA and name c.host
+                c.pub.tls_config = self.tls.controller(c.host)
+            c.pub.dial(nng_url(c.host, c.port, tls), block=False)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         logger.info("worker %s serving RPC at %s, controller%s %s, capacity %d", s.name, self.rpc_address,
                     "s" if len(self.links) > 1 else "", ", ".join(c.address for c in self.links), s.capacity)
@@ -322,7 +341,10 @@ class Worker:
 
     def _welcomed(self, c: ControllerLink, msg: wire.Welcome) -> None:
         host = f"[{c.host}]" if ":" in c.host else c.host
-        c.api_url = (self.s.image_store_endpoint or msg.public_url or f"http://{host}:{msg.api_port}").rstrip("/")
+        scheme = "https" if self.tls is not None else "http"
+        c.api_url = (self.s.image_store_endpoint or msg.public_url or f"{scheme}://{host}:{msg.api_port}").rstrip("/")
+        if self.tls is not None and not c.api_url.startswith("https://"):
+            logger.warning("the API at %s is not HTTPS: tokens and images travel in clear", c.api_url)
         c.heartbeat_interval = min(msg.heartbeat_interval, 5.0)
         logger.info("welcomed by the controller at %s (epoch %s); API at %s", c.address, msg.epoch, c.api_url)
 
@@ -425,7 +447,8 @@ class Worker:
         """Tied requests: we started, so the other copy need not (unless it started too)."""
         client = self._peers.get(msg.tied_peer)
         if client is None:
-            client = self._peers[msg.tied_peer] = RpcClient(msg.tied_peer, timeout=2.0)
+            tls = self.tls.peer() if self.tls is not None and is_tls(msg.tied_peer) else None
+            client = self._peers[msg.tied_peer] = RpcClient(msg.tied_peer, timeout=2.0, tls=tls)
         try:
             await client.call(wire.CancelJob(msg.job_id, if_not_started=True, tie=msg.tie))
         except RpcError as e:
