@@ -17,6 +17,7 @@ process with one line naming the file (see :func:`read_certificate`).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,17 @@ class WorkerTls:
 
     def http(self) -> ssl.SSLContext:
         """Talking to the API: its certificate checked against our CA and its host name."""
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
+        return http_client_context(self.ca_file)
+
+
+def http_client_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """A worker's HTTPS trust: ``ca_file`` (else the system's CAs), plus ``AWS_CA_BUNDLE`` when
+    set, for the object store a worker reads and writes through presigned URLs."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if bundle := os.environ.get("AWS_CA_BUNDLE"):
+        try:
+            ctx.load_verify_locations(bundle)
+        except (OSError, ssl.SSLError) as e:
+            raise TlsError(f"cannot use AWS_CA_BUNDLE {bundle}: {getattr(e, 'strerror', None) or e}") from e
+    return ctx

@@ -13,8 +13,10 @@
    a fresh system per N. Wide fleets: W workers of S slots with 1 s jobs (64 x 1, 32 x 8 and a
    1,024-slot 64 x 16), warmed up first, against linear (W * S img/s), with the server's CPU per
    image in the run.
-5. History: ``GET /status`` and a page of ``GET /workloads`` with thousands of workloads.
-6. The baseline: Celery 5 + Redis running no-op tasks on this machine in this run
+5. TLS: the tiny and 720p pushes of the plain ``requests`` clients again, on a system with
+   HTTPS and mutual TLS on the worker plane, beside the figures in clear.
+6. History: ``GET /status`` and a page of ``GET /workloads`` with thousands of workloads.
+7. The baseline: Celery 5 + Redis running no-op tasks on this machine in this run
    (``scripts/celery_noop.py``), so that tiny images and the round trip are also compared with
    what it does here and now, not only with the issue's figures from another machine.
 
@@ -123,10 +125,11 @@ def measure_pool(n: int, level: int, cores: int) -> tuple[list[Path], float]:
 
 @contextmanager
 def running_system(folder: Path, workers: dict[str, tuple[str, ...]],
-                   timeout: float = 30) -> Iterator[tuple[LocalSystem, str]]:
+                   timeout: float = 30, tls: bool = False) -> Iterator[tuple[LocalSystem, str]]:
     """A server and ``workers`` (name -> flags), all alive; yields it and an admin token, then
-    stops everything (printing the logs if something failed)."""
-    system = LocalSystem(folder / "data", log_dir=folder / "logs")
+    stops everything (printing the logs if something failed). With ``tls``: HTTPS and mutual TLS
+    on the worker plane, certificates made in ``folder``."""
+    system = LocalSystem(folder / "data", log_dir=folder / "logs", tls_dir=folder / "tls" if tls else None)
     try:
         system.start_server()
         yield system, system.start_many_workers(workers, timeout)
@@ -234,6 +237,45 @@ def measure_round_trip(system: LocalSystem, token: str, tiny: list[bytes]) -> Ro
         f" p50 {row.value:.1f} ms, p99 {percentile(times, 0.99):.1f} ms ({row.judgement});"
         f" server side, upload stored -> filtered stored, p50 {server_p50:.1f} ms")
     return row
+
+
+@contextmanager
+def trusting(ca_file: str) -> Iterator[None]:
+    """``requests`` clients (and the reference's) trust ``ca_file`` meanwhile."""
+    saved = {k: os.environ.get(k) for k in ("REQUESTS_CA_BUNDLE", "DPIP_CA_FILE")}
+    os.environ.update(REQUESTS_CA_BUNDLE=ca_file, DPIP_CA_FILE=ca_file)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def measure_tls(folder: Path, workers: dict[str, tuple[str, ...]], files: list[Path], tiny: list[bytes],
+                clients: int, tiny_clients: int, pool_rate: float, clear: dict[str, float]) -> list[Row]:
+    """The same plain-``requests`` pushes as above (tiny images with the server's CPU metered,
+    then the 720p frames) on a system with TLS everywhere (HTTPS, mutual TLS on the worker
+    plane), shown beside the figures in clear of this run."""
+    with running_system(folder, workers, tls=True) as (system, token), trusting(system.ca_file):
+        requests_push(system.url, token, tiny[:100], tiny_clients)  # the trust ramp, as in clear
+        meter = meter_of(system).start()
+        plain = requests_push(system.url, token, tiny, tiny_clients)
+        spent = meter.stop()
+        frames = requests_push(system.url, token, [f.read_bytes() for f in files], clients)
+    ms = spent.per_image_ms(len(tiny))
+    rows = [
+        Row(f"TLS on: tiny, {tiny_clients} plain HTTPS clients", plain.rate, "img/s", None, True,
+            f"in clear {clear['tiny']:.0f} img/s"),
+        Row("TLS on: server CPU per tiny image", ms, "ms", None, False, f"in clear {clear['server_ms']:.2f} ms"),
+        Row(f"TLS on: 720p / local pool, {clients} requests clients", frames.rate / pool_rate, "", None, True,
+            f"in clear {clear['720p']:.2f}"),
+    ]
+    for row in rows:
+        say(f"{row.figure}: {row.cells()[1]}")
+    return rows
 
 
 def with_history(system: LocalSystem, n: int) -> None:
@@ -362,11 +404,14 @@ def main() -> int:
             throughput, server_cpu = measure_tiny(system, token, tiny[:a.tiny], a.clients, a.tiny_clients)
             round_trip = measure_round_trip(system, token, tiny[:a.round_trips])
             history = measure_history(system, token, a.history)
+        clear = {"tiny": throughput.value, "server_ms": server_cpu.value, "720p": big[0].value}
+        tls = measure_tls(Path(tmp) / "tls", workers, files, tiny[:a.tiny], a.clients, a.tiny_clients, pool_rate,
+                          clear)
         scaling = [measure_scaling(Path(tmp) / f"scale-{n}", n, tiny[:n * IMAGES_PER_WORKER], a.tiny_clients)
                    for n in a.scale]
         scaling += [measure_fleet(Path(tmp) / f"fleet-{w}x{s}", w, s, tiny, a.tiny_clients) for w, s in a.fleets]
     baseline = measure_celery(a.tiny * 4, a.tiny_clients, throughput, round_trip)
-    text = table([server_cpu, throughput, round_trip, *baseline, *scaling, *big, *history])
+    text = table([server_cpu, throughput, round_trip, *baseline, *scaling, *big, *tls, *history])
     print(f"\n{text}")
     CACHE.mkdir(exist_ok=True)
     run = " ".join(sys.argv[1:]) or "defaults"

@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.certs import Issued
 
 from scripts.localsys import wait_until
 
@@ -83,9 +88,13 @@ def listen_ports(n: int) -> list[int]:
     raise EngineError(f"found only {len(chosen)} of {n} free ports on 127.0.0.1")
 
 
-def _http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 5) -> tuple[int, bytes]:
+def _http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 5,
+                 ca_file: str = "") -> tuple[int, bytes]:
     """(status, body) of a GET, (0, b"") when nothing answers; proxies ignored: all is local."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca_file:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file)))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return r.status, r.read()
@@ -109,6 +118,7 @@ class Postgres:
         self.data, self.sockets, self.log = self.base / "data", self.base / "sock", self.base / "postgres.log"
         self.password = secrets.token_hex(16)
         self.port = 0
+        self.ca_file = ""  # the CA of the cluster's TLS certificate (after setup)
         self._numbers = itertools.count(1)
         self._env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
@@ -120,6 +130,22 @@ class Postgres:
     def url_of(self, database: str) -> str:
         """The URL of ``database`` on this cluster as the dpip role."""
         return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
+
+    def tls_url_of(self, database: str) -> str:
+        """``database``'s URL over TLS, the server's certificate checked (sslmode=verify-full)."""
+        return f"{self.url_of(database)}?sslmode=verify-full&sslrootcert={self.ca_file}"
+
+    def _tls(self) -> Issued:
+        """A CA and the server's certificate (common.certs), readable by the postgres user: the
+        cluster serves TLS to whoever asks (sslmode=require and beyond), clear text to others."""
+        from common import certs
+        ca, server = certs.init(self.base / "tls", [self.host])
+        self.ca_file = str(ca.cert)
+        if self.run_as:
+            entry = pwd.getpwnam(self.run_as)
+            for path in (self.base / "tls", server.cert, server.key):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        return server
 
     def logs(self, lines: int = 40) -> str:
         """The tail of the server's log, for a failure message."""
@@ -150,11 +176,13 @@ class Postgres:
             raise self._fail("mkdir", done)
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write("\ninclude 'dpip.conf'\n")
+        server = self._tls()
         for attempt in range(3):
             self.port = listen_ports(1)[0]
             (self.data / "dpip.conf").write_text(
                 f"listen_addresses = '{self.host}'\nport = {self.port}\n"
-                f"unix_socket_directories = '{self.sockets}'\n")
+                f"unix_socket_directories = '{self.sockets}'\n"
+                f"ssl = on\nssl_cert_file = '{server.cert}'\nssl_key_file = '{server.key}'\n")
             try:
                 self.start()
                 break
@@ -260,9 +288,13 @@ class SeaweedS3:
     host = "127.0.0.1"
     PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.weed = _weed_binary()
         self.base = Path(tempfile.mkdtemp(prefix="dpip-s3-"))
+        # With tls, the S3 port serves HTTPS with a certificate of its own CA (common.certs):
+        # SDKs trust it through AWS_CA_BUNDLE (env()).
+        self.tls = tls
+        self.ca_file = ""
         self.log = self.base / "weed.log"
         self.access_key = "DPIP" + secrets.token_hex(8).upper()
         self.secret_key = secrets.token_urlsafe(30)
@@ -272,13 +304,16 @@ class SeaweedS3:
 
     @property
     def endpoint(self) -> str:
-        """The S3 endpoint URL, http://127.0.0.1:PORT."""
-        return f"http://{self.host}:{self.ports['s3']}"
+        """The S3 endpoint URL, http://127.0.0.1:PORT (https:// with tls)."""
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.ports['s3']}"
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point an SDK at this server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": self.region}
+        env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+               "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": self.region}
+        if self.tls:
+            env["AWS_CA_BUNDLE"] = self.ca_file
+        return env
 
     def client_kwargs(self) -> dict[str, str]:
         """Keyword arguments of ``create_client("s3", ...)`` for this server."""
@@ -308,11 +343,16 @@ class SeaweedS3:
             f"-filer.localSocket={d / 'filer.sock'}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.localSocket={d / 's3.sock'}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={d / 's3.json'}",
+            *([f"-s3.cert.file={d / 'tls' / 'server.pem'}", f"-s3.key.file={d / 'tls' / 'server.key'}"]
+              if self.tls else []),
         ]
 
     def setup(self) -> None:
         """Write the configuration, start on free ports (others if one is taken meanwhile)."""
         (self.base / "data").mkdir()
+        if self.tls:
+            from common import certs
+            self.ca_file = str(certs.init(self.base / "tls", [self.host])[0].cert)
         (self.base / "s3.json").write_text(json.dumps({"identities": [{
             "name": "dpip",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
@@ -376,7 +416,7 @@ class SeaweedS3:
 
         request = AWSRequest(method="GET", url=self.endpoint + path)
         S3SigV4Auth(Credentials(self.access_key, self.secret_key), "s3", self.region).add_auth(request)
-        return _http_status(request.url, dict(request.headers.items()), timeout=5)
+        return _http_status(request.url, dict(request.headers.items()), timeout=5, ca_file=self.ca_file)
 
     def stop(self) -> None:
         """Kill weed: an abrupt outage. Acknowledged writes are in the OS's cache and survive.

@@ -10,12 +10,14 @@ import io
 import signal
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from common import filters
+from common import certs, filters
+from tests.engines import SeaweedS3, _session_engine
 from tests.helpers import ADMIN_PASSWORD, completed_with, frame_png, LocalSystem, ref, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -208,3 +210,54 @@ def test_outages_of_the_stores_are_503s_and_heal(tmp_path, postgres, s3):
         assert ref.upload(system.url, token, wid, "2.png", frame_png(2, 64, 64)).status == 200
         wait_until(lambda: completed_with(system, token, wid, 3), 90, "every accepted image to be filtered")
         assert system.get(f"/workloads/{wid}", token)["filtered_images"] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def s3_tls() -> Iterator[SeaweedS3]:
+    """Another S3 server, serving HTTPS with a certificate of its own CA."""
+    yield from _session_engine(lambda: SeaweedS3(tls=True), "SeaweedFS S3 over TLS")
+
+
+def test_postgresql_and_s3_over_tls_behind_a_server_over_tls(tmp_path, postgres, s3_tls, monkeypatch):
+    """Every connection encrypted: the datastore URL asks for TLS with the cluster's certificate
+    checked (``sslmode=verify-full&sslrootcert=CA``), the object store is https:// trusted through
+    ``AWS_CA_BUNDLE`` (by the server and by the workers, which read and write big images in it
+    through presigned URLs), and the server serves HTTPS and mutual TLS to its workers."""
+    name = postgres.new_database("tls_flow").rsplit("/", 1)[1]
+    bucket = s3_tls.new_bucket_name("tls")
+    system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
+                         tls_dir=tmp_path / "tls", server_env=s3_tls.env(),
+                         server_args=("--database", postgres.tls_url_of(name), "--image-store", f"s3://{bucket}"))
+    monkeypatch.setenv("DPIP_CA_FILE", system.ca_file)
+    monkeypatch.setenv("AWS_CA_BUNDLE", s3_tls.ca_file)
+    assert s3_tls.endpoint.startswith("https://")
+    with system:
+        system.start_server()
+        system.start_worker("w1", env={"AWS_CA_BUNDLE": s3_tls.ca_file})
+        token = system.login()
+        system.wait_workers({"w1"}, token)
+        wid = new_workload(system, token, "grayscale")
+        originals = [frame_png(i, 64, 64) for i in range(3)] + [frame_png(7, 480, 360)]
+        assert len(originals[-1]) > 256 * 1024, "big enough for the worker to use the bucket itself"
+        for i, data in enumerate(originals):
+            assert ref.upload(system.url, token, wid, f"{i}.png", data).status == 200
+        wait_until(lambda: completed_with(system, token, wid, len(originals)), 90, "the workload to complete")
+        for i, data in enumerate(originals):
+            assert pixels(download(system, token, wid, i).body) == expected_pixels(data, "grayscale")
+        rows = postgres.psql(f"SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a"
+                             f" USING (pid) WHERE a.datname = '{name}'")
+        count, all_tls = rows.split("|")
+        assert int(count) >= 1 and all_tls.strip() == "t", rows
+        keys = bucket_keys(s3_tls, bucket)
+        assert sum("/filtered/" in k for k in keys) == len(originals), keys
+    # A CA that did not sign the cluster's certificate: the server refuses to start on it.
+    other = tmp_path / "other"
+    certs.init(other, ["127.0.0.1"])
+    wrong = postgres.tls_url_of(name).replace(postgres.ca_file, str(other / "ca.pem"))
+    refused = LocalSystem(tmp_path / "data2", log_dir=tmp_path / "logs2", server_args=("--database", wrong))
+    proc = refused.start_server(wait=False)
+    try:
+        assert proc.wait(60) != 0
+    finally:
+        refused.stop()
+    assert "certificate verify failed" in (tmp_path / "logs2" / "server.log").read_text()

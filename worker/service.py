@@ -29,7 +29,7 @@ from common import localjoin, wire
 from common.aio import stop_tasks
 from common.formats import FORMATS
 from common.config import local_address_towards, option
-from common.tls import WorkerTls, is_tls, nng_url
+from common.tls import WorkerTls, http_client_context, is_tls, nng_url
 from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError, RpcServer
 from worker.filters import EncodeOptions, FilterError, process
@@ -165,7 +165,8 @@ class Worker:
         port = bound.rsplit(":", 1)[1]
         self.rpc_address = nng_url(advertise, int(port), tls)
         self._rpc.start()
-        connector = aiohttp.TCPConnector(ssl=self.tls.http()) if self.tls is not None else None
+        trust = self.tls.http() if self.tls is not None else http_client_context() if os.environ.get("AWS_CA_BUNDLE") else None
+        connector = aiohttp.TCPConnector(ssl=trust) if trust is not None else None
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.http_timeout), connector=connector)
         for c in self.links:  # a socket each: a controller hears only what is sealed for it
             c.pub = pynng.Pub0(send_timeout=1000)
