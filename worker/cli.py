@@ -9,10 +9,10 @@ import signal
 import sys
 
 from common import aio
-from common.tls import TlsError
 from common.config import CONTROLLER_PORT, EnvDefaultsParser, add_options, secrets_in_flags, setup_logging, split_host_port
 from worker.filters import EncodeOptions
 from worker.service import Worker, WorkerSettings
+from common.tls import TlsError
 
 logger = logging.getLogger(__name__)
 
