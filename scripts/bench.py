@@ -13,8 +13,8 @@
    a fresh system per N. Wide fleets: W workers of S slots with 1 s jobs (64 x 1, 32 x 8 and a
    1,024-slot 64 x 16), warmed up first, against linear (W * S img/s), with the server's CPU per
    image in the run.
-5. TLS: the tiny and 720p pushes of the plain ``requests`` clients again, on a system with
-   HTTPS and mutual TLS on the worker plane, beside the figures in clear.
+5. TLS: the tiny and 720p pushes of the plain ``requests`` clients again, on two fresh systems
+   one after the other, in clear and with HTTPS and mutual TLS on the worker plane.
 6. History: ``GET /status`` and a page of ``GET /workloads`` with thousands of workloads.
 7. The baseline: Celery 5 + Redis running no-op tasks on this machine in this run
    (``scripts/celery_noop.py``), so that tiny images and the round trip are also compared with
@@ -40,7 +40,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -254,24 +254,32 @@ def trusting(ca_file: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def measure_tls(folder: Path, workers: dict[str, tuple[str, ...]], files: list[Path], tiny: list[bytes],
-                clients: int, tiny_clients: int, pool_rate: float, clear: dict[str, float]) -> list[Row]:
-    """The same plain-``requests`` pushes as above (tiny images with the server's CPU metered,
-    then the 720p frames) on a system with TLS everywhere (HTTPS, mutual TLS on the worker
-    plane), shown beside the figures in clear of this run."""
-    with running_system(folder, workers, tls=True) as (system, token), trusting(system.ca_file):
-        requests_push(system.url, token, tiny[:100], tiny_clients)  # the trust ramp, as in clear
+def tls_pushes(folder: Path, workers: dict[str, tuple[str, ...]], files: list[Path], tiny: list[bytes],
+               clients: int, tiny_clients: int, tls: bool) -> tuple[float, float, float]:
+    """On a fresh system (TLS everywhere, or none): tiny images from plain ``requests`` clients
+    with the server's CPU metered, then the 720p frames. (img/s, server ms per tiny, 720p img/s)"""
+    with running_system(folder, workers, tls=tls) as (system, token), \
+            trusting(system.ca_file) if tls else nullcontext():
+        requests_push(system.url, token, tiny[:100], tiny_clients)  # the trust ramp
         meter = meter_of(system).start()
         plain = requests_push(system.url, token, tiny, tiny_clients)
         spent = meter.stop()
         frames = requests_push(system.url, token, [f.read_bytes() for f in files], clients)
-    ms = spent.per_image_ms(len(tiny))
+    return plain.rate, spent.per_image_ms(len(tiny)), frames.rate
+
+
+def measure_tls(folder: Path, workers: dict[str, tuple[str, ...]], files: list[Path], tiny: list[bytes],
+                clients: int, tiny_clients: int, pool_rate: float) -> list[Row]:
+    """The same plain-``requests`` pushes on two fresh systems one after the other, in clear and
+    with TLS everywhere (HTTPS, mutual TLS on the worker plane): what TLS costs, side by side."""
+    clear = tls_pushes(folder / "clear", workers, files, tiny, clients, tiny_clients, tls=False)
+    tls = tls_pushes(folder / "tls", workers, files, tiny, clients, tiny_clients, tls=True)
     rows = [
-        Row(f"TLS on: tiny, {tiny_clients} plain HTTPS clients", plain.rate, "img/s", None, True,
-            f"in clear {clear['tiny']:.0f} img/s"),
-        Row("TLS on: server CPU per tiny image", ms, "ms", None, False, f"in clear {clear['server_ms']:.2f} ms"),
-        Row(f"TLS on: 720p / local pool, {clients} requests clients", frames.rate / pool_rate, "", None, True,
-            f"in clear {clear['720p']:.2f}"),
+        Row(f"TLS on: tiny, {tiny_clients} plain HTTPS clients", tls[0], "img/s", None, True,
+            f"in clear {clear[0]:.0f} img/s"),
+        Row("TLS on: server CPU per tiny image", tls[1], "ms", None, False, f"in clear {clear[1]:.2f} ms"),
+        Row(f"TLS on: 720p / local pool, {clients} requests clients", tls[2] / pool_rate, "", None, True,
+            f"in clear {clear[2] / pool_rate:.2f}"),
     ]
     for row in rows:
         say(f"{row.figure}: {row.cells()[1]}")
@@ -404,9 +412,7 @@ def main() -> int:
             throughput, server_cpu = measure_tiny(system, token, tiny[:a.tiny], a.clients, a.tiny_clients)
             round_trip = measure_round_trip(system, token, tiny[:a.round_trips])
             history = measure_history(system, token, a.history)
-        clear = {"tiny": throughput.value, "server_ms": server_cpu.value, "720p": big[0].value}
-        tls = measure_tls(Path(tmp) / "tls", workers, files, tiny[:a.tiny], a.clients, a.tiny_clients, pool_rate,
-                          clear)
+        tls = measure_tls(Path(tmp) / "tls", workers, files, tiny[:a.tiny], a.clients, a.tiny_clients, pool_rate)
         scaling = [measure_scaling(Path(tmp) / f"scale-{n}", n, tiny[:n * IMAGES_PER_WORKER], a.tiny_clients)
                    for n in a.scale]
         scaling += [measure_fleet(Path(tmp) / f"fleet-{w}x{s}", w, s, tiny, a.tiny_clients) for w, s in a.fleets]
