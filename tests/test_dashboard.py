@@ -4,11 +4,14 @@ against a real server and two real workers; plus thumbnails and /metrics over re
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 import shutil
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
@@ -16,7 +19,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.helpers import ADMIN_PASSWORD, png, push, ref, view, wait_completed, wait_until, workload
+from tests.helpers import ADMIN_PASSWORD, LocalSystem, png, push, ref, view, wait_completed, wait_until, workload
 
 DROP_FILES = """
 const [selector, files] = arguments;
@@ -190,3 +193,55 @@ def test_dashboard_deletes_a_workload_after_asking(system, browser):
     r = ref.request(system.url, "GET", f"/images/0?workload_id={wid}", headers=ref.bearer(token))
     assert r.status == 404
     assert not folder.exists() or not any(p.is_file() for p in folder.rglob("*"))
+
+
+def spki_pin(cert_pem: bytes) -> str:
+    """Chromium's pin of a certificate's public key: base64 SHA-256 of its SubjectPublicKeyInfo."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def test_dashboard_over_https(tmp_path):
+    """The dashboard served over HTTPS (mutual TLS on the worker plane behind it), in Chromium
+    trusting the server's key by its pin (nothing else is trusted: a wrong pin shows an error
+    page): login, the live worker over the event stream, a drop upload filtered."""
+    system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
+                         tls_dir=tmp_path / "tls")
+
+    def chromium(*extra: str) -> webdriver.Chrome:
+        options = webdriver.ChromeOptions()
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                    "--window-size=1280,1000", *extra):
+            options.add_argument(arg)
+        options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or ""
+        return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+
+    pin = spki_pin((tmp_path / "tls" / "server.pem").read_bytes())
+    with system:
+        system.start_server()
+        system.start_workers({"tw": ()})
+        untrusting = chromium()
+        try:  # without the pin, Chromium does not trust our CA: no dashboard, an error page
+            untrusting.get(system.url + "/")
+            assert not untrusting.find_elements(By.ID, "user")
+        finally:
+            untrusting.quit()
+        driver = chromium(f"--user-data-dir={tmp_path / 'chromium'}", f"--ignore-certificate-errors-spki-list={pin}")
+        try:
+            wait = waiting(driver)
+            assert system.url.startswith("https://")
+            driver.get(system.url + "/")
+            driver.find_element(By.ID, "user").clear()
+            driver.find_element(By.ID, "user").send_keys("admin")
+            driver.find_element(By.ID, "password").send_keys(ADMIN_PASSWORD)
+            driver.find_element(By.ID, "login-button").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr.alive")) == 1)
+            assert driver.find_element(By.ID, "live").text == "live"
+            driver.find_element(By.ID, "new-name").send_keys("over-tls")
+            driver.execute_script(DROP_FILES, "#dropzone", [("0.png", base64.b64encode(png((10, 200, 90))).decode())])
+            wait.until(lambda d: "uploaded 1/1" in d.find_element(By.ID, "upload-status").text)
+            wait.until(lambda d: any("over-tls" in r.text and "100%" in r.text
+                                     for r in d.find_elements(By.CSS_SELECTOR, "#workloads tbody tr")))
+        finally:
+            driver.quit()

@@ -250,6 +250,15 @@ class Worker:
                 except pynng.NNGException as e:
                     logger.debug("heartbeat to %s not sent: %s", c.address, e)
 
+    def _tls_hint(self, links: list[ControllerLink]) -> str:
+        """Why a TLS connection may not be up (nng says nothing of a refused handshake)."""
+        down = [c for c in links if c.pub is not None and not c.pub.pipes]
+        if self.tls is None or not down:
+            return ""
+        return (f" No TLS connection to {', '.join(c.host for c in down)}: does the server run with --tls-cert,"
+                f" is its certificate for that name and from the CA in {self.tls.ca_file}, and, if it has"
+                f" --tls-client-ca, is this worker's certificate ({self.s.tls_cert or 'none given'}) of that CA?")
+
     async def _heartbeat_loop(self) -> None:
         # Pub/sub drops what is sent before the connection is up: beat fast until welcomed,
         # so joining takes a round trip, not a whole interval.
@@ -261,11 +270,11 @@ class Worker:
             now = time.monotonic()
             if len(unwelcomed) == len(self.links) and now - last_said >= WAITING_LOG_INTERVAL:
                 last_said = now
-                logger.info("still waiting for a welcome from %s (%.0f s): is the server running there?%s",
+                logger.info("still waiting for a welcome from %s (%.0f s): is the server running there?%s%s",
                             ", ".join(c.address for c in unwelcomed), now - waiting_since,
                             "" if all(c.link.join for c in unwelcomed) else
                             " This worker has no join token for it: give it the server's (DPIP_JOIN_TOKEN,"
-                            " kept in the server's data dir as join-token)")
+                            " kept in the server's data dir as join-token)", self._tls_hint(unwelcomed))
             elif len(unwelcomed) < len(self.links):
                 waiting_since = last_said = now
             interval = min(c.heartbeat_interval for c in self.links)
