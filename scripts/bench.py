@@ -8,7 +8,8 @@
 3. Dispatch overhead, with 64x64 PNGs: throughput from 8 ``requests`` clients (and from the 4
    aiohttp ones), the server's own per-image latency, and a client's round trip, one at a time;
    the server's CPU per image (all its threads, from /proc) while the plain clients push, and
-   per 720p frame against the workers' CPU for the same frames.
+   per 720p frame against the workers' CPU for the same frames, with the file store and with an
+   S3-compatible store (SeaweedFS, started for it).
 4. Scaling: N workers whose jobs all take 100 ms longer (capacity 1), against linear (N * 10 img/s);
    a fresh system per N. Wide fleets: W workers of S slots with 1 s jobs (64 x 1, 32 x 8 and a
    1,024-slot 64 x 16), warmed up first, against linear (W * S img/s), with the server's CPU per
@@ -50,6 +51,7 @@ from PIL import Image  # noqa: E402
 from scripts import celery_noop  # noqa: E402
 from scripts.benchclients import aiohttp_push, cli_push, requests_push, round_trips  # noqa: E402
 from scripts.benchtable import Row, latencies_ms, percentile, table  # noqa: E402
+from scripts.engines import EngineError, EngineUnavailable, SeaweedS3  # noqa: E402
 from scripts.frames import frame_png  # noqa: E402
 from scripts.localsys import ROOT, LocalSystem  # noqa: E402
 from scripts.proccpu import CpuMeter  # noqa: E402
@@ -65,6 +67,7 @@ POOL_RATIO = 0.85  # 720p: DPIP / local pool
 HISTORY_MS = 20.0  # p50 of a GET, whatever the history
 SERVER_MS_PER_TINY = 0.7  # the server's CPU per tiny image (all its threads): >= 1,400 img/s per core
 SERVER_SHARE_720P = 0.05  # the server's CPU per 720p frame / the workers' (file store)
+SERVER_SHARE_720P_S3 = 0.02  # the same with the images in an S3-compatible store
 SLOW_MS = 100  # the scaling run's job time: every worker does 1000 / SLOW_MS img/s at most
 IMAGES_PER_WORKER = 30  # the scaling run pushes this many images per worker
 
@@ -175,6 +178,38 @@ def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: in
     say(f"DPIP end to end, dpip push --jobs {clients} (its start included) until completed: {cli.rate:.1f} img/s"
         f" in {cli.elapsed:.1f}s; ratio to local pool {dpip.value:.2f} ({dpip.judgement})")
     return [req, aio, dpip, share]
+
+
+def measure_720p_s3(folder: Path, workers: dict[str, tuple[str, ...]], files: list[Path], clients: int) -> list[Row]:
+    """The server's CPU per 720p frame over the workers' with the images in an S3-compatible
+    store (SeaweedFS, started here): workers fetch originals and store results in the bucket
+    themselves; the server still takes each client's upload and puts it there."""
+    try:
+        s3 = SeaweedS3()
+        s3.setup()
+    except (EngineUnavailable, EngineError) as e:
+        say(f"720p on S3 skipped: no S3 server here ({e})")
+        return []
+    try:
+        system = LocalSystem(folder / "data", log_dir=folder / "logs", server_env=s3.env(),
+                             server_args=("--image-store", f"s3://{s3.new_bucket_name('bench')}"))
+        with system:
+            system.start_server()
+            token = system.start_many_workers(workers)
+            frames = [f.read_bytes() for f in files]
+            requests_push(system.url, token, frames[:10], clients)  # the trust ramp
+            meter = meter_of(system).start()
+            pushed = requests_push(system.url, token, frames, clients)
+            spent = meter.stop()
+    finally:
+        s3.close()
+    share = Row("720p: server CPU / workers' CPU (S3 store)", spent.server.total / spent.workers.total, "",
+                SERVER_SHARE_720P_S3, False,
+                f"{spent.per_image_ms(pushed.images):.1f} vs {1000 * spent.workers.total / pushed.images:.1f} ms per frame")
+    say(f"720p on S3, {clients} requests clients: {pushed.rate:.1f} img/s; CPU per frame: server"
+        f" {spent.per_image_ms(pushed.images):.1f} ms ({spent.breakdown(pushed.images)}), workers"
+        f" {1000 * spent.workers.total / pushed.images:.1f} ms: ratio {share.value:.3f} ({share.judgement})")
+    return [share]
 
 
 def meter_of(system: LocalSystem) -> CpuMeter:
@@ -412,6 +447,7 @@ def main() -> int:
             throughput, server_cpu = measure_tiny(system, token, tiny[:a.tiny], a.clients, a.tiny_clients)
             round_trip = measure_round_trip(system, token, tiny[:a.round_trips])
             history = measure_history(system, token, a.history)
+        big += measure_720p_s3(Path(tmp) / "s3", workers, files, a.clients)
         tls = measure_tls(Path(tmp) / "tls", workers, files, tiny[:a.tiny], a.clients, a.tiny_clients, pool_rate)
         scaling = [measure_scaling(Path(tmp) / f"scale-{n}", n, tiny[:n * IMAGES_PER_WORKER], a.tiny_clients)
                    for n in a.scale]
