@@ -40,14 +40,28 @@ def waiting(browser: webdriver.Chrome) -> WebDriverWait:
     return WebDriverWait(browser, 60, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
 
 
-@pytest.fixture
-def browser():
+def chromium(*extra: str) -> webdriver.Chrome:
+    """Headless Chromium driven by chromedriver, with ``extra`` flags."""
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1000"):
+                "--window-size=1280,1000", *extra):
         options.add_argument(arg)
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or ""
-    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+
+
+def log_in(browser: webdriver.Chrome, url: str) -> None:
+    """Open the dashboard at ``url`` and log in as the admin."""
+    browser.get(url + "/")
+    browser.find_element(By.ID, "user").clear()
+    browser.find_element(By.ID, "user").send_keys("admin")
+    browser.find_element(By.ID, "password").send_keys(ADMIN_PASSWORD)
+    browser.find_element(By.ID, "login-button").click()
+
+
+@pytest.fixture
+def browser():
+    driver = chromium()
     try:
         yield driver
     finally:
@@ -56,11 +70,7 @@ def browser():
 
 def test_dashboard_login_live_workers_drop_upload_and_gallery(system, browser, tmp_path):
     wait = waiting(browser)
-    browser.get(system.url + "/")
-    browser.find_element(By.ID, "user").clear()
-    browser.find_element(By.ID, "user").send_keys("admin")
-    browser.find_element(By.ID, "password").send_keys(ADMIN_PASSWORD)
-    browser.find_element(By.ID, "login-button").click()
+    log_in(browser, system.url)
 
     # live: both workers appear as alive, with CPU and memory bars
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr.alive")) == 2)
@@ -209,14 +219,6 @@ def test_dashboard_over_https(tmp_path):
     system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
                          tls_dir=tmp_path / "tls")
 
-    def chromium(*extra: str) -> webdriver.Chrome:
-        options = webdriver.ChromeOptions()
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                    "--window-size=1280,1000", *extra):
-            options.add_argument(arg)
-        options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or ""
-        return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
-
     pin = spki_pin((tmp_path / "tls" / "server.pem").read_bytes())
     with system:
         system.start_server()
@@ -231,11 +233,7 @@ def test_dashboard_over_https(tmp_path):
         try:
             wait = waiting(driver)
             assert system.url.startswith("https://")
-            driver.get(system.url + "/")
-            driver.find_element(By.ID, "user").clear()
-            driver.find_element(By.ID, "user").send_keys("admin")
-            driver.find_element(By.ID, "password").send_keys(ADMIN_PASSWORD)
-            driver.find_element(By.ID, "login-button").click()
+            log_in(driver, system.url)
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr.alive")) == 1)
             assert driver.find_element(By.ID, "live").text == "live"
             driver.find_element(By.ID, "new-name").send_keys("over-tls")
