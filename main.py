@@ -24,6 +24,7 @@ from PIL import Image
 
 from api.connections import GuardedRunner, raise_fd_limit
 from common import aio
+from common import filters
 from common.config import setup_logging
 from common.tls import ServerTls, TlsError, nng_url
 from controller import users
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(certs.main(argv[1:]))
     settings, level = parse_server_args(argv)
     setup_logging(level)
+    filters.load_plugins()  # the server's own plugins (others are known from the workers that run them)
     for warning in secret_warnings(argv, settings):
         logger.warning(warning)
     limit_pixels(settings.max_pixels)

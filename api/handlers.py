@@ -37,7 +37,7 @@ from api.params import (
     request_params,
     required,
 )
-from common import filters
+from common import filters, pipeline
 from common.formats import FORMATS
 from storage.queries import DEFAULT_PAGE, MAX_PAGE
 from controller import capability
@@ -200,25 +200,39 @@ def workers_json(app: web.Application, admin: bool = False) -> list[dict]:
 @requires(USER)
 async def create_workload(request: web.Request) -> web.Response:
     params = await request_params(request)
-    spec, filter_params = _filter_of(params)
+    chosen = pipeline_of(params, request.app[MEMBERSHIP])
+    filter_, filter_params = chosen.stored()
     workload = await request.app[WORKLOADS].create(
-        request[CLAIMS].subject, Filter(spec.name), params.get("workload_name", "").strip() or None,
+        request[CLAIMS].subject, Filter(filter_), params.get("workload_name", "").strip() or None,
         params.get("tags", ""), _meta(params.get("meta", "")), filter_params)
     return web.json_response(_workload_json(request, await request.app[STORE].workload_view(workload)))
 
 
-def _filter_of(params: dict[str, str]) -> tuple[filters.FilterSpec, dict]:
-    """The workload's filter (grayscale by default) and its parameters, checked against the
-    registry: a parameter out of range, or one that only another filter takes, is a 400."""
-    try:
-        spec = filters.spec(params.get("filter", "").strip().lower() or filters.DEFAULT)
-        values = spec.validate(params)
-    except ValueError as e:
-        raise BadInput(str(e)) from e
-    foreign = sorted(n for n in filters.param_names() - {p.name for p in spec.params} if params.get(n, ""))
-    if foreign:
-        raise BadInput(f"filter {spec.name} takes no parameter {foreign[0]!r}")
-    return spec, values
+def pipeline_of(params: dict[str, str], membership) -> pipeline.Pipeline:
+    """The workload's filter (grayscale by default): one filter, its parameters given beside it
+    as the course's form does (``filter=blur&radius=5``) or inside it, or a pipeline of steps;
+    each step checked against the filter's declaration (this server's, or a live worker's).
+    Anything wrong is a 400 naming the step, before anything is created."""
+    steps = pipeline.parse(params.get("filter", "").strip() or filters.DEFAULT)
+    beside = sorted(n for n in filters.param_names() if params.get(n, ""))
+    if len(steps) == 1 and not steps[0][1]:
+        name = steps[0][0]
+        spec = filters.REGISTRY.get(name) or membership.offered(name)
+        own = {p.name for p in spec.params} if spec is not None else set()
+        foreign = [n for n in beside if n not in own]
+        if foreign:
+            raise BadInput(f"filter {name} takes no parameter {foreign[0]!r}")
+        steps = [(name, {n: params[n] for n in own if n in params})]
+    elif beside:
+        raise BadInput(f"give each step's parameters inside it, e.g. blur({beside[0]}=...), not as {beside[0]}")
+
+    def catalog(name: str) -> filters.FilterSpec | None:
+        return filters.REGISTRY.get(name) or membership.offered(name)
+
+    def known() -> list[str]:
+        return list(dict.fromkeys([*filters.REGISTRY, *sorted(membership.fleet_filters())]))
+
+    return pipeline.validate(steps, catalog, known)
 
 
 def _meta(raw: str) -> dict:

@@ -21,6 +21,7 @@ from common.models import Job, JobState
 from controller.jobs import JobTraffic
 from storage.sqlite import SqliteDatastore
 from api.ports import SchedulerPort
+from common.pipeline import label_of
 
 #: Seconds from dispatch to the result stored: a small image takes ~30 ms, a 720p frame ~150 ms.
 DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -61,7 +62,7 @@ class Metrics:
                                  ["worker"], registry=r)
 
     def job_done(self, job: Job, seconds: float) -> None:
-        self.job_duration.labels(job.filter.value).observe(seconds)
+        self.job_duration.labels(label_of(job.filter.value)).observe(seconds)
 
     def request(self, route: str, method: str, status: int) -> None:
         self.http_requests.labels(route, method, str(status)).inc()

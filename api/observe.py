@@ -321,9 +321,29 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def filter_list(request: web.Request) -> web.Response:
-    """The filter registry, for the dashboard's form and for clients (public, like the API's
-    description)."""
-    return web.json_response([s.describe() for s in filters.REGISTRY.values()])
+    """What the fleet offers: every filter of this server's registry and every one a live worker
+    declared, with its parameters and how many live workers run it (public, like the API's
+    description; which workers, and their versions, with a user token)."""
+    token = request.headers.get("Authorization", "")
+    named = False
+    if token:
+        request.app[AUTH].verify(bearer_token(request), (USER,))  # a wrong token is a 401, as anywhere
+        named = True
+    return web.json_response(fleet_filters(request.app[MEMBERSHIP], named))
+
+
+def fleet_filters(membership, named: bool) -> list[dict]:
+    fleet = membership.fleet_filters()
+    out = []
+    for name in dict.fromkeys([*filters.REGISTRY, *sorted(fleet)]):
+        runners = fleet.get(name, [])
+        spec = filters.REGISTRY.get(name) or runners[0][1]
+        entry = {**spec.describe(), "on_server": name in filters.REGISTRY, "workers": len(runners),
+                 "gpu_workers": sum(1 for _, _, gpu in runners if gpu)}
+        if named:
+            entry["offered_by"] = [{"worker": w.name, "version": s.version, "gpu": gpu} for w, s, gpu in runners]
+        out.append(entry)
+    return out
 
 
 async def openapi_json(request: web.Request) -> web.Response:

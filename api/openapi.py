@@ -11,7 +11,7 @@ from typing import Any
 
 from storage.thumbnails import THUMB_SIZES
 from common import filters
-from common.models import Filter, ImageType, JobState, WorkloadStatus
+from common.models import ImageType, JobState, WorkloadStatus
 
 BEARER = [{"bearer": []}]
 
@@ -37,6 +37,17 @@ def _param(name: str, where: str, schema: dict, required: bool = False, descript
 WORKLOAD_ID = _param("workload_id", "path", {"type": "string"}, True)
 NULLABLE_STR = {"type": "string", "nullable": True}
 
+STEP = {"type": "object", "required": ["name"],
+        "properties": {"name": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,31}$"},
+                       "params": {"type": "object", "maxProperties": 16,
+                                  "additionalProperties": {"type": ["number", "string"]}}}}
+FILTER_TEXT = (
+    "A filter of GET /filters (grayscale by default), or a pipeline of up to 10 steps: `step|step|...`,"
+    " each `name` or `name(key=value,...)`, e.g. `resize(width=800)|sharpen|grayscale`. Validated whole:"
+    " a 400 names the step that is wrong, and nothing is created. A filter that this server lacks is taken"
+    " when a live worker offers it (checked against that worker's declaration). Built in: "
+    + ", ".join(f"`{n}`" for n in filters.REGISTRY) + ".")
+
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "Login": {"type": "object", "required": ["user", "token"],
@@ -46,7 +57,10 @@ SCHEMAS: dict[str, Any] = {
         "required": ["workload_id", "filter", "workload_name", "status", "running_jobs", "filtered_images"],
         "properties": {
             "workload_id": {"type": "string"},
-            "filter": {"type": "string", "enum": [f.value for f in Filter]},
+            "filter": {"type": "string", "description": "the filter's name, or a pipeline's canonical text"
+                       " (every parameter written out)"},
+            "steps": {"type": "array", "description": "the pipeline, one step for a single filter",
+                      "items": STEP},
             "workload_name": {"type": "string"},
             "status": {"type": "string", "enum": [s.value for s in WorkloadStatus]},
             "running_jobs": {"type": "integer", "minimum": 0},
@@ -74,6 +88,9 @@ SCHEMAS: dict[str, Any] = {
             "running_jobs": {"type": "integer"}, "capacity": {"type": "integer"}, "jobs_done": {"type": "integer"},
             "last_seen": {"type": "number"}, "rpc_address": {"type": "string", "description": "where the server sends jobs; admin only"},
             "autoscaled": {"type": "boolean", "description": "started (and to be retired) by the autoscaler"},
+            "filters": {"type": "array", "description": "the filters it runs, as it declared them when it joined",
+                        "items": {"type": "object", "required": ["name", "version", "gpu"], "properties": {
+                            "name": {"type": "string"}, "version": {"type": "string"}, "gpu": {"type": "boolean"}}}},
         },
     },
     "Status": {
@@ -113,19 +130,30 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
-WORKLOAD_FORM = {
-    "type": "object",
-    "properties": {
-        "filter": {"type": "string", "enum": [f.value for f in Filter]},
-        "workload_name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
-        "tags": {"type": "string", "description": "comma-separated worker tags the jobs need"},
-        "meta": {"type": "string", "description": "a JSON object of the client's, at most 4 KiB"},
-        **{p.name: {"type": "integer" if p.type is int else "number", "minimum": p.minimum,
-                    "maximum": p.maximum, "default": p.default,
-                    "description": f"{p.help} (filter {s.name} only)"}
-           for s in filters.REGISTRY.values() for p in s.params},
-    },
-}
+def _workload_form(json_body: bool) -> dict:
+    filter_ = {"type": "string", "maxLength": 1024, "description": FILTER_TEXT}
+    if json_body:
+        filter_ = {"description": FILTER_TEXT + " In JSON also an array of `{name, params}`.",
+                   "oneOf": [{"type": "string", "maxLength": 1024},
+                             {"type": "array", "minItems": 1, "maxItems": 10, "items": STEP}]}
+    return {
+        "type": "object",
+        "properties": {
+            "filter": filter_,
+            "workload_name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+            "tags": {"type": "string", "description": "comma-separated worker tags the jobs need"},
+            "meta": {"type": "string", "description": "a JSON object of the client's, at most 4 KiB"},
+            **{p.name: {"type": "integer" if p.type is int else "number", "minimum": p.minimum,
+                        "maximum": p.maximum, "default": p.default,
+                        "description": f"{p.help} (filter {s.name} only; the course's form: other filters take"
+                                       " their parameters inside the filter, e.g. blur(radius=5))"}
+               for s in (filters.REGISTRY[n] for n in filters.COURSE) for p in s.params},
+        },
+    }
+
+
+WORKLOAD_FORM = _workload_form(False)
+
 
 IMAGE_TYPE = {"type": "string", "enum": [t.value for t in ImageType]}
 
@@ -167,15 +195,25 @@ def spec(server_url: str | None = None) -> dict:
             "summary": "System name, workers and the caller's active workloads", "security": BEARER,
             "responses": {"200": _json(_ref("Status"), "status"), **_errors(401, 403)}}},
         "/filters": {"get": {
-            "summary": "The filters a workload may ask for, with their parameters (public)",
+            "summary": "What the fleet offers: this server's filters and every one a live worker declared"
+                       " (public; with a user token, which workers run each, and their versions)",
             "responses": {"200": _json({"type": "array", "items": {
-                "type": "object", "required": ["name", "help", "params"],
+                "type": "object", "required": ["name", "help", "params", "workers"],
                 "properties": {"name": {"type": "string"}, "help": {"type": "string"},
-                               "params": {"type": "array", "items": {"type": "object"}}}}}, "the filters")}}},
+                               "params": {"type": "array", "items": {"type": "object"}},
+                               "colour": {"type": "string", "enum": list(filters.COLOURS)},
+                               "size": {"type": "string", "enum": list(filters.SIZES)},
+                               "output_format": {"type": "boolean"}, "gpu": {"type": "boolean"},
+                               "version": {"type": "string"}, "builtin": {"type": "boolean"},
+                               "on_server": {"type": "boolean"},
+                               "workers": {"type": "integer", "description": "live workers that run it"},
+                               "gpu_workers": {"type": "integer"},
+                               "offered_by": {"type": "array", "items": {"type": "object"}}}}},
+                "the filters"), **_errors(401)}}},
         "/workloads": {
             "post": {"summary": "Create a workload (every parameter optional)", "security": BEARER,
                      "requestBody": {"required": False, "content": {
-                         "application/json": {"schema": WORKLOAD_FORM},
+                         "application/json": {"schema": _workload_form(True)},
                          "application/x-www-form-urlencoded": {"schema": WORKLOAD_FORM}}},
                      "responses": {"200": _json(_ref("Workload"), "the new workload"),
                                    **_errors(400, 401, 403, 409, 413)}},

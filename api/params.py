@@ -163,7 +163,9 @@ async def request_params(request: web.Request) -> dict[str, str]:
 def _scalar(v: object) -> str:
     if isinstance(v, dict):
         return json.dumps(v)
-    if isinstance(v, list):
+    if isinstance(v, list):  # tags as an array; a pipeline as an array of {"name", "params"}
+        if any(isinstance(x, (dict, list)) for x in v):
+            return json.dumps(v)
         return ",".join(str(x) for x in v)
     return str(v)
 

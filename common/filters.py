@@ -1,51 +1,115 @@
-"""The filters DPIP offers, in one registry.
+"""The filters DPIP offers, in one registry, and the model every filter is written in.
 
-The API validates a workload's filter and parameters against it, the worker applies it, ``dpip``
-offers its names, and the OpenAPI description and the dashboard (through ``GET /filters``) list
-it. Adding a filter is one decorated function here:
+The API validates a workload's pipeline and parameters against it, the worker applies it,
+``dpip`` and the dashboard list it (through ``GET /filters``), the OpenAPI description shows it.
+A filter is a pure function ``(Image, params) -> Image`` (no sockets, no clocks) with a name, a
+help line, typed and bounded parameters and a declaration of what its output looks like:
 
-    @register("sepia", "warm brown tones", Param("strength", float, 1.0, 0.0, 1.0, "how much"))
-    def sepia(im, params): ...
+    @define("posterize", "fewer colour levels", Param("bits", int, 4, 1, 8, "bits per band"))
+    def posterize(im, params): ...
 
-A filter is a pure function ``(Image, params) -> Image``: no sockets, no clocks.
+Built-in filters are registered here and in :mod:`common.operations`; others come from installed
+packages through the ``dpip.filters`` entry-point group (:func:`load_plugins`). A filter may
+instead be an *array kernel* ``(xp, rgb, params) -> rgb`` (``kernel=True``): ``xp`` is NumPy, or
+CuPy on a worker with an NVIDIA GPU, so the same code runs on both.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageFilter
 
+logger = logging.getLogger(__name__)
+
 Apply = Callable[[Image.Image, dict], Image.Image]
+#: ``(xp, array of height x width x 3 uint8, params) -> array of the same shape``
+Kernel = Callable[..., object]
+
+#: The entry-point group plugins register their filters under.
+ENTRY_POINT_GROUP = "dpip.filters"
+#: What a filter's (and a parameter's) name may be.
+FILTER_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: The two filters of the course; a bodiless POST /workloads means the first.
+COURSE = ("grayscale", "blur")
+#: What a filter says of its output's colours: keeps them (gray stays gray, colour stays
+#: colour), makes it grayscale, or makes it anything (sepia turns gray into colour).
+COLOURS = ("keeps", "gray", "any")
+#: What a filter says of its output's size: the input's, or another (resize, crop, rotate).
+SIZES = ("same", "changes")
+MAX_PARAMS = 16
+MAX_CHOICES = 16
+MAX_HELP = 200
 
 
 @dataclass(frozen=True)
 class Param:
-    """A numeric parameter of a filter, with its default and its allowed range."""
+    """A parameter of a filter: an integer or a number within bounds, or one of a few words.
+    A default of None makes it optional (the filter decides what its absence means)."""
 
     name: str
-    type: type  # int or float
-    default: float
-    minimum: float
-    maximum: float
-    help: str
+    type: type  # int, float or str (then ``choices`` lists the words)
+    default: int | float | str | None
+    minimum: float = 0
+    maximum: float = 0
+    help: str = ""
+    choices: tuple[str, ...] = ()
 
-    def parse(self, raw: object) -> int | float:
+    def parse(self, raw: object) -> int | float | str:
         """The value of ``raw`` (text from a form, or a number), or ValueError saying why not."""
+        if self.type is str:
+            word = raw.strip().lower() if isinstance(raw, str) else raw
+            if word not in self.choices:
+                raise ValueError(f"{self.name} must be one of {', '.join(self.choices)}, got {_shown(raw)}")
+            return word
         try:
+            if isinstance(raw, bool):
+                raise TypeError
             value = self.type(raw) if not isinstance(raw, str) else self.type(raw.strip())
-        except (TypeError, ValueError):
-            shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."
-            raise ValueError(f"{self.name} must be a number, got {shown}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{self.name} must be {'an integer' if self.type is int else 'a number'},"
+                             f" got {_shown(raw)}") from None
         if isinstance(value, float) and not math.isfinite(value) or not self.minimum <= value <= self.maximum:
             raise ValueError(f"{self.name} must be between {self.minimum:g} and {self.maximum:g}")
         return value
 
     def describe(self) -> dict:
-        return {"name": self.name, "type": "integer" if self.type is int else "number",
-                "default": self.default, "minimum": self.minimum, "maximum": self.maximum, "help": self.help}
+        out: dict = {"name": self.name, "type": {int: "integer", float: "number", str: "string"}[self.type],
+                     "default": self.default}
+        if self.type is str:
+            out["enum"] = list(self.choices)
+        else:
+            out.update(minimum=self.minimum, maximum=self.maximum)
+        out["help"] = self.help
+        return out
+
+    @classmethod
+    def from_description(cls, d: Mapping) -> "Param":
+        """A parameter as another process described it (:meth:`describe`), or ValueError."""
+        kind = {"integer": int, "number": float, "string": str}.get(d.get("type"))  # type: ignore[arg-type]
+        name = d.get("name")
+        if kind is None or not isinstance(name, str) or not FILTER_NAME_RE.fullmatch(name):
+            raise ValueError(f"a parameter described as {_shown(dict(d))}")
+        help_ = str(d.get("help", ""))[:MAX_HELP]
+        if kind is str:
+            choices = tuple(d.get("enum") or ())
+            if not 0 < len(choices) <= MAX_CHOICES or not all(isinstance(c, str) and FILTER_NAME_RE.fullmatch(c)
+                                                              for c in choices):
+                raise ValueError(f"parameter {name}: its choices")
+            default = d.get("default")
+            return cls(name, str, default if default in choices else None, help=help_, choices=choices)
+        low, high, default = d.get("minimum"), d.get("maximum"), d.get("default")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
+                or low > high:
+            raise ValueError(f"parameter {name}: its bounds")
+        if default is not None and not (isinstance(default, (int, float)) and low <= default <= high):
+            default = None
+        return cls(name, kind, default, low, high, help_)
 
 
 @dataclass(frozen=True)
@@ -53,28 +117,94 @@ class FilterSpec:
     """One filter: its function, its parameters, and what its output looks like."""
 
     name: str
-    apply: Apply
+    apply: Apply | None  # None: known from a worker's description only (run where it lives)
     params: tuple[Param, ...]
     help: str
-    grayscale_output: bool = False  # the result is grayscale whatever the input (checked on upload)
+    colour: str = "keeps"  # one of COLOURS
+    size: str = "same"  # one of SIZES
+    output_format: bool = False  # its "type" parameter chooses the result's format
+    kernel: Kernel | None = field(default=None, compare=False)  # an array implementation (GPU or CPU)
+    check: Callable[[dict], None] | None = field(default=None, compare=False)  # a rule over all its params
+    version: str = ""  # the plugin's (its distribution's); "" for a built-in
+    builtin: bool = False
 
-    def validate(self, raw: Mapping[str, object]) -> dict[str, int | float]:
-        """This filter's parameters from ``raw`` (others ignored), defaults filled in."""
-        return {p.name: p.parse(raw[p.name]) if p.name in raw and raw[p.name] != "" else p.default
-                for p in self.params}
+    @property
+    def grayscale_output(self) -> bool:
+        """The result is grayscale whatever the input (checked on upload)."""
+        return self.colour == "gray"
+
+    @property
+    def gpu(self) -> bool:
+        """It has an array kernel, which runs on a GPU where the worker has one."""
+        return self.kernel is not None
+
+    def validate(self, raw: Mapping[str, object]) -> dict[str, int | float | str]:
+        """This filter's parameters from ``raw`` (others ignored), defaults filled in (an
+        optional one left out), or ValueError naming the parameter."""
+        out = {}
+        for p in self.params:
+            if p.name in raw and raw[p.name] != "":
+                out[p.name] = p.parse(raw[p.name])
+            elif p.default is not None:
+                out[p.name] = p.default
+        if self.check is not None:
+            self.check(out)
+        return out
 
     def describe(self) -> dict:
-        return {"name": self.name, "help": self.help, "params": [p.describe() for p in self.params]}
+        return {"name": self.name, "help": self.help, "params": [p.describe() for p in self.params],
+                "colour": self.colour, "size": self.size, "output_format": self.output_format,
+                "gpu": self.gpu, "version": self.version, "builtin": self.builtin}
+
+    @classmethod
+    def from_description(cls, d: Mapping) -> "FilterSpec":
+        """A filter as a worker described it (no function: it runs there), or ValueError."""
+        name = d.get("name")
+        if not isinstance(name, str) or not FILTER_NAME_RE.fullmatch(name):
+            raise ValueError(f"a filter named {_shown(name)}")
+        params = d.get("params") or []
+        if not isinstance(params, list) or len(params) > MAX_PARAMS:
+            raise ValueError(f"filter {name}: its parameters")
+        colour, size = d.get("colour", "keeps"), d.get("size", "same")
+        if colour not in COLOURS or size not in SIZES:
+            raise ValueError(f"filter {name}: its output")
+        return cls(name, None, tuple(Param.from_description(p) for p in params), str(d.get("help", ""))[:MAX_HELP],
+                   colour, size, bool(d.get("output_format")), version=str(d.get("version", ""))[:64])
+
+
+def _shown(raw: object) -> str:
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def define(name: str, help: str, *params: Param, colour: str = "keeps", size: str = "same",
+           output_format: bool = False, kernel: bool = False,
+           check: Callable[[dict], None] | None = None) -> Callable[[Callable], FilterSpec]:
+    """Make the decorated function a filter (not registered: a plugin's entry point names it).
+    With ``kernel=True`` the function is ``(xp, rgb, params) -> rgb`` on arrays (see
+    :func:`run_kernel`)."""
+    if not FILTER_NAME_RE.fullmatch(name) or colour not in COLOURS or size not in SIZES:
+        raise ValueError(f"filter {name!r}: a name of {FILTER_NAME_RE.pattern}, colour in {COLOURS},"
+                         f" size in {SIZES}")
+    if len(params) > MAX_PARAMS or len({p.name for p in params}) != len(params):
+        raise ValueError(f"filter {name!r}: at most {MAX_PARAMS} parameters, each named once")
+
+    def make(fn: Callable) -> FilterSpec:
+        if kernel:
+            return FilterSpec(name, lambda im, p: run_kernel(fn, im, p), params, help, colour, size,
+                              output_format, kernel=fn, check=check)
+        return FilterSpec(name, fn, params, help, colour, size, output_format, check=check)
+    return make
 
 
 REGISTRY: dict[str, FilterSpec] = {}
 DEFAULT = "grayscale"
 
 
-def register(name: str, help: str, *params: Param, grayscale_output: bool = False) -> Callable[[Apply], Apply]:
-    """Add the decorated function to the registry under ``name``."""
-    def add(fn: Apply) -> Apply:
-        REGISTRY[name] = FilterSpec(name, fn, params, help, grayscale_output)
+def register(name: str, help: str, *params: Param, **declared) -> Callable[[Callable], Callable]:
+    """Define the decorated function as a built-in filter and add it to the registry."""
+    def add(fn: Callable) -> Callable:
+        REGISTRY[name] = replace(define(name, help, *params, **declared)(fn), builtin=True)
         return fn
     return add
 
@@ -83,14 +213,84 @@ def spec(name: str) -> FilterSpec:
     """The filter called ``name``, or ValueError listing the known ones."""
     found = REGISTRY.get(name)
     if found is None:
-        shown = repr(name) if len(name) <= 40 else repr(name[:37]) + "..."
-        raise ValueError(f"unknown filter {shown}; use one of: {', '.join(REGISTRY)}")
+        raise ValueError(f"unknown filter {_shown(name)}; use one of: {', '.join(REGISTRY)}")
     return found
 
 
-def param_names() -> frozenset[str]:
-    """Every parameter name any filter takes."""
-    return frozenset(p.name for s in REGISTRY.values() for p in s.params)
+def param_names(names: Iterable[str] = COURSE) -> frozenset[str]:
+    """Every parameter name the filters ``names`` take (the course's two by default: the
+    parameters a form may give beside ``filter``)."""
+    return frozenset(p.name for n in names if n in REGISTRY for p in REGISTRY[n].params)
+
+
+# -- plugins ------------------------------------------------------------------------------------
+
+_loaded: set[str] = set()
+
+
+def load_plugins(group: str = ENTRY_POINT_GROUP) -> list[str]:
+    """Register every filter the installed packages offer under ``group`` (once a process);
+    return one line for each that could not be (it failed to import, is not a filter, or takes
+    a taken name), each also logged. A broken plugin costs its own filters, never the process."""
+    problems: list[str] = []
+    if group in _loaded:
+        return problems
+    _loaded.add(group)
+    for ep in importlib.metadata.entry_points(group=group):
+        where = f"plugin {ep.name} ({ep.value})"
+        try:
+            found = ep.load()
+        except Exception as e:  # anything a plugin's import may raise
+            problems.append(f"{where} failed to import, skipped: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        specs = found if isinstance(found, (list, tuple)) else [found]
+        version = ep.dist.version if ep.dist is not None else ""
+        for s in specs:
+            if not isinstance(s, FilterSpec) or s.apply is None:
+                problems.append(f"{where} is not a filter made with common.filters.define, skipped")
+            elif s.name in REGISTRY:
+                problems.append(f"{where}: a filter named {s.name!r} is already "
+                                f"{'built in' if REGISTRY[s.name].builtin else 'offered by another plugin'}, skipped")
+            else:
+                REGISTRY[s.name] = replace(s, version=version or s.version, builtin=False)
+    for line in problems:
+        logger.warning("%s", line)
+    return problems
+
+
+# -- array kernels ------------------------------------------------------------------------------
+
+def array_module(gpu: bool):
+    """CuPy where there is a GPU to run it on and it is installed, else NumPy."""
+    if gpu:
+        try:
+            import cupy  # type: ignore[import-not-found]  # only on machines with a GPU
+            return cupy
+        except ImportError:
+            pass
+    import numpy
+    return numpy
+
+
+#: Set by a worker that has a GPU (and CuPy): kernels then run there.
+USE_GPU = False
+
+
+def run_kernel(kernel: Kernel, im: Image.Image, params: dict, xp=None) -> Image.Image:
+    """Apply an array kernel to ``im``'s colour bands (as 8-bit RGB), keeping its alpha."""
+    import numpy
+    xp = xp or array_module(USE_GPU)
+    alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    rgba = im.convert("RGBA" if alpha else "RGB")
+    a = numpy.asarray(rgba)
+    out = kernel(xp, xp.asarray(a[..., :3]), params)
+    out = out.get() if hasattr(out, "get") else numpy.asarray(out)  # from the GPU
+    if out.shape != a[..., :3].shape:
+        raise ValueError(f"the kernel returned an array of shape {out.shape} for {a[..., :3].shape}")
+    rgb = numpy.clip(out, 0, 255).astype(numpy.uint8)
+    if alpha:
+        rgb = numpy.dstack([rgb, a[..., 3]])
+    return Image.fromarray(rgb, "RGBA" if alpha else "RGB")
 
 
 #: Modes of more than 8 bits a band (16- and 32-bit integers, 32-bit floats): all grayscale.
@@ -98,8 +298,7 @@ DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 
 
-@register("grayscale", "luminance (ITU-R 601-2), keeping an alpha channel if there is one",
-          grayscale_output=True)
+@register("grayscale", "luminance (ITU-R 601-2), keeping an alpha channel if there is one", colour="gray")
 def grayscale(im: Image.Image, params: dict) -> Image.Image:
     if im.mode in DEEP_MODES:
         return im.copy()  # gray already, at its own depth (an 8-bit L would clip it at 255)
@@ -149,3 +348,6 @@ def _deep_blur(im: Image.Image, gaussian: ImageFilter.GaussianBlur) -> Image.Ima
         return back.point(lambda v: v + low)
     whole = back.point(lambda v: v + 0.5).convert("I").point(lambda v: v + int(low))  # rounded (>= 0 before)
     return whole if im.mode == "I" else whole.convert(im.mode)  # via I: Pillow's F to I;16 clips at 255
+
+
+from common import operations  # noqa: E402,F401  (registers the other built-ins, after the course's two)

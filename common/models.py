@@ -119,8 +119,19 @@ class InsufficientStorage(DpipError):
     status = 507
 
 
-#: The filters a workload may ask for: made from the registry (common.filters), never listed here.
-Filter = Enum("Filter", {name.upper(): name for name in filters.REGISTRY}, type=str)  # type: ignore[misc]
+class Filter(str):
+    """A workload's filter as it is stored: one filter's name (its parameters beside it), or a
+    pipeline's canonical text (:mod:`common.pipeline`). ``value`` is the text, as an enum's was."""
+
+    GRAYSCALE: "Filter"
+    BLUR: "Filter"
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+Filter.GRAYSCALE, Filter.BLUR = Filter(filters.COURSE[0]), Filter(filters.COURSE[1])
 
 
 class ImageType(str, Enum):
@@ -189,6 +200,7 @@ class WorkloadView:
             "workload_id": w.id,
             "filter": w.filter.value,
             "params": w.params,
+            "steps": _steps_json(w.filter, w.params),
             "workload_name": w.name,
             "status": self.status.value,
             "running_jobs": self.running_jobs,
@@ -207,6 +219,29 @@ class WorkloadView:
         that stopped half-way, whatever the status says of the images it has."""
         expected = self.workload.meta.get("expected_images")
         return isinstance(expected, int) and not isinstance(expected, bool) and expected > self.image_count
+
+
+def _steps_json(filter_: str, params: dict) -> list[dict]:
+    """A workload's pipeline as ``[{"name", "params"}]`` (one step for the course's filters)."""
+    from common import pipeline  # (it builds on this module's errors)
+    try:
+        steps = pipeline.of_stored(filter_, params)
+    except pipeline.PipelineError:
+        return [{"name": filter_, "params": params}]
+    return [{"name": n, "params": {k: _number(v) for k, v in p.items()}} for n, p in steps]
+
+
+def _number(value: object) -> object:
+    """A parameter read back from a pipeline's text: a number if it is one."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            number = kind(value)
+        except ValueError:
+            continue
+        return number if number == number and abs(number) != float("inf") else value
+    return value
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,46 @@ class Welcome:
 
 
 @dataclass(frozen=True)
+class ParamOffer:
+    """A filter parameter as a worker declares it (see common.filters.Param)."""
+
+    name: str = name_field()
+    type: str = _bounds(pattern=re.compile(r"integer|number|string"))
+    default: str = text("", max_len=32)  # as text; "" if it has none
+    minimum: float = number(0.0, lo=-MAX_INT)
+    maximum: float = number(0.0, lo=-MAX_INT)
+    choices: list[str] = _bounds(factory=list, max_items=16, pattern=NAME_RE)
+    help: str = text("", max_len=200)
+
+
+@dataclass(frozen=True)
+class FilterOffer:
+    """A filter a worker can run, declared as the registry declares it."""
+
+    name: str = name_field()
+    version: str = text("", max_len=64)
+    help: str = text("", max_len=200)
+    params: list[ParamOffer] = _bounds(factory=list, max_items=16)
+    colour: str = _bounds("keeps", pattern=re.compile(r"keeps|gray|any"))
+    size: str = _bounds("same", pattern=re.compile(r"same|changes"))
+    output_format: bool = False
+    gpu: bool = False  # it runs on this worker's GPU
+
+
+#: Filters a worker may offer at most.
+MAX_FILTERS = 128
+
+
+@dataclass(frozen=True)
+class Joined:
+    """Worker -> controller, the (sealed) reply to :class:`Welcome`: taken, and the filters this
+    worker runs (a worker that answers a plain :class:`Ack` runs the server's built-ins)."""
+
+    TYPE = "joined"
+    filters: list[FilterOffer] = _bounds(factory=list, max_items=MAX_FILTERS)
+
+
+@dataclass(frozen=True)
 class RunJob:
     """Scheduler -> worker (req/rep, sealed): filter one image; the reply comes once it is stored.
     ``capability`` is the HTTP credential for exactly this job: read its original, write its
@@ -158,7 +198,7 @@ class RunJob:
     job_id: int = number()
     workload_id: str = text()
     image_id: int = number()
-    filter: str = name_field()
+    filter: str = _bounds(max_len=1024, pattern=re.compile(r"[A-Za-z0-9_.,=()|+ -]{1,1024}"))  # or a pipeline
     attempt: int = number(0, hi=1000)
     params: dict[str, Any] = _bounds(factory=dict, max_items=16)
     capability: str = text("", max_len=2048)
@@ -221,10 +261,10 @@ class Sealed:
     mac: str = _bounds(pattern=re.compile(r"[0-9a-f]{64}"))
 
 
-Message = Hello | Heartbeat | Goodbye | Welcome | RunJob | CancelJob | JobResult | Ack | Sealed
+Message = Hello | Heartbeat | Goodbye | Welcome | Joined | RunJob | CancelJob | JobResult | Ack | Sealed
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (Hello, Heartbeat, Goodbye, Welcome, RunJob, CancelJob, JobResult, Ack, Sealed)
+    for cls in (Hello, Heartbeat, Goodbye, Welcome, Joined, RunJob, CancelJob, JobResult, Ack, Sealed)
 }
 
 
@@ -278,7 +318,8 @@ def decode(data: bytes) -> Message:
 def _plain(msg: Any) -> dict[str, Any]:
     """A message's fields as JSON-ready values (``dataclasses.asdict`` deep-copies every value:
     a tenth of a small job's RPC time, for nothing)."""
-    return {f.name: _plain(v) if dataclasses.is_dataclass(v := getattr(msg, f.name)) else v
+    return {f.name: _plain(v) if dataclasses.is_dataclass(v := getattr(msg, f.name))
+            else [_plain(x) for x in v] if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]) else v
             for f, _ in _fields(type(msg))}
 
 

@@ -34,7 +34,7 @@ from storage.datastore import Datastore
 from controller.imageids import image_ids
 from storage.facts import header_from_bytes
 from storage.images import Download, ImageStore, StoredFile, image_key
-from controller.results import result_problem
+from controller.results import expected, result_problem
 from common.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
                                NotFound, QuotaExceeded, Workload, quoted)
 from storage.queries import tags_of
@@ -330,13 +330,13 @@ class JobLifecycle:
 
     async def accept_result(self, workload_id: str, workload_dir: str, filter_name: str, image_id: int,
                             original: tuple[str, int, int, str] | None, stored: StoredFile,
-                            timing: Timing | None = None) -> bool:
+                            timing: Timing | None = None, params: dict | None = None) -> bool:
         """A received result: judged against its ``original`` (format, size, mode; read from the
         image if the row predates headers), put in place and recorded. BadInput if it cannot be
         the job's result; False if another result was first (this one is dropped)."""
         assert self.images is not None
         original = await self._original_header(workload_id, workload_dir, image_id, original)
-        problem = result_problem(filter_name, original, stored)
+        problem = result_problem(filter_name, original, stored, params)
         if problem:
             raise BadInput(f"result rejected: {problem}")
         stored = await self.images.without_metadata(stored)  # whatever the worker put in
@@ -361,7 +361,8 @@ class JobLifecycle:
         fmt, width, height, mode = header
         known = (fmt, width, height, mode) if width is not None and height is not None and mode is not None \
             else None  # a row of an earlier version: read from the image
-        return await self.accept_result(workload.id, workload.dir, workload.filter.value, image_id, known, stored)
+        return await self.accept_result(workload.id, workload.dir, workload.filter.value, image_id, known, stored,
+                                        params=workload.params)
 
     def sent_to_worker(self, download: Download) -> None:
         """A worker fetched its job's original through the API."""
@@ -397,10 +398,15 @@ class JobLifecycle:
         presigned URLs, for this job only), or None: through the API."""
         if self.images is None or not self.images.direct or job.original is None:
             return None
-        fmt = job.original[0]
-        return await self.images.job_urls(self._original_key(job),
-                                          image_key(job.workload_dir, ImageType.FILTERED, job.image_id, fmt),
-                                          expires_in)
+        return await self.images.job_urls(self._original_key(job), self._result_key(job), expires_in)
+
+    @staticmethod
+    def _result_key(job: Job) -> str:
+        """Where a worker puts the job's result in an object store: named in the format its
+        pipeline makes."""
+        assert job.original is not None
+        fmt = expected(job.filter.value, job.params, job.original).format
+        return image_key(job.workload_dir, ImageType.FILTERED, job.image_id, fmt)
 
     async def store_inline_result(self, job: Job, data: bytes, timing: Timing) -> None:
         """A result that came back inside the job's reply: stored as an upload would be, with
@@ -411,7 +417,7 @@ class JobLifecycle:
         stored = await self.images.receive_bytes(data)
         try:
             await self.accept_result(job.workload_id, job.workload_dir, job.filter.value, job.image_id,
-                                     job.original, stored, timing)
+                                     job.original, stored, timing, job.params)
         finally:
             await self.images.discard(stored)
         if job.original is not None:
@@ -422,12 +428,12 @@ class JobLifecycle:
         upload would be and recorded; why it cannot be the result, or None once it is recorded
         (or another copy's was first)."""
         assert self.images is not None and job.original is not None
-        key = image_key(job.workload_dir, ImageType.FILTERED, job.image_id, job.original[0])
+        key = self._result_key(job)
         stored = await self.images.stored_result(key)
         if stored is None:
             return "reported success but stored no result"
         original = await self._original_header(job.workload_id, job.workload_dir, job.image_id, job.original)
-        problem = result_problem(job.filter.value, original, stored)
+        problem = result_problem(job.filter.value, original, stored, job.params)
         if problem:
             return f"result rejected: {problem}"
         try:

@@ -34,18 +34,23 @@ from enum import Enum
 
 import pynng
 
-from common import wire
+from common import filters, wire
+from common.filters import FilterSpec
+from common.offers import specs_of
 from common.aio import stop_tasks
 from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError
 from common.tls import ServerTls, is_tls
 from common.seal import C2W, JOIN, W2C, Channel, SealError, join_key, open_with, session_key, welcome_proof
-from controller import capability
+from controller import capability, results
 from controller.capability import JobClaims
 from common.models import Unauthorized
 from storage.datastore import Datastore
 
 logger = logging.getLogger(__name__)
+
+#: What a worker that declares no filters runs: the built-ins of this server.
+BUILTINS = tuple(n for n, s in filters.REGISTRY.items() if s.builtin)
 
 MAX_PENDING = 256  # joins being welcomed or recently tried
 WELCOME_RETRY = 1.0  # seconds between two welcome attempts for one name
@@ -90,6 +95,16 @@ class WorkerInfo:
     running_job_ids: list[int] = field(default_factory=list)
     channel: Channel | None = field(default=None, repr=False)  # the session key; None when dead
     proven: int = 0  # its results stored this session (what its claimed capacity is trusted to)
+    #: the filters it runs, as it declared them when it joined (each with whether on its GPU);
+    #: None: it declared none (an older worker): the server's built-ins
+    filters: dict[str, tuple[FilterSpec, bool]] | None = field(default=None, repr=False)
+    filter_names: frozenset[str] = field(default_factory=lambda: frozenset(BUILTINS), repr=False)
+    gpu_filters: frozenset[str] = field(default_factory=frozenset, repr=False)  # run on its GPU
+
+    def declare(self, declared: dict[str, tuple[FilterSpec, bool]] | None) -> None:
+        self.filters = declared
+        self.filter_names = frozenset(declared) if declared is not None else frozenset(BUILTINS)
+        self.gpu_filters = frozenset(n for n, (_, gpu) in (declared or {}).items() if gpu)
 
     @property
     def alive(self) -> bool:
@@ -132,6 +147,8 @@ class WorkerInfo:
             "capacity": self.capacity,
             "jobs_done": self.jobs_done,
             "last_seen": self.last_seen,
+            "filters": [{"name": n, "version": s.version, "gpu": gpu} for n, (s, gpu) in self.filters.items()]
+            if self.filters is not None else [{"name": n, "version": "", "gpu": False} for n in BUILTINS],
         }
         if admin:
             out["rpc_address"] = self.rpc_address
@@ -232,6 +249,27 @@ class Membership:
 
     def snapshot(self) -> list[WorkerInfo]:
         return list(self.workers.values())
+
+    def offered(self, name: str) -> FilterSpec | None:
+        """Filter ``name`` as a live worker declared it (the first found), or None."""
+        for info in self.workers.values():
+            if info.alive and info.filters is not None and name in info.filters:
+                return info.filters[name][0]
+        return None
+
+    def fleet_filters(self) -> dict[str, list[tuple[WorkerInfo, FilterSpec, bool]]]:
+        """Every filter a live worker runs: who runs it, with its declaration there."""
+        out: dict[str, list[tuple[WorkerInfo, FilterSpec, bool]]] = {}
+        for info in self.workers.values():
+            if not info.alive:
+                continue
+            if info.filters is None:
+                for n in BUILTINS:
+                    out.setdefault(n, []).append((info, filters.REGISTRY[n], False))
+            else:
+                for n, (spec, gpu) in info.filters.items():
+                    out.setdefault(n, []).append((info, spec, gpu))
+        return out
 
     def member(self, name: str) -> WorkerInfo | None:
         """What is known of worker ``name`` (alive or not), or None."""
@@ -411,9 +449,13 @@ class Membership:
                                   hello.rpc_address, e, "" if self.tls is None or not self.tls.mutual else
                                   " (or its certificate is not of the client CA, or does not name it)")
                 return
-            if not (isinstance(reply, wire.Ack) and reply.ok):
+            if isinstance(reply, wire.Joined):
+                declared = specs_of(hello.name, reply.filters)
+            elif isinstance(reply, wire.Ack) and reply.ok:
+                declared = None  # a worker that declares nothing runs the built-ins
+            else:
                 return
-            adopted = self._adopt(hello, channel, client)
+            adopted = self._adopt(hello, channel, client, declared)
             if adopted:
                 await self.store.upsert_worker(hello.name, self.workers[hello.name].tags, hello.rpc_address)
         except Exception:  # a bug must cost one welcome, never leave the name stuck
@@ -423,7 +465,8 @@ class Membership:
             if not adopted:
                 client.close()
 
-    def _adopt(self, hello: wire.Hello, channel: Channel, client: RpcClient) -> bool:
+    def _adopt(self, hello: wire.Hello, channel: Channel, client: RpcClient,
+               declared: dict[str, tuple[FilterSpec, bool]] | None = None) -> bool:
         """The worker proved its session: make it the member of that name."""
         info = self.workers.get(hello.name)
         if info is not None and info.alive and info.session != hello.session:
@@ -444,6 +487,10 @@ class Membership:
         if info.session != hello.session:
             info.proven = 0  # another process: it proves itself again
         info.session, info.rpc_address = hello.session, hello.rpc_address
+        info.declare(declared)
+        for spec, _ in (declared or {}).values():
+            if spec.name not in filters.REGISTRY:
+                results.remember(spec)
         info.channel, info.state, info.welcomed_at = channel, WorkerState.WELCOMED, time.monotonic()
         info.last_seen_mono = time.monotonic()  # the TTL runs from the welcome
         self._by_kid[channel.kid] = info

@@ -1,8 +1,12 @@
-"""Whether an uploaded result can be its job's: judged by its header against the original's."""
+"""Whether an uploaded result can be its job's: judged by its header against the original's and
+what the job's pipeline declares of its output (format, size, colours)."""
 
 from __future__ import annotations
 
-from common import filters
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common import filters, operations, pipeline
 from storage.images import StoredFile
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La"}) | filters.DEEP_MODES
@@ -11,20 +15,75 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La"}) | filters.DEEP_MODES
 #: never with a transparent colour); a WebP is always RGB or RGBA to Pillow.
 GRAYSCALE_RESULT_MODES = {"GIF": frozenset({"L", "P"}), "WEBP": frozenset({"RGB", "RGBA"})}
 
+#: Declarations of filters this server does not have, as workers sent them (the latest of each
+#: name): what their results are judged by. A worker that declares loosely can only loosen the
+#: checks of the jobs of that filter (results are judged by their headers only anyway).
+DECLARED: dict[str, filters.FilterSpec] = {}
+MAX_DECLARED = 1024
 
-def result_problem(filter_name: str, original: tuple[str, int, int, str], result: StoredFile) -> str | None:
-    """Why an uploaded result cannot be the job's (None if it may be): it keeps the original's
-    format and size, and a grayscale result is grayscale while a blur of a colour image is not
-    (as far as the format's header can say). (Header checks only: a worker that lies about
-    pixels can spoil only the jobs it was sent.)"""
+
+def remember(spec: filters.FilterSpec) -> None:
+    if spec.name in DECLARED or len(DECLARED) < MAX_DECLARED:
+        DECLARED[spec.name] = spec
+
+
+def declaration(name: str) -> filters.FilterSpec | None:
+    return filters.REGISTRY.get(name) or DECLARED.get(name)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a job's result must look like: its format; its size, if the pipeline keeps it;
+    grayscale (True), not grayscale (False), or either (None)."""
+
+    format: str
+    size: tuple[int, int] | None
+    gray: bool | None
+
+
+def expected(filter_: str, params: Mapping, original: tuple[str, int, int, str]) -> Expected:
+    """What the steps of ``filter_`` (with ``params``) make of ``original``."""
     fmt, width, height, mode = original
-    if result.format != fmt:
-        return f"a {result.format} result for a {fmt} original"
-    if (result.width, result.height) != (width, height):
+    try:
+        steps = pipeline.of_stored(filter_, params)
+    except pipeline.PipelineError:
+        steps = []
+    size: tuple[int, int] | None = (width, height)
+    colour = "gray" if mode in GRAYSCALE_MODES else "colour"
+    for name, values in steps:
+        spec = declaration(name)
+        if spec is None:  # nobody declared it: nothing but the format is known
+            size, colour = None, "any"
+            continue
+        if spec.size != "same":
+            size = None
+        if spec.colour == "gray":
+            colour = "gray"
+        elif spec.colour == "any":
+            colour = "any"
+        if spec.output_format:
+            kind = str(values.get("type", "png")).strip().lower()
+            fmt = operations.OUTPUT_FORMATS.get(kind, fmt)
+    return Expected(fmt, size, {"gray": True, "colour": False}.get(colour))
+
+
+def result_problem(filter_: str, original: tuple[str, int, int, str], result: StoredFile,
+                   params: Mapping | None = None) -> str | None:
+    """Why an uploaded result cannot be the job's (None if it may be): it has the format the
+    pipeline makes (the original's unless a format step chose another), the original's size
+    unless a step changes it, a grayscale result is grayscale while a colour image's result
+    through steps that keep colours is not (as far as the format's header can say). (Header
+    checks only: a worker that lies about pixels can spoil only the jobs it was sent.)"""
+    want = expected(filter_, params or {}, original)
+    fmt, width, height, _ = original
+    if result.format != want.format:
+        return f"a {result.format} result for a {fmt} original" + (
+            f" (the pipeline makes {want.format})" if want.format != fmt else "")
+    if want.size is not None and (result.width, result.height) != want.size:
         return f"{result.width}x{result.height} result for a {width}x{height} original"
-    gray = filters.spec(filter_name).grayscale_output
-    if gray and result.mode not in GRAYSCALE_RESULT_MODES.get(fmt, GRAYSCALE_MODES):
+    label = pipeline.label_of(filter_)
+    if want.gray and result.mode not in GRAYSCALE_RESULT_MODES.get(want.format, GRAYSCALE_MODES):
         return f"a {result.mode} result is not grayscale"
-    if not gray and mode not in GRAYSCALE_MODES and result.mode in GRAYSCALE_MODES:
-        return f"a grayscale result for {filter_name} of a colour image"
+    if want.gray is False and result.mode in GRAYSCALE_MODES:
+        return f"a grayscale result for {label} of a colour image"
     return None

@@ -25,6 +25,7 @@ from controller.jobs import JobLifecycle, Timing
 from common.models import DpipError, InsufficientStorage, Job, Unavailable
 from scheduler.latency import LatencyTracker
 from scheduler.ports import Members, Slots
+from common.pipeline import label_of
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class Carrier:
             return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
                                                    backoff=False))
         timeout = self.settings.job_timeout
-        cap = self.membership.capability(worker, job.id, job.workload_id, job.image_id, job.filter.value,
+        cap = self.membership.capability(worker, job.id, job.workload_id, job.image_id, label_of(job.filter.value),
                                          time.time() + timeout + 5.0)
         original = await self.jobs.inline_original(job, wire.INLINE_MAX_BYTES)  # small: no HTTP hop
         try:  # an object store: the worker reads and writes it directly, for this job only

@@ -12,12 +12,14 @@ How an attempt's copies travel (hedged, tied) is :mod:`scheduler.carrier`'s busi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common import pipeline
 from common.aio import stop_tasks
 from controller.jobs import JobLifecycle
 from common.models import DpipError, Job
@@ -194,6 +196,8 @@ class Dispatcher:
                 capacity=w.slots(),  # its claim, as far as it has proven it
                 ready=w.ready,
                 probation=self._probation.get(w.name, 0.0) > now,
+                filters=w.filter_names,
+                gpu_filters=w.gpu_filters,
             ))
         return views
 
@@ -376,11 +380,25 @@ class Dispatcher:
 
     def _view(self, job: Job) -> JobView:
         record = self._pending.get(job.id)
-        return JobView(frozenset(job.tags), frozenset(record.avoid) if record else frozenset())
+        return JobView(frozenset(job.tags), frozenset(record.avoid) if record else frozenset(),
+                       needs=needed_filters(job.filter.value, job.params))
 
     def _settled(self, job: Job) -> None:
         """The job left the scheduler for good (done, failed, or finished elsewhere)."""
         self._pending.pop(job.id, None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _needed(filter_: str) -> frozenset[str]:
+    try:
+        return frozenset(name for name, _ in pipeline.of_stored(filter_, {}))
+    except pipeline.PipelineError:
+        return frozenset({filter_})  # nobody runs it: it waits, saying so
+
+
+def needed_filters(filter_: str, params: dict) -> frozenset[str]:
+    """The filters a job's pipeline needs its worker to run."""
+    return _needed(filter_)
 
 
 async def _nothing() -> None:

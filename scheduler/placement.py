@@ -23,6 +23,8 @@ class WorkerView:
     capacity: int
     ready: bool = True  # alive, welcomed and not draining
     probation: bool = False  # another worker just beat it to a job it held: others first
+    filters: frozenset[str] | None = None  # the filters it runs (None: any)
+    gpu_filters: frozenset[str] = frozenset()  # those it runs on its GPU
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,17 @@ class JobView:
     tags: frozenset[str] = frozenset()
     avoid: frozenset[str] = frozenset()  # workers that already failed this job
     wants_gpu: bool = False
+    needs: frozenset[str] = frozenset()  # the filters of its pipeline
 
 
 def eligible(job: JobView, w: WorkerView) -> bool:
-    """A worker may take a job if it is ready, has a free slot and every tag the job needs."""
-    return w.ready and w.in_flight < w.capacity and job.tags <= w.tags
+    """A worker may take a job if it is ready, has a free slot, every tag the job needs and
+    every filter of its pipeline."""
+    return w.ready and w.in_flight < w.capacity and job.tags <= w.tags and runs(job, w)
+
+
+def runs(job: JobView, w: WorkerView) -> bool:
+    return w.filters is None or job.needs <= w.filters
 
 
 def score(job: JobView, w: WorkerView) -> float:
@@ -42,7 +50,8 @@ def score(job: JobView, w: WorkerView) -> float:
     free_slots = 1.0 - w.in_flight / w.capacity
     s = 0.5 * free_slots + 0.3 * (1.0 - w.cpu_percent / 100.0) + 0.2 * (1.0 - w.memory_percent / 100.0)
     if w.gpu_count > 0:
-        s += (0.3 if job.wants_gpu else 0.05) * (1.0 - w.gpu_utilization / 100.0)
+        gpu_work = job.wants_gpu or bool(job.needs & w.gpu_filters)  # a step it runs on its GPU
+        s += (0.3 if gpu_work else 0.05) * (1.0 - w.gpu_utilization / 100.0)
     if w.probation:
         s -= 5.0  # a slow worker (a hedge beat it lately) gets work only when others are full
     if w.name in job.avoid:
@@ -58,6 +67,14 @@ def why_not(job: JobView, workers: Iterable[WorkerView]) -> str:
     tagged = [w for w in ready if job.tags <= w.tags]
     if not tagged:
         return f"waiting for a live worker with tags {','.join(sorted(job.tags))}"
+    able = [w for w in tagged if runs(job, w)]
+    if not able:
+        missing = sorted(n for n in job.needs if not any(w.filters is None or n in w.filters for w in tagged))
+        what = (f"filter{'s' if len(missing) > 1 else ''} {', '.join(missing)}" if missing
+                else f"all of {', '.join(sorted(job.needs))} (no one worker runs them all)")
+        return f"waiting for a live worker that runs {what}" + (
+            f" (with tags {','.join(sorted(job.tags))})" if job.tags else "")
+    tagged = able
     return f"waiting for a free slot: {len(tagged)} eligible worker(s) are full"
 
 

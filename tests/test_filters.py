@@ -3,13 +3,19 @@ applies, and /filters, the OpenAPI description and dpip show."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
+import urllib.parse
 
 import pytest
 from PIL import Image, ImageFilter
 
-from common import filters
-from tests.helpers import frame_png, push, ref, wait_completed
+from common import filters, operations, pipeline
+from controller.results import result_problem
+from storage.images import StoredFile
+from tests.helpers import frame_png, push, ref, wait_completed, workload
+from worker.filters import process
 
 
 def test_every_parameter_is_checked_against_its_range():
@@ -20,8 +26,8 @@ def test_every_parameter_is_checked_against_its_range():
                        ("1e999", "between")):
         with pytest.raises(ValueError, match=words):
             blur.validate({"radius": bad})
-    with pytest.raises(ValueError, match="unknown filter 'sepia'; use one of: grayscale, blur"):
-        filters.spec("sepia")
+    with pytest.raises(ValueError, match="unknown filter 'posterize'; use one of: grayscale, blur, resize"):
+        filters.spec("posterize")
 
 
 def test_blur_radius_end_to_end_and_bad_parameters_are_400(system):
@@ -50,5 +56,172 @@ def test_the_registry_is_what_clients_see(system):
                                       "maximum": 50.0, "help": filters.spec("blur").params[0].help}
     spec = ref.request(system.url, "GET", "/openapi.json").json()
     form = spec["paths"]["/workloads"]["post"]["requestBody"]["content"]["application/x-www-form-urlencoded"]
-    assert form["schema"]["properties"]["filter"]["enum"] == list(filters.REGISTRY)
+    assert all(f"`{name}`" in form["schema"]["properties"]["filter"]["description"] for name in filters.REGISTRY)
     assert form["schema"]["properties"]["radius"]["maximum"] == 50.0
+
+
+# -- pipelines ----------------------------------------------------------------------------------
+
+def local(steps):
+    return pipeline.validate(steps, filters.REGISTRY.get, lambda: list(filters.REGISTRY))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("resize(width=800)|posterize|grayscale", "unknown step 2 ('posterize')"),
+    ("|".join(["grayscale"] * 11), "at most 10 steps, got 11"),
+    ("grayscale|blur(radius=big)", "step 2 (blur): radius must be a number, got 'big'"),
+    ("resize(width=0)", "step 1 (resize): width must be between 1 and 10000"),
+    ("sharpen|resize(height=100000)", "step 2 (resize): height must be between 1 and 10000"),
+    ("resize", "step 1 (resize): give width or height"),
+    ("crop(width=10,left=3)", "step 1 (crop): give both left and top"),
+    ("flip(direction=diagonal)", "step 1 (flip): direction must be one of horizontal, vertical"),
+    ("blur(sigma=2)", "step 1 (blur) takes no parameter 'sigma' (radius)"),
+    ("format(type=bmp)", "step 1 (format): type must be one of png, jpeg, webp"),
+    ("grayscale|blur(radius=2,radius=3)", "step 2 (blur): radius given twice"),
+    ("grayscale|blur(radius)", "step 2 (blur): 'radius' is not key=value"),
+    ("grayscale|%%", "step 2 ('%%'): write name or name(key=value,...)"),
+    ('[{"name": "grayscale"}, {"name": "rotate", "params": {"degrees": 400}}]',
+     "step 2 (rotate): degrees must be between -360 and 360"),
+    ('[{"name": "grayscale", "params": {"x": [1]}}]', "step 1 ('grayscale'): parameters are numbers or words"),
+])
+def test_every_bad_pipeline_names_its_step(text, words):
+    with pytest.raises(pipeline.PipelineError) as e:
+        local(pipeline.parse(text))
+    assert words in str(e.value)
+    assert len(str(e.value)) < 400
+
+
+def test_a_pipeline_is_stored_whole_and_one_filter_as_the_course_stores_it():
+    p = local(pipeline.parse(" Resize( width = 800 ) | sharpen|grayscale "))
+    assert p.text() == "resize(width=800)|sharpen(radius=2.0,percent=150,threshold=3)|grayscale"
+    assert p.stored() == (p.text(), {}) and p.label() == "pipeline"
+    assert pipeline.of_stored(*p.stored()) == [("resize", {"width": "800"}),
+                                               ("sharpen", {"radius": "2.0", "percent": "150", "threshold": "3"}),
+                                               ("grayscale", {})]
+    assert local(pipeline.parse("blur(radius=5)")).stored() == ("blur", {"radius": 5.0})
+    assert local(pipeline.parse('[{"name": "blur", "params": {"radius": 5}}]')).stored() == ("blur", {"radius": 5.0})
+
+
+def three_step(src: Image.Image) -> Image.Image:
+    """resize(width=120)|sharpen|grayscale, written with Pillow directly."""
+    w, h = src.size
+    return (src.resize((120, round(h * 120 / w)), Image.Resampling.LANCZOS)
+            .filter(ImageFilter.UnsharpMask(2.0, 150, 3)).convert("L"))
+
+
+def test_a_three_step_pipeline_is_exactly_pillows_steps():
+    data = frame_png(5, 300, 200)
+    out, fmt = process(data, "resize(width=120)|sharpen(radius=2.0,percent=150,threshold=3)|grayscale")
+    assert fmt == "PNG"
+    assert Image.open(io.BytesIO(out)).tobytes() == three_step(Image.open(io.BytesIO(data))).tobytes()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "I;16", "CMYK"])
+@pytest.mark.parametrize("name", [n for n in filters.REGISTRY if n not in filters.COURSE])
+def test_every_operation_takes_every_mode_and_its_result_passes_the_check(name, mode):
+    params = {"resize": {"width": "30"}, "crop": {"width": "20", "height": "10"}, "rotate": {"degrees": "33"},
+              "format": {"type": "jpeg"}}.get(name, {})
+    src = Image.new("RGB", (48, 32), (10, 200, 90)).convert(mode)
+    buf = io.BytesIO()
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    src.save(buf, fmt)
+    text = local([(name, params)]).stored()
+    out, out_fmt = process(buf.getvalue(), *text)
+    got = Image.open(io.BytesIO(out))
+    stored = StoredFile(None, got.format, len(out), got.width, got.height, got.mode, out)
+    assert result_problem(text[0], (fmt, 48, 32, src.mode), stored, text[1]) is None
+    assert out_fmt == ("JPEG" if name == "format" else fmt)
+
+
+def test_the_result_check_follows_what_the_pipeline_declares():
+    def stored(fmt, w, h, mode):
+        return StoredFile(None, fmt, 1, w, h, mode, b"")
+    original = ("PNG", 300, 200, "RGB")
+    resized = "resize(width=120)|grayscale"
+    assert result_problem(resized, original, stored("PNG", 120, 80, "L")) is None
+    assert "not grayscale" in result_problem(resized, original, stored("PNG", 120, 80, "RGB"))
+    assert "a JPEG result" in result_problem(resized, original, stored("JPEG", 120, 80, "L"))
+    webp = "format(type=webp,quality=80)"
+    assert result_problem(webp, original, stored("WEBP", 300, 200, "RGB")) is None
+    assert "the pipeline makes WEBP" in result_problem(webp, original, stored("PNG", 300, 200, "RGB"))
+    assert "120x80 result" in result_problem("sharpen", original, stored("PNG", 120, 80, "RGB"))
+    assert result_problem("grayscale|sepia", original, stored("PNG", 300, 200, "RGB")) is None
+
+
+def test_sepia_is_an_array_kernel_with_one_code_path_for_numpy_and_cupy():
+    import numpy
+    spec = filters.spec("sepia")
+    assert spec.gpu and filters.array_module(False) is numpy
+    if importlib.util.find_spec("cupy") is None:
+        assert filters.array_module(True) is numpy, "no CuPy: NumPy, whatever the GPU"
+    im = Image.new("RGB", (4, 3), (100, 50, 200))
+    r, g, b = 100, 50, 200
+    want = tuple(min(255, round(a * r + bb * g + c * b)) for a, bb, c in operations.SEPIA)
+    assert filters.run_kernel(spec.kernel, im, {"strength": 1.0}, xp=numpy).getpixel((1, 1)) == want
+    assert filters.run_kernel(spec.kernel, im, {"strength": 0.0}, xp=numpy).tobytes() == im.tobytes()
+
+
+def test_a_declaration_from_a_worker_is_checked_like_a_plugin():
+    from common import offers, wire
+    for spec in filters.REGISTRY.values():
+        back = offers.spec_of(wire.decode(wire.encode(wire.Joined([offers.offer_of(spec)]))).filters[0])
+        assert back.describe() == {**spec.describe(), "gpu": False, "builtin": False}
+        assert back.apply is None
+    bad = wire.FilterOffer("Bad-Name")
+    with pytest.raises(ValueError):
+        offers.spec_of(bad)
+    with pytest.raises(ValueError):
+        offers.spec_of(wire.FilterOffer("x", params=[wire.ParamOffer("p", "number", "", 5.0, 1.0)]))
+
+
+# -- through a real system ------------------------------------------------------------------------
+
+def test_pipelines_end_to_end_in_every_form_exact_pixels(system):
+    token = ref.login(system.url, "admin", system.admin_password)
+    form = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-www-form-urlencoded"}
+    text = "resize(width=120)|sharpen|grayscale"
+    json_steps = [{"name": "resize", "params": {"width": 120}}, {"name": "sharpen"}, {"name": "grayscale"}]
+    made = [ref.request(system.url, "POST", "/workloads", f"filter={text}".encode(), form),
+            ref.request(system.url, "POST", "/workloads?filter=" + urllib.parse.quote(text), None,
+                        {"Authorization": f"Bearer {token}"}),
+            ref.request(system.url, "POST", "/workloads", json.dumps({"filter": json_steps}).encode(),
+                        {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})]
+    frames = {i: frame_png(i, 300, 200) for i in range(3)}
+    for r in made:
+        assert r.status == 200, r.body
+        body = r.json()
+        assert body["filter"] == "resize(width=120)|sharpen(radius=2.0,percent=150,threshold=3)|grayscale"
+        assert [s["name"] for s in body["steps"]] == ["resize", "sharpen", "grayscale"]
+        push(system, token, body["workload_id"], frames)
+    for r in made:
+        wid = r.json()["workload_id"]
+        assert wait_completed(system.url, token, wid)["filtered_images"] == [0, 1, 2]
+        for i, data in frames.items():
+            got = Image.open(io.BytesIO(ref.pull(system.url, token, wid, i).body))
+            assert got.size == (120, 80) and got.tobytes() == three_step(Image.open(io.BytesIO(data))).tobytes()
+
+
+def test_a_format_step_changes_the_results_format_on_purpose(system):
+    token = ref.login(system.url, "admin", system.admin_password)
+    wid = workload(system.url, token, filter="crop(width=50,height=40)|format(type=webp,quality=80)")
+    push(system, token, wid, {0: frame_png(1, 100, 80)})
+    wait_completed(system.url, token, wid)
+    r = ref.pull(system.url, token, wid, 0)
+    assert r.status == 200 and r.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(r.body)).size == (50, 40)
+
+
+def test_bad_pipelines_are_400_naming_the_step_and_create_nothing(system):
+    token = ref.login(system.url, "admin", system.admin_password)
+    form = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-www-form-urlencoded"}
+    before = len(ref.get_json(system.url, token, "/workloads"))
+    for body, words in ((b"filter=grayscale|posterize", "unknown step 2 ('posterize')"),
+                        ("filter=" + "|".join(["blur"] * 11), "at most 10 steps"),
+                        (b"filter=resize(width=0)", "step 1 (resize): width must be between 1 and 10000"),
+                        (b"filter=resize(width=100000)", "step 1 (resize): width must be between 1 and 10000"),
+                        (b"filter=blur|grayscale&radius=3", "give each step's parameters inside it")):
+        r = ref.request(system.url, "POST", "/workloads", body if isinstance(body, bytes) else body.encode(), form)
+        assert r.status == 400 and words in r.json()["error"], r.body
+    assert len(ref.get_json(system.url, token, "/workloads")) == before
+    listed = [f["name"] for f in ref.request(system.url, "GET", "/filters").json()]
+    assert {"resize", "crop", "rotate", "sharpen", "grayscale", "blur"} <= set(listed)

@@ -186,7 +186,7 @@ def test_jpeg_in_jpeg_out():
 
 def test_filter_errors():
     with pytest.raises(FilterError, match="unknown filter"):
-        process(rgb_png(), "sepia")
+        process(rgb_png(), "posterize")
     with pytest.raises(FilterError, match="cannot decode"):
         process(rgb_png()[:60], "grayscale")
 

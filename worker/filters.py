@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from common import filters, formats
+from common import filters, formats, operations, pipeline
 
 ORIENTATION = 0x0112  # the EXIF tag
 #: How to turn an image upright, by its EXIF orientation (1, or none: as it is).
@@ -52,16 +52,36 @@ class FilterError(ValueError):
 class EncodeOptions:
     png_compress_level: int = 1
     jpeg_quality: int = 90
+    webp_quality: int | None = None  # None: Pillow's own (a format step sets it)
+
+
+def steps_of(filter_: str, params: dict | None = None) -> list[tuple[filters.FilterSpec, dict]]:
+    """The filters of a job's pipeline (one filter, or a pipeline's text), each with its checked
+    parameters; FilterError naming the step this worker cannot run."""
+    try:
+        raw = pipeline.of_stored(filter_, params or {})
+    except pipeline.PipelineError as e:
+        raise FilterError(str(e)) from None
+    out = []
+    for i, (name, values) in enumerate(raw, 1):
+        where = f"step {i} ({name})" if len(raw) > 1 else name
+        try:
+            spec = filters.spec(name)
+            out.append((spec, spec.validate(values)))
+        except ValueError as e:
+            raise FilterError(f"{where}: {e}" if len(raw) > 1 else str(e)) from None
+    return out
 
 
 def process(data: bytes, name: str, params: dict | None = None,
             options: EncodeOptions = EncodeOptions()) -> tuple[bytes, str]:
-    """Filter image ``data`` with filter ``name``; return (encoded bytes, Pillow format)."""
-    try:
-        spec = filters.spec(name)
-        checked = spec.validate(params or {})
-    except ValueError as e:
-        raise FilterError(str(e)) from None
+    """Filter image ``data`` with filter (or pipeline) ``name``; return (encoded bytes, Pillow
+    format): the original's format, unless a ``format`` step chose another."""
+    steps = steps_of(name, params)
+    out_fmt, quality = None, options.jpeg_quality
+    for spec, values in steps:
+        if spec.output_format:
+            out_fmt, quality = operations.OUTPUT_FORMATS[values["type"]], values["quality"]
     outs: list[Image.Image] = []
     durations: list[int] = []
     try:
@@ -71,24 +91,38 @@ def process(data: bytes, name: str, params: dict | None = None,
             if im.size[0] * im.size[1] > MAX_PIXELS:
                 raise FilterError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {MAX_PIXELS}")
             kept = {key: im.info[key] for key in _KEPT if key in im.info}
+            every = fmt != "JPEG" and (out_fmt in (None, fmt) or fmt in _ANIMATED and out_fmt != "JPEG")
             turn: Image.Transpose | None = None
-            for frame in _frames(im, every=fmt != "JPEG"):
+            made = 0
+            for frame in _frames(im, every=every):
                 # A phone's portrait photo is stored sideways with an EXIF Orientation: filter it
                 # upright. The result is saved without EXIF (no GPS position leaves with it).
                 if not outs:
                     turn = _turn(frame)  # the first frame's EXIF speaks for all
-                upright = frame.transpose(turn) if turn is not None else frame
-                try:
-                    outs.append(spec.apply(upright, checked))
-                except ValueError as e:  # the filter's own refusal (what the mode cannot take)
-                    raise FilterError(f"cannot {name} this {frame.mode} image: {e}") from e
+                out = frame.transpose(turn) if turn is not None else frame
+                for i, (spec, values) in enumerate(steps, 1):
+                    try:
+                        assert spec.apply is not None
+                        out = spec.apply(out, values)
+                    except ValueError as e:  # the filter's own refusal (what the mode cannot take)
+                        where = f"step {i} ({spec.name})" if len(steps) > 1 else spec.name
+                        raise FilterError(f"cannot {where} this {frame.mode} image: {e}") from e
+                made += out.width * out.height
+                if made > MAX_PIXELS:
+                    raise FilterError(f"the result would exceed the limit of {MAX_PIXELS} pixels")
+                outs.append(out)
                 durations.append(frame.info.get("duration") or 0)
     except FilterError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise FilterError(f"cannot decode the image: {e}") from e
+    if out_fmt is not None and out_fmt != fmt:
+        outs = [operations.storable_as(out, out_fmt) for out in outs]
+        kept = {k: v for k, v in kept.items() if k == "loop"}
+        fmt = out_fmt
     try:
-        return _encode(outs, fmt, options, kept, durations), fmt
+        chosen = replace(options, jpeg_quality=quality, webp_quality=quality) if out_fmt else options
+        return _encode(outs, fmt, chosen, kept, durations), fmt
     except (OSError, ValueError) as e:
         raise FilterError(f"cannot encode the result as {fmt}: {e}") from e
 
@@ -140,6 +174,8 @@ def _encode(outs: list[Image.Image], fmt: str, options: EncodeOptions, kept: dic
         if compression in ("jpeg", "tiff_jpeg"):
             more["quality"] = options.jpeg_quality
         first.save(buf, "TIFF", compression=compression, **more)
+    elif fmt == "WEBP" and options.webp_quality is not None:
+        first.save(buf, "WEBP", quality=options.webp_quality, **more)
     else:
         first.save(buf, fmt, **more)
     return buf.getvalue()

@@ -44,8 +44,10 @@ class WorkerLink:
     token, or a function that finds it (the one a server on this machine left, looked for
     again, at most every second, while no welcome has come)."""
 
-    def __init__(self, name: str, join_token: str | Callable[[], str] = "") -> None:
+    def __init__(self, name: str, join_token: str | Callable[[], str] = "",
+                 offers: list[wire.FilterOffer] | None = None) -> None:
         self.name = name
+        self.joined = wire.Joined(list(offers)) if offers is not None else wire.Ack()  # the welcome's answer
         self.session = secrets.token_hex(16)
         self._find_token = join_token if callable(join_token) else None
         self._token = join_token if isinstance(join_token, str) else ""
@@ -89,7 +91,7 @@ class WorkerLink:
         if w.worker_session != self.session:
             raise Refused("welcome refused: it is not for this worker's session")
         if self.channel is not None and w.kid == self.channel.kid:
-            return self.channel.seal_reply(wire.Ack(), 0)  # our ack was lost: say it again
+            return self.channel.seal_reply(self.joined, 0)  # our answer was lost: say it again
         if w.kid in self._old_kids or not w.kid:
             raise Refused("welcome refused: its key was used before")
         if not self.join:  # a key sent in clear could have been sent by anyone who saw our hello
@@ -101,7 +103,7 @@ class WorkerLink:
             self._old_kids.append(self.channel.kid)
         self.channel = Channel(key, w.kid, send=W2C, recv=C2W)
         self.epoch = w.epoch
-        return self.channel.seal_reply(wire.Ack(), 0)
+        return self.channel.seal_reply(self.joined, 0)
 
     def open(self, sealed: wire.Sealed) -> tuple[wire.Message, bool, Channel]:
         """A request from the server that welcomed us: (message, fresh, channel to reply on)."""

@@ -32,6 +32,7 @@ from common.config import local_address_towards, option
 from common.tls import WorkerTls, http_client_context, is_tls, nng_url
 from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError, RpcServer
+from common import filters, offers
 from worker.filters import EncodeOptions, FilterError, process
 from worker.link import Refused, WorkerLink
 from worker.telemetry import Telemetry
@@ -134,13 +135,17 @@ class Worker:
                              Path(settings.tls_cert) if settings.tls_cert else None,
                              Path(settings.tls_key) if settings.tls_key else None,
                              settings.name) if settings.tls_ca or settings.tls_cert or settings.tls_key else None
+        self.telemetry = Telemetry()
+        # Array kernels run on the GPU where there is one and CuPy to drive it (else NumPy).
+        filters.USE_GPU = self.telemetry.gpu().count > 0 and filters.array_module(True).__name__ == "cupy"
+        self.offers = offers.offers(gpu=filters.USE_GPU)  # built-ins and the plugins loaded
         controllers = settings.controllers or ((settings.controller_host, settings.controller_port),)
-        self.links = [ControllerLink(host, port, WorkerLink(settings.name, join_token_for(settings, host, port)),
+        self.links = [ControllerLink(host, port, WorkerLink(settings.name, join_token_for(settings, host, port),
+                                                            self.offers),
                                      heartbeat_interval=settings.heartbeat_interval)
                       for host, port in controllers]
         self.link = self.links[0].link  # the first controller's (tests and old callers)
         self.session = self.link.session
-        self.telemetry = Telemetry()
         self.executor = ThreadPoolExecutor(settings.capacity, thread_name_prefix="filter")
         self.jobs: dict[int, asyncio.Task[wire.JobResult]] = {}
         self.jobs_done = 0

@@ -1,0 +1,59 @@
+"""A worker's filters on the wire: what it declares when it joins (:class:`~common.wire.Joined`)
+and what the server makes of a declaration (a :class:`~common.filters.FilterSpec` without a
+function: the filter runs where it lives)."""
+
+from __future__ import annotations
+
+import logging
+
+from common import filters, wire
+
+logger = logging.getLogger(__name__)
+
+
+def offer_of(spec: filters.FilterSpec, gpu: bool = False) -> wire.FilterOffer:
+    params = []
+    for p in spec.params:
+        default = "" if p.default is None else repr(p.default) if isinstance(p.default, float) else str(p.default)
+        params.append(wire.ParamOffer(p.name, {int: "integer", float: "number", str: "string"}[p.type], default,
+                                      float(p.minimum), float(p.maximum), list(p.choices), p.help[:200]))
+    return wire.FilterOffer(spec.name, spec.version[:64], spec.help[:200], params, spec.colour, spec.size,
+                            spec.output_format, gpu and spec.gpu)
+
+
+def offers(gpu: bool = False) -> list[wire.FilterOffer]:
+    """Every filter of this process's registry (built-ins and plugins), as a worker offers them."""
+    return [offer_of(s, gpu) for s in list(filters.REGISTRY.values())[:wire.MAX_FILTERS]]
+
+
+def spec_of(offer: wire.FilterOffer) -> filters.FilterSpec:
+    """The declaration a worker sent, checked like a plugin's (ValueError if it is not one)."""
+    params = []
+    for p in offer.params:
+        d: dict = {"name": p.name, "type": p.type, "help": p.help}
+        if p.type == "string":
+            d.update(enum=list(p.choices), default=p.default or None)
+        else:
+            d.update(minimum=p.minimum, maximum=p.maximum)
+            if p.default:
+                try:
+                    d["default"] = int(p.default) if p.type == "integer" else float(p.default)
+                except ValueError:
+                    raise ValueError(f"filter {offer.name}: parameter {p.name}'s default") from None
+        params.append(d)
+    spec = filters.FilterSpec.from_description({"name": offer.name, "help": offer.help, "params": params,
+                                                "colour": offer.colour, "size": offer.size,
+                                                "output_format": offer.output_format, "version": offer.version})
+    return spec
+
+
+def specs_of(name: str, offered: list[wire.FilterOffer]) -> dict[str, tuple[filters.FilterSpec, bool]]:
+    """A worker's declarations by filter name, each with whether it runs on the worker's GPU;
+    one it declared wrongly is left out (and logged)."""
+    out: dict[str, tuple[filters.FilterSpec, bool]] = {}
+    for offer in offered:
+        try:
+            out[offer.name] = (spec_of(offer), offer.gpu)
+        except ValueError as e:
+            logger.warning("worker %s declared a filter that cannot be used: %s", name, e)
+    return out

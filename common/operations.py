@@ -1,0 +1,195 @@
+"""The operations people expect of an image service, built in beside the course's two filters:
+resize, crop, rotate, flip, sharpen, edges, sepia, brightness, contrast, pixelate, and ``format``
+(the result's format, on purpose). Each is a filter of the registry (:mod:`common.filters`),
+declared like a plugin's, and chains with the others in a pipeline (:mod:`common.pipeline`).
+
+Pure functions of (image, params): any mode the server accepts is either handled or converted to
+one the operation takes (8-bit gray or RGB, keeping an alpha channel).
+"""
+
+from __future__ import annotations
+
+from PIL import Image, ImageEnhance, ImageFilter
+
+from common.filters import _ALPHA_MODES, DEEP_MODES, Param, register
+
+#: The largest side an operation makes (and a resize asks for): 10,000 px (the pixel limit of
+#: the whole result is the worker's, formats.MAX_PIXELS).
+MAX_SIDE = 10_000
+#: What the ``format`` step writes, by its ``type``: the Pillow format.
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def eight_bit(im: Image.Image) -> Image.Image:
+    """``im`` in a mode 8-bit operations take (L, LA, RGB or RGBA): a palette decoded (its
+    transparent colour as alpha), a deep gray image spread over 256 levels from its own range."""
+    if im.mode in ("L", "LA", "RGB", "RGBA"):
+        return im
+    if im.mode in DEEP_MODES:
+        values = im.convert("F")
+        low, high = values.getextrema()
+        step = (high - low) / 255 or 1
+        return values.point(lambda v: (v - low) / step + 0.5).convert("L")
+    alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    if im.mode in ("1", "La"):
+        return im.convert("L")
+    return im.convert("RGBA" if alpha else "RGB")
+
+
+def _fits(width: int, height: int) -> tuple[int, int]:
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise ValueError(f"it would make a {width}x{height} image (each side at most {MAX_SIDE} px)")
+    return width, height
+
+
+def _needs_a_side(params: dict) -> None:
+    if "width" not in params and "height" not in params:
+        raise ValueError("give width or height (or both)")
+
+
+@register("resize", "scale to fit inside width x height, keeping the aspect ratio (a side not given is free)",
+          Param("width", int, None, 1, MAX_SIDE, "the most pixels across"),
+          Param("height", int, None, 1, MAX_SIDE, "the most pixels down"),
+          size="changes", check=_needs_a_side)
+def resize(im: Image.Image, params: dict) -> Image.Image:
+    w, h = im.size
+    scale = min(params.get("width", MAX_SIDE * w) / w, params.get("height", MAX_SIDE * h) / h)
+    size = _fits(max(1, round(w * scale)), max(1, round(h * scale)))
+    if im.mode in ("1", "P", "PA") or im.mode not in DEEP_MODES and im.mode not in ("L", "LA", "RGB", "RGBA",
+                                                                                     "CMYK", "I", "F"):
+        im = eight_bit(im)
+    return im.resize(size, Image.Resampling.LANCZOS if im.mode not in DEEP_MODES else Image.Resampling.BILINEAR)
+
+
+def _crop_box(params: dict) -> None:
+    if ("left" in params) != ("top" in params):
+        raise ValueError("give both left and top (a box), or neither (centred)")
+
+
+@register("crop", "cut out width x height pixels at left, top (without them: from the centre)",
+          Param("width", int, 100, 1, MAX_SIDE, "pixels across"),
+          Param("height", int, 100, 1, MAX_SIDE, "pixels down"),
+          Param("left", int, None, 0, MAX_SIDE, "the box's left edge"),
+          Param("top", int, None, 0, MAX_SIDE, "the box's top edge"),
+          size="changes", check=_crop_box)
+def crop(im: Image.Image, params: dict) -> Image.Image:
+    w, h = im.size
+    cw, ch = min(params["width"], w), min(params["height"], h)
+    if "left" in params:
+        left, top = params["left"], params["top"]
+        if left >= w or top >= h:
+            raise ValueError(f"the box at {left},{top} is outside the {w}x{h} image")
+        cw, ch = min(cw, w - left), min(ch, h - top)
+    else:
+        left, top = (w - cw) // 2, (h - ch) // 2
+    return im.crop((left, top, left + cw, top + ch))
+
+
+_QUARTER_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+@register("rotate", "turn anticlockwise by degrees (a quarter turn exactly; other angles grow the canvas,"
+                    " the corners transparent or black)",
+          Param("degrees", float, 90.0, -360.0, 360.0, "the angle, anticlockwise"), size="changes")
+def rotate(im: Image.Image, params: dict) -> Image.Image:
+    degrees = params["degrees"] % 360
+    if degrees == 0:
+        return im.copy()
+    if degrees in _QUARTER_TURNS:
+        return im.transpose(_QUARTER_TURNS[degrees])
+    im = eight_bit(im)
+    out = im.rotate(degrees, Image.Resampling.BICUBIC, expand=True)
+    _fits(*out.size)
+    return out
+
+
+@register("flip", "mirror left to right (horizontal) or top to bottom (vertical)",
+          Param("direction", str, "horizontal", help="horizontal or vertical",
+                choices=("horizontal", "vertical")))
+def flip(im: Image.Image, params: dict) -> Image.Image:
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT if params["direction"] == "horizontal"
+                        else Image.Transpose.FLIP_TOP_BOTTOM)
+
+
+@register("sharpen", "unsharp mask",
+          Param("radius", float, 2.0, 0.0, 50.0, "the blur the mask is made with, in pixels"),
+          Param("percent", int, 150, 0, 1000, "how strong"),
+          Param("threshold", int, 3, 0, 255, "the least difference sharpened"))
+def sharpen(im: Image.Image, params: dict) -> Image.Image:
+    return eight_bit(im).filter(ImageFilter.UnsharpMask(params["radius"], params["percent"], params["threshold"]))
+
+
+@register("edges", "edge detection (Pillow's FIND_EDGES): outlines on black")
+def edges(im: Image.Image, params: dict) -> Image.Image:
+    im = eight_bit(im)
+    if im.mode in ("LA", "RGBA"):  # the outlines of the colour bands, the alpha kept as it is
+        *bands, alpha = im.split()
+        found = Image.merge(im.mode[:-1], bands).filter(ImageFilter.FIND_EDGES)
+        return Image.merge(im.mode, [*found.split(), alpha])
+    return im.filter(ImageFilter.FIND_EDGES)
+
+
+#: The classic sepia matrix (rows: the output's red, green, blue from the input's).
+SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
+
+
+@register("sepia", "warm brown tones (an array kernel: on a worker's GPU where it has one)",
+          Param("strength", float, 1.0, 0.0, 1.0, "0 leaves the image as it is, 1 is full sepia"),
+          colour="any", kernel=True)
+def sepia(xp, rgb, params: dict):
+    """``rgb`` (height x width x 3, uint8) in sepia; ``xp`` is NumPy or CuPy."""
+    a = rgb.astype(xp.float32)
+    toned = a @ xp.asarray(SEPIA, dtype=xp.float32).T
+    s = float(params.get("strength", 1.0))
+    return xp.rint(xp.clip(a * (1 - s) + toned * s, 0, 255))
+
+
+@register("brightness", "lighter or darker: 1 leaves it, 0 is black, 2 twice as bright",
+          Param("factor", float, 1.2, 0.0, 10.0, "the brightness factor"))
+def brightness(im: Image.Image, params: dict) -> Image.Image:
+    return _enhanced(ImageEnhance.Brightness, im, params["factor"])
+
+
+@register("contrast", "more or less contrast: 1 leaves it, 0 is flat gray",
+          Param("factor", float, 1.2, 0.0, 10.0, "the contrast factor"))
+def contrast(im: Image.Image, params: dict) -> Image.Image:
+    return _enhanced(ImageEnhance.Contrast, im, params["factor"])
+
+
+def _enhanced(kind, im: Image.Image, factor: float) -> Image.Image:
+    im = eight_bit(im)
+    if im.mode in ("LA", "RGBA"):  # ImageEnhance would blend the alpha too
+        *bands, alpha = im.split()
+        out = kind(Image.merge(im.mode[:-1], bands)).enhance(factor)
+        return Image.merge(im.mode, [*out.split(), alpha])
+    return kind(im).enhance(factor)
+
+
+@register("pixelate", "blocks of size x size pixels, each of its average colour",
+          Param("size", int, 8, 1, 1000, "the block's side, in pixels"))
+def pixelate(im: Image.Image, params: dict) -> Image.Image:
+    im = eight_bit(im)
+    w, h = im.size
+    small = im.resize((max(1, -(-w // params["size"])), max(1, -(-h // params["size"]))), Image.Resampling.BOX)
+    return small.resize((w, h), Image.Resampling.NEAREST)
+
+
+@register("format", "write the result as PNG, JPEG (with a quality) or WebP, whatever the original was",
+          Param("type", str, "png", help="png, jpeg or webp", choices=tuple(OUTPUT_FORMATS)),
+          Param("quality", int, 90, 1, 100, "for JPEG and WebP"),
+          output_format=True)
+def format_(im: Image.Image, params: dict) -> Image.Image:
+    return im  # the encoder writes it (worker.filters), in a mode the format stores
+
+
+def storable_as(im: Image.Image, fmt: str) -> Image.Image:
+    """``im`` in a mode the output format ``fmt`` (of a format step) stores."""
+    if fmt == "JPEG" and im.mode not in ("L", "RGB", "CMYK"):
+        im = eight_bit(im)
+        return im.convert("L" if im.mode in ("L", "LA") else "RGB")
+    if fmt == "WEBP" and im.mode not in ("RGB", "RGBA"):
+        im = eight_bit(im)
+        return im.convert("RGBA" if im.mode in ("LA", "RGBA") else "RGB")
+    if fmt == "PNG" and im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I"):
+        return eight_bit(im)
+    return im

@@ -1,0 +1,3 @@
+"""Names something that is not a filter."""
+
+value = {"name": "stray", "apply": "not a function"}
