@@ -73,6 +73,9 @@ class Api:
     async def status(self) -> dict:
         return await self._json("GET", "/status")
 
+    async def filters(self) -> list[dict]:
+        return await self._json("GET", "/filters")
+
     async def workloads(self) -> list[dict]:
         return await self._json("GET", "/workloads")
 

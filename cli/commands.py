@@ -105,6 +105,13 @@ async def cmd_workers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_filters(args: argparse.Namespace) -> int:
+    async with _api(args) as api:
+        listed = await api.filters()
+    show.as_json(listed) if args.json else show.out.print(show.filters_table(listed))
+    return EXIT_OK
+
+
 async def cmd_workloads(args: argparse.Namespace) -> int:
     async with _api(args) as api:
         workloads = await api.workloads()

@@ -74,8 +74,10 @@ def parser() -> argparse.ArgumentParser:
     stall = argparse.ArgumentParser(add_help=False)
     stall.add_argument("--stall-timeout", type=_seconds, default=30.0, metavar="S", help=STALL_HELP)
     target = argparse.ArgumentParser(add_help=False)
-    target.add_argument("--filter", "-f", choices=list(filters.REGISTRY), default=filters.DEFAULT,
-                        help=f"{' or '.join(filters.REGISTRY)} (default {filters.DEFAULT})")
+    target.add_argument("--filter", "-f", default=filters.DEFAULT, metavar="PIPELINE",
+                        help=f"a filter (default {filters.DEFAULT}; `dpip filters` lists what the fleet runs) or a"
+                             " pipeline of up to 10 steps, e.g. 'resize(width=800)|sharpen|grayscale';"
+                             " the server checks it")
     names = ", ".join(sorted(filters.param_names()))
     target.add_argument("--param", "-p", type=_param, action="append", metavar="NAME=VALUE",
                         help=f"a filter parameter, e.g. radius=5 for blur ({names}); the server checks it")
@@ -100,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     add("logout", "cmd_logout", "revoke the token and forget it")
     add("status", "cmd_status", "system name, workers and your active workloads", [tables])
     add("workers", "cmd_workers", "the workers: alive, tags, CPU, memory, GPU, jobs", [tables])
+    add("filters", "cmd_filters", "the filters the fleet runs: parameters, and how many live workers run each",
+        [tables])
     add("workloads", "cmd_workloads", "your workloads and their progress (partial: a push that stopped early)",
         [tables])
     push = add("push", "cmd_push", "upload image files or directories into a new workload; prints its id",

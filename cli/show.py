@@ -55,6 +55,25 @@ def workers_table(workers: list[dict]) -> Table:
     return table
 
 
+def filters_table(listed: list[dict]) -> Table:
+    table = Table(title=f"filters ({len(listed)})", title_justify="left")
+    for col in ("name", "parameters", "workers", "where", "help"):
+        table.add_column(col, justify="right" if col == "workers" else "left")
+    for f in listed:
+        params = ", ".join(_param(p) for p in f.get("params", [])) or "-"
+        where = ", ".join(f"{o['worker']}{' ' + o['version'] if o.get('version') else ''}{' (gpu)' if o.get('gpu') else ''}"
+                          for o in f.get("offered_by", [])) or "-"
+        workers = f.get("workers", 0)
+        table.add_row(f["name"], params, str(workers) if workers else "[red]0[/red]", where, f.get("help", ""))
+    return table
+
+
+def _param(p: dict) -> str:
+    if p.get("type") == "string":
+        return f"{p['name']}={'|'.join(p.get('enum', []))}"
+    return f"{p['name']}={p.get('minimum', '')}..{p.get('maximum', '')}"
+
+
 def workloads_table(workloads: list[dict], title: str = "workloads") -> Table:
     table = Table(title=f"{title} ({len(workloads)})", title_justify="left")
     for col in ("workload_id", "name", "filter", "status", "images", "filtered", "failed", "running"):

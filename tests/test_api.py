@@ -117,7 +117,7 @@ async def test_workload_parameters_as_form_query_or_json(client):
 
 
 @pytest.mark.parametrize("params, words", [
-    ({"filter": "sepia"}, ["unknown filter", "grayscale", "blur"]),
+    ({"filter": "posterize"}, ["unknown filter", "grayscale", "blur"]),
     ({"workload_name": "../etc"}, ["workload_name"]),
     ({"workload_name": "a b"}, ["workload_name"]),
     ({"workload_name": "x" * 65}, ["workload_name"]),

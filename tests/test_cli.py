@@ -155,7 +155,8 @@ def test_error_paths_exit_non_zero_with_one_line(cli: Cli, system, tmp_path):
     one_line_error(cli("video", "run", tmp_path / "f" / "0.png", tmp_path / "out.xyz"), 1, "unknown video extension")
     one_line_error(cli("push", tmp_path / "f", "--name", "bad name!"), 1, "workload_name")
     one_line_error(cli("status", DPIP_TOKEN="not-a-token"), 3, "dpip login")
-    assert cli("push", tmp_path / "f", "--filter", "sepia").returncode == 2  # argparse's usage error
+    one_line_error(cli("push", tmp_path / "f", "--filter", "resize(width=0)|grayscale"), 1,
+                   "step 1 (resize): width must be between 1 and 10000")
 
     dead = f"http://127.0.0.1:{free_port()}"
     one_line_error(cli("status", DPIP_URL=dead, DPIP_TOKEN="t"), 4, "cannot reach the server")
@@ -237,3 +238,21 @@ def test_rm_deletes_workloads_by_id_or_name(cli: Cli, system, tmp_path):
     assert first not in listed and second not in listed
     one_line_error(cli("rm", "no-such-name"), 1, "no workload of yours is named 'no-such-name'")
     one_line_error(cli("rm", first), 1, "not found")
+
+
+def test_a_pipeline_from_the_command_line_and_the_fleets_filters(cli: Cli, system, tmp_path):
+    files = frames_dir(tmp_path / "frames", 2)
+    wid = cli.ok("push", tmp_path / "frames", "--filter", "resize(width=16)|flip|grayscale").stdout.strip()
+    out = tmp_path / "out"
+    cli.ok("pull", wid, out, "--wait")
+    for i, src in enumerate(files):
+        with Image.open(out / f"{i}.png") as got, Image.open(src) as original:
+            w, h = original.size
+            want = original.resize((16, round(h * 16 / w)), Image.Resampling.LANCZOS)
+            want = want.transpose(Image.Transpose.FLIP_LEFT_RIGHT).convert("L")
+            assert got.tobytes() == want.tobytes(), i
+    listed = json.loads(cli.ok("filters", "--json").stdout)
+    assert {"resize", "flip", "grayscale"} <= {f["name"] for f in listed}
+    assert all(f["workers"] == 2 for f in listed if f["builtin"]), "both workers run every built-in"
+    table = cli.ok("filters").stdout
+    assert "resize" in table and "flip" in table

@@ -111,7 +111,7 @@ def test_hostile_inputs_table(make_system, tmp_path):
         ("credentials not base64", ("GET", "/login", None, {"Authorization": "Basic %%%"}), 401, "malformed"),
         ("credentials without colon", ("GET", "/login", None, {"Authorization": "Basic " + base64.b64encode(b"admin").decode()}), 401, "malformed"),
         # -- workloads
-        ("unknown filter", ("POST", "/workloads?filter=sepia", None, auth), 400, "unknown filter"),
+        ("unknown filter", ("POST", "/workloads?filter=posterize", None, auth), 400, "unknown filter"),
         ("name traversal", ("POST", "/workloads?workload_name=../../etc", None, auth), 400, "workload_name"),
         ("name with a slash", ("POST", "/workloads", b"workload_name=a%2Fb", {**auth, "Content-Type": "application/x-www-form-urlencoded"}), 400, "workload_name"),
         ("name is dot-dot", ("POST", "/workloads?workload_name=..", None, auth), 400, "workload_name"),
