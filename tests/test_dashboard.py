@@ -105,6 +105,29 @@ def test_dashboard_login_live_workers_drop_upload_and_gallery(system, browser, t
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
 
 
+def test_dashboard_runs_a_pipeline_and_says_which_step_is_wrong(system, browser):
+    wait = waiting(browser)
+    log_in(browser, system.url)
+    options = wait.until(lambda d: [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#new-filter option")]
+                         if len(d.find_elements(By.CSS_SELECTOR, "#new-filter option")) > 2 else None)
+    assert {"grayscale", "blur", "resize", "crop", "sharpen"} <= set(options), "the fleet's filters, from /filters"
+    pipeline = browser.find_element(By.ID, "new-pipeline")
+    pipeline.send_keys("grayscale|resize(width=0)")
+    browser.execute_script(DROP_FILES, "#dropzone", [("0.png", base64.b64encode(png((9, 99, 199))).decode())])
+    wait.until(lambda d: "step 2 (resize): width must be between 1" in d.find_element(By.ID, "upload-status").text)
+    pipeline.clear()
+    pipeline.send_keys("resize(width=40)|grayscale")
+    browser.find_element(By.ID, "new-name").send_keys("piped")
+    browser.execute_script(DROP_FILES, "#dropzone", [("0.png", base64.b64encode(png((9, 99, 199))).decode())])
+    wait.until(lambda d: "uploaded 1/1" in d.find_element(By.ID, "upload-status").text)
+    token = ref.login(system.url, "admin", system.admin_password)
+    piped = next(w for w in ref.get_json(system.url, token, "/workloads") if w["workload_name"] == "piped")
+    assert piped["filter"] == "resize(width=40)|grayscale"
+    done = wait_completed(system.url, token, piped["workload_id"])
+    got = Image.open(io.BytesIO(ref.pull(system.url, token, piped["workload_id"], 0).body))
+    assert done["filtered_images"] == [0] and got.size == (40, 30) and got.mode == "L"
+
+
 def test_thumbnails_keep_aspect_and_are_cached(system):
     token = system.login()
     wid = workload(system.url, token)

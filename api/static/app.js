@@ -294,8 +294,11 @@ async function uploadFiles(files) {
   if (!images.length) { status.textContent = "no image files in that drop"; return; }
   images.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
   try {
-    const body = { filter: $("#new-filter").value };
-    for (const input of document.querySelectorAll("#new-params input")) if (input.value !== "") body[input.name] = input.value;
+    const steps = $("#new-pipeline").value.trim();
+    const body = { filter: steps || $("#new-filter").value };
+    if (!steps) {  // the filter's own parameters, as the course's form gives them
+      for (const input of document.querySelectorAll("#new-params .param")) if (input.value !== "") body[input.name] = input.value;
+    }
     if ($("#new-name").value.trim()) body.workload_name = $("#new-name").value.trim();
     const w = await (await api("/workloads", { method: "POST", headers: { "Content-Type": "application/json" },
                                                body: JSON.stringify(body) })).json();
@@ -315,14 +318,17 @@ async function uploadFiles(files) {
 async function loadFilters() {
   const r = await fetch("/filters");
   if (!r.ok) return;
-  const list = await r.json();
+  const list = await r.json();  // this server's and every live worker's, with how many run each
   const select = $("#new-filter");
-  select.replaceChildren(...list.map((f) => el("option", { value: f.name, title: f.help }, f.name)));
+  select.replaceChildren(...list.map((f) => el("option", { value: f.name, title: f.help },
+    f.workers ? f.name : `${f.name} (no live worker)`)));
+  const input = (p) => p.type === "string"
+    ? el("select", { name: p.name, class: "param" }, ...p.enum.map((v) => el("option", { value: v }, v)))
+    : el("input", { name: p.name, type: "number", min: p.minimum, max: p.maximum, step: p.type === "integer" ? 1 : "any",
+                    placeholder: p.default === null ? "" : String(p.default), class: "param" });
   const showParams = () => {
     const f = list.find((x) => x.name === select.value);
-    $("#new-params").replaceChildren(...(f ? f.params : []).map((p) => el("label", { title: p.help }, `${p.name} `,
-      el("input", { name: p.name, type: "number", min: p.minimum, max: p.maximum, step: p.type === "integer" ? 1 : "any",
-                    placeholder: String(p.default), class: "param" }))));
+    $("#new-params").replaceChildren(...(f ? f.params : []).map((p) => el("label", { title: p.help }, `${p.name} `, input(p))));
   };
   select.addEventListener("change", showParams);
   showParams();
