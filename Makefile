@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install browser engines run test e2e bench bench-deps bench-tail bench-cli bench-scale bench-cluster bench-floor clean
+.PHONY: install browser engines run test e2e bench bench-deps bench-tail bench-cli bench-scale bench-cluster bench-floor bench-pipeline clean
 
 install: $(STAMP)
 
@@ -51,6 +51,10 @@ bench-deps: install
 
 bench: bench-deps
 	$(PY) scripts/bench.py
+
+# Only the 3-step pipeline against the same steps in a local Pillow pool (a row of make bench).
+bench-pipeline: install
+	$(PY) scripts/bench.py --only-pipeline
 
 bench-tail: install
 	$(PY) scripts/bench_tail.py

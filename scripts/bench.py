@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
 
 from scripts import celery_noop  # noqa: E402
 from scripts.benchclients import aiohttp_push, cli_push, requests_push, round_trips  # noqa: E402
@@ -104,15 +104,30 @@ def gray_job(args: tuple[bytes, int]) -> int:
     return len(out.getvalue())
 
 
-def bench_pool(pool: multiprocessing.pool.Pool, frames: list[bytes], level: int) -> float:
-    pool.map(gray_job, [(frames[0], level)] * len(pool._pool))  # warm up every process
+#: The 3-step pipeline measured against the same steps in a local pool.
+PIPELINE = "resize(width=640)|sharpen|grayscale"
+
+
+def pipeline_job(args: tuple[bytes, int]) -> int:
+    """PIPELINE's steps written with Pillow directly: decode, resize, unsharp mask, gray, PNG."""
+    data, level = args
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        small = im.resize((640, round(h * 640 / w)), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        small.filter(ImageFilter.UnsharpMask(2.0, 150, 3)).convert("L").save(out, "PNG", compress_level=level)
+    return len(out.getvalue())
+
+
+def bench_pool(pool: multiprocessing.pool.Pool, frames: list[bytes], level: int, job=gray_job) -> float:
+    pool.map(job, [(frames[0], level)] * len(pool._pool))  # warm up every process
     t0 = time.perf_counter()
-    pool.map(gray_job, [(f, level) for f in frames], chunksize=1)
+    pool.map(job, [(f, level) for f in frames], chunksize=1)
     return len(frames) / (time.perf_counter() - t0)
 
 
-def measure_pool(n: int, level: int, cores: int) -> tuple[list[Path], float]:
-    """The 720p frames' files and the local pool's rate on them (img/s)."""
+def measure_pool(n: int, level: int, cores: int) -> tuple[list[Path], float, float]:
+    """The 720p frames' files and the local pool's rates on them (img/s): grayscale, PIPELINE."""
     ctx = multiprocessing.get_context("spawn")  # nng is not fork-safe; be consistent everywhere
     with ctx.Pool(cores) as pool:
         files = ensure_frames(n, 1280, 720, pool)
@@ -120,8 +135,10 @@ def measure_pool(n: int, level: int, cores: int) -> tuple[list[Path], float]:
         mb = sum(map(len, frames)) / len(frames) / 1e6
         say(f"{len(frames)} frames of 1280x720, {mb:.2f} MB each on average; {cores} cores")
         rate = bench_pool(pool, frames, level)
+        piped = bench_pool(pool, frames, level, pipeline_job)
     say(f"local pool ({cores} processes, decode -> grayscale -> PNG level {level}): {rate:.1f} img/s")
-    return files, rate
+    say(f"local pool, the same frames through {PIPELINE} (Pillow's own calls): {piped:.1f} img/s")
+    return files, rate, piped
 
 
 # -- the system ---------------------------------------------------------------------------------
@@ -178,6 +195,21 @@ def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: in
     say(f"DPIP end to end, dpip push --jobs {clients} (its start included) until completed: {cli.rate:.1f} img/s"
         f" in {cli.elapsed:.1f}s; ratio to local pool {dpip.value:.2f} ({dpip.judgement})")
     return [req, aio, dpip, share]
+
+
+def measure_pipeline(system: LocalSystem, token: str, files: list[Path], clients: int, pool_rate: float) -> Row:
+    """PIPELINE on the 720p frames through DPIP (plain requests clients) against the same steps
+    in the local pool: what three steps in one decode and one encode cost end to end."""
+    frames = [f.read_bytes() for f in files]
+    meter = meter_of(system).start()
+    pushed = requests_push(system.url, token, frames, clients, PIPELINE)
+    spent = meter.stop()
+    row = Row(f"3-step pipeline ({PIPELINE}) / local pool, {clients} requests clients", pushed.rate / pool_rate, "",
+              None, True, f"{pushed.rate:.1f} vs {pool_rate:.1f} img/s; server {spent.per_image_ms(pushed.images):.1f} ms,"
+              f" workers {1000 * spent.workers.total / pushed.images:.1f} ms CPU per frame")
+    say(f"720p through {PIPELINE}: DPIP {pushed.rate:.1f} img/s, local pool {pool_rate:.1f} img/s: ratio {row.value:.2f};"
+        f" {row.detail}")
+    return row
 
 
 def measure_720p_s3(folder: Path, workers: dict[str, tuple[str, ...]], files: list[Path], clients: int) -> list[Row]:
@@ -431,19 +463,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fleets", type=fleet_shapes, default=[(64, 1), (32, 8), (64, 16)], metavar="WxS,...",
                    help="wide fleets with 1 s jobs: W workers of S slots ('' skips them)")
     p.add_argument("--history", type=int, default=10_000, help="workloads of one user for the history run")
+    p.add_argument("--only-pipeline", action="store_true",
+                   help=f"measure only {PIPELINE} against the local pool (make bench-pipeline)")
     return p.parse_args()
 
 
 def main() -> int:
     a = parse_args()
     cores = os.cpu_count() or 1
-    files, pool_rate = measure_pool(a.frames, a.level, cores)
+    files, pool_rate, pipeline_rate = measure_pool(a.frames, a.level, cores)
+    workers = {f"bench-{i}": ("--png-compress-level", str(a.level)) for i in range(cores)}
+    if a.only_pipeline:
+        with tempfile.TemporaryDirectory(prefix="dpip-bench-") as tmp, \
+                running_system(Path(tmp) / "main", workers) as (system, token):
+            requests_push(system.url, token, [f.read_bytes() for f in files[:10]], a.clients)  # the trust ramp
+            print(f"\n{table([measure_pipeline(system, token, files, a.clients, pipeline_rate)])}")
+        return 0
     count = max(a.tiny, a.round_trips, *(n * IMAGES_PER_WORKER for n in a.scale))
     tiny = [frame_png(i, 64, 64) for i in range(count)]
-    workers = {f"bench-{i}": ("--png-compress-level", str(a.level)) for i in range(cores)}
     with tempfile.TemporaryDirectory(prefix="dpip-bench-") as tmp:
         with running_system(Path(tmp) / "main", workers) as (system, token):
             big = measure_720p(system, token, files, a.clients, pool_rate, Path(tmp) / "config")
+            big.append(measure_pipeline(system, token, files, a.clients, pipeline_rate))
             throughput, server_cpu = measure_tiny(system, token, tiny[:a.tiny], a.clients, a.tiny_clients)
             round_trip = measure_round_trip(system, token, tiny[:a.round_trips])
             history = measure_history(system, token, a.history)

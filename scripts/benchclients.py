@@ -130,12 +130,19 @@ def watch(url: str, token: str, workload_id: str, images: int,
         wait_until(done, TIMEOUT, f"workload {workload_id} to complete", WATCH_INTERVAL)
 
 
-def requests_push(url: str | list[str], token: str, images: list[bytes], clients: int) -> Push:
+def requests_push(url: str | list[str], token: str, images: list[bytes], clients: int, filter_: str = "") -> Push:
     """Push ``images`` from ``clients`` threads, a ``requests.Session`` each, and a watcher thread.
-    With several URLs (servers of one system), client k uploads through ``url[k % len(url)]``."""
+    With several URLs (servers of one system), client k uploads through ``url[k % len(url)]``.
+    ``filter_``: the workload's filter or pipeline (else the bodiless POST: grayscale)."""
     urls = [url] if isinstance(url, str) else url
     url = urls[0]
-    wid = ref.create_workload(url, token)["workload_id"]
+    if filter_:
+        with session(token) as http:
+            r = http.post(f"{url}/workloads", data={"filter": filter_}, timeout=30)
+            r.raise_for_status()
+            wid = r.json()["workload_id"]
+    else:
+        wid = ref.create_workload(url, token)["workload_id"]
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
     for i in range(len(images)):
         todo.put(i)
