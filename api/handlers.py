@@ -208,6 +208,10 @@ async def create_workload(request: web.Request) -> web.Response:
     return web.json_response(_workload_json(request, await request.app[STORE].workload_view(workload)))
 
 
+#: A workload's own fields: never read as a filter's parameter, whatever a plugin names its own.
+RESERVED = frozenset({"filter", "workload_name", "tags", "meta"})
+
+
 def pipeline_of(params: dict[str, str], membership) -> pipeline.Pipeline:
     """The workload's filter (grayscale by default): one filter, its parameters given beside it
     as the course's form does (``filter=blur&radius=5``) or inside it, or a pipeline of steps;
@@ -222,7 +226,7 @@ def pipeline_of(params: dict[str, str], membership) -> pipeline.Pipeline:
         foreign = [n for n in beside if n not in own]
         if foreign:
             raise BadInput(f"filter {name} takes no parameter {foreign[0]!r}")
-        steps = [(name, {n: params[n] for n in own if n in params})]
+        steps = [(name, {n: params[n] for n in own - RESERVED if n in params})]
     elif beside:
         raise BadInput(f"give each step's parameters inside it, e.g. blur({beside[0]}=...), not as {beside[0]}")
 

@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
     stall.add_argument("--stall-timeout", type=_seconds, default=30.0, metavar="S", help=STALL_HELP)
     target = argparse.ArgumentParser(add_help=False)
     target.add_argument("--filter", "-f", default=filters.DEFAULT, metavar="PIPELINE",
-                        help=f"a filter (default {filters.DEFAULT}; `dpip filters` lists what the fleet runs) or a"
+                        help=f"a filter (default {filters.DEFAULT}; dpip filters lists what the fleet runs) or a"
                              " pipeline of up to 10 steps, e.g. 'resize(width=800)|sharpen|grayscale';"
                              " the server checks it")
     names = ", ".join(sorted(filters.param_names()))

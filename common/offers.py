@@ -21,9 +21,22 @@ def offer_of(spec: filters.FilterSpec, gpu: bool = False) -> wire.FilterOffer:
                             spec.output_format, gpu and spec.gpu)
 
 
+#: What a worker's declaration may take of a message (sealed, it must fit MAX_MESSAGE_BYTES).
+MAX_DECLARATION_BYTES = 384 * 1024
+
+
 def offers(gpu: bool = False) -> list[wire.FilterOffer]:
-    """Every filter of this process's registry (built-ins and plugins), as a worker offers them."""
-    return [offer_of(s, gpu) for s in list(filters.REGISTRY.values())[:wire.MAX_FILTERS]]
+    """Every filter of this process's registry (built-ins first, then plugins), as a worker
+    offers them: at most MAX_FILTERS, and no more than fit one message (the rest are left out,
+    and logged: a welcome that cannot be answered would keep the worker out for good)."""
+    listed = [offer_of(s, gpu) for s in filters.REGISTRY.values()]
+    kept = listed[:wire.MAX_FILTERS]
+    while kept and len(wire.encode(wire.Joined(kept))) > MAX_DECLARATION_BYTES:
+        kept.pop()
+    if len(kept) < len(listed):
+        logger.warning("this worker runs %d filters but declares only the first %d (what fits a message):"
+                       " %s are left out", len(listed), len(kept), ", ".join(o.name for o in listed[len(kept):]))
+    return kept
 
 
 def spec_of(offer: wire.FilterOffer) -> filters.FilterSpec:

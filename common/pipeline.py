@@ -162,7 +162,10 @@ def validate(steps: list[tuple[str, Mapping]], catalog: Catalog, known: Callable
             out.append(Step(name, spec.validate(params)))
         except ValueError as e:
             raise PipelineError(f"step {i} ({name}): {e}") from None
-    return Pipeline(tuple(out))
+    chosen = Pipeline(tuple(out))
+    if len(chosen.steps) > 1 and len(chosen.text()) > MAX_TEXT:  # what jobs carry to the workers
+        raise PipelineError(f"the pipeline, every parameter written out, is longer than {MAX_TEXT} characters")
+    return chosen
 
 
 def of_stored(filter_: str, params: Mapping) -> list[tuple[str, dict]]:

@@ -15,7 +15,7 @@ from common import filters, operations, pipeline
 from controller.results import result_problem
 from storage.images import StoredFile
 from tests.helpers import frame_png, push, ref, wait_completed, workload
-from worker.filters import process
+from worker.filters import FilterError, process
 
 
 def test_every_parameter_is_checked_against_its_range():
@@ -225,3 +225,33 @@ def test_bad_pipelines_are_400_naming_the_step_and_create_nothing(system):
     assert len(ref.get_json(system.url, token, "/workloads")) == before
     listed = [f["name"] for f in ref.request(system.url, "GET", "/filters").json()]
     assert {"resize", "crop", "rotate", "sharpen", "grayscale", "blur"} <= set(listed)
+
+
+def test_a_plugins_bug_fails_its_job_for_good_with_a_reason(monkeypatch):
+    def buggy(im, params):
+        return {"not": "an image"}[params["missing"]]
+    monkeypatch.setitem(filters.REGISTRY, "buggy", filters.define("buggy", "raises")(buggy))
+    monkeypatch.setitem(filters.REGISTRY, "liar", filters.define("liar", "no image")(lambda im, p: "text"))
+    data = frame_png(0, 20, 20)
+    with pytest.raises(FilterError, match=r"step 2 \(buggy\) failed: KeyError: 'missing'"):
+        process(data, "grayscale|buggy")
+    with pytest.raises(FilterError, match="liar returned str, not an image"):
+        process(data, "liar")
+
+
+def test_a_pipeline_too_long_to_send_is_refused_before_anything_is_created():
+    long = [filters.Param(f"p{i}_{'x' * 28}", int, 10**9, 0, 10**9, "") for i in range(16)]
+    spec = filters.define("wide", "many parameters", *long)(lambda im, p: im)
+    with pytest.raises(pipeline.PipelineError, match="longer than 1024 characters"):
+        pipeline.validate([("wide", {})] * 2, {"wide": spec}.get, list)
+    assert pipeline.validate([("wide", {})], {"wide": spec}.get, list).stored()[0] == "wide", "one step: name + params"
+
+
+def test_a_workers_declaration_fits_its_welcome_answer(monkeypatch):
+    from common import offers, wire
+    huge = [filters.Param(f"p{i}", float, 1.0, 0.0, 2.0, "h" * 200) for i in range(16)]
+    for i in range(200):
+        monkeypatch.setitem(filters.REGISTRY, f"plug{i}", filters.define(f"plug{i}", "x" * 200, *huge)(lambda im, p: im))
+    declared = offers.offers()
+    assert 0 < len(declared) <= wire.MAX_FILTERS and declared[0].name == "grayscale", "built-ins first"
+    assert len(wire.encode(wire.Joined(declared))) <= offers.MAX_DECLARATION_BYTES

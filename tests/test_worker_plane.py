@@ -232,8 +232,9 @@ async def test_a_worker_refuses_replays_and_strangers(tmp_path):
             in_clear = wire.Welcome("e3", worker.session, "2f2f", "33" * 32, 1, "", 1.0)
             assert "welcome refused" in wire.decode(await ask(wire.encode(in_clear))).error
             ours = seal.Channel(key, kid, send=seal.C2W, recv=seal.W2C)
-            ack = ours.open_reply(await ask(wire.encode(welcome)), 0)
-            assert isinstance(ack, wire.Ack) and ack.ok
+            joined = ours.open_reply(await ask(wire.encode(welcome)), 0)
+            assert isinstance(joined, wire.Joined), "taken, sealed with the new key"
+            assert {"grayscale", "blur", "resize"} <= {f.name for f in joined.filters}, "with the filters it runs"
             # replaying the welcome of a used key is refused once another key replaced it
             data, seq = ours.seal(wire.CancelJob(7))
             reply = ours.open_reply(await ask(data), seq)

@@ -107,6 +107,13 @@ def process(data: bytes, name: str, params: dict | None = None,
                     except ValueError as e:  # the filter's own refusal (what the mode cannot take)
                         where = f"step {i} ({spec.name})" if len(steps) > 1 else spec.name
                         raise FilterError(f"cannot {where} this {frame.mode} image: {e}") from e
+                    except (MemoryError, Image.DecompressionBombError):
+                        raise
+                    except Exception as e:  # a plugin's bug: this job fails for good, saying so
+                        where = f"step {i} ({spec.name})" if len(steps) > 1 else spec.name
+                        raise FilterError(f"{where} failed: {type(e).__name__}: {str(e)[:200]}") from e
+                    if not isinstance(out, Image.Image):
+                        raise FilterError(f"{spec.name} returned {type(out).__name__}, not an image")
                 made += out.width * out.height
                 if made > MAX_PIXELS:
                     raise FilterError(f"the result would exceed the limit of {MAX_PIXELS} pixels")
