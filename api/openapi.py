@@ -89,8 +89,10 @@ SCHEMAS: dict[str, Any] = {
             "last_seen": {"type": "number"}, "rpc_address": {"type": "string", "description": "where the server sends jobs; admin only"},
             "autoscaled": {"type": "boolean", "description": "started (and to be retired) by the autoscaler"},
             "filters": {"type": "array", "description": "the filters it runs, as it declared them when it joined",
-                        "items": {"type": "object", "required": ["name", "version", "gpu"], "properties": {
-                            "name": {"type": "string"}, "version": {"type": "string"}, "gpu": {"type": "boolean"}}}},
+                        "items": {"type": "string"}},
+            "filter_versions": {"type": "object", "additionalProperties": {"type": "string"},
+                                "description": "the version of each that has one (a plugin's package)"},
+            "gpu_filters": {"type": "array", "items": {"type": "string"}, "description": "those it runs on its GPU"},
         },
     },
     "Status": {

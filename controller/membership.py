@@ -147,8 +147,11 @@ class WorkerInfo:
             "capacity": self.capacity,
             "jobs_done": self.jobs_done,
             "last_seen": self.last_seen,
-            "filters": [{"name": n, "version": s.version, "gpu": gpu} for n, (s, gpu) in self.filters.items()]
-            if self.filters is not None else [{"name": n, "version": "", "gpu": False} for n in BUILTINS],
+            # compact (a worker's entry is sent again on the event stream whenever its load moves):
+            # the names, the versions of those that have one (plugins), those run on its GPU
+            "filters": list(self.filters) if self.filters is not None else list(BUILTINS),
+            "filter_versions": {n: s.version for n, (s, _) in (self.filters or {}).items() if s.version},
+            "gpu_filters": sorted(self.gpu_filters),
         }
         if admin:
             out["rpc_address"] = self.rpc_address

@@ -74,8 +74,9 @@ def test_the_fleet_view_says_which_worker_runs_the_plugin(fleet):
     assert [p["name"] for p in named["vignette"]["params"]] == ["strength", "radius"]
     assert sorted(w["worker"] for w in named["grayscale"]["offered_by"]) == ["artist", "plain"]
     workers = {w["name"]: w for w in ref.get_json(fleet.url, token, "/status")["workers"]}
-    assert {"name": "vignette", "version": "1.2.0", "gpu": False} in workers["artist"]["filters"]
-    assert "vignette" not in {f["name"] for f in workers["plain"]["filters"]}
+    assert "vignette" in workers["artist"]["filters"] and workers["artist"]["filter_versions"] == {"vignette": "1.2.0"}
+    assert "vignette" not in workers["plain"]["filters"] and workers["plain"]["filter_versions"] == {}
+    assert set(workers["plain"]["filters"]) == {f for f, d in public.items() if d["builtin"]}
 
 
 def test_plugin_jobs_go_only_to_the_worker_that_has_it(fleet, plugin_dirs):

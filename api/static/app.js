@@ -165,6 +165,8 @@ function renderHome() {
     el("td", {}, w.name, w.autoscaled ? el("span", { class: "auto", title: "started by the autoscaler" }, " auto") : ""),
     el("td", {}, el("span", { class: `pill ${w.alive ? "alive" : "dead"}` }, w.alive ? "alive" : "gone")),
     el("td", {}, w.tags.join(", ") || "–"),
+    el("td", { class: "plugins", title: (w.filters || []).join(", ") },  // what it runs beyond the built-ins
+      Object.entries(w.filter_versions || {}).map(([n, v]) => `${n} ${v}`).join(", ") || "built-ins"),
     el("td", {}, w.alive ? meter(w.cpu_percent, "cpu") : "–"),  // a worker that left has no load to show
     el("td", {}, w.alive ? meter(w.memory_percent, "mem") : "–"),
     el("td", {}, w.gpu && w.gpu.count ? meter(w.gpu.utilization_percent, "gpu") : "none"),
