@@ -115,6 +115,21 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):
         assert any("/thumbs/" in k for k in keys), "the thumbnail lives in the bucket too"
         assert files_under(a.data_dir) == ["join-token"], "no image byte on the server's disk (a copy of the join token)"
 
+        # a pipeline that changes the format: the workers put JPEGs in the bucket (presigned for
+        # the format the pipeline makes), inline or directly, and the server judges them so
+        wid = new_workload(a, token, "resize(width=200)|format(type=jpeg,quality=80)")
+        for i, data in enumerate(originals[3:]):
+            assert ref.upload(a.url, token, wid, f"{i}.png", data).status == 200
+        wait_until(lambda: completed_with(a, token, wid, 3), 90, "the pipeline to complete")
+        assert a.get(f"/workloads/{wid}", token)["failed_images"] == []
+        for i, data in enumerate(originals[3:]):
+            r = download(a, token, wid, i)
+            assert r.status == 200 and r.headers["content-type"] == "image/jpeg", i
+            with Image.open(io.BytesIO(r.body)) as got, Image.open(io.BytesIO(data)) as src:
+                assert got.format == "JPEG" and got.width == 200 and got.height == round(src.height * 200 / src.width)
+        jpegs = [k for k in bucket_keys(s3, bucket) if "/filtered/" in k and k.endswith(".jpg")]
+        assert sorted(k.rsplit("/", 1)[1] for k in jpegs) == ["0.jpg", "1.jpg", "2.jpg"]
+
         b.start_server()  # same database: the same users, secret and token
         wid = results["grayscale"]
         r = download(b, token, wid, 5)

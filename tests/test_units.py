@@ -15,7 +15,7 @@ from common.formats import sniff_format
 from common.models import Filter, Job
 from scheduler.carrier import Carrier, DispatchStats, SchedulerSettings
 from scheduler.latency import LatencyTracker
-from scheduler.placement import JobView, WorkerView, place
+from scheduler.placement import JobView, WorkerView, place, why_not
 from worker.filters import EncodeOptions, FilterError, process
 from tests.helpers import png_bytes
 
@@ -103,6 +103,31 @@ def test_placement_honours_required_tags():
     job = JobView(tags=frozenset({"gpu"}))
     assert place(job, [worker("plain")]) is None
     assert place(job, [worker("plain"), worker("g", cpu=99, tags=("gpu", "x"))]) == "g"
+
+
+def test_placement_goes_where_the_filters_live_and_says_which_is_missing():
+    builtins = frozenset({"grayscale", "blur", "sepia"})
+    plain = WorkerView("plain", frozenset(), 10, 10, 0, 0, 0, 2, filters=builtins)
+    artist = WorkerView("artist", frozenset(), 90, 90, 0, 0, 1, 2, filters=builtins | {"vignette"})
+    job = JobView(needs=frozenset({"vignette", "grayscale"}))
+    assert place(job, [plain, artist]) == "artist", "the only one that runs every step, however busy"
+    assert place(job, [plain]) is None
+    assert why_not(job, [plain]) == "waiting for a live worker that runs filter vignette"
+    other = WorkerView("other", frozenset(), 10, 10, 0, 0, 0, 2, filters=frozenset({"vignette"}))
+    assert why_not(job, [plain, other]) == ("waiting for a live worker that runs all of grayscale, vignette"
+                                            " (no one worker runs them all)")
+    tagged = JobView(tags=frozenset({"x"}), needs=frozenset({"vignette"}))
+    plain_x = WorkerView("px", frozenset({"x"}), 10, 10, 0, 0, 0, 2, filters=builtins)
+    assert why_not(tagged, [plain_x]) == "waiting for a live worker that runs filter vignette (with tags x)"
+    assert place(JobView(needs=frozenset({"anything"})), [worker("old")]) == "old", "no declaration: not filtered on"
+
+
+def test_placement_prefers_a_gpu_for_the_steps_a_worker_runs_there():
+    cpu = WorkerView("cpu", frozenset(), 10, 10, 0, 0, 0, 2, filters=frozenset({"sepia"}))
+    gpu = WorkerView("gpu", frozenset(), 30, 30, 1, 0, 0, 2, filters=frozenset({"sepia"}),
+                     gpu_filters=frozenset({"sepia"}))
+    assert place(JobView(needs=frozenset({"sepia"})), [cpu, gpu]) == "gpu"
+    assert place(JobView(), [cpu, gpu]) == "cpu", "a job with no GPU step goes by load"
 
 
 def test_placement_avoids_workers_that_failed_the_job_unless_alone():
