@@ -217,25 +217,30 @@ def pipeline_of(params: dict[str, str], membership) -> pipeline.Pipeline:
     as the course's form does (``filter=blur&radius=5``) or inside it, or a pipeline of steps;
     each step checked against the filter's declaration (this server's, or a live worker's).
     Anything wrong is a 400 naming the step, before anything is created."""
-    steps = pipeline.parse(params.get("filter", "").strip() or filters.DEFAULT)
-    beside = sorted(n for n in filters.param_names() if params.get(n, ""))
-    if len(steps) == 1 and not steps[0][1]:
-        name = steps[0][0]
-        spec = filters.REGISTRY.get(name) or membership.offered(name)
-        own = {p.name for p in spec.params} if spec is not None else set()
-        foreign = [n for n in beside if n not in own]
-        if foreign:
-            raise BadInput(f"filter {name} takes no parameter {foreign[0]!r}")
-        steps = [(name, {n: params[n] for n in own - RESERVED if n in params})]
-    elif beside:
-        raise BadInput(f"give each step's parameters inside it, e.g. blur({beside[0]}=...), not as {beside[0]}")
-
     def catalog(name: str) -> filters.FilterSpec | None:
         return filters.REGISTRY.get(name) or membership.offered(name)
 
     def known() -> list[str]:
         return list(dict.fromkeys([*filters.REGISTRY, *sorted(membership.fleet_filters())]))
 
+    steps = pipeline.parse(params.get("filter", "").strip() or filters.DEFAULT)
+    beside = sorted(n for n in filters.param_names() if params.get(n, ""))
+    if len(steps) == 1 and not steps[0][1]:
+        name = steps[0][0]
+        spec = catalog(name)
+        own = {p.name for p in spec.params} if spec is not None else set()
+        foreign = [n for n in beside if n not in own]
+        if foreign:
+            raise BadInput(f"filter {name} takes no parameter {foreign[0]!r}")
+        steps = [(name, {n: params[n] for n in own - RESERVED if n in params})]
+    else:
+        # A step's parameter beside a pipeline (or beside a filter given its own): it would be
+        # ignored, so it is refused, as the course's form refuses one of another filter.
+        named = {p.name for n, _ in steps if (spec := catalog(n)) is not None for p in spec.params} - RESERVED
+        beside = sorted({*beside, *(n for n in named if params.get(n, ""))})
+        if beside:
+            raise BadInput(f"give each step's parameters inside it, e.g. step({beside[0]}=...), not {beside[0]}"
+                           " beside the filter")
     return pipeline.validate(steps, catalog, known)
 
 

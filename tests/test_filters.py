@@ -219,7 +219,9 @@ def test_bad_pipelines_are_400_naming_the_step_and_create_nothing(system):
                         ("filter=" + "|".join(["blur"] * 11), "at most 10 steps"),
                         (b"filter=resize(width=0)", "step 1 (resize): width must be between 1 and 10000"),
                         (b"filter=resize(width=100000)", "step 1 (resize): width must be between 1 and 10000"),
-                        (b"filter=blur|grayscale&radius=3", "give each step's parameters inside it")):
+                        (b"filter=blur|grayscale&radius=3", "give each step's parameters inside it"),
+                        (b"filter=resize(width=800)&width=900", "not width beside the filter"),
+                        (b"filter=grayscale|crop&left=4", "not left beside the filter")):
         r = ref.request(system.url, "POST", "/workloads", body if isinstance(body, bytes) else body.encode(), form)
         assert r.status == 400 and words in r.json()["error"], r.body
     assert len(ref.get_json(system.url, token, "/workloads")) == before
