@@ -385,7 +385,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
         image_id = int_param(params, "image_id")
         assert image_id is not None
         _job_image(request, workload.id, image_id, type_, ImageType.FILTERED)
-        await app[JOBS].accept_uploaded_result(workload, image_id, stored)
+        await app[JOBS].accept_uploaded_result(workload, image_id, stored, request[JOB_CLAIMS].worker)
     return {"workload_id": workload.id, "image_id": image_id, "type": type_.value}
 
 

@@ -27,8 +27,8 @@ import dataclasses
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, NamedTuple
 
 from storage.datastore import Datastore
 from controller.imageids import image_ids
@@ -73,6 +73,9 @@ class JobLifecycle:
         self.ids = image_ids(store)  # the originals' ids
         self._locks: dict[str, asyncio.Lock] = {}
         self._deleted: OrderedDict[str, float] = OrderedDict()  # workloads deleted here, recently
+        #: what a worker declared it runs (set by the server: membership's view), by worker name;
+        #: a result of a filter this server lacks is judged by its own worker's declaration
+        self.declarations: Callable[[str], Mapping[str, Any] | None] = lambda worker: None
 
     def lock(self, workload_id: str) -> asyncio.Lock:
         """Serialises a workload's image writes: originals take ids in arrival order, and the
@@ -330,13 +333,14 @@ class JobLifecycle:
 
     async def accept_result(self, workload_id: str, workload_dir: str, filter_name: str, image_id: int,
                             original: tuple[str, int, int, str] | None, stored: StoredFile,
-                            timing: Timing | None = None, params: dict | None = None) -> bool:
+                            timing: Timing | None = None, params: dict | None = None, worker: str = "") -> bool:
         """A received result: judged against its ``original`` (format, size, mode; read from the
         image if the row predates headers), put in place and recorded. BadInput if it cannot be
         the job's result; False if another result was first (this one is dropped)."""
         assert self.images is not None
         original = await self._original_header(workload_id, workload_dir, image_id, original)
-        problem = result_problem(filter_name, original, stored, params)
+        declared = self.declarations(worker or (timing.worker if timing else ""))
+        problem = result_problem(filter_name, original, stored, params, declared)
         if problem:
             raise BadInput(f"result rejected: {problem}")
         stored = await self.images.without_metadata(stored)  # whatever the worker put in
@@ -350,7 +354,8 @@ class JobLifecycle:
                 await self.images.remove(key)
             return outcome == RECORDED
 
-    async def accept_uploaded_result(self, workload: Workload, image_id: int, stored: StoredFile) -> bool:
+    async def accept_uploaded_result(self, workload: Workload, image_id: int, stored: StoredFile,
+                                     worker: str = "") -> bool:
         """A result a worker uploaded over HTTP (with its job's capability): judged against its
         original, stored and recorded (see :meth:`accept_result`)."""
         try:
@@ -362,7 +367,7 @@ class JobLifecycle:
         known = (fmt, width, height, mode) if width is not None and height is not None and mode is not None \
             else None  # a row of an earlier version: read from the image
         return await self.accept_result(workload.id, workload.dir, workload.filter.value, image_id, known, stored,
-                                        params=workload.params)
+                                        params=workload.params, worker=worker)
 
     def sent_to_worker(self, download: Download) -> None:
         """A worker fetched its job's original through the API."""
@@ -393,19 +398,18 @@ class JobLifecycle:
             self.traffic.to_workers += len(data)
         return data
 
-    async def direct_urls(self, job: Job, expires_in: float) -> tuple[str, str] | None:
+    async def direct_urls(self, job: Job, expires_in: float, worker: str = "") -> tuple[str, str] | None:
         """Where the worker gets the original and puts the result itself (an object store's
         presigned URLs, for this job only), or None: through the API."""
         if self.images is None or not self.images.direct or job.original is None:
             return None
-        return await self.images.job_urls(self._original_key(job), self._result_key(job), expires_in)
+        return await self.images.job_urls(self._original_key(job), self._result_key(job, worker), expires_in)
 
-    @staticmethod
-    def _result_key(job: Job) -> str:
-        """Where a worker puts the job's result in an object store: named in the format its
+    def _result_key(self, job: Job, worker: str) -> str:
+        """Where ``worker`` puts the job's result in an object store: named in the format its
         pipeline makes."""
         assert job.original is not None
-        fmt = expected(job.filter.value, job.params, job.original).format
+        fmt = expected(job.filter.value, job.params, job.original, self.declarations(worker)).format
         return image_key(job.workload_dir, ImageType.FILTERED, job.image_id, fmt)
 
     async def store_inline_result(self, job: Job, data: bytes, timing: Timing) -> None:
@@ -428,12 +432,12 @@ class JobLifecycle:
         upload would be and recorded; why it cannot be the result, or None once it is recorded
         (or another copy's was first)."""
         assert self.images is not None and job.original is not None
-        key = self._result_key(job)
+        key = self._result_key(job, timing.worker)
         stored = await self.images.stored_result(key)
         if stored is None:
             return "reported success but stored no result"
         original = await self._original_header(job.workload_id, job.workload_dir, job.image_id, job.original)
-        problem = result_problem(job.filter.value, original, stored, job.params)
+        problem = result_problem(job.filter.value, original, stored, job.params, self.declarations(timing.worker))
         if problem:
             return f"result rejected: {problem}"
         try:

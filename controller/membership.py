@@ -42,7 +42,7 @@ from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError
 from common.tls import ServerTls, is_tls
 from common.seal import C2W, JOIN, W2C, Channel, SealError, join_key, open_with, session_key, welcome_proof
-from controller import capability, results
+from controller import capability
 from controller.capability import JobClaims
 from common.models import Unauthorized
 from storage.datastore import Datastore
@@ -259,6 +259,13 @@ class Membership:
             if info.alive and info.filters is not None and name in info.filters:
                 return info.filters[name][0]
         return None
+
+    def declarations(self, name: str) -> dict[str, FilterSpec] | None:
+        """What worker ``name`` declared it runs (None: nothing known, or the built-ins)."""
+        info = self.workers.get(name)
+        if info is None or info.filters is None:
+            return None
+        return {n: spec for n, (spec, _) in info.filters.items()}
 
     def fleet_filters(self) -> dict[str, list[tuple[WorkerInfo, FilterSpec, bool]]]:
         """Every filter a live worker runs: who runs it, with its declaration there."""
@@ -491,9 +498,6 @@ class Membership:
             info.proven = 0  # another process: it proves itself again
         info.session, info.rpc_address = hello.session, hello.rpc_address
         info.declare(declared)
-        for spec, _ in (declared or {}).values():
-            if spec.name not in filters.REGISTRY:
-                results.remember(spec)
         info.channel, info.state, info.welcomed_at = channel, WorkerState.WELCOMED, time.monotonic()
         info.last_seen_mono = time.monotonic()  # the TTL runs from the welcome
         self._by_kid[channel.kid] = info

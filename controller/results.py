@@ -15,20 +15,14 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La"}) | filters.DEEP_MODES
 #: never with a transparent colour); a WebP is always RGB or RGBA to Pillow.
 GRAYSCALE_RESULT_MODES = {"GIF": frozenset({"L", "P"}), "WEBP": frozenset({"RGB", "RGBA"})}
 
-#: Declarations of filters this server does not have, as workers sent them (the latest of each
-#: name): what their results are judged by. A worker that declares loosely can only loosen the
-#: checks of the jobs of that filter (results are judged by their headers only anyway).
-DECLARED: dict[str, filters.FilterSpec] = {}
-MAX_DECLARED = 1024
+#: What a worker declared it runs, by filter name (see controller.membership).
+Declared = Mapping[str, filters.FilterSpec]
 
 
-def remember(spec: filters.FilterSpec) -> None:
-    if spec.name in DECLARED or len(DECLARED) < MAX_DECLARED:
-        DECLARED[spec.name] = spec
-
-
-def declaration(name: str) -> filters.FilterSpec | None:
-    return filters.REGISTRY.get(name) or DECLARED.get(name)
+def declaration(name: str, declared: Declared | None = None) -> filters.FilterSpec | None:
+    """Filter ``name`` as this server has it, else as the worker that ran the job declared it
+    (so a worker that declares loosely loosens only the checks of its own results)."""
+    return filters.REGISTRY.get(name) or (declared or {}).get(name)
 
 
 @dataclass(frozen=True)
@@ -41,8 +35,10 @@ class Expected:
     gray: bool | None
 
 
-def expected(filter_: str, params: Mapping, original: tuple[str, int, int, str]) -> Expected:
-    """What the steps of ``filter_`` (with ``params``) make of ``original``."""
+def expected(filter_: str, params: Mapping, original: tuple[str, int, int, str],
+             declared: Declared | None = None) -> Expected:
+    """What the steps of ``filter_`` (with ``params``) make of ``original``; ``declared``: the
+    running worker's declarations of filters this server does not have."""
     fmt, width, height, mode = original
     try:
         steps = pipeline.of_stored(filter_, params)
@@ -51,7 +47,7 @@ def expected(filter_: str, params: Mapping, original: tuple[str, int, int, str])
     size: tuple[int, int] | None = (width, height)
     colour = "gray" if mode in GRAYSCALE_MODES else "colour"
     for name, values in steps:
-        spec = declaration(name)
+        spec = declaration(name, declared)
         if spec is None:  # nobody declared it: nothing but the format is known
             size, colour = None, "any"
             continue
@@ -68,13 +64,13 @@ def expected(filter_: str, params: Mapping, original: tuple[str, int, int, str])
 
 
 def result_problem(filter_: str, original: tuple[str, int, int, str], result: StoredFile,
-                   params: Mapping | None = None) -> str | None:
+                   params: Mapping | None = None, declared: Declared | None = None) -> str | None:
     """Why an uploaded result cannot be the job's (None if it may be): it has the format the
     pipeline makes (the original's unless a format step chose another), the original's size
     unless a step changes it, a grayscale result is grayscale while a colour image's result
     through steps that keep colours is not (as far as the format's header can say). (Header
     checks only: a worker that lies about pixels can spoil only the jobs it was sent.)"""
-    want = expected(filter_, params or {}, original)
+    want = expected(filter_, params or {}, original, declared)
     fmt, width, height, _ = original
     if result.format != want.format:
         return f"a {result.format} result for a {fmt} original" + (

@@ -222,7 +222,7 @@ class Carrier:
                                          time.time() + timeout + 5.0)
         original = await self.jobs.inline_original(job, wire.INLINE_MAX_BYTES)  # small: no HTTP hop
         try:  # an object store: the worker reads and writes it directly, for this job only
-            direct = await self.jobs.direct_urls(job, timeout + 5.0)
+            direct = await self.jobs.direct_urls(job, timeout + 5.0, worker)
         except DpipError as e:
             return Outcome(worker, failure=Failure(f"no URLs for the image store: {e}", transient=True))
         msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,

@@ -144,6 +144,7 @@ async def _membership(app: web.Application) -> AsyncIterator[None]:
     membership = Membership(app[STORE], app[AUTH].secret, s.port, s.public_url, s.heartbeat_interval, ttl,
                             join_token, forget_after=s.forget_after, max_workers=s.max_workers, tls=tls)
     app[MEMBERSHIP] = membership
+    app[JOBS].declarations = membership.declarations  # results judged by their worker's declarations
     try:
         await membership.start(nng_url(s.host, s.controller_port, tls is not None))
         # Workers on this machine find the token by themselves (the course's command line has

@@ -257,3 +257,13 @@ def test_a_workers_declaration_fits_its_welcome_answer(monkeypatch):
     declared = offers.offers()
     assert 0 < len(declared) <= wire.MAX_FILTERS and declared[0].name == "grayscale", "built-ins first"
     assert len(wire.encode(wire.Joined(declared))) <= offers.MAX_DECLARATION_BYTES
+
+
+def test_a_plugins_result_is_judged_by_its_own_workers_declaration():
+    keeps = filters.define("vignette", "x")(lambda im, p: im)
+    shrinks = filters.define("vignette", "x", size="changes")(lambda im, p: im)
+    original, small = ("PNG", 300, 200, "RGB"), StoredFile(None, "PNG", 1, 30, 20, "RGB", b"")
+    assert "30x20 result" in result_problem("vignette", original, small, {}, {"vignette": keeps})
+    assert result_problem("vignette", original, small, {}, {"vignette": shrinks}) is None
+    assert result_problem("vignette", original, small, {}, None) is None, "undeclared: only the format is known"
+    assert "a JPEG result" in result_problem("vignette", original, StoredFile(None, "JPEG", 1, 30, 20, "RGB", b""))
