@@ -217,12 +217,7 @@ def pipeline_of(params: dict[str, str], membership) -> pipeline.Pipeline:
     as the course's form does (``filter=blur&radius=5``) or inside it, or a pipeline of steps;
     each step checked against the filter's declaration (this server's, or a live worker's).
     Anything wrong is a 400 naming the step, before anything is created."""
-    def catalog(name: str) -> filters.FilterSpec | None:
-        return filters.REGISTRY.get(name) or membership.offered(name)
-
-    def known() -> list[str]:
-        return list(dict.fromkeys([*filters.REGISTRY, *sorted(membership.fleet_filters())]))
-
+    catalog = membership.declaration
     steps = pipeline.parse(params.get("filter", "").strip() or filters.DEFAULT)
     beside = sorted(n for n in filters.param_names() if params.get(n, ""))
     if len(steps) == 1 and not steps[0][1]:
@@ -241,7 +236,7 @@ def pipeline_of(params: dict[str, str], membership) -> pipeline.Pipeline:
         if beside:
             raise BadInput(f"give each step's parameters inside it, e.g. step({beside[0]}=...), not {beside[0]}"
                            " beside the filter")
-    return pipeline.validate(steps, catalog, known)
+    return pipeline.validate(steps, catalog, membership.filter_names)
 
 
 def _meta(raw: str) -> dict:

@@ -335,7 +335,7 @@ async def filter_list(request: web.Request) -> web.Response:
 def fleet_filters(membership, named: bool) -> list[dict]:
     fleet = membership.fleet_filters()
     out = []
-    for name in dict.fromkeys([*filters.REGISTRY, *sorted(fleet)]):
+    for name in membership.filter_names():
         runners = fleet.get(name, [])
         spec = filters.REGISTRY.get(name) or runners[0][1]
         entry = {**spec.describe(), "on_server": name in filters.REGISTRY, "workers": len(runners),

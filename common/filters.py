@@ -43,6 +43,8 @@ COLOURS = ("keeps", "gray", "any")
 #: What a filter says of its output's size: the input's, or another (resize, crop, rotate).
 SIZES = ("same", "changes")
 MAX_PARAMS = 16
+#: A parameter's type as descriptions (and the wire) name it.
+TYPE_NAMES: dict[type, str] = {int: "integer", float: "number", str: "string"}
 MAX_CHOICES = 16
 MAX_HELP = 200
 
@@ -79,7 +81,7 @@ class Param:
         return value
 
     def describe(self) -> dict:
-        out: dict = {"name": self.name, "type": {int: "integer", float: "number", str: "string"}[self.type],
+        out: dict = {"name": self.name, "type": TYPE_NAMES[self.type],
                      "default": self.default}
         if self.type is str:
             out["enum"] = list(self.choices)
@@ -91,7 +93,7 @@ class Param:
     @classmethod
     def from_description(cls, d: Mapping) -> "Param":
         """A parameter as another process described it (:meth:`describe`), or ValueError."""
-        kind = {"integer": int, "number": float, "string": str}.get(d.get("type"))  # type: ignore[arg-type]
+        kind = {v: k for k, v in TYPE_NAMES.items()}.get(d.get("type"))  # type: ignore[arg-type]
         name = d.get("name")
         if kind is None or not isinstance(name, str) or not FILTER_NAME_RE.fullmatch(name):
             raise ValueError(f"a parameter described as {_shown(dict(d))}")

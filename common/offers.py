@@ -15,7 +15,7 @@ def offer_of(spec: filters.FilterSpec, gpu: bool = False) -> wire.FilterOffer:
     params = []
     for p in spec.params:
         default = "" if p.default is None else repr(p.default) if isinstance(p.default, float) else str(p.default)
-        params.append(wire.ParamOffer(p.name, {int: "integer", float: "number", str: "string"}[p.type], default,
+        params.append(wire.ParamOffer(p.name, filters.TYPE_NAMES[p.type], default,
                                       float(p.minimum), float(p.maximum), list(p.choices), p.help[:200]))
     return wire.FilterOffer(spec.name, spec.version[:64], spec.help[:200], params, spec.colour, spec.size,
                             spec.output_format, gpu and spec.gpu)

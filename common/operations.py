@@ -55,10 +55,13 @@ def resize(im: Image.Image, params: dict) -> Image.Image:
     w, h = im.size
     scale = min(params.get("width", MAX_SIDE * w) / w, params.get("height", MAX_SIDE * h) / h)
     size = _fits(max(1, round(w * scale)), max(1, round(h * scale)))
-    if im.mode in ("1", "P", "PA") or im.mode not in DEEP_MODES and im.mode not in ("L", "LA", "RGB", "RGBA",
-                                                                                     "CMYK", "I", "F"):
-        im = eight_bit(im)
+    if im.mode not in _RESIZED_AS_THEY_ARE:
+        im = eight_bit(im)  # a palette or 1-bit image would be resized by nearest neighbour
     return im.resize(size, Image.Resampling.LANCZOS if im.mode not in DEEP_MODES else Image.Resampling.BILINEAR)
+
+
+#: Modes resized with a real filter as they are (deep ones bilinearly).
+_RESIZED_AS_THEY_ARE = DEEP_MODES | {"L", "LA", "RGB", "RGBA", "CMYK"}
 
 
 def _crop_box(params: dict) -> None:

@@ -95,14 +95,15 @@ class WorkerInfo:
     running_job_ids: list[int] = field(default_factory=list)
     channel: Channel | None = field(default=None, repr=False)  # the session key; None when dead
     proven: int = 0  # its results stored this session (what its claimed capacity is trusted to)
-    #: the filters it runs, as it declared them when it joined (each with whether on its GPU);
-    #: None: it declared none (an older worker): the server's built-ins
-    filters: dict[str, tuple[FilterSpec, bool]] | None = field(default=None, repr=False)
+    #: the filters it runs, as it declared them when it joined; None: it declared none (an
+    #: older worker): the server's built-ins
+    filters: dict[str, FilterSpec] | None = field(default=None, repr=False)
     filter_names: frozenset[str] = field(default_factory=lambda: frozenset(BUILTINS), repr=False)
     gpu_filters: frozenset[str] = field(default_factory=frozenset, repr=False)  # run on its GPU
 
     def declare(self, declared: dict[str, tuple[FilterSpec, bool]] | None) -> None:
-        self.filters = declared
+        """Take what it declared when it joined: each filter, and whether it runs on its GPU."""
+        self.filters = {n: spec for n, (spec, _) in declared.items()} if declared is not None else None
         self.filter_names = frozenset(declared) if declared is not None else frozenset(BUILTINS)
         self.gpu_filters = frozenset(n for n, (_, gpu) in (declared or {}).items() if gpu)
 
@@ -150,7 +151,7 @@ class WorkerInfo:
             # compact (a worker's entry is sent again on the event stream whenever its load moves):
             # the names, the versions of those that have one (plugins), those run on its GPU
             "filters": list(self.filters) if self.filters is not None else list(BUILTINS),
-            "filter_versions": {n: s.version for n, (s, _) in (self.filters or {}).items() if s.version},
+            "filter_versions": {n: s.version for n, s in (self.filters or {}).items() if s.version},
             "gpu_filters": sorted(self.gpu_filters),
         }
         if admin:
@@ -257,15 +258,21 @@ class Membership:
         """Filter ``name`` as a live worker declared it (the first found), or None."""
         for info in self.workers.values():
             if info.alive and info.filters is not None and name in info.filters:
-                return info.filters[name][0]
+                return info.filters[name]
         return None
+
+    def declaration(self, name: str) -> FilterSpec | None:
+        """Filter ``name`` as this server has it, else as a live worker declared it."""
+        return filters.REGISTRY.get(name) or self.offered(name)
+
+    def filter_names(self) -> list[str]:
+        """This server's filters, then every other one a live worker runs."""
+        return list(dict.fromkeys([*filters.REGISTRY, *sorted(self.fleet_filters())]))
 
     def declarations(self, name: str) -> dict[str, FilterSpec] | None:
         """What worker ``name`` declared it runs (None: nothing known, or the built-ins)."""
         info = self.workers.get(name)
-        if info is None or info.filters is None:
-            return None
-        return {n: spec for n, (spec, _) in info.filters.items()}
+        return info.filters if info is not None else None
 
     def fleet_filters(self) -> dict[str, list[tuple[WorkerInfo, FilterSpec, bool]]]:
         """Every filter a live worker runs: who runs it, with its declaration there."""
@@ -277,8 +284,8 @@ class Membership:
                 for n in BUILTINS:
                     out.setdefault(n, []).append((info, filters.REGISTRY[n], False))
             else:
-                for n, (spec, gpu) in info.filters.items():
-                    out.setdefault(n, []).append((info, spec, gpu))
+                for n, spec in info.filters.items():
+                    out.setdefault(n, []).append((info, spec, n in info.gpu_filters))
         return out
 
     def member(self, name: str) -> WorkerInfo | None:

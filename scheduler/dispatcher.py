@@ -381,7 +381,7 @@ class Dispatcher:
     def _view(self, job: Job) -> JobView:
         record = self._pending.get(job.id)
         return JobView(frozenset(job.tags), frozenset(record.avoid) if record else frozenset(),
-                       needs=needed_filters(job.filter.value, job.params))
+                       needs=needed_filters(job.filter.value))
 
     def _settled(self, job: Job) -> None:
         """The job left the scheduler for good (done, failed, or finished elsewhere)."""
@@ -389,16 +389,12 @@ class Dispatcher:
 
 
 @functools.lru_cache(maxsize=4096)
-def _needed(filter_: str) -> frozenset[str]:
+def needed_filters(filter_: str) -> frozenset[str]:
+    """The filters a job's pipeline (its stored filter) needs its worker to run."""
     try:
         return frozenset(name for name, _ in pipeline.of_stored(filter_, {}))
     except pipeline.PipelineError:
         return frozenset({filter_})  # nobody runs it: it waits, saying so
-
-
-def needed_filters(filter_: str, params: dict) -> frozenset[str]:
-    """The filters a job's pipeline needs its worker to run."""
-    return _needed(filter_)
 
 
 async def _nothing() -> None:

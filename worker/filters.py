@@ -64,13 +64,17 @@ def steps_of(filter_: str, params: dict | None = None) -> list[tuple[filters.Fil
         raise FilterError(str(e)) from None
     out = []
     for i, (name, values) in enumerate(raw, 1):
-        where = f"step {i} ({name})" if len(raw) > 1 else name
         try:
             spec = filters.spec(name)
             out.append((spec, spec.validate(values)))
         except ValueError as e:
-            raise FilterError(f"{where}: {e}" if len(raw) > 1 else str(e)) from None
+            raise FilterError(f"{_step(i, name, len(raw))}: {e}" if len(raw) > 1 else str(e)) from None
     return out
+
+
+def _step(i: int, name: str, steps: int) -> str:
+    """How an error names a step: by its place in a pipeline, or by its name alone."""
+    return f"step {i} ({name})" if steps > 1 else name
 
 
 def process(data: bytes, name: str, params: dict | None = None,
@@ -105,13 +109,12 @@ def process(data: bytes, name: str, params: dict | None = None,
                         assert spec.apply is not None
                         out = spec.apply(out, values)
                     except ValueError as e:  # the filter's own refusal (what the mode cannot take)
-                        where = f"step {i} ({spec.name})" if len(steps) > 1 else spec.name
-                        raise FilterError(f"cannot {where} this {frame.mode} image: {e}") from e
+                        raise FilterError(f"cannot {_step(i, spec.name, len(steps))} this {frame.mode} image: {e}") from e
                     except (MemoryError, Image.DecompressionBombError):
                         raise
                     except Exception as e:  # a plugin's bug: this job fails for good, saying so
-                        where = f"step {i} ({spec.name})" if len(steps) > 1 else spec.name
-                        raise FilterError(f"{where} failed: {type(e).__name__}: {str(e)[:200]}") from e
+                        raise FilterError(f"{_step(i, spec.name, len(steps))} failed: {type(e).__name__}:"
+                                          f" {str(e)[:200]}") from e
                     if not isinstance(out, Image.Image):
                         raise FilterError(f"{spec.name} returned {type(out).__name__}, not an image")
                 made += out.width * out.height
