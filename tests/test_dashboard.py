@@ -111,7 +111,8 @@ def test_dashboard_runs_a_pipeline_and_says_which_step_is_wrong(system, browser)
     options = wait.until(lambda d: [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#new-filter option")]
                          if len(d.find_elements(By.CSS_SELECTOR, "#new-filter option")) > 2 else None)
     assert {"grayscale", "blur", "resize", "crop", "sharpen"} <= set(options), "the fleet's filters, from /filters"
-    pipeline = browser.find_element(By.ID, "new-pipeline")
+    # the form is filled before the login shows it (the filters load with the page): wait for the view
+    pipeline = wait.until(lambda d: (field := d.find_element(By.ID, "new-pipeline")).is_displayed() and field)
     pipeline.send_keys("grayscale|resize(width=0)")
     browser.execute_script(DROP_FILES, "#dropzone", [("0.png", base64.b64encode(png((9, 99, 199))).decode())])
     wait.until(lambda d: "step 2 (resize): width must be between 1" in d.find_element(By.ID, "upload-status").text)
