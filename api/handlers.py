@@ -20,6 +20,7 @@ from api.keys import (
     JOBS,
     LOGIN_LIMITS,
     MEMBERSHIP,
+    PLANS,
     SCHEDULER,
     SETTINGS,
     STORE,
@@ -53,6 +54,7 @@ from common.models import (
     Unauthorized,
     UnsupportedMedia,
     WorkloadView,
+    json_loads,
     quoted,
 )
 
@@ -106,14 +108,25 @@ def _job_image(request: web.Request, workload_id: str, image_id: int, type_: Ima
         raise NotFound(f"{type_.value} image {image_id} of workload {quoted(workload_id)} not found")
 
 
+#: How long a place a user logged in from stays familiar (spared the account's login budget).
+FAMILIAR_FOR = 30 * 86400.0
+
+
 async def login(request: web.Request) -> web.Response:
     """Counted as a failed login from before the password is hashed until it proves right."""
     try:
         user, password = basic_credentials(request)
     except Unauthorized as e:
         raise LoginFailed(str(e)) from e
-    throttle = request.app[LOGIN_LIMITS]
-    attempt = await throttle.begin(user, client_address(request))  # 429 when throttled
+    throttle, store = request.app[LOGIN_LIMITS], request.app[STORE]
+
+    async def familiar(place: str) -> bool:
+        return await store.known_place(user, place, time.time() - FAMILIAR_FOR)
+
+    async def unlocked() -> float:
+        return await store.unlocked_at(user)
+
+    attempt = await throttle.begin(user, client_address(request), familiar, unlocked)  # 429 when throttled
     ok = False
     try:
         token = await request.app[AUTH].login(user, password)
@@ -122,6 +135,7 @@ async def login(request: web.Request) -> web.Response:
         raise LoginFailed(str(e)) from e
     finally:
         throttle.end(attempt, ok)
+    await store.remember_place(user, attempt.group)  # a familiar place, on every server and after a restart
     return web.json_response({"user": user, "token": token})
 
 
@@ -200,7 +214,7 @@ def workers_json(app: web.Application, admin: bool = False) -> list[dict]:
 @requires(USER)
 async def create_workload(request: web.Request) -> web.Response:
     params = await request_params(request)
-    chosen = pipeline_of(params, request.app[MEMBERSHIP])
+    chosen = pipeline_of(params, request.app[MEMBERSHIP], request.app[SETTINGS].limits)
     filter_, filter_params = chosen.stored()
     workload = await request.app[WORKLOADS].create(
         request[CLAIMS].subject, Filter(filter_), params.get("workload_name", "").strip() or None,
@@ -212,7 +226,7 @@ async def create_workload(request: web.Request) -> web.Response:
 RESERVED = frozenset({"filter", "workload_name", "tags", "meta"})
 
 
-def pipeline_of(params: dict[str, str], membership) -> pipeline.Pipeline:
+def pipeline_of(params: dict[str, str], membership, limits: pipeline.Limits | None = None) -> pipeline.Pipeline:
     """The workload's filter (grayscale by default): one filter, its parameters given beside it
     as the course's form does (``filter=blur&radius=5``) or inside it, or a pipeline of steps;
     each step checked against the filter's declaration (this server's, or a live worker's).
@@ -236,7 +250,7 @@ def pipeline_of(params: dict[str, str], membership) -> pipeline.Pipeline:
         if beside:
             raise BadInput(f"give each step's parameters inside it, e.g. step({beside[0]}=...), not {beside[0]}"
                            " beside the filter")
-    return pipeline.validate(steps, catalog, membership.filter_names)
+    return pipeline.validate(steps, catalog, membership.filter_names, limits, membership.all_declarations)
 
 
 def _meta(raw: str) -> dict:
@@ -246,16 +260,12 @@ def _meta(raw: str) -> dict:
     if len(raw.encode()) > MAX_META_BYTES:
         raise BadInput(f"meta is larger than {MAX_META_BYTES} bytes")
     try:
-        meta = json.loads(raw, parse_constant=_no_constants)
+        meta = json_loads(raw)
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
         raise BadInput(f"meta is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
         raise BadInput("meta must be a JSON object")
     return meta
-
-
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON (browsers cannot read it back)")
 
 
 @requires(USER)
@@ -368,6 +378,10 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
     if type_ == ImageType.ORIGINAL:
         if claims.scope != USER:
             raise Forbidden("workers upload filtered images only")
+        problem = app[PLANS].problem(workload.filter.value, workload.params, stored.width, stored.height,
+                                     stored.frames)
+        if problem:
+            raise BadInput(f"this image cannot go through the workload's pipeline: {problem}")
         await app[WORKLOADS].check_quota(claims.subject, stored.size)
         # the CLI numbers frames itself to keep their order
         chosen = int_param(params, "image_id", required=False, maximum=MAX_IMAGE_ID)

@@ -16,6 +16,7 @@ from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from storage.datastore import Datastore
 from controller.workloads import Workloads
+from common.pipeline import Plans
 
 SETTINGS = web.AppKey("settings", ApiSettings)
 STORE = web.AppKey("store", Datastore)
@@ -28,8 +29,9 @@ SCHEDULER = web.AppKey("scheduler", SchedulerPort)
 LOGIN_LIMITS = web.AppKey("login_limits", LoginThrottle)  # per (user, address) and per address
 METRICS = web.AppKey("metrics", Metrics)
 AUTOSCALER = web.AppKey("autoscaler", AutoscalerPort)  # set only with --autoscale
+PLANS = web.AppKey("plans", Plans)  # uploads checked against their workload's pipeline (pixels, budget)
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set on shutdown: long-lived streams end
 CLAIMS = web.RequestKey("claims", Claims)  # request-scoped: who is calling
 JOB_CLAIMS = web.RequestKey("job_claims", JobClaims)  # set when the caller holds a job capability
-__all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "JOB_CLAIMS", "JOBS", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "SCHEDULER",
+__all__ = ["AUTH", "AUTOSCALER", "CLAIMS", "IMAGES", "JOB_CLAIMS", "JOBS", "LOGIN_LIMITS", "MEMBERSHIP", "METRICS", "PLANS", "SCHEDULER",
            "SETTINGS", "STOPPING", "STORE", "WORKLOADS", "Claims"]

@@ -40,6 +40,8 @@ class Metrics:
         self.job_bytes = Gauge("dpip_job_image_bytes", "Image bytes this server relayed for jobs since it"
                                " started (to workers: originals; from workers: results)", ["direction"],
                                registry=r)
+        self.logins_slowed = Counter("dpip_logins_slowed", "Logins from a place new to their user made to wait"
+                                     " while the account is past its budget of failed logins", registry=r)
         self.free_bytes = Gauge("dpip_free_bytes", "Free bytes on the disk where images or the datastore"
                                 " are kept (files and SQLite only)", ["store"], registry=r)
         self.leader = Gauge("dpip_scheduling", "1 if this server schedules (leads), 0 if it is a standby",
@@ -52,6 +54,9 @@ class Metrics:
         self.worker_capacity = Gauge("dpip_worker_capacity", "Jobs the worker runs at once", ["worker"], registry=r)
         self.plane_refused = Gauge("dpip_worker_plane_refused",
                                    "Worker-plane messages refused: wrong join token, bad seal, replay", registry=r)
+        self.plane_vanished = Gauge("dpip_worker_plane_vanished",
+                                    "Worker hellos read after their connection had closed (a worker restarting or"
+                                    " stopping): dropped, not refused", registry=r)
         self.plane_bad = Gauge("dpip_worker_plane_bad_messages", "Worker-plane messages that did not decode",
                                registry=r)
         self.welcomes_failed = Gauge("dpip_worker_welcomes_failed",
@@ -84,6 +89,7 @@ class Metrics:
         self.workers_alive.set(sum(w.alive for w in workers))
         self.plane_refused.set(membership.refused)
         self.plane_bad.set(membership.bad_messages)
+        self.plane_vanished.set(membership.vanished)
         self.welcomes_failed.set(membership.welcomes_failed)
         per_worker = (self.worker_alive, self.worker_cpu, self.worker_memory, self.worker_running,
                       self.worker_capacity, self.worker_done)

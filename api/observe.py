@@ -321,9 +321,10 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def filter_list(request: web.Request) -> web.Response:
-    """What the fleet offers: every filter of this server's registry and every one a live worker
-    declared, with its parameters and how many live workers run it (public, like the API's
-    description; which workers, and their versions, with a user token)."""
+    """What the fleet offers: every filter of this server's registry and, with a user token,
+    every one a live worker declared (at most MAX_FLEET_FILTERS names), with its parameters and
+    how many live workers run it, and which (the first :data:`MAX_OFFERED_BY`). Without a token,
+    the server's own filters only: an anonymous request costs the same whatever the fleet."""
     token = request.headers.get("Authorization", "")
     named = False
     if token:
@@ -332,16 +333,21 @@ async def filter_list(request: web.Request) -> web.Response:
     return web.json_response(fleet_filters(request.app[MEMBERSHIP], named))
 
 
+#: Workers listed per filter by GET /filters (the count says how many run it in all).
+MAX_OFFERED_BY = 32
+
+
 def fleet_filters(membership, named: bool) -> list[dict]:
     fleet = membership.fleet_filters()
     out = []
-    for name in membership.filter_names():
+    for name in membership.filter_names() if named else filters.REGISTRY:
         runners = fleet.get(name, [])
         spec = filters.REGISTRY.get(name) or runners[0][1]
         entry = {**spec.describe(), "on_server": name in filters.REGISTRY, "workers": len(runners),
                  "gpu_workers": sum(1 for _, _, gpu in runners if gpu)}
         if named:
-            entry["offered_by"] = [{"worker": w.name, "version": s.version, "gpu": gpu} for w, s, gpu in runners]
+            entry["offered_by"] = [{"worker": w.name, "version": s.version, "gpu": gpu}
+                                   for w, s, gpu in runners[:MAX_OFFERED_BY]]
         out.append(entry)
     return out
 

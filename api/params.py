@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from api import multipart
 from common import net
 from api.keys import SETTINGS
-from common.models import BadInput, TooLarge, Unauthorized, clipped, quoted
+from common.models import BadInput, TooLarge, Unauthorized, clipped, json_loads, quoted
 
 #: What aiohttp's multipart reader raises on a malformed body.
 MULTIPART_ERRORS = (ValueError, AssertionError, HttpProcessingError)
@@ -145,7 +145,7 @@ async def request_params(request: web.Request) -> dict[str, str]:
         raise BadInput("request body is not UTF-8") from e
     if ctype == "application/json" or (ctype == "application/octet-stream" and text.lstrip()[:1] == "{"):
         try:
-            obj = json.loads(text)
+            obj = json_loads(text)
         except (ValueError, RecursionError) as e:  # also an integer of over 4300 digits
             raise BadInput(f"malformed JSON body: {clipped(str(e))}") from e
         if not isinstance(obj, dict):

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from common.net import Network
 from common.models import Job
+from common.pipeline import Limits
 
 
 class ApiSettings(Protocol):
@@ -23,6 +24,8 @@ class ApiSettings(Protocol):
     def public_url(self) -> str: ...
     @property
     def trusted_proxies(self) -> tuple[Network, ...]: ...
+    @property
+    def limits(self) -> Limits: ...
     def name(self) -> str: ...
 
 

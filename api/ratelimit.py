@@ -5,11 +5,13 @@ limit's window (or its backoff) has passed.
 Addresses count by their group (:func:`common.net.address_group`): an IPv4 address itself, an
 IPv6 address its /64, which one subscriber owns whole and can pick any address of.
 
-The account's budget is what stops a spray from many addresses, each under its own limits: past
-``account_failures`` failures within a day, attempts for that user wait after each further
-failure, a minute, then twice as long with each one, up to an hour. Not those from an address
-group the user logged in from within 30 days (remembered in memory: a restart forgets them):
-an attacker elsewhere cannot lock the owner out, who keeps only the address's own limits.
+The account's budget slows a spray from many addresses, each under its own limits, without
+refusing anyone: past ``account_failures`` failures within a day, each attempt for that user
+from an unfamiliar place waits :data:`ACCOUNT_DELAY` seconds before its password is checked.
+Only the per-address and per-user-and-address limits refuse (429), so an attacker elsewhere can
+block only the addresses it uses, never the owner's. An address group the user logged in from
+within 30 days (kept in the datastore, so across restarts and on every server of the system) is
+spared the delay too. ``main.py users unlock NAME`` forgives a user's failures on every server.
 
 An attempt counts as a failure from the moment it starts (its password hash takes a while, and
 attempts sent at once would otherwise all pass the check before any had failed); a success takes
@@ -26,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from common.net import address_group
@@ -41,6 +43,9 @@ MAX_KEYS = 100_000
 SPARED_PER_EVICTION = 4
 #: Stamps kept per key beyond its limit: past them the backoff is long at its cap anyway.
 EXTRA_STAMPS = 64
+#: Seconds an attempt from an unfamiliar place waits while its account is past its budget: a
+#: guess costs the attacker this much more, the owner one short pause, and no one is refused.
+ACCOUNT_DELAY = 2.0
 
 
 class FailureLimiter:
@@ -92,6 +97,11 @@ class FailureLimiter:
 
     def succeeded(self, key: object) -> None:
         self._failures.pop(key, None)
+
+    def forget_all(self, which: Callable[[object], bool]) -> None:
+        """Drop every key ``which`` says (an unlocked user's, from all addresses)."""
+        for key in [k for k in self._failures if which(k)]:
+            del self._failures[key]
 
     def __len__(self) -> int:
         return len(self._failures)
@@ -187,7 +197,8 @@ class LoginThrottle:
     def __init__(self, failures: int, window: float = 60.0, max_in_flight: int = 2,
                  max_waiting: int = 32, max_wait: float = 10.0, account_failures: int | None = None,
                  account_window: float = DAY, max_backoff: float = 3600.0, remember: float = 30 * DAY,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, account_delay: float = ACCOUNT_DELAY,
+                 on_slowed: Callable[[], None] = lambda: None) -> None:
         self.per_user = FailureLimiter(failures, window, clock)
         self.per_address = FailureLimiter(4 * failures, window, clock)
         self.per_account = FailureLimiter(4 * failures if account_failures is None else account_failures,
@@ -199,25 +210,69 @@ class LoginThrottle:
         self._in_flight: dict[tuple, int] = {}  # by ("pair", user, group), ("group", group), ("account", user)
         self._waiting: dict[tuple, int] = {}  # by ("group", group), ("account", user)
         self._ended = asyncio.Event()  # replaced by a fresh one each time an attempt ends
+        self._unlocked: dict[str, float] = {}  # user -> the unlock this server applied last
+        self.account_delay = account_delay
+        self.slowed = 0  # attempts made to wait for the account's sake
+        self._on_slowed = on_slowed
 
-    async def begin(self, user: str, address: str) -> LoginAttempt:
+    async def begin(self, user: str, address: str, familiar: Callable[[str], Awaitable[bool]] | None = None,
+                    unlocked: Callable[[], Awaitable[float]] | None = None) -> LoginAttempt:
         """Admit an attempt, counted as failed until :meth:`end` says otherwise, or raise
         :class:`TooManyRequests`. Check and count happen with no await between them, so
-        concurrent attempts cannot all pass the check before any has failed."""
+        concurrent attempts cannot all pass the check before any has failed. ``familiar(group)``
+        asks the datastore whether the user logged in from there before; ``unlocked()`` when an
+        admin last forgave the user's failures (both asked only when they would matter)."""
         group = address_group(address)
         pair, by_group, by_account = ("pair", user, group), ("group", group), ("account", user)
         known = (user, group) in self.known
+        if not known and familiar is not None and self.per_account.retry_after(user):
+            known = await familiar(group)
+            if known:
+                self.known.add(user, group)
+        slowed = known
+        asked_unlock = unlocked is None
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while True:
-            waits = {pair: self.per_user.retry_after((user, group)),
-                     by_group: self.per_address.retry_after(group),
-                     by_account: 0.0 if known else self.per_account.retry_after(user)}
+            waits = {pair: self.per_user.retry_after((user, group)), by_group: self.per_address.retry_after(group)}
+            if waits[pair] and not asked_unlock:
+                asked_unlock = True
+                assert unlocked is not None
+                if self._forgive(user, await unlocked()):
+                    continue
             if not any(waits.values()) and self._in_flight.get(pair, 0) < self.max_in_flight:
+                if not slowed and self.per_account.retry_after(user):
+                    slowed = True  # past the account's budget: slowed down, never refused
+                    await self._slow_down(by_group, deadline)
+                    continue
                 return self._admit(user, group)
             if any(wait and not self._in_flight.get(key) for key, wait in waits.items()):
                 wait = max(waits.values())  # real failures, not attempts under way
                 raise TooManyRequests(f"too many failed logins: try again in {wait:.0f} s", wait)
             await self._wait_for_an_end(by_group, by_account, deadline)
+
+    async def _slow_down(self, by_group: tuple, deadline: float) -> None:
+        """Wait ``account_delay`` (counted among the address's waiting attempts, which are
+        bounded; not the account's, which an attacker could fill)."""
+        if self._waiting.get(by_group, 0) >= self.max_waiting:
+            raise TooManyRequests("too many logins at once: try again in 1 s", 1.0)
+        self._waiting[by_group] = self._waiting.get(by_group, 0) + 1
+        self.slowed += 1
+        self._on_slowed()
+        try:
+            await asyncio.sleep(min(self.account_delay, max(0.0, deadline - asyncio.get_running_loop().time())))
+        finally:
+            _decrement(self._waiting, by_group)
+
+    def _forgive(self, user: str, stamp: float) -> bool:
+        """Forget ``user``'s failures if an admin unlocked the account (at ``stamp``, wall
+        clock) since this server last looked; whether it did."""
+        if stamp <= self._unlocked.get(user, 0.0):
+            return False
+        self._unlocked[user] = stamp
+        self.per_user.forget_all(lambda key: key[0] == user)
+        self.per_account.succeeded(user)
+        logger.info("the failed logins of %r are forgiven (main.py users unlock)", user[:64])
+        return True
 
     async def _wait_for_an_end(self, by_group: tuple, by_account: tuple, deadline: float) -> None:
         left = deadline - asyncio.get_running_loop().time()

@@ -147,10 +147,17 @@ def init(directory: Path, hosts: list[str], days: int = LEAF_DAYS) -> tuple[Issu
     return ca, issue(directory, "server", names[0], names, days)
 
 
-def worker(directory: Path, name: str, days: int = LEAF_DAYS, not_before: dt.datetime | None = None) -> Issued:
-    """Worker ``name``'s certificate: its name is the one it can join as."""
+def worker(directory: Path, name: str, days: int = LEAF_DAYS, not_before: dt.datetime | None = None,
+           force: bool = False) -> Issued:
+    """Worker ``name``'s certificate: its name is the one it can join as. One that exists is
+    replaced only with ``force`` (the old one stays valid until it expires: nothing revokes it)."""
     if not NAME_RE.fullmatch(name):
         raise ValueError(f"{name!r} is not a worker name (letters, digits, '.', '_', '-'; 1 to 64)")
+    existing = directory / f"worker-{name}.pem"
+    if existing.exists() and not force:
+        raise ValueError(f"{existing} exists already: give --force to issue a new pair for {name} (the old"
+                         " certificate stays valid until it expires; a worker holding it can still join as"
+                         f" {name}, so to shut one out make a new CA)")
     return issue(directory, f"worker-{name}", name, [name], days, not_before)
 
 
@@ -166,6 +173,8 @@ def main(argv: list[str]) -> int:
     w.add_argument("dir", type=Path)
     w.add_argument("name")
     w.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity (default {LEAF_DAYS})")
+    w.add_argument("--force", action="store_true", help="replace an existing pair for NAME (the old certificate"
+                   " stays valid until it expires)")
     args = p.parse_args(argv)
     if args.days < 1:
         p.error("--days takes a positive number of days")
@@ -176,8 +185,12 @@ def main(argv: list[str]) -> int:
             print(f"server: {server.cert} {server.key}")
             print(f"run: main.py --tls-cert {server.cert} --tls-key {server.key} --tls-client-ca {ca.cert}")
         else:
-            issued = worker(args.dir, args.name, args.days)
+            replaced = (args.dir / f"worker-{args.name}.pem").exists()
+            issued = worker(args.dir, args.name, args.days, force=args.force)
             print(f"worker {args.name}: {issued.cert} {issued.key}")
+            if replaced:
+                print(f"note: the pair it replaces stays valid until it expires (a worker holding it can still"
+                      f" join as {args.name})")
             print(f"run: worker --worker-name {args.name} --tls-ca {args.dir / 'ca.pem'}"
                   f" --tls-cert {issued.cert} --tls-key {issued.key}")
     except ValueError as e:

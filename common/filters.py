@@ -20,6 +20,7 @@ import importlib.metadata
 import logging
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -28,6 +29,10 @@ from PIL import Image, ImageFilter
 logger = logging.getLogger(__name__)
 
 Apply = Callable[[Image.Image, dict], Image.Image]
+#: ``(width, height, params) -> (width, height)``: the size of a filter's output for an input of
+#: that size, known before it runs (so a step that would make too large an image is refused
+#: before anything is allocated).
+Dims = Callable[[int, int, dict], tuple[int, int]]
 #: ``(xp, array of height x width x 3 uint8, params) -> array of the same shape``
 Kernel = Callable[..., object]
 
@@ -69,14 +74,11 @@ class Param:
             if word not in self.choices:
                 raise ValueError(f"{self.name} must be one of {', '.join(self.choices)}, got {_shown(raw)}")
             return word
-        try:
-            if isinstance(raw, bool):
-                raise TypeError
-            value = self.type(raw) if not isinstance(raw, str) else self.type(raw.strip())
-        except (TypeError, ValueError, OverflowError):
+        value = _number(raw, self.type)
+        if value is None:
             raise ValueError(f"{self.name} must be {'an integer' if self.type is int else 'a number'},"
-                             f" got {_shown(raw)}") from None
-        if isinstance(value, float) and not math.isfinite(value) or not self.minimum <= value <= self.maximum:
+                             f" got {_shown(raw)}")
+        if not self.minimum <= value <= self.maximum:
             raise ValueError(f"{self.name} must be between {self.minimum:g} and {self.maximum:g}")
         return value
 
@@ -127,6 +129,7 @@ class FilterSpec:
     output_format: bool = False  # its "type" parameter chooses the result's format
     kernel: Kernel | None = field(default=None, compare=False)  # an array implementation (GPU or CPU)
     check: Callable[[dict], None] | None = field(default=None, compare=False)  # a rule over all its params
+    dims: Dims | None = field(default=None, compare=False)  # its output's size, known beforehand
     version: str = ""  # the plugin's (its distribution's); "" for a built-in
     builtin: bool = False
 
@@ -174,17 +177,44 @@ class FilterSpec:
                    colour, size, bool(d.get("output_format")), version=str(d.get("version", ""))[:64])
 
 
+#: How numbers are written: ASCII decimal digits, a sign, a point and an exponent (a float's).
+#: Not Python's wider grammar (``1_0``, full-width digits, ``inf``, ``nan``, spaces inside).
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][+-]?[0-9]{1,3})?")
+
+
+def _number(raw: object, kind: type) -> int | float | None:
+    """``raw`` (text, or a number from JSON) as an integer (``kind`` int: an integral value
+    only) or a finite float that is not subnormal (-0.0 is 0.0); None if it is not one."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if not (_INT_TEXT if kind is int else _FLOAT_TEXT).fullmatch(text):
+            return None
+        raw = int(text) if kind is int else float(text)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None
+    if kind is int:
+        return raw if isinstance(raw, int) else None  # 100.5, and 1e2 from JSON, are no integers
+    value = float(raw)
+    if not math.isfinite(value) or (value != 0 and abs(value) < 2.2250738585072014e-308):
+        return None
+    return value + 0.0  # -0.0 becomes 0.0
+
+
 def _shown(raw: object) -> str:
     text = repr(raw)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def define(name: str, help: str, *params: Param, colour: str = "keeps", size: str = "same",
-           output_format: bool = False, kernel: bool = False,
-           check: Callable[[dict], None] | None = None) -> Callable[[Callable], FilterSpec]:
+           output_format: bool = False, kernel: bool = False, pointwise: bool = False,
+           check: Callable[[dict], None] | None = None, dims: Dims | None = None) -> Callable[[Callable], FilterSpec]:
     """Make the decorated function a filter (not registered: a plugin's entry point names it).
     With ``kernel=True`` the function is ``(xp, rgb, params) -> rgb`` on arrays (see
-    :func:`run_kernel`)."""
+    :func:`run_kernel`); ``pointwise=True`` says each output pixel depends on its input pixel
+    only, so the kernel is given the image a band of rows at a time (its arrays stay small).
+    A filter with ``size="changes"`` should give ``dims``, the size it makes: the worker then
+    refuses a step that would pass the pixel limit before running it."""
     if not FILTER_NAME_RE.fullmatch(name) or colour not in COLOURS or size not in SIZES:
         raise ValueError(f"filter {name!r}: a name of {FILTER_NAME_RE.pattern}, colour in {COLOURS},"
                          f" size in {SIZES}")
@@ -193,9 +223,9 @@ def define(name: str, help: str, *params: Param, colour: str = "keeps", size: st
 
     def make(fn: Callable) -> FilterSpec:
         if kernel:
-            return FilterSpec(name, lambda im, p: run_kernel(fn, im, p), params, help, colour, size,
-                              output_format, kernel=fn, check=check)
-        return FilterSpec(name, fn, params, help, colour, size, output_format, check=check)
+            return FilterSpec(name, lambda im, p: run_kernel(fn, im, p, pointwise=pointwise), params, help, colour,
+                              size, output_format, kernel=fn, check=check, dims=dims)
+        return FilterSpec(name, fn, params, help, colour, size, output_format, check=check, dims=dims)
     return make
 
 
@@ -278,21 +308,59 @@ def array_module(gpu: bool):
 USE_GPU = False
 
 
-def run_kernel(kernel: Kernel, im: Image.Image, params: dict, xp=None) -> Image.Image:
-    """Apply an array kernel to ``im``'s colour bands (as 8-bit RGB), keeping its alpha."""
-    import numpy
+#: Pixels a pointwise kernel is given at once: its float arrays stay near 12 MB each however
+#: large the image (a 50-megapixel image as float32 RGB is 600 MB an array).
+TILE_PIXELS = 1 << 20
+
+
+def run_kernel(kernel: Kernel, im: Image.Image, params: dict, xp=None, pointwise: bool = False) -> Image.Image:
+    """Apply an array kernel to ``im``'s colour bands (as 8-bit RGB), keeping its alpha; a
+    pointwise one a band of at most :data:`TILE_PIXELS` at a time, :func:`checkpoint` between."""
     xp = xp or array_module(USE_GPU)
     alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
-    rgba = im.convert("RGBA" if alpha else "RGB")
+    mode = "RGBA" if alpha else "RGB"
+    if not pointwise or im.width * im.height <= TILE_PIXELS:
+        return _kernel_on(kernel, im.convert(mode), params, xp)
+    out = Image.new(mode, im.size)
+    rows = max(1, TILE_PIXELS // max(1, im.width))
+    for top in range(0, im.height, rows):
+        checkpoint()
+        box = (0, top, im.width, min(im.height, top + rows))
+        out.paste(_kernel_on(kernel, im.crop(box).convert(mode), params, xp), box[:2])
+    return out
+
+
+def _kernel_on(kernel: Kernel, rgba: Image.Image, params: dict, xp) -> Image.Image:
+    import numpy
     a = numpy.asarray(rgba)
     out = kernel(xp, xp.asarray(a[..., :3]), params)
     out = out.get() if hasattr(out, "get") else numpy.asarray(out)  # from the GPU
     if out.shape != a[..., :3].shape:
         raise ValueError(f"the kernel returned an array of shape {out.shape} for {a[..., :3].shape}")
     rgb = numpy.clip(out, 0, 255).astype(numpy.uint8)
-    if alpha:
+    if rgba.mode == "RGBA":
         rgb = numpy.dstack([rgb, a[..., 3]])
-    return Image.fromarray(rgb, "RGBA" if alpha else "RGB")
+    return Image.fromarray(rgb, rgba.mode)
+
+
+class Stopped(Exception):
+    """The job this work is for was cancelled (or timed out): raised at a :func:`checkpoint`."""
+
+
+_work = threading.local()
+
+
+def checkpoint() -> None:
+    """Raise :class:`Stopped` if the job running in this thread was cancelled. The worker
+    calls it between steps, frames and a kernel's tiles; a plugin's long loop may call it too."""
+    stop = getattr(_work, "stop", None)
+    if stop is not None and stop.is_set():
+        raise Stopped("the job was cancelled")
+
+
+def set_stop(stop: threading.Event | None) -> None:
+    """The event that stops the work of the current thread (None: nothing stops it)."""
+    _work.stop = stop
 
 
 #: Modes of more than 8 bits a band (16- and 32-bit integers, 32-bit floats): all grayscale.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -22,6 +23,25 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
 def clipped(text: str, limit: int = QUOTE_LIMIT) -> str:
     """The client's input as it is (no quotes), cut to ``limit`` characters."""
     return f"{text[:limit]}…" if len(text) > limit else text
+
+
+def json_loads(text: str) -> object:
+    """JSON as a client may send it: an object naming a key twice is refused (ValueError), as
+    are NaN and Infinity (no JSON, and browsers cannot read them back)."""
+    return json.loads(text, object_pairs_hook=_once, parse_constant=_not_json)
+
+
+def _once(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {quoted(key, 40)} is given twice")
+        out[key] = value
+    return out
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 class DpipError(Exception):

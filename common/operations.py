@@ -9,6 +9,8 @@ one the operation takes (8-bit gray or RGB, keeping an alpha channel).
 
 from __future__ import annotations
 
+import math
+
 from PIL import Image, ImageEnhance, ImageFilter
 
 from common.filters import _ALPHA_MODES, DEEP_MODES, Param, register
@@ -47,14 +49,17 @@ def _needs_a_side(params: dict) -> None:
         raise ValueError("give width or height (or both)")
 
 
+def _resized(w: int, h: int, params: dict) -> tuple[int, int]:
+    scale = min(params.get("width", MAX_SIDE * w) / w, params.get("height", MAX_SIDE * h) / h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 @register("resize", "scale to fit inside width x height, keeping the aspect ratio (a side not given is free)",
           Param("width", int, None, 1, MAX_SIDE, "the most pixels across"),
           Param("height", int, None, 1, MAX_SIDE, "the most pixels down"),
-          size="changes", check=_needs_a_side)
+          size="changes", check=_needs_a_side, dims=_resized)
 def resize(im: Image.Image, params: dict) -> Image.Image:
-    w, h = im.size
-    scale = min(params.get("width", MAX_SIDE * w) / w, params.get("height", MAX_SIDE * h) / h)
-    size = _fits(max(1, round(w * scale)), max(1, round(h * scale)))
+    size = _fits(*_resized(im.width, im.height, params))
     if im.mode not in _RESIZED_AS_THEY_ARE:
         im = eight_bit(im)  # a palette or 1-bit image would be resized by nearest neighbour
     return im.resize(size, Image.Resampling.LANCZOS if im.mode not in DEEP_MODES else Image.Resampling.BILINEAR)
@@ -74,18 +79,21 @@ def _crop_box(params: dict) -> None:
           Param("height", int, 100, 1, MAX_SIDE, "pixels down"),
           Param("left", int, None, 0, MAX_SIDE, "the box's left edge"),
           Param("top", int, None, 0, MAX_SIDE, "the box's top edge"),
-          size="changes", check=_crop_box)
+          size="changes", check=_crop_box, dims=lambda w, h, p: _crop_of(w, h, p)[2:])
 def crop(im: Image.Image, params: dict) -> Image.Image:
-    w, h = im.size
+    left, top, cw, ch = _crop_of(im.width, im.height, params)
+    return im.crop((left, top, left + cw, top + ch))
+
+
+def _crop_of(w: int, h: int, params: dict) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of the crop of a w x h image."""
     cw, ch = min(params["width"], w), min(params["height"], h)
     if "left" in params:
         left, top = params["left"], params["top"]
         if left >= w or top >= h:
             raise ValueError(f"the box at {left},{top} is outside the {w}x{h} image")
-        cw, ch = min(cw, w - left), min(ch, h - top)
-    else:
-        left, top = (w - cw) // 2, (h - ch) // 2
-    return im.crop((left, top, left + cw, top + ch))
+        return left, top, min(cw, w - left), min(ch, h - top)
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
 
 
 _QUARTER_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
@@ -93,7 +101,8 @@ _QUARTER_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180
 
 @register("rotate", "turn anticlockwise by degrees (a quarter turn exactly; other angles grow the canvas,"
                     " the corners transparent or black)",
-          Param("degrees", float, 90.0, -360.0, 360.0, "the angle, anticlockwise"), size="changes")
+          Param("degrees", float, 90.0, -360.0, 360.0, "the angle, anticlockwise"), size="changes",
+          dims=lambda w, h, p: _rotated(w, h, p["degrees"]))
 def rotate(im: Image.Image, params: dict) -> Image.Image:
     degrees = params["degrees"] % 360
     if degrees == 0:
@@ -104,6 +113,17 @@ def rotate(im: Image.Image, params: dict) -> Image.Image:
     out = im.rotate(degrees, Image.Resampling.BICUBIC, expand=True)
     _fits(*out.size)
     return out
+
+
+def _rotated(w: int, h: int, degrees: float) -> tuple[int, int]:
+    """The canvas a rotation by ``degrees`` makes (Pillow's expand=True), or near it (+1)."""
+    degrees %= 360
+    if degrees in (0, 180):
+        return w, h
+    if degrees in (90, 270):
+        return h, w
+    c, s = abs(math.cos(math.radians(degrees))), abs(math.sin(math.radians(degrees)))
+    return math.ceil(w * c + h * s) + 1, math.ceil(w * s + h * c) + 1
 
 
 @register("flip", "mirror left to right (horizontal) or top to bottom (vertical)",
@@ -138,13 +158,15 @@ SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
 
 @register("sepia", "warm brown tones (an array kernel: on a worker's GPU where it has one)",
           Param("strength", float, 1.0, 0.0, 1.0, "0 leaves the image as it is, 1 is full sepia"),
-          colour="any", kernel=True)
+          colour="any", kernel=True, pointwise=True)
 def sepia(xp, rgb, params: dict):
-    """``rgb`` (height x width x 3, uint8) in sepia; ``xp`` is NumPy or CuPy."""
-    a = rgb.astype(xp.float32)
-    toned = a @ xp.asarray(SEPIA, dtype=xp.float32).T
+    """``rgb`` (height x width x 3, uint8) in sepia; ``xp`` is NumPy or CuPy. The mix of the
+    sepia matrix and the identity by strength is one matrix: one product, in place after it."""
     s = float(params.get("strength", 1.0))
-    return xp.rint(xp.clip(a * (1 - s) + toned * s, 0, 255))
+    matrix = xp.asarray(SEPIA, dtype=xp.float32) * s + xp.eye(3, dtype=xp.float32) * (1 - s)
+    out = rgb.astype(xp.float32) @ matrix.T
+    xp.clip(out, 0, 255, out=out)
+    return xp.rint(out, out=out)
 
 
 @register("brightness", "lighter or darker: 1 leaves it, 0 is black, 2 twice as bright",

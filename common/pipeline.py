@@ -12,13 +12,13 @@ workload always was); a longer one as its canonical text, every parameter writte
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from common.filters import FILTER_NAME_RE, FilterSpec
-from common.models import BadInput, quoted
+from common.formats import MAX_PIXELS
+from common.models import BadInput, json_loads, quoted
 
 MAX_STEPS = 10
 #: The longest pipeline text taken (ten steps of a few parameters fit in far less).
@@ -33,6 +33,90 @@ Catalog = Callable[[str], FilterSpec | None]
 
 class PipelineError(BadInput):
     """A pipeline that cannot be run; the message names the step."""
+
+
+class TooCostly(PipelineError):
+    """A step would make an image over the pixel limit, or the pipeline would cost more than
+    its budget; the message names the step."""
+
+
+#: A job's budget by default, in pixel-steps (each step's pixels, summed over steps and frames):
+#: a 50-megapixel photo through 4 steps, a 12-megapixel one through all 10. Bounds the CPU a job
+#: costs (tens of ns a pixel-step) whatever a small upload asks for.
+PIXEL_STEPS_PER_PIXEL = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one job may make and spend: the largest image (any step's, on any frame) and its
+    budget of pixel-steps."""
+
+    max_pixels: int = MAX_PIXELS
+    max_pixel_steps: int = PIXEL_STEPS_PER_PIXEL * MAX_PIXELS
+
+    @classmethod
+    def of(cls, max_pixels: int, max_pixel_steps: int = 0) -> "Limits":
+        """The limits for ``max_pixels``, the budget its default multiple unless given."""
+        return cls(max_pixels, max_pixel_steps or PIXEL_STEPS_PER_PIXEL * max_pixels)
+
+
+class Meter:
+    """Counts what a job's steps cost as they run, and refuses one before it runs when it would
+    make too large an image or pass the budget. Pure: sizes in, sizes out."""
+
+    def __init__(self, limits: Limits, frames: int = 1) -> None:
+        self.limits = limits
+        self.frames = frames  # each step counted this many times (frames alike, told at once)
+        self.spent = 0
+
+    def before(self, where: str, spec: FilterSpec | None, values: Mapping, width: int, height: int
+               ) -> tuple[int, int] | None:
+        """The size step ``where`` will make of a ``width`` x ``height`` image (None: only known
+        once it ran), counted; :class:`TooCostly` if it must not run."""
+        out: tuple[int, int] | None = (width, height)
+        if spec is None or spec.size != "same":
+            out = spec.dims(width, height, dict(values)) if spec is not None and spec.dims is not None else None
+        if out is not None and out[0] * out[1] > self.limits.max_pixels:
+            raise TooCostly(f"{where} would make a {out[0]}x{out[1]} image of a {width}x{height} one: more than"
+                            f" the limit of {self.limits.max_pixels} pixels")
+        self._spend(where, max(width * height, out[0] * out[1] if out is not None else 0))
+        return out
+
+    def after(self, where: str, predicted: tuple[int, int] | None, width: int, height: int) -> None:
+        """What a step made that could not be told beforehand (a plugin's), checked and counted."""
+        if predicted is not None:
+            return
+        if width * height > self.limits.max_pixels:
+            raise TooCostly(f"{where} made a {width}x{height} image: more than the limit of"
+                            f" {self.limits.max_pixels} pixels")
+        self._spend(where, width * height)
+
+    def _spend(self, where: str, pixels: int) -> None:
+        self.spent += pixels * self.frames
+        if self.spent > self.limits.max_pixel_steps:
+            raise TooCostly(f"{where}: the pipeline would take more than {self.limits.max_pixel_steps}"
+                            " pixel-steps (each step's pixels, over every step and frame)")
+
+
+def step_name(i: int, name: str, steps: int) -> str:
+    """How an error names a step: by its place in a pipeline, or by its name alone."""
+    return f"step {i} ({name})" if steps > 1 else name
+
+
+def cost_problem(steps: list[tuple[FilterSpec | None, Mapping]], width: int, height: int, limits: Limits,
+                 frames: int = 1) -> str | None:
+    """Why ``steps`` must not run on ``frames`` frames of ``width`` x ``height`` (None: they
+    may, as far as can be told before a step whose output size only its worker knows)."""
+    meter = Meter(limits, frames)
+    try:
+        for i, (spec, values) in enumerate(steps, 1):
+            size = meter.before(step_name(i, spec.name if spec else "?", len(steps)), spec, values, width, height)
+            if size is None:
+                return None
+            width, height = size
+    except TooCostly as e:
+        return str(e)
+    return None
 
 
 @dataclass(frozen=True)
@@ -138,16 +222,20 @@ def parse(raw: str) -> list[tuple[str, dict]]:
         if len(text) > 8 * MAX_TEXT:
             raise PipelineError(f"filter is longer than {8 * MAX_TEXT} characters")
         try:
-            return json_steps(json.loads(text))
+            return json_steps(json_loads(text))
         except (ValueError, RecursionError) as e:
             raise PipelineError(f"filter is not valid JSON: {str(e)[:80]}") from None
     return raw_steps(text)
 
 
-def validate(steps: list[tuple[str, Mapping]], catalog: Catalog, known: Callable[[], list[str]]) -> Pipeline:
+def validate(steps: list[tuple[str, Mapping]], catalog: Catalog, known: Callable[[], list[str]],
+             limits: Limits | None = None, every: Callable[[str], list[FilterSpec]] | None = None) -> Pipeline:
     """The pipeline of ``steps``, each checked against its filter's declaration from
     ``catalog``; PipelineError naming the first step that is wrong (``known()`` lists the
-    filters on offer, for the message)."""
+    filters on offer, for the message). With ``limits``, one that would make too large an image
+    or cost too much even of a 1x1 image is refused (:class:`TooCostly`). With ``every``, a
+    step is checked against each declaration of its filter it may run under (the workers'
+    versions of a plugin), and must suit them all."""
     out = []
     for i, (name, params) in enumerate(steps, 1):
         spec = catalog(name) if FILTER_NAME_RE.fullmatch(name) else None
@@ -162,9 +250,19 @@ def validate(steps: list[tuple[str, Mapping]], catalog: Catalog, known: Callable
             out.append(Step(name, spec.validate(params)))
         except ValueError as e:
             raise PipelineError(f"step {i} ({name}): {e}") from None
+        for other in (every(name) if every is not None else ()):
+            try:
+                other.validate(params)
+            except ValueError as e:
+                raise PipelineError(f"step {i} ({name}): {e} (as version {other.version or '?'} on a live worker"
+                                    " declares it)") from None
     chosen = Pipeline(tuple(out))
     if len(chosen.steps) > 1 and len(chosen.text()) > MAX_TEXT:  # what jobs carry to the workers
         raise PipelineError(f"the pipeline, every parameter written out, is longer than {MAX_TEXT} characters")
+    if limits is not None:  # what it does to the smallest image (1x1) is known now: a bomb for any input
+        problem = cost_problem([(catalog(s.name), s.params) for s in chosen.steps], 1, 1, limits)
+        if problem:
+            raise TooCostly(problem)
     return chosen
 
 
@@ -174,3 +272,35 @@ def of_stored(filter_: str, params: Mapping) -> list[tuple[str, dict]]:
     if not is_pipeline(filter_):
         return [(filter_, dict(params))]
     return raw_steps(filter_)
+
+
+class Plans:
+    """The server's check of an upload against its workload's pipeline (:func:`cost_problem`
+    for the image's size and frames), each pipeline's steps resolved once and kept."""
+
+    MAX = 512
+
+    def __init__(self, catalog: Catalog, limits: Limits) -> None:
+        self.catalog = catalog
+        self.limits = limits
+        self._steps: dict[tuple, list[tuple[FilterSpec | None, Mapping]]] = {}
+
+    def problem(self, filter_: str, params: Mapping, width: int, height: int, frames: int = 1) -> str | None:
+        """Why an image of that size cannot go through that pipeline, or None."""
+        key = (filter_, tuple(sorted(params.items())))
+        steps = self._steps.get(key)
+        if steps is None:
+            steps = []
+            for name, raw in of_stored(filter_, params):
+                spec = self.catalog(name)
+                try:
+                    steps.append((spec, spec.validate(raw) if spec is not None else raw))
+                except ValueError:
+                    steps.append((None, raw))  # checked where it runs
+            if len(self._steps) >= self.MAX:
+                self._steps.clear()
+            self._steps[key] = steps
+        if len(steps) * width * height * frames <= self.limits.max_pixel_steps and \
+                all(spec is not None and spec.size == "same" for spec, _ in steps):
+            return None  # (most workloads: nothing grows, well within the budget)
+        return cost_problem(steps, width, height, self.limits, frames)

@@ -54,7 +54,7 @@ def new_key() -> tuple[str, bytes]:
 def welcome_proof(join: bytes, w: wire.Welcome) -> str:
     """The join-key MAC over every field of a welcome but the proof itself."""
     return _mac(join, "welcome", w.epoch, w.worker_session, w.kid, w.session_key, w.api_port,
-                w.public_url, w.heartbeat_interval)
+                w.public_url, w.heartbeat_interval, w.max_pixels, w.max_pixel_steps)
 
 
 def seal_with(key: bytes, kid: str, label: str, seq: int, msg: wire.Message) -> bytes:

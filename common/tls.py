@@ -89,7 +89,15 @@ class Identity:
 
     @classmethod
     def from_files(cls, cert: Path, key: Path, what: str) -> Identity:
-        return cls(read_certificate(cert, f"{what} certificate"), _read_key(key, f"{what} key"), str(cert), str(key))
+        """The pair in these files; TlsError naming both if the key is not the certificate's."""
+        cert_pem, key_pem = read_certificate(cert, f"{what} certificate"), _read_key(key, f"{what} key")
+        public = x509.load_pem_x509_certificates(cert_pem.encode("ascii"))[0].public_key()
+        private = serialization.load_pem_private_key(key_pem.encode("ascii"), password=None)
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if public.public_bytes(*spki) != private.public_key().public_bytes(*spki):
+            raise TlsError(f"the {what} key {key} does not belong to the certificate {cert} (its public key is"
+                           " another's): give the key made with that certificate")
+        return cls(cert_pem, key_pem, str(cert), str(key))
 
     @classmethod
     def throwaway(cls, name: str) -> Identity:

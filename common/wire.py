@@ -145,6 +145,8 @@ class Welcome:
     api_port: int = number(0, hi=65535)
     public_url: str = text("", max_len=512)
     heartbeat_interval: float = number(1.0, lo=0.05, hi=60.0)
+    max_pixels: int = number(0)  # the server's --max-pixels (0: the worker keeps its own)
+    max_pixel_steps: int = number(0)  # a job's budget of pixel-steps (0: the default multiple)
     proof: str = hex_field("")
 
 

@@ -37,6 +37,7 @@ import pynng
 from common import filters, wire
 from common.filters import FilterSpec
 from common.offers import specs_of
+from common.pipeline import Limits
 from common.aio import stop_tasks
 from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError
@@ -167,6 +168,11 @@ class _Join:
     busy: bool = False
 
 
+#: Distinct filter names the live fleet may declare in all (a thousand workers declaring a
+#: hundred made-up names each would otherwise make every listing of them hundreds of MB).
+MAX_FLEET_FILTERS = 256
+
+
 class Membership:
     """The controller's view of the workers, kept fresh by sealed heartbeats."""
 
@@ -182,8 +188,10 @@ class Membership:
         forget_after: float = 600.0,
         max_workers: int = 1000,
         tls: ServerTls | None = None,
+        limits: Limits = Limits(),
     ) -> None:
         self.store = store
+        self.limits = limits  # what one job may make and spend: told to every worker it welcomes
         self.tls = tls  # the worker plane over TLS (client certificates if tls.mutual)
         self.api_port = api_port
         self.public_url = public_url
@@ -198,6 +206,8 @@ class Membership:
         self.workers: dict[str, WorkerInfo] = {}
         self.clients: dict[str, RpcClient] = {}
         self.refused = 0  # hellos, heartbeats and goodbyes that failed authentication
+        self.vanished = 0  # hellos read after their connection had closed (dropped quietly)
+        self.conflicts = 0  # declarations left out: unlike another worker's of that version, or too many
         self.bad_messages = 0
         self.welcomes_failed = 0  # hellos answered with a welcome that never got through
         self._cap_key = capability.derive_key(secret)
@@ -264,6 +274,19 @@ class Membership:
     def declaration(self, name: str) -> FilterSpec | None:
         """Filter ``name`` as this server has it, else as a live worker declared it."""
         return filters.REGISTRY.get(name) or self.offered(name)
+
+    def all_declarations(self, name: str) -> list[FilterSpec]:
+        """Every declaration of filter ``name`` a job may be placed on: this server's own, else
+        each distinct one of the live workers (a workload must suit all of them)."""
+        own = filters.REGISTRY.get(name)
+        if own is not None:
+            return [own]
+        out: list[FilterSpec] = []
+        for info in self.workers.values():
+            spec = info.filters.get(name) if info.alive and info.filters is not None else None
+            if spec is not None and spec not in out:
+                out.append(spec)
+        return out
 
     def filter_names(self) -> list[str]:
         """This server's filters, then every other one a live worker runs."""
@@ -395,8 +418,14 @@ class Membership:
     def _on_hello(self, hello: wire.Hello, source: str = "") -> None:
         info = self.workers.get(hello.name)
         now = time.monotonic()
+        if not source:
+            # Its connection closed before we read it (a worker restarting, make run stopping):
+            # nobody to answer and nothing proven against anyone, so no alarm either.
+            self.vanished += 1
+            logger.debug("dropped a hello from %r whose connection is gone (%d so far)", hello.name[:40], self.vanished)
+            return None
         if not _same_host(hello.rpc_address, source):
-            return self._refuse(f"a hello from {source or 'an unknown host'} naming another host's address"
+            return self._refuse(f"a hello from {source} naming another host's address"
                                 f" ({hello.rpc_address[:80]!r}): a worker is dialed where it is")
         if is_tls(hello.rpc_address) != (self.tls is not None):
             return self._refuse(f"a hello from {hello.name!r} with an RPC address in clear (it needs --tls-ca)"
@@ -455,7 +484,7 @@ class Membership:
             kid = secrets.token_hex(8)
             key = session_key(self.join, self.epoch, hello.session, kid)
             msg = wire.Welcome(self.epoch, hello.session, kid, "", self.api_port, self.public_url,
-                               self.heartbeat_interval)
+                               self.heartbeat_interval, self.limits.max_pixels, self.limits.max_pixel_steps)
             msg = dataclasses.replace(msg, proof=welcome_proof(self.join, msg))
             channel = Channel(key, kid, send=C2W, recv=W2C)
             try:
@@ -467,7 +496,7 @@ class Membership:
                                   " (or its certificate is not of the client CA, or does not name it)")
                 return
             if isinstance(reply, wire.Joined):
-                declared = specs_of(hello.name, reply.filters)
+                declared = self._without_conflicts(hello.name, specs_of(hello.name, reply.filters))
             elif isinstance(reply, wire.Ack) and reply.ok:
                 declared = None  # a worker that declares nothing runs the built-ins
             else:
@@ -481,6 +510,32 @@ class Membership:
             join.busy = False
             if not adopted:
                 client.close()
+
+    def _without_conflicts(self, name: str, declared: dict[str, tuple[FilterSpec, bool]]
+                           ) -> dict[str, tuple[FilterSpec, bool]]:
+        """A worker's declarations less those that contradict another live worker's of the same
+        filter name and version (one version of a plugin is one contract), and less new filter
+        names past :data:`MAX_FLEET_FILTERS` fleet-wide; each left out is logged and counted."""
+        fleet = {(n, spec.version): spec for n, held in self.fleet_filters().items()
+                 for info, spec, _ in held if info.name != name}
+        names = {n for n, _ in fleet}
+        kept: dict[str, tuple[FilterSpec, bool]] = {}
+        for n, (spec, gpu) in declared.items():
+            other = fleet.get((n, spec.version))
+            if other is not None and other != spec:
+                self.conflicts += 1
+                self._log.warning("conflict", "worker %s declares filter %s %s unlike the live workers that run"
+                                  " it: left out there (%d so far)", name, n, spec.version or "(no version)",
+                                  self.conflicts)
+                continue
+            if n not in names and len(names) >= MAX_FLEET_FILTERS:
+                self.conflicts += 1
+                self._log.warning("conflict", "worker %s declares filter %s past the fleet's %d: left out",
+                                  name, n, MAX_FLEET_FILTERS)
+                continue
+            names.add(n)
+            kept[n] = (spec, gpu)
+        return kept
 
     def _adopt(self, hello: wire.Hello, channel: Channel, client: RpcClient,
                declared: dict[str, tuple[FilterSpec, bool]] | None = None) -> bool:

@@ -1,4 +1,4 @@
-"""``python main.py users add|remove|list``: manage users in the data dir's datastore.
+"""``python main.py users add|remove|list|unlock``: manage users in the data dir's datastore.
 
 Works on a stopped or a running server (SQLite serialises the writers; a running server notices
 within a second). Passwords are
@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
                                        " but not for a new user of the same name)")
     rm.add_argument("name")
     sub.add_parser("list", help="list the users")
+    unlock = sub.add_parser("unlock", help="forgive a user's failed logins, on every server of the system (a"
+                                           " running one applies it at the user's next attempt)")
+    unlock.add_argument("name")
     return p
 
 
@@ -57,6 +60,11 @@ async def _run(a: argparse.Namespace) -> str:
             users = await store.list_users()
             return "\n".join(f"{name}\tcreated {time.strftime('%Y-%m-%d %H:%M', time.gmtime(t))}Z"
                              for name, t in users) or "(no users)"
+        if a.action == "unlock":
+            if await store.user(a.name) is None:
+                raise BadInput(f"no user {a.name!r}")
+            await store.unlock_user(a.name)
+            return f"unlocked user {a.name!r}: their failed logins are forgiven at their next attempt"
         if a.action == "remove":
             if not await store.remove_user(a.name):
                 raise BadInput(f"no user {a.name!r}")

@@ -116,7 +116,7 @@ class LocalSystem:
         flags = ["--tls-ca", self.ca_file]
         if self.mutual_tls and "--tls-cert" not in args:
             from common import certs
-            issued = certs.worker(self.tls_dir, name)
+            issued = certs.worker(self.tls_dir, name, force=True)  # a restarted worker gets a new pair
             flags += ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key)]
         return flags
 

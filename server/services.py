@@ -23,6 +23,7 @@ from aiohttp import web
 
 from api.app import create_app
 from api.keys import (
+    PLANS,
     AUTH,
     AUTOSCALER,
     IMAGES,
@@ -36,6 +37,7 @@ from api.keys import (
     WORKLOADS,
 )
 from api.ratelimit import LoginThrottle
+from common.pipeline import Plans
 from common import localjoin
 from common.tls import ServerTls, nng_url
 from common.aio import stop_tasks
@@ -114,7 +116,9 @@ async def _datastore(app: web.Application) -> AsyncIterator[None]:
         await auth.load()
         await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
         app[STORE], app[AUTH] = store, auth
-        app[LOGIN_LIMITS] = LoginThrottle(s.login_failures, 60.0)
+        metrics = app.get(METRICS)
+        app[LOGIN_LIMITS] = LoginThrottle(s.login_failures, 60.0,
+                                          on_slowed=metrics.logins_slowed.inc if metrics is not None else lambda: None)
         yield
     finally:
         await store.close()
@@ -142,8 +146,10 @@ async def _membership(app: web.Application) -> AsyncIterator[None]:
     join_token = app[JOIN_TOKEN] = await system_join_token(app[STORE], s.data_dir, s.join_token, required=True)
     tls = app.get(SERVER_TLS)
     membership = Membership(app[STORE], app[AUTH].secret, s.port, s.public_url, s.heartbeat_interval, ttl,
-                            join_token, forget_after=s.forget_after, max_workers=s.max_workers, tls=tls)
+                            join_token, forget_after=s.forget_after, max_workers=s.max_workers, tls=tls,
+                            limits=s.limits)
     app[MEMBERSHIP] = membership
+    app[PLANS] = Plans(membership.declaration, s.limits)
     app[JOBS].declarations = membership.declarations  # results judged by their worker's declarations
     try:
         await membership.start(nng_url(s.host, s.controller_port, tls is not None))

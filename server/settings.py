@@ -16,6 +16,7 @@ from api.connections import ConnectionPolicy, connections_for
 from common.net import Network, parse_cidrs
 from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, add_options, option, parse_range, secrets_in_flags
 from common.formats import MAX_PIXELS
+from common.pipeline import Limits
 from storage import engines
 from storage.engines import FILES, POSTGRES, S3, SQLITE
 from scheduler.carrier import SchedulerSettings
@@ -82,7 +83,11 @@ class ServerSettings:
     quota_bytes: int = option(0, "bytes of images (originals and results) each user may keep; 0: no quota")
     retain_days: float = option(0.0, "remove completed workloads created more than this many days ago"
                                      " (their images too); 0: keep everything")
-    max_pixels: int = option(MAX_PIXELS, "largest image accepted or decoded, in pixels (width x height)")
+    max_pixels: int = option(MAX_PIXELS, "largest image accepted or decoded, in pixels (width x height); every"
+                                         " image a pipeline's step makes too")
+    max_pixel_steps: int = option(0, "a job's budget: pixels of each step's image, summed over its steps and"
+                                     " frames (default: 4 x --max-pixels); a pipeline that would pass it is"
+                                     " refused")
     fsync: bool = option(True, "do not fsync uploads (faster, but a power cut may lose accepted ones)",
                          flag="--no-fsync")
     join_token: str = option("", "workers must present it (default: generated once and kept in the data"
@@ -116,6 +121,11 @@ class ServerSettings:
     max_connections_per_address: int = option(256, "connections at once from one address (an IPv6 /64 is"
                                                    " one; --trusted-proxy ones are exempt), at most half of"
                                                    " --max-connections; beyond it a 503")
+
+    @property
+    def limits(self) -> Limits:
+        """What one job may make and spend (the API checks a pipeline, the workers are told)."""
+        return Limits.of(self.max_pixels, self.max_pixel_steps)
 
     @property
     def db_path(self) -> Path:
@@ -174,6 +184,8 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         p.error("--idle-timeout must be positive")
     if settings.max_pixels <= 0:
         p.error("--max-pixels must be positive")
+    if settings.max_pixel_steps < 0:
+        p.error("--max-pixel-steps must be positive (or 0: the default)")
     if settings.database and not settings.database.startswith((SQLITE, *POSTGRES)):
         p.error("--database is sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST:PORT/DB")
     if settings.image_store and not settings.image_store.startswith((FILES, S3)):

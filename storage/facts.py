@@ -37,10 +37,11 @@ class Header:
     height: int
     mode: str
     photo: dict | None = None
+    frames: int = 1  # an animation's frames, a TIFF's pages (each filtered: a job's cost counts them)
 
 def fast_header(data: bytes, fmt: str) -> Header | None:
     """An 8-bit PNG's header without Pillow, unless it carries EXIF (then Pillow reads it)."""
-    if fmt != "PNG" or b"eXIf" in data[:65536]:
+    if fmt != "PNG" or b"eXIf" in data[:65536] or b"acTL" in data[:65536]:  # (an APNG's frames: Pillow)
         return None
     head = png_header(data)
     return Header(*head) if head is not None else None
@@ -57,7 +58,8 @@ def header_of(source: Path | io.BytesIO, fmt: str) -> Header:
                 exif = None  # broken EXIF: the pixels may still be fine
             if exif and exif.get(exifdata.ORIENTATION) in (5, 6, 7, 8):
                 width, height = height, width
-            return Header(width, height, im.mode, exifdata.photo_facts(exif) if exif else None)
+            frames = getattr(im, "n_frames", 1) if fmt in MULTI_FRAME else 1  # skips frames, decodes none
+            return Header(width, height, im.mode, exifdata.photo_facts(exif) if exif else None, frames)
     except DECOMPRESSION_BOMB as e:  # more pixels than Image.MAX_IMAGE_PIXELS (main.py)
         raise BadInput(f"the uploaded {fmt} image has too many pixels: {pillow_reason(e)}") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -72,6 +74,9 @@ def pillow_reason(e: BaseException) -> str:
     if isinstance(e, Image.UnidentifiedImageError):
         return "the image library cannot identify it (a corrupt or unsupported file)"
     return clipped(_OUR_OBJECTS.sub("", str(e)).strip(" :") or type(e).__name__)
+
+#: Formats with more than one picture in a file (animations, TIFF pages).
+MULTI_FRAME = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
 
 #: Formats whose EXIF Pillow reads from the header (for others it would decode the pixels first).
 EXIF_IN_HEADER = frozenset({"JPEG", "TIFF", "WEBP"})

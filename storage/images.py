@@ -65,6 +65,7 @@ class StoredFile:
     data: bytes | None = field(default=None, repr=False)  # the bytes too, when in memory
     photo: dict | None = None  # camera, time taken, GPS position (from EXIF), if any
     head: bytes = field(default=b"", repr=False)  # a direct result's first bytes, as judged
+    frames: int = 1  # an animation's frames (a TIFF's pages)
 
 @dataclass(frozen=True)
 class Download:
@@ -119,7 +120,8 @@ class ImageStore(abc.ABC):
         if head is None:
             head = await asyncio.get_running_loop().run_in_executor(None, self._judged, data, fmt)
         self._check_pixels(head.width, head.height)
-        return StoredFile(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo)
+        return StoredFile(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo,
+                          frames=head.frames)
 
     def _judged(self, data: bytes, fmt: str) -> facts.Header:
         """In a thread: the header of an image in memory (a JPEG's scans counted too)."""
@@ -343,7 +345,7 @@ class FileImageStore(ImageStore):
             writer.close(quiet=True)
             tmp.unlink(missing_ok=True)
             raise
-        return StoredFile(tmp, fmt, size, head.width, head.height, head.mode, None, head.photo)
+        return StoredFile(tmp, fmt, size, head.width, head.height, head.mode, None, head.photo, frames=head.frames)
 
     def _finish(self, writer: files.TmpWriter, rest: list[bytes]) -> tuple[str, facts.Header]:
         """Write the rest, flush to disk, then read the header (only): format and size."""

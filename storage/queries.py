@@ -122,6 +122,32 @@ class SqlDatastore(abc.ABC):
         return (row[0], row[1]) if row else None
 
 
+    async def known_place(self, user: str, place: str, since: float) -> bool:
+        """Whether ``user`` logged in from ``place`` after ``since``."""
+        return bool(await self.read(_scalar("SELECT COUNT(*) FROM login_places WHERE user_name = ? AND place = ?"
+                                            " AND last_seen >= ?", user, place, since)))
+
+    async def remember_place(self, user: str, place: str, keep: int = 32) -> None:
+        """``user`` logged in from ``place`` now; only their ``keep`` most recent places stay."""
+        now = time.time()
+
+        def remember() -> Script[None]:
+            yield q("INSERT INTO login_places(user_name, place, last_seen) VALUES (?, ?, ?) ON CONFLICT(user_name, place)"
+                    " DO UPDATE SET last_seen = excluded.last_seen", user, place, now)
+            yield q("DELETE FROM login_places WHERE user_name = ? AND place NOT IN (SELECT place FROM login_places"
+                    " WHERE user_name = ? ORDER BY last_seen DESC LIMIT ?)", user, user, keep)
+
+        await self.write(remember())
+
+    async def unlock_user(self, user: str) -> None:
+        """Forgive ``user``'s failed logins (every server applies it at the user's next attempt)."""
+        await self.write(_statement("INSERT INTO settings(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE"
+                                    " SET value = excluded.value", f"unlock:{user}", repr(time.time())))
+
+    async def unlocked_at(self, user: str) -> float:
+        """When ``user``'s failed logins were last forgiven (0: never)."""
+        return float(await self.read(_scalar("SELECT value FROM settings WHERE name = ?", f"unlock:{user}")) or 0)
+
     async def revoke_token(self, jti: str, expires_at: float) -> None:
         def revoke() -> Script[None]:
             yield q("INSERT INTO revoked_tokens(jti, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING",

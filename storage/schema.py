@@ -58,6 +58,10 @@ TABLES = (
     Table("users", (_c("name", "text", "PRIMARY KEY"), _c("password_hash", "text", "NOT NULL"),
                     _c("created_at", "real", "NOT NULL"))),
     Table("revoked_tokens", (_c("jti", "text", "PRIMARY KEY"), _c("expires_at", "real", "NOT NULL"))),
+    #: Where each user logged in from (an address's group: api.ratelimit), and when last: a
+    #: familiar place is spared the account's budget of failed logins, across restarts too.
+    Table("login_places", (_c("user_name", "text", "NOT NULL"), _c("place", "text", "NOT NULL"),
+                           _c("last_seen", "real", "NOT NULL")), ("PRIMARY KEY (user_name, place)",)),
     #: Names are unique per owner; ``dir`` (the images directory) is unique across owners. The
     #: counters are kept by the triggers below, so that a workload's status costs one row.
     Table("workloads", (

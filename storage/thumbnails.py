@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager
 
 from PIL import Image, ImageOps
 
+from common import iccprofile
 from common.formats import FORMATS
 from common.models import ImageType
 
@@ -26,18 +27,28 @@ THUMB_THREADS_PER_USER = 1  # of those, one user's at most: a user's slow decode
 THUMB_REDUCING_GAP = 2
 
 
+#: What a thumbnail keeps of its image's info (an encoder writes what it finds there: a GIF's or
+#: a JPEG's comment, a profile): how it is drawn, nothing said about it.
+_KEPT_INFO = frozenset({"transparency", "background", "duration", "loop", "dpi"})
+
+
 def thumb_key(workload_dir: str, type_: ImageType, image_id: int, fmt: str, size: str) -> str:
     return f"{workload_dir}/thumbs/{type_.value}-{image_id}-{size}.{FORMATS[fmt][0]}"
 
 def make_thumbnail(source: bytes, px: int, fmt: str) -> bytes:
     """Decode reduced where the format allows (JPEG: at 1/2..1/8 scale via ``draft``), then
     shrink in steps: a 50 MP photo never becomes 150 MB of pixels for a 300 px preview. Upright
-    (EXIF orientation applied) and without EXIF: no GPS position in what is shown around."""
+    (EXIF orientation applied) and without EXIF: no GPS position in what is shown around, nor
+    any other text (a comment; an ICC profile keeps its colours only: :mod:`common.iccprofile`)."""
     with Image.open(io.BytesIO(source)) as im:
         if im.format == "JPEG":
             im.draft(im.mode, (px * THUMB_REDUCING_GAP, px * THUMB_REDUCING_GAP))
         im.thumbnail((px, px), reducing_gap=THUMB_REDUCING_GAP)
         upright = ImageOps.exif_transpose(im)
+        icc = upright.info.get("icc_profile")
+        upright.info = {k: v for k, v in upright.info.items() if k in _KEPT_INFO}
+        if icc and (clean := iccprofile.scrubbed(icc, upright.mode)):
+            upright.info["icc_profile"] = clean
         out = io.BytesIO()
         upright.save(out, fmt)  # Pillow writes EXIF only when asked to
         return out.getvalue()

@@ -22,10 +22,18 @@ def test_every_parameter_is_checked_against_its_range():
     blur = filters.spec("blur")
     assert blur.validate({}) == {"radius": 2.0}
     assert blur.validate({"radius": "5", "unrelated": "x"}) == {"radius": 5.0}
-    for bad, words in (("x", "must be a number"), ("-1", "between 0 and 50"), ("nan", "between"),
-                       ("1e999", "between")):
+    for bad, words in (("x", "must be a number"), ("-1", "between 0 and 50"), ("nan", "must be a number"),
+                       ("1e999", "must be a number"), ("1_0", "must be a number"), ("\uff11\uff10", "must be a number"),
+                       ("1e-320", "must be a number"), (1e-320, "must be a number"), (True, "must be a number")):
         with pytest.raises(ValueError, match=words):
             blur.validate({"radius": bad})
+    assert blur.validate({"radius": "-0.0"}) == {"radius": 0.0} and str(blur.validate({"radius": -0.0})["radius"]) == "0.0"
+    assert blur.validate({"radius": "2.5e1"}) == {"radius": 25.0} and blur.validate({"radius": 3}) == {"radius": 3.0}
+    resize = filters.spec("resize")
+    for bad in (100.5, "100.5", "\uff11\uff10\uff10", "1_00", "1e2", " 1 0 ", True):  # an integer: ASCII digits only
+        with pytest.raises(ValueError, match="width must be an integer"):
+            resize.validate({"width": bad})
+    assert resize.validate({"width": " 100 "}) == {"width": 100}
     with pytest.raises(ValueError, match="unknown filter 'posterize'; use one of: grayscale, blur, resize"):
         filters.spec("posterize")
 

@@ -360,11 +360,12 @@ def test_a_float_image_with_infinite_values_fails_its_job_clearly():
 
 
 def test_an_animation_beyond_the_limits_fails_its_job_clearly(monkeypatch):
-    monkeypatch.setattr("worker.filters.MAX_PIXELS", 2 * W * H)  # the frames' pixels count together
+    limits = pipeline.Limits(2 * W * H, 10**9)  # the frames' pixels count together
     with pytest.raises(FilterError, match=f"3 frames .* of {W}x{H} exceed the limit of {2 * W * H} pixels"):
-        process(CASES["GIF/animated"][1], "blur")
-    process(CASES["GIF/P"][1], "blur")  # one frame is within it
-    monkeypatch.setattr("worker.filters.MAX_PIXELS", 50_000_000)
+        process(CASES["GIF/animated"][1], "blur", limits=limits)
+    process(CASES["GIF/P"][1], "blur", limits=limits)  # one frame is within it
+    with pytest.raises(FilterError, match="pixel-steps"):  # and a job's budget counts every frame
+        process(CASES["GIF/animated"][1], "blur|sharpen", limits=pipeline.Limits(10**9, 5 * W * H))
     monkeypatch.setattr("worker.filters.MAX_FRAMES", 2)
     for case in ("GIF/animated", "WEBP/animated", "PNG/APNG", "TIFF/multi-page"):
         with pytest.raises(FilterError, match="more than 2 frames"):

@@ -10,12 +10,13 @@ and encoding dominates a job.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from common import filters, formats, operations, pipeline
+from common import filters, formats, iccprofile, operations, pipeline
 
 ORIENTATION = 0x0112  # the EXIF tag
 #: How to turn an image upright, by its EXIF orientation (1, or none: as it is).
@@ -72,16 +73,28 @@ def steps_of(filter_: str, params: dict | None = None) -> list[tuple[filters.Fil
     return out
 
 
-def _step(i: int, name: str, steps: int) -> str:
-    """How an error names a step: by its place in a pipeline, or by its name alone."""
-    return f"step {i} ({name})" if steps > 1 else name
+_step = pipeline.step_name
 
 
 def process(data: bytes, name: str, params: dict | None = None,
-            options: EncodeOptions = EncodeOptions()) -> tuple[bytes, str]:
+            options: EncodeOptions = EncodeOptions(), limits: pipeline.Limits = pipeline.Limits(),
+            stop: threading.Event | None = None) -> tuple[bytes, str]:
     """Filter image ``data`` with filter (or pipeline) ``name``; return (encoded bytes, Pillow
-    format): the original's format, unless a ``format`` step chose another."""
+    format): the original's format, unless a ``format`` step chose another. Every step's image
+    stays within ``limits.max_pixels`` (a step that would pass it is refused before it runs) and
+    the whole job within its pixel-step budget; ``stop`` set (the job was cancelled) ends the
+    work at the next step, frame or kernel tile (:class:`~common.filters.Stopped`)."""
+    filters.set_stop(stop)
+    try:
+        return _process(data, name, params, options, limits)
+    finally:
+        filters.set_stop(None)
+
+
+def _process(data: bytes, name: str, params: dict | None, options: EncodeOptions,
+             limits: pipeline.Limits) -> tuple[bytes, str]:
     steps = steps_of(name, params)
+    meter = pipeline.Meter(limits)
     out_fmt, quality = None, options.jpeg_quality
     for spec, values in steps:
         if spec.output_format:
@@ -92,54 +105,67 @@ def process(data: bytes, name: str, params: dict | None = None,
         with Image.open(io.BytesIO(data)) as im:
             # an MPO is a JPEG with more pictures after its end, which the server does not keep
             fmt = "JPEG" if im.format == "MPO" else im.format or "PNG"
-            if im.size[0] * im.size[1] > MAX_PIXELS:
-                raise FilterError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {MAX_PIXELS}")
+            if im.size[0] * im.size[1] > limits.max_pixels:
+                raise FilterError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {limits.max_pixels}")
             kept = {key: im.info[key] for key in _KEPT if key in im.info}
             every = fmt != "JPEG" and (out_fmt in (None, fmt) or fmt in _ANIMATED and out_fmt != "JPEG")
+            frames = min(getattr(im, "n_frames", 1), MAX_FRAMES) if every else 1  # (skips frames, decodes none)
+            problem = pipeline.cost_problem(steps, *_upright_size(im), limits, frames)
+            if problem:  # known before any work: refused at once (the meter counts what runs)
+                raise FilterError(problem)
             turn: Image.Transpose | None = None
             made = 0
-            for frame in _frames(im, every=every):
+            for frame in _frames(im, every, limits.max_pixels):
+                filters.checkpoint()
                 # A phone's portrait photo is stored sideways with an EXIF Orientation: filter it
                 # upright. The result is saved without EXIF (no GPS position leaves with it).
                 if not outs:
                     turn = _turn(frame)  # the first frame's EXIF speaks for all
                 out = frame.transpose(turn) if turn is not None else frame
                 for i, (spec, values) in enumerate(steps, 1):
+                    where = _step(i, spec.name, len(steps))
+                    predicted = meter.before(where, spec, values, out.width, out.height)
+                    filters.checkpoint()
                     try:
                         assert spec.apply is not None
                         out = spec.apply(out, values)
                     except ValueError as e:  # the filter's own refusal (what the mode cannot take)
-                        raise FilterError(f"cannot {_step(i, spec.name, len(steps))} this {frame.mode} image: {e}") from e
-                    except (MemoryError, Image.DecompressionBombError):
+                        raise FilterError(f"cannot {where} this {frame.mode} image: {e}") from None
+                    except (MemoryError, Image.DecompressionBombError, filters.Stopped):
                         raise
                     except Exception as e:  # a plugin's bug: this job fails for good, saying so
-                        raise FilterError(f"{_step(i, spec.name, len(steps))} failed: {type(e).__name__}:"
-                                          f" {str(e)[:200]}") from e
+                        raise FilterError(f"{where} failed: {type(e).__name__}: {str(e)[:200]}") from None
                     if not isinstance(out, Image.Image):
                         raise FilterError(f"{spec.name} returned {type(out).__name__}, not an image")
+                    meter.after(where, predicted, out.width, out.height)
                 made += out.width * out.height
-                if made > MAX_PIXELS:
-                    raise FilterError(f"the result would exceed the limit of {MAX_PIXELS} pixels")
+                if made > limits.max_pixels:
+                    raise FilterError(f"the result would exceed the limit of {limits.max_pixels} pixels")
                 outs.append(out)
                 durations.append(frame.info.get("duration") or 0)
-    except FilterError:
+    except (FilterError, filters.Stopped):
         raise
+    except pipeline.TooCostly as e:
+        raise FilterError(str(e)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise FilterError(f"cannot decode the image: {e}") from e
+        raise FilterError(f"cannot decode the image: {e}") from None
     if out_fmt is not None and out_fmt != fmt:
         outs = [operations.storable_as(out, out_fmt) for out in outs]
         kept = {k: v for k, v in kept.items() if k == "loop"}
         fmt = out_fmt
+    filters.checkpoint()
+    for out in outs:  # what the encoders would copy from the image: no free text
+        _without_text(out)
     try:
         chosen = replace(options, jpeg_quality=quality, webp_quality=quality) if out_fmt else options
         return _encode(outs, fmt, chosen, kept, durations), fmt
     except (OSError, ValueError) as e:
-        raise FilterError(f"cannot encode the result as {fmt}: {e}") from e
+        raise FilterError(f"cannot encode the result as {fmt}: {e}") from None
 
 
-def _frames(im: Image.Image, every: bool) -> Iterator[Image.Image]:
+def _frames(im: Image.Image, every: bool, max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
     """``im`` decoded; then, if ``every``, each further frame of an animation (page of a TIFF),
-    while they stay within :data:`MAX_FRAMES` and, all together, :data:`MAX_PIXELS`."""
+    while they stay within :data:`MAX_FRAMES` and, all together, ``max_pixels``."""
     more = every and getattr(im, "is_animated", False)  # before loading: a GIF finds out by skipping frame 0
     im.load()
     yield im
@@ -154,11 +180,18 @@ def _frames(im: Image.Image, every: bool) -> Iterator[Image.Image]:
         total += im.width * im.height
         if index == MAX_FRAMES:
             raise FilterError(f"more than {MAX_FRAMES} frames (or TIFF pages): the limit is {MAX_FRAMES}")
-        if total > MAX_PIXELS:
+        if total > max_pixels:
             raise FilterError(f"{index + 1} frames (or TIFF pages) of {im.width}x{im.height} exceed the limit of"
-                              f" {MAX_PIXELS} pixels in all")
+                              f" {max_pixels} pixels in all")
         im.load()
         yield im
+
+
+def _upright_size(im: Image.Image) -> tuple[int, int]:
+    turn = _turn(im)
+    swapped = turn in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                       Image.Transpose.ROTATE_270)
+    return (im.height, im.width) if swapped else (im.width, im.height)
 
 
 def _turn(im: Image.Image) -> Image.Transpose | None:
@@ -189,6 +222,19 @@ def _encode(outs: list[Image.Image], fmt: str, options: EncodeOptions, kept: dic
     else:
         first.save(buf, fmt, **more)
     return buf.getvalue()
+
+
+def _without_text(im: Image.Image) -> None:
+    """Drop the text an image carries that an encoder would write into the result: a comment,
+    and an ICC profile's descriptions (its colours are kept: :func:`common.iccprofile.scrubbed`)."""
+    im.info.pop("comment", None)
+    icc = im.info.get("icc_profile")
+    if icc:
+        clean = iccprofile.scrubbed(icc, im.mode)
+        if clean:
+            im.info["icc_profile"] = clean
+        else:
+            del im.info["icc_profile"]
 
 
 def _storable(out: Image.Image, fmt: str) -> Image.Image:

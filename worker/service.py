@@ -16,6 +16,7 @@ import hmac
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,8 @@ from common.config import local_address_towards, option
 from common.tls import WorkerTls, http_client_context, is_tls, nng_url
 from common.logs import LogLimiter
 from common.rpc import RpcClient, RpcError, RpcServer
-from common import filters, offers
+from common import filters, offers, pipeline
+from worker import memory
 from worker.filters import EncodeOptions, FilterError, process
 from worker.link import Refused, WorkerLink
 from worker.telemetry import Telemetry
@@ -98,6 +100,13 @@ class JobFailed(Exception):
         self.transient = transient  # where the images live could not be reached (not the job's fault)
 
 
+#: How long a cancel waits for a job's work to stop (it stops at its next step, frame or tile:
+#: one Pillow call, about a second on the largest image) before it answers anyway.
+STOP_WAIT = 10.0
+#: A job whose filtering took longer than this (it held large images) gives its memory back to
+#: the system when it ends (:mod:`worker.memory`).
+TRIM_AFTER_SECONDS = 0.25
+
 #: While no controller has welcomed us, say so after this long, then this often (a worker
 #: started before its server must not look dead).
 FIRST_WAITING_LOG = 2.0
@@ -148,6 +157,7 @@ class Worker:
         self.session = self.link.session
         self.executor = ThreadPoolExecutor(settings.capacity, thread_name_prefix="filter")
         self.jobs: dict[int, asyncio.Task[wire.JobResult]] = {}
+        self.limits = pipeline.Limits()  # the server's, once it welcomed us (wire.Welcome)
         self.jobs_done = 0
         self.draining = False
         self.refused = 0  # requests refused: forged, replayed, or not from our server
@@ -314,19 +324,20 @@ class Worker:
                     # nng may deliver a request twice: a duplicate joins the job it names
                     return channel.seal_reply(await self._run_job(inner, c.api_url), msg.seq)
                 if isinstance(inner, wire.CancelJob) and fresh:
-                    return channel.seal_reply(self._cancel(inner), msg.seq)
+                    return channel.seal_reply(await self._cancel(inner), msg.seq)
                 raise Refused(f"refused: a replayed or unexpected {inner.TYPE}")
             if isinstance(msg, wire.CancelJob) and msg.tie and msg.if_not_started:
-                return self._peer_cancel(msg)
+                return await self._peer_cancel(msg)
             raise Refused(f"refused: a worker takes no unsealed {msg.TYPE}")
         except Refused as e:
             self.refused += 1
             self._log.warning("refused", "%s (%d refused so far)", e, self.refused)
             return wire.Ack(ok=False, error=str(e))
 
-    def _cancel(self, msg: wire.CancelJob) -> wire.Ack:
-        """Stop a job early. A tied peer's cancel (``if_not_started``) spares a started copy, so
-        two copies that start together both finish rather than both being cancelled."""
+    async def _cancel(self, msg: wire.CancelJob) -> wire.Ack:
+        """Stop a job early, and answer once its work has stopped (its slot is then free). A
+        tied peer's cancel (``if_not_started``) spares a started copy, so two copies that start
+        together both finish rather than both being cancelled."""
         task = self.jobs.get(msg.job_id)
         if task is None:
             return wire.Ack(ok=False, error="no such job")
@@ -335,16 +346,17 @@ class Worker:
         if msg.if_not_started and msg.job_id in self._started:
             return wire.Ack(ok=False, error="already started")
         task.cancel()
-        return wire.Ack()
+        await asyncio.wait([task], timeout=STOP_WAIT)
+        return wire.Ack() if task.done() else wire.Ack(ok=False, error="still stopping")
 
-    def _peer_cancel(self, msg: wire.CancelJob) -> wire.Ack:
+    async def _peer_cancel(self, msg: wire.CancelJob) -> wire.Ack:
         """A tied peer started its copy first. It proves it is the peer with the attempt's tie
         secret; a cancel that arrives before our copy waits (bounded) for a copy with that tie."""
         tie = self._ties.get(msg.job_id)
         if tie is not None:
             if not hmac.compare_digest(tie, msg.tie):
                 raise Refused("refused: wrong tie secret")
-            return self._cancel(msg)
+            return await self._cancel(msg)
         now = time.monotonic()
         for key, t in list(self._tombstones.items()):
             if now - t > 60:
@@ -361,6 +373,8 @@ class Worker:
         if self.tls is not None and not c.api_url.startswith("https://"):
             logger.warning("the API at %s is not HTTPS: tokens and images travel in clear", c.api_url)
         c.heartbeat_interval = min(msg.heartbeat_interval, 5.0)
+        if msg.max_pixels:  # the server's limits (an older server sends none: ours stand)
+            self.limits = pipeline.Limits.of(msg.max_pixels, msg.max_pixel_steps)
         logger.info("welcomed by the controller at %s (epoch %s); API at %s", c.address, msg.epoch, c.api_url)
 
     @property
@@ -376,8 +390,9 @@ class Worker:
             # nng may deliver the same request twice: a duplicate joins the running job.
             if self.draining:
                 return wire.JobResult(msg.job_id, ok=False, error="worker is shutting down", worker=self.s.name)
-            if self.running() >= self.s.capacity:
-                return wire.JobResult(msg.job_id, ok=False, error="worker is full", worker=self.s.name)
+            if self.running() >= self.s.capacity:  # (a cancelled job still stopping holds its slot)
+                return wire.JobResult(msg.job_id, ok=False, error="worker is full", worker=self.s.name,
+                                      transient=True)
             task = asyncio.create_task(self._execute(msg, api_url or self.api_url), name=f"job-{msg.job_id}")
             self.jobs[msg.job_id] = task
             if msg.tie:
@@ -396,7 +411,11 @@ class Worker:
         return not task.cancelled() and task.exception() is None and task.result().ok
 
     def _forget_later(self, job_id: int) -> None:
-        # Keep finished jobs a while so a re-sent request gets the same answer.
+        # Keep finished jobs a while so a re-sent request gets the same answer: the answer only
+        # (a failed task would keep its exception's traceback, and the images in its frames).
+        task = self.jobs.get(job_id)
+        if task is not None and task.done():
+            self.jobs[job_id] = _settled(task, job_id)
         asyncio.get_running_loop().call_later(30.0, self._forget, job_id)
 
     def _forget(self, job_id: int) -> None:
@@ -425,13 +444,10 @@ class Worker:
             else:
                 data = await self._download(msg, api_url)
             t1 = time.perf_counter()
-            loop = asyncio.get_running_loop()
             try:
-                out, fmt = await loop.run_in_executor(
-                    self.executor, process, data, msg.filter, msg.params, self.s.encode
-                )
+                out, fmt = await self._filter(data, msg)
             except FilterError as e:
-                raise JobFailed(str(e), retryable=False) from e
+                raise JobFailed(str(e), retryable=False) from None
             t2 = time.perf_counter()
             if inline_ok and len(out) <= msg.inline_result:
                 inline = wire.inline(out)  # stored by the server as it takes our reply
@@ -450,6 +466,32 @@ class Worker:
             download_ms=(t1 - t0) * 1000, process_ms=(t2 - t1) * 1000, upload_ms=(t3 - t2) * 1000,
             data=inline,
         )
+
+    async def _filter(self, data: bytes, msg: wire.RunJob) -> tuple[bytes, str]:
+        """The job's pipeline in a filter thread. Cancelled, the work is told to stop and this
+        returns (raising CancelledError) only once it has: until then the job holds its slot,
+        so the worker never takes more work than it has threads for."""
+        stop = threading.Event()
+        work = asyncio.get_running_loop().run_in_executor(
+            self.executor, process, data, msg.filter, msg.params, self.s.encode, self.limits, stop)
+        started = time.perf_counter()
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            stop.set()
+            while not work.done():
+                try:
+                    await asyncio.wait([work])
+                except asyncio.CancelledError:
+                    continue  # cancelled again: the thread is still ours until it stops
+            if not work.cancelled():
+                work.exception()  # retrieved, so nothing is logged of it
+            raise
+        except filters.Stopped:
+            raise JobFailed("cancelled") from None
+        finally:
+            if time.perf_counter() - started > TRIM_AFTER_SECONDS:  # it held many pixels: give them back
+                self.executor.submit(memory.give_back)
 
     @staticmethod
     def _inline_original(msg: wire.RunJob) -> bytes:
@@ -524,3 +566,16 @@ class Worker:
                                     retryable=r.status >= 500 or r.status == 401, transient=r.status in (503, 507))
         except (aiohttp.ClientError, TimeoutError) as e:
             raise JobFailed(f"upload failed: {e!r}") from e
+
+
+def _settled(task: asyncio.Task[wire.JobResult], job_id: int) -> asyncio.Future[wire.JobResult]:
+    """A finished job's answer as a done future, holding no exception or traceback (nor the
+    frames, and images, a traceback keeps alive)."""
+    answer: asyncio.Future[wire.JobResult] = asyncio.get_running_loop().create_future()
+    if task.cancelled():
+        answer.cancel()
+    elif task.exception() is not None:
+        answer.set_result(wire.JobResult(job_id, ok=False, error="the job failed on the worker"))
+    else:
+        answer.set_result(task.result())
+    return answer

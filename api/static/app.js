@@ -318,9 +318,9 @@ async function uploadFiles(files) {
 // -- the filters and their parameters, from the server's registry ----------------------------
 
 async function loadFilters() {
-  const r = await fetch("/filters");
+  const r = await fetch("/filters", { headers: state.token ? { Authorization: `Bearer ${state.token}` } : {} });
   if (!r.ok) return;
-  const list = await r.json();  // this server's and every live worker's, with how many run each
+  const list = await r.json();  // this server's and (for a user) every live worker's, with how many run each
   const select = $("#new-filter");
   select.replaceChildren(...list.map((f) => el("option", { value: f.name, title: f.help },
     f.workers ? f.name : `${f.name} (no live worker)`)));
@@ -360,6 +360,7 @@ function route() {
 
 function start() {
   route();
+  loadFilters();  // with the token now: the workers' plugins too
   if (!state.stream || state.stream.signal.aborted) follow();
 }
 
@@ -369,6 +370,5 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#logout").addEventListener("click", () => logout(true));
   $("#wl-delete").addEventListener("click", deleteWorkload);
   setupDrop();
-  loadFilters();
-  if (state.token) start(); else route();
+  if (state.token) start(); else { loadFilters(); route(); }
 });
