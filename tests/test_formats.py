@@ -17,7 +17,7 @@ import zlib
 import pytest
 from PIL import Image, ImageChops, ImageFilter, ImageSequence
 
-from common import filters
+from common import filters, pipeline
 from common.formats import FORMATS, sniff_format
 from storage import metadata
 from storage.facts import header_of

@@ -108,6 +108,7 @@ def _process(data: bytes, name: str, params: dict | None, options: EncodeOptions
             if im.size[0] * im.size[1] > limits.max_pixels:
                 raise FilterError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {limits.max_pixels}")
             kept = {key: im.info[key] for key in _KEPT if key in im.info}
+            icc = im.info.get("icc_profile")  # (what a step makes may not carry it: Pillow's blend)
             every = fmt != "JPEG" and (out_fmt in (None, fmt) or fmt in _ANIMATED and out_fmt != "JPEG")
             frames = min(getattr(im, "n_frames", 1), MAX_FRAMES) if every else 1  # (skips frames, decodes none)
             problem = pipeline.cost_problem(steps, *_upright_size(im), limits, frames)
@@ -155,7 +156,7 @@ def _process(data: bytes, name: str, params: dict | None, options: EncodeOptions
         fmt = out_fmt
     filters.checkpoint()
     for out in outs:  # what the encoders would copy from the image: no free text
-        _without_text(out)
+        _without_text(out, icc)
     try:
         chosen = replace(options, jpeg_quality=quality, webp_quality=quality) if out_fmt else options
         return _encode(outs, fmt, chosen, kept, durations), fmt
@@ -210,31 +211,31 @@ def _encode(outs: list[Image.Image], fmt: str, options: EncodeOptions, kept: dic
                         **{k: kept[k] for k in ("loop", "default_image") if k in kept})
     if fmt == "PNG":
         first.save(buf, "PNG", compress_level=options.png_compress_level, **more)
-    elif fmt == "JPEG":
-        first.save(buf, "JPEG", quality=options.jpeg_quality)
+    elif fmt == "JPEG":  # (JPEG and WebP write a profile only when given one: the colours it says are kept)
+        first.save(buf, "JPEG", quality=options.jpeg_quality, icc_profile=first.info.get("icc_profile"))
     elif fmt == "TIFF":
         compression = _tiff_compression(kept.get("compression"), {out.mode for out in [first, *rest]})
         if compression in ("jpeg", "tiff_jpeg"):
             more["quality"] = options.jpeg_quality
         first.save(buf, "TIFF", compression=compression, **more)
-    elif fmt == "WEBP" and options.webp_quality is not None:
-        first.save(buf, "WEBP", quality=options.webp_quality, **more)
+    elif fmt == "WEBP":
+        quality = {"quality": options.webp_quality} if options.webp_quality is not None else {}
+        first.save(buf, "WEBP", icc_profile=first.info.get("icc_profile") or "", **quality, **more)
     else:
         first.save(buf, fmt, **more)
     return buf.getvalue()
 
 
-def _without_text(im: Image.Image) -> None:
-    """Drop the text an image carries that an encoder would write into the result: a comment,
-    and an ICC profile's descriptions (its colours are kept: :func:`common.iccprofile.scrubbed`)."""
+def _without_text(im: Image.Image, icc: bytes | None) -> None:
+    """The result's info as encoders will write it: no comment, and the original's ICC profile
+    (``icc``) without its text (:func:`common.iccprofile.scrubbed`), where it fits the result's
+    colours (an RGB profile is left off a grayscale result)."""
     im.info.pop("comment", None)
-    icc = im.info.get("icc_profile")
-    if icc:
-        clean = iccprofile.scrubbed(icc, im.mode)
-        if clean:
-            im.info["icc_profile"] = clean
-        else:
-            del im.info["icc_profile"]
+    clean = iccprofile.scrubbed(icc, im.mode) if icc else None
+    if clean:
+        im.info["icc_profile"] = clean
+    else:
+        im.info.pop("icc_profile", None)
 
 
 def _storable(out: Image.Image, fmt: str) -> Image.Image:
