@@ -29,6 +29,10 @@ from common.pipeline import label_of
 
 logger = logging.getLogger(__name__)
 
+#: How long a timed-out attempt's slot stays taken waiting for its worker to say the work has
+#: stopped (a worker waits up to 10 s for its filter thread before it answers).
+STOP_WAIT = 12.0
+
 
 class HedgePolicy(str, Enum):
     OFF = "off"
@@ -71,6 +75,7 @@ class Outcome:
     failure: Failure | None = None
     recorded: bool = False  # the result was stored with its timing already (it came inline)
     answered_at: float = 0.0  # time.monotonic() when the worker answered (or the copy ended)
+    stopping: bool = False  # timed out: its slot stays taken until the worker says it stopped
 
 
 @dataclass(frozen=True)
@@ -154,13 +159,15 @@ class Carrier:
     async def _copy(self, job: Job, worker: str, tied: tuple[str, str], answered: asyncio.Future[float]) -> Outcome:
         """One copy on one worker; its slot is held until the worker has answered (``answered``
         gets the time then, before the result is stored)."""
+        outcome: Outcome | None = None
         try:
             outcome = await self._call(job, worker, tied, answered)
         except Exception as e:
             logger.exception("job %d on %s", job.id, worker)
             outcome = Outcome(worker, failure=Failure(f"internal error: {e!r}"))
         finally:
-            self.slots.release(worker, job)
+            if outcome is None or not outcome.stopping:  # (a stopping copy's slot is freed by _stop)
+                self.slots.release(worker, job)
             _answer(answered)
         outcome.answered_at = answered.result()
         if outcome.result is not None and outcome.result.started:
@@ -205,9 +212,15 @@ class Carrier:
             return Failure(f"the result of worker {worker} could not be checked: {e}", transient=True)
         return Failure(f"worker {worker}: {problem}") if problem else None
 
-    async def cancel(self, worker: str, job: Job) -> None:
+    async def _stop(self, worker: str, job: Job) -> None:
         try:
-            await self.membership.call(worker, wire.CancelJob(job.id), timeout=2.0)
+            await self.cancel(worker, job, timeout=STOP_WAIT)
+        finally:
+            self.slots.release(worker, job)
+
+    async def cancel(self, worker: str, job: Job, timeout: float = 2.0) -> None:
+        try:
+            await self.membership.call(worker, wire.CancelJob(job.id), timeout=timeout)
         except RpcError as e:
             logger.debug("could not cancel job %d on %s: %s", job.id, worker, e)
 
@@ -240,8 +253,10 @@ class Carrier:
             if info is None or not info.alive:  # not the job's fault: straight back in line
                 return Outcome(worker, failure=Failure(f"worker {worker} died while running the job",
                                                        backoff=False))
-            self.slots.spawn(self.cancel(worker, job))  # it may still hold the job: free the slot
-            return Outcome(worker, failure=Failure(str(e)))
+            # It may still be working on the job: the job is tried again at once, but this slot
+            # stays taken until the worker says the work has stopped (it answers a cancel only then).
+            self.slots.spawn(self._stop(worker, job))
+            return Outcome(worker, failure=Failure(str(e)), stopping=True)
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
             if reply.ok and (reply.data or direct):
                 store = self._store_inline if reply.data else self._accept_direct

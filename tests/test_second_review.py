@@ -6,6 +6,7 @@ lenient numbers, a TLS key of another certificate, and hellos counted as refusal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import io
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -67,9 +69,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def status_of(url: str, token: str, wid: str) -> tuple[list[int], list[int]]:
-    v = view(url, token, wid)
-    return v["filtered_images"], v["failed_images"]
+@contextlib.contextmanager
+def one_slot_system(tmp_path: Path, *server_args: str) -> Iterator[tuple[LocalSystem, str, int]]:
+    """A server with ``server_args`` and one worker of one slot: (system, admin token, worker pid)."""
+    sysm = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
+                       server_args=server_args)
+    with sysm:
+        sysm.start_server()
+        sysm.start_worker("w", "--capacity", "1")
+        token = sysm.login()
+        sysm.wait_workers({"w"}, token)
+        yield sysm, token, sysm.workers["w"].pid
 
 
 # -- 1: pipeline bombs --------------------------------------------------------------------------
@@ -114,14 +124,7 @@ def test_a_worker_never_holds_more_than_its_limit_and_gives_the_memory_back(tmp_
     size (two images of 3 bytes a pixel, Pillow's work buffers, a kernel's tiles), and it gives
     the memory back once the job is done."""
     max_pixels = 8_000_000
-    sysm = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
-                       server_args=("--max-pixels", str(max_pixels)))
-    with sysm:
-        sysm.start_server()
-        sysm.start_worker("w", "--capacity", "1")
-        token = sysm.login()
-        sysm.wait_workers({"w"}, token)
-        pid = sysm.workers["w"].pid
+    with one_slot_system(tmp_path, "--max-pixels", str(max_pixels)) as (sysm, token, pid):
         side = int(max_pixels ** 0.5)  # 2828 x 2828: just under the limit
         r = create(sysm.url, token, f"resize(width={side + 10},height={side + 10})|blur")
         assert r.status == 400 and "more than the limit of 8000000 pixels" in r.json()["error"], r.body
@@ -149,15 +152,8 @@ def test_a_timed_out_job_stops_its_work_and_other_users_jobs_are_done(tmp_path):
     attempt is cancelled at its timeout and its work stops at the next step (the slot stays
     taken until it has); another user's job on the same one-slot worker ends done, the bomb
     ends failed for good, and the worker then burns no CPU and holds no more memory."""
-    sysm = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
-                       server_args=("--job-timeout", "3", "--max-pixels", "4000000",
-                                    "--max-pixel-steps", "4000000000"))
-    with sysm:
-        sysm.start_server()
-        sysm.start_worker("w", "--capacity", "1")
-        token = sysm.login()
-        sysm.wait_workers({"w"}, token)
-        pid = sysm.workers["w"].pid
+    with one_slot_system(tmp_path, "--job-timeout", "3", "--max-pixels", "4000000",
+                         "--max-pixel-steps", "4000000000") as (sysm, token, pid):
         idle = proc_status(pid)["VmRSS"]
         bomb = created(sysm.url, token, "resize(width=2000,height=2000)|blur(radius=50)|sharpen|blur(radius=50)"
                                         "|sharpen|crop(width=1,height=1)")

@@ -82,7 +82,7 @@ def test_a_worker_with_a_join_token_refuses_a_forged_welcome(make_system):
     # sniffed) but without the join token's proof.
     session = "ab" * 16
     for forged in (wire.Welcome("eeee", session, "0f0f", "11" * 32, 6666, "http://attacker.invalid", 1.0),
-                   wire.Welcome("eeee", session, "0f0f", "", 6666, "http://attacker.invalid", 1.0, "0" * 64)):
+                   wire.Welcome("eeee", session, "0f0f", "", 6666, "http://attacker.invalid", 1.0, proof="0" * 64)):
         with pynng.Req0(dial=rpc, send_timeout=3000, recv_timeout=3000) as req:
             req.send(wire.encode(forged))
             reply = wire.decode(req.recv())
