@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(PY) scripts/run_local.py
+	$(PY) -m scripts.run_local
 
 # The dashboard test drives Debian's chromium through its chromedriver.
 browser:
@@ -38,7 +38,7 @@ test: install browser engines
 	$(PY) -m pytest -q
 
 e2e: install
-	$(PY) scripts/e2e_local.py
+	$(PY) -m scripts.e2e_local
 
 # The baseline make bench measures DPIP against in the same run: Celery + Redis (not DPIP's
 # dependencies; a missing one skips that part of the table, with the reason).
@@ -50,28 +50,28 @@ bench-deps: install
 	  echo "redis-server could not be installed: the Celery baseline will be skipped"
 
 bench: bench-deps
-	$(PY) scripts/bench.py
+	$(PY) -m bench.suite
 
 # Only the 3-step pipeline against the same steps in a local Pillow pool (a row of make bench).
 bench-pipeline: install
-	$(PY) scripts/bench.py --only-pipeline
+	$(PY) -m bench.suite --only-pipeline
 
 bench-tail: install
-	$(PY) scripts/bench_tail.py
+	$(PY) -m bench.tail
 
 bench-cli: install
-	$(PY) scripts/bench_cli.py
+	$(PY) -m bench.cli
 
 bench-scale: install
-	$(PY) scripts/bench_scale.py
+	$(PY) -m bench.scale
 
 bench-cluster: install engines
-	$(PY) scripts/bench_cluster.py
+	$(PY) -m bench.cluster
 
 # What a bare aiohttp server spends per tiny upload, with and without durable files: the floor
 # under make bench's server-CPU-per-image row on this machine.
 bench-floor: install
-	$(PY) -m scripts.serverfloor
+	$(PY) -m bench.serverfloor
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

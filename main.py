@@ -4,7 +4,7 @@
 
 Every flag also reads a DPIP_* variable (``--controller-port`` <- ``DPIP_CONTROLLER_PORT``).
 ``python main.py users add|remove|list`` manages users; ``python main.py certs init|worker``
-makes TLS certificates (:mod:`common.certs`).
+makes TLS certificates (:mod:`admin.certs`).
 SIGINT or SIGTERM stops it cleanly.
 """
 
@@ -22,14 +22,19 @@ from pathlib import Path
 from aiohttp import web
 from PIL import Image
 
+from admin import users
 from api.connections import GuardedRunner, raise_fd_limit
 from common import aio
-from common import filters
 from common.config import setup_logging
-from common.tls import ServerTls, TlsError, nng_url
-from controller import users
+from filtering import registry
+from plane.tls import ServerTls, TlsError, nng_url
 from server.services import before_stop, build_app
-from server.settings import ServerSettings, connection_policy, parse_server_args, secret_warnings
+from server.settings import (
+    ServerSettings,
+    connection_policy,
+    parse_server_args,
+    secret_warnings,
+)
 
 logger = logging.getLogger("dpip")
 
@@ -95,11 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["users"]:
         sys.exit(users.main(argv[1:]))
     if argv[:1] == ["certs"]:
-        from common import certs
+        from admin import certs
         sys.exit(certs.main(argv[1:]))
     settings, level = parse_server_args(argv)
     setup_logging(level)
-    filters.load_plugins()  # the server's own plugins (others are known from the workers that run them)
+    registry.load_plugins()  # the server's own plugins (others are known from the workers that run them)
     for warning in secret_warnings(argv, settings):
         logger.warning(warning)
     limit_pixels(settings.max_pixels)

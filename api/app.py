@@ -16,8 +16,8 @@ from aiohttp import web
 
 from api import handlers, observe
 from api.keys import AUTH, METRICS, SETTINGS, STOPPING
-from api.ports import ApiSettings
 from api.metrics import Metrics
+from api.ports import ApiSettings
 from common.logs import LogLimiter
 from common.models import DpipError, clipped
 

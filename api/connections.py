@@ -39,13 +39,20 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, InvalidHeader, LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+)
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import _ErrInfo  # what the parser queues for a request it rejects
+from aiohttp.web_protocol import (
+    _ErrInfo,  # what the parser queues for a request it rejects
+)
 
 from api.app import error_response
+from api.net import Network, address_group, canonical
 from common.logs import LogLimiter
-from common.net import Network, address_group, canonical
 from common.models import clipped, quoted
 
 logger = logging.getLogger(__name__)

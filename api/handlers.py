@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -38,12 +38,6 @@ from api.params import (
     request_params,
     required,
 )
-from common import filters, pipeline
-from common.formats import FORMATS
-from storage.queries import DEFAULT_PAGE, MAX_PAGE
-from controller import capability
-from controller.auth import JOB, USER, Claims
-from storage.images import StoredFile, image_key
 from common.models import (
     BadInput,
     Filter,
@@ -57,6 +51,12 @@ from common.models import (
     json_loads,
     quoted,
 )
+from controller import capability
+from controller.auth import JOB, USER, Claims
+from filtering import pipeline, registry
+from imaging.formats import FORMATS
+from storage.images import StoredFile, image_key
+from storage.queries import DEFAULT_PAGE, MAX_PAGE
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def requires(*scopes: str) -> Callable[[Handler], Handler]:
 
 
 def _workload_json(request: web.Request, view: WorkloadView) -> dict:
-    return view.to_json(request.app[SCHEDULER].waiting.get(view.workload.id))
+    w = view.workload
+    return {**view.to_json(request.app[SCHEDULER].waiting.get(w.id)), "steps": pipeline.steps_json(w.filter.value, w.params)}
 
 
 def _owner(claims: Claims) -> str | None:
@@ -231,9 +232,9 @@ def pipeline_of(params: dict[str, str], membership, limits: pipeline.Limits | No
     as the course's form does (``filter=blur&radius=5``) or inside it, or a pipeline of steps;
     each step checked against the filter's declaration (this server's, or a live worker's).
     Anything wrong is a 400 naming the step, before anything is created."""
-    catalog = membership.declaration
-    steps = pipeline.parse(params.get("filter", "").strip() or filters.DEFAULT)
-    beside = sorted(n for n in filters.param_names() if params.get(n, ""))
+    catalog = membership.catalog.declaration
+    steps = pipeline.parse(params.get("filter", "").strip() or registry.DEFAULT)
+    beside = sorted(n for n in registry.param_names() if params.get(n, ""))
     if len(steps) == 1 and not steps[0][1]:
         name = steps[0][0]
         spec = catalog(name)
@@ -250,7 +251,7 @@ def pipeline_of(params: dict[str, str], membership, limits: pipeline.Limits | No
         if beside:
             raise BadInput(f"give each step's parameters inside it, e.g. step({beside[0]}=...), not {beside[0]}"
                            " beside the filter")
-    return pipeline.validate(steps, catalog, membership.filter_names, limits, membership.all_declarations)
+    return pipeline.validate(steps, catalog, membership.catalog.filter_names, limits, membership.catalog.all_declarations)
 
 
 def _meta(raw: str) -> dict:

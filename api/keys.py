@@ -11,12 +11,12 @@ from api.ports import ApiSettings, AutoscalerPort, SchedulerPort
 from api.ratelimit import LoginThrottle
 from controller.auth import Auth, Claims
 from controller.capability import JobClaims
-from storage.images import ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
-from storage.datastore import Datastore
 from controller.workloads import Workloads
-from common.pipeline import Plans
+from filtering.pipeline import Plans
+from storage.datastore import Datastore
+from storage.images import ImageStore
 
 SETTINGS = web.AppKey("settings", ApiSettings)
 STORE = web.AppKey("store", Datastore)

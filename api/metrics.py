@@ -16,12 +16,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-from controller.membership import Membership
+from api.ports import SchedulerPort
 from common.models import Job, JobState
 from controller.jobs import JobTraffic
+from controller.membership import Membership
+from filtering.pipeline import label_of
 from storage.sqlite import SqliteDatastore
-from api.ports import SchedulerPort
-from common.pipeline import label_of
 
 #: Seconds from dispatch to the result stored: a small image takes ~30 ms, a 720p frame ~150 ms.
 DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

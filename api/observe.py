@@ -13,7 +13,13 @@ from pathlib import Path
 from aiohttp import web
 
 from api import metrics, openapi
-from api.handlers import requires, servers_json, storage_json, workers_json, workload_summaries
+from api.handlers import (
+    requires,
+    servers_json,
+    storage_json,
+    workers_json,
+    workload_summaries,
+)
 from api.keys import (
     AUTH,
     AUTOSCALER,
@@ -27,11 +33,11 @@ from api.keys import (
     STOPPING,
     STORE,
 )
+from api.net import is_loopback
 from api.params import bearer_token, client_address
-from common import filters
-from common.net import is_loopback
-from controller.auth import USER
 from common.models import DpipError, TooManyRequests
+from controller.auth import USER
+from filtering import registry
 
 STATIC = Path(__file__).parent / "static"
 EVENT_INTERVAL = 1.0  # seconds between looks for changes on /events
@@ -338,12 +344,12 @@ MAX_OFFERED_BY = 32
 
 
 def fleet_filters(membership, named: bool) -> list[dict]:
-    fleet = membership.fleet_filters()
+    fleet = membership.catalog.fleet_filters()
     out = []
-    for name in membership.filter_names() if named else filters.REGISTRY:
+    for name in membership.catalog.filter_names() if named else registry.REGISTRY:
         runners = fleet.get(name, [])
-        spec = filters.REGISTRY.get(name) or runners[0][1]
-        entry = {**spec.describe(), "on_server": name in filters.REGISTRY, "workers": len(runners),
+        spec = registry.REGISTRY.get(name) or runners[0][1]
+        entry = {**spec.describe(), "on_server": name in registry.REGISTRY, "workers": len(runners),
                  "gpu_workers": sum(1 for _, _, gpu in runners if gpu)}
         if named:
             entry["offered_by"] = [{"worker": w.name, "version": s.version, "gpu": gpu}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.thumbnails import THUMB_SIZES
-from common import filters
 from common.models import ImageType, JobState, WorkloadStatus
+from filtering import model, registry
+from storage.thumbnails import THUMB_SIZES
 
 BEARER = [{"bearer": []}]
 
@@ -46,7 +46,7 @@ FILTER_TEXT = (
     " each `name` or `name(key=value,...)`, e.g. `resize(width=800)|sharpen|grayscale`. Validated whole:"
     " a 400 names the step that is wrong, and nothing is created. A filter that this server lacks is taken"
     " when a live worker offers it (checked against that worker's declaration). Built in: "
-    + ", ".join(f"`{n}`" for n in filters.REGISTRY) + ".")
+    + ", ".join(f"`{n}`" for n in registry.REGISTRY) + ".")
 
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
@@ -149,7 +149,7 @@ def _workload_form(json_body: bool) -> dict:
                         "maximum": p.maximum, "default": p.default,
                         "description": f"{p.help} (filter {s.name} only; the course's form: other filters take"
                                        " their parameters inside the filter, e.g. blur(radius=5))"}
-               for s in (filters.REGISTRY[n] for n in filters.COURSE) for p in s.params},
+               for s in (registry.REGISTRY[n] for n in registry.COURSE) for p in s.params},
         },
     }
 
@@ -203,8 +203,8 @@ def spec(server_url: str | None = None) -> dict:
                 "type": "object", "required": ["name", "help", "params", "workers"],
                 "properties": {"name": {"type": "string"}, "help": {"type": "string"},
                                "params": {"type": "array", "items": {"type": "object"}},
-                               "colour": {"type": "string", "enum": list(filters.COLOURS)},
-                               "size": {"type": "string", "enum": list(filters.SIZES)},
+                               "colour": {"type": "string", "enum": list(model.COLOURS)},
+                               "size": {"type": "string", "enum": list(model.SIZES)},
                                "output_format": {"type": "boolean"}, "gpu": {"type": "boolean"},
                                "version": {"type": "string"}, "builtin": {"type": "boolean"},
                                "on_server": {"type": "boolean"},

@@ -13,8 +13,7 @@ from urllib.parse import parse_qsl
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from api import multipart
-from common import net
+from api import multipart, net
 from api.keys import SETTINGS
 from common.models import BadInput, TooLarge, Unauthorized, clipped, json_loads, quoted
 

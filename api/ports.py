@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from common.net import Network
-from common.models import Job
-from common.pipeline import Limits
+from api.net import Network
+from common.models import Job, Limits
 
 
 class ApiSettings(Protocol):

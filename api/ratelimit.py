@@ -2,7 +2,7 @@
 or for an account from everywhere, and further attempts get 429 with Retry-After until the
 limit's window (or its backoff) has passed.
 
-Addresses count by their group (:func:`common.net.address_group`): an IPv4 address itself, an
+Addresses count by their group (:func:`api.net.address_group`): an IPv4 address itself, an
 IPv6 address its /64, which one subscriber owns whole and can pick any address of.
 
 The account's budget slows a spray from many addresses, each under its own limits, without
@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from common.net import address_group
+from api.net import address_group
 from common.models import TooManyRequests
 
 logger = logging.getLogger(__name__)

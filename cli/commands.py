@@ -20,9 +20,17 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from cli import names, pushes, session as saved, show, transfer, video
+from cli import names, pushes, show, transfer, video
+from cli import session as saved
 from cli.client import RETRYABLE, Api, ApiError
-from cli.session import EXIT_AUTH, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, CliError, Session
+from cli.session import (
+    EXIT_AUTH,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    CliError,
+    Session,
+)
 from cli.transfer import PushResult, Upload, err, progress_bar
 
 #: Where a new user finds the admin password (``make run`` prints it on the first start).

@@ -16,7 +16,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from cli.session import EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, CliError
-from common import filters
+from filtering import registry
 
 DESCRIPTION = """\
 Log in, push images or a video, watch the workers filter them, pull the results.
@@ -74,11 +74,11 @@ def parser() -> argparse.ArgumentParser:
     stall = argparse.ArgumentParser(add_help=False)
     stall.add_argument("--stall-timeout", type=_seconds, default=30.0, metavar="S", help=STALL_HELP)
     target = argparse.ArgumentParser(add_help=False)
-    target.add_argument("--filter", "-f", default=filters.DEFAULT, metavar="PIPELINE",
-                        help=f"a filter (default {filters.DEFAULT}; dpip filters lists what the fleet runs) or a"
+    target.add_argument("--filter", "-f", default=registry.DEFAULT, metavar="PIPELINE",
+                        help=f"a filter (default {registry.DEFAULT}; dpip filters lists what the fleet runs) or a"
                              " pipeline of up to 10 steps, e.g. 'resize(width=800)|sharpen|grayscale';"
                              " the server checks it")
-    names = ", ".join(sorted(filters.param_names()))
+    names = ", ".join(sorted(registry.param_names()))
     target.add_argument("--param", "-p", type=_param, action="append", metavar="NAME=VALUE",
                         help=f"a filter parameter, e.g. radius=5 for blur ({names}); the server checks it")
     target.add_argument("--name", "-n", help="workload name (default: generated)")

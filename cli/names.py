@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from cli.session import CliError
-from common.formats import FORMATS, sniff_format
+from imaging.formats import FORMATS, sniff_format
 
 EXTENSIONS = {fmt: ext for fmt, (ext, _) in FORMATS.items()}
 HEAD_BYTES = 16  # enough for every signature sniff_format knows (WEBP's is at 8..12)

@@ -29,7 +29,7 @@ from cli import names as naming
 from cli import pushes
 from cli.client import Api, ApiError
 from cli.session import CliError
-from common.formats import FORMATS
+from imaging.formats import FORMATS
 
 T = TypeVar("T")
 IMAGE_SUFFIXES = {f".{ext}" for ext, _ in FORMATS.values()} | {".jpeg", ".tif"}

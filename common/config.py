@@ -12,7 +12,6 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-
 #: The reference's ports: the HTTP API and the controller.
 API_PORT = 8080
 CONTROLLER_PORT = 40899

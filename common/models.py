@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-from common import filters, wire
+#: The two filters of the course; a bodiless POST /workloads means the first.
+COURSE = ("grayscale", "blur")
+
+#: Largest image accepted or decoded, width x height (the server's --max-pixels default, the
+#: worker's own limit; :mod:`imaging.formats` says it too): a header is read before any pixel,
+#: so a small file that claims a huge image costs nothing.
+MAX_PIXELS = 50_000_000
+
+#: A job's budget by default, in pixel-steps (each step's pixels, summed over steps and frames):
+#: a 50-megapixel photo through 4 steps, a 12-megapixel one through all 10. Bounds the CPU a job
+#: costs (tens of ns a pixel-step) whatever a small upload asks for.
+PIXEL_STEPS_PER_PIXEL = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one job may make and spend: the largest image (any step's, on any frame) and its
+    budget of pixel-steps."""
+
+    max_pixels: int = MAX_PIXELS
+    max_pixel_steps: int = PIXEL_STEPS_PER_PIXEL * MAX_PIXELS
+
+    @classmethod
+    def of(cls, max_pixels: int, max_pixel_steps: int = 0) -> "Limits":
+        """The limits for ``max_pixels``, the budget its default multiple unless given."""
+        return cls(max_pixels, max_pixel_steps or PIXEL_STEPS_PER_PIXEL * max_pixels)
 
 
 #: Error messages quote at most this many characters of what the client sent.
@@ -141,7 +167,7 @@ class InsufficientStorage(DpipError):
 
 class Filter(str):
     """A workload's filter as it is stored: one filter's name (its parameters beside it), or a
-    pipeline's canonical text (:mod:`common.pipeline`). ``value`` is the text, as an enum's was."""
+    pipeline's canonical text (:mod:`filtering.pipeline`). ``value`` is the text, as an enum's was."""
 
     GRAYSCALE: "Filter"
     BLUR: "Filter"
@@ -151,7 +177,7 @@ class Filter(str):
         return str(self)
 
 
-Filter.GRAYSCALE, Filter.BLUR = Filter(filters.COURSE[0]), Filter(filters.COURSE[1])
+Filter.GRAYSCALE, Filter.BLUR = Filter(COURSE[0]), Filter(COURSE[1])
 
 
 class ImageType(str, Enum):
@@ -214,13 +240,13 @@ class WorkloadView:
         return WorkloadStatus.SCHEDULING
 
     def to_json(self, waiting_reason: str | None = None) -> dict:
-        """The API's representation; ``waiting_reason`` says why queued jobs are not running."""
+        """The API's representation (but its ``steps``: :func:`filtering.pipeline.steps_json`);
+        ``waiting_reason`` says why queued jobs are not running."""
         w = self.workload
         return {
             "workload_id": w.id,
             "filter": w.filter.value,
             "params": w.params,
-            "steps": _steps_json(w.filter, w.params),
             "workload_name": w.name,
             "status": self.status.value,
             "running_jobs": self.running_jobs,
@@ -239,29 +265,6 @@ class WorkloadView:
         that stopped half-way, whatever the status says of the images it has."""
         expected = self.workload.meta.get("expected_images")
         return isinstance(expected, int) and not isinstance(expected, bool) and expected > self.image_count
-
-
-def _steps_json(filter_: str, params: dict) -> list[dict]:
-    """A workload's pipeline as ``[{"name", "params"}]`` (one step for the course's filters)."""
-    from common import pipeline  # (it builds on this module's errors)
-    try:
-        steps = pipeline.of_stored(filter_, params)
-    except pipeline.PipelineError:
-        return [{"name": filter_, "params": params}]
-    return [{"name": n, "params": {k: _number(v) for k, v in p.items()}} for n, p in steps]
-
-
-def _number(value: object) -> object:
-    """A parameter read back from a pipeline's text: a number if it is one."""
-    if not isinstance(value, str):
-        return value
-    for kind in (int, float):
-        try:
-            number = kind(value)
-        except ValueError:
-            continue
-        return number if number == number and abs(number) != float("inf") else value
-    return value
 
 
 @dataclass(frozen=True)
@@ -285,7 +288,8 @@ class Job:
 
 #: What a workload's name (its directory) may be, like a worker's and a tag: always fullmatch
 #: ("$" would pass a trailing newline).
-NAME_RE = wire.NAME_RE
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
 
 
 def check_workload_name(name: str) -> str:

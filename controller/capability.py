@@ -1,6 +1,6 @@
 """Job capabilities: the only HTTP credential a worker ever holds.
 
-Each :class:`~common.wire.RunJob` carries one, good for exactly that job: read its original,
+Each :class:`~plane.wire.RunJob` carries one, good for exactly that job: read its original,
 store its result, until the attempt's deadline, and only while the worker it was issued to is
 alive with the same session key under the same server epoch (membership checks that part).
 So a process that joins as a worker can read only the images of jobs it was sent, and its

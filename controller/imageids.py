@@ -15,8 +15,8 @@ from __future__ import annotations
 import abc
 import asyncio
 
-from storage.datastore import Datastore
 from common.models import Conflict, ImageType, NotFound, quoted
+from storage.datastore import Datastore
 from storage.sql import Script, q
 
 

@@ -30,16 +30,26 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
 
-from storage.datastore import Datastore
+from common.models import (
+    BadInput,
+    Conflict,
+    Filter,
+    ImageType,
+    InsufficientStorage,
+    Job,
+    JobState,
+    NotFound,
+    QuotaExceeded,
+    Workload,
+    quoted,
+)
 from controller.imageids import image_ids
-from storage.facts import header_from_bytes
-from storage.images import Download, ImageStore, StoredFile, image_key
 from controller.results import expected, result_problem
-from common.models import (BadInput, Conflict, Filter, ImageType, InsufficientStorage, Job, JobState,
-                               NotFound, QuotaExceeded, Workload, quoted)
+from imaging.facts import header_from_bytes
+from storage.datastore import Datastore
+from storage.images import Download, ImageStore, StoredFile, image_key
 from storage.queries import tags_of
 from storage.sql import Script, q
-
 
 #: How recording a result ended (:meth:`JobLifecycle._record_result`).
 RECORDED, DUPLICATE, GONE = "recorded", "duplicate", "gone"

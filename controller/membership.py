@@ -1,9 +1,9 @@
 """Worker membership over nng pub/sub: join, heartbeat, expire after a TTL, forget.
 
-Workers dial the controller's Sub0 socket with a Pub0. A :class:`~common.wire.Hello`, sealed
+Workers dial the controller's Sub0 socket with a Pub0. A :class:`~plane.wire.Hello`, sealed
 with the join key (every controller has a join token: given, or generated and left for this
-machine's workers, :mod:`common.localjoin`), makes the controller call the RPC address it names,
-on the host the hello came from, with a :class:`~common.wire.Welcome` from which both derive a
+machine's workers, :mod:`plane.localjoin`), makes the controller call the RPC address it names,
+on the host the hello came from, with a :class:`~plane.wire.Welcome` from which both derive a
 session key (never sent); the worker is a member once it acknowledges with that key. From then
 on only sealed, fresh heartbeats count: they keep it alive; a worker silent for ``ttl`` seconds
 is dead (its session key and job capabilities die with it), listeners requeue its jobs, and it
@@ -23,141 +23,49 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 
 import pynng
 
-from common import filters, wire
-from common.filters import FilterSpec
-from common.offers import specs_of
-from common.pipeline import Limits
 from common.aio import stop_tasks
 from common.logs import LogLimiter
-from common.rpc import RpcClient, RpcError
-from common.tls import ServerTls, is_tls
-from common.seal import C2W, JOIN, W2C, Channel, SealError, join_key, open_with, session_key, welcome_proof
+from common.models import Limits, Unauthorized
 from controller import capability
 from controller.capability import JobClaims
-from common.models import Unauthorized
+from controller.catalog import Catalog
+from controller.workers import WorkerInfo, WorkerState
+from filtering.model import FilterSpec
+from plane import wire
+from plane.offers import specs_of
+from plane.addresses import same_host, source_host
+from plane.rpc import RpcClient, RpcError
+from plane.seal import (
+    C2W,
+    JOIN,
+    W2C,
+    Channel,
+    SealError,
+    WelcomeReply,
+    join_key,
+    open_with,
+    session_key,
+    welcome_proof,
+)
+from plane.tls import ServerTls, is_tls
 from storage.datastore import Datastore
 
 logger = logging.getLogger(__name__)
-
-#: What a worker that declares no filters runs: the built-ins of this server.
-BUILTINS = tuple(n for n, s in filters.REGISTRY.items() if s.builtin)
 
 MAX_PENDING = 256  # joins being welcomed or recently tried
 WELCOME_RETRY = 1.0  # seconds between two welcome attempts for one name
 MAX_WELCOMING = 32  # welcomes in flight at once, whatever the names
 WELCOME_RATE = 20.0  # welcome attempts per second in all (a burst of as many)
 WELCOME_TIMEOUT = 3.0  # seconds a welcome waits for the worker's acknowledgement
-#: Slots a newcomer is trusted with before it has proven more (each stored result: one more).
-TRUSTED_AT_FIRST = 2
-
-
-class WorkerState(str, Enum):
-    """Where a worker is in its life, as membership sees it.
-
-    ``gone`` (not a member: never welcomed this run, lost, or left) -> welcome -> ``welcomed``
-    -> first sealed heartbeat -> ``alive`` <-> ``draining`` (as its heartbeats say) -> silent for
-    the TTL, a goodbye, or a restart under the same name -> ``gone``."""
-
-    GONE = "gone"
-    WELCOMED = "welcomed"
-    ALIVE = "alive"
-    DRAINING = "draining"
-
-
-@dataclass
-class WorkerInfo:
-    """What the controller knows of one worker: its last heartbeat and its liveness."""
-
-    name: str
-    tags: list[str] = field(default_factory=list)
-    session: str = ""
-    rpc_address: str = ""
-    cpu_percent: float = 0.0
-    memory_percent: float = 0.0
-    gpu: wire.Gpu = field(default_factory=wire.Gpu)
-    running_jobs: int = 0
-    capacity: int = 0
-    jobs_done: int = 0
-    last_seen: float = 0.0  # wall clock, for people
-    last_seen_mono: float = 0.0  # monotonic, for the TTL and forgetting
-    state: WorkerState = WorkerState.GONE
-    welcomed_at: float = 0.0  # monotonic
-    running_job_ids: list[int] = field(default_factory=list)
-    channel: Channel | None = field(default=None, repr=False)  # the session key; None when dead
-    proven: int = 0  # its results stored this session (what its claimed capacity is trusted to)
-    #: the filters it runs, as it declared them when it joined; None: it declared none (an
-    #: older worker): the server's built-ins
-    filters: dict[str, FilterSpec] | None = field(default=None, repr=False)
-    filter_names: frozenset[str] = field(default_factory=lambda: frozenset(BUILTINS), repr=False)
-    gpu_filters: frozenset[str] = field(default_factory=frozenset, repr=False)  # run on its GPU
-
-    def declare(self, declared: dict[str, tuple[FilterSpec, bool]] | None) -> None:
-        """Take what it declared when it joined: each filter, and whether it runs on its GPU."""
-        self.filters = {n: spec for n, (spec, _) in declared.items()} if declared is not None else None
-        self.filter_names = frozenset(declared) if declared is not None else frozenset(BUILTINS)
-        self.gpu_filters = frozenset(n for n, (_, gpu) in (declared or {}).items() if gpu)
-
-    @property
-    def alive(self) -> bool:
-        """Heartbeating (draining or not)."""
-        return self.state in (WorkerState.ALIVE, WorkerState.DRAINING)
-
-    @property
-    def welcomed(self) -> bool:
-        """A member: welcomed on its current session, whether it has heartbeated yet or not."""
-        return self.state != WorkerState.GONE
-
-    @property
-    def draining(self) -> bool:
-        return self.state == WorkerState.DRAINING
-
-    @property
-    def ready(self) -> bool:
-        """It may be given jobs: alive, not draining, with room for some."""
-        return self.state == WorkerState.ALIVE and self.capacity > 0
-
-    def slots(self) -> int:
-        """The jobs it may hold at once: what it claims, but no more than it has proven it can
-        (a few at first, one more per stored result: a claim of 4096 wins nothing at once)."""
-        return min(self.capacity, TRUSTED_AT_FIRST + self.proven)
-
-    def to_json(self, admin: bool = False) -> dict:
-        """The API's view; the RPC address (where to send jobs) is for admins only."""
-        out = {
-            "name": self.name,
-            "tags": self.tags,
-            "alive": self.alive,
-            "cpu_percent": self.cpu_percent,
-            "memory_percent": self.memory_percent,
-            "gpu": {
-                "count": self.gpu.count,
-                "utilization_percent": self.gpu.utilization_percent,
-                "memory_percent": self.gpu.memory_percent,
-            },
-            "running_jobs": self.running_jobs,
-            "capacity": self.capacity,
-            "jobs_done": self.jobs_done,
-            "last_seen": self.last_seen,
-            # compact (a worker's entry is sent again on the event stream whenever its load moves):
-            # the names, the versions of those that have one (plugins), those run on its GPU
-            "filters": list(self.filters) if self.filters is not None else list(BUILTINS),
-            "filter_versions": {n: s.version for n, s in (self.filters or {}).items() if s.version},
-            "gpu_filters": sorted(self.gpu_filters),
-        }
-        if admin:
-            out["rpc_address"] = self.rpc_address
-        return out
 
 
 @dataclass
@@ -166,11 +74,6 @@ class _Join:
 
     tried: float = 0.0
     busy: bool = False
-
-
-#: Distinct filter names the live fleet may declare in all (a thousand workers declaring a
-#: hundred made-up names each would otherwise make every listing of them hundreds of MB).
-MAX_FLEET_FILTERS = 256
 
 
 class Membership:
@@ -204,10 +107,10 @@ class Membership:
         self.join = join_key(join_token)  # hellos and welcomes prove they know it
         self.epoch = secrets.token_hex(6)  # changes each start: workers get re-welcomed
         self.workers: dict[str, WorkerInfo] = {}
+        self.catalog = Catalog(self.workers)  # the fleet's filters, from these workers' declarations
         self.clients: dict[str, RpcClient] = {}
         self.refused = 0  # hellos, heartbeats and goodbyes that failed authentication
         self.vanished = 0  # hellos read after their connection had closed (dropped quietly)
-        self.conflicts = 0  # declarations left out: unlike another worker's of that version, or too many
         self.bad_messages = 0
         self.welcomes_failed = 0  # hellos answered with a welcome that never got through
         self._cap_key = capability.derive_key(secret)
@@ -264,53 +167,6 @@ class Membership:
     def snapshot(self) -> list[WorkerInfo]:
         return list(self.workers.values())
 
-    def offered(self, name: str) -> FilterSpec | None:
-        """Filter ``name`` as a live worker declared it (the first found), or None."""
-        for info in self.workers.values():
-            if info.alive and info.filters is not None and name in info.filters:
-                return info.filters[name]
-        return None
-
-    def declaration(self, name: str) -> FilterSpec | None:
-        """Filter ``name`` as this server has it, else as a live worker declared it."""
-        return filters.REGISTRY.get(name) or self.offered(name)
-
-    def all_declarations(self, name: str) -> list[FilterSpec]:
-        """Every declaration of filter ``name`` a job may be placed on: this server's own, else
-        each distinct one of the live workers (a workload must suit all of them)."""
-        own = filters.REGISTRY.get(name)
-        if own is not None:
-            return [own]
-        out: list[FilterSpec] = []
-        for info in self.workers.values():
-            spec = info.filters.get(name) if info.alive and info.filters is not None else None
-            if spec is not None and spec not in out:
-                out.append(spec)
-        return out
-
-    def filter_names(self) -> list[str]:
-        """This server's filters, then every other one a live worker runs."""
-        return list(dict.fromkeys([*filters.REGISTRY, *sorted(self.fleet_filters())]))
-
-    def declarations(self, name: str) -> dict[str, FilterSpec] | None:
-        """What worker ``name`` declared it runs (None: nothing known, or the built-ins)."""
-        info = self.workers.get(name)
-        return info.filters if info is not None else None
-
-    def fleet_filters(self) -> dict[str, list[tuple[WorkerInfo, FilterSpec, bool]]]:
-        """Every filter a live worker runs: who runs it, with its declaration there."""
-        out: dict[str, list[tuple[WorkerInfo, FilterSpec, bool]]] = {}
-        for info in self.workers.values():
-            if not info.alive:
-                continue
-            if info.filters is None:
-                for n in BUILTINS:
-                    out.setdefault(n, []).append((info, filters.REGISTRY[n], False))
-            else:
-                for n, spec in info.filters.items():
-                    out.setdefault(n, []).append((info, spec, n in info.gpu_filters))
-        return out
-
     def member(self, name: str) -> WorkerInfo | None:
         """What is known of worker ``name`` (alive or not), or None."""
         return self.workers.get(name)
@@ -362,7 +218,7 @@ class Membership:
                 logger.debug("receive failed: %s", e)
                 continue
             try:
-                self._on_message(message.bytes, _source_host(message))
+                self._on_message(message.bytes, source_host(message))
             except wire.DecodeError as e:
                 self.bad_messages += 1
                 self._log.warning("bad", "dropped bad message on controller (%d so far): %s",
@@ -424,7 +280,7 @@ class Membership:
             self.vanished += 1
             logger.debug("dropped a hello from %r whose connection is gone (%d so far)", hello.name[:40], self.vanished)
             return None
-        if not _same_host(hello.rpc_address, source):
+        if not same_host(hello.rpc_address, source):
             return self._refuse(f"a hello from {source} naming another host's address"
                                 f" ({hello.rpc_address[:80]!r}): a worker is dialed where it is")
         if is_tls(hello.rpc_address) != (self.tls is not None):
@@ -488,7 +344,7 @@ class Membership:
             msg = dataclasses.replace(msg, proof=welcome_proof(self.join, msg))
             channel = Channel(key, kid, send=C2W, recv=W2C)
             try:
-                reply = await client.call(msg, channel=_WelcomeReply(channel))
+                reply = await client.call(msg, channel=WelcomeReply(channel))
             except RpcError as e:
                 self.welcomes_failed += 1
                 self._log.warning("welcome", "could not welcome worker %s at %s: %s%s", hello.name,
@@ -496,7 +352,7 @@ class Membership:
                                   " (or its certificate is not of the client CA, or does not name it)")
                 return
             if isinstance(reply, wire.Joined):
-                declared = self._without_conflicts(hello.name, specs_of(hello.name, reply.filters))
+                declared = self.catalog.without_conflicts(hello.name, specs_of(hello.name, reply.filters))
             elif isinstance(reply, wire.Ack) and reply.ok:
                 declared = None  # a worker that declares nothing runs the built-ins
             else:
@@ -510,32 +366,6 @@ class Membership:
             join.busy = False
             if not adopted:
                 client.close()
-
-    def _without_conflicts(self, name: str, declared: dict[str, tuple[FilterSpec, bool]]
-                           ) -> dict[str, tuple[FilterSpec, bool]]:
-        """A worker's declarations less those that contradict another live worker's of the same
-        filter name and version (one version of a plugin is one contract), and less new filter
-        names past :data:`MAX_FLEET_FILTERS` fleet-wide; each left out is logged and counted."""
-        fleet = {(n, spec.version): spec for n, held in self.fleet_filters().items()
-                 for info, spec, _ in held if info.name != name}
-        names = {n for n, _ in fleet}
-        kept: dict[str, tuple[FilterSpec, bool]] = {}
-        for n, (spec, gpu) in declared.items():
-            other = fleet.get((n, spec.version))
-            if other is not None and other != spec:
-                self.conflicts += 1
-                self._log.warning("conflict", "worker %s declares filter %s %s unlike the live workers that run"
-                                  " it: left out there (%d so far)", name, n, spec.version or "(no version)",
-                                  self.conflicts)
-                continue
-            if n not in names and len(names) >= MAX_FLEET_FILTERS:
-                self.conflicts += 1
-                self._log.warning("conflict", "worker %s declares filter %s past the fleet's %d: left out",
-                                  name, n, MAX_FLEET_FILTERS)
-                continue
-            names.add(n)
-            kept[n] = (spec, gpu)
-        return kept
 
     def _adopt(self, hello: wire.Hello, channel: Channel, client: RpcClient,
                declared: dict[str, tuple[FilterSpec, bool]] | None = None) -> bool:
@@ -643,40 +473,3 @@ class Membership:
     def _notify_change(self) -> None:
         for cb in self._on_change:
             cb()
-
-
-def _source_host(message: pynng.Message) -> str:
-    """The host a pub/sub message came from ("" if its connection is gone already)."""
-    try:
-        return str(message.pipe.remote_address).rsplit(":", 1)[0].strip("[]")
-    except (pynng.NNGException, AttributeError, ValueError):
-        return ""
-
-
-def _same_host(rpc_address: str, source: str) -> bool:
-    """Whether ``rpc_address`` (``tcp://HOST:PORT`` or ``tls+tcp://...``) is on the host a hello came from: a hello
-    never makes the controller dial a third party. Loopback addresses are one host."""
-    host = rpc_address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    try:
-        a, b = ipaddress.ip_address(host), ipaddress.ip_address(source)
-    except ValueError:
-        return False  # a name, or no source: an address we cannot tie to the hello's sender
-    a = a.ipv4_mapped or a if isinstance(a, ipaddress.IPv6Address) else a
-    b = b.ipv4_mapped or b if isinstance(b, ipaddress.IPv6Address) else b
-    return a == b or (a.is_loopback and b.is_loopback)
-
-
-class _WelcomeReply:
-    """Seals nothing (a welcome travels plain) but opens its reply: an Ack sealed with the new
-    key for request 0, which proves the worker holds the session key."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-
-    def seal(self, msg: wire.Message) -> tuple[bytes, int]:
-        return wire.encode(msg), 0
-
-    def open_reply(self, data: bytes, request_seq: int) -> wire.Message:
-        return self.channel.open_reply(data, 0)
-
-

@@ -6,23 +6,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common import filters, operations, pipeline
+from filtering import builtins as operations
+from filtering import model, pipeline, registry
+from imaging import formats
 from storage.images import StoredFile
 
-GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La"}) | filters.DEEP_MODES
-#: Where a format cannot say "grayscale" in its header, the modes a grayscale result may have:
-#: a GIF is a palette (Pillow reads it as L only when its palette is exactly the gray ramp,
-#: never with a transparent colour); a WebP is always RGB or RGBA to Pillow.
-GRAYSCALE_RESULT_MODES = {"GIF": frozenset({"L", "P"}), "WEBP": frozenset({"RGB", "RGBA"})}
+GRAYSCALE_MODES, GRAYSCALE_RESULT_MODES = formats.GRAYSCALE_MODES, formats.GRAYSCALE_RESULT_MODES
 
 #: What a worker declared it runs, by filter name (see controller.membership).
-Declared = Mapping[str, filters.FilterSpec]
+Declared = Mapping[str, model.FilterSpec]
 
 
-def declaration(name: str, declared: Declared | None = None) -> filters.FilterSpec | None:
+def declaration(name: str, declared: Declared | None = None) -> model.FilterSpec | None:
     """Filter ``name`` as this server has it, else as the worker that ran the job declared it
     (so a worker that declares loosely loosens only the checks of its own results)."""
-    return filters.REGISTRY.get(name) or (declared or {}).get(name)
+    return registry.REGISTRY.get(name) or (declared or {}).get(name)
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from common import wire
-from storage.datastore import Datastore
+from common.models import (
+    BadInput,
+    Filter,
+    NotFound,
+    Workload,
+    check_workload_name,
+    quoted,
+)
 from controller.jobs import JobLifecycle, quota_exceeded
-from common.models import BadInput, Filter, NotFound, Workload, check_workload_name, quoted
+from plane import wire
+from storage.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 

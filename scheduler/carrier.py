@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from common import wire
-from common.rpc import RpcError
-from controller.jobs import JobLifecycle, Timing
 from common.models import DpipError, InsufficientStorage, Job, Unavailable
+from controller.jobs import JobLifecycle, Timing
+from filtering.pipeline import label_of
+from plane import wire
+from plane.rpc import RpcError
 from scheduler.latency import LatencyTracker
 from scheduler.ports import Members, Slots
-from common.pipeline import label_of
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common import pipeline
 from common.aio import stop_tasks
-from controller.jobs import JobLifecycle
 from common.models import DpipError, Job
+from controller.jobs import JobLifecycle
+from filtering import pipeline
 from scheduler.carrier import (
     Carrier,
     DispatchStats,
@@ -31,8 +31,8 @@ from scheduler.carrier import (
     SchedulerSettings,
 )
 from scheduler.latency import LatencyTracker
-from scheduler.ports import Members
 from scheduler.placement import JobView, WorkerView, place, why_not
+from scheduler.ports import Members
 
 logger = logging.getLogger(__name__)
 

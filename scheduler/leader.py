@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable
 
 from common.aio import stop_tasks
-from storage.datastore import JobListener, SharedDatastore
-from controller.jobs import JobLifecycle
 from common.models import DpipError, Job
+from controller.jobs import JobLifecycle
 from scheduler.dispatcher import Dispatcher, SchedulerSettings
 from scheduler.ports import Members
+from storage.datastore import JobListener, SharedDatastore
 
 logger = logging.getLogger(__name__)
 

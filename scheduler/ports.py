@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from common import wire
-from controller.membership import WorkerInfo
 from common.models import Job
+from controller.workers import WorkerInfo
+from plane import wire
 
 
 class Members(Protocol):

@@ -8,9 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scripts.localsys import ROOT, LocalSystem  # noqa: E402
+from harness.localsys import ROOT, LocalSystem
 
 
 def main() -> int:

@@ -32,10 +32,8 @@ from typing import Any
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common.config import API_PORT, CONTROLLER_PORT  # noqa: E402
-from scripts.localsys import ROOT, LocalSystem  # noqa: E402
+from common.config import API_PORT, CONTROLLER_PORT
+from harness.localsys import ROOT, LocalSystem
 
 HOST = "127.0.0.1"  # where LocalSystem starts the server
 WORKERS = ("local-1", "local-2")

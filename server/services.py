@@ -23,7 +23,6 @@ from aiohttp import web
 
 from api.app import create_app
 from api.keys import (
-    PLANS,
     AUTH,
     AUTOSCALER,
     IMAGES,
@@ -31,29 +30,30 @@ from api.keys import (
     LOGIN_LIMITS,
     MEMBERSHIP,
     METRICS,
+    PLANS,
     SCHEDULER,
     SETTINGS,
     STORE,
     WORKLOADS,
 )
 from api.ratelimit import LoginThrottle
-from common.pipeline import Plans
-from common import localjoin
-from common.tls import ServerTls, nng_url
 from common.aio import stop_tasks
+from common.models import DpipError
 from controller.auth import Auth, system_join_token, system_secret
-from storage.datastore import Datastore, as_shared
-from storage.images import FileImageStore, ImageStore
 from controller.jobs import JobLifecycle
 from controller.membership import Membership
-from common.models import DpipError
-from storage import engines
 from controller.workloads import Workloads
+from filtering.pipeline import Plans
+from plane import localjoin
+from plane.tls import ServerTls, nng_url
 from scheduler.autoscale import Autoscaler, ScalePolicy
 from scheduler.dispatcher import HedgePolicy, SchedulerSettings
 from scheduler.leader import LeadingScheduler
 from scheduler.provision import ExternalCommand, LocalProcesses, Provisioner
 from server.settings import ServerSettings
+from storage import engines
+from storage.datastore import Datastore, as_shared
+from storage.images import FileImageStore, ImageStore
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ SERVER_TLS = web.AppKey("server_tls", ServerTls)  # set when the server runs TLS
 
 def build_app(settings: ServerSettings, tls: ServerTls | None = None) -> web.Application:
     """The whole server: the HTTP API with the services it serves, started and stopped with it
-    (the API over HTTPS and the worker plane over TLS with ``tls``; see :mod:`common.tls`)."""
+    (the API over HTTPS and the worker plane over TLS with ``tls``; see :mod:`plane.tls`)."""
     app = create_app(settings)
     if tls is not None:
         app[SERVER_TLS] = tls
@@ -149,8 +149,8 @@ async def _membership(app: web.Application) -> AsyncIterator[None]:
                             join_token, forget_after=s.forget_after, max_workers=s.max_workers, tls=tls,
                             limits=s.limits)
     app[MEMBERSHIP] = membership
-    app[PLANS] = Plans(membership.declaration, s.limits)
-    app[JOBS].declarations = membership.declarations  # results judged by their worker's declarations
+    app[PLANS] = Plans(membership.catalog.declaration, s.limits)
+    app[JOBS].declarations = membership.catalog.declarations  # results judged by their worker's declarations
     try:
         await membership.start(nng_url(s.host, s.controller_port, tls is not None))
         # Workers on this machine find the token by themselves (the course's command line has

@@ -13,14 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.connections import ConnectionPolicy, connections_for
-from common.net import Network, parse_cidrs
-from common.config import API_PORT, CONTROLLER_PORT, EnvDefaultsParser, add_options, option, parse_range, secrets_in_flags
-from common.formats import MAX_PIXELS
-from common.pipeline import Limits
+from api.net import Network, parse_cidrs
+from common.config import (
+    API_PORT,
+    CONTROLLER_PORT,
+    EnvDefaultsParser,
+    add_options,
+    option,
+    parse_range,
+    secrets_in_flags,
+)
+from common.models import Limits
+from imaging.formats import MAX_PIXELS
+from scheduler.carrier import SchedulerSettings
 from storage import engines
 from storage.engines import FILES, POSTGRES, S3, SQLITE
-from scheduler.carrier import SchedulerSettings
-
 
 #: The scheduler's own defaults, which its flags take.
 SCHEDULING = SchedulerSettings()

@@ -33,5 +33,7 @@ def open_datastore(url: str, data_dir: Path) -> Datastore:
         return SqliteDatastore(sqlite_path(url, data_dir))
     if not url.startswith(POSTGRES):
         raise ValueError("the datastore is sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST:PORT/DB")
-    from storage.postgres import PostgresDatastore  # only deployments on PostgreSQL need asyncpg loaded
+    from storage.postgres import (
+        PostgresDatastore,  # only deployments on PostgreSQL need asyncpg loaded
+    )
     return PostgresDatastore(url)

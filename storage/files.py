@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from common.models import InsufficientStorage
-from storage import metadata
+from imaging import metadata
+
 
 class TmpWriter:
     """A temporary file opened lazily, written in batches from the executor."""

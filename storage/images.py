@@ -26,14 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import wire
 from common.budget import ByteBudget
-from common.formats import FORMATS, sniff_format
 from common.models import BadInput, ImageType, NotFound, TooLarge, quoted
-from storage import facts, files, metadata, thumbnails
+from imaging import facts, metadata
+from imaging.formats import FORMATS, sniff_format
+from plane import wire
+from storage import files, thumbnails
 
 #: Files up to this size are kept in memory as they are received, so a job can carry them
-#: inline (:data:`common.wire.INLINE_MAX_BYTES`) without reading them back.
+#: inline (:data:`plane.wire.INLINE_MAX_BYTES`) without reading them back.
 KEEP_BYTES = wire.INLINE_MAX_BYTES
 
 #: Bytes of recently stored small originals kept in memory, waiting for their jobs.

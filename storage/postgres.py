@@ -20,8 +20,8 @@ from typing import TypeVar
 
 import asyncpg
 
-from storage import schema, sql
 from common.models import Unavailable
+from storage import schema, sql
 from storage.queries import SqlDatastore
 from storage.sql import Result, Script, Statement, UniqueViolation
 

@@ -24,11 +24,11 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.formats import sniff_format
-from storage import metadata
-from storage.facts import fast_header, header_of
-from storage.images import KEEP_BYTES, Download, ImageStore, StoredFile
 from common.models import BadInput, InsufficientStorage, Unavailable
+from imaging import metadata
+from imaging.facts import fast_header, header_of
+from imaging.formats import sniff_format
+from storage.images import KEEP_BYTES, Download, ImageStore, StoredFile
 
 logger = logging.getLogger(__name__)
 

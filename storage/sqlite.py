@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from storage import schema, sql
 from common.models import InsufficientStorage
+from storage import schema, sql
 from storage.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, tags_of
 from storage.sql import Result, Script, Statement, UniqueViolation
 

@@ -12,9 +12,9 @@ from contextlib import AbstractAsyncContextManager
 
 from PIL import Image, ImageOps
 
-from common import iccprofile
-from common.formats import FORMATS
 from common.models import ImageType
+from imaging import icc as icc_profiles
+from imaging.formats import FORMATS
 
 #: Thumbnail sizes: pixels on the long side, aspect kept (never enlarged).
 THUMB_SIZES = {"small": 100, "medium": 300, "large": 600}
@@ -39,7 +39,7 @@ def make_thumbnail(source: bytes, px: int, fmt: str) -> bytes:
     """Decode reduced where the format allows (JPEG: at 1/2..1/8 scale via ``draft``), then
     shrink in steps: a 50 MP photo never becomes 150 MB of pixels for a 300 px preview. Upright
     (EXIF orientation applied) and without EXIF: no GPS position in what is shown around, nor
-    any other text (a comment; an ICC profile keeps its colours only: :mod:`common.iccprofile`)."""
+    any other text (a comment; an ICC profile keeps its colours only: :mod:`imaging.icc`)."""
     with Image.open(io.BytesIO(source)) as im:
         if im.format == "JPEG":
             im.draft(im.mode, (px * THUMB_REDUCING_GAP, px * THUMB_REDUCING_GAP))
@@ -47,7 +47,7 @@ def make_thumbnail(source: bytes, px: int, fmt: str) -> bytes:
         upright = ImageOps.exif_transpose(im)
         icc = upright.info.get("icc_profile")
         upright.info = {k: v for k, v in upright.info.items() if k in _KEPT_INFO}
-        if icc and (clean := iccprofile.scrubbed(icc, upright.mode)):
+        if icc and (clean := icc_profiles.scrubbed(icc, upright.mode)):
             upright.info["icc_profile"] = clean
         out = io.BytesIO()
         upright.save(out, fmt)  # Pillow writes EXIF only when asked to

@@ -9,8 +9,8 @@ import pytest
 
 from server.services import build_app
 from server.settings import ServerSettings
-from tests.helpers import ADMIN_PASSWORD, free_port, LocalSystem
 from tests.engines import postgres, s3  # noqa: F401  (session fixtures: real PostgreSQL and S3)
+from tests.helpers import ADMIN_PASSWORD, LocalSystem, free_port
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Real engines for the tests (scripts/engines.py): a throwaway PostgreSQL cluster and a
+"""Real engines for the tests (harness/engines.py): a throwaway PostgreSQL cluster and a
 SeaweedFS S3 server, started once per session; a machine that cannot run one skips the tests
 that need it, saying why."""
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from scripts.engines import EngineError, EngineUnavailable, Postgres, SeaweedS3
+from harness.engines import EngineError, EngineUnavailable, Postgres, SeaweedS3
 
 __all__ = ["EngineError", "EngineUnavailable", "Postgres", "SeaweedS3", "postgres", "s3"]
 

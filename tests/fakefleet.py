@@ -10,13 +10,13 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common import wire
-from common.rpc import RpcError
-from controller.jobs import JobLifecycle
-from controller.membership import WorkerInfo, WorkerState
 from common.models import Filter, Workload
-from storage.sqlite import SqliteDatastore
+from controller.jobs import JobLifecycle
+from controller.workers import WorkerInfo, WorkerState
+from plane import wire
+from plane.rpc import RpcError
 from scheduler.dispatcher import Dispatcher, SchedulerSettings
+from storage.sqlite import SqliteDatastore
 
 
 @dataclass

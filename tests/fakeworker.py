@@ -17,8 +17,8 @@ import aiohttp
 import pynng
 from PIL import Image, ImageOps, PngImagePlugin
 
-from common import localjoin, wire
-from common.rpc import RpcServer
+from plane import localjoin, wire
+from plane.rpc import RpcServer
 from worker.filters import process
 from worker.link import Refused, WorkerLink
 

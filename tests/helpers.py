@@ -1,5 +1,5 @@
 """The one library of the tests: what two or more test modules use goes here (a helper used by
-one module stays in it; fixtures are conftest's). Tests reach the tools of ``scripts/`` (the
+one module stays in it; fixtures are conftest's). Tests reach the harness (``harness/``: the
 reference's client, the frames, the local system's launcher) through this module, not directly.
 
 Waiting is always on a condition with a deadline: :func:`wait_until` (sync) or :func:`until`
@@ -20,9 +20,9 @@ import pynng
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from scripts import refclient as ref
-from scripts.frames import frame_png
-from scripts.localsys import ROOT, LocalSystem, clean_env, free_port, wait_until
+from harness import refclient as ref
+from harness.frames import frame_png
+from harness.localsys import ROOT, LocalSystem, clean_env, free_port, wait_until
 
 __all__ = ["ROOT", "LocalSystem", "clean_env", "frame_png", "free_port", "ref", "wait_until"]  # and all below
 

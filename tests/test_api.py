@@ -8,12 +8,20 @@ import jwt
 import pytest
 
 from api.keys import AUTH, MEMBERSHIP, STORE
-from common import seal
-from common.seal import Channel
 from controller.auth import WORKER
-from controller.membership import WorkerInfo, WorkerState
-from tests.helpers import ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, upload
-
+from controller.workers import WorkerInfo, WorkerState
+from plane import seal
+from plane.seal import Channel
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    assert_error,
+    basic,
+    bearer,
+    login,
+    new_workload,
+    png_bytes,
+    upload,
+)
 
 # -- login / logout / tokens ----------------------------------------------------------------
 

@@ -13,7 +13,15 @@ import pytest
 
 from common.config import parse_range
 from scheduler.autoscale import Decision, Fleet, Managed, Phase, ScalePolicy, decide
-from tests.helpers import check_filtered, frame_png, push, ref, wait_completed, wait_until, workload
+from tests.helpers import (
+    check_filtered,
+    frame_png,
+    push,
+    ref,
+    wait_completed,
+    wait_until,
+    workload,
+)
 
 POLICY = ScalePolicy(minimum=0, maximum=3, idle_timeout=10, up_cooldown=2, down_cooldown=2, worker_capacity=2)
 

@@ -17,8 +17,8 @@ from PIL import Image, ImageChops, ImageStat
 from cli import video
 from cli.session import Session, save
 from cli.transfer import collect, natural_key
-from tests.helpers import clean_env, free_port, metric, wait_until
 from tests.dpip_cli import DPIP, Cli, frames_dir, one_line_error
+from tests.helpers import clean_env, free_port, metric, wait_until
 
 
 @pytest.fixture

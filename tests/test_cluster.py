@@ -1,7 +1,7 @@
 """Past one machine, against the real engines the tests start (tests/engines.py): PostgreSQL
 as the datastore, SeaweedFS's S3 server as the image store, two servers as one system.
 
-Every test starts real servers and workers as processes (scripts/localsys.py) and talks HTTP
+Every test starts real servers and workers as processes (harness/localsys.py) and talks HTTP
 to them; results are compared pixel for pixel with what the filter gives locally."""
 
 from __future__ import annotations
@@ -16,9 +16,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from common import certs, filters
+from admin import certs
+from filtering import registry
 from tests.engines import SeaweedS3, _session_engine
-from tests.helpers import ADMIN_PASSWORD, completed_with, frame_png, LocalSystem, ref, wait_until
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    LocalSystem,
+    completed_with,
+    frame_png,
+    ref,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,7 +34,7 @@ pytestmark = pytest.mark.timeout(300)
 def expected_pixels(original: bytes, filter_name: str) -> bytes:
     with Image.open(io.BytesIO(original)) as im:
         im.load()
-        return filters.spec(filter_name).apply(im, {}).tobytes()
+        return registry.spec(filter_name).apply(im, {}).tobytes()
 
 
 def pixels(data: bytes) -> bytes:

@@ -19,7 +19,17 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.helpers import ADMIN_PASSWORD, LocalSystem, png, push, ref, view, wait_completed, wait_until, workload
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    LocalSystem,
+    png,
+    push,
+    ref,
+    view,
+    wait_completed,
+    wait_until,
+    workload,
+)
 
 DROP_FILES = """
 const [selector, files] = arguments;

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from storage.datastore import Datastore
-from controller.jobs import JobLifecycle
 from common.models import Conflict, Filter, ImageType, JobState, NotFound
+from controller.jobs import JobLifecycle
+from storage.datastore import Datastore
 from storage.sql import Script, q
 from storage.sqlite import SqliteDatastore
+
 
 def _postgres(request, tmp: Path) -> Datastore:
     """A fresh database of the session's PostgreSQL (started by the tests; skipped with the

@@ -7,7 +7,14 @@ import time
 
 from PIL import Image, ImageFilter
 
-from tests.helpers import ADMIN_PASSWORD, frame_png, job_rows, ref, wait_completed, wait_until
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    frame_png,
+    job_rows,
+    ref,
+    wait_completed,
+    wait_until,
+)
 
 
 def test_reference_clients_grayscale_round_trip(system, tmp_path):

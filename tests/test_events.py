@@ -14,9 +14,21 @@ from api import observe
 from api.handlers import FEED_NEWEST
 from api.keys import AUTH, CLAIMS
 from api.observe import EVENT_HUB, EVENT_TIMING, EventHub, Feed, diff_entries
-from tests.helpers import (assert_error, bearer, login, new_workload, png, png_bytes, push, ref, until,
-    upload, wait_completed, workload)
 from server.services import build_app
+from tests.helpers import (
+    assert_error,
+    bearer,
+    login,
+    new_workload,
+    png,
+    png_bytes,
+    push,
+    ref,
+    until,
+    upload,
+    wait_completed,
+    workload,
+)
 
 KEEP_ALIVE = ("comment", "keep-alive")
 

@@ -11,15 +11,16 @@ import urllib.parse
 import pytest
 from PIL import Image, ImageFilter
 
-from common import filters, operations, pipeline
 from controller.results import result_problem
+from filtering import builtins as operations
+from filtering import kernels, model, pipeline, registry
 from storage.images import StoredFile
 from tests.helpers import frame_png, push, ref, wait_completed, workload
 from worker.filters import FilterError, process
 
 
 def test_every_parameter_is_checked_against_its_range():
-    blur = filters.spec("blur")
+    blur = registry.spec("blur")
     assert blur.validate({}) == {"radius": 2.0}
     assert blur.validate({"radius": "5", "unrelated": "x"}) == {"radius": 5.0}
     for bad, words in (("x", "must be a number"), ("-1", "between 0 and 50"), ("nan", "must be a number"),
@@ -29,13 +30,13 @@ def test_every_parameter_is_checked_against_its_range():
             blur.validate({"radius": bad})
     assert blur.validate({"radius": "-0.0"}) == {"radius": 0.0} and str(blur.validate({"radius": -0.0})["radius"]) == "0.0"
     assert blur.validate({"radius": "2.5e1"}) == {"radius": 25.0} and blur.validate({"radius": 3}) == {"radius": 3.0}
-    resize = filters.spec("resize")
+    resize = registry.spec("resize")
     for bad in (100.5, "100.5", "\uff11\uff10\uff10", "1_00", "1e2", " 1 0 ", True):  # an integer: ASCII digits only
         with pytest.raises(ValueError, match="width must be an integer"):
             resize.validate({"width": bad})
     assert resize.validate({"width": " 100 "}) == {"width": 100}
     with pytest.raises(ValueError, match="unknown filter 'posterize'; use one of: grayscale, blur, resize"):
-        filters.spec("posterize")
+        registry.spec("posterize")
 
 
 def test_blur_radius_end_to_end_and_bad_parameters_are_400(system):
@@ -59,19 +60,19 @@ def test_blur_radius_end_to_end_and_bad_parameters_are_400(system):
 
 def test_the_registry_is_what_clients_see(system):
     listed = ref.request(system.url, "GET", "/filters").json()  # public, like /openapi.json
-    assert [f["name"] for f in listed] == list(filters.REGISTRY)
+    assert [f["name"] for f in listed] == list(registry.REGISTRY)
     assert listed[1]["params"][0] == {"name": "radius", "type": "number", "default": 2.0, "minimum": 0.0,
-                                      "maximum": 50.0, "help": filters.spec("blur").params[0].help}
+                                      "maximum": 50.0, "help": registry.spec("blur").params[0].help}
     spec = ref.request(system.url, "GET", "/openapi.json").json()
     form = spec["paths"]["/workloads"]["post"]["requestBody"]["content"]["application/x-www-form-urlencoded"]
-    assert all(f"`{name}`" in form["schema"]["properties"]["filter"]["description"] for name in filters.REGISTRY)
+    assert all(f"`{name}`" in form["schema"]["properties"]["filter"]["description"] for name in registry.REGISTRY)
     assert form["schema"]["properties"]["radius"]["maximum"] == 50.0
 
 
 # -- pipelines ----------------------------------------------------------------------------------
 
 def local(steps):
-    return pipeline.validate(steps, filters.REGISTRY.get, lambda: list(filters.REGISTRY))
+    return pipeline.validate(steps, registry.REGISTRY.get, lambda: list(registry.REGISTRY))
 
 
 @pytest.mark.parametrize("text, words", [
@@ -125,7 +126,7 @@ def test_a_three_step_pipeline_is_exactly_pillows_steps():
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "I;16", "CMYK"])
-@pytest.mark.parametrize("name", [n for n in filters.REGISTRY if n not in filters.COURSE])
+@pytest.mark.parametrize("name", [n for n in registry.REGISTRY if n not in registry.COURSE])
 def test_every_operation_takes_every_mode_and_its_result_passes_the_check(name, mode):
     params = {"resize": {"width": "30"}, "crop": {"width": "20", "height": "10"}, "rotate": {"degrees": "33"},
               "format": {"type": "jpeg"}}.get(name, {})
@@ -158,20 +159,20 @@ def test_the_result_check_follows_what_the_pipeline_declares():
 
 def test_sepia_is_an_array_kernel_with_one_code_path_for_numpy_and_cupy():
     import numpy
-    spec = filters.spec("sepia")
-    assert spec.gpu and filters.array_module(False) is numpy
+    spec = registry.spec("sepia")
+    assert spec.gpu and kernels.array_module(False) is numpy
     if importlib.util.find_spec("cupy") is None:
-        assert filters.array_module(True) is numpy, "no CuPy: NumPy, whatever the GPU"
+        assert kernels.array_module(True) is numpy, "no CuPy: NumPy, whatever the GPU"
     im = Image.new("RGB", (4, 3), (100, 50, 200))
     r, g, b = 100, 50, 200
     want = tuple(min(255, round(a * r + bb * g + c * b)) for a, bb, c in operations.SEPIA)
-    assert filters.run_kernel(spec.kernel, im, {"strength": 1.0}, xp=numpy).getpixel((1, 1)) == want
-    assert filters.run_kernel(spec.kernel, im, {"strength": 0.0}, xp=numpy).tobytes() == im.tobytes()
+    assert kernels.run_kernel(spec.kernel, im, {"strength": 1.0}, xp=numpy).getpixel((1, 1)) == want
+    assert kernels.run_kernel(spec.kernel, im, {"strength": 0.0}, xp=numpy).tobytes() == im.tobytes()
 
 
 def test_a_declaration_from_a_worker_is_checked_like_a_plugin():
-    from common import offers, wire
-    for spec in filters.REGISTRY.values():
+    from plane import offers, wire
+    for spec in registry.REGISTRY.values():
         back = offers.spec_of(wire.decode(wire.encode(wire.Joined([offers.offer_of(spec)]))).filters[0])
         assert back.describe() == {**spec.describe(), "gpu": False, "builtin": False}
         assert back.apply is None
@@ -240,8 +241,8 @@ def test_bad_pipelines_are_400_naming_the_step_and_create_nothing(system):
 def test_a_plugins_bug_fails_its_job_for_good_with_a_reason(monkeypatch):
     def buggy(im, params):
         return {"not": "an image"}[params["missing"]]
-    monkeypatch.setitem(filters.REGISTRY, "buggy", filters.define("buggy", "raises")(buggy))
-    monkeypatch.setitem(filters.REGISTRY, "liar", filters.define("liar", "no image")(lambda im, p: "text"))
+    monkeypatch.setitem(registry.REGISTRY, "buggy", model.define("buggy", "raises")(buggy))
+    monkeypatch.setitem(registry.REGISTRY, "liar", model.define("liar", "no image")(lambda im, p: "text"))
     data = frame_png(0, 20, 20)
     with pytest.raises(FilterError, match=r"step 2 \(buggy\) failed: KeyError: 'missing'"):
         process(data, "grayscale|buggy")
@@ -250,26 +251,26 @@ def test_a_plugins_bug_fails_its_job_for_good_with_a_reason(monkeypatch):
 
 
 def test_a_pipeline_too_long_to_send_is_refused_before_anything_is_created():
-    long = [filters.Param(f"p{i}_{'x' * 28}", int, 10**9, 0, 10**9, "") for i in range(16)]
-    spec = filters.define("wide", "many parameters", *long)(lambda im, p: im)
+    long = [model.Param(f"p{i}_{'x' * 28}", int, 10**9, 0, 10**9, "") for i in range(16)]
+    spec = model.define("wide", "many parameters", *long)(lambda im, p: im)
     with pytest.raises(pipeline.PipelineError, match="longer than 1024 characters"):
         pipeline.validate([("wide", {})] * 2, {"wide": spec}.get, list)
     assert pipeline.validate([("wide", {})], {"wide": spec}.get, list).stored()[0] == "wide", "one step: name + params"
 
 
 def test_a_workers_declaration_fits_its_welcome_answer(monkeypatch):
-    from common import offers, wire
-    huge = [filters.Param(f"p{i}", float, 1.0, 0.0, 2.0, "h" * 200) for i in range(16)]
+    from plane import offers, wire
+    huge = [model.Param(f"p{i}", float, 1.0, 0.0, 2.0, "h" * 200) for i in range(16)]
     for i in range(200):
-        monkeypatch.setitem(filters.REGISTRY, f"plug{i}", filters.define(f"plug{i}", "x" * 200, *huge)(lambda im, p: im))
+        monkeypatch.setitem(registry.REGISTRY, f"plug{i}", model.define(f"plug{i}", "x" * 200, *huge)(lambda im, p: im))
     declared = offers.offers()
     assert 0 < len(declared) <= wire.MAX_FILTERS and declared[0].name == "grayscale", "built-ins first"
     assert len(wire.encode(wire.Joined(declared))) <= offers.MAX_DECLARATION_BYTES
 
 
 def test_a_plugins_result_is_judged_by_its_own_workers_declaration():
-    keeps = filters.define("vignette", "x")(lambda im, p: im)
-    shrinks = filters.define("vignette", "x", size="changes")(lambda im, p: im)
+    keeps = model.define("vignette", "x")(lambda im, p: im)
+    shrinks = model.define("vignette", "x", size="changes")(lambda im, p: im)
     original, small = ("PNG", 300, 200, "RGB"), StoredFile(None, "PNG", 1, 30, 20, "RGB", b"")
     assert "30x20 result" in result_problem("vignette", original, small, {}, {"vignette": keeps})
     assert result_problem("vignette", original, small, {}, {"vignette": shrinks}) is None

@@ -17,13 +17,13 @@ import zlib
 import pytest
 from PIL import Image, ImageChops, ImageFilter, ImageSequence
 
-from common import filters, pipeline
-from common.formats import FORMATS, sniff_format
-from storage import metadata
-from storage.facts import header_of
-from storage.images import StoredFile
 from common.models import BadInput
 from controller.results import result_problem
+from filtering import pipeline, registry
+from imaging import metadata
+from imaging.facts import header_of
+from imaging.formats import FORMATS, sniff_format
+from storage.images import StoredFile
 from tests.helpers import ref, wait_completed, workload
 from worker.filters import FilterError, process
 
@@ -270,7 +270,7 @@ def frames_of(im: Image.Image) -> list[tuple[Image.Image, object]]:
     return [(frame.copy(), frame.info.get("duration")) for frame in ImageSequence.Iterator(im)]
 
 
-@pytest.mark.parametrize("name", filters.COURSE)  # the other operations: tests/test_filters.py
+@pytest.mark.parametrize("name", registry.COURSE)  # the other operations: tests/test_filters.py
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_format_and_mode_is_filtered_or_refused_at_upload(case, name):
     fmt, data = CASES[case]
@@ -366,7 +366,7 @@ def test_an_animation_beyond_the_limits_fails_its_job_clearly(monkeypatch):
     process(CASES["GIF/P"][1], "blur", limits=limits)  # one frame is within it
     with pytest.raises(FilterError, match="pixel-steps"):  # and a job's budget counts every frame
         process(CASES["GIF/animated"][1], "blur|sharpen", limits=pipeline.Limits(10**9, 5 * W * H))
-    monkeypatch.setattr("worker.filters.MAX_FRAMES", 2)
+    monkeypatch.setattr("imaging.codec.MAX_FRAMES", 2)
     for case in ("GIF/animated", "WEBP/animated", "PNG/APNG", "TIFF/multi-page"):
         with pytest.raises(FilterError, match="more than 2 frames"):
             process(CASES[case][1], "grayscale")
@@ -393,7 +393,7 @@ def test_result_check_allows_what_each_format_stores_and_no_more():
 
 def test_every_case_uploaded_to_a_real_system_is_filtered_or_refused_clearly(system):
     token = ref.login(system.url, "admin", system.admin_password)
-    for name in filters.COURSE:
+    for name in registry.COURSE:
         wid = workload(system.url, token, filter=name, **{k: str(v) for k, v in PARAMS[name].items()})
         accepted = {}
         for i, (case, (fmt, data)) in enumerate(CASES.items()):

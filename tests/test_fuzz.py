@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import wire
+from plane import wire
+from plane.seal import C2W, W2C, ReplayWindow, SealError, open_with, seal_with
 from tests.helpers import ref
-from common.seal import C2W, W2C, ReplayWindow, SealError, open_with, seal_with
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -17,8 +17,17 @@ import jwt
 import pynng
 from PIL import Image
 
-from tests.helpers import (check_filtered, frame_png, publish_until_dropped, push, ref, send_oversized,
-    wait_completed, wait_until, workload)
+from tests.helpers import (
+    check_filtered,
+    frame_png,
+    publish_until_dropped,
+    push,
+    ref,
+    send_oversized,
+    wait_completed,
+    wait_until,
+    workload,
+)
 
 MAX_UPLOAD = 300_000
 

@@ -14,8 +14,20 @@ from PIL import Image
 
 from api.keys import AUTH, IMAGES, STORE
 from storage import thumbnails as image_module
-from tests.helpers import (assert_error, bearer, frame_png, job_rows, login, new_workload, png_bytes, push,
-    slow, upload, wait_completed, workload)
+from tests.helpers import (
+    assert_error,
+    bearer,
+    frame_png,
+    job_rows,
+    login,
+    new_workload,
+    png_bytes,
+    push,
+    slow,
+    upload,
+    wait_completed,
+    workload,
+)
 
 
 def _thumbnail_gate(monkeypatch) -> tuple[threading.Event, threading.Event]:
@@ -187,6 +199,7 @@ async def test_concurrent_uploads_cannot_all_pass_the_quota(aiohttp_client, sett
     """Ten 270 KB uploads at once under a 1 MB quota: three fit, the rest are 413, and what is
     stored stays within the quota (each upload's bytes are reserved with its row)."""
     from dataclasses import replace
+
     from server.services import build_app
     client = await aiohttp_client(build_app(replace(settings, quota_bytes=1_000_000)))
     token = await login(client)

@@ -20,18 +20,36 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from api import multipart
-from server.services import build_app
 from api.keys import AUTH, SETTINGS
-from common.net import client_address, parse_cidrs
+from api.net import client_address, parse_cidrs
 from api.ratelimit import LoginThrottle
+from common.models import (
+    BadInput,
+    Filter,
+    TooManyRequests,
+    Unauthorized,
+    check_workload_name,
+    quoted,
+)
 from controller.auth import USER
-from common.models import check_workload_name
-from storage.thumbnails import make_thumbnail
 from controller.jobs import JobLifecycle
-from common.models import BadInput, Filter, TooManyRequests, Unauthorized, quoted
+from server.services import build_app
 from storage.sqlite import SCHEMA, SqliteDatastore
-from tests.helpers import (ADMIN_PASSWORD, assert_error, basic, bearer, login, new_workload, png_bytes, ref,
-    ROOT, until, upload, wait_until)
+from storage.thumbnails import make_thumbnail
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    ROOT,
+    assert_error,
+    basic,
+    bearer,
+    login,
+    new_workload,
+    png_bytes,
+    ref,
+    until,
+    upload,
+    wait_until,
+)
 
 # -- 1. login throttling under concurrency ----------------------------------------------------
 
@@ -334,7 +352,7 @@ def test_names_must_match_entirely(name):
 
 
 def test_users_add_refuses_a_name_with_a_trailing_newline(tmp_path, monkeypatch):
-    from controller import users
+    from admin import users
 
     monkeypatch.setenv("DPIP_PASSWORD", "long-enough-pw")
     assert users.main(["--data-dir", str(tmp_path), "add", "bob\n"]) == 1

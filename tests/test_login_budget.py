@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from api.keys import AUTH, LOGIN_LIMITS
+from api.net import parse_cidrs
 from api.ratelimit import FailureLimiter, LoginThrottle
-from common.net import parse_cidrs
 from common.models import TooManyRequests
 from server.services import build_app
 from tests.helpers import ADMIN_PASSWORD, basic

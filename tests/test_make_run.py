@@ -19,9 +19,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ADMIN_PASSWORD, clean_env, free_port, LocalSystem, port_free, ROOT, wait_until
-
-RUN_LOCAL = ROOT / "scripts" / "run_local.py"
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    ROOT,
+    LocalSystem,
+    clean_env,
+    free_port,
+    port_free,
+    wait_until,
+)
 
 
 class Launch:
@@ -33,7 +39,7 @@ class Launch:
         env = clean_env(DPIP_PORT=str(port), DPIP_CONTROLLER_PORT=str(controller_port),
                         DPIP_DATA_DIR=str(data_dir), DPIP_ADMIN_PASSWORD=ADMIN_PASSWORD)
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(RUN_LOCAL)], cwd=ROOT, env=env, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "scripts.run_local"], cwd=ROOT, env=env, stdout=out,
                                          stderr=err, start_new_session=True)
         self.client = LocalSystem(data_dir, port=port, controller_port=controller_port,
                                   admin_password=ADMIN_PASSWORD)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from storage import metadata
+from imaging import metadata
 
 GPS = {1: "N", 2: (48.0, 51.0, 24.0), 3: "W", 4: (2.0, 21.0, 7.0)}
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from common import certs
-from tests.helpers import ADMIN_PASSWORD, frame_png, LocalSystem, ref, wait_until
+from admin import certs
+from tests.helpers import ADMIN_PASSWORD, LocalSystem, frame_png, ref, wait_until
 
 SUBNET = "10.231.77"
 SERVER_IP = f"{SUBNET}.1"

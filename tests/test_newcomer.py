@@ -26,8 +26,8 @@ from aiohttp import web
 from cli import pushes
 from cli.main import parser
 from cli.names import local_names, safe_name
-from tests.helpers import ADMIN_PASSWORD, clean_env, metric, png, push, ROOT, wait_until
 from tests.dpip_cli import DPIP, Cli, frames_dir, one_line_error
+from tests.helpers import ADMIN_PASSWORD, ROOT, clean_env, metric, png, push, wait_until
 
 #: What `os.login_tty` needs to give the child the pty as its terminal (getpass opens /dev/tty).
 LOGIN_TTY = "import os, sys; os.login_tty(os.open(sys.argv[1], os.O_RDWR)); os.execv(sys.argv[2], sys.argv[2:])"

@@ -12,8 +12,22 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import (ADMIN_PASSWORD, assert_error, bearer, clean_env, completed_with, frame_png, LocalSystem, login,
-    new_workload, png_bytes, ref, ROOT, upload, wait_until)
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    ROOT,
+    LocalSystem,
+    assert_error,
+    bearer,
+    clean_env,
+    completed_with,
+    frame_png,
+    login,
+    new_workload,
+    png_bytes,
+    ref,
+    upload,
+    wait_until,
+)
 
 
 def photo_jpeg(width: int = 60, height: int = 40, orientation: int = 6) -> bytes:

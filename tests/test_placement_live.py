@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from common import wire
+from plane import wire
 from tests.fakeworker import FakeWorker, Telemetry
 from tests.helpers import Api, completed, has_workers, jobs_placed, until, welcomed
 

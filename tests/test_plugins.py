@@ -15,9 +15,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from common import filters, pipeline
-from scripts.localsys import ROOT, LocalSystem, wait_until
-from tests.helpers import ADMIN_PASSWORD, frame_png, job_rows, push, ref, view, wait_completed
+from filtering import kernels, model, pipeline
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    ROOT,
+    LocalSystem,
+    frame_png,
+    job_rows,
+    push,
+    ref,
+    view,
+    wait_completed,
+    wait_until,
+)
 
 
 def pip_install(source: Path, target: Path, work: Path) -> Path:
@@ -34,7 +44,8 @@ def pip_install(source: Path, target: Path, work: Path) -> Path:
 def plugin_dirs(tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("plugins")
     return {"vignette": pip_install(ROOT / "examples" / "dpip-vignette", work / "vignette", work),
-            "broken": pip_install(ROOT / "tests" / "plugins" / "dpip-broken", work / "broken", work)}
+            "broken": pip_install(ROOT / "tests" / "plugins" / "dpip-broken", work / "broken", work),
+            "legacy": pip_install(ROOT / "tests" / "plugins" / "dpip-legacy", work / "legacy", work)}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +139,7 @@ def test_without_its_worker_a_plugin_job_waits_saying_why_then_runs(fleet, plugi
 
 def test_a_broken_plugin_is_one_line_and_the_rest_loads(plugin_dirs):
     path = f"{plugin_dirs['broken']}:{plugin_dirs['vignette']}"
-    code = "from common import filters; print('\\n'.join(filters.load_plugins())); print(sorted(filters.REGISTRY))"
+    code = "from filtering import registry; print('\\n'.join(registry.load_plugins())); print(sorted(registry.REGISTRY))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, check=True).stdout.splitlines()
     problems, names = out[:-1], eval(out[-1])
@@ -136,6 +147,18 @@ def test_a_broken_plugin_is_one_line_and_the_rest_loads(plugin_dirs):
     assert "plugin explodes (dpip_broken_import:explode) failed to import, skipped: ImportError" in problems[0]
     assert "plugin stray (dpip_broken_stray:value) is not a filter" in problems[1]
     assert "vignette" in names and "explodes" not in names and "stray" not in names
+
+
+def test_a_plugin_on_the_old_import_path_loads_with_one_deprecation_line(plugin_dirs):
+    """Plugins written against common.filters keep loading for a release, told of dpip.filters."""
+    code = ("import logging; logging.basicConfig(); from filtering import registry; registry.load_plugins();"
+            " from PIL import Image; out = registry.spec('posterize').apply(Image.new('RGB', (2, 2), (200, 100, 50)),"
+            " {'bits': 1}); print(out.getpixel((0, 0)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(plugin_dirs["legacy"]),
+                          "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "(128, 0, 0)"
+    lines = [ln for ln in done.stderr.splitlines() if "deprecated" in ln]
+    assert len(lines) == 1 and "import the same names from dpip.filters" in lines[0], done.stderr
 
 
 def test_a_server_with_a_broken_plugin_still_serves(tmp_path, plugin_dirs):
@@ -157,10 +180,10 @@ def test_a_server_with_a_broken_plugin_still_serves(tmp_path, plugin_dirs):
 def test_the_example_plugin_is_a_kernel_that_runs_with_numpy(plugin_dirs):
     module = vignette_module(plugin_dirs)
     spec = module.vignette
-    assert isinstance(spec, filters.FilterSpec) and spec.gpu, "an array kernel: on a GPU where there is one"
+    assert isinstance(spec, model.FilterSpec) and spec.gpu, "an array kernel: on a GPU where there is one"
     import numpy
     im = Image.new("RGBA", (33, 21), (200, 150, 100, 77))
-    out = filters.run_kernel(spec.kernel, im, {"strength": 1.0, "radius": 0.5}, xp=numpy)
+    out = kernels.run_kernel(spec.kernel, im, {"strength": 1.0, "radius": 0.5}, xp=numpy)
     assert out.mode == "RGBA" and out.getpixel((16, 10)) == (200, 150, 100, 77), "the centre is untouched"
     assert out.getpixel((0, 0)) == (0, 0, 0, 77), "a corner goes black, its alpha kept"
     assert pipeline.validate([("vignette", {})], lambda n: spec, list).steps[0].params == {"strength": 0.5,

@@ -11,8 +11,21 @@ import time
 
 import pynng
 
-from tests.helpers import (check_filtered, frame_png, job_rows, publish_until_dropped, push, ref,
-    send_oversized, SLOW, slow, view, wait_completed, wait_until, workload)
+from tests.helpers import (
+    SLOW,
+    check_filtered,
+    frame_png,
+    job_rows,
+    publish_until_dropped,
+    push,
+    ref,
+    send_oversized,
+    slow,
+    view,
+    wait_completed,
+    wait_until,
+    workload,
+)
 
 # -- must-show 1: a worker killed mid-way ------------------------------------------------------
 

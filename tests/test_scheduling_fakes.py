@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from storage.sqlite import SqliteDatastore
 from scheduler.carrier import HedgePolicy, SchedulerSettings
+from storage.sqlite import SqliteDatastore
 from tests.fakefleet import Fleet, StubWorker
 from tests.helpers import until
 

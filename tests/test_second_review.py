@@ -24,11 +24,22 @@ from urllib.parse import urlencode
 import pynng
 from PIL import Image, ImageCms
 
-from common import filters, localjoin, offers, wire
-from common.seal import JOIN, W2C, join_key, seal_with
-from scripts.localsys import LocalSystem, free_port, wait_until
+from filtering import model, registry
+from plane import localjoin, offers, wire
+from plane.seal import JOIN, W2C, join_key, seal_with
 from tests.fakeworker import FakeWorker, Telemetry
-from tests.helpers import ADMIN_PASSWORD, metric, png_bytes, ref, until, view, wait_completed
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    LocalSystem,
+    free_port,
+    metric,
+    png_bytes,
+    ref,
+    until,
+    view,
+    wait_completed,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,7 +250,7 @@ def test_a_spray_of_wrong_passwords_locks_no_one_out_even_after_a_restart(tmp_pa
 # -- 4: workers' declarations ---------------------------------------------------------------------
 
 def _vignette(low: float, high: float, version: str, size: str = "same", colour: str = "keeps") -> wire.FilterOffer:
-    spec = filters.define("vignette", "darker corners", filters.Param("strength", float, 0.5, low, high),
+    spec = model.define("vignette", "darker corners", model.Param("strength", float, 0.5, low, high),
                           size=size, colour=colour)(lambda im, p: im)
     return offers.offer_of(dataclasses.replace(spec, version=version))
 
@@ -257,7 +268,7 @@ async def test_declarations_cannot_loosen_a_plugins_checks_nor_swell_the_filter_
     await until(lambda: "honest" in sysm.alive_workers(token), 30, "the honest worker to join")  # (the first wins)
     liar = await _fake("liar", sysm, [_vignette(-9e15, 9e15, "1.2.0", size="changes", colour="any")])
     other = await _fake("other", sysm, [_vignette(-9e15, 9e15, "6.6.6")])
-    many = await _fake("many", sysm, [offers.offer_of(filters.FilterSpec(f"made_up_{i}", None, (), "x" * 200))
+    many = await _fake("many", sysm, [offers.offer_of(model.FilterSpec(f"made_up_{i}", None, (), "x" * 200))
                                       for i in range(128)])
     try:
         await until(lambda: {"honest", "liar", "other", "many"} <= sysm.alive_workers(token), 30, "the fakes to join")
@@ -273,7 +284,7 @@ async def test_declarations_cannot_loosen_a_plugins_checks_nor_swell_the_filter_
         # The anonymous listing is the server's own filters: its size does not grow with the fleet.
         public = ref.request(sysm.url, "GET", "/filters")
         assert public.status == 200 and len(public.body) < 16_000
-        assert {f["name"] for f in public.json()} == set(filters.REGISTRY)
+        assert {f["name"] for f in public.json()} == set(registry.REGISTRY)
         assert len([n for n in named if n.startswith("made_up_")]) == 128
     finally:
         for fake in (honest, liar, other, many):
@@ -358,7 +369,7 @@ def test_numbers_are_ascii_decimals_and_json_keys_are_given_once(system):
 # -- 7: TLS files ---------------------------------------------------------------------------------
 
 def test_a_key_of_another_certificate_is_one_line_naming_both(tmp_path):
-    from common import certs
+    from admin import certs
     certs.init(tmp_path / "a", ["127.0.0.1"])
     certs.init(tmp_path / "b", ["127.0.0.1"])
     cert, key = tmp_path / "a" / "server.pem", tmp_path / "b" / "server.key"

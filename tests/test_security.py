@@ -7,7 +7,17 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import check_filtered, frame_png, metric, push, ref, ROOT, wait_completed, wait_until, workload
+from tests.helpers import (
+    ROOT,
+    check_filtered,
+    frame_png,
+    metric,
+    push,
+    ref,
+    wait_completed,
+    wait_until,
+    workload,
+)
 
 JOIN = "s3cret-join-token"
 
@@ -71,7 +81,7 @@ def test_a_worker_with_a_join_token_refuses_a_forged_welcome(make_system):
     """Someone who can reach a worker's RPC port cannot redirect it to their own 'API'."""
     import pynng
 
-    from common import wire
+    from plane import wire
 
     system = make_system("--join-token", JOIN)
     system.start_worker("w", env={"DPIP_JOIN_TOKEN": JOIN})

@@ -14,9 +14,9 @@ from aiohttp import web
 
 from api.keys import IMAGES, STORE
 from common.models import DpipError
-from tests.helpers import clean_env, free_port, ROOT
 from server.services import build_app
 from server.settings import ServerSettings, parse_server_args
+from tests.helpers import ROOT, clean_env, free_port
 
 
 def test_defaults_come_from_the_settings_and_every_field_has_its_flag():

@@ -22,8 +22,8 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from PIL import Image
 
 from api.connections import connections_for, parser_error
-from tests.helpers import ADMIN_PASSWORD, LocalSystem, ref, wait_until
 from server.settings import ServerSettings, connection_policy
+from tests.helpers import ADMIN_PASSWORD, LocalSystem, ref, wait_until
 
 HEADER, BODY, KEEPALIVE, SEND = 2.0, 2.0, 3.0, 2.0
 FLAGS = ("--header-timeout", str(HEADER), "--body-timeout", str(BODY), "--min-rate", "500",

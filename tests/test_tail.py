@@ -8,9 +8,23 @@ import aiohttp
 from PIL import Image
 
 from scheduler.latency import LatencyTracker, size_class
-from tests.helpers import (Api, check_filtered, completed, frame_png, has_workers, jobs_placed, push, ref,
-    slow, until, wait_completed, wait_until, welcomed, workload)
 from tests.fakeworker import FakeWorker, Telemetry
+from tests.helpers import (
+    Api,
+    check_filtered,
+    completed,
+    frame_png,
+    has_workers,
+    jobs_placed,
+    push,
+    ref,
+    slow,
+    until,
+    wait_completed,
+    wait_until,
+    welcomed,
+    workload,
+)
 
 INSTANT_HEDGE = ("--hedge", "hedged", "--hedge-floor-ms", "1", "--hedge-initial-ms", "1")
 

@@ -1,6 +1,6 @@
 """TLS between machines: the API over HTTPS, the worker plane over tls+tcp:// with client
 certificates (mutual TLS), against the real server and real workers, with certificates made by
-``main.py certs`` (common.certs)."""
+``main.py certs`` (admin.certs)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from PIL import Image
 
+from admin import certs
 from cli.session import EXIT_UNREACHABLE
-from common import certs, tls, wire
+from plane import tls, wire
 from tests.dpip_cli import Cli, frames_dir, one_line_error
-from tests.helpers import (ADMIN_PASSWORD, LocalSystem, frame_png, free_port, metric, ref, view, wait_completed,
-                           wait_until, workload)
+from tests.helpers import (
+    ADMIN_PASSWORD,
+    LocalSystem,
+    frame_png,
+    free_port,
+    metric,
+    ref,
+    view,
+    wait_completed,
+    wait_until,
+    workload,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

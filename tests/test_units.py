@@ -9,15 +9,15 @@ import time
 import pytest
 from PIL import Image, ImageFilter
 
-from common import wire
 from common.config import EnvDefaultsParser, split_host_port
-from common.formats import sniff_format
 from common.models import Filter, Job
+from imaging.formats import sniff_format
+from plane import wire
 from scheduler.carrier import Carrier, DispatchStats, SchedulerSettings
 from scheduler.latency import LatencyTracker
 from scheduler.placement import JobView, WorkerView, place, why_not
-from worker.filters import EncodeOptions, FilterError, process
 from tests.helpers import png_bytes
+from worker.filters import EncodeOptions, FilterError, process
 
 # -- wire -----------------------------------------------------------------------------------
 
@@ -274,7 +274,7 @@ def test_part_names_agree_with_aiohttps_parser(disposition):
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1", "I;16"])
 def test_the_png_header_fast_path_agrees_with_pillow(mode):
-    from common.formats import png_header
+    from imaging.formats import png_header
 
     buf = io.BytesIO()
     Image.new(mode, (37, 5)).save(buf, "PNG")
@@ -294,6 +294,7 @@ def test_renames_waiting_together_share_one_directory_fsync(tmp_path, monkeypatc
     """A rename is on disk once an fsync of its directory that *began after it* has ended: the
     two that arrive while the first fsync runs share the next one, and neither returns early."""
     import threading
+
     from storage import files as images
 
     first_started, release = threading.Event(), threading.Event()

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from cli import video
-from tests.helpers import clean_env, LocalSystem, ROOT
+from tests.helpers import ROOT, LocalSystem, clean_env
 
 
 def guide_blocks() -> list[str]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import os
 import secrets
 import socket
 import threading
-import io
 import time
 
 import aiohttp
@@ -19,11 +19,25 @@ import psutil
 import pynng
 from PIL import Image
 
-from common import localjoin, seal, wire
-from tests.helpers import (Api, check_filtered, frame_png, has_workers, job_rows, metric, plane_dropped,
-    publish_until_dropped,
-    push, ref, until, wait_completed, wait_until, welcomed, workload)
+from plane import localjoin, seal, wire
 from tests.fakeworker import FakeWorker, Telemetry
+from tests.helpers import (
+    Api,
+    check_filtered,
+    frame_png,
+    has_workers,
+    job_rows,
+    metric,
+    plane_dropped,
+    publish_until_dropped,
+    push,
+    ref,
+    until,
+    wait_completed,
+    wait_until,
+    welcomed,
+    workload,
+)
 from worker.service import Worker, WorkerSettings
 
 

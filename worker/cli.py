@@ -9,11 +9,18 @@ import signal
 import sys
 
 from common import aio
-from common.config import CONTROLLER_PORT, EnvDefaultsParser, add_options, secrets_in_flags, setup_logging, split_host_port
-from common import filters
+from common.config import (
+    CONTROLLER_PORT,
+    EnvDefaultsParser,
+    add_options,
+    secrets_in_flags,
+    setup_logging,
+    split_host_port,
+)
+from filtering import registry
+from plane.tls import TlsError
 from worker.filters import EncodeOptions
 from worker.service import Worker, WorkerSettings
-from common.tls import TlsError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
-    filters.load_plugins()  # each broken plugin: one line, and the worker runs without it
+    registry.load_plugins()  # each broken plugin: one line, and the worker runs without it
     for warning in secrets_in_flags(sys.argv[1:] if argv is None else argv, SECRET_FLAGS):
         logger.warning(warning)
     try:

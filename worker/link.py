@@ -17,8 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from common import wire
-from common.seal import (
+from plane import wire
+from plane.seal import (
     C2W,
     JOIN,
     W2C,

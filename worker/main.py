@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 #: Set on the re-run: if the venv's Python lacks them too, say so instead of running again.
 RERUN_MARK = "DPIP_WORKER_RERUN"
-OUR_PACKAGES = {"worker", "common"}
+OUR_PACKAGES = {"worker", "common", "plane", "filtering", "imaging", "dpip"}
 
 # Run as a script, Python puts worker/ first on sys.path; the project root must be there too.
 sys.path.insert(0, str(ROOT))

@@ -2,9 +2,9 @@
 
 It dials the controller's pub/sub port with a Pub0 and publishes a hello (and, once welcomed,
 a sealed heartbeat) every interval. It listens on a Rep0 (its RPC address, advertised in the
-hello) for the controller's :class:`~common.wire.Welcome` (session key, API endpoint) and the
+hello) for the controller's :class:`~plane.wire.Welcome` (session key, API endpoint) and the
 scheduler's sealed jobs; whom it obeys is :mod:`worker.link`'s business. A job is: take the
-original from the job itself when it is small (:data:`~common.wire.INLINE_MAX_BYTES`), else
+original from the job itself when it is small (:data:`~plane.wire.INLINE_MAX_BYTES`), else
 download it from the API with the job's own capability; filter it in a thread; put a small
 result in the reply, else upload it with the same capability; reply.
 """
@@ -18,7 +18,6 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,78 +25,22 @@ from pathlib import Path
 import aiohttp
 import pynng
 
-from common import localjoin, wire
 from common.aio import stop_tasks
-from common.formats import FORMATS
-from common.config import local_address_towards, option
-from common.tls import WorkerTls, http_client_context, is_tls, nng_url
+from common.config import local_address_towards
 from common.logs import LogLimiter
-from common.rpc import RpcClient, RpcError, RpcServer
-from common import filters, offers, pipeline
+from filtering import kernels, pipeline
+from filtering.work import Stopped
+from plane import offers, wire
+from plane.rpc import RpcClient, RpcError, RpcServer
+from plane.tls import WorkerTls, http_client_context, is_tls, nng_url
 from worker import memory
-from worker.filters import EncodeOptions, FilterError, process
+from worker.filters import FilterError, process
 from worker.link import Refused, WorkerLink
+from worker.settings import WorkerSettings, join_token_for
 from worker.telemetry import Telemetry
+from worker.transfers import JobFailed, Transfers
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """A worker's settings; the fields with help are its flags (``worker/cli.py`` adds those
-    that are parsed into several fields: the controllers, the name, the tags, the encoding)."""
-
-    controller_host: str
-    controller_port: int
-    name: str
-    #: every controller to heartbeat to (several servers of one system); the first by default
-    controllers: tuple[tuple[str, int], ...] = ()
-    tags: tuple[str, ...] = ()
-    capacity: int = option(os.cpu_count() or 1, "jobs run at once (default: number of cores)")
-    advertise_host: str = option("", "address the server dials for RPC (default: our address towards the"
-                                     " controller)")
-    rpc_bind: str = option("", "address to listen on for RPC (default: the advertised one)")
-    rpc_port: int = option(0, "RPC port (default: any free port)")
-    image_store_endpoint: str = option("", "API URL, overriding what the controller says (every image then"
-                                           " goes through it, none inline)")
-    image_store_token: str = option("", "API token, overriding what the controller sends")
-    heartbeat_interval: float = option(1.0, "seconds between heartbeats until the controller sets it")
-    encode: EncodeOptions = EncodeOptions()
-    http_timeout: float = 60.0
-    drain_timeout: float = 60.0
-    # Fault knobs for operators and tests (off by default):
-    slow_rate: float = option(0.0, "fault knob: share of jobs made slow (0-1)")
-    slow_ms: float = option(0.0, "fault knob: how much slower, in ms")
-    fail_rate: float = option(0.0, "fault knob: share of jobs dropped without any reply (0-1)")
-    join_token: str = option("", "the controller's join token, if this worker does not find it by itself"
-                                 " (better: the env variable)")
-    tls_ca: str = option("", "PEM CA the server's certificate must come from: the controller is dialed over"
-                             " tls+tcp:// and the API over https:// (with --tls-cert, default: the"
-                             " system's CAs)", metavar="PEM")
-    tls_cert: str = option("", "this worker's PEM certificate (main.py certs worker DIR NAME): it proves the"
-                               " worker's name to a server with --tls-client-ca, and its RPC serves TLS"
-                               " with it", metavar="PEM")
-    tls_key: str = option("", "PEM private key of --tls-cert", metavar="PEM")
-    exit_with_parent: bool = option(False, "drain and exit when the process that started us ends (the"
-                                           " server's autoscaler uses it)")
-
-
-def join_token_for(settings: WorkerSettings, host: str, port: int) -> str | Callable[[], str]:
-    """The join token for the controller at ``host:port``: the one given (``--join-token``,
-    ``DPIP_JOIN_TOKEN``), else, for a controller on this machine, the one its server left for
-    local workers (:mod:`common.localjoin`), else none (a remote server will refuse us)."""
-    if settings.join_token:
-        return settings.join_token
-    if localjoin.is_this_machine(host):
-        return lambda: localjoin.read(port)
-    return ""
-
-
-class JobFailed(Exception):
-    def __init__(self, message: str, retryable: bool = True, transient: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.transient = transient  # where the images live could not be reached (not the job's fault)
 
 
 #: How long a cancel waits for a job's work to stop (it stops at its next step, frame or tile:
@@ -139,15 +82,15 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.s = settings
-        # TLS when told of a CA or given a certificate (common.tls); TlsError if they are unusable.
+        # TLS when told of a CA or given a certificate (plane.tls); TlsError if they are unusable.
         self.tls = WorkerTls(Path(settings.tls_ca) if settings.tls_ca else None,
                              Path(settings.tls_cert) if settings.tls_cert else None,
                              Path(settings.tls_key) if settings.tls_key else None,
                              settings.name) if settings.tls_ca or settings.tls_cert or settings.tls_key else None
         self.telemetry = Telemetry()
         # Array kernels run on the GPU where there is one and CuPy to drive it (else NumPy).
-        filters.USE_GPU = self.telemetry.gpu().count > 0 and filters.array_module(True).__name__ == "cupy"
-        self.offers = offers.offers(gpu=filters.USE_GPU)  # built-ins and the plugins loaded
+        kernels.use_gpu(self.telemetry.gpu().count > 0 and kernels.array_module(True).__name__ == "cupy")
+        self.offers = offers.offers(gpu=kernels.on_gpu())  # built-ins and the plugins loaded
         controllers = settings.controllers or ((settings.controller_host, settings.controller_port),)
         self.links = [ControllerLink(host, port, WorkerLink(settings.name, join_token_for(settings, host, port),
                                                             self.offers),
@@ -168,7 +111,7 @@ class Worker:
         self._tombstones: dict[tuple[int, str], float] = {}  # (job, tie) -> when: cancelled early
         self._ties: dict[int, str] = {}  # job -> the tie secret a tied peer must show to cancel it
         self._peers: dict[str, RpcClient] = {}  # tied peers' RPC addresses
-        self._http: aiohttp.ClientSession | None = None
+        self._transfers: Transfers | None = None  # (its HTTP session is made in the loop, at start)
         self._heartbeat_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -182,7 +125,8 @@ class Worker:
         self._rpc.start()
         trust = self.tls.http() if self.tls is not None else http_client_context() if os.environ.get("AWS_CA_BUNDLE") else None
         connector = aiohttp.TCPConnector(ssl=trust) if trust is not None else None
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.http_timeout), connector=connector)
+        self._transfers = Transfers(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.http_timeout),
+                                                          connector=connector), s.image_store_token)
         for c in self.links:  # a socket each: a controller hears only what is sealed for it
             c.pub = pynng.Pub0(send_timeout=1000)
             c.pub.reconnect_time_min = 100
@@ -228,8 +172,8 @@ class Worker:
             client.close()
         await self._rpc.close()
         await stop_tasks([t for t in (self._heartbeat_task, *self.jobs.values()) if t is not None])
-        if self._http is not None:
-            await self._http.close()
+        if self._transfers is not None:
+            await self._transfers.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- heartbeats -------------------------------------------------------------------------
@@ -440,9 +384,9 @@ class Worker:
             if msg.data and inline_ok:
                 data = self._inline_original(msg)
             elif msg.original_url and inline_ok:
-                data = await self._fetch(msg.original_url)  # straight from the object store
+                data = await self._http().fetch(msg.original_url)  # straight from the object store
             else:
-                data = await self._download(msg, api_url)
+                data = await self._http().download(msg, api_url)
             t1 = time.perf_counter()
             try:
                 out, fmt = await self._filter(data, msg)
@@ -452,9 +396,9 @@ class Worker:
             if inline_ok and len(out) <= msg.inline_result:
                 inline = wire.inline(out)  # stored by the server as it takes our reply
             elif msg.result_url and inline_ok:
-                await self._put(msg.result_url, out, fmt)  # the server judges it there
+                await self._http().put(msg.result_url, out, fmt)  # the server judges it there
             else:
-                await self._upload(msg, api_url, out, fmt)
+                await self._http().upload(msg, api_url, out, fmt)
             t3 = time.perf_counter()
         except JobFailed as e:
             logger.warning("job %d (image %d of %s) failed: %s", msg.job_id, msg.image_id, msg.workload_id, e)
@@ -487,11 +431,15 @@ class Worker:
             if not work.cancelled():
                 work.exception()  # retrieved, so nothing is logged of it
             raise
-        except filters.Stopped:
+        except Stopped:
             raise JobFailed("cancelled") from None
         finally:
             if time.perf_counter() - started > TRIM_AFTER_SECONDS:  # it held many pixels: give them back
                 self.executor.submit(memory.give_back)
+
+    def _http(self) -> Transfers:
+        assert self._transfers is not None, "started"
+        return self._transfers
 
     @staticmethod
     def _inline_original(msg: wire.RunJob) -> bytes:
@@ -510,62 +458,6 @@ class Worker:
             await client.call(wire.CancelJob(msg.job_id, if_not_started=True, tie=msg.tie))
         except RpcError as e:
             logger.debug("could not cancel job %d at tied peer %s: %s", msg.job_id, msg.tied_peer, e)
-
-    def _auth(self, msg: wire.RunJob) -> dict[str, str]:
-        """The job's own capability (or the operator's --image-store-token, which wins)."""
-        return {"Authorization": f"Bearer {self.s.image_store_token or msg.capability}"}
-
-    async def _fetch(self, url: str) -> bytes:
-        """An original from its presigned URL."""
-        assert self._http is not None
-        try:
-            async with self._http.get(url) as r:
-                if r.status != 200:
-                    raise JobFailed(f"download from the image store failed: HTTP {r.status}",
-                                    retryable=r.status >= 500 or r.status == 403, transient=r.status >= 500)
-                return await r.read()
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise JobFailed(f"download from the image store failed: {e!r}", transient=True) from e
-
-    async def _put(self, url: str, data: bytes, fmt: str) -> None:
-        """A result to its presigned URL."""
-        assert self._http is not None
-        try:
-            async with self._http.put(url, data=data) as r:
-                if r.status not in (200, 201, 204):
-                    raise JobFailed(f"upload to the image store failed: HTTP {r.status}",
-                                    retryable=r.status >= 500 or r.status == 403, transient=r.status >= 500)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise JobFailed(f"upload to the image store failed: {e!r}", transient=True) from e
-
-    async def _download(self, msg: wire.RunJob, api_url: str) -> bytes:
-        assert self._http is not None
-        url = f"{api_url}/images/{msg.image_id}"
-        params = {"workload_id": msg.workload_id, "type": "original"}
-        try:
-            async with self._http.get(url, params=params, headers=self._auth(msg)) as r:
-                if r.status != 200:
-                    raise JobFailed(f"download failed: HTTP {r.status}: {(await r.text())[:200]}",
-                                    retryable=r.status >= 500 or r.status == 401, transient=r.status == 503)
-                return await r.read()
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise JobFailed(f"download failed: {e!r}") from e
-
-    async def _upload(self, msg: wire.RunJob, api_url: str, data: bytes, fmt: str) -> None:
-        assert self._http is not None
-        ext, ctype = FORMATS.get(fmt, ("bin", "application/octet-stream"))
-        form = aiohttp.FormData()
-        form.add_field("workload_id", msg.workload_id)
-        form.add_field("type", "filtered")
-        form.add_field("image_id", str(msg.image_id))
-        form.add_field("data", data, filename=f"{msg.image_id}.{ext}", content_type=ctype)
-        try:
-            async with self._http.post(f"{api_url}/images", data=form, headers=self._auth(msg)) as r:
-                if r.status not in (200, 201):
-                    raise JobFailed(f"upload failed: HTTP {r.status}: {(await r.text())[:200]}",
-                                    retryable=r.status >= 500 or r.status == 401, transient=r.status in (503, 507))
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise JobFailed(f"upload failed: {e!r}") from e
 
 
 def _settled(task: asyncio.Task[wire.JobResult], job_id: int) -> asyncio.Future[wire.JobResult]:

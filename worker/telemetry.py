@@ -6,7 +6,7 @@ import logging
 
 import psutil
 
-from common.wire import Gpu
+from plane.wire import Gpu
 
 logger = logging.getLogger(__name__)
 

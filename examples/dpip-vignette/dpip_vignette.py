@@ -6,7 +6,7 @@ joins, and the server sends ``vignette`` jobs to that worker only. Written as an
 ``xp`` is NumPy, or CuPy on a worker with an NVIDIA GPU, so the same lines run on both.
 """
 
-from common.filters import Param, define
+from dpip.filters import Param, define
 
 
 @define("vignette", "darker towards the corners",

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import secrets
 
-from common import wire
+from plane import wire
 
 C2W = "c2w"  # server -> worker requests (run_job, cancel_job)
 W2C = "w2c"  # worker -> server publications (heartbeat, goodbye)
@@ -130,3 +130,17 @@ class Channel:
         if sealed.kid != self.kid or sealed.seq != request_seq:
             raise SealError("reply sealed for another request")
         return open_with(self.key, sealed, REPLY)
+
+
+class WelcomeReply:
+    """Seals nothing (a welcome travels plain) but opens its reply: an Ack sealed with the new
+    key for request 0, which proves the worker holds the session key."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def seal(self, msg: wire.Message) -> tuple[bytes, int]:
+        return wire.encode(msg), 0
+
+    def open_reply(self, data: bytes, request_seq: int) -> wire.Message:
+        return self.channel.open_reply(data, 0)

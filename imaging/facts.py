@@ -14,9 +14,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from common.formats import png_header, sniff_format
 from common.models import BadInput, clipped
-from storage import exifdata, metadata
+from imaging import exif as exifdata
+from imaging import metadata
+from imaging.formats import png_header, sniff_format
 
 #: What Pillow raises beyond ``Image.MAX_IMAGE_PIXELS`` (the warning, when warnings are errors).
 DECOMPRESSION_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)

@@ -1,7 +1,8 @@
-"""The operations people expect of an image service, built in beside the course's two filters:
-resize, crop, rotate, flip, sharpen, edges, sepia, brightness, contrast, pixelate, and ``format``
-(the result's format, on purpose). Each is a filter of the registry (:mod:`common.filters`),
-declared like a plugin's, and chains with the others in a pipeline (:mod:`common.pipeline`).
+"""The built-in filters: the course's two (grayscale, blur) and the operations people expect of
+an image service: resize, crop, rotate, flip, sharpen, edges, sepia, brightness, contrast,
+pixelate, and ``format`` (the result's format, on purpose). Each is made like a plugin's (with
+:func:`~filtering.model.define`) and listed in :data:`BUILTIN_FILTERS`, which the registry
+takes in; they chain in a pipeline (:mod:`filtering.pipeline`).
 
 Pure functions of (image, params): any mode the server accepts is either handled or converted to
 one the operation takes (8-bit gray or RGB, keeping an alpha channel).
@@ -13,7 +14,61 @@ import math
 
 from PIL import Image, ImageEnhance, ImageFilter
 
-from common.filters import _ALPHA_MODES, DEEP_MODES, Param, register
+from filtering.model import Param, define
+from imaging.formats import ALPHA_MODES, DEEP_MODES
+
+
+@define("grayscale", "luminance (ITU-R 601-2), keeping an alpha channel if there is one", colour="gray")
+def grayscale(im: Image.Image, params: dict) -> Image.Image:
+    if im.mode in DEEP_MODES:
+        return im.copy()  # gray already, at its own depth (an 8-bit L would clip it at 255)
+    if im.mode == "LAB":
+        return im.getchannel("L")  # its lightness (Pillow converts LAB to nothing else)
+    if im.mode == "HSV":
+        im = im.convert("RGB")
+    if im.mode in ALPHA_MODES or "transparency" in im.info:  # a colour marked transparent too
+        return im.convert("LA")
+    return im.convert("L")
+
+
+#: Modes GaussianBlur does not take, and the mode each is blurred in (a palette decoded).
+_BLURRED_AS = {"1": "L", "P": "RGB", "PA": "RGBA", "HSV": "RGB"}
+
+
+@define("blur", "Gaussian blur",
+          Param("radius", float, 2.0, 0.0, 50.0, "the Gaussian's standard deviation, in pixels"))
+def blur(im: Image.Image, params: dict) -> Image.Image:
+    gaussian = ImageFilter.GaussianBlur(float(params.get("radius", 2.0)))
+    mode = im.mode
+    if mode in DEEP_MODES:
+        return _deep_blur(im, gaussian)
+    if mode in ("LAB", "YCbCr"):  # GaussianBlur refuses them: band by band, as it does RGB
+        return Image.merge(mode, [band.filter(gaussian) for band in im.split()])
+    if "transparency" in im.info:  # a colour (or palette entry) marked transparent: blurred as alpha
+        im = im.convert("LA" if mode in ("1", "L", "LA") else "RGBA")
+    elif mode in _BLURRED_AS:
+        im = im.convert(_BLURRED_AS[mode])
+    out = im.filter(gaussian)
+    return out.convert(mode) if mode == "HSV" else out
+
+
+def _deep_blur(im: Image.Image, gaussian: ImageFilter.GaussianBlur) -> Image.Image:
+    """GaussianBlur takes 8-bit bands only: the image's own range of values is spread over 256
+    levels, blurred, and mapped back into its mode. Exact for integers within 256 values of
+    each other; otherwise to 1/255 of the image's range (its values are never clipped)."""
+    values = im.convert("F")  # (Pillow finds no extrema of an I;16B image)
+    low, high = values.getextrema()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("it has infinite values, which a blur cannot spread")
+    step = (high - low) / 255 if im.mode == "F" or high - low > 255 else 1
+    step = step or 1  # a flat image
+    levels = values.point(lambda v: (v - low) / step + 0.5).convert("L")  # rounded
+    back = levels.filter(gaussian).convert("F").point(lambda v: v * step)
+    if im.mode == "F":
+        return back.point(lambda v: v + low)
+    whole = back.point(lambda v: v + 0.5).convert("I").point(lambda v: v + int(low))  # rounded (>= 0 before)
+    return whole if im.mode == "I" else whole.convert(im.mode)  # via I: Pillow's F to I;16 clips at 255
+
 
 #: The largest side an operation makes (and a resize asks for): 10,000 px (the pixel limit of
 #: the whole result is the worker's, formats.MAX_PIXELS).
@@ -32,7 +87,7 @@ def eight_bit(im: Image.Image) -> Image.Image:
         low, high = values.getextrema()
         step = (high - low) / 255 or 1
         return values.point(lambda v: (v - low) / step + 0.5).convert("L")
-    alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    alpha = im.mode in ALPHA_MODES or "transparency" in im.info
     if im.mode in ("1", "La"):
         return im.convert("L")
     return im.convert("RGBA" if alpha else "RGB")
@@ -54,7 +109,7 @@ def _resized(w: int, h: int, params: dict) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-@register("resize", "scale to fit inside width x height, keeping the aspect ratio (a side not given is free)",
+@define("resize", "scale to fit inside width x height, keeping the aspect ratio (a side not given is free)",
           Param("width", int, None, 1, MAX_SIDE, "the most pixels across"),
           Param("height", int, None, 1, MAX_SIDE, "the most pixels down"),
           size="changes", check=_needs_a_side, dims=_resized)
@@ -74,7 +129,7 @@ def _crop_box(params: dict) -> None:
         raise ValueError("give both left and top (a box), or neither (centred)")
 
 
-@register("crop", "cut out width x height pixels at left, top (without them: from the centre)",
+@define("crop", "cut out width x height pixels at left, top (without them: from the centre)",
           Param("width", int, 100, 1, MAX_SIDE, "pixels across"),
           Param("height", int, 100, 1, MAX_SIDE, "pixels down"),
           Param("left", int, None, 0, MAX_SIDE, "the box's left edge"),
@@ -99,7 +154,7 @@ def _crop_of(w: int, h: int, params: dict) -> tuple[int, int, int, int]:
 _QUARTER_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 
-@register("rotate", "turn anticlockwise by degrees (a quarter turn exactly; other angles grow the canvas,"
+@define("rotate", "turn anticlockwise by degrees (a quarter turn exactly; other angles grow the canvas,"
                     " the corners transparent or black)",
           Param("degrees", float, 90.0, -360.0, 360.0, "the angle, anticlockwise"), size="changes",
           dims=lambda w, h, p: _rotated(w, h, p["degrees"]))
@@ -126,7 +181,7 @@ def _rotated(w: int, h: int, degrees: float) -> tuple[int, int]:
     return math.ceil(w * c + h * s) + 1, math.ceil(w * s + h * c) + 1
 
 
-@register("flip", "mirror left to right (horizontal) or top to bottom (vertical)",
+@define("flip", "mirror left to right (horizontal) or top to bottom (vertical)",
           Param("direction", str, "horizontal", help="horizontal or vertical",
                 choices=("horizontal", "vertical")))
 def flip(im: Image.Image, params: dict) -> Image.Image:
@@ -134,7 +189,7 @@ def flip(im: Image.Image, params: dict) -> Image.Image:
                         else Image.Transpose.FLIP_TOP_BOTTOM)
 
 
-@register("sharpen", "unsharp mask",
+@define("sharpen", "unsharp mask",
           Param("radius", float, 2.0, 0.0, 50.0, "the blur the mask is made with, in pixels"),
           Param("percent", int, 150, 0, 1000, "how strong"),
           Param("threshold", int, 3, 0, 255, "the least difference sharpened"))
@@ -142,7 +197,7 @@ def sharpen(im: Image.Image, params: dict) -> Image.Image:
     return eight_bit(im).filter(ImageFilter.UnsharpMask(params["radius"], params["percent"], params["threshold"]))
 
 
-@register("edges", "edge detection (Pillow's FIND_EDGES): outlines on black")
+@define("edges", "edge detection (Pillow's FIND_EDGES): outlines on black")
 def edges(im: Image.Image, params: dict) -> Image.Image:
     im = eight_bit(im)
     if im.mode in ("LA", "RGBA"):  # the outlines of the colour bands, the alpha kept as it is
@@ -156,7 +211,7 @@ def edges(im: Image.Image, params: dict) -> Image.Image:
 SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
 
 
-@register("sepia", "warm brown tones (an array kernel: on a worker's GPU where it has one)",
+@define("sepia", "warm brown tones (an array kernel: on a worker's GPU where it has one)",
           Param("strength", float, 1.0, 0.0, 1.0, "0 leaves the image as it is, 1 is full sepia"),
           colour="any", kernel=True, pointwise=True)
 def sepia(xp, rgb, params: dict):
@@ -169,13 +224,13 @@ def sepia(xp, rgb, params: dict):
     return xp.rint(out, out=out)
 
 
-@register("brightness", "lighter or darker: 1 leaves it, 0 is black, 2 twice as bright",
+@define("brightness", "lighter or darker: 1 leaves it, 0 is black, 2 twice as bright",
           Param("factor", float, 1.2, 0.0, 10.0, "the brightness factor"))
 def brightness(im: Image.Image, params: dict) -> Image.Image:
     return _enhanced(ImageEnhance.Brightness, im, params["factor"])
 
 
-@register("contrast", "more or less contrast: 1 leaves it, 0 is flat gray",
+@define("contrast", "more or less contrast: 1 leaves it, 0 is flat gray",
           Param("factor", float, 1.2, 0.0, 10.0, "the contrast factor"))
 def contrast(im: Image.Image, params: dict) -> Image.Image:
     return _enhanced(ImageEnhance.Contrast, im, params["factor"])
@@ -190,7 +245,7 @@ def _enhanced(kind, im: Image.Image, factor: float) -> Image.Image:
     return kind(im).enhance(factor)
 
 
-@register("pixelate", "blocks of size x size pixels, each of its average colour",
+@define("pixelate", "blocks of size x size pixels, each of its average colour",
           Param("size", int, 8, 1, 1000, "the block's side, in pixels"))
 def pixelate(im: Image.Image, params: dict) -> Image.Image:
     im = eight_bit(im)
@@ -199,7 +254,7 @@ def pixelate(im: Image.Image, params: dict) -> Image.Image:
     return small.resize((w, h), Image.Resampling.NEAREST)
 
 
-@register("format", "write the result as PNG, JPEG (with a quality) or WebP, whatever the original was",
+@define("format", "write the result as PNG, JPEG (with a quality) or WebP, whatever the original was",
           Param("type", str, "png", help="png, jpeg or webp", choices=tuple(OUTPUT_FORMATS)),
           Param("quality", int, 90, 1, 100, "for JPEG and WebP"),
           output_format=True)
@@ -218,3 +273,8 @@ def storable_as(im: Image.Image, fmt: str) -> Image.Image:
     if fmt == "PNG" and im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I"):
         return eight_bit(im)
     return im
+
+
+#: The built-in filters, in the order they are listed (the course's two first).
+BUILTIN_FILTERS = (grayscale, blur, resize, crop, rotate, flip, sharpen, edges, sepia, brightness, contrast,
+                   pixelate, format_)

@@ -22,9 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scripts.localsys import free_port, wait_until  # noqa: E402
+from harness.localsys import free_port, wait_until
 
 BROKER = os.environ.get("DPIP_BENCH_CELERY_BROKER", "redis://127.0.0.1:6379/0")
 
@@ -70,7 +68,7 @@ def measure(tasks: int, clients: int, round_trips: int = 200) -> CeleryFigures:
         try:
             wait_until(lambda: _redis_up(port), 20, "redis-server to answer")
             worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "scripts.celery_noop", "worker", "--loglevel", "WARNING",
+                [sys.executable, "-m", "celery", "-A", "bench.celery_noop", "worker", "--loglevel", "WARNING",
                  "--concurrency", str(os.cpu_count() or 1), "--pool", "prefork", "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],
                 cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable
 
 import pynng
 
-from common import wire
 from common.aio import stop_tasks
 from common.logs import LogLimiter
-from common.seal import Channel
+from plane import wire
+from plane.seal import Channel
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ Handler = Callable[[wire.Message], Awaitable[wire.Message | bytes]]
 class RpcServer:
     """A Rep0 socket served by ``concurrency`` contexts, each a loop of receive, handle, reply.
 
-    The handler gets the decoded request (often a :class:`~common.wire.Sealed` envelope, which
+    The handler gets the decoded request (often a :class:`~plane.wire.Sealed` envelope, which
     it opens itself) and returns a message or ready bytes (a sealed reply). Garbage and handler
-    failures are answered with an error :class:`~common.wire.Ack`, counted, logged at a bounded
+    failures are answered with an error :class:`~plane.wire.Ack`, counted, logged at a bounded
     rate; nothing a peer sends ends a serving loop.
     """
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from common.certs import Issued
+    from admin.certs import Issued
 
-from scripts.localsys import wait_until
+from harness.localsys import wait_until
 
 __all__ = ["EngineError", "EngineUnavailable", "Postgres", "SeaweedS3"]
 
@@ -136,9 +136,9 @@ class Postgres:
         return f"{self.url_of(database)}?sslmode=verify-full&sslrootcert={self.ca_file}"
 
     def _tls(self) -> Issued:
-        """A CA and the server's certificate (common.certs), readable by the postgres user: the
+        """A CA and the server's certificate (admin.certs), readable by the postgres user: the
         cluster serves TLS to whoever asks (sslmode=require and beyond), clear text to others."""
-        from common import certs
+        from admin import certs
         ca, server = certs.init(self.base / "tls", [self.host])
         self.ca_file = str(ca.cert)
         if self.run_as:
@@ -291,7 +291,7 @@ class SeaweedS3:
     def __init__(self, tls: bool = False) -> None:
         self.weed = _weed_binary()
         self.base = Path(tempfile.mkdtemp(prefix="dpip-s3-"))
-        # With tls, the S3 port serves HTTPS with a certificate of its own CA (common.certs):
+        # With tls, the S3 port serves HTTPS with a certificate of its own CA (admin.certs):
         # SDKs trust it through AWS_CA_BUNDLE (env()).
         self.tls = tls
         self.ca_file = ""
@@ -351,7 +351,7 @@ class SeaweedS3:
         """Write the configuration, start on free ports (others if one is taken meanwhile)."""
         (self.base / "data").mkdir()
         if self.tls:
-            from common import certs
+            from admin import certs
             self.ca_file = str(certs.init(self.base / "tls", [self.host])[0].cert)
         (self.base / "s3.json").write_text(json.dumps({"identities": [{
             "name": "dpip",

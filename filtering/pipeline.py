@@ -16,9 +16,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from common.filters import FILTER_NAME_RE, FilterSpec
-from common.formats import MAX_PIXELS
-from common.models import BadInput, json_loads, quoted
+from common.models import BadInput, Limits, json_loads, quoted
+from filtering.model import FILTER_NAME_RE, FilterSpec
 
 MAX_STEPS = 10
 #: The longest pipeline text taken (ten steps of a few parameters fit in far less).
@@ -38,26 +37,6 @@ class PipelineError(BadInput):
 class TooCostly(PipelineError):
     """A step would make an image over the pixel limit, or the pipeline would cost more than
     its budget; the message names the step."""
-
-
-#: A job's budget by default, in pixel-steps (each step's pixels, summed over steps and frames):
-#: a 50-megapixel photo through 4 steps, a 12-megapixel one through all 10. Bounds the CPU a job
-#: costs (tens of ns a pixel-step) whatever a small upload asks for.
-PIXEL_STEPS_PER_PIXEL = 4
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one job may make and spend: the largest image (any step's, on any frame) and its
-    budget of pixel-steps."""
-
-    max_pixels: int = MAX_PIXELS
-    max_pixel_steps: int = PIXEL_STEPS_PER_PIXEL * MAX_PIXELS
-
-    @classmethod
-    def of(cls, max_pixels: int, max_pixel_steps: int = 0) -> "Limits":
-        """The limits for ``max_pixels``, the budget its default multiple unless given."""
-        return cls(max_pixels, max_pixel_steps or PIXEL_STEPS_PER_PIXEL * max_pixels)
 
 
 class Meter:
@@ -304,3 +283,25 @@ class Plans:
                 all(spec is not None and spec.size == "same" for spec, _ in steps):
             return None  # (most workloads: nothing grows, well within the budget)
         return cost_problem(steps, width, height, self.limits, frames)
+
+
+def steps_json(filter_: str, params: dict) -> list[dict]:
+    """A workload's pipeline as ``[{"name", "params"}]`` (one step for the course's filters)."""
+    try:
+        steps = of_stored(filter_, params)
+    except PipelineError:
+        return [{"name": filter_, "params": params}]
+    return [{"name": n, "params": {k: _number(v) for k, v in p.items()}} for n, p in steps]
+
+
+def _number(value: object) -> object:
+    """A parameter read back from a pipeline's text: a number if it is one."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            number = kind(value)
+        except ValueError:
+            continue
+        return number if number == number and abs(number) != float("inf") else value
+    return value

@@ -69,13 +69,13 @@ class LocalSystem:
         mutual_tls: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
-        # TLS (common.certs makes the CA and the server's certificate in tls_dir; each worker
+        # TLS (admin.certs makes the CA and the server's certificate in tls_dir; each worker
         # gets its own when the plane is mutual): https:// API, tls+tcp:// worker plane.
         self.tls_dir = Path(tls_dir) if tls_dir else None
         self.mutual_tls = mutual_tls
         self._ssl: ssl.SSLContext | None = None
         if self.tls_dir is not None:
-            from common import certs
+            from admin import certs
             if not (self.tls_dir / "server.pem").exists():
                 certs.init(self.tls_dir, ["127.0.0.1"])
             self._ssl = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
@@ -115,7 +115,7 @@ class LocalSystem:
             return []
         flags = ["--tls-ca", self.ca_file]
         if self.mutual_tls and "--tls-cert" not in args:
-            from common import certs
+            from admin import certs
             issued = certs.worker(self.tls_dir, name, force=True)  # a restarted worker gets a new pair
             flags += ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key)]
         return flags

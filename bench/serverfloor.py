@@ -1,7 +1,7 @@
 """The floor under the server's CPU per tiny image: what aiohttp alone spends on the reference's
 multipart upload, with nothing of DPIP behind it, and what writing the bytes durably adds.
 
-    python -m scripts.serverfloor [--images 600] [--clients 8]
+    python -m bench.serverfloor [--images 600] [--clients 8]
 
 Each mode runs a bare aiohttp server in its own process and pushes ``--images`` 64x64 PNGs at
 it from ``--clients`` plain ``requests`` threads (as ``make bench``'s tiny row does), and prints
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import requests
 
-from scripts.frames import frame_png
-from scripts.proccpu import process_cpu
-from scripts.refclient import multipart
+from harness.frames import frame_png
+from harness.proccpu import process_cpu
+from harness.refclient import multipart
 
 MODES = {"read": 0, "parse": 0, "write": 0, "durable": 1, "durable x2": 2}
 
@@ -93,7 +93,7 @@ def measure(mode: str, images: int, clients: int) -> float:
     """Server CPU milliseconds per upload in ``mode``."""
     port = _free_port()
     with tempfile.TemporaryDirectory() as root:
-        server = subprocess.Popen([sys.executable, "-m", "scripts.serverfloor", "--serve", mode,
+        server = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--serve", mode,
                                    "--port", str(port), "--root", root])
         try:
             url = f"http://127.0.0.1:{port}/images"

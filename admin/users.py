@@ -15,9 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.models import BadInput, Conflict, check_workload_name
 from controller.auth import hash_password
-from common.models import check_workload_name
-from common.models import BadInput, Conflict
 from storage import engines
 
 

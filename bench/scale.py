@@ -13,17 +13,14 @@ workers after ``--idle-timeout``.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scripts import refclient as ref  # noqa: E402
-from scripts.frames import frame_png  # noqa: E402
-from scripts.localsys import LocalSystem, wait_until  # noqa: E402
+from harness import refclient as ref
+from harness.frames import frame_png
+from harness.localsys import LocalSystem, wait_until
 
 SLOW = ("--slow-rate", "1", "--slow-ms", "300", "--capacity", "2")
 

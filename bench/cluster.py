@@ -27,14 +27,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scripts import refclient as ref  # noqa: E402
-from scripts.benchclients import requests_push, watch  # noqa: E402
-from scripts.benchtable import Row, table  # noqa: E402
-from scripts.engines import EngineUnavailable, Postgres, SeaweedS3  # noqa: E402
-from scripts.frames import frame_png  # noqa: E402
-from scripts.localsys import ROOT, LocalSystem, wait_until  # noqa: E402
+from bench.clients import requests_push, watch
+from bench.table import Row, table
+from harness import refclient as ref
+from harness.engines import EngineUnavailable, Postgres, SeaweedS3
+from harness.frames import frame_png
+from harness.localsys import ROOT, LocalSystem, wait_until
 
 CACHE = ROOT / "bench-out"
 TABLE = CACHE / "bench-cluster-table.txt"

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import zlib
 
-#: Largest image accepted or decoded, width x height (the server's --max-pixels default, the
-#: worker's own limit): a header is read before any pixel, so a small file that claims a huge
-#: image costs nothing.
-MAX_PIXELS = 50_000_000
+from common import models
+
+MAX_PIXELS = models.MAX_PIXELS  # the pixel limit (its default; the server's --max-pixels)
+
+#: Pillow's modes of more than 8 bits a band (16- and 32-bit integers, 32-bit floats): all grayscale.
+DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+#: Pillow's modes with an alpha band.
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+
+#: Pillow's modes that are grayscale.
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La"}) | DEEP_MODES
+#: Where a format cannot say "grayscale" in its header, the modes a grayscale result may have:
+#: a GIF is a palette (Pillow reads it as L only when its palette is exactly the gray ramp,
+#: never with a transparent colour); a WebP is always RGB or RGBA to Pillow.
+GRAYSCALE_RESULT_MODES = {"GIF": frozenset({"L", "P"}), "WEBP": frozenset({"RGB", "RGBA"})}
 
 #: format name (as Pillow says it) -> (file extension, Content-Type)
 FORMATS: dict[str, tuple[str, str]] = {

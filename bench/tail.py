@@ -24,14 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from PIL import Image, ImageDraw
 
-from PIL import Image, ImageDraw  # noqa: E402
-
-from scripts import refclient as ref  # noqa: E402
-from scripts.benchtable import Row, latencies_ms, percentile, table  # noqa: E402
-from scripts.frames import frame_png  # noqa: E402
-from scripts.localsys import ROOT, LocalSystem, wait_until  # noqa: E402
+from bench.table import Row, latencies_ms, percentile, table
+from harness import refclient as ref
+from harness.frames import frame_png
+from harness.localsys import ROOT, LocalSystem, wait_until
 
 POLICIES = ("off", "hedged", "tied")
 COLOURS = {"off": (214, 39, 40), "hedged": (31, 119, 180), "tied": (44, 160, 44)}

@@ -1,21 +1,22 @@
-"""A worker's filters on the wire: what it declares when it joins (:class:`~common.wire.Joined`)
-and what the server makes of a declaration (a :class:`~common.filters.FilterSpec` without a
+"""A worker's filters on the wire: what it declares when it joins (:class:`~plane.wire.Joined`)
+and what the server makes of a declaration (a :class:`~filtering.registry.FilterSpec` without a
 function: the filter runs where it lives)."""
 
 from __future__ import annotations
 
 import logging
 
-from common import filters, wire
+from filtering import model, registry
+from plane import wire
 
 logger = logging.getLogger(__name__)
 
 
-def offer_of(spec: filters.FilterSpec, gpu: bool = False) -> wire.FilterOffer:
+def offer_of(spec: model.FilterSpec, gpu: bool = False) -> wire.FilterOffer:
     params = []
     for p in spec.params:
         default = "" if p.default is None else repr(p.default) if isinstance(p.default, float) else str(p.default)
-        params.append(wire.ParamOffer(p.name, filters.TYPE_NAMES[p.type], default,
+        params.append(wire.ParamOffer(p.name, model.TYPE_NAMES[p.type], default,
                                       float(p.minimum), float(p.maximum), list(p.choices), p.help[:200]))
     return wire.FilterOffer(spec.name, spec.version[:64], spec.help[:200], params, spec.colour, spec.size,
                             spec.output_format, gpu and spec.gpu)
@@ -29,7 +30,7 @@ def offers(gpu: bool = False) -> list[wire.FilterOffer]:
     """Every filter of this process's registry (built-ins first, then plugins), as a worker
     offers them: at most MAX_FILTERS, and no more than fit one message (the rest are left out,
     and logged: a welcome that cannot be answered would keep the worker out for good)."""
-    listed = [offer_of(s, gpu) for s in filters.REGISTRY.values()]
+    listed = [offer_of(s, gpu) for s in registry.REGISTRY.values()]
     kept = listed[:wire.MAX_FILTERS]
     while kept and len(wire.encode(wire.Joined(kept))) > MAX_DECLARATION_BYTES:
         kept.pop()
@@ -39,7 +40,7 @@ def offers(gpu: bool = False) -> list[wire.FilterOffer]:
     return kept
 
 
-def spec_of(offer: wire.FilterOffer) -> filters.FilterSpec:
+def spec_of(offer: wire.FilterOffer) -> model.FilterSpec:
     """The declaration a worker sent, checked like a plugin's (ValueError if it is not one)."""
     params = []
     for p in offer.params:
@@ -54,16 +55,16 @@ def spec_of(offer: wire.FilterOffer) -> filters.FilterSpec:
                 except ValueError:
                     raise ValueError(f"filter {offer.name}: parameter {p.name}'s default") from None
         params.append(d)
-    spec = filters.FilterSpec.from_description({"name": offer.name, "help": offer.help, "params": params,
+    spec = model.FilterSpec.from_description({"name": offer.name, "help": offer.help, "params": params,
                                                 "colour": offer.colour, "size": offer.size,
                                                 "output_format": offer.output_format, "version": offer.version})
     return spec
 
 
-def specs_of(name: str, offered: list[wire.FilterOffer]) -> dict[str, tuple[filters.FilterSpec, bool]]:
+def specs_of(name: str, offered: list[wire.FilterOffer]) -> dict[str, tuple[model.FilterSpec, bool]]:
     """A worker's declarations by filter name, each with whether it runs on the worker's GPU;
     one it declared wrongly is left out (and logged)."""
-    out: dict[str, tuple[filters.FilterSpec, bool]] = {}
+    out: dict[str, tuple[model.FilterSpec, bool]] = {}
     for offer in offered:
         try:
             out[offer.name] = (spec_of(offer), offer.gpu)

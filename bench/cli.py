@@ -20,11 +20,9 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cli import video  # noqa: E402
-from scripts.frames import frame_png  # noqa: E402
-from scripts.localsys import ROOT, LocalSystem, clean_env  # noqa: E402
+from cli import video
+from harness.frames import frame_png
+from harness.localsys import ROOT, LocalSystem, clean_env
 
 CACHE = ROOT / "bench-out"
 DPIP = str(Path(sys.executable).parent / "dpip")

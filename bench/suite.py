@@ -18,7 +18,7 @@
    one after the other, in clear and with HTTPS and mutual TLS on the worker plane.
 6. History: ``GET /status`` and a page of ``GET /workloads`` with thousands of workloads.
 7. The baseline: Celery 5 + Redis running no-op tasks on this machine in this run
-   (``scripts/celery_noop.py``), so that tiny images and the round trip are also compared with
+   (``bench/celery_noop.py``), so that tiny images and the round trip are also compared with
    what it does here and now, not only with the issue's figures from another machine.
 
 It ends with one table (figure | measured | target | verdict), also written to
@@ -44,17 +44,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from PIL import Image, ImageFilter
 
-from PIL import Image, ImageFilter  # noqa: E402
-
-from scripts import celery_noop  # noqa: E402
-from scripts.benchclients import aiohttp_push, cli_push, requests_push, round_trips  # noqa: E402
-from scripts.benchtable import Row, latencies_ms, percentile, table  # noqa: E402
-from scripts.engines import EngineError, EngineUnavailable, SeaweedS3  # noqa: E402
-from scripts.frames import frame_png  # noqa: E402
-from scripts.localsys import ROOT, LocalSystem  # noqa: E402
-from scripts.proccpu import CpuMeter  # noqa: E402
+from bench import celery_noop
+from bench.clients import aiohttp_push, cli_push, requests_push, round_trips
+from bench.table import Row, latencies_ms, percentile, table
+from harness.engines import EngineError, EngineUnavailable, SeaweedS3
+from harness.frames import frame_png
+from harness.localsys import ROOT, LocalSystem
+from harness.proccpu import CpuMeter
 
 CACHE = ROOT / "bench-out"
 TABLE = CACHE / "bench-table.txt"

@@ -6,7 +6,7 @@ message, and whatever the bytes (huge integers, deep nesting, NaN, non-ASCII, wr
 long strings), it either returns a message whose every field is within its declared bounds or
 raises :class:`DecodeError`. Socket loops can therefore log, count and drop garbage and go on.
 
-Authentication is an envelope, :class:`Sealed` (see :mod:`common.seal`): a MAC over the exact
+Authentication is an envelope, :class:`Sealed` (see :mod:`plane.seal`): a MAC over the exact
 bytes of an inner message, with a key id and a sequence number for freshness.
 """
 
@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import models
+
 VERSION = 2
 
 #: Images up to this size travel inside ``run_job`` and its reply (base64) instead of over HTTP.
@@ -33,8 +35,8 @@ INLINE_MAX_BYTES = 256 * 1024
 MAX_MESSAGE_BYTES = 512 * 1024
 #: base64 of INLINE_MAX_BYTES bytes
 MAX_INLINE_TEXT = 4 * ((INLINE_MAX_BYTES + 2) // 3)
-#: Names of workers and tags follow the workload-name rule.
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Names of workers and tags follow the workload-name rule (:data:`common.models.NAME_RE`).
+NAME_RE = models.NAME_RE
 #: Tags a worker has, or a workload needs, at most.
 MAX_TAGS = 32
 HEX_RE = re.compile(r"[0-9a-f]{0,128}")
@@ -152,7 +154,7 @@ class Welcome:
 
 @dataclass(frozen=True)
 class ParamOffer:
-    """A filter parameter as a worker declares it (see common.filters.Param)."""
+    """A filter parameter as a worker declares it (see filtering.registry.Param)."""
 
     name: str = name_field()
     type: str = _bounds(pattern=re.compile(r"integer|number|string"))

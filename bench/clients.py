@@ -28,8 +28,8 @@ from pathlib import Path
 import aiohttp
 import requests
 
-from scripts import refclient as ref
-from scripts.localsys import clean_env, wait_until
+from harness import refclient as ref
+from harness.localsys import clean_env, wait_until
 
 DPIP = str(Path(sys.executable).parent / "dpip")
 WATCH_INTERVAL = 0.02  # seconds between two GET /workloads/{id} of a watcher

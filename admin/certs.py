@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.wire import NAME_RE
+from plane.wire import NAME_RE
 
 CA_DAYS = 3650
 LEAF_DAYS = 825  # what browsers accept at most for a server certificate
