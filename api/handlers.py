@@ -55,7 +55,7 @@ from controller import capability
 from controller.auth import JOB, USER, Claims
 from filtering import pipeline, registry
 from imaging.formats import FORMATS
-from storage.images import StoredFile, image_key
+from storage.images import ReceivedImage, image_key
 from storage.queries import DEFAULT_PAGE, MAX_PAGE
 
 logger = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ async def upload_image(request: web.Request) -> web.Response:
         raise UnsupportedMedia("upload as multipart/form-data with the image in field 'data'")
     images = request.app[IMAGES]
     params: dict[str, str] = dict(request.query)
-    stored: StoredFile | None = None
+    stored: ReceivedImage | None = None
     uploaded_as: str | None = None
     fields = FieldBudget()  # the other fields are held in memory: a few, small
     try:
@@ -370,7 +370,7 @@ def safe_filename(name: str | None) -> str | None:
     return base[:255] or None
 
 
-async def _accept(request: web.Request, params: dict[str, str], stored: StoredFile,
+async def _accept(request: web.Request, params: dict[str, str], stored: ReceivedImage,
                   uploaded_as: str | None = None) -> dict:
     app = request.app
     store, claims = app[STORE], request[CLAIMS]
@@ -383,7 +383,7 @@ async def _accept(request: web.Request, params: dict[str, str], stored: StoredFi
                                      stored.frames)
         if problem:
             raise BadInput(f"this image cannot go through the workload's pipeline: {problem}")
-        await app[WORKLOADS].check_quota(claims.subject, stored.size)
+        await app[WORKLOADS].quota_allows(claims.subject, stored.size)
         # the CLI numbers frames itself to keep their order
         chosen = int_param(params, "image_id", required=False, maximum=MAX_IMAGE_ID)
         job = await app[JOBS].accept_original(workload, stored, chosen, uploaded_as, app[SETTINGS].quota_bytes)

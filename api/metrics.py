@@ -21,7 +21,7 @@ from common.models import Job, JobState
 from controller.jobs import JobTraffic
 from controller.membership import Membership
 from filtering.pipeline import label_of
-from storage.sqlite import SqliteDatastore
+from storage.datastore import Datastore
 
 #: Seconds from dispatch to the result stored: a small image takes ~30 ms, a 720p frame ~150 ms.
 DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -72,7 +72,7 @@ class Metrics:
     def request(self, route: str, method: str, status: int) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
 
-    async def render(self, store: SqliteDatastore, scheduler: SchedulerPort, membership: Membership,
+    async def render(self, store: Datastore, scheduler: SchedulerPort, membership: Membership,
                      traffic: JobTraffic | None = None, storage: dict | None = None) -> bytes:
         for name, space in (storage or {}).items():
             if space is not None:

@@ -19,6 +19,11 @@ logger = logging.getLogger(__name__)
 MAX_FLEET_FILTERS = 256
 
 
+def declaration(name: str, declared: Mapping[str, FilterSpec] | None = None) -> FilterSpec | None:
+    """Filter ``name`` as this server has it, else as ``declared`` (a worker's declarations) says."""
+    return registry.REGISTRY.get(name) or (declared or {}).get(name)
+
+
 class Catalog:
     """The filters of the live workers among ``workers`` (the membership's own dict, read live)."""
 
@@ -27,7 +32,7 @@ class Catalog:
         self.conflicts = 0  # declarations left out: unlike another worker's of that version, or too many
         self._log = LogLimiter(logger)
 
-    def offered(self, name: str) -> FilterSpec | None:
+    def declared_by_a_worker(self, name: str) -> FilterSpec | None:
         """Filter ``name`` as a live worker declared it (the first found), or None."""
         for info in self.workers.values():
             if info.alive and info.filters is not None and name in info.filters:
@@ -36,7 +41,8 @@ class Catalog:
 
     def declaration(self, name: str) -> FilterSpec | None:
         """Filter ``name`` as this server has it, else as a live worker declared it."""
-        return registry.REGISTRY.get(name) or self.offered(name)
+        spec = self.declared_by_a_worker(name)
+        return declaration(name, {name: spec} if spec is not None else None)
 
     def all_declarations(self, name: str) -> list[FilterSpec]:
         """Every declaration of filter ``name`` a job may be placed on: this server's own, else
@@ -55,7 +61,7 @@ class Catalog:
         """This server's filters, then every other one a live worker runs."""
         return list(dict.fromkeys([*registry.REGISTRY, *sorted(self.fleet_filters())]))
 
-    def declarations(self, name: str) -> dict[str, FilterSpec] | None:
+    def of_worker(self, name: str) -> dict[str, FilterSpec] | None:
         """What worker ``name`` declared it runs (None: nothing known, or the built-ins)."""
         info = self.workers.get(name)
         return info.filters if info is not None else None

@@ -47,11 +47,11 @@ from controller.imageids import image_ids
 from controller.results import expected, result_problem
 from imaging.facts import header_from_bytes
 from storage.datastore import Datastore
-from storage.images import Download, ImageStore, StoredFile, image_key
-from storage.queries import tags_of
+from storage.images import Download, ImageStore, ReceivedImage, image_key
+from storage.queries import stored_tags
 from storage.sql import Script, q
 
-#: How recording a result ended (:meth:`JobLifecycle._record_result`).
+#: How recording a result ended (:meth:`JobLifecycle._record_result_row`).
 RECORDED, DUPLICATE, GONE = "recorded", "duplicate", "gone"
 
 
@@ -105,7 +105,7 @@ class JobLifecycle:
 
         def record() -> Script[int]:
             if quota:
-                yield from check_quota(workload.owner, size, quota)
+                yield from reserve_quota(workload.owner, size, quota)
             if (yield q("UPDATE workloads SET next_image_id = CASE WHEN next_image_id > ? THEN next_image_id"
                         " ELSE ? END WHERE id = ?", image_id, image_id + 1, workload.id)).rowcount != 1:
                 raise NotFound(f"workload {quoted(workload.id)} not found (deleted meanwhile)")
@@ -123,7 +123,7 @@ class JobLifecycle:
                    params=workload.params, workload_dir=workload.dir,
                    original=(fmt, width, height, mode) if header else None)
 
-    async def accept_original(self, workload: Workload, stored: StoredFile, chosen: int | None,
+    async def accept_original(self, workload: Workload, stored: ReceivedImage, chosen: int | None,
                               filename: str | None = None, quota: int = 0) -> Job:
         """A received original: given the workload's next id (or the ``chosen`` one, the CLI's
         frame number), put in place, recorded, and its job queued. The file is in place before
@@ -144,7 +144,7 @@ class JobLifecycle:
         finally:
             self.ids.placed(workload.id, image_id)
 
-    async def _place_original(self, workload: Workload, image_id: int, stored: StoredFile,
+    async def _place_original(self, workload: Workload, image_id: int, stored: ReceivedImage,
                               filename: str | None, quota: int) -> Job:
         """The file first, then its row; an upload that loses to a delete of its workload
         (between the two), or to its owner's quota, takes its file away again."""
@@ -186,9 +186,9 @@ class JobLifecycle:
         """A result is in place: record it and mark its job done (a stored result wins even
         over a failure decided meanwhile), with the winning copy's ``timing`` when it is known
         already. False if one was recorded already (the first wins) or its workload is gone."""
-        return await self._record_result(workload_id, image_id, fmt, size, timing) == RECORDED
+        return await self._record_result_row(workload_id, image_id, fmt, size, timing) == RECORDED
 
-    async def _record_result(self, workload_id: str, image_id: int, fmt: str, size: int,
+    async def _record_result_row(self, workload_id: str, image_id: int, fmt: str, size: int,
                              timing: Timing | None) -> str:
         """:meth:`complete`, saying which: RECORDED, DUPLICATE or GONE (no such workload)."""
         now = time.time()
@@ -215,7 +215,7 @@ class JobLifecycle:
         """Whether the job's result is stored: what "done" means, whatever a worker says."""
         return await self.store.has_image(job.workload_id, job.image_id, ImageType.FILTERED)
 
-    async def record_result(self, job: Job, worker: str, download_ms: float, process_ms: float,
+    async def record_timing(self, job: Job, worker: str, download_ms: float, process_ms: float,
                             upload_ms: float) -> None:
         """Which copy won, and where its time went (the job is ``done`` already)."""
         await self._statement(
@@ -342,7 +342,7 @@ class JobLifecycle:
     # -- results ----------------------------------------------------------------------------
 
     async def accept_result(self, workload_id: str, workload_dir: str, filter_name: str, image_id: int,
-                            original: tuple[str, int, int, str] | None, stored: StoredFile,
+                            original: tuple[str, int, int, str] | None, stored: ReceivedImage,
                             timing: Timing | None = None, params: dict | None = None, worker: str = "") -> bool:
         """A received result: judged against its ``original`` (format, size, mode; read from the
         image if the row predates headers), put in place and recorded. BadInput if it cannot be
@@ -359,12 +359,12 @@ class JobLifecycle:
             if self.deleted(workload_id):
                 return False  # its workload was deleted while the job ran
             placed = await self.images.commit(stored, key, replace=False)
-            outcome = await self._record_result(workload_id, image_id, stored.format, stored.size, timing)
+            outcome = await self._record_result_row(workload_id, image_id, stored.format, stored.size, timing)
             if outcome == GONE and placed:  # deleted meanwhile (by another server): take it away
                 await self.images.remove(key)
             return outcome == RECORDED
 
-    async def accept_uploaded_result(self, workload: Workload, image_id: int, stored: StoredFile,
+    async def accept_uploaded_result(self, workload: Workload, image_id: int, stored: ReceivedImage,
                                      worker: str = "") -> bool:
         """A result a worker uploaded over HTTP (with its job's capability): judged against its
         original, stored and recorded (see :meth:`accept_result`)."""
@@ -454,7 +454,7 @@ class JobLifecycle:
             stored = await self.images.clean_stored_result(key, stored)
         except BadInput as e:
             return f"result rejected: {e}"
-        if await self._record_result(job.workload_id, job.image_id, stored.format, stored.size, timing) == GONE:
+        if await self._record_result_row(job.workload_id, job.image_id, stored.format, stored.size, timing) == GONE:
             await self.images.remove(key)  # its workload was deleted while the job ran
         self.images.forget(self._original_key(job))
         return None
@@ -471,12 +471,12 @@ def _queued(ids: tuple[int, ...], after: int = -1, limit: int = 1_000_000) -> Sc
 
 
 def _job_of(r) -> Job:
-    return Job(r[0], r[1], r[2], Filter(r[4]), tags_of(r[5]), attempts=r[3], size=r[6],
+    return Job(r[0], r[1], r[2], Filter(r[4]), stored_tags(r[5]), attempts=r[3], size=r[6],
                params=json.loads(r[7]), workload_dir=r[8],
                original=(r[9], r[10], r[11], r[12]) if r[12] is not None else None)
 
 
-def check_quota(owner: str, size: int, quota: int) -> Script[None]:
+def reserve_quota(owner: str, size: int, quota: int) -> Script[None]:
     """In a transaction: :class:`QuotaExceeded` unless the owner's images and ``size`` more fit.
     The owner's row is locked first (a no-op update), so that two uploads of one owner on
     PostgreSQL take turns; SQLite writes one transaction at a time anyway."""

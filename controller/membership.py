@@ -41,7 +41,7 @@ from controller.catalog import Catalog
 from controller.workers import WorkerInfo, WorkerState
 from filtering.model import FilterSpec
 from plane import wire
-from plane.offers import specs_of
+from plane.declarations import read_all
 from plane.addresses import same_host, source_host
 from plane.rpc import RpcClient, RpcError
 from plane.seal import (
@@ -352,7 +352,7 @@ class Membership:
                                   " (or its certificate is not of the client CA, or does not name it)")
                 return
             if isinstance(reply, wire.Joined):
-                declared = self.catalog.without_conflicts(hello.name, specs_of(hello.name, reply.filters))
+                declared = self.catalog.without_conflicts(hello.name, read_all(hello.name, reply.filters))
             elif isinstance(reply, wire.Ack) and reply.ok:
                 declared = None  # a worker that declares nothing runs the built-ins
             else:

@@ -7,20 +7,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from filtering import builtins as operations
-from filtering import model, pipeline, registry
+from filtering import model, pipeline
 from imaging import formats
-from storage.images import StoredFile
+from controller.catalog import declaration
+from storage.images import ReceivedImage
 
 GRAYSCALE_MODES, GRAYSCALE_RESULT_MODES = formats.GRAYSCALE_MODES, formats.GRAYSCALE_RESULT_MODES
 
-#: What a worker declared it runs, by filter name (see controller.membership).
+#: What a worker declared it runs, by filter name (see controller.catalog). A result is judged
+#: by the server's own filter, else by the declaration of the worker that ran the job (so a
+#: worker that declares loosely loosens only the checks of its own results).
 Declared = Mapping[str, model.FilterSpec]
-
-
-def declaration(name: str, declared: Declared | None = None) -> model.FilterSpec | None:
-    """Filter ``name`` as this server has it, else as the worker that ran the job declared it
-    (so a worker that declares loosely loosens only the checks of its own results)."""
-    return registry.REGISTRY.get(name) or (declared or {}).get(name)
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ def expected(filter_: str, params: Mapping, original: tuple[str, int, int, str],
     return Expected(fmt, size, {"gray": True, "colour": False}.get(colour))
 
 
-def result_problem(filter_: str, original: tuple[str, int, int, str], result: StoredFile,
+def result_problem(filter_: str, original: tuple[str, int, int, str], result: ReceivedImage,
                    params: Mapping | None = None, declared: Declared | None = None) -> str | None:
     """Why an uploaded result cannot be the job's (None if it may be): it has the format the
     pipeline makes (the original's unless a format step chose another), the original's size

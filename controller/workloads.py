@@ -23,7 +23,7 @@ from storage.datastore import Datastore
 logger = logging.getLogger(__name__)
 
 
-def tags_of(raw: str) -> tuple[str, ...]:
+def checked_tags(raw: str) -> tuple[str, ...]:
     """The tags a workload's workers must have: as many as a worker may have at most, each a
     name like a worker's (a tag no worker can carry would keep the workload waiting forever)."""
     tags = sorted({t.strip() for t in raw.split(",") if t.strip()})
@@ -54,7 +54,7 @@ class Workloads:
         validated already; nothing is made if anything is wrong."""
         if name is not None:
             check_workload_name(name)
-        return await self.store.create_workload(name, owner, filter_, tags_of(tags), meta, params)
+        return await self.store.create_workload(name, owner, filter_, checked_tags(tags), meta, params)
 
     async def delete(self, workload_id: str, owner: str | None) -> dict:
         """Remove the workload for good: nothing new of it starts, running copies are cancelled,
@@ -84,7 +84,7 @@ class Workloads:
                             gone["images"], gone["filtered_images"], gone["bytes"])
         return removed
 
-    async def check_quota(self, owner: str, size: int) -> None:
+    async def quota_allows(self, owner: str, size: int) -> None:
         """A first look, before an upload is placed: its owner's images and this one must fit
         the quota (the reservation itself is made with the image's row: :meth:`JobLifecycle.enqueue`)."""
         if not self.quota_bytes:

@@ -117,11 +117,6 @@ class FilterSpec:
     builtin: bool = False
 
     @property
-    def grayscale_output(self) -> bool:
-        """The result is grayscale whatever the input (checked on upload)."""
-        return self.colour == "gray"
-
-    @property
     def gpu(self) -> bool:
         """It has an array kernel, which runs on a GPU where the worker has one."""
         return self.kernel is not None

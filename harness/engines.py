@@ -249,14 +249,18 @@ class Postgres:
 
 
 def _pg_bindir() -> Path:
-    """The directory of initdb and pg_ctl: Debian's newest /usr/lib/postgresql/N/bin, or PATH."""
+    """The directory of initdb and pg_ctl: ``$DPIP_PG_BINDIR``, else Debian's newest
+    /usr/lib/postgresql/N/bin, else PATH."""
 
     def version(path: str) -> int:
         v = Path(path).parent.parent.name
         return int(v) if v.isdigit() else 0
 
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=version)
-    pg_ctl = found[-1] if found else shutil.which("pg_ctl")
+    if os.environ.get("DPIP_PG_BINDIR"):  # this one only (a test of a machine without PostgreSQL: a void)
+        pg_ctl = shutil.which("pg_ctl", path=os.environ["DPIP_PG_BINDIR"])
+    else:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=version)
+        pg_ctl = found[-1] if found else shutil.which("pg_ctl")
     if not pg_ctl:
         raise EngineUnavailable("no pg_ctl in /usr/lib/postgresql/*/bin nor on PATH: "
                                 "install PostgreSQL (`apt-get install postgresql`, as `make test` does)")

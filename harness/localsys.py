@@ -225,9 +225,6 @@ class LocalSystem:
         else:
             wait_until(lambda: names <= self.alive_workers(token), timeout, f"workers {sorted(names)}")
 
-    def signal_worker(self, name: str, sig: int) -> None:
-        self.workers[name].send_signal(sig)
-
     def stop_worker(self, name: str, timeout: float = 15) -> int:
         """SIGTERM one worker (it drains), wait for it, forget it; returns its exit code."""
         proc = self.workers.pop(name)

@@ -7,9 +7,9 @@ window, so concurrent requests may arrive out of order); replies are bound to th
 sequence number. Nothing is encrypted: the worker plane's secrecy is the network's (see the
 threat model in architecture.md).
 
-Keys: with a join token, ``join_key`` is derived from it, and each welcome's session key is
-derived from the join key, the server's epoch, the worker's session and the key id, so it never
-travels. Without one, the welcome carries a random session key.
+Keys: ``join_key`` is derived from the join token (every controller has one), and each
+welcome's session key is derived from the join key, the server's epoch, the worker's session
+and the key id, so it never travels.
 """
 
 from __future__ import annotations

@@ -135,9 +135,10 @@ class Goodbye:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Controller -> worker (req/rep, the one unsealed request): the session key and where the
-    API is. With a join token the key is derived from it and never sent (``session_key`` is
-    empty) and ``proof`` is a MAC with the join key; without one, the key travels here."""
+    """Controller -> worker (req/rep, the one unsealed request): the new session's key id, where
+    the API is and the server's limits, with ``proof``, a MAC with the join key. The session key
+    is derived from the join token on both sides and never sent: ``session_key`` is always empty
+    (a worker ignores what it holds and derives its own)."""
 
     TYPE = "welcome"
     epoch: str = hex_field()
@@ -153,7 +154,7 @@ class Welcome:
 
 
 @dataclass(frozen=True)
-class ParamOffer:
+class ParamDeclaration:
     """A filter parameter as a worker declares it (see filtering.registry.Param)."""
 
     name: str = name_field()
@@ -166,13 +167,13 @@ class ParamOffer:
 
 
 @dataclass(frozen=True)
-class FilterOffer:
+class FilterDeclaration:
     """A filter a worker can run, declared as the registry declares it."""
 
     name: str = name_field()
     version: str = text("", max_len=64)
     help: str = text("", max_len=200)
-    params: list[ParamOffer] = _bounds(factory=list, max_items=16)
+    params: list[ParamDeclaration] = _bounds(factory=list, max_items=16)
     colour: str = _bounds("keeps", pattern=re.compile(r"keeps|gray|any"))
     size: str = _bounds("same", pattern=re.compile(r"same|changes"))
     output_format: bool = False
@@ -189,7 +190,7 @@ class Joined:
     worker runs (a worker that answers a plain :class:`Ack` runs the server's built-ins)."""
 
     TYPE = "joined"
-    filters: list[FilterOffer] = _bounds(factory=list, max_items=MAX_FILTERS)
+    filters: list[FilterDeclaration] = _bounds(factory=list, max_items=MAX_FILTERS)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ class Carrier:
         return None, failures.get(first) or next(iter(failures.values()))
 
     async def _store_inline(self, job: Job, worker: str, reply: wire.JobResult) -> Failure | None:
-        """SqliteDatastore a result that came back inside the reply, judged as an upload would be; why it
+        """Store a result that came back inside the reply, judged as an upload would be; why it
         was refused, or None once it is stored (or another copy's result was first)."""
         try:
             timing = Timing(worker, reply.download_ms, reply.process_ms, reply.upload_ms)

@@ -283,7 +283,7 @@ class Dispatcher:
                 self.membership.credit(outcome.worker)  # its result is stored: trusted with one more slot
                 r = outcome.result
                 if not outcome.recorded:
-                    await self.jobs.record_result(job, outcome.worker, r.download_ms, r.process_ms, r.upload_ms)
+                    await self.jobs.record_timing(job, outcome.worker, r.download_ms, r.process_ms, r.upload_ms)
                 self._settled(job)
                 if self.on_job_done is not None:
                     self.on_job_done(job, time.monotonic() - t0)

@@ -175,10 +175,6 @@ class LeadingScheduler:
     # -- what the API, the metrics and the autoscaler ask -----------------------------------
 
     @property
-    def leading(self) -> bool:
-        return self.current is not None
-
-    @property
     def waiting(self) -> dict[str, str]:
         return self.current.waiting if self.current is not None else {}
 

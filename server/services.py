@@ -117,7 +117,7 @@ async def _datastore(app: web.Application) -> AsyncIterator[None]:
         await auth.bootstrap_admin(s.data_dir, s.admin_user, s.admin_password)
         app[STORE], app[AUTH] = store, auth
         metrics = app.get(METRICS)
-        app[LOGIN_LIMITS] = LoginThrottle(s.login_failures, 60.0,
+        app[LOGIN_LIMITS] = LoginThrottle(s.login_failures, 60.0, account_delay=s.login_slowdown,
                                           on_slowed=metrics.logins_slowed.inc if metrics is not None else lambda: None)
         yield
     finally:
@@ -150,7 +150,7 @@ async def _membership(app: web.Application) -> AsyncIterator[None]:
                             limits=s.limits)
     app[MEMBERSHIP] = membership
     app[PLANS] = Plans(membership.catalog.declaration, s.limits)
-    app[JOBS].declarations = membership.catalog.declarations  # results judged by their worker's declarations
+    app[JOBS].declarations = membership.catalog.of_worker  # results judged by their worker's declarations
     try:
         await membership.start(nng_url(s.host, s.controller_port, tls is not None))
         # Workers on this machine find the token by themselves (the course's command line has

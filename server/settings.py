@@ -75,7 +75,9 @@ class ServerSettings:
     job_timeout: float = option(SCHEDULING.job_timeout, "longest a job attempt may take")
     max_attempts: int = option(SCHEDULING.max_attempts, "attempts before a job fails")
     login_failures: int = option(5, "failed logins allowed per user and address per minute (4x per address;"
-                                    " 4x per user across addresses per day, then backoff for new addresses)")
+                                    " past 4x per user across addresses in a day, new places are slowed)")
+    login_slowdown: float = option(2.0, "seconds an attempt from a place new to its user waits while the account is past"
+                                         " its budget of failed logins (20 a day): slows a spray, refuses no one")
     trusted_proxies: tuple[Network, ...] = option(
         (), "reverse proxies whose X-Forwarded-For gives the client address (for login throttling and"
             " the like); from anyone else the header is ignored",
@@ -191,6 +193,8 @@ def parse_server_args(argv: list[str] | None = None) -> tuple[ServerSettings, st
         p.error("--idle-timeout must be positive")
     if settings.max_pixels <= 0:
         p.error("--max-pixels must be positive")
+    if not 0 <= settings.login_slowdown <= 60:
+        p.error("--login-slowdown must be between 0 and 60 seconds")
     if settings.max_pixel_steps < 0:
         p.error("--max-pixel-steps must be positive (or 0: the default)")
     if settings.database and not settings.database.startswith((SQLITE, *POSTGRES)):

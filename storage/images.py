@@ -53,7 +53,7 @@ def image_key(workload_dir: str, type_: ImageType, image_id: int, fmt: str) -> s
     return f"{workload_dir}/{type_.value}/{image_id}.{FORMATS[fmt][0]}"
 
 @dataclass(frozen=True)
-class StoredFile:
+class ReceivedImage:
     """A received image, judged by its header: in a temporary file under ``incoming/``, or
     only in memory until it is committed (small ones, and every one bound for an object store)."""
 
@@ -104,10 +104,10 @@ class ImageStore(abc.ABC):
     # -- receiving --------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+    async def receive(self, chunks: AsyncIterator[bytes]) -> ReceivedImage:
         """Take an upload's bytes and judge them; then :meth:`commit` or :meth:`discard`."""
 
-    async def receive_bytes(self, data: bytes) -> StoredFile:
+    async def receive_bytes(self, data: bytes) -> ReceivedImage:
         """An image already in memory (a small upload, a result that came back inline), judged
         like :meth:`receive`, and written only by :meth:`commit`."""
         if not data:
@@ -121,7 +121,7 @@ class ImageStore(abc.ABC):
         if head is None:
             head = await asyncio.get_running_loop().run_in_executor(None, self._judged, data, fmt)
         self._check_pixels(head.width, head.height)
-        return StoredFile(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo,
+        return ReceivedImage(None, fmt, len(data), head.width, head.height, head.mode, data, head.photo,
                           frames=head.frames)
 
     def _judged(self, data: bytes, fmt: str) -> facts.Header:
@@ -144,7 +144,7 @@ class ImageStore(abc.ABC):
                 raise TooLarge(f"image larger than the limit of {self.max_bytes} bytes")
             yield chunk
 
-    async def _receive_in_memory(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+    async def _receive_in_memory(self, chunks: AsyncIterator[bytes]) -> ReceivedImage:
         """:meth:`receive` for stores that keep nothing on the server's disk."""
         return await self.receive_bytes(b"".join([chunk async for chunk in self._checked(chunks)]))
 
@@ -153,16 +153,16 @@ class ImageStore(abc.ABC):
             raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
 
     @abc.abstractmethod
-    async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
+    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False) -> bool:
         """Put a received image at ``key``. With ``replace=False`` an existing image wins
         (returns False and drops the new one): that keeps result writes idempotent. With
         ``keep`` a small image's bytes stay in memory for :meth:`small_file` (an original, for
         its job)."""
 
-    async def discard(self, stored: StoredFile) -> None:
+    async def discard(self, stored: ReceivedImage) -> None:
         """Drop a received image that was not committed."""
 
-    async def without_metadata(self, stored: StoredFile) -> StoredFile:
+    async def without_metadata(self, stored: ReceivedImage) -> ReceivedImage:
         """A received result with its metadata dropped (whatever the worker put in: EXIF, a
         GPS position, text, a second picture); the same one if it had none. A TIFF result that
         carries metadata is refused (:class:`BadInput`): TIFF is not rewritten here."""
@@ -289,11 +289,11 @@ class ImageStore(abc.ABC):
         seconds, or None if workers go through the API."""
         return None
 
-    async def stored_result(self, key: str) -> StoredFile | None:
+    async def stored_result(self, key: str) -> ReceivedImage | None:
         """A result a worker put at ``key`` itself, judged by its header; None if there is none."""
         return None
 
-    async def clean_stored_result(self, key: str, stored: StoredFile) -> StoredFile:
+    async def clean_stored_result(self, key: str, stored: ReceivedImage) -> ReceivedImage:
         """:meth:`without_metadata` for a result a worker put at ``key`` itself."""
         return stored
 
@@ -315,7 +315,7 @@ class FileImageStore(ImageStore):
     def _fsync(self) -> bool:
         return self.fsync
 
-    async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+    async def receive(self, chunks: AsyncIterator[bytes]) -> ReceivedImage:
         """Stream ``chunks`` into a file under ``incoming`` and validate it.
 
         Bytes are buffered up to 1 MiB between writes, so a large image costs a few trips to
@@ -346,7 +346,7 @@ class FileImageStore(ImageStore):
             writer.close(quiet=True)
             tmp.unlink(missing_ok=True)
             raise
-        return StoredFile(tmp, fmt, size, head.width, head.height, head.mode, None, head.photo, frames=head.frames)
+        return ReceivedImage(tmp, fmt, size, head.width, head.height, head.mode, None, head.photo, frames=head.frames)
 
     def _finish(self, writer: files.TmpWriter, rest: list[bytes]) -> tuple[str, facts.Header]:
         """Write the rest, flush to disk, then read the header (only): format and size."""
@@ -363,7 +363,7 @@ class FileImageStore(ImageStore):
                               self.max_pixels)
         return fmt, head
 
-    async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
+    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False) -> bool:
         loop = asyncio.get_running_loop()
         final = self.path(key)
         if stored.path is None:  # in memory: written, synced and placed in one trip
@@ -377,7 +377,7 @@ class FileImageStore(ImageStore):
             self._remember(key, stored.data)
         return placed
 
-    async def discard(self, stored: StoredFile) -> None:
+    async def discard(self, stored: ReceivedImage) -> None:
         """Drop a received file that was not committed (nothing to do once it was moved into
         place, or if it was never written: no trip to the executor then)."""
         if stored.path is None:

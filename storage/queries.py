@@ -38,12 +38,13 @@ WORKLOAD_COLUMNS = ("id, name, owner, filter, tags, created_at, meta, dir, param
                     " image_count, filtered_count, failed_count, running_count, started")
 
 
-def tags_of(text: str) -> tuple[str, ...]:
+def stored_tags(text: str) -> tuple[str, ...]:
+    """A row's tags column (written by the workloads service, checked then) as a tuple."""
     return tuple(t for t in text.split(",") if t)
 
 
 def workload_of(row: Any) -> Workload:
-    return Workload(row[0], row[1], row[2], Filter(row[3]), tags_of(row[4]), row[5], json.loads(row[6]),
+    return Workload(row[0], row[1], row[2], Filter(row[3]), stored_tags(row[4]), row[5], json.loads(row[6]),
                     row[7], json.loads(row[8]))
 
 

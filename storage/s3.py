@@ -28,7 +28,7 @@ from common.models import BadInput, InsufficientStorage, Unavailable
 from imaging import metadata
 from imaging.facts import fast_header, header_of
 from imaging.formats import sniff_format
-from storage.images import KEEP_BYTES, Download, ImageStore, StoredFile
+from storage.images import KEEP_BYTES, Download, ImageStore, ReceivedImage
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +114,10 @@ class S3ImageStore(ImageStore):
 
     # -- receiving --------------------------------------------------------------------------
 
-    async def receive(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+    async def receive(self, chunks: AsyncIterator[bytes]) -> ReceivedImage:
         return await self._receive_in_memory(chunks)
 
-    async def commit(self, stored: StoredFile, key: str, replace: bool = True, keep: bool = False) -> bool:
+    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False) -> bool:
         assert stored.data is not None
         if not replace and await self.exists(key):
             return False
@@ -207,7 +207,7 @@ class S3ImageStore(ImageStore):
             "put_object", Params={"Bucket": self.bucket, "Key": self._key(result)}, ExpiresIn=seconds))
         return get, put
 
-    async def stored_result(self, key: str) -> StoredFile | None:
+    async def stored_result(self, key: str) -> ReceivedImage | None:
         """Judge a result a worker put: its size (at most the upload limit) and its header."""
         try:
             head = await self._call(key, lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)))
@@ -233,10 +233,10 @@ class S3ImageStore(ImageStore):
                 head = await asyncio.get_running_loop().run_in_executor(None, header_of, io.BytesIO(data), fmt)
             except BadInput:
                 return None
-        return StoredFile(None, fmt, size, head.width, head.height, head.mode, head=data)
+        return ReceivedImage(None, fmt, size, head.width, head.height, head.mode, head=data)
 
 
-    async def clean_stored_result(self, key: str, stored: StoredFile) -> StoredFile:
+    async def clean_stored_result(self, key: str, stored: ReceivedImage) -> ReceivedImage:
         """Its first and last bytes are looked at for signs of metadata (where every format
         puts it: before or after the pixels); only then is the whole object read, stripped and
         written back. (Metadata hidden in the middle of a large result is not looked for: the

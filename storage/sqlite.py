@@ -25,10 +25,10 @@ import aiosqlite
 
 from common.models import InsufficientStorage
 from storage import schema, sql
-from storage.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, tags_of
+from storage.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, stored_tags
 from storage.sql import Result, Script, Statement, UniqueViolation
 
-__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "GroupCommit", "Reader", "SqliteDatastore", "tags_of"]
+__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "GroupCommit", "Reader", "SqliteDatastore", "stored_tags"]
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Real engines for the tests (harness/engines.py): a throwaway PostgreSQL cluster and a
 SeaweedFS S3 server, started once per session; a machine that cannot run one skips the tests
-that need it, saying why."""
+that need it, saying why (in CI, ``CI=true``, they fail instead)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness.engines import EngineError, EngineUnavailable, Postgres, SeaweedS3
+from tests.helpers import unavailable
 
 __all__ = ["EngineError", "EngineUnavailable", "Postgres", "SeaweedS3", "postgres", "s3"]
 
@@ -17,7 +18,7 @@ def _session_engine(kind: type, name: str) -> Iterator:
     try:
         engine = kind()
     except EngineUnavailable as e:
-        pytest.skip(f"{name} cannot run here: {e}")
+        unavailable(f"{name} cannot run here: {e}")
     try:
         engine.setup()
         yield engine

@@ -9,13 +9,17 @@ Waiting is always on a condition with a deadline: :func:`wait_until` (sync) or :
 from __future__ import annotations
 
 import asyncio
+import os
 import base64
 import inspect
 import io
 import socket
 import sqlite3
 
+from typing import NoReturn
+
 import aiohttp
+import pytest
 import pynng
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -176,6 +180,15 @@ def push(system: LocalSystem, token: str, wid: str, frames: dict[int, bytes]) ->
 
 
 # -- async: for tests that run impersonated workers in their own event loop -------------
+
+def unavailable(why: str) -> NoReturn:
+    """A part of the machine a test needs is missing (an engine, root, namespaces): the test is
+    skipped, saying why, except in CI (``CI=true``), where nothing may be left out silently:
+    there it fails."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{why} (CI=true: a test that cannot run here fails the run)", pytrace=False)
+    pytest.skip(why)
+
 
 async def until(cond, timeout: float, what: str, interval: float = 0.05):
     """Call ``cond()`` (awaiting it if it is async) until it returns something truthy, and return

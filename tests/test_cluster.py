@@ -11,6 +11,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,45 @@ def bucket_keys(s3, bucket: str, prefix: str = "") -> list[str]:
             return sorted(out)
 
     return asyncio.run(keys())
+
+
+def test_quota_delete_and_retention_on_postgresql_and_s3(tmp_path, postgres, s3):
+    """The user's own data past one machine: ten uploads at once against a quota on PostgreSQL
+    (the owner's row locked: exactly those that fit are taken); a delete removes the workload's
+    objects from the bucket; retention removes an old completed workload and its objects, and
+    keeps a young completed one."""
+    database, bucket = postgres.new_database("owndata"), s3.new_bucket_name("owndata")
+    image = frame_png(1, 64, 64)
+    quota = int(3.5 * len(image))  # three originals fit, a fourth does not
+    a = cluster_server(tmp_path, "a", database, f"s3://{bucket}", s3, "--quota-bytes", str(quota),
+                       "--retain-days", str(8 / 86400))
+    with a:  # its logs are printed if this fails
+        a.start_server()
+        token = a.login()
+        full = new_workload(a, token, "grayscale")  # no worker yet: no result takes quota meanwhile
+        with ThreadPoolExecutor(10) as pool:
+            statuses = sorted(pool.map(lambda i: ref.upload(a.url, token, full, f"{i}.png", image).status, range(10)))
+        assert statuses == [200] * 3 + [413] * 7
+        assert len(a.get(f"/workloads/{full}", token)["filtered_images"]) == 0
+        assert ref.request(a.url, "DELETE", f"/workloads/{full}", headers=ref.bearer(token)).status == 200
+        wait_until(lambda: not bucket_keys(s3, bucket), 30, "the deleted workload's objects to leave the bucket")
+
+        a.start_worker("w")
+        old = new_workload(a, token, "grayscale")
+        assert ref.upload(a.url, token, old, "0.png", image).status == 200
+        created = time.time()
+        wait_until(lambda: completed_with(a, token, old, 1), 60, "the old workload to complete")
+        old_keys = bucket_keys(s3, bucket)
+        assert len(old_keys) >= 2, old_keys  # its original and its result
+        wait_until(lambda: time.time() - created >= 4, 10, "the first workload to be 4 s old")
+        young = new_workload(a, token, "grayscale")
+        assert ref.upload(a.url, token, young, "0.png", image).status == 200
+        wait_until(lambda: completed_with(a, token, young, 1), 60, "the young workload to complete")
+        wait_until(lambda: ref.request(a.url, "GET", f"/workloads/{old}", headers=ref.bearer(token)).status == 404,
+                   60, "retention to remove the old workload")
+        assert a.get(f"/workloads/{young}", token)["filtered_images"] == [0], "a young completed one is kept"
+        wait_until(lambda: not set(old_keys) & set(bucket_keys(s3, bucket)), 30, "the old objects to go")
+        assert len(bucket_keys(s3, bucket)) >= 2, "the young workload's objects stay"
 
 
 def test_the_whole_flow_on_postgresql_and_s3(tmp_path, postgres, s3):

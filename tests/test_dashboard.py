@@ -226,8 +226,11 @@ def test_dashboard_deletes_a_workload_after_asking(system, browser):
     browser.get(f"{system.url}/#/workloads/{wid}")
     wait.until(lambda d: name in d.find_element(By.ID, "wl-title").text)
 
-    browser.execute_script("window.confirm = () => false")  # the user says no
-    browser.find_element(By.ID, "wl-delete").click()
+    browser.execute_script("window.asked = 0; window.confirm = () => { window.asked += 1; return false; }")
+    browser.find_element(By.ID, "wl-delete").click()  # the user says no...
+    # ...which the page asked (synchronously, in the click: a "no" returns before any request),
+    # so nothing can be on its way: the workload is still there.
+    wait.until(lambda d: d.execute_script("return window.asked") == 1)
     assert ref.request(system.url, "GET", f"/workloads/{wid}", headers=ref.bearer(token)).status == 200
     browser.execute_script("window.confirm = () => true")  # and then yes
     browser.find_element(By.ID, "wl-delete").click()

@@ -237,7 +237,7 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     """Concurrent uploads take ids in memory without a lock over their I/O: all distinct, no
     gap; a chosen id in use is a 409; an upload that fails returns its id; a restart (a new
     lifecycle) goes on from the datastore."""
-    from storage.images import FileImageStore, StoredFile
+    from storage.images import FileImageStore, ReceivedImage
     from tests.helpers import png_bytes
 
     (tmp_path / "incoming").mkdir()
@@ -252,7 +252,7 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     assert sorted(await asyncio.gather(*(upload(jobs) for _ in range(20)))) == list(range(20))
     with pytest.raises(Conflict):
         await upload(jobs, chosen=3)
-    missing = StoredFile(tmp_path / "incoming" / "gone.upload", "PNG", 10, 1, 1, "L")
+    missing = ReceivedImage(tmp_path / "incoming" / "gone.upload", "PNG", 10, 1, 1, "L")
     with pytest.raises(OSError):
         await jobs.accept_original(w, missing, None)
     assert await upload(jobs) == 20, "the failed upload gave its id back"

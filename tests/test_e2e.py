@@ -7,6 +7,8 @@ import time
 
 from PIL import Image, ImageFilter
 
+from worker.telemetry import Telemetry
+
 from tests.helpers import (
     ADMIN_PASSWORD,
     frame_png,
@@ -80,12 +82,13 @@ def test_status_shows_live_workers_with_telemetry(system):
     assert status["system_name"] and status["server_time"]
     assert pending["workload_id"] in {w["workload_id"] for w in status["active_workloads"]}
     workers = {w["name"]: w for w in status["workers"]}
+    here = Telemetry().gpu()  # the workers run on this host
     assert {"w1", "w2"} <= set(workers)
     for w in workers.values():
         assert w["alive"] is True
         assert 0.0 <= w["cpu_percent"] <= 100.0
         assert 0.0 < w["memory_percent"] <= 100.0
-        assert w["gpu"]["count"] == 0  # no GPU on this machine: NVML reports none
+        assert w["gpu"]["count"] == here.count  # what NVML reports on this host (0 without a GPU)
         assert isinstance(w["running_jobs"], int) and w["capacity"] >= 1
         assert isinstance(w["jobs_done"], int)
         assert time.time() - w["last_seen"] < 5
@@ -98,6 +101,7 @@ def test_running_jobs_reported_while_work_is_in_flight(system):
     url = system.url
     token = ref.login(url, "admin", ADMIN_PASSWORD)
     wid = ref.create_workload(url, token)["workload_id"]
+    before = sum(w["jobs_done"] for w in ref.get_json(url, token, "/status")["workers"])
     data = frame_png(7, 1280, 720)
     for i in range(12):
         assert ref.upload(url, token, wid, f"{i}.png", data).status == 200
@@ -111,8 +115,8 @@ def test_running_jobs_reported_while_work_is_in_flight(system):
     wait_until(observe, 120, "the workload to complete", interval=0.05)
     assert seen["workload"], "never saw the workload running"
     assert ref.get_json(url, token, f"/workloads/{wid}")["filtered_images"] == list(range(12))
-    totals = ref.get_json(url, token, "/status")["workers"]
-    assert sum(w["jobs_done"] for w in totals) >= 12
+    wait_until(lambda: sum(w["jobs_done"] for w in ref.get_json(url, token, "/status")["workers"]) >= before + 12,
+               10, "the workers to report the 12 jobs done")  # (their counts arrive with a heartbeat)
 
 
 def test_tagged_workload_runs_on_a_worker_with_old_style_image_store_flags(system):
@@ -184,7 +188,7 @@ def test_a_corrupt_image_fails_once_with_its_reason_and_the_workload_completes(s
     assert [f["image_id"] for f in final["failed_images"]] == [0]
     assert "cannot decode" in final["failed_images"][0]["reason"]
     # Failed for good once both workers said it cannot be decoded (one worker's word is not
-    # enough: it may be broken, or lie), not after every attempt it is allowed.
+    # enough: it may be broken, or lie), not after every attempt it is allowed: 2 attempts of
+    # the 3 allowed can end a job only when two different workers refused it.
     states = {image: (state, attempts) for image, state, attempts, _ in job_rows(system, wid)}
     assert states[0] == ("failed", 2) and states[1][0] == "done"
-    assert len({worker for image, _, _, worker in job_rows(system, wid) if image == 0} | {None}) >= 1

@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 from controller.results import result_problem
 from filtering import builtins as operations
 from filtering import kernels, model, pipeline, registry
-from storage.images import StoredFile
+from storage.images import ReceivedImage
 from tests.helpers import frame_png, push, ref, wait_completed, workload
 from worker.filters import FilterError, process
 
@@ -137,14 +137,14 @@ def test_every_operation_takes_every_mode_and_its_result_passes_the_check(name, 
     text = local([(name, params)]).stored()
     out, out_fmt = process(buf.getvalue(), *text)
     got = Image.open(io.BytesIO(out))
-    stored = StoredFile(None, got.format, len(out), got.width, got.height, got.mode, out)
+    stored = ReceivedImage(None, got.format, len(out), got.width, got.height, got.mode, out)
     assert result_problem(text[0], (fmt, 48, 32, src.mode), stored, text[1]) is None
     assert out_fmt == ("JPEG" if name == "format" else fmt)
 
 
 def test_the_result_check_follows_what_the_pipeline_declares():
     def stored(fmt, w, h, mode):
-        return StoredFile(None, fmt, 1, w, h, mode, b"")
+        return ReceivedImage(None, fmt, 1, w, h, mode, b"")
     original = ("PNG", 300, 200, "RGB")
     resized = "resize(width=120)|grayscale"
     assert result_problem(resized, original, stored("PNG", 120, 80, "L")) is None
@@ -171,16 +171,16 @@ def test_sepia_is_an_array_kernel_with_one_code_path_for_numpy_and_cupy():
 
 
 def test_a_declaration_from_a_worker_is_checked_like_a_plugin():
-    from plane import offers, wire
+    from plane import declarations, wire
     for spec in registry.REGISTRY.values():
-        back = offers.spec_of(wire.decode(wire.encode(wire.Joined([offers.offer_of(spec)]))).filters[0])
+        back = declarations.read(wire.decode(wire.encode(wire.Joined([declarations.declaration_of(spec)]))).filters[0])
         assert back.describe() == {**spec.describe(), "gpu": False, "builtin": False}
         assert back.apply is None
-    bad = wire.FilterOffer("Bad-Name")
+    bad = wire.FilterDeclaration("Bad-Name")
     with pytest.raises(ValueError):
-        offers.spec_of(bad)
+        declarations.read(bad)
     with pytest.raises(ValueError):
-        offers.spec_of(wire.FilterOffer("x", params=[wire.ParamOffer("p", "number", "", 5.0, 1.0)]))
+        declarations.read(wire.FilterDeclaration("x", params=[wire.ParamDeclaration("p", "number", "", 5.0, 1.0)]))
 
 
 # -- through a real system ------------------------------------------------------------------------
@@ -259,20 +259,20 @@ def test_a_pipeline_too_long_to_send_is_refused_before_anything_is_created():
 
 
 def test_a_workers_declaration_fits_its_welcome_answer(monkeypatch):
-    from plane import offers, wire
+    from plane import declarations, wire
     huge = [model.Param(f"p{i}", float, 1.0, 0.0, 2.0, "h" * 200) for i in range(16)]
     for i in range(200):
         monkeypatch.setitem(registry.REGISTRY, f"plug{i}", model.define(f"plug{i}", "x" * 200, *huge)(lambda im, p: im))
-    declared = offers.offers()
+    declared = declarations.of_registry()
     assert 0 < len(declared) <= wire.MAX_FILTERS and declared[0].name == "grayscale", "built-ins first"
-    assert len(wire.encode(wire.Joined(declared))) <= offers.MAX_DECLARATION_BYTES
+    assert len(wire.encode(wire.Joined(declared))) <= declarations.MAX_DECLARATION_BYTES
 
 
 def test_a_plugins_result_is_judged_by_its_own_workers_declaration():
     keeps = model.define("vignette", "x")(lambda im, p: im)
     shrinks = model.define("vignette", "x", size="changes")(lambda im, p: im)
-    original, small = ("PNG", 300, 200, "RGB"), StoredFile(None, "PNG", 1, 30, 20, "RGB", b"")
+    original, small = ("PNG", 300, 200, "RGB"), ReceivedImage(None, "PNG", 1, 30, 20, "RGB", b"")
     assert "30x20 result" in result_problem("vignette", original, small, {}, {"vignette": keeps})
     assert result_problem("vignette", original, small, {}, {"vignette": shrinks}) is None
     assert result_problem("vignette", original, small, {}, None) is None, "undeclared: only the format is known"
-    assert "a JPEG result" in result_problem("vignette", original, StoredFile(None, "JPEG", 1, 30, 20, "RGB", b""))
+    assert "a JPEG result" in result_problem("vignette", original, ReceivedImage(None, "JPEG", 1, 30, 20, "RGB", b""))

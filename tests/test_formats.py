@@ -23,7 +23,7 @@ from filtering import pipeline, registry
 from imaging import metadata
 from imaging.facts import header_of
 from imaging.formats import FORMATS, sniff_format
-from storage.images import StoredFile
+from storage.images import ReceivedImage
 from tests.helpers import ref, wait_completed, workload
 from worker.filters import FilterError, process
 
@@ -281,7 +281,7 @@ def test_every_format_and_mode_is_filtered_or_refused_at_upload(case, name):
     original = original_of(data, fmt)
     out, out_fmt = process(data, name, PARAMS[name])
     got_fmt, width, height, mode = original_of(out, out_fmt)
-    stored = StoredFile(None, got_fmt, len(out), width, height, mode, out)
+    stored = ReceivedImage(None, got_fmt, len(out), width, height, mode, out)
     assert result_problem(name, original, stored) is None
     assert (sniff_format(out[:16]), width, height) == original[:3]
     with Image.open(io.BytesIO(out)) as got, Image.open(io.BytesIO(data)) as src:
@@ -373,8 +373,8 @@ def test_an_animation_beyond_the_limits_fails_its_job_clearly(monkeypatch):
 
 
 def test_result_check_allows_what_each_format_stores_and_no_more():
-    def result(fmt: str, mode: str) -> StoredFile:
-        return StoredFile(None, fmt, 1, W, H, mode)
+    def result(fmt: str, mode: str) -> ReceivedImage:
+        return ReceivedImage(None, fmt, 1, W, H, mode)
 
     assert result_problem("grayscale", ("GIF", W, H, "P"), result("GIF", "P")) is None
     assert result_problem("grayscale", ("WEBP", W, H, "RGB"), result("WEBP", "RGB")) is None

@@ -55,9 +55,10 @@ def _check_decoded(msg) -> None:
 @given(st.binary(max_size=2048))
 def test_decode_random_bytes(data):
     try:
-        _check_decoded(wire.decode(data))
+        msg = wire.decode(data)
     except wire.DecodeError:
-        pass
+        return
+    _check_decoded(msg)  # (a DecodeError of the round trip is a bug, not swallowed)
 
 
 @FUZZ
@@ -130,9 +131,7 @@ def test_http_request_parsing_never_breaks(system, fuzz_token, req):
     if r.status >= 400:
         assert r.headers["content-type"].startswith("application/json")
         assert "error" in r.json()
-
-
-def test_the_server_still_serves_after_the_fuzzing(system, fuzz_token):
+    # and the server still serves everyone after it
     assert ref.request(system.url, "GET", "/status", headers=ref.bearer(fuzz_token)).status == 200
 
 

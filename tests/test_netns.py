@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from admin import certs
-from tests.helpers import ADMIN_PASSWORD, LocalSystem, frame_png, ref, wait_until
+from tests.helpers import ADMIN_PASSWORD, LocalSystem, frame_png, ref, unavailable, wait_until
 
 SUBNET = "10.231.77"
 SERVER_IP = f"{SUBNET}.1"
@@ -106,14 +106,14 @@ def netns_unavailable() -> str:
 @pytest.fixture
 def net() -> Iterator[Net]:
     if why := netns_unavailable():
-        pytest.skip(why)
+        unavailable(why)
     n = Net(str(os.getpid() % 100000))
     n.down()
     try:
         n.up()
     except subprocess.CalledProcessError as e:  # root, but not allowed to (a container without CAP_NET_ADMIN)
         n.down()
-        pytest.skip(f"cannot build network namespaces here: {' '.join(e.cmd)}: {e.stderr.decode().strip()}")
+        unavailable(f"cannot build network namespaces here: {' '.join(e.cmd)}: {e.stderr.decode().strip()}")
     try:
         yield n
     finally:

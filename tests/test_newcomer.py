@@ -161,7 +161,7 @@ def bare_python(tmp_path_factory) -> Path:
 
 def copy_of_the_worker(root: Path, venv_python: Path | None) -> Path:
     """A repository with the worker's code and, if given, `venv_python` as its .venv's python."""
-    for package in ("worker", "common"):
+    for package in ("worker", "common", "plane", "filtering", "imaging", "dpip"):  # what the worker imports
         subprocess.run(["cp", "-r", str(ROOT / package), str(root / package)], check=True)
     if venv_python is not None:
         (root / ".venv" / "bin").mkdir(parents=True)

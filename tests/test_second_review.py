@@ -25,7 +25,7 @@ import pynng
 from PIL import Image, ImageCms
 
 from filtering import model, registry
-from plane import localjoin, offers, wire
+from plane import declarations, localjoin, wire
 from plane.seal import JOIN, W2C, join_key, seal_with
 from tests.fakeworker import FakeWorker, Telemetry
 from tests.helpers import (
@@ -214,7 +214,8 @@ def users(sysm: LocalSystem, *args: str, password: str = "") -> subprocess.Compl
 
 
 def test_a_spray_of_wrong_passwords_locks_no_one_out_even_after_a_restart(tmp_path):
-    sysm = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD)
+    sysm = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
+                       server_args=("--login-slowdown", "0.2"))
     with sysm:
         sysm.start_server()
         assert users(sysm, "add", "carol", password="carol-password").returncode == 0
@@ -249,13 +250,13 @@ def test_a_spray_of_wrong_passwords_locks_no_one_out_even_after_a_restart(tmp_pa
 
 # -- 4: workers' declarations ---------------------------------------------------------------------
 
-def _vignette(low: float, high: float, version: str, size: str = "same", colour: str = "keeps") -> wire.FilterOffer:
+def _vignette(low: float, high: float, version: str, size: str = "same", colour: str = "keeps") -> wire.FilterDeclaration:
     spec = model.define("vignette", "darker corners", model.Param("strength", float, 0.5, low, high),
                           size=size, colour=colour)(lambda im, p: im)
-    return offers.offer_of(dataclasses.replace(spec, version=version))
+    return declarations.declaration_of(dataclasses.replace(spec, version=version))
 
 
-async def _fake(name: str, sysm: LocalSystem, declared: list[wire.FilterOffer]) -> FakeWorker:
+async def _fake(name: str, sysm: LocalSystem, declared: list[wire.FilterDeclaration]) -> FakeWorker:
     fake = FakeWorker(name, sysm.controller, Telemetry())
     fake.link.joined = wire.Joined(declared)
     return await fake.start()
@@ -268,7 +269,7 @@ async def test_declarations_cannot_loosen_a_plugins_checks_nor_swell_the_filter_
     await until(lambda: "honest" in sysm.alive_workers(token), 30, "the honest worker to join")  # (the first wins)
     liar = await _fake("liar", sysm, [_vignette(-9e15, 9e15, "1.2.0", size="changes", colour="any")])
     other = await _fake("other", sysm, [_vignette(-9e15, 9e15, "6.6.6")])
-    many = await _fake("many", sysm, [offers.offer_of(model.FilterSpec(f"made_up_{i}", None, (), "x" * 200))
+    many = await _fake("many", sysm, [declarations.declaration_of(model.FilterSpec(f"made_up_{i}", None, (), "x" * 200))
                                       for i in range(128)])
     try:
         await until(lambda: {"honest", "liar", "other", "many"} <= sysm.alive_workers(token), 30, "the fakes to join")

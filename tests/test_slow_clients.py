@@ -170,12 +170,12 @@ def test_headers_sent_a_line_at_a_time_are_cut_off_while_others_are_served(make_
     slow = connect(system)
     served = []
     lines = [b"GET /status HTTP/1.1\r\n"] + [b"X-Slow-%d: still coming\r\n" % i for i in range(200)]
-    answer, took, _ = trickle(slow, lines, 0.25, lambda: served.append(login(system)))
+    answer, took, sent = trickle(slow, lines, 0.25, lambda: served.append(login(system)))
     assert served and served[0], "the normal client was not served"
     assert "took too long" in json_error(answer, 408)
-    # ~30 bytes a second earn it nearly nothing: cut after the header timeout, not later than
-    # twice it (the most a fast enough client may have), give or take a sweep.
-    assert HEADER <= took < 2 * HEADER + 2 * SWEEP + 1, took
+    # ~30 bytes a second earn it nearly nothing: cut after the header timeout, long before the
+    # client was done (it had 50 s of lines to send).
+    assert took >= HEADER and sent < len(lines) / 2, (took, sent)
 
 
 def send_slowly(s: socket.socket, data: bytes, piece: int) -> tuple[int, bytes]:
@@ -236,8 +236,8 @@ def test_a_body_trickled_below_the_minimum_rate_is_cut_off_while_an_upload_succe
     # 10 bytes every 0.25 s: 40 B/s, far below 500 B/s.
     answer, took, sent = trickle(slow, chunks(body, 10), 0.25, normal_upload)
     assert answer == b""  # closed: mid-body there is no one to answer
-    assert BODY <= took < BODY + 1 + 2 * SWEEP + 1, took
-    assert sent * 10 < len(body)
+    assert took >= BODY
+    assert sent * 10 < len(body) / 2, "cut off long before the body was sent"
     assert uploads and uploads[0].status == 200, uploads[0].body
     assert [i["image_id"] for i in ref.get_json(system.url, token, f"/images?workload_id={wid}")] == [0]
 
@@ -263,13 +263,17 @@ def test_a_malformed_chunked_body_is_answered_in_json_at_once(make_system):
     system = make_system("--body-timeout", "60")
     token = login(system)
     s = connect(system)
-    s.sendall((f"POST /images HTTP/1.1\r\nHost: dpip\r\nAuthorization: Bearer {token}\r\n"
+    s.sendall((f"POST /images HTTP/1.1\r\nHost: dpip\r\nAuthorization: Bearer {token}\r\nExpect: 100-continue\r\n"
                f"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
-    assert still_open_after(s, 0.3) == b""  # the handler has started and waits for the body
+    # The server says to go on once the request is routed to its handler, which then waits for the body.
+    s.settimeout(10)
+    interim = b""
+    while b"\r\n\r\n" not in interim:
+        interim += s.recv(1024) or b"!"
+    assert interim.startswith(b"HTTP/1.1 100"), interim
     s.sendall(b"3\r\n--b\r\nzz\r\n")
-    start = time.monotonic()
-    message = json_error(until_closed(s, 10), 400)
-    assert time.monotonic() - start < 5
+    # Answered at once: within 10 s, where the body deadline is 60 s.
+    message = json_error(interim.split(b"\r\n\r\n", 1)[1] + until_closed(s, 10), 400)
     assert "chunk" in message and len(message) < 200
 
 

@@ -470,14 +470,33 @@ def test_hellos_never_make_the_controller_dial_a_third_party(make_system):
     blobs = [wire.encode(wire.Hello(f"u{i}", "ab" * 16, target)) for i in range(3)]
     blobs += [seal.seal_with(join, seal.JOIN, seal.W2C, i + 1, wire.Hello(f"s{i}", "cd" * 16, f"tcp://10.255.{i}.1:9"))
               for i in range(3)]
+    # Then a good hello naming a second listener: once that one is dialled, the controller has
+    # handled the hellos before it (in order), so a dial they caused would have come by then.
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    probe.listen(8)
+    probe.settimeout(0.0)
+    good = seal.seal_with(join, seal.JOIN, seal.W2C, 99, wire.Hello("probe", "ef" * 16,
+                                                                     f"tcp://127.0.0.1:{probe.getsockname()[1]}"))
     with pynng.Pub0(dial=f"tcp://{system.controller}") as pub:
         publish_until_dropped(pub, blobs, system.url)
+
+        def probe_dialled() -> bool:
+            pub.send(good)
+            try:
+                probe.accept()[0].close()
+                return True
+            except BlockingIOError:
+                return False
+
+        wait_until(probe_dialled, 30, "the controller to dial the good hello's address", interval=0.2)
     try:
         listener.accept()
         dialled = True
     except BlockingIOError:
         dialled = False
     listener.close()
+    probe.close()
     assert not dialled, "the controller dialled the address an unsealed hello named"
 
 

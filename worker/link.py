@@ -45,7 +45,7 @@ class WorkerLink:
     again, at most every second, while no welcome has come)."""
 
     def __init__(self, name: str, join_token: str | Callable[[], str] = "",
-                 offers: list[wire.FilterOffer] | None = None) -> None:
+                 offers: list[wire.FilterDeclaration] | None = None) -> None:
         self.name = name
         self.joined = wire.Joined(list(offers)) if offers is not None else wire.Ack()  # the welcome's answer
         self.session = secrets.token_hex(16)

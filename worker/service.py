@@ -30,7 +30,7 @@ from common.config import local_address_towards
 from common.logs import LogLimiter
 from filtering import kernels, pipeline
 from filtering.work import Stopped
-from plane import offers, wire
+from plane import declarations, wire
 from plane.rpc import RpcClient, RpcError, RpcServer
 from plane.tls import WorkerTls, http_client_context, is_tls, nng_url
 from worker import memory
@@ -90,10 +90,10 @@ class Worker:
         self.telemetry = Telemetry()
         # Array kernels run on the GPU where there is one and CuPy to drive it (else NumPy).
         kernels.use_gpu(self.telemetry.gpu().count > 0 and kernels.array_module(True).__name__ == "cupy")
-        self.offers = offers.offers(gpu=kernels.on_gpu())  # built-ins and the plugins loaded
+        self.declared = declarations.of_registry(gpu=kernels.on_gpu())  # built-ins and the plugins loaded
         controllers = settings.controllers or ((settings.controller_host, settings.controller_port),)
         self.links = [ControllerLink(host, port, WorkerLink(settings.name, join_token_for(settings, host, port),
-                                                            self.offers),
+                                                            self.declared),
                                      heartbeat_interval=settings.heartbeat_interval)
                       for host, port in controllers]
         self.link = self.links[0].link  # the first controller's (tests and old callers)

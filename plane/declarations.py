@@ -12,13 +12,13 @@ from plane import wire
 logger = logging.getLogger(__name__)
 
 
-def offer_of(spec: model.FilterSpec, gpu: bool = False) -> wire.FilterOffer:
+def declaration_of(spec: model.FilterSpec, gpu: bool = False) -> wire.FilterDeclaration:
     params = []
     for p in spec.params:
         default = "" if p.default is None else repr(p.default) if isinstance(p.default, float) else str(p.default)
-        params.append(wire.ParamOffer(p.name, model.TYPE_NAMES[p.type], default,
+        params.append(wire.ParamDeclaration(p.name, model.TYPE_NAMES[p.type], default,
                                       float(p.minimum), float(p.maximum), list(p.choices), p.help[:200]))
-    return wire.FilterOffer(spec.name, spec.version[:64], spec.help[:200], params, spec.colour, spec.size,
+    return wire.FilterDeclaration(spec.name, spec.version[:64], spec.help[:200], params, spec.colour, spec.size,
                             spec.output_format, gpu and spec.gpu)
 
 
@@ -26,11 +26,11 @@ def offer_of(spec: model.FilterSpec, gpu: bool = False) -> wire.FilterOffer:
 MAX_DECLARATION_BYTES = 384 * 1024
 
 
-def offers(gpu: bool = False) -> list[wire.FilterOffer]:
+def of_registry(gpu: bool = False) -> list[wire.FilterDeclaration]:
     """Every filter of this process's registry (built-ins first, then plugins), as a worker
-    offers them: at most MAX_FILTERS, and no more than fit one message (the rest are left out,
+    declares them: at most MAX_FILTERS, and no more than fit one message (the rest are left out,
     and logged: a welcome that cannot be answered would keep the worker out for good)."""
-    listed = [offer_of(s, gpu) for s in registry.REGISTRY.values()]
+    listed = [declaration_of(s, gpu) for s in registry.REGISTRY.values()]
     kept = listed[:wire.MAX_FILTERS]
     while kept and len(wire.encode(wire.Joined(kept))) > MAX_DECLARATION_BYTES:
         kept.pop()
@@ -40,10 +40,10 @@ def offers(gpu: bool = False) -> list[wire.FilterOffer]:
     return kept
 
 
-def spec_of(offer: wire.FilterOffer) -> model.FilterSpec:
+def read(declaration: wire.FilterDeclaration) -> model.FilterSpec:
     """The declaration a worker sent, checked like a plugin's (ValueError if it is not one)."""
     params = []
-    for p in offer.params:
+    for p in declaration.params:
         d: dict = {"name": p.name, "type": p.type, "help": p.help}
         if p.type == "string":
             d.update(enum=list(p.choices), default=p.default or None)
@@ -53,21 +53,21 @@ def spec_of(offer: wire.FilterOffer) -> model.FilterSpec:
                 try:
                     d["default"] = int(p.default) if p.type == "integer" else float(p.default)
                 except ValueError:
-                    raise ValueError(f"filter {offer.name}: parameter {p.name}'s default") from None
+                    raise ValueError(f"filter {declaration.name}: parameter {p.name}'s default") from None
         params.append(d)
-    spec = model.FilterSpec.from_description({"name": offer.name, "help": offer.help, "params": params,
-                                                "colour": offer.colour, "size": offer.size,
-                                                "output_format": offer.output_format, "version": offer.version})
+    spec = model.FilterSpec.from_description({"name": declaration.name, "help": declaration.help, "params": params,
+                                                "colour": declaration.colour, "size": declaration.size,
+                                                "output_format": declaration.output_format, "version": declaration.version})
     return spec
 
 
-def specs_of(name: str, offered: list[wire.FilterOffer]) -> dict[str, tuple[model.FilterSpec, bool]]:
+def read_all(name: str, declared: list[wire.FilterDeclaration]) -> dict[str, tuple[model.FilterSpec, bool]]:
     """A worker's declarations by filter name, each with whether it runs on the worker's GPU;
     one it declared wrongly is left out (and logged)."""
     out: dict[str, tuple[model.FilterSpec, bool]] = {}
-    for offer in offered:
+    for declaration in declared:
         try:
-            out[offer.name] = (spec_of(offer), offer.gpu)
+            out[declaration.name] = (read(declaration), declaration.gpu)
         except ValueError as e:
             logger.warning("worker %s declared a filter that cannot be used: %s", name, e)
     return out
