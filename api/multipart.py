@@ -27,8 +27,10 @@ SMALL_BODY = 512 * 1024
 #: reader costs the event loop several ms per MB (its per-chunk reads and boundary search).
 WHOLE_BODY = 4 << 20
 WHOLE_BUDGET = ByteBudget(64 << 20)
-#: The Content-Disposition every client sends: plain quoted parameters, nothing to unescape.
-_PLAIN_DISPOSITION = re.compile(r'form-data((?:\s*;\s*[A-Za-z]+="[^"\\\x00-\x1f\x7f]*")*)\s*;?\s*', re.IGNORECASE)
+#: The Content-Disposition every client sends: plain quoted parameters, nothing to unescape, and
+#: no ';' inside a value (aiohttp splits on it before it reads quotes: such a header is left to it,
+#: so that both read every body alike).
+_PLAIN_DISPOSITION = re.compile(r'form-data((?:\s*;\s*[A-Za-z]+="[^";\\\x00-\x1f\x7f]*")*)\s*;?\s*', re.IGNORECASE)
 _PLAIN_PARAM = re.compile(r'([A-Za-z]+)="([^"]*)"')
 _BOUNDARY = re.compile(r'multipart/form-data\s*;\s*boundary=(?:"([^"\\\r\n]{1,70})"|([^\s;"]{1,70}))\s*',
                        re.IGNORECASE)

@@ -71,7 +71,7 @@ def main() -> None:
         tmp_path = Path(tmp)
         base = local_baseline(clip, tmp_path / "local.mp4")
         system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs")
-        try:
+        with system:  # stopped whatever happens; its logs printed if this fails
             system.start_server()
             names = {f"bench-{i}" for i in range(os.cpu_count() or 2)}
             for name in sorted(names):
@@ -82,8 +82,6 @@ def main() -> None:
             subprocess.run([DPIP, "login"], env=env, check=True, capture_output=True)
             run = dpip(env, "video", "run", clip, tmp_path / "out.mp4")
             push = {k: dpip(env, "push", frames_dir, "--jobs", str(k)) for k in (1, 4)}
-        finally:
-            system.stop()
     size_mb = sum(p.stat().st_size for p in frames_dir.iterdir()) / 1e6
     print(f"\nclip: {n} frames, 1280x720, {FPS} fps; workers: {len(names)}")
     print(f"local, one process (decode, grayscale, encode): {base:6.1f} s  {n / base:5.1f} frames/s")

@@ -71,18 +71,13 @@ def workers_for(cores: int) -> dict[str, tuple[str, ...]]:
 def run_defaults(tmp: Path, images: list[bytes], clients: int, cores: int) -> tuple[float, float]:
     """One server on SQLite and files: (img/s, relayed bytes per image)."""
     system = LocalSystem(tmp / "single" / "data", log_dir=tmp / "single" / "logs")
-    try:
+    with system:  # stopped whatever happens; their logs printed if this fails
         system.start_server()
         token = system.start_workers(workers_for(cores))
         requests_push(system.url, token, images[:4], clients)  # warm up
         before = job_bytes(system)
         pushed = requests_push(system.url, token, images, clients)
         return pushed.rate, (job_bytes(system) - before) / len(images)
-    except BaseException:
-        print(system.logs())
-        raise
-    finally:
-        system.stop()
 
 
 def cluster(tmp: Path, pg: Postgres, s3: SeaweedS3, tag: str) -> tuple[LocalSystem, LocalSystem]:
@@ -98,18 +93,12 @@ def run_cluster(tmp: Path, pg: Postgres, s3: SeaweedS3, images: list[bytes], cli
                 cores: int) -> tuple[float, float]:
     """Two servers on PostgreSQL and S3: (img/s, relayed bytes per image, both servers)."""
     a, b = cluster(tmp, pg, s3, "cluster")
-    try:
+    with a, b:  # stopped whatever happens; their logs printed if this fails
         token = start_pair(a, b, workers_for(cores))
         requests_push([a.url, b.url], token, images[:4], clients)
         before = job_bytes(a) + job_bytes(b)
         pushed = requests_push([a.url, b.url], token, images, clients)
         return pushed.rate, (job_bytes(a) + job_bytes(b) - before) / len(images)
-    except BaseException:
-        print(a.logs(), b.logs())
-        raise
-    finally:
-        b.stop()
-        a.stop()
 
 
 def start_pair(a: LocalSystem, b: LocalSystem, workers: dict[str, tuple[str, ...]]) -> str:
@@ -136,7 +125,7 @@ def run_takeovers(tmp: Path, pg: Postgres, s3: SeaweedS3, n: int, cores: int) ->
     seconds until the other server schedules, polled every 20 ms; every image ends filtered."""
     a, b = cluster(tmp, pg, s3, "takeover")
     times: list[float] = []
-    try:
+    with a, b:  # stopped whatever happens; their logs printed if this fails
         token = start_pair(a, b, {name: ("--slow-rate", "1", "--slow-ms", "200") for name in workers_for(cores)})
         tiny = [frame_png(i, 64, 64) for i in range(30)]
         leader, standby = a, b
@@ -159,12 +148,6 @@ def run_takeovers(tmp: Path, pg: Postgres, s3: SeaweedS3, n: int, cores: int) ->
             leader.start_server()  # back, as the standby
             leader, standby = standby, leader
         return times
-    except BaseException:
-        print(a.logs(), b.logs())
-        raise
-    finally:
-        b.stop()
-        a.stop()
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ Needs root and `ip netns` (CI runs as root on this kind of machine).
 from __future__ import annotations
 
 import ctypes
+import contextlib
 import io
 import os
 import shutil
@@ -137,7 +138,7 @@ def test_partitioned_worker_loses_nothing_and_rejoins(net, tmp_path, monkeypatch
                             prefix=net.prefix(key), env={"DPIP_JOIN_TOKEN": JOIN_TOKEN})
     url = f"{'https' if tls else 'http'}://{SERVER_IP}:8080"
     on_server = InNamespace(net.hosts["srv"])
-    try:
+    with system, contextlib.closing(on_server):  # stopped whatever happens; logs printed if this fails
         def api_up() -> bool:
             try:
                 return on_server(ref.request, url, "GET", "/status").status == 401
@@ -189,9 +190,3 @@ def test_partitioned_worker_loses_nothing_and_rejoins(net, tmp_path, monkeypatch
         wait_until(lambda: on_server(ref.get_json, url, token, f"/workloads/{second}")["status"]
                    == "completed", 60, "the second workload")
         wait_until(lambda: workers()["w1"]["jobs_done"] > before, 10, "w1 to take work again")
-    except BaseException:
-        print(system.logs())
-        raise
-    finally:
-        on_server.close()
-        system.stop()

@@ -200,7 +200,7 @@ def test_photos_come_out_upright_without_exif_and_their_facts_stay_with_their_ow
 
 def test_images_have_validators_and_a_304(tmp_path):
     system = make(tmp_path)
-    try:
+    with system:  # stopped whatever happens; its logs printed if this fails
         system.start_server()
         token = system.start_workers({"w": ()})
         wid = ref.create_workload(system.url, token)["workload_id"]
@@ -217,8 +217,6 @@ def test_images_have_validators_and_a_304(tmp_path):
             assert other.status == 200 and other.body == r.body
         thumb = ref.request(system.url, "GET", f"/images/0?workload_id={wid}&size=small", headers=ref.bearer(token))
         assert thumb.headers["etag"] != etag, "a thumbnail is another representation"
-    finally:
-        system.stop()
 
 
 # -- a full disk ------------------------------------------------------------------------------
@@ -286,7 +284,7 @@ def test_a_full_disk_is_a_507_and_uploads_work_again_once_space_is_freed(tmp_pat
 def test_a_worker_started_before_its_server_says_it_waits_then_joins(tmp_path):
     """What the user sees in the worker's terminal is the point here: a line saying it waits."""
     system = make(tmp_path)
-    try:
+    with system:  # stopped whatever happens; its logs printed if this fails
         system.start_worker("early")
         log = tmp_path / "logs" / "worker-early.log"
         wait_until(lambda: log.exists() and "still waiting for a welcome" in log.read_text(), 30,
@@ -294,8 +292,6 @@ def test_a_worker_started_before_its_server_says_it_waits_then_joins(tmp_path):
         assert system.controller in log.read_text(), "it names where it waits"
         system.start_server()
         system.wait_workers({"early"})
-    finally:
-        system.stop()
 
 
 async def test_a_workload_short_of_its_announced_images_is_partial(client):

@@ -343,10 +343,8 @@ def test_a_server_with_an_expired_certificate_says_so_and_exits(tmp_path):
     system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs",
                          server_args=("--tls-cert", str(old.cert), "--tls-key", str(old.key)))
     proc = system.start_server(wait=False)
-    try:
+    with system:  # stopped whatever happens; its logs printed if this fails
         assert proc.wait(30) == 2
-    finally:
-        system.stop()
     log = (tmp_path / "logs" / "server.log").read_text()
     assert f"{old.cert} expired on" in log and "Traceback" not in log
 

@@ -29,7 +29,7 @@ def test_user_guide_curl_examples_work_as_written(tmp_path):
     for endpoint in ("/login", "/logout", "/status", "/workloads", "/images"):
         assert endpoint in script, f"the guide has no example for {endpoint}"
     system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password="")
-    try:
+    with system:  # stopped whatever happens; its logs printed if this fails
         system.start_server()
         system.start_worker("guide-1")
         system.start_worker("guide-2")
@@ -53,5 +53,3 @@ def test_user_guide_curl_examples_work_as_written(tmp_path):
         clip, gray = video.probe(work / "clip.mp4"), video.probe(work / "gray.mp4")  # the dpip walkthrough
         assert (gray.width, gray.height, gray.fps) == (clip.width, clip.height, clip.fps)
         assert len(list(video.frames(work / "gray.mp4"))) == len(list(video.frames(work / "clip.mp4"))) == 36
-    finally:
-        system.stop()
