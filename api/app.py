@@ -14,7 +14,7 @@ import uuid
 
 from aiohttp import web
 
-from api import handlers, observe
+from api import handlers, images, observe
 from api.keys import AUTH, METRICS, SETTINGS, STOPPING
 from api.metrics import Metrics
 from api.ports import ApiSettings
@@ -108,9 +108,9 @@ def create_app(settings: ApiSettings) -> web.Application:
     r.add_route("GET", "/workloads/{workload_id}", handlers.get_workload)
     r.add_route("DELETE", "/workloads/{workload_id}", handlers.delete_workload)
     r.add_route("GET", "/workloads/{workload_id}/jobs", handlers.workload_jobs)
-    r.add_route("POST", "/images", handlers.upload_image)
-    r.add_route("GET", "/images", handlers.list_images)
-    r.add_route("GET", "/images/{image_id}", handlers.download_image)
+    r.add_route("POST", "/images", images.upload_image)
+    r.add_route("GET", "/images", images.list_images)
+    r.add_route("GET", "/images/{image_id}", images.download_image)
     observe.add_routes(app)
     return app
 

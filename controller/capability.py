@@ -18,7 +18,9 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from common.models import Unauthorized
 
@@ -65,3 +67,29 @@ def verify(key: bytes, token: str, now: float | None = None) -> JobClaims:
     if claims.expires_at < (time.time() if now is None else now):
         raise Unauthorized("job capability expired")
     return claims
+
+
+class Capabilities:
+    """Issues and checks the capabilities of one controller's epoch; a capability is good only
+    while its worker is alive on the session it was issued to (``workers``: membership's, live)."""
+
+    def __init__(self, secret: bytes, epoch: str, workers: Mapping[str, Any]) -> None:
+        self._key = derive_key(secret)
+        self.epoch = epoch
+        self.workers = workers
+
+    def issue(self, name: str, job_id: int, workload_id: str, image_id: int, filter_: str, deadline: float) -> str:
+        """An HTTP credential for this one job on worker ``name``'s current session."""
+        info = self.workers.get(name)
+        kid = info.channel.kid if info is not None and info.channel is not None else ""
+        return issue(self._key, JobClaims(job_id, workload_id, image_id, filter_, name, kid, self.epoch, deadline))
+
+    def check(self, token: str) -> JobClaims:
+        """A capability's claims, if it is genuine, unexpired, of this epoch, and its worker is
+        still alive on the session it was issued to."""
+        claims = verify(self._key, token)
+        info = self.workers.get(claims.worker)
+        if (claims.epoch != self.epoch or info is None or not info.alive or info.channel is None
+                or info.channel.kid != claims.kid):
+            raise Unauthorized("job capability no longer valid: its worker's session ended")
+        return claims

@@ -32,8 +32,6 @@ from typing import Any, NamedTuple
 
 from common.models import (
     BadInput,
-    Conflict,
-    Filter,
     ImageType,
     InsufficientStorage,
     Job,
@@ -48,11 +46,9 @@ from controller.results import expected, result_problem
 from imaging.facts import header_from_bytes
 from storage.datastore import Datastore
 from storage.images import Download, ImageStore, ReceivedImage, image_key
-from storage.queries import stored_tags
-from storage.sql import Script, q
+from storage import jobrows
+from storage.jobrows import GONE, RECORDED
 
-#: How recording a result ended (:meth:`JobLifecycle._record_result_row`).
-RECORDED, DUPLICATE, GONE = "recorded", "duplicate", "gone"
 
 
 class Timing(NamedTuple):
@@ -103,21 +99,8 @@ class JobLifecycle:
         now = time.time()
         facts = json.dumps(photo) if photo else None
 
-        def record() -> Script[int]:
-            if quota:
-                yield from reserve_quota(workload.owner, size, quota)
-            if (yield q("UPDATE workloads SET next_image_id = CASE WHEN next_image_id > ? THEN next_image_id"
-                        " ELSE ? END WHERE id = ?", image_id, image_id + 1, workload.id)).rowcount != 1:
-                raise NotFound(f"workload {quoted(workload.id)} not found (deleted meanwhile)")
-            if (yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at,"
-                        " width, height, mode, filename, photo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                        " ON CONFLICT DO NOTHING", workload.id, image_id, ImageType.ORIGINAL.value, fmt, size,
-                        now, width, height, mode, filename, facts)).rowcount != 1:  # another server took that id meanwhile (a client chose it twice)
-                raise Conflict(f"original image {image_id} of workload {quoted(workload.id)} already exists")
-            return (yield q("INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)"
-                            " RETURNING id", workload.id, image_id, JobState.QUEUED.value, now)).scalar()
-
-        job_id = await self.store.write(record())
+        job_id = await self.store.write(jobrows.enqueue(workload, image_id, fmt, size, now, width, height, mode,
+                                                         filename, facts, quota))
         assert job_id is not None
         return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
                    params=workload.params, workload_dir=workload.dir,
@@ -163,12 +146,7 @@ class JobLifecycle:
     async def dispatch(self, job: Job, worker: str, timeout: float) -> Job | None:
         """queued -> dispatched on ``worker`` (one more attempt, a deadline)."""
         now = time.time()
-        changed = await self._statement(
-            "UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, dispatched_at = ?,"
-            " deadline = ?, copies = copies + 1 WHERE id = ? AND state = ?",
-            (JobState.DISPATCHED.value, worker, now, now + timeout, job.id, JobState.QUEUED.value),
-            durable=False,
-        )
+        changed = await self.store.write(jobrows.dispatch(job.id, worker, now, now + timeout), durable=False)
         return self.as_dispatched(job) if changed else None
 
     @staticmethod
@@ -179,7 +157,7 @@ class JobLifecycle:
 
     async def add_copy(self, job: Job) -> None:
         """One more copy of a dispatched job was sent (hedged or tied)."""
-        await self._statement("UPDATE jobs SET copies = copies + 1 WHERE id = ?", (job.id,), durable=False)
+        await self.store.write(jobrows.add_copy(job.id), durable=False)
 
     async def complete(self, workload_id: str, image_id: int, fmt: str, size: int,
                        timing: Timing | None = None) -> bool:
@@ -191,25 +169,7 @@ class JobLifecycle:
     async def _record_result_row(self, workload_id: str, image_id: int, fmt: str, size: int,
                              timing: Timing | None) -> str:
         """:meth:`complete`, saying which: RECORDED, DUPLICATE or GONE (no such workload)."""
-        now = time.time()
-
-        def record() -> Script[str]:
-            if not (yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows:
-                return GONE  # deleted while its job ran: nothing to record
-            if (yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        workload_id, image_id, ImageType.FILTERED.value, fmt, size, now)).rowcount != 1:
-                return DUPLICATE
-            if timing is None:
-                yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ?"
-                        " AND image_id = ?", JobState.DONE.value, now, workload_id, image_id)
-            else:
-                yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
-                        " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ?",
-                        JobState.DONE.value, now, *timing, workload_id, image_id)
-            return RECORDED
-
-        return await self.store.write(record())
+        return await self.store.write(jobrows.record_result(workload_id, image_id, fmt, size, time.time(), timing))
 
     async def has_result(self, job: Job) -> bool:
         """Whether the job's result is stored: what "done" means, whatever a worker says."""
@@ -218,54 +178,31 @@ class JobLifecycle:
     async def record_timing(self, job: Job, worker: str, download_ms: float, process_ms: float,
                             upload_ms: float) -> None:
         """Which copy won, and where its time went (the job is ``done`` already)."""
-        await self._statement(
-            "UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ? WHERE id = ?",
-            (worker, download_ms, process_ms, upload_ms, job.id), durable=False,
-        )
+        await self.store.write(jobrows.record_timing(job.id, worker, download_ms, process_ms, upload_ms), durable=False)
 
     async def retry(self, job: Job, error: str) -> Job | None:
         """dispatched -> queued after a failed attempt; None if it finished meanwhile."""
-        if not await self._statement(
-            "UPDATE jobs SET state = ?, worker = NULL, error = ? WHERE id = ? AND state = ?",
-            (JobState.QUEUED.value, error, job.id, JobState.DISPATCHED.value), durable=False,
-        ):
+        if not await self.store.write(jobrows.retry(job.id, error), durable=False):
             return None
         return dataclasses.replace(job, state=JobState.QUEUED)
 
     async def fail(self, job: Job, error: str) -> Job | None:
         """-> failed for good, with the reason; None if it was done meanwhile."""
-        if not await self._statement(
-            "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state != ?",
-            (JobState.FAILED.value, error, time.time(), job.id, JobState.DONE.value),
-        ):
+        if not await self.store.write(jobrows.fail(job.id, error, time.time())):
             return None
         return dataclasses.replace(job, state=JobState.FAILED)
-
-    async def _statement(self, sql: str, params: tuple, durable: bool = True) -> bool:
-        """One guarded statement as its own transaction, in a group; whether it changed a row.
-        A transition that recovery redoes anyway (dispatched, a copy counted, a retry queued:
-        after a crash every dispatched job is queued again) need not wait for the disk."""
-        def statement() -> Script[bool]:
-            return (yield q(sql, *params)).rowcount == 1
-
-        return await self.store.write(statement(), durable)
 
     async def recover(self) -> list[Job]:
         """At the start of scheduling (a start, a takeover): jobs dispatched before (by a
         server that crashed, or lost the lead) go back to queued; every queued job, oldest
         first, is returned to be scheduled again."""
-        def requeue() -> Script[list]:
-            yield q("UPDATE jobs SET state = ?, worker = NULL WHERE state = ?",
-                    JobState.QUEUED.value, JobState.DISPATCHED.value)
-            return (yield from _queued(()))
-
-        return [_job_of(r) for r in await self.store.write(requeue())]
+        return [jobrows.job_of(r) for r in await self.store.write(jobrows.recover())]
 
     async def queued(self, ids: list[int] | tuple[int, ...] = (), after: int = -1, limit: int = 1000) -> list[Job]:
         """Queued jobs (those of ``ids``, or the first ``limit`` of id above ``after``), oldest
         first: what another server enqueued, for the one that schedules."""
-        rows = await self.store.read(_queued(tuple(ids), after, limit))
-        return [_job_of(r) for r in rows]
+        rows = await self.store.read(jobrows.queued(tuple(ids), after, limit))
+        return [jobrows.job_of(r) for r in rows]
 
     async def delete_workload(self, workload: Workload) -> dict | None:
         """Remove a workload for good: its rows (jobs, images, the workload) in one transaction,
@@ -314,10 +251,7 @@ class JobLifecycle:
         return key
 
     async def _exists(self, workload_id: str) -> bool:
-        def exists() -> Script[bool]:
-            return bool((yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows)
-
-        return await self.store.read(exists())
+        return await self.store.read(jobrows.workload_exists(workload_id))
 
     def deleted(self, workload_id: str) -> bool:
         """Whether this server deleted the workload recently (its late results are dropped)."""
@@ -326,18 +260,7 @@ class JobLifecycle:
     async def overdue(self, exclude: set[int], limit: int = 1000) -> list[Job]:
         """Dispatched jobs past their deadline not among ``exclude`` (the attempts the scheduler
         holds), put back to queued: their dispatch was recorded but nothing carries them."""
-        def requeue() -> Script[list]:
-            rows = (yield q("SELECT id FROM jobs WHERE state = ? AND deadline < ? ORDER BY id LIMIT ?",
-                            JobState.DISPATCHED.value, time.time(), limit)).rows
-            ids = tuple(r[0] for r in rows if r[0] not in exclude)
-            if not ids:
-                return []
-            marks = ",".join("?" * len(ids))
-            yield q(f"UPDATE jobs SET state = ?, worker = NULL WHERE state = ? AND id IN ({marks})",
-                    JobState.QUEUED.value, JobState.DISPATCHED.value, *ids)
-            return (yield from _queued(ids))
-
-        return [_job_of(r) for r in await self.store.write(requeue())]
+        return [jobrows.job_of(r) for r in await self.store.write(jobrows.overdue(exclude, time.time(), limit))]
 
     # -- results ----------------------------------------------------------------------------
 
@@ -458,34 +381,3 @@ class JobLifecycle:
             await self.images.remove(key)  # its workload was deleted while the job ran
         self.images.forget(self._original_key(job))
         return None
-
-
-def _queued(ids: tuple[int, ...], after: int = -1, limit: int = 1_000_000) -> Script[list]:
-    where = f" AND j.id IN ({','.join('?' * len(ids))})" if ids else " AND j.id > ?"
-    return (yield q(
-        "SELECT j.id, j.workload_id, j.image_id, j.attempts, w.filter, w.tags, i.size, w.params,"
-        " w.dir, i.format, i.width, i.height, i.mode FROM jobs j JOIN workloads w ON w.id = j.workload_id"
-        " JOIN images i ON i.workload_id = j.workload_id AND i.image_id = j.image_id"
-        " AND i.type = ? WHERE j.state = ?" + where + " ORDER BY j.id LIMIT ?",
-        ImageType.ORIGINAL.value, JobState.QUEUED.value, *(ids or (after,)), limit)).rows
-
-
-def _job_of(r) -> Job:
-    return Job(r[0], r[1], r[2], Filter(r[4]), stored_tags(r[5]), attempts=r[3], size=r[6],
-               params=json.loads(r[7]), workload_dir=r[8],
-               original=(r[9], r[10], r[11], r[12]) if r[12] is not None else None)
-
-
-def reserve_quota(owner: str, size: int, quota: int) -> Script[None]:
-    """In a transaction: :class:`QuotaExceeded` unless the owner's images and ``size`` more fit.
-    The owner's row is locked first (a no-op update), so that two uploads of one owner on
-    PostgreSQL take turns; SQLite writes one transaction at a time anyway."""
-    yield q("UPDATE users SET name = name WHERE name = ?", owner)
-    used = int((yield q("SELECT COALESCE(SUM(bytes), 0) FROM workloads WHERE owner = ?", owner)).scalar() or 0)
-    if used + size > quota:
-        raise quota_exceeded(used, quota, size)
-
-
-def quota_exceeded(used: int, quota: int, size: int) -> QuotaExceeded:
-    return QuotaExceeded(f"quota exceeded: your images take {used} of your {quota} bytes and this one"
-                         f" has {size}; delete a workload to make room")

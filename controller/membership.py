@@ -34,9 +34,8 @@ import pynng
 
 from common.aio import stop_tasks
 from common.logs import LogLimiter
-from common.models import Limits, Unauthorized
-from controller import capability
-from controller.capability import JobClaims
+from common.models import Limits
+from controller.capability import Capabilities
 from controller.catalog import Catalog
 from controller.workers import WorkerInfo, WorkerState
 from filtering.model import FilterSpec
@@ -113,7 +112,7 @@ class Membership:
         self.vanished = 0  # hellos read after their connection had closed (dropped quietly)
         self.bad_messages = 0
         self.welcomes_failed = 0  # hellos answered with a welcome that never got through
-        self._cap_key = capability.derive_key(secret)
+        self.capabilities = Capabilities(secret, self.epoch, self.workers)  # the jobs' HTTP credentials
         self._by_kid: dict[str, WorkerInfo] = {}
         self._joins: OrderedDict[str, _Join] = OrderedDict()
         self._left: OrderedDict[str, None] = OrderedDict()  # key ids of workers that said goodbye
@@ -186,24 +185,6 @@ class Membership:
         info = self.workers.get(name)
         if info is not None and info.proven < info.capacity:
             info.proven += 1
-
-    def capability(self, name: str, job_id: int, workload_id: str, image_id: int, filter_: str,
-                   deadline: float) -> str:
-        """An HTTP credential for this one job on this worker's current session."""
-        info = self.workers.get(name)
-        kid = info.channel.kid if info is not None and info.channel is not None else ""
-        claims = JobClaims(job_id, workload_id, image_id, filter_, name, kid, self.epoch, deadline)
-        return capability.issue(self._cap_key, claims)
-
-    def check_capability(self, token: str) -> JobClaims:
-        """A capability's claims, if it is genuine, unexpired, of this epoch, and its worker is
-        still alive on the session it was issued to."""
-        claims = capability.verify(self._cap_key, token)
-        info = self.workers.get(claims.worker)
-        if (claims.epoch != self.epoch or info is None or not info.alive or info.channel is None
-                or info.channel.kid != claims.kid):
-            raise Unauthorized("job capability no longer valid: its worker's session ended")
-        return claims
 
     # -- receiving --------------------------------------------------------------------------
 

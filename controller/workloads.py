@@ -16,7 +16,8 @@ from common.models import (
     check_workload_name,
     quoted,
 )
-from controller.jobs import JobLifecycle, quota_exceeded
+from controller.jobs import JobLifecycle
+from storage.jobrows import quota_exceeded
 from plane import wire
 from storage.datastore import Datastore
 

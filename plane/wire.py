@@ -24,7 +24,21 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import models
+from plane.fields import (  # noqa: F401  (bounds the messages and their users name)
+    HEX_RE,
+    MAX_INT,
+    MAX_LIST,
+    MAX_TAGS,
+    MAX_TEXT,
+    NAME_RE,
+    URL_RE,
+    _bounds,
+    hex_field,
+    name_field,
+    number,
+    percent,
+    text,
+)
 
 VERSION = 2
 
@@ -35,50 +49,8 @@ INLINE_MAX_BYTES = 256 * 1024
 MAX_MESSAGE_BYTES = 512 * 1024
 #: base64 of INLINE_MAX_BYTES bytes
 MAX_INLINE_TEXT = 4 * ((INLINE_MAX_BYTES + 2) // 3)
-#: Names of workers and tags follow the workload-name rule (:data:`common.models.NAME_RE`).
-NAME_RE = models.NAME_RE
-#: Tags a worker has, or a workload needs, at most.
-MAX_TAGS = 32
-HEX_RE = re.compile(r"[0-9a-f]{0,128}")
-MAX_INT = 2**53  # the largest integer every JSON reader agrees on
-MAX_LIST = 4096
-#: An http(s) URL without whitespace ("" allowed).
-URL_RE = re.compile(r"(https?://[^\s]{1,4080})?")
-MAX_TEXT = 256
-
-
 class DecodeError(ValueError):
     """Bytes that are not a valid message of this protocol version."""
-
-
-# -- field bounds, declared beside each field -------------------------------------------------
-
-def _bounds(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
-    """A dataclass field with validation rules for :func:`decode` (``lo``, ``hi``, ``max_len``,
-    ``pattern``, ``max_items``)."""
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=rules)
-    return field(default=default, metadata=rules)
-
-
-def name_field(default: Any = dataclasses.MISSING) -> Any:
-    return _bounds(default, pattern=NAME_RE)
-
-
-def hex_field(default: Any = dataclasses.MISSING) -> Any:
-    return _bounds(default, pattern=HEX_RE)
-
-
-def text(default: Any = dataclasses.MISSING, max_len: int = MAX_TEXT) -> Any:
-    return _bounds(default, max_len=max_len)
-
-
-def number(default: Any = dataclasses.MISSING, lo: float = 0, hi: float = MAX_INT) -> Any:
-    return _bounds(default, lo=lo, hi=hi)
-
-
-def percent(default: Any = 0.0) -> Any:
-    return _bounds(default, lo=0.0, hi=100.0)
 
 
 # -- messages ---------------------------------------------------------------------------------

@@ -231,7 +231,7 @@ class Carrier:
             return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
                                                    backoff=False))
         timeout = self.settings.job_timeout
-        cap = self.membership.capability(worker, job.id, job.workload_id, job.image_id, label_of(job.filter.value),
+        cap = self.membership.capabilities.issue(worker, job.id, job.workload_id, job.image_id, label_of(job.filter.value),
                                          time.time() + timeout + 5.0)
         original = await self.jobs.inline_original(job, wire.INLINE_MAX_BYTES)  # small: no HTTP hop
         try:  # an object store: the worker reads and writes it directly, for this job only

@@ -53,7 +53,8 @@ from scheduler.provision import ExternalCommand, LocalProcesses, Provisioner
 from server.settings import ServerSettings
 from storage import engines
 from storage.datastore import Datastore, as_shared
-from storage.images import FileImageStore, ImageStore
+from storage.filestore import FileImageStore
+from storage.images import ImageStore
 
 logger = logging.getLogger(__name__)
 

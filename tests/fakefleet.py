@@ -97,7 +97,11 @@ class StubMembership:
     def member(self, name: str) -> WorkerInfo | None:
         return self.workers.get(name)
 
-    def capability(self, name: str, *args: object) -> str:
+    @property
+    def capabilities(self) -> "StubMembership":
+        return self  # (issues stub capabilities itself)
+
+    def issue(self, name: str, *args: object) -> str:
         return f"stub-capability-for-{name}"
 
     async def call(self, name: str, msg: wire.Message, timeout: float) -> wire.Message:

@@ -93,7 +93,7 @@ def job_capability(app, worker: str, workload_id: str, image_id: int, alive: boo
     info = WorkerInfo(worker, state=WorkerState.ALIVE if alive else WorkerState.GONE,
                       channel=Channel(key, kid, seal.C2W, seal.W2C))
     membership.workers[worker] = info
-    return membership.capability(worker, 1, workload_id, image_id, "grayscale", time.time() + 60)
+    return membership.capabilities.issue(worker, 1, workload_id, image_id, "grayscale", time.time() + 60)
 
 
 # -- workloads ------------------------------------------------------------------------------

@@ -237,7 +237,8 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     """Concurrent uploads take ids in memory without a lock over their I/O: all distinct, no
     gap; a chosen id in use is a 409; an upload that fails returns its id; a restart (a new
     lifecycle) goes on from the datastore."""
-    from storage.images import FileImageStore, ReceivedImage
+    from storage.filestore import FileImageStore
+    from storage.images import ReceivedImage
     from tests.helpers import png_bytes
 
     (tmp_path / "incoming").mkdir()

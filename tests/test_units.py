@@ -335,7 +335,7 @@ async def test_small_downloads_are_read_whole_within_a_budget(tmp_path, monkeypa
     a range, or one past the bytes held at once is streamed from its file; a missing one is 404."""
     from common.models import NotFound
     from storage import images as images_mod
-    from storage.images import FileImageStore
+    from storage.filestore import FileImageStore
 
     monkeypatch.setattr(images_mod, "SMALL_DOWNLOAD", 100)
     monkeypatch.setattr(images_mod, "READ_BUDGET", 250)  # two held at once, and room to read

@@ -12,7 +12,6 @@ result in the reply, else upload it with the same capability; reply.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import random
@@ -31,11 +30,12 @@ from common.logs import LogLimiter
 from filtering import kernels, pipeline
 from filtering.work import Stopped
 from plane import declarations, wire
-from plane.rpc import RpcClient, RpcError, RpcServer
-from plane.tls import WorkerTls, http_client_context, is_tls, nng_url
+from plane.rpc import RpcServer
+from plane.tls import WorkerTls, http_client_context, nng_url
 from worker import memory
 from worker.filters import FilterError, process
 from worker.link import Refused, WorkerLink
+from worker.ties import Ties, Untied
 from worker.settings import WorkerSettings, join_token_for
 from worker.telemetry import Telemetry
 from worker.transfers import JobFailed, Transfers
@@ -108,9 +108,7 @@ class Worker:
         self.rpc_address = ""
         self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 4 + 8)
         self._started: set[int] = set()  # jobs whose work has begun (tied cancels spare them)
-        self._tombstones: dict[tuple[int, str], float] = {}  # (job, tie) -> when: cancelled early
-        self._ties: dict[int, str] = {}  # job -> the tie secret a tied peer must show to cancel it
-        self._peers: dict[str, RpcClient] = {}  # tied peers' RPC addresses
+        self._ties = Ties(self.tls)  # tied copies: their secrets, early cancels, peers
         self._transfers: Transfers | None = None  # (its HTTP session is made in the loop, at start)
         self._heartbeat_task: asyncio.Task | None = None
 
@@ -168,8 +166,7 @@ class Worker:
         for c in self.links:
             if c.pub is not None:
                 c.pub.close()  # sockets first, then the tasks waiting on them (common.aio)
-        for client in self._peers.values():
-            client.close()
+        self._ties.close()
         await self._rpc.close()
         await stop_tasks([t for t in (self._heartbeat_task, *self.jobs.values()) if t is not None])
         if self._transfers is not None:
@@ -294,21 +291,12 @@ class Worker:
         return wire.Ack() if task.done() else wire.Ack(ok=False, error="still stopping")
 
     async def _peer_cancel(self, msg: wire.CancelJob) -> wire.Ack:
-        """A tied peer started its copy first. It proves it is the peer with the attempt's tie
-        secret; a cancel that arrives before our copy waits (bounded) for a copy with that tie."""
-        tie = self._ties.get(msg.job_id)
-        if tie is not None:
-            if not hmac.compare_digest(tie, msg.tie):
-                raise Refused("refused: wrong tie secret")
-            return await self._cancel(msg)
-        now = time.monotonic()
-        for key, t in list(self._tombstones.items()):
-            if now - t > 60:
-                del self._tombstones[key]
-        if len(self._tombstones) >= 1024:
-            raise Refused("refused: too many early cancels")
-        self._tombstones[(msg.job_id, msg.tie)] = now  # a made-up tie never matches a copy
-        return wire.Ack()
+        """A tied peer started its copy first and proves it with the attempt's tie secret; a
+        cancel that arrives before our copy is kept (bounded) for a copy with that tie."""
+        try:
+            return await self._cancel(msg) if self._ties.peer_may_cancel(msg) else wire.Ack()
+        except Untied as e:
+            raise Refused(str(e)) from None
 
     def _welcomed(self, c: ControllerLink, msg: wire.Welcome) -> None:
         host = f"[{c.host}]" if ":" in c.host else c.host
@@ -327,7 +315,7 @@ class Worker:
         return next((c.api_url for c in self.links if c.api_url), "")
 
     async def _run_job(self, msg: wire.RunJob, api_url: str = "") -> wire.JobResult:
-        if msg.tie and self._tombstones.pop((msg.job_id, msg.tie), None) is not None:
+        if self._ties.cancelled_early(msg.job_id, msg.tie):
             return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name)
         task = self.jobs.get(msg.job_id)
         if task is None or (task.done() and not self._succeeded(task)):
@@ -340,7 +328,7 @@ class Worker:
             task = asyncio.create_task(self._execute(msg, api_url or self.api_url), name=f"job-{msg.job_id}")
             self.jobs[msg.job_id] = task
             if msg.tie:
-                self._ties[msg.job_id] = msg.tie
+                self._ties.tie(msg.job_id, msg.tie)
             task.add_done_callback(lambda t, jid=msg.job_id: self._forget_later(jid))
         try:
             return await asyncio.shield(task)
@@ -364,7 +352,7 @@ class Worker:
 
     def _forget(self, job_id: int) -> None:
         self.jobs.pop(job_id, None)
-        self._ties.pop(job_id, None)
+        self._ties.forget(job_id)
         self._started.discard(job_id)
 
     async def _execute(self, msg: wire.RunJob, api_url: str) -> wire.JobResult:
@@ -376,7 +364,7 @@ class Worker:
             await asyncio.sleep(self.s.slow_ms / 1000)
         self._started.add(msg.job_id)
         if msg.tied_peer:
-            asyncio.create_task(self._cancel_peer(msg))
+            asyncio.create_task(self._ties.cancel_peer(msg))
         t0 = time.perf_counter()
         inline = ""
         try:
@@ -448,16 +436,6 @@ class Worker:
         except wire.DecodeError as e:
             raise JobFailed(f"the job's inline image is broken: {e}") from e
 
-    async def _cancel_peer(self, msg: wire.RunJob) -> None:
-        """Tied requests: we started, so the other copy need not (unless it started too)."""
-        client = self._peers.get(msg.tied_peer)
-        if client is None:
-            tls = self.tls.peer() if self.tls is not None and is_tls(msg.tied_peer) else None
-            client = self._peers[msg.tied_peer] = RpcClient(msg.tied_peer, timeout=2.0, tls=tls)
-        try:
-            await client.call(wire.CancelJob(msg.job_id, if_not_started=True, tie=msg.tie))
-        except RpcError as e:
-            logger.debug("could not cancel job %d at tied peer %s: %s", msg.job_id, msg.tied_peer, e)
 
 
 def _settled(task: asyncio.Task[wire.JobResult], job_id: int) -> asyncio.Future[wire.JobResult]:
