@@ -37,8 +37,11 @@ engines:
 	  else echo "PostgreSQL could not be installed: the tests that need it will be skipped"; fi
 
 # -rs: every skipped test is listed with its reason (in CI, CI=true, a missing engine fails instead).
+# -n 2 --dist loadfile: two processes, each taking whole test files (a file's fixtures, such as its
+# module's system, stay in one process); most tests wait on real servers and workers, so two run
+# in about half the time on two cores.
 test: install browser engines
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile
 
 e2e: install
 	$(PY) -m scripts.e2e_local

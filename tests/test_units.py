@@ -334,7 +334,7 @@ async def test_small_downloads_are_read_whole_within_a_budget(tmp_path, monkeypa
     """A small image a client wants whole is read in one trip and sent from memory; a large one,
     a range, or one past the bytes held at once is streamed from its file; a missing one is 404."""
     from common.models import NotFound
-    from storage import images as images_mod
+    from storage import filestore as images_mod  # (the module that reads these limits)
     from storage.filestore import FileImageStore
 
     monkeypatch.setattr(images_mod, "SMALL_DOWNLOAD", 100)
