@@ -16,6 +16,9 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import pynng
 
 from plane import wire
 from plane.seal import (
@@ -117,3 +120,24 @@ class WorkerLink:
         except wire.DecodeError:
             raise Refused("refused: bad sealed message") from None
         return inner, fresh, channel
+
+
+@dataclass
+class ControllerLink:
+    """One controller we heartbeat to: its own session and key (:class:`WorkerLink`), its
+    socket, and the API its welcome named. A job comes from the one whose key sealed it."""
+
+    host: str
+    port: int
+    link: WorkerLink
+    pub: pynng.Pub0 | None = None
+    api_url: str = ""
+    heartbeat_interval: float = 1.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def welcomed(self) -> bool:
+        return self.link.channel is not None

@@ -18,7 +18,6 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -34,7 +33,7 @@ from plane.rpc import RpcServer
 from plane.tls import WorkerTls, http_client_context, nng_url
 from worker import memory
 from worker.filters import FilterError, process
-from worker.link import Refused, WorkerLink
+from worker.link import ControllerLink, Refused, WorkerLink
 from worker.ties import Ties, Untied
 from worker.settings import WorkerSettings, join_token_for
 from worker.telemetry import Telemetry
@@ -54,27 +53,6 @@ TRIM_AFTER_SECONDS = 0.25
 #: started before its server must not look dead).
 FIRST_WAITING_LOG = 2.0
 WAITING_LOG_INTERVAL = 10.0
-
-
-@dataclass
-class ControllerLink:
-    """One controller we heartbeat to: its own session and key (:class:`WorkerLink`), its
-    socket, and the API its welcome named. A job comes from the one whose key sealed it."""
-
-    host: str
-    port: int
-    link: WorkerLink
-    pub: pynng.Pub0 | None = None
-    api_url: str = ""
-    heartbeat_interval: float = 1.0
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def welcomed(self) -> bool:
-        return self.link.channel is not None
 
 
 class Worker:
