@@ -151,6 +151,7 @@ async def status(request: web.Request) -> web.Response:
         "storage": storage_json(app),
         "queued_jobs": app[SCHEDULER].queued(),
         "scheduler": app[SCHEDULER].describe(),
+        "worker_plane": app[MEMBERSHIP].plane.as_json(),
         "autoscale": app[AUTOSCALER].describe() if AUTOSCALER in app else None,
     })
 

@@ -127,8 +127,8 @@ def safe_filename(name: str | None) -> str | None:
 async def _accept(request: web.Request, params: dict[str, str], stored: ReceivedImage,
                   uploaded_as: str | None = None) -> dict:
     app = request.app
-    store, claims = app[STORE], request[CLAIMS]
-    workload = await store.get_workload(required(params, "workload_id"), _owner(claims))
+    claims = request[CLAIMS]
+    workload = await app[WORKLOADS].get(required(params, "workload_id"), _owner(claims))
     type_ = _image_type(params, ImageType.ORIGINAL)
     if type_ == ImageType.ORIGINAL:
         if claims.scope != USER:
@@ -159,7 +159,7 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     image_id = int_param({"image_id": request.match_info["image_id"]}, "image_id")
     assert image_id is not None
     store = request.app[STORE]
-    workload = await store.get_workload(required(params, "workload_id"), _owner(request[CLAIMS]))
+    workload = await request.app[WORKLOADS].get(required(params, "workload_id"), _owner(request[CLAIMS]))
     type_ = _image_type(params, ImageType.ORIGINAL)
     assert type_ is not None
     _job_image(request, workload.id, image_id, type_, ImageType.ORIGINAL, thumbnail=bool(params.get("size")))

@@ -40,6 +40,9 @@ class Metrics:
         self.job_bytes = Gauge("dpip_job_image_bytes", "Image bytes this server relayed for jobs since it"
                                " started (to workers: originals; from workers: results)", ["direction"],
                                registry=r)
+        self.results_discarded = Gauge("dpip_job_results_discarded", "Results of jobs that another copy's result"
+                                       " beat (hedged or tied pairs that both finished), dropped since it started",
+                                       registry=r)
         self.logins_slowed = Counter("dpip_logins_slowed", "Logins from a place new to their user made to wait"
                                      " while the account is past its budget of failed logins", registry=r)
         self.free_bytes = Gauge("dpip_free_bytes", "Free bytes on the disk where images or the datastore"
@@ -80,6 +83,7 @@ class Metrics:
         if traffic is not None:
             self.job_bytes.labels("to_workers").set(traffic.to_workers)
             self.job_bytes.labels("from_workers").set(traffic.from_workers)
+            self.results_discarded.set(traffic.discarded)
         counts = await store.job_counts()
         for state in JobState:
             self.jobs.labels(state.value).set(counts.get(state.value, 0))

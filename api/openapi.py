@@ -104,6 +104,8 @@ SCHEMAS: dict[str, Any] = {
             "queued_jobs": {"type": "integer"},
             "scheduler": {"type": "object", "description": "policy and counters; `leader`: whether this"
                                                            " server schedules (one of those sharing a database does)"},
+            "worker_plane": {"type": "object", "description": "what this server's sessions with its workers carried:"
+                                                              " messages, jobs and results, and how many per message"},
             "servers": {"type": "array", "description": "the servers of the system (several share a database)",
                         "items": {"type": "object", "properties": {
                             "name": {"type": "string"}, "api_url": {"type": "string"},

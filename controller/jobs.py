@@ -67,6 +67,7 @@ class JobTraffic:
 
     to_workers: int = 0
     from_workers: int = 0
+    discarded: int = 0  # results another copy's beat (dropped)
 
 
 class JobLifecycle:
@@ -192,6 +193,25 @@ class JobLifecycle:
             return None
         return dataclasses.replace(job, state=JobState.FAILED)
 
+    async def redo_lost_results(self, limit: int = 100_000) -> int:
+        """At start: results recorded while the image store may not have had them on disk yet
+        (written unsynced, then a crash: :attr:`ImageStore.unsure_since`) whose file is missing
+        or short are dropped, and their jobs queued again; how many."""
+        assert self.images is not None
+        since = self.images.unsure_since
+        if since is None:
+            return 0
+        rows = await self.store.read(jobrows.recent_results(since - 1.0, limit))
+
+        def lost() -> list[tuple[str, int]]:
+            return [(wid, image_id) for wid, wdir, image_id, fmt, size in rows
+                    if not self.images.intact(image_key(wdir, ImageType.FILTERED, image_id, fmt), size)]
+
+        missing = await asyncio.to_thread(lost)
+        for wid, image_id in missing:
+            await self.store.write(jobrows.redo_result(wid, image_id))
+        return len(missing)
+
     async def recover(self) -> list[Job]:
         """At the start of scheduling (a start, a takeover): jobs dispatched before (by a
         server that crashed, or lost the lead) go back to queued; every queued job, oldest
@@ -281,10 +301,12 @@ class JobLifecycle:
         async with self.lock(workload_id):  # first result wins; a late or duplicate one changes nothing
             if self.deleted(workload_id):
                 return False  # its workload was deleted while the job ran
-            placed = await self.images.commit(stored, key, replace=False)
+            # Not synced one by one: a result lost with a crash is made again (redo_lost_results)
+            placed = await self.images.commit(stored, key, replace=False, durable=False)
             outcome = await self._record_result_row(workload_id, image_id, stored.format, stored.size, timing)
             if outcome == GONE and placed:  # deleted meanwhile (by another server): take it away
                 await self.images.remove(key)
+            self.traffic.discarded += outcome != RECORDED
             return outcome == RECORDED
 
     async def accept_uploaded_result(self, workload: Workload, image_id: int, stored: ReceivedImage,

@@ -43,6 +43,7 @@ from plane import wire
 from plane.declarations import read_all
 from plane.addresses import same_host, source_host
 from plane.rpc import RpcClient, RpcError
+from plane.session import PlaneStats, Session
 from plane.seal import (
     C2W,
     JOIN,
@@ -108,6 +109,9 @@ class Membership:
         self.workers: dict[str, WorkerInfo] = {}
         self.catalog = Catalog(self.workers)  # the fleet's filters, from these workers' declarations
         self.clients: dict[str, RpcClient] = {}
+        self.sessions: dict[str, Session] = {}  # each welcomed worker's: its jobs and results
+        self.plane = PlaneStats()  # what the sessions carried
+        self._closing: set[asyncio.Task] = set()  # sessions of lost workers being closed
         self.refused = 0  # hellos, heartbeats and goodbyes that failed authentication
         self.vanished = 0  # hellos read after their connection had closed (dropped quietly)
         self.bad_messages = 0
@@ -161,7 +165,11 @@ class Membership:
         for c in self.clients.values():
             c.close()
         self.clients.clear()
-        await stop_tasks([*self._tasks, *self._welcomes])
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        for session in sessions:
+            await session.close("the server is stopping")
+        await stop_tasks([*self._tasks, *self._welcomes, *self._closing])
 
     def snapshot(self) -> list[WorkerInfo]:
         return list(self.workers.values())
@@ -172,13 +180,16 @@ class Membership:
 
     # -- talking to workers -----------------------------------------------------------------
 
-    async def call(self, name: str, msg: wire.Message, timeout: float) -> wire.Message:
-        """Send ``msg`` sealed with ``name``'s session key; the reply must be sealed for it."""
-        info = self.workers.get(name)
-        client = self.clients.get(name)
-        if info is None or info.channel is None or client is None:
+    async def call(self, name: str, msg: wire.RunJob | wire.CancelJob, timeout: float) -> wire.Message:
+        """Through ``name``'s session: run a job (its :class:`~plane.wire.JobResult` once it
+        ended), or cancel one (an :class:`~plane.wire.Ack` once its work has stopped)."""
+        session = self.sessions.get(name)
+        if session is None:
             raise RpcError(f"worker {name} is not a member")
-        return await client.call(msg, timeout=timeout, channel=info.channel)
+        if isinstance(msg, wire.RunJob):
+            return await session.run(msg, timeout)
+        await session.stop(msg.job_id, timeout)
+        return wire.Ack()
 
     def credit(self, name: str) -> None:
         """A result of ``name``'s was stored: it is trusted with one more slot (up to its claim)."""
@@ -312,7 +323,8 @@ class Membership:
             # With TLS, the worker's certificate must name the worker (checked by the handshake
             # when there is a client CA): a certificate for one name cannot join as another.
             client = RpcClient(hello.rpc_address, timeout=WELCOME_TIMEOUT, reconnect_min=1.0,
-                               tls=self.tls.dialer(hello.name) if self.tls is not None else None)
+                               tls=self.tls.dialer(hello.name) if self.tls is not None else None,
+                               max_bytes=wire.MAX_SESSION_BYTES)
         except pynng.NNGException as e:
             join.busy = False
             return self._refuse(f"a hello with an unusable address ({e})")
@@ -365,6 +377,7 @@ class Membership:
         old = self.clients.pop(info.name, None)
         if old is not None:
             old.close()
+        self._end_session(info.name, "welcomed again")
         if not info.welcomed:
             logger.info("welcomed worker %s at %s", hello.name, hello.rpc_address)
         if info.session != hello.session:
@@ -375,6 +388,8 @@ class Membership:
         info.last_seen_mono = time.monotonic()  # the TTL runs from the welcome
         self._by_kid[channel.kid] = info
         self.clients[info.name] = client
+        session = self.sessions[info.name] = Session(info.name, client, channel, stats=self.plane)
+        session.start()
         self._notify_change()
         return True
 
@@ -448,8 +463,16 @@ class Membership:
         client = self.clients.pop(info.name, None)
         if client is not None:
             client.close()
+        self._end_session(info.name, f"gone ({why})")
         for cb in self._on_lost:
             cb(info.name)
+
+    def _end_session(self, name: str, why: str) -> None:
+        session = self.sessions.pop(name, None)
+        if session is not None:
+            task = asyncio.create_task(session.close(why), name=f"close-{name}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _notify_change(self) -> None:
         for cb in self._on_change:

@@ -6,6 +6,8 @@ server's own loops. Handlers parse and answer; the steps are here.
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from common.models import (
@@ -22,6 +24,11 @@ from plane import wire
 from storage.datastore import Datastore
 
 logger = logging.getLogger(__name__)
+
+#: Workloads kept in memory at most (their rows: a few hundred bytes each).
+MAX_KNOWN = 4096
+#: Seconds a cached workload is trusted when servers share the datastore.
+KNOWN_SHARED = 2.0
 
 
 def checked_tags(raw: str) -> tuple[str, ...]:
@@ -48,6 +55,28 @@ class Workloads:
         self.jobs = jobs
         self.quota_bytes = quota_bytes
         self.drop_jobs = drop_jobs
+        self._known: OrderedDict[str, tuple[Workload, float]] = OrderedDict()  # id -> (workload, when read)
+        # Another server may delete a workload this one has cached: kept only a moment then
+        # (a late upload is still refused by its row, which is gone); alone, until deleted here.
+        self._known_for = KNOWN_SHARED if store.shared else float("inf")
+
+    async def get(self, workload_id: str, owner: str | None = None) -> Workload:
+        """The workload (:class:`NotFound` if it is not ``owner``'s), from memory when it was
+        read lately: workloads never change, so every upload need not read its row again."""
+        now = time.monotonic()
+        known = self._known.get(workload_id)
+        if known is None or now - known[1] > self._known_for:
+            workload = await self.store.get_workload(workload_id)
+            self._known[workload_id] = known = (workload, now)
+            while len(self._known) > MAX_KNOWN:
+                self._known.popitem(last=False)
+        workload = known[0]
+        if owner is not None and workload.owner != owner:
+            raise NotFound(f"workload {quoted(workload_id)} not found")
+        return workload
+
+    def forget(self, workload_id: str) -> None:
+        self._known.pop(workload_id, None)
 
     async def create(self, owner: str, filter_: Filter, name: str | None = None, tags: str = "",
                      meta: dict | None = None, params: dict | None = None) -> Workload:
@@ -62,6 +91,7 @@ class Workloads:
         its rows go in one transaction, then its images (thumbnails too). What was removed;
         :class:`NotFound` if it is not ``owner``'s (or gone)."""
         workload = await self.store.get_workload(workload_id, owner)
+        self.forget(workload.id)
         cancelled = self.drop_jobs(workload.id)
         removed = await self.jobs.delete_workload(workload)
         if removed is None:

@@ -32,13 +32,14 @@ class RpcClient:
     """One Req0 socket dialed to one peer; each call runs on its own context."""
 
     def __init__(self, address: str, timeout: float = 5.0, reconnect_min: float = 0.1,
-                 tls: pynng.TLSConfig | None = None) -> None:
+                 tls: pynng.TLSConfig | None = None, max_bytes: int = wire.MAX_MESSAGE_BYTES) -> None:
         self.address = address
         self.timeout = timeout
+        self.max_bytes = max_bytes  # replies larger than this are dropped by nng (and time out)
         self._sock = pynng.Req0(
             send_timeout=int(timeout * 1000),
             recv_timeout=int(timeout * 1000),
-            recv_max_size=wire.MAX_MESSAGE_BYTES,
+            recv_max_size=max_bytes,
         )
         self._sock.resend_time = _NEVER_MS
         self._sock.reconnect_time_min = int(reconnect_min * 1000)
@@ -54,16 +55,16 @@ class RpcClient:
         request is accepted) and return the decoded reply, within ``timeout`` seconds in all."""
         limit = self.timeout if timeout is None else timeout
         if channel is not None:
-            data, seq = channel.seal(msg)
+            parts, seq = channel.seal(msg)
         else:
-            data, seq = wire.encode(msg), 0
+            parts, seq = [wire.encode(msg)], 0
         ctx = self._sock.new_context()
         try:
             _context_timeouts(ctx, limit)  # the call's own limit, not the socket's default
             async with asyncio.timeout(limit):
-                await ctx.asend(data)
+                await ctx.asend_msg(nng_message(parts))
                 reply = await ctx.arecv()
-            return channel.open_reply(reply, seq) if channel is not None else wire.decode(reply)
+            return channel.open_reply(reply, seq, self.max_bytes) if channel is not None else wire.decode(reply)
         except (TimeoutError, pynng.Timeout) as e:
             raise RpcError(f"{msg.TYPE} to {self.address}: no reply within {limit:.1f}s") from e
         except pynng.NNGException as e:
@@ -81,6 +82,18 @@ class RpcClient:
         self._sock.close()
 
 
+def nng_message(parts: wire.Parts) -> pynng.Message:
+    """One nng message of ``parts``, each copied once, by nng, into its buffer (a sealed
+    message's frames are never joined in Python first)."""
+    msg = pynng.Message(bytes(parts[0]))
+    for part in parts[1:]:
+        if len(part):
+            err = pynng.lib.nng_msg_append(msg._nng_msg, pynng.ffi.from_buffer(part), len(part))
+            if err:
+                raise pynng.NNGException("cannot build the message", err)
+    return msg
+
+
 def _context_timeouts(ctx: pynng.Context, seconds: float) -> None:
     """Give a context the call's own send and receive timeouts. A context starts with its
     socket's, and nng ends the receive at that timeout whatever the caller's asyncio deadline:
@@ -93,22 +106,23 @@ def _context_timeouts(ctx: pynng.Context, seconds: float) -> None:
             raise pynng.NNGException(f"cannot set the context's {option.decode()}", err)
 
 
-Handler = Callable[[wire.Message], Awaitable[wire.Message | bytes]]
+Handler = Callable[[wire.Message], Awaitable[wire.Message | wire.Parts]]
 
 
 class RpcServer:
     """A Rep0 socket served by ``concurrency`` contexts, each a loop of receive, handle, reply.
 
     The handler gets the decoded request (often a :class:`~plane.wire.Sealed` envelope, which
-    it opens itself) and returns a message or ready bytes (a sealed reply). Garbage and handler
+    it opens itself) and returns a message or the pieces of a sealed reply. Garbage and handler
     failures are answered with an error :class:`~plane.wire.Ack`, counted, logged at a bounded
     rate; nothing a peer sends ends a serving loop.
     """
 
-    def __init__(self, handler: Handler, concurrency: int) -> None:
+    def __init__(self, handler: Handler, concurrency: int, max_bytes: int = wire.MAX_MESSAGE_BYTES) -> None:
         self._handler = handler
         self._concurrency = concurrency
-        self._sock = pynng.Rep0(recv_max_size=wire.MAX_MESSAGE_BYTES, send_timeout=5000)
+        self.max_bytes = max_bytes
+        self._sock = pynng.Rep0(recv_max_size=max_bytes, send_timeout=5000)
         self._tasks: list[asyncio.Task[None]] = []
         self.bad_messages = 0
         self._log = LogLimiter(logger)
@@ -128,26 +142,26 @@ class RpcServer:
             for i in range(self._concurrency)
         ]
 
-    async def _reply_to(self, data: bytes) -> bytes:
+    async def _reply_to(self, data: bytes) -> wire.Parts:
         try:
-            request = wire.decode(data)
+            request = wire.decode(data, self.max_bytes)
         except wire.DecodeError as e:
             self.bad_messages += 1
             self._log.warning("bad", "dropped bad RPC message (%d so far): %s", self.bad_messages, e)
-            return wire.encode(wire.Ack(ok=False, error="bad message"))
+            return [wire.encode(wire.Ack(ok=False, error="bad message"))]
         try:
             reply = await self._handler(request)
         except Exception:  # a handler bug must not kill the serving loop
             self._log.log(logging.ERROR, "handler", "RPC handler failed on %s", request.TYPE, exc_info=True)
             reply = wire.Ack(ok=False, error="internal error")
-        return reply if isinstance(reply, bytes) else wire.encode(reply)
+        return reply if isinstance(reply, list) else [wire.encode(reply)]
 
     async def _serve(self, ctx: pynng.Context) -> None:
         try:
             while True:
                 data = await ctx.arecv()
                 try:
-                    await ctx.asend(await self._reply_to(data))
+                    await ctx.asend_msg(nng_message(await self._reply_to(data)))
                 except pynng.NNGException as e:
                     logger.debug("could not send RPC reply: %s", e)
                     if isinstance(e, pynng.Closed):

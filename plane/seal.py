@@ -1,8 +1,11 @@
 """Authenticated, fresh messages between the server and its workers.
 
-A :class:`Channel` holds one session key (32 random bytes, named by a key id) and seals what one
-side sends: the inner message's JSON, a sequence number and a direction label go under
-HMAC-SHA256. The receiver checks the MAC and that the sequence number is new (a sliding
+A :class:`Channel` holds one session key (32 bytes, named by a key id) and seals what one
+side sends: the inner message's JSON header, its frames (images, raw), a sequence number and a
+direction label go under one Poly1305 tag, whose one-time key is HMAC-SHA256 of the session key
+over the label, key id, sequence number and a random nonce (the construction of ChaCha20-Poly1305's
+one-time keys: a key is never used twice, and a 2 MB frame costs 0.2 ms to tag where HMAC-SHA256
+would take 1.1 ms). The receiver checks the MAC and that the sequence number is new (a sliding
 window, so concurrent requests may arrive out of order); replies are bound to their request's
 sequence number. Nothing is encrypted: the worker plane's secrecy is the network's (see the
 threat model in architecture.md).
@@ -17,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
+
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from plane import wire
 
@@ -32,6 +38,17 @@ class SealError(wire.DecodeError):
 
 def _mac(key: bytes, *parts: object) -> str:
     return hmac.digest(key, "\n".join(str(p) for p in parts).encode("utf-8", "surrogatepass"), "sha256").hex()
+
+
+def _tag(key: bytes, label: str, kid: str, seq: int, nonce: bytes, signed: Iterable[bytes | memoryview]) -> bytes:
+    """The Poly1305 tag of a sealed message (see the module's docstring) over its ``signed``
+    pieces."""
+    one_time = hmac.digest(key, b"dpip3 %s %s %d " % (label.encode(), kid.encode(), seq) + nonce, "sha256")
+    mac = Poly1305(one_time)
+    mac.update(label.encode())
+    for piece in signed:
+        mac.update(piece)
+    return mac.finalize()
 
 
 def join_key(join_token: str) -> bytes:
@@ -57,19 +74,19 @@ def welcome_proof(join: bytes, w: wire.Welcome) -> str:
                 w.public_url, w.heartbeat_interval, w.max_pixels, w.max_pixel_steps)
 
 
-def seal_with(key: bytes, kid: str, label: str, seq: int, msg: wire.Message) -> bytes:
-    body = wire.encode(msg).decode("ascii")
-    return wire.encode(wire.Sealed(kid, seq, body, _mac(key, label, kid, seq, body)))
+def seal_with(key: bytes, kid: str, label: str, seq: int, msg: wire.Message) -> wire.Parts:
+    """``msg`` (its JSON header and its frames) sealed, in pieces (see :func:`plane.wire.envelope`)."""
+    header, frames = wire.parts(msg)
+    nonce = secrets.token_bytes(16)
+    rest, signed = wire.envelope(kid, seq, nonce, header, frames)
+    return wire.sealed_parts(_tag(key, label, kid, seq, nonce, signed), rest, header, frames)
 
 
 def open_with(key: bytes, sealed: wire.Sealed, label: str) -> wire.Message:
-    """Check the MAC and decode the inner message (which may not be sealed again)."""
-    if not hmac.compare_digest(sealed.mac, _mac(key, label, sealed.kid, sealed.seq, sealed.body)):
+    """Check the tag and decode the inner message (which may not be sealed again)."""
+    if not hmac.compare_digest(sealed.tag, _tag(key, label, sealed.kid, sealed.seq, sealed.nonce, (sealed.signed,))):
         raise SealError("bad MAC")
-    inner = wire.decode(sealed.body.encode("utf-8", "surrogatepass"))
-    if isinstance(inner, wire.Sealed):
-        raise SealError("a sealed message inside a sealed message")
-    return inner
+    return wire.decode_header(sealed.header, sealed.frames)
 
 
 class ReplayWindow:
@@ -106,8 +123,8 @@ class Channel:
         self._seq = 0
         self.window = ReplayWindow()
 
-    def seal(self, msg: wire.Message) -> tuple[bytes, int]:
-        """The sealed bytes of ``msg`` and the sequence number they carry."""
+    def seal(self, msg: wire.Message) -> tuple[wire.Parts, int]:
+        """The sealed pieces of ``msg`` and the sequence number they carry."""
         self._seq += 1
         return seal_with(self.key, self.kid, self.send_label, self._seq, msg), self._seq
 
@@ -118,12 +135,12 @@ class Channel:
         inner = open_with(self.key, sealed, self.recv_label)
         return inner, self.window.fresh(sealed.seq)
 
-    def seal_reply(self, msg: wire.Message, request_seq: int) -> bytes:
+    def seal_reply(self, msg: wire.Message, request_seq: int) -> wire.Parts:
         return seal_with(self.key, self.kid, REPLY, request_seq, msg)
 
-    def open_reply(self, data: bytes, request_seq: int) -> wire.Message:
+    def open_reply(self, data: bytes, request_seq: int, max_bytes: int = wire.MAX_MESSAGE_BYTES) -> wire.Message:
         """The reply to our request ``request_seq``; a plain reply (a refusal) is an error."""
-        sealed = wire.decode(data)
+        sealed = wire.decode(data, max_bytes)
         if not isinstance(sealed, wire.Sealed):
             detail = f": {sealed.error}" if isinstance(sealed, wire.Ack) else ""
             raise SealError(f"unsealed {sealed.TYPE} reply{detail}")
@@ -139,8 +156,8 @@ class WelcomeReply:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
 
-    def seal(self, msg: wire.Message) -> tuple[bytes, int]:
-        return wire.encode(msg), 0
+    def seal(self, msg: wire.Message) -> tuple[wire.Parts, int]:
+        return [wire.encode(msg)], 0
 
-    def open_reply(self, data: bytes, request_seq: int) -> wire.Message:
-        return self.channel.open_reply(data, 0)
+    def open_reply(self, data: bytes, request_seq: int, max_bytes: int = wire.MAX_MESSAGE_BYTES) -> wire.Message:
+        return self.channel.open_reply(data, 0, max_bytes)

@@ -6,19 +6,21 @@ message, and whatever the bytes (huge integers, deep nesting, NaN, non-ASCII, wr
 long strings), it either returns a message whose every field is within its declared bounds or
 raises :class:`DecodeError`. Socket loops can therefore log, count and drop garbage and go on.
 
-Authentication is an envelope, :class:`Sealed` (see :mod:`plane.seal`): a MAC over the exact
-bytes of an inner message, with a key id and a sequence number for freshness.
+Authentication is an envelope, :class:`Sealed` (see :mod:`plane.seal`): binary, a MAC over the
+exact bytes of an inner message's JSON header and of the raw binary frames that follow it (the
+images a job or a result carries: bytes as bytes, never base64 inside JSON), with a key id and
+a sequence number for freshness. Only :class:`Exchange` and :class:`Results` carry frames: each
+job or result names its frame by index, and every frame belongs to exactly one of them.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import functools
 import json
 import math
 import re
+import struct
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,15 +42,30 @@ from plane.fields import (  # noqa: F401  (bounds the messages and their users n
     text,
 )
 
-VERSION = 2
 
-#: Images up to this size travel inside ``run_job`` and its reply (base64) instead of over HTTP.
-INLINE_MAX_BYTES = 256 * 1024
-#: Upper bound for any message on our sockets (an inline image, base64, and the envelope fit);
-#: larger ones are dropped by nng itself.
+def _payload() -> Any:
+    """An image carried as a frame of the message, not in its JSON (see :func:`parts`)."""
+    return field(default=b"", repr=False, compare=False, metadata={"wire": False})
+
+VERSION = 3
+
+#: Images up to this size travel as frames of the session's messages (originals in an
+#: :class:`Exchange`, results in :class:`Results`); larger ones over HTTP with a job capability.
+INLINE_MAX_BYTES = 32 << 20
+#: Bytes of frames one session message gathers before the rest waits for the next one (a
+#: single larger image still travels, alone).
+BATCH_BYTES = 8 << 20
+#: Upper bound for a message of the session (the largest frame and its header fit); larger ones
+#: are dropped by nng itself.
+MAX_SESSION_BYTES = INLINE_MAX_BYTES + (1 << 20)
+#: Upper bound for any other message (pub/sub: hellos, heartbeats, goodbyes).
 MAX_MESSAGE_BYTES = 512 * 1024
-#: base64 of INLINE_MAX_BYTES bytes
-MAX_INLINE_TEXT = 4 * ((INLINE_MAX_BYTES + 2) // 3)
+#: Jobs or results one message carries at most.
+MAX_BATCH = 1024
+#: The first bytes of a sealed (binary) message: never the start of JSON.
+MAGIC = b"\x00DP3"
+
+
 class DecodeError(ValueError):
     """Bytes that are not a valid message of this protocol version."""
 
@@ -167,9 +184,10 @@ class Joined:
 
 @dataclass(frozen=True)
 class RunJob:
-    """Scheduler -> worker (req/rep, sealed): filter one image; the reply comes once it is stored.
-    ``capability`` is the HTTP credential for exactly this job: read its original, write its
-    result, until its deadline."""
+    """Scheduler -> worker, one job of an :class:`Exchange`: filter one image. Its original is
+    ``payload`` (a frame of the message), or fetched from ``original_url`` (an object store), or
+    over HTTP with ``capability``, the credential for exactly this job (images too large for a
+    frame); its result comes back in :class:`Results`."""
 
     TYPE = "run_job"
     job_id: int = number()
@@ -181,11 +199,12 @@ class RunJob:
     capability: str = text("", max_len=2048)
     tied_peer: str = text("")  # tied request: the other copy's worker RPC address
     tie: str = hex_field("")  # the secret that lets the tied peer cancel this copy
-    data: str = text("", max_len=MAX_INLINE_TEXT)  # the original, base64, if small ("": download it)
-    inline_result: int = number(0, hi=INLINE_MAX_BYTES)  # a result up to this size comes back inline
+    frame: int = number(-1, lo=-1, hi=MAX_BATCH)  # which frame of the Exchange is the original (-1: fetch it)
+    inline_result: int = number(0, hi=INLINE_MAX_BYTES)  # a result up to this size comes back as a frame
     # With an object store: presigned URLs for this job only (GET the original, PUT the result)
     original_url: str = _bounds("", max_len=4096, pattern=URL_RE)
     result_url: str = _bounds("", max_len=4096, pattern=URL_RE)
+    payload: bytes = _payload()
 
 
 @dataclass(frozen=True)
@@ -201,7 +220,8 @@ class CancelJob:
 
 @dataclass(frozen=True)
 class JobResult:
-    """Worker -> scheduler, the (sealed) reply to :class:`RunJob`."""
+    """Worker -> scheduler, how one job ended, inside :class:`Results`; a small enough result's
+    bytes are its ``payload`` (a frame of the message)."""
 
     TYPE = "job_result"
     job_id: int = number()
@@ -213,8 +233,39 @@ class JobResult:
     process_ms: float = number(0.0, hi=1e9)
     upload_ms: float = number(0.0, hi=1e9)
     started: bool = False  # this copy did (some of) the work: for counting extra work
-    data: str = text("", max_len=MAX_INLINE_TEXT)  # the result, base64, when sent inline
+    frame: int = number(-1, lo=-1, hi=MAX_BATCH)  # which frame of the Results is the image (-1: none)
     transient: bool = False  # the image store or the API could not be reached: not the job's fault
+    payload: bytes = _payload()
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Server -> worker (req/rep, sealed), the one request of a session: the jobs placed on this
+    worker since the last one (each original a frame), the jobs to stop, and the result batches
+    received since the last one (``acks``). The worker answers with :class:`Results` as soon as
+    any job has ended (at once if some had), or after ``hold`` seconds with nothing; the server
+    keeps at least one Exchange waiting at the worker, so a job's end travels in the reply to
+    the request that may have carried the next job: two messages per job, fewer when they pile
+    up."""
+
+    TYPE = "exchange"
+    jobs: list[RunJob] = _bounds(factory=list, max_items=MAX_BATCH)
+    cancels: list[int] = _bounds(factory=list, max_items=MAX_BATCH, lo=0, hi=MAX_INT)
+    acks: list[int] = _bounds(factory=list, max_items=MAX_BATCH, lo=1, hi=MAX_INT)
+    hold: float = number(5.0, lo=0.0, hi=60.0)
+
+
+@dataclass(frozen=True)
+class Results:
+    """Worker -> server, the reply to an :class:`Exchange`: jobs that ended (their results' bytes
+    as frames) and the jobs whose cancel is complete (their work has stopped, or was not here).
+    A numbered ``batch`` (0: empty) is kept by the worker until an Exchange acknowledges it, and
+    sent again if none does within a while (its reply was lost with a connection)."""
+
+    TYPE = "results"
+    batch: int = number(0)
+    results: list[JobResult] = _bounds(factory=list, max_items=MAX_BATCH)
+    stopped: list[int] = _bounds(factory=list, max_items=MAX_BATCH, lo=0, hi=MAX_INT)
 
 
 @dataclass(frozen=True)
@@ -228,49 +279,169 @@ class Ack:
 
 @dataclass(frozen=True)
 class Sealed:
-    """An authenticated envelope: ``mac`` = HMAC-SHA256 over (label, kid, seq, body) with the key
-    ``kid`` names. ``body`` is the exact JSON text of the inner message."""
+    """An authenticated envelope as it arrived (binary, see :func:`decode`), not yet opened:
+    :mod:`plane.seal` checks ``tag`` over ``signed`` with the key ``kid`` names and the nonce,
+    then decodes ``header`` (the inner message's JSON) with its ``frames``."""
 
     TYPE = "sealed"
-    kid: str = _bounds(pattern=re.compile(r"[0-9a-z]{1,64}"))
-    seq: int = number()
-    body: str = text(max_len=MAX_MESSAGE_BYTES)
-    mac: str = _bounds(pattern=re.compile(r"[0-9a-f]{64}"))
+    kid: str
+    seq: int
+    nonce: bytes
+    tag: bytes
+    signed: memoryview  # everything after the tag: what the tag covers
+    header: memoryview
+    frames: tuple[memoryview, ...] = ()
 
 
-Message = Hello | Heartbeat | Goodbye | Welcome | Joined | RunJob | CancelJob | JobResult | Ack | Sealed
+Message = (Hello | Heartbeat | Goodbye | Welcome | Joined | RunJob | CancelJob | JobResult | Exchange | Results
+           | Ack | Sealed)
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (Hello, Heartbeat, Goodbye, Welcome, Joined, RunJob, CancelJob, JobResult, Ack, Sealed)
+    for cls in (Hello, Heartbeat, Goodbye, Welcome, Joined, RunJob, CancelJob, JobResult, Exchange, Results, Ack)
 }
+#: The messages that carry frames, and the list of their items each frame belongs to.
+_FRAMED = {Exchange: "jobs", Results: "results"}
 
 
-def inline(data: bytes) -> str:
-    """Image bytes as they travel inside a message."""
-    return base64.b64encode(data).decode("ascii")
+class VersionError(DecodeError):
+    """A message of another version of the protocol (an older or newer peer)."""
 
-
-def payload(text_: str) -> bytes:
-    """The image bytes of an inline field, or DecodeError if they are not strict base64."""
-    try:
-        return base64.b64decode(text_, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise DecodeError(f"inline image is not base64: {_short(e)}") from None
+    def __init__(self, version: object) -> None:
+        super().__init__(f"a message of protocol version {_short(version)}: this side speaks {VERSION}")
+        self.version = version
 
 
 def encode(msg: Message) -> bytes:
-    """Serialise a message to UTF-8 JSON bytes with its type tag and the protocol version."""
+    """Serialise a message (its frames left out: see :func:`parts`) to UTF-8 JSON bytes with its
+    type tag and the protocol version."""
     body = _plain(msg)
     body["type"] = msg.TYPE
     body["v"] = VERSION
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
-def decode(data: bytes) -> Message:
-    """Parse bytes into a message, or raise :class:`DecodeError` saying what is wrong.
+def parts(msg: Message) -> tuple[bytes, list[bytes | memoryview]]:
+    """A message as its JSON header and its frames: each item's ``payload`` becomes a frame,
+    named by the item's ``frame`` index (items without one get -1)."""
+    key = _FRAMED.get(type(msg))
+    if key is None:
+        return encode(msg), []
+    frames: list[bytes | memoryview] = []
+    items = []
+    for item in getattr(msg, key):
+        if len(item.payload):
+            items.append(dataclasses.replace(item, frame=len(frames)))
+            frames.append(item.payload)
+        elif item.frame != -1:
+            items.append(dataclasses.replace(item, frame=-1))
+        else:
+            items.append(item)
+    return encode(dataclasses.replace(msg, **{key: items})), frames
+
+
+def _with_frames(msg: Message, frames: tuple[memoryview, ...]) -> Message:
+    """A decoded message with each item's frame as its ``payload``: every frame named exactly
+    once, every index in range, else DecodeError."""
+    key = _FRAMED.get(type(msg))
+    if key is None:
+        if frames:
+            raise DecodeError(f"{msg.TYPE}: carries no frames, got {len(frames)}")
+        return msg
+    used: set[int] = set()
+    items = []
+    for item in getattr(msg, key):
+        if item.frame == -1:
+            items.append(item)
+            continue
+        if item.frame >= len(frames) or item.frame in used:
+            raise DecodeError(f"{msg.TYPE}: frame {item.frame} is missing or named twice")
+        used.add(item.frame)
+        items.append(dataclasses.replace(item, payload=bytes(frames[item.frame])))
+    if len(used) != len(frames):
+        raise DecodeError(f"{msg.TYPE}: {len(frames) - len(used)} frame(s) belong to nothing")
+    return dataclasses.replace(msg, **{key: items})
+
+
+def decode_header(header: bytes | memoryview, frames: tuple[memoryview, ...] = ()) -> Message:
+    """The inner message of a sealed envelope: its JSON ``header`` (any message but a sealed
+    one) and its ``frames``."""
+    msg = decode(bytes(header))
+    if isinstance(msg, Sealed):
+        raise DecodeError("a sealed message inside a sealed message")
+    return _with_frames(msg, frames)
+
+
+_PREFIX = struct.Struct("!16sB")  # tag, key id length
+_FIXED = struct.Struct("!Q16sHI")  # seq, nonce, frame count, header length
+MAX_FRAMES = MAX_BATCH
+
+
+#: A sealed message as the pieces it is sent from (the envelope and header, then each frame):
+#: joined only by nng as it copies them into its message (:func:`plane.rpc.nng_message`).
+Parts = list[bytes | memoryview]
+
+
+def envelope(kid: str, seq: int, nonce: bytes, header: bytes, frames: list[bytes | memoryview]) -> tuple[bytes, Parts]:
+    """A sealed message without its tag: the bytes between the tag and the header (key id,
+    sequence number, nonce, frame and header lengths), and what the tag covers, in pieces."""
+    k = kid.encode("ascii")
+    rest = (bytes((len(k),)) + k + _FIXED.pack(seq, nonce, len(frames), len(header))
+            + struct.pack(f"!{len(frames)}I", *(len(f) for f in frames)))
+    return rest, [rest, header, *frames]
+
+
+def sealed_parts(tag: bytes, rest: bytes, header: bytes, frames: list[bytes | memoryview]) -> Parts:
+    """The pieces of a sealed message, its tag in place."""
+    return [MAGIC + tag + rest + header, *frames]
+
+
+def join(parts: Parts) -> bytes:
+    """A sealed message's pieces as one bytes object (small messages, tests)."""
+    return b"".join(parts)
+
+
+def _open_envelope(data: bytes) -> Sealed:
+    view = memoryview(data)
+    at = len(MAGIC)
+    try:
+        tag, klen = _PREFIX.unpack_from(view, at)
+        at += _PREFIX.size
+        kid = bytes(view[at:at + klen]).decode("ascii")
+        at += klen
+        seq, nonce, count, hlen = _FIXED.unpack_from(view, at)
+        at += _FIXED.size
+        if count > MAX_FRAMES:
+            raise DecodeError(f"sealed message with {count} frames (at most {MAX_FRAMES})")
+        lengths = struct.unpack_from(f"!{count}I", view, at)
+    except (struct.error, UnicodeDecodeError):
+        raise DecodeError("a sealed message cut short or garbled") from None
+    at += 4 * count
+    if not _KID_RE.fullmatch(kid):
+        raise DecodeError("sealed message with a malformed key id")
+    if hlen > MAX_MESSAGE_BYTES or at + hlen + sum(lengths) != len(view):
+        raise DecodeError("sealed message whose lengths do not add up")
+    header = view[at:at + hlen]
+    at += hlen
+    frames = []
+    for n in lengths:
+        frames.append(view[at:at + n])
+        at += n
+    return Sealed(kid, seq, nonce, tag, view[len(MAGIC) + 16:], header, tuple(frames))
+
+
+_KID_RE = re.compile(r"[0-9a-z]{1,64}")
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse bytes into a message, or raise :class:`DecodeError` saying what is wrong. A sealed
+    message comes back as a :class:`Sealed` envelope, to be opened by :mod:`plane.seal`.
 
     Nothing else escapes: the JSON parser's own failures (integers beyond Python's digit limit,
     nesting beyond the recursion limit, NaN and Infinity) are all turned into DecodeError."""
+    if len(data) > max_bytes:
+        raise DecodeError(f"message of {len(data)} bytes exceeds {max_bytes}")
+    if data[:len(MAGIC)] == MAGIC:
+        return _open_envelope(data)
     if len(data) > MAX_MESSAGE_BYTES:
         raise DecodeError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     if data.count(b"[") + data.count(b"{") > 256 and _depth(data) > MAX_DEPTH:
@@ -284,7 +455,7 @@ def decode(data: bytes) -> Message:
     if not isinstance(obj, dict):
         raise DecodeError("not a JSON object")
     if obj.get("v") != VERSION:
-        raise DecodeError(f"unsupported version {_short(obj.get('v'))} (speak {VERSION})")
+        raise VersionError(obj.get("v"))
     kind = obj.get("type")
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -343,7 +514,7 @@ def _short(value: object) -> str:
 def _fields(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
     """Each field of a message class with its resolved type (resolving is slow: cache it)."""
     hints = typing.get_type_hints(cls)
-    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("wire", True))
 
 
 def _build(cls: type, obj: dict[str, Any], where: str) -> Any:

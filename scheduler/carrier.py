@@ -52,6 +52,7 @@ class SchedulerSettings:
     hedge_floor: float = 0.02  # never hedge sooner than this (seconds)
     hedge_initial: float = 1.0  # hedge delay until enough latencies are known
     probation: float = 1.0  # seconds a worker beaten by a hedge gets work only if others are full
+    inline_max_bytes: int = wire.INLINE_MAX_BYTES  # images up to this size travel with their jobs
     tie_delay: float = 0.005  # the second tied copy leaves this much later (so a copy that
     # starts at once can cancel it before it starts: "2x the network delay" in the paper)
 
@@ -76,6 +77,7 @@ class Outcome:
     recorded: bool = False  # the result was stored with its timing already (it came inline)
     answered_at: float = 0.0  # time.monotonic() when the worker answered (or the copy ended)
     stopping: bool = False  # timed out: its slot stays taken until the worker says it stopped
+    released: bool = False  # its slot was freed as the worker answered (before the result was stored)
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,8 @@ class Carrier:
             logger.exception("job %d on %s", job.id, worker)
             outcome = Outcome(worker, failure=Failure(f"internal error: {e!r}"))
         finally:
-            if outcome is None or not outcome.stopping:  # (a stopping copy's slot is freed by _stop)
-                self.slots.release(worker, job)
+            if outcome is None or not (outcome.stopping or outcome.released):  # (a stopping copy's
+                self.slots.release(worker, job)  # slot is freed by _stop; once, either way)
             _answer(answered)
         outcome.answered_at = answered.result()
         if outcome.result is not None and outcome.result.started:
@@ -196,10 +198,10 @@ class Carrier:
         was refused, or None once it is stored (or another copy's result was first)."""
         try:
             timing = Timing(worker, reply.download_ms, reply.process_ms, reply.upload_ms)
-            await self.jobs.store_inline_result(job, wire.payload(reply.data), timing)
+            await self.jobs.store_inline_result(job, reply.payload, timing)
         except (Unavailable, InsufficientStorage) as e:
             return Failure(f"the result of worker {worker} could not be stored: {e}", transient=True)
-        except (wire.DecodeError, DpipError) as e:
+        except DpipError as e:
             return Failure(f"worker {worker} sent a result that was refused: {e}")
         return None
 
@@ -231,17 +233,22 @@ class Carrier:
             return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
                                                    backoff=False))
         timeout = self.settings.job_timeout
-        cap = self.membership.capabilities.issue(worker, job.id, job.workload_id, job.image_id, label_of(job.filter.value),
-                                         time.time() + timeout + 5.0)
-        original = await self.jobs.inline_original(job, wire.INLINE_MAX_BYTES)  # small: no HTTP hop
+        inline = min(self.settings.inline_max_bytes, wire.INLINE_MAX_BYTES)
+        original = await self.jobs.inline_original(job, inline) if inline else None  # it travels with the job
         try:  # an object store: the worker reads and writes it directly, for this job only
             direct = await self.jobs.direct_urls(job, timeout + 5.0, worker)
         except DpipError as e:
             return Outcome(worker, failure=Failure(f"no URLs for the image store: {e}", transient=True))
+        # Over HTTP only what is too large for a frame: then the job carries its capability.
+        # (A result larger than the inline limit goes over HTTP too, unless the limit is the most a
+        # message carries: then it is too large for any upload.)
+        needs_http = not direct and (original is None or inline < wire.INLINE_MAX_BYTES)
+        cap = "" if not needs_http else self.membership.capabilities.issue(
+            worker, job.id, job.workload_id, job.image_id, label_of(job.filter.value), time.time() + timeout + 5.0)
         msg = wire.RunJob(job.id, job.workload_id, job.image_id, job.filter.value, job.attempts,
                           params=job.params, capability=cap, tied_peer=tied[0], tie=tied[1],
-                          data=wire.inline(original) if original is not None else "",
-                          inline_result=wire.INLINE_MAX_BYTES,
+                          payload=original if original is not None else b"",
+                          inline_result=inline,
                           original_url=direct[0] if direct else "", result_url=direct[1] if direct else "")
         try:
             reply = await self.membership.call(worker, msg, timeout=timeout)
@@ -257,9 +264,16 @@ class Carrier:
             # stays taken until the worker says the work has stopped (it answers a cancel only then).
             self.slots.spawn(self._stop(worker, job))
             return Outcome(worker, failure=Failure(str(e)), stopping=True)
+        outcome = await self._ended(job, worker, reply, bool(direct))
+        outcome.released = True  # (above, as the worker answered)
+        return outcome
+
+    async def _ended(self, job: Job, worker: str, reply: wire.Message, direct: bool) -> Outcome:
+        """How a copy ended: its result stored (it came back with the answer), checked (in the
+        object store) or looked for (uploaded over HTTP), or why it failed."""
         if isinstance(reply, wire.JobResult) and reply.job_id == job.id:
-            if reply.ok and (reply.data or direct):
-                store = self._store_inline if reply.data else self._accept_direct
+            if reply.ok and (len(reply.payload) or direct):
+                store = self._store_inline if len(reply.payload) else self._accept_direct
                 failure = await store(job, worker, reply)
                 return Outcome(worker, result=reply, failure=failure, recorded=failure is None)
             if reply.ok:

@@ -131,6 +131,10 @@ async def _images(app: web.Application) -> AsyncIterator[None]:
     await images.open()
     app[IMAGES] = images
     app[JOBS] = JobLifecycle(app[STORE], images)  # the one home of a job's transitions
+    redone = await app[JOBS].redo_lost_results()
+    if redone:
+        logger.warning("%d result(s) recorded just before the last stop were not on disk: their jobs run again",
+                       redone)
     try:
         yield
     finally:
@@ -173,6 +177,7 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
         hedge_quantile=s.hedge_quantile,
         hedge_floor=s.hedge_floor_ms / 1000,
         hedge_initial=s.hedge_initial_ms / 1000,
+        inline_max_bytes=s.inline_max_bytes,
     ), s.name(), s.lease_ttl, shared=as_shared(app[STORE]))
     scheduler.on_job_done = app[METRICS].job_done
     app[SCHEDULER] = scheduler

@@ -89,6 +89,9 @@ class ServerSettings:
     hedge_floor_ms: float = option(SCHEDULING.hedge_floor * 1000, "never hedge sooner than this")
     hedge_initial_ms: float = option(SCHEDULING.hedge_initial * 1000, "hedge delay until 20 latencies of a size are known")
     max_upload_bytes: int = option(32 * 1024 * 1024, "largest accepted upload")
+    inline_max_bytes: int = option(SCHEDULING.inline_max_bytes, "images up to this size travel with their jobs over"
+                                   " the worker plane; larger ones over HTTP with a job capability (0: all over"
+                                   " HTTP)")
     quota_bytes: int = option(0, "bytes of images (originals and results) each user may keep; 0: no quota")
     retain_days: float = option(0.0, "remove completed workloads created more than this many days ago"
                                      " (their images too); 0: keep everything")

@@ -94,6 +94,22 @@ class _DirState:
     users: int = 0  # threads inside sync() for this directory
     syncing: threading.Lock = field(default_factory=threading.Lock)
 
+def write_replacing_synced(tmp: Path, path: Path, data: bytes) -> None:
+    """``data`` at ``path``, whole or not at all, on disk when this returns (a small file)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def write_replacing(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")  # two first requests may race

@@ -6,6 +6,7 @@ thread)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import uuid
@@ -17,6 +18,12 @@ from common.models import BadInput, NotFound
 from imaging import facts
 from imaging.formats import sniff_format
 from storage import files
+from storage.groupwrite import GroupWriter
+
+logger = logging.getLogger(__name__)
+
+#: Beside the uploads being received: the time before which every result written unsynced is on disk.
+SYNCED_STAMP = ".results-synced"
 from storage.images import (_FLUSH_BYTES, KEEP_BYTES, READ_BUDGET, SMALL_DOWNLOAD, Download, ImageStore,
                             ReceivedImage)
 class FileImageStore(ImageStore):
@@ -30,6 +37,35 @@ class FileImageStore(ImageStore):
         self._committed: set[Path] = set()  # temp files commit() took: discard() has nothing to do
         self._dir_sync = files.DirSync()
         self._reading = ByteBudget(READ_BUDGET)  # downloads read into memory
+        self._writer = GroupWriter(incoming, on_synced=self._synced)  # images in memory, in groups
+        self._stamp = incoming / SYNCED_STAMP
+        #: results recorded from this time on may have been lost with a crash (see results_unsure)
+        self.unsure_since: float | None = None
+
+    async def open(self) -> None:
+        try:
+            self.unsure_since = float(self._stamp.read_text())
+        except (OSError, ValueError):
+            self.unsure_since = None  # never written unsynced (or a data dir of an earlier version)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.close)
+        await super().close()
+
+    def intact(self, key: str, size: int) -> bool:
+        try:
+            return self.path(key).stat().st_size == size
+        except OSError:
+            return False
+
+    def _synced(self, before: float) -> None:
+        """In the writer thread: every result written before ``before`` is on disk; say so
+        (durably) for the next start."""
+        tmp = self._stamp.with_name(SYNCED_STAMP + ".tmp")
+        try:
+            files.write_replacing_synced(tmp, self._stamp, repr(before).encode())
+        except OSError as e:
+            logger.warning("could not record that results are on disk (%s): the next start checks more of them", e)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -85,13 +121,13 @@ class FileImageStore(ImageStore):
                               self.max_pixels)
         return fmt, head
 
-    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False) -> bool:
+    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False,
+                     durable: bool = True) -> bool:
         loop = asyncio.get_running_loop()
         final = self.path(key)
-        if stored.path is None:  # in memory: written, synced and placed in one trip
+        if stored.path is None:  # in memory: written, synced and placed with others (one thread)
             assert stored.data is not None
-            tmp = self.incoming / f"{uuid.uuid4().hex}.upload"
-            placed = await loop.run_in_executor(None, self._write_placed, stored.data, tmp, final, replace)
+            placed = await self._writer.write(stored.data, final, replace, sync=self.fsync and durable)
         else:
             placed = await loop.run_in_executor(None, self._place, stored.path, final, replace)
             self._committed.add(stored.path)  # gone from incoming/ either way (placed, or dropped)

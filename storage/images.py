@@ -26,12 +26,11 @@ from pathlib import Path
 from common.models import BadInput, ImageType, NotFound, TooLarge, quoted
 from imaging import facts, metadata
 from imaging.formats import FORMATS, sniff_format
-from plane import wire
 from storage import files, thumbnails
 
-#: Files up to this size are kept in memory as they are received, so a job can carry them
-#: inline (:data:`plane.wire.INLINE_MAX_BYTES`) without reading them back.
-KEEP_BYTES = wire.INLINE_MAX_BYTES
+#: Files up to this size are kept in memory as they are received (a 720p frame is), so its job
+#: carries them (a frame of :class:`plane.wire.Assign`) without reading them back.
+KEEP_BYTES = 4 << 20
 
 #: Bytes of recently stored small originals kept in memory, waiting for their jobs.
 RECENT_BYTES = 64 << 20
@@ -148,12 +147,22 @@ class ImageStore(abc.ABC):
         if width * height > self.max_pixels:
             raise BadInput(f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}")
 
+    #: Results recorded from this time on (time.time()) may have been lost with a crash: written
+    #: unsynced (``durable=False``) and not yet synced when it came. None: none may have been.
+    unsure_since: float | None = None
+
+    def intact(self, key: str, size: int) -> bool:
+        """In a thread: whether the image at ``key`` is there whole (``size`` bytes)."""
+        return True
+
     @abc.abstractmethod
-    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False) -> bool:
+    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False,
+                     durable: bool = True) -> bool:
         """Put a received image at ``key``. With ``replace=False`` an existing image wins
         (returns False and drops the new one): that keeps result writes idempotent. With
         ``keep`` a small image's bytes stay in memory for :meth:`small_file` (an original, for
-        its job)."""
+        its job). ``durable=False``: it need not be on disk when this returns (a result, which
+        can be made again from its original: see :attr:`unsure_since`)."""
 
     async def discard(self, stored: ReceivedImage) -> None:
         """Drop a received image that was not committed."""
@@ -209,11 +218,12 @@ class ImageStore(abc.ABC):
 
     async def small_file(self, key: str, size: int, limit: int) -> bytes | None:
         """The bytes of a stored image of ``size`` bytes if at most ``limit`` (from memory if
-        it was stored recently), or None if it is larger."""
+        it was stored recently), or None if it is larger. An object store's are only ever
+        given from memory: its workers read the rest themselves (never relayed by the server)."""
         if size > limit:
             return None
         data = self._recent.get(key)
-        if data is not None:
+        if data is not None or self.direct:
             return data
         return await self.read(key)
 

@@ -108,6 +108,22 @@ def overdue(exclude: set[int], now: float, limit: int) -> Script[list]:
     return (yield from queued(ids))
 
 
+def recent_results(since: float, limit: int) -> Script[list]:
+    """Results recorded at or after ``since``: (workload id, its directory, image id, format, size)."""
+    return (yield q("SELECT i.workload_id, w.dir, i.image_id, i.format, i.size FROM images i JOIN workloads w"
+                    " ON w.id = i.workload_id WHERE i.type = ? AND i.created_at >= ? ORDER BY i.created_at LIMIT ?",
+                    ImageType.FILTERED.value, since, limit)).rows
+
+
+def redo_result(workload_id: str, image_id: int) -> Script[bool]:
+    """A result lost with a crash: its row goes and its job is queued again (run from its
+    original at the next start of scheduling)."""
+    yield q("DELETE FROM images WHERE workload_id = ? AND image_id = ? AND type = ?",
+            workload_id, image_id, ImageType.FILTERED.value)
+    return (yield from statement("UPDATE jobs SET state = ?, worker = NULL, finished_at = NULL WHERE workload_id = ?"
+                                 " AND image_id = ?", JobState.QUEUED.value, workload_id, image_id))
+
+
 def workload_exists(workload_id: str) -> Script[bool]:
     return bool((yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows)
 

@@ -117,7 +117,8 @@ class S3ImageStore(ImageStore):
     async def receive(self, chunks: AsyncIterator[bytes]) -> ReceivedImage:
         return await self._receive_in_memory(chunks)
 
-    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False) -> bool:
+    async def commit(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False,
+                     durable: bool = True) -> bool:
         assert stored.data is not None
         if not replace and await self.exists(key):
             return False

@@ -2,8 +2,9 @@
 
 It publishes crafted heartbeats (any CPU, memory, GPU, capacity, tags, running jobs), takes
 the controller's welcome through the real :class:`~worker.link.WorkerLink`, records every job
-it is sent and holds it until the test releases it; then it really does the job (download,
-grayscale, upload, with the job's capability) and replies, like a worker.
+it is sent and holds it until the test releases it; then it really does the job (the original it
+carries or downloads with the job's capability, grayscale, the result sent back with the job's
+end or uploaded) and answers the session's Exchange, like a worker.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from plane import localjoin, wire
 from plane.rpc import RpcServer
 from worker.filters import process
 from worker.link import Refused, WorkerLink
+from worker.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def with_metadata(png: bytes) -> bytes:
 class FakeWorker:
     def __init__(self, name: str, controller: str, telemetry: Telemetry, filter_override: str = "",
                  join_token: str | None = "", lie: bool = False, inline: str = "", refuse: bool = False,
-                 metadata: bool = False) -> None:
+                 metadata: bool = False, ignore_cancels: bool = False) -> None:
         self.name = name
         self.filter_override = filter_override  # "inverted": results told apart by their pixels
         self.controller = controller
@@ -66,8 +68,10 @@ class FakeWorker:
         self.lie = lie  # reply "done" without storing anything
         self.refuse = refuse  # reply "cannot decode, no retry can help" to every job
         self.metadata = metadata  # results carry EXIF (a made-up GPS position) and a text chunk
-        # "": download and upload over HTTP; "yes": use the job's inline original and reply
-        # with the result inline; "wrong": reply inline with a colour image (never a grayscale)
+        self.ignore_cancels = ignore_cancels  # a cancelled job is still done, and its result sent
+        self.finished = 0  # jobs it did whole (its result uploaded or sent back)
+        # "" or "yes": as a worker does (the image with the job, else over HTTP with the job's
+        # capability); "wrong": send back a colour image (never a grayscale)
         self.inline = inline
         self.sent: list[bytes] = []  # the last messages it published (for replay tests)
         self.session = self.link.session
@@ -76,7 +80,10 @@ class FakeWorker:
         self.token = ""  # set once welcomed (the session's key id)
         self.api_url = ""
         self._release: dict[int, asyncio.Event] = {}
-        self._rpc = RpcServer(self._handle, concurrency=16)
+        self._rpc = RpcServer(self._handle, concurrency=16, max_bytes=wire.MAX_SESSION_BYTES)
+        self._outbox = Outbox()
+        self._tasks: set[asyncio.Task] = set()
+        self.cancels: list[int] = []  # the jobs the server cancelled
         self._pub = pynng.Pub0()
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -127,7 +134,7 @@ class FakeWorker:
                 await self._pub.asend(data)
                 self.sent = [*self.sent[-9:], data]
 
-    async def _handle(self, msg: wire.Message) -> wire.Message | bytes:
+    async def _handle(self, msg: wire.Message) -> wire.Message | wire.Parts:
         try:
             if isinstance(msg, wire.Welcome):
                 reply = self.link.accept_welcome(msg)
@@ -139,61 +146,85 @@ class FakeWorker:
             inner, _, channel = self.link.open(msg)
         except Refused as e:
             return wire.Ack(ok=False, error=str(e))
-        if isinstance(inner, wire.RunJob):
-            self.jobs.append(inner)
-            ev = self._release.setdefault(inner.job_id, asyncio.Event())
-            if self._closing:
-                ev.set()  # closing: hold nothing, so that closing never waits on a held job
-            await ev.wait()
-            if self.refuse:
-                return channel.seal_reply(wire.JobResult(inner.job_id, ok=False, worker=self.name,
-                                                         error="cannot decode the image", retryable=False),
-                                          msg.seq)
-            data = ""
-            if self.inline:
-                data = wire.inline(self._inline_result(inner))
-            elif not self.lie:
-                await self._do(inner)
-            return channel.seal_reply(wire.JobResult(inner.job_id, ok=True, worker=self.name, data=data), msg.seq)
-        return channel.seal_reply(wire.Ack(), msg.seq)
+        if isinstance(inner, wire.Exchange):
+            self._outbox.ack(inner.acks)
+            for job in inner.jobs:
+                self.jobs.append(job)
+                task = asyncio.create_task(self._job(job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            for job_id in inner.cancels:
+                self.cancels.append(job_id)
+                self._release.setdefault(job_id, asyncio.Event()).set()
+                self._outbox.stopped(job_id)
+            return channel.seal_reply(await self._outbox.take(inner.hold), msg.seq)
+        return channel.seal_reply(wire.Ack(ok=False, error=f"unexpected {inner.TYPE}"), msg.seq)
 
-    async def _do(self, msg: wire.RunJob) -> None:
+    async def _job(self, job: wire.RunJob) -> None:
+        """Hold the job until released, then end it as told (its end waits for an Exchange)."""
+        ev = self._release.setdefault(job.job_id, asyncio.Event())
+        if self._closing:
+            ev.set()  # closing: hold nothing, so that closing never waits on a held job
+        await ev.wait()
+        if job.job_id in self.cancels and not self.ignore_cancels:
+            return self._outbox.put(wire.JobResult(job.job_id, ok=False, worker=self.name, error="cancelled"))
+        if self.refuse:
+            return self._outbox.put(wire.JobResult(job.job_id, ok=False, worker=self.name,
+                                                   error="cannot decode the image", retryable=False))
+        payload = b""
+        try:
+            if not self.lie:
+                payload = await self._do(job)
+        except Exception as e:  # told to the server, as a worker would
+            return self._outbox.put(wire.JobResult(job.job_id, ok=False, worker=self.name, error=repr(e)))
+        self.finished += not self.lie
+        self._outbox.put(wire.JobResult(job.job_id, ok=True, worker=self.name, payload=payload))
+
+    async def _do(self, msg: wire.RunJob) -> bytes:
+        """The job done as a worker does it: the original it carries, or downloaded with its
+        capability; the result sent back with its end, or uploaded with the capability."""
         headers = {"Authorization": f"Bearer {msg.capability}"}
         async with aiohttp.ClientSession(headers=headers) as http:
-            params = {"workload_id": msg.workload_id, "type": "original"}
-            async with http.get(f"{self.api_url}/images/{msg.image_id}", params=params) as r:
-                assert r.status == 200, await r.text()
-                data = await r.read()
-            out, _ = process(data, msg.filter)
-            if self.metadata:
-                out = with_metadata(out)
-            if self.filter_override == "inverted":  # a valid-looking result, told apart by its pixels
-                with Image.open(io.BytesIO(out)) as im:
-                    buf = io.BytesIO()
-                    ImageOps.invert(im).save(buf, "PNG")
-                out = buf.getvalue()
+            data = msg.payload
+            if not data:
+                params = {"workload_id": msg.workload_id, "type": "original"}
+                async with http.get(f"{self.api_url}/images/{msg.image_id}", params=params) as r:
+                    assert r.status == 200, await r.text()
+                    data = await r.read()
+            out = self._result_of(data, msg)
+            if msg.payload:
+                return out
             form = aiohttp.FormData({"workload_id": msg.workload_id, "type": "filtered",
                                      "image_id": str(msg.image_id)})
             form.add_field("data", out, filename=f"{msg.image_id}.png")
             async with http.post(f"{self.api_url}/images", data=form) as r:
                 assert r.status == 200, await r.text()
             self.uploads += 1
+            return b""
 
-    def _inline_result(self, msg: wire.RunJob) -> bytes:
-        original = wire.payload(msg.data)
+    def _result_of(self, original: bytes, msg: wire.RunJob) -> bytes:
         if self.inline == "wrong":
             with Image.open(io.BytesIO(original)) as im:
                 buf = io.BytesIO()
                 Image.new("RGB", im.size, (200, 10, 10)).save(buf, "PNG")
             return buf.getvalue()
-        out = process(original, msg.filter)[0]
-        return with_metadata(out) if self.metadata else out
+        out, _ = process(original, msg.filter)
+        if self.metadata:
+            out = with_metadata(out)
+        if self.filter_override == "inverted":  # a valid-looking result, told apart by its pixels
+            with Image.open(io.BytesIO(out)) as im:
+                buf = io.BytesIO()
+                ImageOps.invert(im).save(buf, "PNG")
+            out = buf.getvalue()
+        return out
 
     async def close(self) -> None:
         self._closing = True
         self._pub.close()  # sockets first, then the tasks that wait on them
         self.release_all()
         await self._rpc.close()  # bounded: it abandons what does not stop in time
+        for task in list(self._tasks):
+            task.cancel()
         if self._task:
             self._task.cancel()
             done, _ = await asyncio.wait([self._task], timeout=5)

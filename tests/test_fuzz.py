@@ -84,8 +84,8 @@ def test_decode_deep_nesting(depth, opener):
 def test_decode_never_lets_a_peer_choose_the_exception(kind, junk):
     """Numbers of any size, in any field: DecodeError only (once a 5000-digit integer raised
     ValueError and stopped the controller's loop)."""
-    for blob in (b'{"v": 2, "type": "%s", "job_id": %s}' % (kind.encode(), b"9" * 5000),
-                 b'{"v": 2, "type": "%s", "name": "%s"}' % (kind.encode(), junk.encode("utf-8", "surrogatepass"))):
+    for blob in (b'{"v": 3, "type": "%s", "job_id": %s}' % (kind.encode(), b"9" * 5000),
+                 b'{"v": 3, "type": "%s", "name": "%s"}' % (kind.encode(), junk.encode("utf-8", "surrogatepass"))):
         try:
             wire.decode(blob)
         except wire.DecodeError:
@@ -152,10 +152,28 @@ def test_replay_window_accepts_each_sequence_number_once(seqs, size):
 @given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32), st.integers(0, 2**53))
 def test_a_seal_opens_only_with_its_key_and_label(key, other, seq):
     msg = wire.CancelJob(seq)
-    sealed = wire.decode(seal_with(key, "ab", C2W, seq, msg))
+    sealed = wire.decode(wire.join(seal_with(key, "ab", C2W, seq, msg)))
     assert open_with(key, sealed, C2W) == msg
     with pytest.raises(SealError):
         open_with(key, sealed, W2C)  # a reflected message
     if other != key:
         with pytest.raises(SealError):
             open_with(other, sealed, C2W)
+
+
+@FUZZ
+@given(st.binary(min_size=32, max_size=32), st.lists(st.binary(max_size=64), max_size=6), st.data())
+def test_a_sealed_batch_keeps_its_frames_and_any_change_breaks_it(key, images, data):
+    """Frames travel raw after the header, each named by one item: they come back as sent, and
+    flipping any byte of the message (header, lengths, frames) or cutting it is refused."""
+    jobs = [wire.RunJob(i, "w", i, "grayscale", 1, payload=img) for i, img in enumerate(images)]
+    sent = wire.join(seal_with(key, "ab", C2W, 3, wire.Exchange(jobs, cancels=[7])))
+    got = open_with(key, wire.decode(sent, wire.MAX_SESSION_BYTES), C2W)
+    assert [bytes(j.payload) for j in got.jobs] == images and got.cancels == [7]
+    at = data.draw(st.integers(0, len(sent) - 1))
+    broken = bytearray(sent)
+    broken[at] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(wire.DecodeError):  # SealError is one
+        open_with(key, wire.decode(bytes(broken), wire.MAX_SESSION_BYTES), C2W)
+    with pytest.raises(wire.DecodeError):
+        open_with(key, wire.decode(sent[:data.draw(st.integers(0, len(sent) - 1))], wire.MAX_SESSION_BYTES), C2W)

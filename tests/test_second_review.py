@@ -409,7 +409,7 @@ def test_a_hello_whose_connection_is_gone_is_no_refusal(make_system):
     refused = metric(sysm.url, "dpip_worker_plane_refused")
 
     def hello(name: str, address: str) -> bytes:
-        return seal_with(join, JOIN, W2C, 1, wire.Hello(name, secrets.token_hex(16), address, secrets.token_hex(8)))
+        return wire.join(seal_with(join, JOIN, W2C, 1, wire.Hello(name, secrets.token_hex(16), address, secrets.token_hex(8))))
 
     def vanish_once() -> bool:
         with pynng.Pub0(send_timeout=1000) as pub:

@@ -16,6 +16,7 @@ from tests.helpers import (
     frame_png,
     has_workers,
     jobs_placed,
+    metric,
     push,
     ref,
     slow,
@@ -126,7 +127,7 @@ async def test_a_hedged_pair_that_both_finish_stores_the_first_result_only(make_
     system = make_system(*INSTANT_HEDGE, "--worker-ttl", "10")
     first = await FakeWorker("first", system.controller, Telemetry(cpu_percent=1)).start()
     late = await FakeWorker("late", system.controller, Telemetry(cpu_percent=50),
-                            filter_override="inverted").start()
+                            filter_override="inverted", ignore_cancels=True).start()
     try:
         async with aiohttp.ClientSession() as http:
             api = Api(http, system.url)
@@ -139,8 +140,9 @@ async def test_a_hedged_pair_that_both_finish_stores_the_first_result_only(make_
             await until(lambda: jobs_placed([late], 1), 10, "the hedged copy")
             first.release_all()
             v = await until(lambda: completed(api, wid), 20, "the result of the first copy")
-            late.release_all()  # it ignores the cancel (a fake), finishes and uploads another image
-            await until(lambda: _late_replied(late), 10, "the late copy's upload")
+            late.release_all()  # it ignores the cancel (a fake), finishes and sends another image
+            await until(lambda: _late_discarded(system), 10, "the late copy's result to be dropped")
+            assert late.finished == 1
             assert v["filtered_images"] == [0]
             async with http.get(f"{system.url}/images/0", params={"workload_id": wid, "type": "filtered"}) as r:
                 stored = await r.read()
@@ -156,5 +158,5 @@ async def test_a_hedged_pair_that_both_finish_stores_the_first_result_only(make_
         await late.close()
 
 
-async def _late_replied(fake) -> bool:
-    return fake.uploads >= 1
+async def _late_discarded(system) -> bool:
+    return metric(system.url, "dpip_job_results_discarded") >= 1

@@ -46,14 +46,20 @@ from tests.helpers import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: The servers here send images above this size over HTTP(S) (--inline-max-bytes): both paths
+#: of a job's bytes are exercised under TLS.
+HTTP_FROM = 256 * 1024
+SPLIT = ("--inline-max-bytes", str(HTTP_FROM))
+
+
 def noise_png(seed: int, size=(600, 400)) -> bytes:
-    """An original too big to travel inside the job (> wire.INLINE_MAX_BYTES): the worker
-    downloads it from the API."""
+    """An original too big to travel with its job (> HTTP_FROM, with SPLIT): the worker
+    downloads it from the API with the job's capability."""
     rnd = random.Random(seed)
     im = Image.frombytes("RGB", size, bytes(rnd.getrandbits(8) for _ in range(size[0] * size[1] * 3)))
     buf = io.BytesIO()
     im.save(buf, "PNG", compress_level=1)
-    assert len(buf.getvalue()) > wire.INLINE_MAX_BYTES
+    assert len(buf.getvalue()) > HTTP_FROM
     return buf.getvalue()
 
 
@@ -70,7 +76,8 @@ def mtls(tmp_path_factory) -> Iterator[LocalSystem]:
     """A server with --tls-cert, --tls-key and --tls-client-ca, and two workers with their own
     certificates."""
     base = tmp_path_factory.mktemp("mtls")
-    system = LocalSystem(base / "data", log_dir=base / "logs", admin_password=ADMIN_PASSWORD, tls_dir=base / "tls")
+    system = LocalSystem(base / "data", log_dir=base / "logs", admin_password=ADMIN_PASSWORD, tls_dir=base / "tls",
+                         server_args=SPLIT)
     with system:
         system.start_server()
         system.start_workers({"w1": (), "w2": ()})
@@ -182,7 +189,7 @@ def _relayed_run(tmp_path: Path, use_tls: bool, monkeypatch) -> tuple[bytes, str
     system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
                          port=port, controller_port=controller_port,
                          tls_dir=tmp_path / "tls" if use_tls else None, server_env={"DPIP_JOIN_TOKEN": join},
-                         server_args=("--public-url", f"{scheme}://127.0.0.1:{api_relay.port}"))
+                         server_args=("--public-url", f"{scheme}://127.0.0.1:{api_relay.port}", *SPLIT))
     if use_tls:
         monkeypatch.setenv("DPIP_CA_FILE", system.ca_file)
     try:
@@ -211,7 +218,7 @@ IN_CLEAR = (b"HTTP/1.1", b"Bearer ", b"\x89PNG", b"rpc_address", b"session", b"c
 
 def test_a_relay_between_worker_and_server_sees_nothing_in_clear(tmp_path, monkeypatch):
     seen, token, join = _relayed_run(tmp_path / "tls", True, monkeypatch)
-    assert len(seen) > 2 * wire.INLINE_MAX_BYTES  # both originals went through it
+    assert len(seen) > 2 * HTTP_FROM  # both originals went through it
     for marker in (*IN_CLEAR, token.encode(), join.encode()):
         assert marker not in seen, f"{marker[:20]!r} crossed the network in clear"
 
@@ -353,7 +360,7 @@ def test_a_new_server_certificate_and_workers_reconnect_by_themselves(tmp_path, 
     """Without --tls-client-ca: the workers bring no certificate (only the CA they trust the
     server by); the server restarts with a renewed certificate and they come back."""
     system = LocalSystem(tmp_path / "data", log_dir=tmp_path / "logs", admin_password=ADMIN_PASSWORD,
-                         tls_dir=tmp_path / "tls", mutual_tls=False)
+                         tls_dir=tmp_path / "tls", mutual_tls=False, server_args=SPLIT)
     ca_env(system)
     with system:
         system.start_server()

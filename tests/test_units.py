@@ -31,7 +31,8 @@ MESSAGES = [
     wire.CancelJob(3),
     wire.JobResult(3, False, "boom", retryable=False, worker="w1", process_ms=1.5),
     wire.Ack(),
-    wire.Sealed("0f", 7, "{}", "a" * 64),
+    wire.Exchange([wire.RunJob(3, "wid", 4, "blur", 2)], cancels=[5, 6], acks=[4], hold=2.5),
+    wire.Results(7, [wire.JobResult(3, True, worker="w1")], stopped=[5]),
 ]
 
 
@@ -42,25 +43,25 @@ def test_every_message_round_trips(msg):
 
 @pytest.mark.parametrize("data, words", [
     (b"\xff\xfe garbage", "not JSON"),
-    (b'{"type": "heartbeat", "v": 2, "name": "w"', "not JSON"),
+    (b'{"type": "heartbeat", "v": 3, "name": "w"', "not JSON"),
     (b"[1, 2]", "not a JSON object"),
-    (b'{"type": "ack", "v": 99}', "unsupported version"),
-    (b'{"type": "ack"}', "unsupported version"),
-    (b'{"type": "launch_missiles", "v": 2}', "unknown message type"),
-    (b'{"type": "cancel_job", "v": 2}', "missing field 'job_id'"),
-    (b'{"type": "cancel_job", "v": 2, "job_id": "3"}', "expected an integer"),
-    (b'{"type": "cancel_job", "v": 2, "job_id": true}', "expected an integer"),
-    (b'{"type": "cancel_job", "v": 2, "job_id": -1}', "outside"),
-    (b'{"type": "cancel_job", "v": 2, "job_id": 1' + b"0" * 5000 + b"}", "not JSON"),
-    (b'{"type": "hello", "v": 2, "name": "a/b", "session": "ab", "rpc_address": "tcp://x:1"}', "expected form"),
-    (b'{"type": "hello", "v": 2, "name": "w\\n", "session": "ab", "rpc_address": "tcp://x:1"}', "expected form"),
-    (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "cpu_percent": NaN}', "not JSON"),
-    (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "cpu_percent": 1e999}', "finite"),
-    (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "cpu_percent": 101}', "outside"),
-    (b'{"type": "heartbeat", "v": 2, "name": "w", "session": "ab", "tags": ["x"' + b',"x"' * 40 + b"]}", "items"),
+    (b'{"type": "ack", "v": 99}', "protocol version"),
+    (b'{"type": "ack"}', "protocol version"),
+    (b'{"type": "launch_missiles", "v": 3}', "unknown message type"),
+    (b'{"type": "cancel_job", "v": 3}', "missing field 'job_id'"),
+    (b'{"type": "cancel_job", "v": 3, "job_id": "3"}', "expected an integer"),
+    (b'{"type": "cancel_job", "v": 3, "job_id": true}', "expected an integer"),
+    (b'{"type": "cancel_job", "v": 3, "job_id": -1}', "outside"),
+    (b'{"type": "cancel_job", "v": 3, "job_id": 1' + b"0" * 5000 + b"}", "not JSON"),
+    (b'{"type": "hello", "v": 3, "name": "a/b", "session": "ab", "rpc_address": "tcp://x:1"}', "expected form"),
+    (b'{"type": "hello", "v": 3, "name": "w\\n", "session": "ab", "rpc_address": "tcp://x:1"}', "expected form"),
+    (b'{"type": "heartbeat", "v": 3, "name": "w", "session": "ab", "cpu_percent": NaN}', "not JSON"),
+    (b'{"type": "heartbeat", "v": 3, "name": "w", "session": "ab", "cpu_percent": 1e999}', "finite"),
+    (b'{"type": "heartbeat", "v": 3, "name": "w", "session": "ab", "cpu_percent": 101}', "outside"),
+    (b'{"type": "heartbeat", "v": 3, "name": "w", "session": "ab", "tags": ["x"' + b',"x"' * 40 + b"]}", "items"),
     (b"[" * 100_000, "nested deeper"),
     (b'{"a": ' * 300 + b"1" + b"}" * 300, "nested deeper"),
-    (b'{"type": "run_job", "v": 2, "job_id": 1, "workload_id": "w", "image_id": 1, "filter": "x",'
+    (b'{"type": "run_job", "v": 3, "job_id": 1, "workload_id": "w", "image_id": 1, "filter": "x",'
      b' "attempt": 1, "params": []}', "expected an object"),
     (b"x" * (wire.MAX_MESSAGE_BYTES + 1), "exceeds"),
 ])

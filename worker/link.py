@@ -16,11 +16,12 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pynng
 
 from plane import wire
+from worker.outbox import Outbox
 from plane.seal import (
     C2W,
     JOIN,
@@ -81,15 +82,15 @@ class WorkerLink:
         if not self.join:
             return wire.encode(msg)
         self._hello_seq += 1
-        return seal_with(self.join, JOIN, W2C, self._hello_seq, msg)
+        return wire.join(seal_with(self.join, JOIN, W2C, self._hello_seq, msg))
 
     def publish(self, msg: wire.Heartbeat | wire.Goodbye) -> bytes | None:
         """``msg`` sealed with the session key; None until welcomed."""
         if self.channel is None:
             return None
-        return self.channel.seal(msg)[0]
+        return wire.join(self.channel.seal(msg)[0])
 
-    def accept_welcome(self, w: wire.Welcome) -> bytes:
+    def accept_welcome(self, w: wire.Welcome) -> wire.Parts:
         """Take a welcome's session key; return the sealed acknowledgement, or raise Refused."""
         if w.worker_session != self.session:
             raise Refused("welcome refused: it is not for this worker's session")
@@ -133,6 +134,7 @@ class ControllerLink:
     pub: pynng.Pub0 | None = None
     api_url: str = ""
     heartbeat_interval: float = 1.0
+    outbox: Outbox = field(default_factory=Outbox)  # its session's results, until collected
 
     @property
     def address(self) -> str:

@@ -2,11 +2,14 @@
 
 It dials the controller's pub/sub port with a Pub0 and publishes a hello (and, once welcomed,
 a sealed heartbeat) every interval. It listens on a Rep0 (its RPC address, advertised in the
-hello) for the controller's :class:`~plane.wire.Welcome` (session key, API endpoint) and the
-scheduler's sealed jobs; whom it obeys is :mod:`worker.link`'s business. A job is: take the
-original from the job itself when it is small (:data:`~plane.wire.INLINE_MAX_BYTES`), else
-download it from the API with the job's own capability; filter it in a thread; put a small
-result in the reply, else upload it with the same capability; reply.
+hello) for the controller's :class:`~plane.wire.Welcome` (session key, API endpoint) and then
+the session's sealed messages (:mod:`plane.session`); whom it obeys is :mod:`worker.link`'s
+business. An :class:`~plane.wire.Exchange` starts its jobs and stops its cancels at once; each
+job's end waits in the session's :class:`~worker.outbox.Outbox` for an Exchange the server
+keeps waiting here. A job is: its original from the message itself (a frame), or from
+the object store's presigned URL, or (too large for a frame) from the API with the job's own
+capability; filtered in a thread; its result back as a frame of the Results (or put where it
+came from).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from plane.tls import WorkerTls, http_client_context, nng_url
 from worker import memory
 from worker.filters import FilterError, process
 from worker.link import ControllerLink, Refused, WorkerLink
+from worker.outbox import Outbox
 from worker.ties import Ties, Untied
 from worker.settings import WorkerSettings, join_token_for
 from worker.telemetry import Telemetry
@@ -84,8 +88,9 @@ class Worker:
         self.refused = 0  # requests refused: forged, replayed, or not from our server
         self._log = LogLimiter(logger)
         self.rpc_address = ""
-        self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 4 + 8)
+        self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 4 + 8, max_bytes=wire.MAX_SESSION_BYTES)
         self._started: set[int] = set()  # jobs whose work has begun (tied cancels spare them)
+        self._stopping: set[asyncio.Task] = set()  # the server's cancels, waiting for work to stop
         self._ties = Ties(self.tls)  # tied copies: their secrets, early cancels, peers
         self._transfers: Transfers | None = None  # (its HTTP session is made in the loop, at start)
         self._heartbeat_task: asyncio.Task | None = None
@@ -122,6 +127,9 @@ class Worker:
         if running:
             logger.info("draining: waiting for %d running jobs", len(running))
             await asyncio.wait(running, timeout=self.s.drain_timeout)
+        deadline = time.monotonic() + 5.0  # their ends, collected by the server (acknowledged)
+        while any(c.outbox.waiting() for c in self.links if c.welcomed) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()  # a heartbeat after the goodbye would revive us
         await self._say_goodbye()
@@ -146,7 +154,7 @@ class Worker:
                 c.pub.close()  # sockets first, then the tasks waiting on them (common.aio)
         self._ties.close()
         await self._rpc.close()
-        await stop_tasks([t for t in (self._heartbeat_task, *self.jobs.values()) if t is not None])
+        await stop_tasks([t for t in (self._heartbeat_task, *self.jobs.values(), *self._stopping) if t is not None])
         if self._transfers is not None:
             await self._transfers.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -233,18 +241,21 @@ class Worker:
         try:
             if isinstance(msg, wire.Welcome):
                 c = self._link_of_session(msg.worker_session)
+                before = c.link.kid
                 reply = c.link.accept_welcome(msg)
+                if c.link.kid != before:
+                    c.outbox = Outbox()  # a new session: the old one's results are nobody's
                 self._welcomed(c, msg)
                 return reply
             if isinstance(msg, wire.Sealed):
                 c = self._link_of_key(msg.kid)
                 inner, fresh, channel = c.link.open(msg)
-                if isinstance(inner, wire.RunJob) and (fresh or inner.job_id in self.jobs):
-                    # nng may deliver a request twice: a duplicate joins the job it names
-                    return channel.seal_reply(await self._run_job(inner, c.api_url), msg.seq)
-                if isinstance(inner, wire.CancelJob) and fresh:
-                    return channel.seal_reply(await self._cancel(inner), msg.seq)
-                raise Refused(f"refused: a replayed or unexpected {inner.TYPE}")
+                if not fresh:
+                    raise Refused(f"refused: a replayed {inner.TYPE}")
+                if isinstance(inner, wire.Exchange):
+                    self._exchange(inner, c)
+                    return channel.seal_reply(await c.outbox.take(inner.hold), msg.seq)
+                raise Refused(f"refused: an unexpected {inner.TYPE}")
             if isinstance(msg, wire.CancelJob) and msg.tie and msg.if_not_started:
                 return await self._peer_cancel(msg)
             raise Refused(f"refused: a worker takes no unsealed {msg.TYPE}")
@@ -252,6 +263,26 @@ class Worker:
             self.refused += 1
             self._log.warning("refused", "%s (%d refused so far)", e, self.refused)
             return wire.Ack(ok=False, error=str(e))
+
+    def _exchange(self, msg: wire.Exchange, c: ControllerLink) -> None:
+        """Start the batch's jobs and stop its cancels (each one's end goes to ``c``'s outbox),
+        and forget the result batches it acknowledges."""
+        c.outbox.ack(msg.acks)
+        for job in msg.jobs:
+            self._start(job, c)
+        for job_id in msg.cancels:
+            task = asyncio.create_task(self._stop(job_id, c), name=f"stop-{job_id}")
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    async def _stop(self, job_id: int, c: ControllerLink) -> None:
+        """The server's cancel: the job stops (its end, "cancelled", goes out as any other), and
+        the server hears once its work has stopped (or that it was not here)."""
+        task = self.jobs.get(job_id)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=STOP_WAIT)
+        c.outbox.stopped(job_id)
 
     async def _cancel(self, msg: wire.CancelJob) -> wire.Ack:
         """Stop a job early, and answer once its work has stopped (its slot is then free). A
@@ -292,46 +323,43 @@ class Worker:
         """The API of the first controller that welcomed us."""
         return next((c.api_url for c in self.links if c.api_url), "")
 
-    async def _run_job(self, msg: wire.RunJob, api_url: str = "") -> wire.JobResult:
+    def _start(self, msg: wire.RunJob, c: ControllerLink) -> None:
+        """Start a job of an Exchange (a job already running here is not started twice: its one
+        end answers both); what cannot start ends at once, saying why."""
+        def end(error: str, transient: bool = False) -> None:
+            c.outbox.put(wire.JobResult(msg.job_id, ok=False, error=error, worker=self.s.name, transient=transient))
+
         if self._ties.cancelled_early(msg.job_id, msg.tie):
-            return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name)
+            return end("cancelled")
         task = self.jobs.get(msg.job_id)
-        if task is None or (task.done() and not self._succeeded(task)):
-            # nng may deliver the same request twice: a duplicate joins the running job.
-            if self.draining:
-                return wire.JobResult(msg.job_id, ok=False, error="worker is shutting down", worker=self.s.name)
-            if self.running() >= self.s.capacity:  # (a cancelled job still stopping holds its slot)
-                return wire.JobResult(msg.job_id, ok=False, error="worker is full", worker=self.s.name,
-                                      transient=True)
-            task = asyncio.create_task(self._execute(msg, api_url or self.api_url), name=f"job-{msg.job_id}")
-            self.jobs[msg.job_id] = task
-            if msg.tie:
-                self._ties.tie(msg.job_id, msg.tie)
-            task.add_done_callback(lambda t, jid=msg.job_id: self._forget_later(jid))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.cancelled():
-                return wire.JobResult(msg.job_id, ok=False, error="cancelled", worker=self.s.name,
-                                      started=msg.job_id in self._started)
-            raise
+        if task is not None and not task.done():
+            return None
+        if self.draining:
+            return end("worker is shutting down")
+        if self.running() >= self.s.capacity:  # (a cancelled job still stopping holds its slot)
+            return end("worker is full", transient=True)
+        task = asyncio.create_task(self._execute(msg, c.api_url or self.api_url), name=f"job-{msg.job_id}")
+        self.jobs[msg.job_id] = task
+        if msg.tie:
+            self._ties.tie(msg.job_id, msg.tie)
+        task.add_done_callback(lambda t: self._ended(t, msg.job_id, c))
 
-    @staticmethod
-    def _succeeded(task: asyncio.Task) -> bool:
-        return not task.cancelled() and task.exception() is None and task.result().ok
-
-    def _forget_later(self, job_id: int) -> None:
-        # Keep finished jobs a while so a re-sent request gets the same answer: the answer only
-        # (a failed task would keep its exception's traceback, and the images in its frames).
-        task = self.jobs.get(job_id)
-        if task is not None and task.done():
-            self.jobs[job_id] = _settled(task, job_id)
-        asyncio.get_running_loop().call_later(30.0, self._forget, job_id)
-
-    def _forget(self, job_id: int) -> None:
-        self.jobs.pop(job_id, None)
+    def _ended(self, task: asyncio.Task[wire.JobResult], job_id: int, c: ControllerLink) -> None:
+        """A job's task is over: its end to the outbox, and nothing of it kept here (an answer
+        or a traceback would hold its images)."""
+        if task.cancelled():
+            result = wire.JobResult(job_id, ok=False, error="cancelled", worker=self.s.name,
+                                    started=job_id in self._started)
+        elif task.exception() is not None:
+            logger.error("job %d failed on the worker", job_id, exc_info=task.exception())
+            result = wire.JobResult(job_id, ok=False, error="the job failed on the worker", worker=self.s.name)
+        else:
+            result = task.result()
+        if self.jobs.get(job_id) is task:
+            del self.jobs[job_id]
         self._ties.forget(job_id)
         self._started.discard(job_id)
+        c.outbox.put(result)
 
     async def _execute(self, msg: wire.RunJob, api_url: str) -> wire.JobResult:
         if self.s.fail_rate and random.random() < self.s.fail_rate:
@@ -344,11 +372,11 @@ class Worker:
         if msg.tied_peer:
             asyncio.create_task(self._ties.cancel_peer(msg))
         t0 = time.perf_counter()
-        inline = ""
+        inline: bytes = b""
         try:
-            inline_ok = not (self.s.image_store_endpoint or self.s.image_store_token)  # else: its store
-            if msg.data and inline_ok:
-                data = self._inline_original(msg)
+            inline_ok = not self.s.image_store_token  # else: through the API, with the operator's token
+            if len(msg.payload) and inline_ok:
+                data = msg.payload
             elif msg.original_url and inline_ok:
                 data = await self._http().fetch(msg.original_url)  # straight from the object store
             else:
@@ -360,11 +388,14 @@ class Worker:
                 raise JobFailed(str(e), retryable=False) from None
             t2 = time.perf_counter()
             if inline_ok and len(out) <= msg.inline_result:
-                inline = wire.inline(out)  # stored by the server as it takes our reply
+                inline = out  # a frame of the Results: stored by the server as it takes them
             elif msg.result_url and inline_ok:
                 await self._http().put(msg.result_url, out, fmt)  # the server judges it there
-            else:
+            elif msg.capability or self.s.image_store_token:
                 await self._http().upload(msg, api_url, out, fmt)
+            else:
+                raise JobFailed(f"the result ({len(out)} bytes) is larger than a message may carry"
+                                f" ({msg.inline_result} bytes)", retryable=False)
             t3 = time.perf_counter()
         except JobFailed as e:
             logger.warning("job %d (image %d of %s) failed: %s", msg.job_id, msg.image_id, msg.workload_id, e)
@@ -374,7 +405,7 @@ class Worker:
         return wire.JobResult(
             msg.job_id, ok=True, worker=self.s.name, started=True,
             download_ms=(t1 - t0) * 1000, process_ms=(t2 - t1) * 1000, upload_ms=(t3 - t2) * 1000,
-            data=inline,
+            payload=inline,
         )
 
     async def _filter(self, data: bytes, msg: wire.RunJob) -> tuple[bytes, str]:
@@ -406,24 +437,3 @@ class Worker:
     def _http(self) -> Transfers:
         assert self._transfers is not None, "started"
         return self._transfers
-
-    @staticmethod
-    def _inline_original(msg: wire.RunJob) -> bytes:
-        try:
-            return wire.payload(msg.data)
-        except wire.DecodeError as e:
-            raise JobFailed(f"the job's inline image is broken: {e}") from e
-
-
-
-def _settled(task: asyncio.Task[wire.JobResult], job_id: int) -> asyncio.Future[wire.JobResult]:
-    """A finished job's answer as a done future, holding no exception or traceback (nor the
-    frames, and images, a traceback keeps alive)."""
-    answer: asyncio.Future[wire.JobResult] = asyncio.get_running_loop().create_future()
-    if task.cancelled():
-        answer.cancel()
-    elif task.exception() is not None:
-        answer.set_result(wire.JobResult(job_id, ok=False, error="the job failed on the worker"))
-    else:
-        answer.set_result(task.result())
-    return answer

@@ -28,9 +28,10 @@ class WorkerSettings:
                                      " controller)")
     rpc_bind: str = option("", "address to listen on for RPC (default: the advertised one)")
     rpc_port: int = option(0, "RPC port (default: any free port)")
-    image_store_endpoint: str = option("", "API URL, overriding what the controller says (every image then"
-                                           " goes through it, none inline)")
-    image_store_token: str = option("", "API token, overriding what the controller sends")
+    image_store_endpoint: str = option("", "API URL, overriding what the controller says (for images too large"
+                                           " to travel with their jobs)")
+    image_store_token: str = option("", "API token, overriding what the controller sends (every image then goes"
+                                        " through the API with it, none with its job)")
     heartbeat_interval: float = option(1.0, "seconds between heartbeats until the controller sets it")
     encode: EncodeOptions = EncodeOptions()
     http_timeout: float = 60.0

@@ -1,0 +1,229 @@
+"""Image files written in groups by one thread: durable without a thread trip per file.
+
+The event loop queues a file (its bytes and where it goes) and awaits it; one writer thread
+takes whatever is queued when it wakes (no timer: a group is what piled up while the last one
+was being written, so an idle system writes each file at once and a busy one in groups), writes
+and syncs each file, renames each into place, syncs each directory once for the whole group,
+and wakes the loop once for all of them. Haystack's grouped writes, in a few dozen lines: the
+per-file cost left is the file's own (open, write, fsync, rename), about 0.25 ms of CPU here.
+Written here rather than taken from a library: aiofiles and anyio run each call on a thread
+pool, a trip per call, which is exactly the cost this removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import time
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.models import InsufficientStorage
+
+#: Files written in one group at most (the rest wait for the next).
+MAX_GROUP = 256
+#: Files written unsynced are made durable (the whole filesystem synced) within this many seconds.
+SYNC_EVERY = 1.0
+
+
+def _syncfs() -> Callable[[int], None]:
+    """``syncfs(2)`` of the filesystem an open file is on (Linux), else a sync of everything."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return lambda fd: os.sync()
+
+    def call(fd: int) -> None:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    return call
+
+
+@dataclass
+class _File:
+    data: bytes
+    final: Path
+    replace: bool  # False: an existing file wins (first result wins), and this one is dropped
+    sync: bool
+    future: asyncio.Future[bool]
+
+
+class GroupWriter:
+    """One writer thread for a store's files (see the module's docstring)."""
+
+    def __init__(self, incoming: Path, name: str = "file-writer",
+                 on_synced: Callable[[float], None] | None = None) -> None:
+        """``on_synced(t)`` (in the writer thread): every file written unsynced before time
+        ``t`` (time.time()) is on disk now."""
+        self.incoming = incoming
+        self.on_synced = on_synced
+        self._unsynced_since: float | None = None  # the first unsynced write not yet made durable
+        self._syncfs = _syncfs()
+        self.name = name
+        self._queue: list[_File] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._dirs: set[Path] = set()  # directories known to exist
+        self.groups = 0
+        self.files = 0
+        self.after_write: Callable[[Path], None] | None = None
+
+    async def write(self, data: bytes, final: Path, replace: bool = True, sync: bool = True) -> bool:
+        """Put ``data`` at ``final`` (synced, with its directory, if ``sync``): True once it is
+        there, False if ``replace`` is off and a file was there first. InsufficientStorage on a
+        full disk, leaving nothing behind."""
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._loop = loop
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        if self._closed:
+            raise RuntimeError("the file writer is closed")
+        future = loop.create_future()
+        with self._lock:
+            self._queue.append(_File(data, final, replace, sync, future))
+        self._wake.set()
+        return await future
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.sync()
+
+    def sync(self) -> None:
+        """Make every file written so far durable (in the writer thread, or once it is gone)."""
+        began = time.time()
+        if self._unsynced_since is None:
+            return
+        try:
+            fd = os.open(self.incoming, os.O_RDONLY)
+            try:
+                self._syncfs(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return  # tried again a second later; until then they are not claimed durable
+        self._unsynced_since = None
+        if self.on_synced is not None:
+            self.on_synced(began)
+
+    def _run(self) -> None:
+        while True:
+            due = None if self._unsynced_since is None else max(0.0, self._unsynced_since + SYNC_EVERY - time.time())
+            if not self._wake.wait(due):
+                self.sync()  # nothing new for a while: the unsynced files go to disk now
+                continue
+            with self._lock:
+                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+                if not self._queue:
+                    self._wake.clear()
+            if not group:
+                if self._closed:
+                    return
+                continue
+            if self._unsynced_since is not None and time.time() - self._unsynced_since > SYNC_EVERY:
+                self.sync()  # (a steady stream: never more than a second behind)
+            outcomes = self._write_group(group)
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(_settle, group, outcomes)
+            except RuntimeError:
+                return  # the loop is closed: nobody is waiting any more
+
+    def _write_group(self, group: list[_File]) -> list[bool | BaseException]:
+        self.groups += 1
+        self.files += len(group)
+        outcomes: list[bool | BaseException] = []
+        synced: set[Path] = set()
+        for f in group:
+            try:
+                if not f.sync and self._unsynced_since is None:
+                    self._unsynced_since = time.time()
+                placed = self._write_one(f)
+                if placed and f.sync:
+                    synced.add(f.final.parent)
+                outcomes.append(placed)
+            except BaseException as e:
+                outcomes.append(_as_storage_error(e))
+        for directory in synced:
+            try:
+                fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:  # the files are there, but their names may not survive a crash
+                error = _as_storage_error(e)
+                outcomes = [error if f.final.parent == directory and o is True else o
+                            for f, o in zip(group, outcomes, strict=True)]
+        return outcomes
+
+    def _write_one(self, f: _File) -> bool:
+        directory = f.final.parent
+        if directory not in self._dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(directory)
+            if len(self._dirs) > 10_000:
+                self._dirs.clear()
+        tmp = self.incoming / f"{uuid.uuid4().hex}.upload"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                view = memoryview(f.data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if f.sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                return self._place(tmp, f)
+            except FileNotFoundError:  # its directory was removed meanwhile (a deleted workload)
+                self._dirs.discard(directory)
+                directory.mkdir(parents=True, exist_ok=True)
+                return self._place(tmp, f)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+    @staticmethod
+    def _place(tmp: Path, f: _File) -> bool:
+        if f.replace:
+            os.replace(tmp, f.final)
+            return True
+        try:
+            os.link(tmp, f.final)  # atomic "create if absent"
+        except FileExistsError:
+            return False
+        return True
+
+
+def _as_storage_error(e: BaseException) -> BaseException:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("no space left on the server's disk for the image")
+    return e
+
+
+def _settle(group: list[_File], outcomes: list[bool | BaseException]) -> None:
+    for f, outcome in zip(group, outcomes, strict=True):
+        if f.future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            f.future.set_exception(outcome)
+        else:
+            f.future.set_result(outcome)

@@ -1,0 +1,88 @@
+"""A worker's job ends waiting for its server's :class:`~plane.wire.Exchange` (one per session).
+
+Jobs end in any order; their results (and the jobs whose cancel is complete) pile up here until
+the oldest Exchange the server keeps waiting here takes them all, in one numbered
+:class:`~plane.wire.Results` batch (up to :data:`~plane.wire.BATCH_BYTES` of images, at least
+one result). A batch is kept until a later Exchange acknowledges it; one that stays
+unacknowledged for :data:`~plane.session.RESEND_AFTER` seconds (its reply was lost with a
+connection) goes again with the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from plane import wire
+from plane.session import RESEND_AFTER
+
+
+class Outbox:
+    def __init__(self) -> None:
+        self._results: list[wire.JobResult] = []
+        self._stopped: list[int] = []
+        self._sent: dict[int, tuple[float, list[wire.JobResult], list[int]]] = {}  # batch -> when, what
+        self._batch = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()  # Exchanges held, oldest first
+
+    def put(self, result: wire.JobResult) -> None:
+        self._results.append(result)
+        self._wake()
+
+    def stopped(self, job_id: int) -> None:
+        self._stopped.append(job_id)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def waiting(self) -> int:
+        """Job ends not yet taken, or taken but not acknowledged."""
+        return len(self._results) + len(self._stopped) + sum(len(r) + len(s) for _, r, s in self._sent.values())
+
+    def ack(self, batches: list[int]) -> None:
+        """The server received these batches: forget them."""
+        for n in batches:
+            self._sent.pop(n, None)
+
+    async def take(self, hold: float) -> wire.Results:
+        """What an Exchange gets: every end there is, as soon as there is one (the oldest
+        Exchange held here first), or an empty batch after ``hold`` seconds."""
+        self._resend_lost()
+        if not self._results and not self._stopped or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, hold)
+            except TimeoutError:
+                return wire.Results(batch=0)
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        taken, size = [], 0
+        while self._results and len(taken) < wire.MAX_BATCH and (
+                not taken or size + len(self._results[0].payload) <= wire.BATCH_BYTES):
+            result = self._results.pop(0)
+            taken.append(result)
+            size += len(result.payload)
+        stopped, self._stopped = self._stopped[:wire.MAX_BATCH], self._stopped[wire.MAX_BATCH:]
+        if self._results or self._stopped:
+            self._wake()  # the next Exchange held takes the rest
+        if not taken and not stopped:
+            return wire.Results(batch=0)
+        self._batch += 1
+        self._sent[self._batch] = (time.monotonic(), taken, stopped)
+        return wire.Results(batch=self._batch, results=taken, stopped=stopped)
+
+    def _resend_lost(self) -> None:
+        now = time.monotonic()
+        for n, (sent_at, results, stopped) in list(self._sent.items()):
+            if now - sent_at > RESEND_AFTER:
+                del self._sent[n]
+                self._results[:0] = results
+                self._stopped[:0] = stopped
