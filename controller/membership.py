@@ -11,7 +11,7 @@ is forgotten ``forget_after`` seconds later. The scheduler calls workers through
 :meth:`Membership.call`, which seals.
 
 A member's claimed capacity is trusted only as far as it has proven it (:meth:`WorkerInfo.slots`):
-a newcomer gets a few slots, one more for each result of its that was stored.
+a newcomer gets a few slots, twice as many each time half of them came back with stored results.
 
 Everything here is bounded against a hostile network: at most ``max_workers`` members and
 ``MAX_PENDING`` joins in progress, one welcome attempt per name at a time and per second,
@@ -192,10 +192,10 @@ class Membership:
         return wire.Ack()
 
     def credit(self, name: str) -> None:
-        """A result of ``name``'s was stored: it is trusted with one more slot (up to its claim)."""
+        """A result of ``name``'s was stored: toward more trusted slots (up to its claim)."""
         info = self.workers.get(name)
-        if info is not None and info.proven < info.capacity:
-            info.proven += 1
+        if info is not None:
+            info.credit()
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -381,7 +381,7 @@ class Membership:
         if not info.welcomed:
             logger.info("welcomed worker %s at %s", hello.name, hello.rpc_address)
         if info.session != hello.session:
-            info.proven = 0  # another process: it proves itself again
+            info.distrust()  # another process: it proves itself again
         info.session, info.rpc_address = hello.session, hello.rpc_address
         info.declare(declared)
         info.channel, info.state, info.welcomed_at = channel, WorkerState.WELCOMED, time.monotonic()

@@ -14,8 +14,9 @@ from plane.seal import Channel
 #: What a worker that declares no filters runs: the built-ins of this server.
 BUILTINS = tuple(n for n, s in registry.REGISTRY.items() if s.builtin)
 
-#: Slots a newcomer is trusted with before it has proven more (each stored result: one more).
-TRUSTED_AT_FIRST = 2
+#: Slots a newcomer is trusted with before it has proven more (slow start: twice as many each
+#: time half of them came back with stored results).
+TRUSTED_AT_FIRST = 4
 
 
 class WorkerState(str, Enum):
@@ -51,7 +52,8 @@ class WorkerInfo:
     welcomed_at: float = 0.0  # monotonic
     running_job_ids: list[int] = field(default_factory=list)
     channel: Channel | None = field(default=None, repr=False)  # the session key; None when dead
-    proven: int = 0  # its results stored this session (what its claimed capacity is trusted to)
+    trust: int = TRUSTED_AT_FIRST  # the slots its claimed capacity is trusted to, this session
+    proven: int = 0  # its results stored since its trust last doubled
     #: the filters it runs, as it declared them when it joined; None: it declared none (an
     #: older worker): the server's built-ins
     filters: dict[str, FilterSpec] | None = field(default=None, repr=False)
@@ -85,8 +87,22 @@ class WorkerInfo:
 
     def slots(self) -> int:
         """The jobs it may hold at once: what it claims, but no more than it has proven it can
-        (a few at first, one more per stored result: a claim of 4096 wins nothing at once)."""
-        return min(self.capacity, TRUSTED_AT_FIRST + self.proven)
+        (a few at first, twice as many each time half of them came back with stored results, as
+        TCP's slow start: a claim of 4096 wins nothing at once, an honest 8 slots are in use
+        after one round of jobs)."""
+        return min(self.capacity, self.trust)
+
+    def credit(self) -> None:
+        """One of its results was stored."""
+        if self.trust >= self.capacity:
+            return
+        self.proven += 1
+        if 2 * self.proven >= self.trust:
+            self.trust, self.proven = min(self.capacity, 2 * self.trust), 0
+
+    def distrust(self) -> None:
+        """A new process under this name: it proves itself again."""
+        self.trust, self.proven = TRUSTED_AT_FIRST, 0
 
     def to_json(self, admin: bool = False) -> dict:
         """The API's view; the RPC address (where to send jobs) is for admins only."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from common.models import Filter, Workload
 from controller.jobs import JobLifecycle
-from controller.workers import WorkerInfo, WorkerState
+from controller.workers import TRUSTED_AT_FIRST, WorkerInfo, WorkerState
 from plane import wire
 from plane.rpc import RpcError
 from scheduler.dispatcher import Dispatcher, SchedulerSettings
@@ -70,16 +70,16 @@ class StubMembership:
         self.workers[stub.name] = WorkerInfo(
             stub.name, list(stub.tags), state=WorkerState.ALIVE, capacity=stub.capacity,
             cpu_percent=stub.cpu_percent, rpc_address=f"stub://{stub.name}", channel=object(),  # type: ignore[arg-type]
-            proven=stub.capacity if stub.trusted else 0)
+            trust=stub.capacity if stub.trusted else TRUSTED_AT_FIRST)
         for cb in self._on_change:
             cb()
         return stub
 
     def credit(self, name: str) -> None:
-        """A result of ``name``'s was stored: one more slot trusted, as membership does."""
+        """A result of ``name``'s was stored: toward more trusted slots, as membership does."""
         info = self.workers.get(name)
-        if info is not None and info.proven < info.capacity:
-            info.proven += 1
+        if info is not None:
+            info.credit()
 
     def kill(self, name: str) -> None:
         info = self.workers[name]
