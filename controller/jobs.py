@@ -203,12 +203,14 @@ class JobLifecycle:
             return 0
         rows = await self.store.read(jobrows.recent_results(since - 1.0, limit))
 
-        def lost() -> list[tuple[str, int]]:
-            return [(wid, image_id) for wid, wdir, image_id, fmt, size in rows
-                    if not self.images.intact(image_key(wdir, ImageType.FILTERED, image_id, fmt), size)]
+        def lost() -> list[tuple[str, int, str]]:
+            keys = ((wid, image_id, image_key(wdir, ImageType.FILTERED, image_id, fmt), size)
+                    for wid, wdir, image_id, fmt, size in rows)
+            return [(wid, image_id, key) for wid, image_id, key, size in keys if not self.images.intact(key, size)]
 
         missing = await asyncio.to_thread(lost)
-        for wid, image_id in missing:
+        for wid, image_id, key in missing:
+            await self.images.remove(key)  # what is left of it would win over the result made again
             await self.store.write(jobrows.redo_result(wid, image_id))
         return len(missing)
 

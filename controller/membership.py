@@ -211,6 +211,8 @@ class Membership:
                 continue
             try:
                 self._on_message(message.bytes, source_host(message))
+            except wire.VersionError as e:
+                self._refuse(f"{e}: a worker of another version of DPIP (upgrade it, or the server)")
             except wire.DecodeError as e:
                 self.bad_messages += 1
                 self._log.warning("bad", "dropped bad message on controller (%d so far): %s",

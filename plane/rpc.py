@@ -145,6 +145,11 @@ class RpcServer:
     async def _reply_to(self, data: bytes) -> wire.Parts:
         try:
             request = wire.decode(data, self.max_bytes)
+        except wire.VersionError as e:
+            self.bad_messages += 1
+            self._log.warning("version", "refused %s: a server of another version of DPIP (upgrade it, or this"
+                              " worker)", e)
+            return [wire.encode(wire.Ack(ok=False, error=f"refused {e}"))]
         except wire.DecodeError as e:
             self.bad_messages += 1
             self._log.warning("bad", "dropped bad RPC message (%d so far): %s", self.bad_messages, e)

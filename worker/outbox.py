@@ -25,6 +25,7 @@ class Outbox:
         self._sent: dict[int, tuple[float, list[wire.JobResult], list[int]]] = {}  # batch -> when, what
         self._batch = 0
         self._waiters: deque[asyncio.Future[None]] = deque()  # Exchanges held, oldest first
+        self._woken = False  # one of them was woken and has not taken yet (wake no other)
 
     def put(self, result: wire.JobResult) -> None:
         self._results.append(result)
@@ -35,10 +36,13 @@ class Outbox:
         self._wake()
 
     def _wake(self) -> None:
+        if self._woken:
+            return  # the one woken takes everything there is when it runs
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self._woken = True
                 return
 
     def waiting(self) -> int:
@@ -61,9 +65,16 @@ class Outbox:
                 await asyncio.wait_for(waiter, hold)
             except TimeoutError:
                 return wire.Results(batch=0)
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # woken, but gone: another takes
+                    self._woken = False
+                    if self._results or self._stopped:
+                        self._wake()
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+            self._woken = False
         taken, size = [], 0
         while self._results and len(taken) < wire.MAX_BATCH and (
                 not taken or size + len(self._results[0].payload) <= wire.BATCH_BYTES):
