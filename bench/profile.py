@@ -68,15 +68,24 @@ def main() -> int:
     p.add_argument("--out", default="/tmp/dpip-profile")
     p.add_argument("--server-args", default="", help="extra server flags, e.g. '--no-fsync'")
     p.add_argument("--no-spy", action="store_true", help="only the CPU figures (py-spy costs the server some)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--frames", default="", help="a directory of images to push instead of tiny PNGs"
+                                                " (e.g. bench-out/frames-1280x720, made by make bench)")
+    p.add_argument("--worker-args", default="", help="e.g. '--capacity 8 --slow-rate 1 --slow-ms 1000'")
     a = p.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tiny = [frame_png(i, 64, 64) for i in range(a.tiny)]
+    if a.frames:
+        files = sorted(Path(a.frames).iterdir())
+        tiny = [files[i % len(files)].read_bytes() for i in range(a.tiny)]
+    else:
+        tiny = [frame_png(i, 64, 64) for i in range(a.tiny)]
     with tempfile.TemporaryDirectory() as tmp, LocalSystem(Path(tmp), server_args=tuple(a.server_args.split())) as system:
         system.start_server()
-        token = system.start_workers({"w1": (), "w2": ()})
-        requests_push(system.url, token, tiny[:200], a.clients)  # warm up (and the trust ramp)
+        specs = {f"w{i}": tuple(a.worker_args.split()) for i in range(a.workers)}
+        token = system.start_many_workers(specs, timeout=60 + 3 * a.workers)
+        requests_push(system.url, token, tiny[:min(200, a.tiny // 4)], a.clients)  # warm up (and the trust ramp)
         assert system.server is not None
         raw = out / "server.txt"
         recorder = subprocess.Popen(["true"]) if a.no_spy else subprocess.Popen([spy, "record", "--pid", str(system.server.pid), "--rate", "250",

@@ -170,7 +170,10 @@ class JobLifecycle:
     async def _record_result_row(self, workload_id: str, image_id: int, fmt: str, size: int,
                              timing: Timing | None) -> str:
         """:meth:`complete`, saying which: RECORDED, DUPLICATE or GONE (no such workload)."""
-        return await self.store.write(jobrows.record_result(workload_id, image_id, fmt, size, time.time(), timing))
+        # Not waiting for the disk: a result lost with a crash (its row or its file) is made
+        # again from its original (its job is still dispatched, or redo_lost_results finds it).
+        return await self.store.write(jobrows.record_result(workload_id, image_id, fmt, size, time.time(), timing),
+                                      durable=False)
 
     async def has_result(self, job: Job) -> bool:
         """Whether the job's result is stored: what "done" means, whatever a worker says."""
@@ -308,6 +311,11 @@ class JobLifecycle:
             outcome = await self._record_result_row(workload_id, image_id, stored.format, stored.size, timing)
             if outcome == GONE and placed:  # deleted meanwhile (by another server): take it away
                 await self.images.remove(key)
+            elif outcome == RECORDED and not placed and stored.data is not None:
+                # A file without a row: what a crash left of an earlier copy's result written
+                # unsynced (perhaps only part of it). The row now counts this one: its bytes
+                # replace those. (A streamed result is synced before it is placed: whole.)
+                await self.images.commit(stored, key, replace=True, durable=False)
             self.traffic.discarded += outcome != RECORDED
             return outcome == RECORDED
 
