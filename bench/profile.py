@@ -39,12 +39,16 @@ def _per_thread(pid: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def fold(raw: Path, top: int) -> str:
-    """The collapsed stacks py-spy wrote, as a table of the costliest functions (inclusive)."""
+def fold(raw: Path, top: int, only: str = "") -> str:
+    """The collapsed stacks py-spy wrote, as a table of the costliest functions (inclusive);
+    ``only``: the stacks that pass through a frame containing this text (e.g. the event loop's
+    ``main.py``)."""
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
+        if only and only not in line:
+            continue
         stack, _, count = line.rpartition(" ")
         n = int(count)
         frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].rstrip(")") for f in stack.split(";")[1:]]
@@ -69,6 +73,7 @@ def main() -> int:
     p.add_argument("--server-args", default="", help="extra server flags, e.g. '--no-fsync'")
     p.add_argument("--no-spy", action="store_true", help="only the CPU figures (py-spy costs the server some)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--only", default="", help="fold only the stacks through this text (main.py: the event loop)")
     p.add_argument("--frames", default="", help="a directory of images to push instead of tiny PNGs"
                                                 " (e.g. bench-out/frames-1280x720, made by make bench)")
     p.add_argument("--worker-args", default="", help="e.g. '--capacity 8 --slow-rate 1 --slow-ms 1000'")
@@ -109,7 +114,7 @@ def main() -> int:
         label = next((line for line in names.splitlines() if f"{tid}" in line), "?")
         print(f"  thread {tid}: user {1000 * (u - u0) / a.tiny:.2f} kernel {1000 * (k - k0) / a.tiny:.2f} ms/image  {label[:90]}")
     if raw.exists():
-        print(fold(raw, a.top))
+        print(fold(raw, a.top, a.only))
     return 0
 
 

@@ -41,7 +41,7 @@ from controller.workers import WorkerInfo, WorkerState
 from filtering.model import FilterSpec
 from plane import wire
 from plane.declarations import read_all
-from plane.addresses import same_host, source_host
+from plane.addresses import host_of, same_host, source_host
 from plane.rpc import RpcClient, RpcError
 from plane.session import PlaneStats, Session
 from plane.seal import (
@@ -56,6 +56,7 @@ from plane.seal import (
     session_key,
     welcome_proof,
 )
+from plane.stream import server_context
 from plane.tls import ServerTls, is_tls
 from storage.datastore import Datastore
 
@@ -111,6 +112,7 @@ class Membership:
         self.clients: dict[str, RpcClient] = {}
         self.sessions: dict[str, Session] = {}  # each welcomed worker's: its jobs and results
         self.plane = PlaneStats()  # what the sessions carried
+        self._session_tls = server_context(tls) if tls is not None else None
         self._closing: set[asyncio.Task] = set()  # sessions of lost workers being closed
         self.refused = 0  # hellos, heartbeats and goodbyes that failed authentication
         self.vanished = 0  # hellos read after their connection had closed (dropped quietly)
@@ -325,8 +327,7 @@ class Membership:
             # With TLS, the worker's certificate must name the worker (checked by the handshake
             # when there is a client CA): a certificate for one name cannot join as another.
             client = RpcClient(hello.rpc_address, timeout=WELCOME_TIMEOUT, reconnect_min=1.0,
-                               tls=self.tls.dialer(hello.name) if self.tls is not None else None,
-                               max_bytes=wire.MAX_SESSION_BYTES)
+                               tls=self.tls.dialer(hello.name) if self.tls is not None else None)
         except pynng.NNGException as e:
             join.busy = False
             return self._refuse(f"a hello with an unusable address ({e})")
@@ -346,13 +347,13 @@ class Membership:
                                   hello.rpc_address, e, "" if self.tls is None or not self.tls.mutual else
                                   " (or its certificate is not of the client CA, or does not name it)")
                 return
-            if isinstance(reply, wire.Joined):
-                declared = self.catalog.without_conflicts(hello.name, read_all(hello.name, reply.filters))
-            elif isinstance(reply, wire.Ack) and reply.ok:
-                declared = None  # a worker that declares nothing runs the built-ins
-            else:
+            if not isinstance(reply, wire.Joined) or not reply.session_port:
+                self._refuse(f"a welcome answered without a session port by {hello.name!r}: a worker of"
+                             " another version of DPIP (upgrade it)")
                 return
-            adopted = self._adopt(hello, channel, client, declared)
+            declared = self.catalog.without_conflicts(hello.name, read_all(hello.name, reply.filters)) \
+                if reply.declares else None  # (None: the server's built-ins)
+            adopted = self._adopt(hello, channel, client, declared, reply.session_port)
             if adopted:
                 await self.store.upsert_worker(hello.name, self.workers[hello.name].tags, hello.rpc_address)
         except Exception:  # a bug must cost one welcome, never leave the name stuck
@@ -363,7 +364,7 @@ class Membership:
                 client.close()
 
     def _adopt(self, hello: wire.Hello, channel: Channel, client: RpcClient,
-               declared: dict[str, tuple[FilterSpec, bool]] | None = None) -> bool:
+               declared: dict[str, tuple[FilterSpec, bool]] | None = None, session_port: int = 0) -> bool:
         """The worker proved its session: make it the member of that name."""
         info = self.workers.get(hello.name)
         if info is not None and info.alive and info.session != hello.session:
@@ -390,7 +391,8 @@ class Membership:
         info.last_seen_mono = time.monotonic()  # the TTL runs from the welcome
         self._by_kid[channel.kid] = info
         self.clients[info.name] = client
-        session = self.sessions[info.name] = Session(info.name, client, channel, stats=self.plane)
+        session = self.sessions[info.name] = Session(info.name, host_of(hello.rpc_address), session_port, channel,
+                                                     self._session_tls, stats=self.plane)
         session.start()
         self._notify_change()
         return True

@@ -16,10 +16,15 @@ def source_host(message: pynng.Message) -> str:
         return ""
 
 
+def host_of(rpc_address: str) -> str:
+    """The host of ``tcp://HOST:PORT`` or ``tls+tcp://[V6]:PORT`` (brackets dropped)."""
+    return rpc_address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+
+
 def same_host(rpc_address: str, source: str) -> bool:
     """Whether ``rpc_address`` (``tcp://HOST:PORT`` or ``tls+tcp://...``) is on the host a hello came from: a hello
     never makes the controller dial a third party. Loopback addresses are one host."""
-    host = rpc_address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    host = host_of(rpc_address)
     try:
         a, b = ipaddress.ip_address(host), ipaddress.ip_address(source)
     except ValueError:

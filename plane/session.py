@@ -1,44 +1,45 @@
 """The server's end of one worker's session: jobs out in batches, results back in batches.
 
-One long-lived channel per welcomed worker (its RPC client and session key) carries everything
-of its jobs, where there used to be a call per job. Its one request is the
-:class:`~plane.wire.Exchange`:
+One long-lived connection per welcomed worker (:mod:`plane.stream`: the server dials the port
+the worker named in its sealed ``joined``, on the host of the address it was welcomed at; TLS
+with the plane's certificates) carries everything of its jobs, where there used to be an RPC
+per job:
 
 - :meth:`Session.run` queues a job and :meth:`Session.stop` a cancel; everything queued in one
-  turn of the event loop leaves in one sealed Exchange (originals as raw frames, up to
-  :data:`~plane.wire.BATCH_BYTES` a message). No timer: a batch is whatever piled up meanwhile
-  (Dask's ``BatchedSend`` without its interval).
-- The worker answers an Exchange as soon as any job has ended, with every end ready by then
-  (:class:`~plane.wire.Results`, the results' bytes as frames), or empty after ``hold``
-  seconds. The oldest Exchange waiting at the worker takes the next results, and the session
-  always keeps one waiting: a job's end comes back in the reply to the request that may have
-  brought the next job, two messages per job at most.
-- Each Exchange acknowledges the batches received since the last one; the worker keeps a batch
-  until then and sends it again if no acknowledgement comes within :data:`RESEND_AFTER` (a
-  reply lost with its connection loses no result).
+  turn of the event loop leaves in one sealed :class:`~plane.wire.Exchange` (originals as raw
+  frames, up to :data:`~plane.wire.BATCH_BYTES` a message), with the acknowledgements of the
+  result batches received meanwhile. No timer: a batch is whatever piled up (Dask's
+  ``BatchedSend`` without its interval).
+- The worker sends :class:`~plane.wire.Results` as jobs end, with every end ready by then (the
+  results' bytes as frames); the session resolves each job's future. A batch is kept by the
+  worker until acknowledged and sent again on the next connection if its own was lost.
+- :meth:`Session.stop` asks for a job to be stopped and waits until the worker says its work has
+  stopped (or was not there): until then the job's slot stays taken.
 
-One MAC per message, not per job. A worker that dies fails every future of its session at once.
+One seal per message, not per job. A lost connection fails the jobs waiting on it (the scheduler
+asks for their stop once it is back, and tries them again meanwhile); a dead worker fails them
+all for good.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass
 
 from common.aio import stop_tasks
 from plane import wire
-from plane.rpc import RpcClient, RpcError
-from plane.seal import Channel
+from plane.rpc import RpcError
+from plane.seal import Channel, SealError
+from plane.stream import StreamClosed, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 
-#: How long the worker holds an Exchange with nothing to report before answering it empty.
-HOLD = 5.0
-#: How much longer than its hold an Exchange may take before the server gives up on it.
-SLACK = 5.0
-#: A batch not acknowledged this long after it was sent is sent again (by the worker).
-RESEND_AFTER = HOLD + SLACK
+#: How long a connection to a worker's session port may take (TLS handshake included).
+CONNECT_TIMEOUT = 3.0
+#: Wait between two attempts to connect.
+RECONNECT = 0.2
 
 
 @dataclass
@@ -46,55 +47,68 @@ class PlaneStats:
     """Messages and what they carried, over every session of this server (for /status)."""
 
     exchanges: int = 0  # Exchange messages sent
+    with_jobs: int = 0  # those that carried jobs
     jobs: int = 0  # jobs they carried
-    batches: int = 0  # Results that carried something
+    batches: int = 0  # Results received
     results: int = 0  # job ends they carried
+    connections: int = 0  # session connections made
 
     def as_json(self) -> dict:
         return {"exchanges": self.exchanges, "jobs_sent": self.jobs,
-                "jobs_per_exchange": round(self.jobs / self.exchanges, 2) if self.exchanges else 0.0,
+                "jobs_per_message": round(self.jobs / self.with_jobs, 2) if self.with_jobs else 0.0,
                 "result_batches": self.batches, "results_received": self.results,
-                "results_per_batch": round(self.results / self.batches, 2) if self.batches else 0.0}
+                "results_per_batch": round(self.results / self.batches, 2) if self.batches else 0.0,
+                "connections": self.connections}
 
 
 class Session:
     """The server's end of one welcomed worker's session (see the module's docstring)."""
 
-    def __init__(self, name: str, client: RpcClient, channel: Channel, hold: float = HOLD,
+    def __init__(self, name: str, host: str, port: int, channel: Channel, tls: ssl.SSLContext | None = None,
                  stats: PlaneStats | None = None) -> None:
         self.name = name
-        self.client = client
+        self.host = host
+        self.port = port
         self.channel = channel
-        self.hold = hold
+        self.tls = tls
         self.stats = stats if stats is not None else PlaneStats()
         self._jobs: list[wire.RunJob] = []  # queued for the next Exchange
         self._cancels: list[int] = []
         self._acks: list[int] = []  # batches received, to acknowledge in the next Exchange
         self._results: dict[int, asyncio.Future[wire.JobResult]] = {}  # job id -> its end, awaited
         self._stops: dict[int, asyncio.Future[None]] = {}  # job id -> its work stopped
-        self._tasks: set[asyncio.Task] = set()  # exchanges in flight
+        self._sent: set[int] = set()  # jobs sent on the current connection
+        self._writer: asyncio.StreamWriter | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task | None = None
         self._flushing = False
         self._closed = ""
 
     def start(self) -> None:
-        self._send()  # the first one waiting at the worker
+        self._task = asyncio.create_task(self._run(), name=f"session-{self.name}")
 
     async def close(self, why: str) -> None:
         """The worker is gone: every job waiting on it fails with ``why``."""
         self._closed = why
+        self._fail_all(why)
+        if self._writer is not None:
+            self._writer.close()
+        await stop_tasks([t for t in (self._task,) if t is not None])
+
+    def _fail_all(self, why: str) -> None:
         for future in (*self._results.values(), *self._stops.values()):
             if not future.done():
                 future.set_exception(RpcError(f"worker {self.name}: {why}"))
                 future.exception()  # (retrieved: nobody may be waiting any more)
         self._results.clear()
         self._stops.clear()
-        await stop_tasks(list(self._tasks))
 
     # -- jobs out ---------------------------------------------------------------------------
 
     async def run(self, job: wire.RunJob, timeout: float) -> wire.JobResult:
         """Send ``job`` (in the next batch) and return how it ended; RpcError if that is not
-        known within ``timeout`` (the job may still be running: see :meth:`stop`)."""
+        known within ``timeout``, or the connection is lost (the job may still be running: see
+        :meth:`stop`)."""
         if self._closed:
             raise RpcError(f"worker {self.name}: {self._closed}")
         future = self._results.get(job.job_id)
@@ -136,9 +150,21 @@ class Session:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, hello: bool = False) -> None:
+        """Everything queued, in as few Exchanges as its budget allows (``hello``: at least one,
+        to say who we are on a new connection)."""
         self._flushing = False
-        while (self._jobs or self._cancels) and not self._closed:
+        if self._closed:
+            return
+        if self._writer is None:
+            # Not connected (yet, or any more): a job waits for no connection; a cancel waits
+            # for the next one (it may be for a job that is running there).
+            for job in self._jobs:
+                self._fail(job.job_id, "no session connection")
+            self._jobs = []
+            return
+        while self._jobs or self._cancels or self._acks or hello:
+            hello = False
             jobs, size = [], 0
             while self._jobs and len(jobs) < wire.MAX_BATCH and (
                     not jobs or size + len(self._jobs[0].payload) <= wire.BATCH_BYTES):
@@ -146,55 +172,69 @@ class Session:
                 jobs.append(job)
                 size += len(job.payload)
             cancels, self._cancels = self._cancels[:wire.MAX_BATCH], self._cancels[wire.MAX_BATCH:]
-            self._send(jobs, cancels)
+            acks, self._acks = self._acks[:wire.MAX_BATCH], self._acks[wire.MAX_BATCH:]
+            parts, _ = self.channel.seal(wire.Exchange(jobs, cancels, acks))
+            write_frame(self._writer, parts)
+            self._sent.update(job.job_id for job in jobs)
+            self.stats.exchanges += 1
+            self.stats.with_jobs += bool(jobs)
+            self.stats.jobs += len(jobs)
 
-    def _send(self, jobs: list[wire.RunJob] | None = None, cancels: list[int] | None = None) -> None:
-        if self._closed:
-            return
-        acks, self._acks = self._acks[:wire.MAX_BATCH], self._acks[wire.MAX_BATCH:]
-        task = asyncio.create_task(self._exchange(jobs or [], cancels or [], acks), name=f"exchange-{self.name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _fail(self, job_id: int, why: str) -> None:
+        future = self._results.get(job_id)
+        if future is not None and not future.done():
+            future.set_exception(RpcError(f"worker {self.name}: {why}"))
 
-    async def _exchange(self, jobs: list[wire.RunJob], cancels: list[int], acks: list[int]) -> None:
-        msg = wire.Exchange(jobs, cancels, acks, self.hold)
-        self.stats.exchanges += 1
-        self.stats.jobs += len(jobs)
-        failed = False
-        try:
-            reply = await self.client.call(msg, timeout=self.hold + SLACK, channel=self.channel)
-            if not isinstance(reply, wire.Results):
-                raise RpcError(f"exchange refused: {getattr(reply, 'error', reply.TYPE)}")
-        except RpcError as e:
-            failed = True
-            # The worker may or may not have had them: each waiter hears it, and the scheduler
-            # asks for a stop (which the worker answers for a job it never had).
-            self._acks[:0] = acks  # (perhaps never seen: said again)
-            for job in jobs:
-                future = self._results.get(job.job_id)
-                if future is not None and not future.done():
-                    future.set_exception(RpcError(str(e)))
-            for job_id in cancels:
-                future = self._stops.get(job_id)
-                if future is not None and not future.done():
-                    future.set_exception(RpcError(str(e)))
-            if not self._closed:
-                logger.debug("exchange with %s failed: %s", self.name, e)
-        else:
+    # -- the connection, and results back ----------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._closed:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    self.host, self.port, ssl=self.tls, server_hostname=self.name if self.tls else None,
+                    limit=1 << 20), CONNECT_TIMEOUT)
+            except (OSError, TimeoutError, ssl.SSLError) as e:
+                logger.debug("session with %s: cannot connect to %s:%d: %s", self.name, self.host, self.port, e)
+                await asyncio.sleep(RECONNECT)
+                continue
+            self.stats.connections += 1
+            self._writer = writer
+            try:
+                self._flush(hello=True)  # the first message says who we are
+                await self._receive(reader)
+            except (StreamClosed, wire.DecodeError) as e:
+                if not self._closed:
+                    logger.info("session with %s lost (%s): connecting again", self.name, e)
+            finally:
+                self._writer = None
+                writer.close()
+                lost, self._sent = self._sent, set()
+                for job_id in lost:  # their ends may have been on their way: ask again (stop)
+                    self._fail(job_id, "the session connection was lost")
+            await asyncio.sleep(RECONNECT)
+
+    async def _receive(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            data = await read_frame(reader)
+            sealed = wire.decode(data, wire.MAX_SESSION_BYTES)
+            if not isinstance(sealed, wire.Sealed):
+                raise wire.DecodeError(f"an unsealed {sealed.TYPE} on the session")
+            try:
+                reply, fresh = self.channel.open(sealed)
+            except SealError as e:
+                raise wire.DecodeError(f"a bad seal on the session: {e}") from None
+            if not fresh or not isinstance(reply, wire.Results):
+                raise wire.DecodeError(f"a replayed or unexpected {reply.TYPE} on the session")
             self._take(reply)
-        finally:
-            if not self._closed and not any(t is not asyncio.current_task() for t in self._tasks):
-                # None left waiting at the worker: one more, for the ends of the jobs it runs.
-                if failed:
-                    await asyncio.sleep(0.05)  # (a connection being re-made: not a busy loop)
-                self._send()
 
     def _take(self, reply: wire.Results) -> None:
         if reply.batch:
             self._acks.append(reply.batch)
             self.stats.batches += 1
             self.stats.results += len(reply.results)
+            self._kick()  # (acknowledged with the jobs placed as these ends free slots)
         for result in reply.results:
+            self._sent.discard(result.job_id)
             future = self._results.pop(result.job_id, None)
             if future is not None and not future.done():
                 future.set_result(result)

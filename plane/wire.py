@@ -175,11 +175,14 @@ MAX_FILTERS = 128
 
 @dataclass(frozen=True)
 class Joined:
-    """Worker -> controller, the (sealed) reply to :class:`Welcome`: taken, and the filters this
-    worker runs (a worker that answers a plain :class:`Ack` runs the server's built-ins)."""
+    """Worker -> controller, the (sealed) reply to :class:`Welcome`: taken, the filters this
+    worker runs, and the port of its session stream (on its RPC address's host: the server
+    connects there and sends its :class:`Exchange` messages)."""
 
     TYPE = "joined"
     filters: list[FilterDeclaration] = _bounds(factory=list, max_items=MAX_FILTERS)
+    declares: bool = True  # False: it declares nothing and runs the server's built-ins
+    session_port: int = number(0, hi=65535)
 
 
 @dataclass(frozen=True)
@@ -240,27 +243,23 @@ class JobResult:
 
 @dataclass(frozen=True)
 class Exchange:
-    """Server -> worker (req/rep, sealed), the one request of a session: the jobs placed on this
-    worker since the last one (each original a frame), the jobs to stop, and the result batches
-    received since the last one (``acks``). The worker answers with :class:`Results` as soon as
-    any job has ended (at once if some had), or after ``hold`` seconds with nothing; the server
-    keeps at least one Exchange waiting at the worker, so a job's end travels in the reply to
-    the request that may have carried the next job: two messages per job, fewer when they pile
-    up."""
+    """Server -> worker on the session stream (sealed): the jobs placed on this worker since the
+    last one (each original a frame), the jobs to stop, and the result batches received since
+    the last one (``acks``). Everything queued in one turn of the server's event loop leaves in
+    one Exchange."""
 
     TYPE = "exchange"
     jobs: list[RunJob] = _bounds(factory=list, max_items=MAX_BATCH)
     cancels: list[int] = _bounds(factory=list, max_items=MAX_BATCH, lo=0, hi=MAX_INT)
     acks: list[int] = _bounds(factory=list, max_items=MAX_BATCH, lo=1, hi=MAX_INT)
-    hold: float = number(5.0, lo=0.0, hi=60.0)
 
 
 @dataclass(frozen=True)
 class Results:
-    """Worker -> server, the reply to an :class:`Exchange`: jobs that ended (their results' bytes
-    as frames) and the jobs whose cancel is complete (their work has stopped, or was not here).
-    A numbered ``batch`` (0: empty) is kept by the worker until an Exchange acknowledges it, and
-    sent again if none does within a while (its reply was lost with a connection)."""
+    """Worker -> server on the session stream (sealed): jobs that ended (their results' bytes as
+    frames) and the jobs whose cancel is complete (their work has stopped, or was not here). A
+    numbered ``batch`` is kept by the worker until an Exchange acknowledges it, and sent again
+    on the next connection if its own was lost."""
 
     TYPE = "results"
     batch: int = number(0)

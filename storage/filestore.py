@@ -22,7 +22,8 @@ from storage.groupwrite import GroupWriter
 
 logger = logging.getLogger(__name__)
 
-#: Beside the uploads being received: the time before which every result written unsynced is on disk.
+#: Beside the directory of uploads being received (``incoming.results-synced``): the time before
+#: which every result written unsynced is on disk.
 SYNCED_STAMP = ".results-synced"
 from storage.images import (_FLUSH_BYTES, KEEP_BYTES, READ_BUDGET, SMALL_DOWNLOAD, Download, ImageStore,
                             ReceivedImage)
@@ -38,7 +39,7 @@ class FileImageStore(ImageStore):
         self._dir_sync = files.DirSync()
         self._reading = ByteBudget(READ_BUDGET)  # downloads read into memory
         self._writer = GroupWriter(incoming, on_synced=self._synced)  # images in memory, in groups
-        self._stamp = incoming / SYNCED_STAMP
+        self._stamp = incoming.with_name(incoming.name + SYNCED_STAMP)
         #: results recorded from this time on may have been lost with a crash (see results_unsure)
         self.unsure_since: float | None = None
 
@@ -61,7 +62,7 @@ class FileImageStore(ImageStore):
     def _synced(self, before: float) -> None:
         """In the writer thread: every result written before ``before`` is on disk; say so
         (durably) for the next start."""
-        tmp = self._stamp.with_name(SYNCED_STAMP + ".tmp")
+        tmp = self._stamp.with_name(self._stamp.name + ".tmp")
         try:
             files.write_replacing_synced(tmp, self._stamp, repr(before).encode())
         except OSError as e:

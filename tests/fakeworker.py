@@ -21,8 +21,8 @@ from PIL import Image, ImageOps, PngImagePlugin
 from plane import localjoin, wire
 from plane.rpc import RpcServer
 from worker.filters import process
-from worker.link import Refused, WorkerLink
-from worker.outbox import Outbox
+from worker.link import ControllerLink, Refused, WorkerLink
+from worker.sessions import Sessions
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,11 @@ class FakeWorker:
         self.token = ""  # set once welcomed (the session's key id)
         self.api_url = ""
         self._release: dict[int, asyncio.Event] = {}
-        self._rpc = RpcServer(self._handle, concurrency=16, max_bytes=wire.MAX_SESSION_BYTES)
-        self._outbox = Outbox()
+        self._rpc = RpcServer(self._handle, concurrency=16)
+        host, _, cport = controller.rpartition(":")
+        self._controller_link = ControllerLink(host, int(cport), self.link)
+        self._outbox = self._controller_link.outbox
+        self._sessions = Sessions(self, lambda kid: self._controller_link)
         self._tasks: set[asyncio.Task] = set()
         self.cancels: list[int] = []  # the jobs the server cancelled
         self._pub = pynng.Pub0()
@@ -93,6 +96,8 @@ class FakeWorker:
     async def start(self) -> FakeWorker:
         self.rpc_address = self._rpc.listen("tcp://127.0.0.1:0")
         self._rpc.start()
+        port = await self._sessions.start("127.0.0.1")
+        self.link.joined = replace(self.link.joined, session_port=port)
         self._pub.dial(f"tcp://{self.controller}", block=False)
         self._task = asyncio.create_task(self._beat())
         return self
@@ -146,19 +151,20 @@ class FakeWorker:
             inner, _, channel = self.link.open(msg)
         except Refused as e:
             return wire.Ack(ok=False, error=str(e))
-        if isinstance(inner, wire.Exchange):
-            self._outbox.ack(inner.acks)
-            for job in inner.jobs:
-                self.jobs.append(job)
-                task = asyncio.create_task(self._job(job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            for job_id in inner.cancels:
-                self.cancels.append(job_id)
-                self._release.setdefault(job_id, asyncio.Event()).set()
-                self._outbox.stopped(job_id)
-            return channel.seal_reply(await self._outbox.take(inner.hold), msg.seq)
         return channel.seal_reply(wire.Ack(ok=False, error=f"unexpected {inner.TYPE}"), msg.seq)
+
+    def exchange(self, msg: wire.Exchange, c: ControllerLink) -> None:
+        """The session's messages (:class:`worker.sessions.Sessions` calls this)."""
+        self._outbox.ack(msg.acks)
+        for job in msg.jobs:
+            self.jobs.append(job)
+            task = asyncio.create_task(self._job(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        for job_id in msg.cancels:
+            self.cancels.append(job_id)
+            self._release.setdefault(job_id, asyncio.Event()).set()
+            self._outbox.stopped(job_id)
 
     async def _job(self, job: wire.RunJob) -> None:
         """Hold the job until released, then end it as told (its end waits for an Exchange)."""
@@ -223,6 +229,7 @@ class FakeWorker:
         self._pub.close()  # sockets first, then the tasks that wait on them
         self.release_all()
         await self._rpc.close()  # bounded: it abandons what does not stop in time
+        await self._sessions.close()
         for task in list(self._tasks):
             task.cancel()
         if self._task:

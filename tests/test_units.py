@@ -31,7 +31,7 @@ MESSAGES = [
     wire.CancelJob(3),
     wire.JobResult(3, False, "boom", retryable=False, worker="w1", process_ms=1.5),
     wire.Ack(),
-    wire.Exchange([wire.RunJob(3, "wid", 4, "blur", 2)], cancels=[5, 6], acks=[4], hold=2.5),
+    wire.Exchange([wire.RunJob(3, "wid", 4, "blur", 2)], cancels=[5, 6], acks=[4]),
     wire.Results(7, [wire.JobResult(3, True, worker="w1")], stopped=[5]),
 ]
 

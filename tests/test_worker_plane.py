@@ -15,6 +15,7 @@ import threading
 import time
 
 import aiohttp
+import pytest
 import psutil
 import pynng
 from PIL import Image
@@ -38,6 +39,7 @@ from tests.helpers import (
     welcomed,
     workload,
 )
+from plane.stream import StreamClosed, read_frame, write_frame
 from worker.service import Worker, WorkerSettings
 
 
@@ -257,25 +259,41 @@ async def test_a_worker_refuses_replays_and_strangers(tmp_path):
             joined = ours.open_reply(await ask(wire.encode(welcome)), 0)
             assert isinstance(joined, wire.Joined), "taken, sealed with the new key"
             assert {"grayscale", "blur", "resize"} <= {f.name for f in joined.filters}, "with the filters it runs"
-            # the session: a cancel of a job it never had is answered at once (stopped), once
-            data, seq = ours.seal(wire.Exchange(cancels=[7], hold=5.0))
-            data = wire.join(data)
-            results = ours.open_reply(await ask(data), seq)
-            assert isinstance(results, wire.Results) and results.stopped == [7] and results.batch == 1
-            refused = wire.decode(await ask(data))  # the same bytes again
-            assert isinstance(refused, wire.Ack) and "replayed" in refused.error
-            job = wire.RunJob(8, "w", 0, "grayscale", 1, payload=b"not an image")
-            data, seq = ours.seal(wire.Exchange([job], acks=[1], hold=5.0))
-            data = wire.join(data)
-            results = ours.open_reply(await asyncio.wait_for(ask(data), 10), seq)
-            (ended,) = results.results
-            assert ended.job_id == 8 and not ended.ok and not ended.retryable, "an image it cannot decode"
-            again = wire.decode(await ask(data))
-            assert isinstance(again, wire.Ack) and "replayed" in again.error
-            other_key = seal.Channel(secrets.token_bytes(32), kid, send=seal.C2W, recv=seal.W2C)
-            data, _ = other_key.seal(wire.Exchange(cancels=[7]))
-            assert "bad MAC" in wire.decode(await ask(wire.join(data))).error
-        assert worker.refused == 5
+            # an exchange is for the session's own connection, never the RPC port
+            data, _ = ours.seal(wire.Exchange(cancels=[7]))
+            assert "session connection" in wire.decode(await ask(wire.join(data))).error
+        assert worker.refused == 3
+
+        async def read(reader) -> wire.Message:
+            msg, fresh = ours.open(wire.decode(await asyncio.wait_for(read_frame(reader), 10), wire.MAX_SESSION_BYTES))
+            assert fresh
+            return msg
+
+        # The session: on its own connection, each message sealed and fresh.
+        reader, writer = await asyncio.open_connection("127.0.0.1", joined.session_port)
+        parts, _ = ours.seal(wire.Exchange(cancels=[7]))
+        write_frame(writer, parts)  # a cancel of a job it never had: stopped at once
+        results = await read(reader)
+        assert isinstance(results, wire.Results) and results.stopped == [7] and results.batch == 1
+        job = wire.RunJob(8, "w", 0, "grayscale", 1, payload=b"not an image")
+        parts, _ = ours.seal(wire.Exchange([job], acks=[1]))
+        write_frame(writer, parts)
+        (ended,) = (await read(reader)).results
+        assert ended.job_id == 8 and not ended.ok and not ended.retryable, "an image it cannot decode"
+        write_frame(writer, parts)  # the same bytes again: the connection is closed, nothing run
+        with pytest.raises(StreamClosed):
+            await asyncio.wait_for(read_frame(reader), 10)
+        writer.close()
+        assert worker._sessions.refused == 1 and len(worker.jobs) == 0
+        # another key, or nothing sealed at all: refused at the first message
+        other_key = seal.Channel(secrets.token_bytes(32), kid, send=seal.C2W, recv=seal.W2C)
+        for data in (wire.join(other_key.seal(wire.Exchange(cancels=[7]))[0]), wire.encode(wire.Exchange())):
+            reader, writer = await asyncio.open_connection("127.0.0.1", joined.session_port)
+            write_frame(writer, [data])
+            with pytest.raises(StreamClosed):
+                await asyncio.wait_for(read_frame(reader), 10)
+            writer.close()
+        assert worker._sessions.refused == 3
     finally:
         await worker.close()
 

@@ -51,7 +51,8 @@ class WorkerLink:
     def __init__(self, name: str, join_token: str | Callable[[], str] = "",
                  offers: list[wire.FilterDeclaration] | None = None) -> None:
         self.name = name
-        self.joined = wire.Joined(list(offers)) if offers is not None else wire.Ack()  # the welcome's answer
+        # the welcome's answer (its session port is set once the worker listens)
+        self.joined = wire.Joined(list(offers or []), declares=offers is not None)
         self.session = secrets.token_hex(16)
         self._find_token = join_token if callable(join_token) else None
         self._token = join_token if isinstance(join_token, str) else ""

@@ -1,28 +1,25 @@
 """A worker's job ends waiting for its server's :class:`~plane.wire.Exchange` (one per session).
 
 Jobs end in any order; their results (and the jobs whose cancel is complete) pile up here until
-the oldest Exchange the server keeps waiting here takes them all, in one numbered
+the session's sender takes them all, in one numbered
 :class:`~plane.wire.Results` batch (up to :data:`~plane.wire.BATCH_BYTES` of images, at least
-one result). A batch is kept until a later Exchange acknowledges it; one that stays
-unacknowledged for :data:`~plane.session.RESEND_AFTER` seconds (its reply was lost with a
-connection) goes again with the next batch.
+one result). A batch is kept until a later Exchange acknowledges it; those not acknowledged
+when the session's connection is made again go again, first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 
 from plane import wire
-from plane.session import RESEND_AFTER
 
 
 class Outbox:
     def __init__(self) -> None:
         self._results: list[wire.JobResult] = []
         self._stopped: list[int] = []
-        self._sent: dict[int, tuple[float, list[wire.JobResult], list[int]]] = {}  # batch -> when, what
+        self._sent: dict[int, tuple[list[wire.JobResult], list[int]]] = {}  # batch -> what, until acked
         self._batch = 0
         self._waiters: deque[asyncio.Future[None]] = deque()  # Exchanges held, oldest first
         self._woken = False  # one of them was woken and has not taken yet (wake no other)
@@ -47,7 +44,7 @@ class Outbox:
 
     def waiting(self) -> int:
         """Job ends not yet taken, or taken but not acknowledged."""
-        return len(self._results) + len(self._stopped) + sum(len(r) + len(s) for _, r, s in self._sent.values())
+        return len(self._results) + len(self._stopped) + sum(len(r) + len(s) for r, s in self._sent.values())
 
     def ack(self, batches: list[int]) -> None:
         """The server received these batches: forget them."""
@@ -55,9 +52,8 @@ class Outbox:
             self._sent.pop(n, None)
 
     async def take(self, hold: float) -> wire.Results:
-        """What an Exchange gets: every end there is, as soon as there is one (the oldest
-        Exchange held here first), or an empty batch after ``hold`` seconds."""
-        self._resend_lost()
+        """The next batch: every end there is, as soon as there is one (the oldest caller
+        first), or an empty batch after ``hold`` seconds."""
         if not self._results and not self._stopped or self._waiters:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -87,13 +83,15 @@ class Outbox:
         if not taken and not stopped:
             return wire.Results(batch=0)
         self._batch += 1
-        self._sent[self._batch] = (time.monotonic(), taken, stopped)
+        self._sent[self._batch] = (taken, stopped)
         return wire.Results(batch=self._batch, results=taken, stopped=stopped)
 
-    def _resend_lost(self) -> None:
-        now = time.monotonic()
-        for n, (sent_at, results, stopped) in list(self._sent.items()):
-            if now - sent_at > RESEND_AFTER:
-                del self._sent[n]
-                self._results[:0] = results
-                self._stopped[:0] = stopped
+    def resend_unacked(self) -> None:
+        """Every batch taken but not acknowledged goes again, first (a new connection: the old
+        one may have lost them)."""
+        for results, stopped in reversed(list(self._sent.values())):
+            self._results[:0] = results
+            self._stopped[:0] = stopped
+        self._sent.clear()
+        if self._results or self._stopped:
+            self._wake()

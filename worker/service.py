@@ -15,6 +15,7 @@ came from).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -33,11 +34,13 @@ from filtering import kernels, pipeline
 from filtering.work import Stopped
 from plane import declarations, wire
 from plane.rpc import RpcServer
+from plane.stream import worker_context
 from plane.tls import WorkerTls, http_client_context, nng_url
 from worker import memory
 from worker.filters import FilterError, process
 from worker.link import ControllerLink, Refused, WorkerLink
 from worker.outbox import Outbox
+from worker.sessions import Sessions
 from worker.ties import Ties, Untied
 from worker.settings import WorkerSettings, join_token_for
 from worker.telemetry import Telemetry
@@ -88,7 +91,9 @@ class Worker:
         self.refused = 0  # requests refused: forged, replayed, or not from our server
         self._log = LogLimiter(logger)
         self.rpc_address = ""
-        self._rpc = RpcServer(self._handle, concurrency=settings.capacity * 4 + 8, max_bytes=wire.MAX_SESSION_BYTES)
+        self._rpc = RpcServer(self._handle, concurrency=16)  # welcomes and tied peers' cancels
+        self._sessions = Sessions(self, self._link_of_key,
+                                  worker_context(self.tls) if self.tls is not None else None)
         self._started: set[int] = set()  # jobs whose work has begun (tied cancels spare them)
         self._stopping: set[asyncio.Task] = set()  # the server's cancels, waiting for work to stop
         self._ties = Ties(self.tls)  # tied copies: their secrets, early cancels, peers
@@ -104,6 +109,9 @@ class Worker:
         port = bound.rsplit(":", 1)[1]
         self.rpc_address = nng_url(advertise, int(port), tls)
         self._rpc.start()
+        session_port = await self._sessions.start(s.rpc_bind or advertise, s.session_port)
+        for c in self.links:  # told to each server in the (sealed) answer to its welcome
+            c.link.joined = dataclasses.replace(c.link.joined, session_port=session_port)
         trust = self.tls.http() if self.tls is not None else http_client_context() if os.environ.get("AWS_CA_BUNDLE") else None
         connector = aiohttp.TCPConnector(ssl=trust) if trust is not None else None
         self._transfers = Transfers(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.http_timeout),
@@ -154,6 +162,7 @@ class Worker:
                 c.pub.close()  # sockets first, then the tasks waiting on them (common.aio)
         self._ties.close()
         await self._rpc.close()
+        await self._sessions.close()
         await stop_tasks([t for t in (self._heartbeat_task, *self.jobs.values(), *self._stopping) if t is not None])
         if self._transfers is not None:
             await self._transfers.close()
@@ -252,10 +261,7 @@ class Worker:
                 inner, fresh, channel = c.link.open(msg)
                 if not fresh:
                     raise Refused(f"refused: a replayed {inner.TYPE}")
-                if isinstance(inner, wire.Exchange):
-                    self._exchange(inner, c)
-                    return channel.seal_reply(await c.outbox.take(inner.hold), msg.seq)
-                raise Refused(f"refused: an unexpected {inner.TYPE}")
+                raise Refused(f"refused: {inner.TYPE} comes on the session connection, not here")
             if isinstance(msg, wire.CancelJob) and msg.tie and msg.if_not_started:
                 return await self._peer_cancel(msg)
             raise Refused(f"refused: a worker takes no unsealed {msg.TYPE}")
@@ -264,7 +270,7 @@ class Worker:
             self._log.warning("refused", "%s (%d refused so far)", e, self.refused)
             return wire.Ack(ok=False, error=str(e))
 
-    def _exchange(self, msg: wire.Exchange, c: ControllerLink) -> None:
+    def exchange(self, msg: wire.Exchange, c: ControllerLink) -> None:
         """Start the batch's jobs and stop its cancels (each one's end goes to ``c``'s outbox),
         and forget the result batches it acknowledges."""
         c.outbox.ack(msg.acks)

@@ -28,6 +28,8 @@ class WorkerSettings:
                                      " controller)")
     rpc_bind: str = option("", "address to listen on for RPC (default: the advertised one)")
     rpc_port: int = option(0, "RPC port (default: any free port)")
+    session_port: int = option(0, "port of the session stream the server connects to for jobs and results"
+                                  " (default: any free port)")
     image_store_endpoint: str = option("", "API URL, overriding what the controller says (for images too large"
                                            " to travel with their jobs)")
     image_store_token: str = option("", "API token, overriding what the controller sends (every image then goes"
