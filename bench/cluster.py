@@ -9,7 +9,8 @@
 each with one worker per core, timed from the first upload until the workload is completed;
 and the image bytes the servers relayed for jobs (``dpip_job_image_bytes`` in each server's
 ``/metrics``: originals sent to workers, results received from them), which an object store
-should bring to about none. Then the takeover: the scheduling server is killed (-9) a few
+should bring to about none. The control cost: tiny PNGs uploaded to the standby only, the
+scheduling server's CPU per job and the standby's per upload. Then the takeover: the scheduling server is killed (-9) a few
 times while a workload runs, and the time until the standby schedules is measured.
 
     .venv/bin/python scripts/bench_cluster.py [--frames 120] [--clients 4] [--takeovers 3]
@@ -33,11 +34,13 @@ from harness import refclient as ref
 from harness.engines import EngineUnavailable, Postgres, SeaweedS3
 from harness.frames import frame_png
 from harness.localsys import ROOT, LocalSystem, wait_until
+from harness.proccpu import process_cpu
 
 CACHE = ROOT / "bench-out"
 TABLE = CACHE / "bench-cluster-table.txt"
 TAKEOVER_S = 5.0  # the issue's bound: the standby schedules within 5 s of the leader's death
 RELAYED_PER_IMAGE = 0.05  # job traffic through the servers with S3, as a share of the defaults'
+CONTROL_MS_PER_JOB = 0.3  # the scheduling server's CPU per job, uploads sent to the standby (issue 33)
 
 
 def say(line: str) -> None:
@@ -120,6 +123,27 @@ def leads(system: LocalSystem, token: str) -> bool:
         return False
 
 
+def run_control_cost(tmp: Path, pg: Postgres, s3: SeaweedS3, n: int, clients: int,
+                     cores: int) -> tuple[float, float, float]:
+    """The control cost alone: ``n`` tiny PNGs uploaded to the standby only, the leader (which
+    receives none of them) scheduling every job over the worker plane; (the leader's CPU ms per
+    job, the standby's per upload, img/s). This bounds a fleet once uploads are spread over
+    several API servers."""
+    a, b = cluster(tmp, pg, s3, "control")
+    with a, b:  # stopped whatever happens; their logs printed if this fails
+        token = start_pair(a, b, workers_for(cores))
+        wait_until(lambda: leads(a, token) or leads(b, token), 30, "a leader")
+        leader, standby = (a, b) if leads(a, token) else (b, a)
+        tiny = [frame_png(i, 64, 64) for i in range(n)]
+        requests_push(standby.url, token, tiny[:50], clients)  # warm up (and the trust ramp)
+        assert leader.server is not None and standby.server is not None
+        lead0, stand0 = process_cpu(leader.server.pid), process_cpu(standby.server.pid)
+        pushed = requests_push(standby.url, token, tiny, clients)
+        lead = process_cpu(leader.server.pid) - lead0
+        stand = process_cpu(standby.server.pid) - stand0
+        return 1000 * lead.total / n, 1000 * stand.total / n, pushed.rate
+
+
 def run_takeovers(tmp: Path, pg: Postgres, s3: SeaweedS3, n: int, cores: int) -> list[float]:
     """Kill -9 the leader mid-workload ``n`` times (it comes back as a standby each time):
     seconds until the other server schedules, polled every 20 ms; every image ends filtered."""
@@ -155,6 +179,7 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=120)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--takeovers", type=int, default=3)
+    p.add_argument("--tiny", type=int, default=600, help="tiny PNGs for the control cost")
     a = p.parse_args()
     cores = os.cpu_count() or 1
     images = frames(a.frames)
@@ -175,6 +200,10 @@ def main() -> int:
             two_rate, two_bytes = run_cluster(Path(tmp), pg, s3, images, a.clients, cores)
             say(f"two servers, PostgreSQL + S3: {two_rate:.1f} img/s; job traffic through the servers"
                 f" {two_bytes / 1e6:.3f} MB per image")
+            control = run_control_cost(Path(tmp), pg, s3, a.tiny, 8, cores)
+            say(f"the control cost: {a.tiny} tiny PNGs to the standby only, {cores} workers:"
+                f" the leader's CPU {control[0]:.2f} ms per job (ceiling {1000 / control[0]:.0f} jobs/s per"
+                f" scheduling core), the standby's {control[1]:.2f} ms per upload; {control[2]:.0f} img/s end to end")
             takeovers = run_takeovers(Path(tmp), pg, s3, a.takeovers, cores) if a.takeovers else []
         finally:
             s3.close()
@@ -185,6 +214,9 @@ def main() -> int:
             f"{two_rate / one_rate:.2f} of one server's"),
         Row("job image bytes through the servers, S3 / files", two_bytes / max(one_bytes, 1), "",
             RELAYED_PER_IMAGE, False, f"{two_bytes / 1e6:.3f} vs {one_bytes / 1e6:.2f} MB per image"),
+        Row("the control cost: the scheduling server's CPU per job (uploads to the standby)", control[0], "ms",
+            CONTROL_MS_PER_JOB, False, f"ceiling {1000 / control[0]:.0f} jobs/s per scheduling core; the standby"
+            f" {control[1]:.2f} ms per upload; {control[2]:.0f} img/s"),
     ]
     if takeovers:
         rows.append(Row("takeover after kill -9 of the leader, worst", max(takeovers), "s", TAKEOVER_S, False,

@@ -109,7 +109,6 @@ class Membership:
         self.epoch = secrets.token_hex(6)  # changes each start: workers get re-welcomed
         self.workers: dict[str, WorkerInfo] = {}
         self.catalog = Catalog(self.workers)  # the fleet's filters, from these workers' declarations
-        self.clients: dict[str, RpcClient] = {}
         self.sessions: dict[str, Session] = {}  # each welcomed worker's: its jobs and results
         self.plane = PlaneStats()  # what the sessions carried
         self._session_tls = server_context(tls) if tls is not None else None
@@ -164,9 +163,6 @@ class Membership:
     async def close(self) -> None:
         if self._sock is not None:
             self._sock.close()  # first: fails the pending arecv (see common.aio.stop_tasks)
-        for c in self.clients.values():
-            c.close()
-        self.clients.clear()
         sessions = list(self.sessions.values())
         self.sessions.clear()
         for session in sessions:
@@ -353,17 +349,16 @@ class Membership:
                 return
             declared = self.catalog.without_conflicts(hello.name, read_all(hello.name, reply.filters)) \
                 if reply.declares else None  # (None: the server's built-ins)
-            adopted = self._adopt(hello, channel, client, declared, reply.session_port)
+            adopted = self._adopt(hello, channel, declared, reply.session_port)
             if adopted:
                 await self.store.upsert_worker(hello.name, self.workers[hello.name].tags, hello.rpc_address)
         except Exception:  # a bug must cost one welcome, never leave the name stuck
             self._log.log(logging.ERROR, "bug", "welcoming %s failed", hello.name, exc_info=True)
         finally:
             join.busy = False
-            if not adopted:
-                client.close()
+            client.close()  # its part is done: the session has its own connection
 
-    def _adopt(self, hello: wire.Hello, channel: Channel, client: RpcClient,
+    def _adopt(self, hello: wire.Hello, channel: Channel,
                declared: dict[str, tuple[FilterSpec, bool]] | None = None, session_port: int = 0) -> bool:
         """The worker proved its session: make it the member of that name."""
         info = self.workers.get(hello.name)
@@ -377,9 +372,6 @@ class Membership:
             info = self.workers[hello.name] = WorkerInfo(hello.name)
         if info.channel is not None:
             self._by_kid.pop(info.channel.kid, None)
-        old = self.clients.pop(info.name, None)
-        if old is not None:
-            old.close()
         self._end_session(info.name, "welcomed again")
         if not info.welcomed:
             logger.info("welcomed worker %s at %s", hello.name, hello.rpc_address)
@@ -390,7 +382,6 @@ class Membership:
         info.channel, info.state, info.welcomed_at = channel, WorkerState.WELCOMED, time.monotonic()
         info.last_seen_mono = time.monotonic()  # the TTL runs from the welcome
         self._by_kid[channel.kid] = info
-        self.clients[info.name] = client
         session = self.sessions[info.name] = Session(info.name, host_of(hello.rpc_address), session_port, channel,
                                                      self._session_tls, stats=self.plane)
         session.start()
@@ -464,9 +455,6 @@ class Membership:
         if info.channel is not None:
             self._by_kid.pop(info.channel.kid, None)
             info.channel = None
-        client = self.clients.pop(info.name, None)
-        if client is not None:
-            client.close()
         self._end_session(info.name, f"gone ({why})")
         for cb in self._on_lost:
             cb(info.name)

@@ -79,7 +79,6 @@ class Session:
         self._stops: dict[int, asyncio.Future[None]] = {}  # job id -> its work stopped
         self._sent: set[int] = set()  # jobs sent on the current connection
         self._writer: asyncio.StreamWriter | None = None
-        self._connected = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._flushing = False
         self._closed = ""
