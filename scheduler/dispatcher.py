@@ -201,10 +201,24 @@ class Dispatcher:
             ))
         return views
 
+    def _full(self) -> bool:
+        """No live worker has a free slot (by our own count of what we sent it): nothing can be
+        placed, so no views are built. A wide fleet with a backlog wakes the scheduler on every
+        heartbeat (64 a second for 64 workers): each pass would build every worker's view for
+        nothing."""
+        members = self.membership.snapshot()
+        if not any(w.ready for w in members):
+            return False  # (the full pass says why: no live worker, tags, filters)
+        return all(not w.ready or len(self._in_flight.get(w.name, ())) >= w.slots() for w in members)
+
     def _place_what_fits(self) -> None:
         """Round-robin over workloads: each turn places the head job of the next workload."""
         if self._closing or not self._queues:
             return  # nothing to place: no views to build (a wide fleet frees a slot per job)
+        if self._full():
+            for wid in self._queues:
+                self.waiting.setdefault(wid, "waiting for a free slot")
+            return
         workers = self._views()
         if workers:  # rotate, so ties between equal workers go round (one step per job placed,
             # not per call: calls come in a fixed number per job, which would alias the turn)

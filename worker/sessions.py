@@ -73,6 +73,10 @@ class Sessions:
             pass
         except Refused as e:
             self._refuse(str(e))
+        except asyncio.CancelledError:
+            # Our close(): end quietly (asyncio's server logs a connection task that ends
+            # cancelled as an error, in 3.11).
+            pass
         finally:
             self._tasks.discard(task)
             writer.close()
