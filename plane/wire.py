@@ -52,6 +52,9 @@ VERSION = 3
 #: Images up to this size travel as frames of the session's messages (originals in an
 #: :class:`Exchange`, results in :class:`Results`); larger ones over HTTP with a job capability.
 INLINE_MAX_BYTES = 32 << 20
+#: With an object store (workers read and write it through presigned URLs), only images up to
+#: this size travel with their jobs (an original still in the server's memory, a small result).
+DIRECT_INLINE_BYTES = 256 * 1024
 #: Bytes of frames one session message gathers before the rest waits for the next one (a
 #: single larger image still travels, alone).
 BATCH_BYTES = 8 << 20

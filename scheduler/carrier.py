@@ -233,12 +233,14 @@ class Carrier:
             return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
                                                    backoff=False))
         timeout = self.settings.job_timeout
-        inline = min(self.settings.inline_max_bytes, wire.INLINE_MAX_BYTES)
-        original = await self.jobs.inline_original(job, inline) if inline else None  # it travels with the job
         try:  # an object store: the worker reads and writes it directly, for this job only
             direct = await self.jobs.direct_urls(job, timeout + 5.0, worker)
         except DpipError as e:
             return Outcome(worker, failure=Failure(f"no URLs for the image store: {e}", transient=True))
+        inline = min(self.settings.inline_max_bytes, wire.INLINE_MAX_BYTES)
+        if direct:  # only small images through this server: the rest between worker and store
+            inline = min(inline, wire.DIRECT_INLINE_BYTES)
+        original = await self.jobs.inline_original(job, inline) if inline else None  # it travels with the job
         # Over HTTP only what is too large for a frame: then the job carries its capability.
         # (A result larger than the inline limit goes over HTTP too, unless the limit is the most a
         # message carries: then it is too large for any upload.)
