@@ -156,12 +156,8 @@ class Session:
         if self._closed:
             return
         if self._writer is None:
-            # Not connected (yet, or any more): a job waits for no connection; a cancel waits
-            # for the next one (it may be for a job that is running there).
-            for job in self._jobs:
-                self._fail(job.job_id, "no session connection")
-            self._jobs = []
-            return
+            return  # not connected (yet, or again): all goes with the first message of the next
+            # connection (a job waits at most its timeout; a dead worker fails it at once)
         while self._jobs or self._cancels or self._acks or hello:
             hello = False
             jobs, size = [], 0
