@@ -179,20 +179,6 @@ class FileImageStore(ImageStore):
     async def write(self, key: str, data: bytes) -> None:
         await asyncio.get_running_loop().run_in_executor(None, files.write_replacing, self.path(key), data)
 
-    def _write_placed(self, data: bytes, tmp: Path, final: Path, replace: bool) -> bool:
-        """In a thread: ``data`` into ``tmp`` (synced), then placed at ``final``. A full disk
-        leaves nothing behind (InsufficientStorage)."""
-        writer = files.TmpWriter(tmp)
-        try:
-            with files.no_space_left("the image"):
-                writer.write([data])
-                writer.close(fsync=self.fsync)
-        except BaseException:
-            writer.close(quiet=True)
-            tmp.unlink(missing_ok=True)
-            raise
-        return self._place(tmp, final, replace)
-
     def _place(self, src: Path, dst: Path, replace: bool) -> bool:
         """In a thread: move ``src`` to ``dst`` (with ``replace=False`` an existing ``dst`` wins
         and ``src`` is dropped); the rename is on disk when this returns."""

@@ -28,7 +28,7 @@ from PIL import Image
 
 from admin import certs
 from cli.session import EXIT_UNREACHABLE
-from plane import tls, wire
+from plane import tls
 from tests.dpip_cli import Cli, frames_dir, one_line_error
 from tests.helpers import (
     ADMIN_PASSWORD,
