@@ -160,12 +160,7 @@ class Session:
             # connection (a job waits at most its timeout; a dead worker fails it at once)
         while self._jobs or self._cancels or self._acks or hello:
             hello = False
-            jobs, size = [], 0
-            while self._jobs and len(jobs) < wire.MAX_BATCH and (
-                    not jobs or size + len(self._jobs[0].payload) <= wire.BATCH_BYTES):
-                job = self._jobs.pop(0)
-                jobs.append(job)
-                size += len(job.payload)
+            jobs, self._jobs = wire.first_batch(self._jobs)
             cancels, self._cancels = self._cancels[:wire.MAX_BATCH], self._cancels[wire.MAX_BATCH:]
             acks, self._acks = self._acks[:wire.MAX_BATCH], self._acks[wire.MAX_BATCH:]
             parts, _ = self.channel.seal(wire.Exchange(jobs, cancels, acks))

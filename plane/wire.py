@@ -305,6 +305,16 @@ MESSAGE_TYPES: dict[str, type] = {
 _FRAMED = {Exchange: "jobs", Results: "results"}
 
 
+def first_batch(items: list, budget: int = BATCH_BYTES) -> tuple[list, list]:
+    """The items (jobs, results) one message takes from the front of ``items``: at most
+    MAX_BATCH, their payloads within ``budget`` bytes, but at least one; and the rest."""
+    size = n = 0
+    while n < len(items) and n < MAX_BATCH and (n == 0 or size + len(items[n].payload) <= budget):
+        size += len(items[n].payload)
+        n += 1
+    return items[:n], items[n:]
+
+
 class VersionError(DecodeError):
     """A message of another version of the protocol (an older or newer peer)."""
 

@@ -71,12 +71,7 @@ class Outbox:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
             self._woken = False
-        taken, size = [], 0
-        while self._results and len(taken) < wire.MAX_BATCH and (
-                not taken or size + len(self._results[0].payload) <= wire.BATCH_BYTES):
-            result = self._results.pop(0)
-            taken.append(result)
-            size += len(result.payload)
+        taken, self._results = wire.first_batch(self._results)
         stopped, self._stopped = self._stopped[:wire.MAX_BATCH], self._stopped[wire.MAX_BATCH:]
         if self._results or self._stopped:
             self._wake()  # the next Exchange held takes the rest
