@@ -1,4 +1,4 @@
-"""A worker's job ends waiting for its server's :class:`~plane.wire.Exchange` (one per session).
+"""A worker's job ends waiting to be sent to its server (one outbox per session).
 
 Jobs end in any order; their results (and the jobs whose cancel is complete) pile up here until
 the session's sender takes them all, in one numbered
@@ -21,7 +21,7 @@ class Outbox:
         self._stopped: list[int] = []
         self._sent: dict[int, tuple[list[wire.JobResult], list[int]]] = {}  # batch -> what, until acked
         self._batch = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()  # Exchanges held, oldest first
+        self._waiters: deque[asyncio.Future[None]] = deque()  # takers waiting (a session's sender; a new connection's may overlap the old one's), oldest first
         self._woken = False  # one of them was woken and has not taken yet (wake no other)
 
     def put(self, result: wire.JobResult) -> None:
@@ -74,7 +74,7 @@ class Outbox:
         taken, self._results = wire.first_batch(self._results)
         stopped, self._stopped = self._stopped[:wire.MAX_BATCH], self._stopped[wire.MAX_BATCH:]
         if self._results or self._stopped:
-            self._wake()  # the next Exchange held takes the rest
+            self._wake()  # the next taker takes the rest
         if not taken and not stopped:
             return wire.Results(batch=0)
         self._batch += 1

@@ -5,8 +5,8 @@ a sealed heartbeat) every interval. It listens on a Rep0 (its RPC address, adver
 hello) for the controller's :class:`~plane.wire.Welcome` (session key, API endpoint) and then
 the session's sealed messages (:mod:`plane.session`); whom it obeys is :mod:`worker.link`'s
 business. An :class:`~plane.wire.Exchange` starts its jobs and stops its cancels at once; each
-job's end waits in the session's :class:`~worker.outbox.Outbox` for an Exchange the server
-keeps waiting here. A job is: its original from the message itself (a frame), or from
+job's end waits in the session's :class:`~worker.outbox.Outbox` until the session's sender
+(:mod:`worker.sessions`) sends it, with every other end ready by then. A job is: its original from the message itself (a frame), or from
 the object store's presigned URL, or (too large for a frame) from the API with the job's own
 capability; filtered in a thread; its result back as a frame of the Results (or put where it
 came from).
