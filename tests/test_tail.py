@@ -43,7 +43,10 @@ def test_latency_tracker_percentiles_by_size_class():
 def test_one_worker_dropping_30_percent_of_jobs_still_completes(make_system):
     """--fail-rate drops jobs without any reply: hedging (or the timeout) must finish them."""
     system = make_system("--job-timeout", "5")
-    token = system.start_workers({"ok-1": (), "ok-2": (), "lossy": ("--fail-rate", "0.3")})
+    # Jobs of 30 ms or more: uploads arriving one by one then find the first worker busy and
+    # spread over all three (instant jobs all go to whichever reported the least CPU last).
+    busy = ("--slow-rate", "1", "--slow-ms", "30")
+    token = system.start_workers({"ok-1": busy, "ok-2": busy, "lossy": (*busy, "--fail-rate", "0.3")})
     wid = workload(system.url, token)
     frames: dict[int, bytes] = {}
     # The lossy worker gets few of the jobs (a dropped one holds its slot), and 30% of a few can
