@@ -30,6 +30,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
 
+import aiorwlock
+
 from common.models import (
     BadInput,
     ImageType,
@@ -78,16 +80,48 @@ class JobLifecycle:
         self.images = images
         self.traffic = JobTraffic()
         self.ids = image_ids(store)  # the originals' ids
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._gates: dict[str, aiorwlock.RWLock] = {}
+        self._image_locks: dict[tuple[str, int], tuple[asyncio.Lock, int]] = {}  # -> (lock, holders and waiters)
         self._deleted: OrderedDict[str, float] = OrderedDict()  # workloads deleted here, recently
         #: what a worker declared it runs (set by the server: membership's view), by worker name;
         #: a result of a filter this server lacks is judged by its own worker's declaration
         self.declarations: Callable[[str], Mapping[str, Any] | None] = lambda worker: None
 
-    def lock(self, workload_id: str) -> asyncio.Lock:
-        """Serialises a workload's image writes: originals take ids in arrival order, and the
-        first result of an image wins."""
-        return self._locks.setdefault(workload_id, asyncio.Lock())
+    def _gate(self, workload_id: str) -> aiorwlock.RWLock:
+        gate = self._gates.get(workload_id)
+        if gate is None:
+            gate = self._gates[workload_id] = aiorwlock.RWLock(fast=True)
+        return gate
+
+    def alone(self, workload_id: str) -> Any:
+        """Held by a delete of the workload: no result or thumbnail of it is being placed
+        meanwhile (they wait, and see it deleted)."""
+        return self._gate(workload_id).writer_lock
+
+    def among_others(self, workload_id: str) -> Any:
+        """Held while placing a result or a thumbnail of the workload: any number at once (a
+        burst of results goes to the disk and the datastore in one group each, not one at a
+        time), never during its delete."""
+        return self._gate(workload_id).reader_lock
+
+    @contextlib.asynccontextmanager
+    async def result_turn(self, workload_id: str, image_id: int) -> AsyncIterator[None]:
+        """Placing a result of one image: its copies one after the other (the first recorded
+        wins; a file a crash left is replaced only by the result that gets the row), other
+        images of the workload meanwhile."""
+        async with self.among_others(workload_id):
+            key = (workload_id, image_id)
+            lock, users = self._image_locks.get(key) or (asyncio.Lock(), 0)
+            self._image_locks[key] = (lock, users + 1)
+            try:
+                async with lock:
+                    yield
+            finally:
+                lock, users = self._image_locks[key]
+                if users == 1:
+                    del self._image_locks[key]
+                else:
+                    self._image_locks[key] = (lock, users - 1)
 
     async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int,
                       header: tuple[int, int, str] | None = None, filename: str | None = None,
@@ -239,7 +273,7 @@ class JobLifecycle:
             self._deleted.popitem(last=False)
         files = None
         try:
-            async with self.lock(workload.id):  # no result of it is being placed meanwhile
+            async with self.alone(workload.id):  # no result of it is being placed meanwhile
                 try:
                     removed = await self.store.delete_workload(workload.id)
                 except InsufficientStorage:
@@ -254,7 +288,7 @@ class JobLifecycle:
             return None
         removed["files"] = (files or 0) + await self.images.remove_workload(workload.dir)
         self.ids.forget(workload.id)
-        self._locks.pop(workload.id, None)
+        self._gates.pop(workload.id, None)
         return removed
 
     async def thumbnail(self, workload: Workload, type_: ImageType, image_id: int, fmt: str, size: str) -> str:
@@ -266,7 +300,7 @@ class JobLifecycle:
 
         @contextlib.asynccontextmanager
         async def still_there() -> AsyncIterator[bool]:
-            async with self.lock(workload.id):
+            async with self.among_others(workload.id):
                 yield not self.deleted(workload.id) and await self._exists(workload.id)
 
         key = await self.images.thumbnail(workload.dir, type_, image_id, fmt, size, workload.owner, still_there)
@@ -303,7 +337,7 @@ class JobLifecycle:
             raise BadInput(f"result rejected: {problem}")
         stored = await self.images.without_metadata(stored)  # whatever the worker put in
         key = image_key(workload_dir, ImageType.FILTERED, image_id, stored.format)
-        async with self.lock(workload_id):  # first result wins; a late or duplicate one changes nothing
+        async with self.result_turn(workload_id, image_id):  # first result wins; a late or duplicate one changes nothing
             if self.deleted(workload_id):
                 return False  # its workload was deleted while the job ran
             # Not synced one by one: a result lost with a crash is made again (redo_lost_results)

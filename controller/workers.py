@@ -15,8 +15,11 @@ from plane.seal import Channel
 BUILTINS = tuple(n for n, s in registry.REGISTRY.items() if s.builtin)
 
 #: Slots a newcomer is trusted with before it has proven more (slow start: twice as many each
-#: time half of them came back with stored results).
-TRUSTED_AT_FIRST = 4
+#: time half of them came back with stored results). Eight, as TCP's initial window is ten
+#: segments (RFC 6928): a worker of up to 8 slots uses them all from its first jobs (with 4, a
+#: fleet of 8-slot workers from a cold start ran its first round at half its slots), while a
+#: worker that takes jobs and never answers holds at most 8 until their timeout.
+TRUSTED_AT_FIRST = 8
 
 
 class WorkerState(str, Enum):
@@ -87,7 +90,7 @@ class WorkerInfo:
 
     def slots(self) -> int:
         """The jobs it may hold at once: what it claims, but no more than it has proven it can
-        (a few at first, twice as many each time half of them came back with stored results, as
+        (8 at first, twice as many each time half of them came back with stored results, as
         TCP's slow start: a claim of 4096 wins nothing at once, an honest 8 slots are in use
         after one round of jobs)."""
         return min(self.capacity, self.trust)

@@ -108,24 +108,24 @@ async def test_the_only_worker_saying_no_retry_can_help_gets_every_attempt_and_s
 
 
 async def test_a_newcomers_claimed_capacity_is_trusted_as_far_as_it_has_proven_it(store):
-    """A worker that claims 4096 slots gets four at first, and twice as many once half of them
+    """A worker that claims 4096 slots gets eight at first, and twice as many once half of them
     came back with stored results (slow start); failures earn it nothing."""
     fleet = await fleet_of(store)
     big = fleet.membership.add(StubWorker("big", capacity=4096, trusted=False))
     wl = await fleet.workload("w")
     await fleet.submit(wl, 40)
     try:
-        await until(lambda: len(big.received) == 4, 10, "four jobs at first")
-        assert fleet.scheduler.queued() == 36
-        for m in big.received[:2]:
+        await until(lambda: len(big.received) == 8, 10, "eight jobs at first")
+        assert fleet.scheduler.queued() == 32
+        for m in big.received[:4]:
             big.finish(m.job_id)
-        # two slots freed and four more trusted: eight in flight
-        await until(lambda: len(big.received) == 10, 10, "half came back: eight at once")
-        assert fleet.membership.workers["big"].slots() == 8
-        for m in big.received[2:]:
+        # four slots freed and eight more trusted: sixteen in flight
+        await until(lambda: len(big.received) == 20, 10, "half came back: sixteen at once")
+        assert fleet.membership.workers["big"].slots() == 16
+        for m in big.received[4:]:
             big.fail(m.job_id, "no", retryable=False)
-        await until(lambda: len(big.received) >= 18, 10, "failures free slots")
-        assert fleet.membership.workers["big"].slots() == 8, "but earn no trust"
+        await until(lambda: len(big.received) >= 36, 10, "failures free slots")
+        assert fleet.membership.workers["big"].slots() == 16, "but earn no trust"
     finally:
         await fleet.scheduler.close()
 

@@ -133,3 +133,18 @@ def _process(data: bytes, name: str, params: dict | None, options: EncodeOptions
         return codec.encode(outs, fmt, chosen, kept, durations), fmt
     except (OSError, ValueError) as e:
         raise FilterError(f"cannot encode the result as {fmt}: {e}") from None
+
+
+def warm_up_image() -> bytes:
+    """A small PNG to run through :func:`warm_up`."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 140, 200)).save(out, "PNG")
+    return out.getvalue()
+
+
+def warm_up(sample: bytes, options: EncodeOptions) -> None:
+    """One small job of each common codec in this thread: Pillow's plugins imported, the
+    thread made (run at a worker's start, before it joins)."""
+    process(sample, "grayscale", None, options)
+    process(sample, "format", {"type": "jpeg"}, options)
+    threading.Event().wait(0.01)  # (held a moment: the executor's other threads are made too)

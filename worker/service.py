@@ -37,7 +37,7 @@ from plane.rpc import RpcServer
 from plane.stream import worker_context
 from plane.tls import WorkerTls, http_client_context, nng_url
 from worker import memory
-from worker.filters import FilterError, process
+from worker.filters import FilterError, process, warm_up, warm_up_image
 from worker.link import ControllerLink, Refused, WorkerLink
 from worker.outbox import Outbox
 from worker.sessions import Sessions
@@ -102,6 +102,7 @@ class Worker:
 
     async def start(self) -> None:
         s = self.s
+        await self._warm_up()
         advertise = s.advertise_host or local_address_towards(s.controller_host, s.controller_port)
         tls = self.tls is not None
         bound = self._rpc.listen(nng_url(s.rpc_bind or advertise, s.rpc_port, tls),
@@ -126,6 +127,16 @@ class Worker:
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         logger.info("worker %s serving RPC at %s, controller%s %s, capacity %d", s.name, self.rpc_address,
                     "s" if len(self.links) > 1 else "", ", ".join(c.address for c in self.links), s.capacity)
+
+    async def _warm_up(self) -> None:
+        """Every filter thread made and the codecs loaded (Pillow imports its plugins on the
+        first image) before the server hears of us: a new worker's first jobs take as long as
+        any other (measured: 64 workers joining together spent up to 0.3 s each on their first
+        job, all at once, on a 2-core machine)."""
+        loop = asyncio.get_running_loop()
+        sample = warm_up_image()
+        await asyncio.gather(*(loop.run_in_executor(self.executor, warm_up, sample, self.s.encode)
+                               for _ in range(min(self.s.capacity, 64))))
 
     async def drain(self) -> None:
         """Stop taking jobs, tell the controller, let running jobs finish (bounded)."""
