@@ -8,7 +8,8 @@ per job:
 - :meth:`Session.run` queues a job and :meth:`Session.stop` a cancel; everything queued in one
   turn of the event loop leaves in one sealed :class:`~plane.wire.Exchange` (originals as raw
   frames, up to :data:`~plane.wire.BATCH_BYTES` a message), with the acknowledgements of the
-  result batches received meanwhile. No timer: a batch is whatever piled up (Dask's
+  result batches received meanwhile (acknowledgements alone wait :data:`ACK_DELAY` for jobs
+  to go with). No timer: a batch is whatever piled up (Dask's
   ``BatchedSend`` without its interval).
 - The worker sends :class:`~plane.wire.Results` as jobs end, with every end ready by then (the
   results' bytes as frames); the session resolves each job's future. A batch is kept by the
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 3.0
 #: Wait between two attempts to connect.
 RECONNECT = 0.2
+#: Acknowledgements wait this long for an Exchange that carries jobs (they go with it), before
+#: they go alone: a send each way fewer per batch of results while jobs flow (measured: 0.4
+#: of an Exchange per job was only acks), and a worker holds its sent batches a moment longer.
+ACK_DELAY = 0.2
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Session:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task | None = None
         self._flushing = False
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._closed = ""
 
     def start(self) -> None:
@@ -89,6 +95,8 @@ class Session:
     async def close(self, why: str) -> None:
         """The worker is gone: every job waiting on it fails with ``why``."""
         self._closed = why
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         self._fail_all(why)
         if self._writer is not None:
             self._writer.close()
@@ -153,6 +161,9 @@ class Session:
         """Everything queued, in as few Exchanges as its budget allows (``hello``: at least one,
         to say who we are on a new connection)."""
         self._flushing = False
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         if self._closed:
             return
         if self._writer is None:
@@ -222,7 +233,11 @@ class Session:
             self._acks.append(reply.batch)
             self.stats.batches += 1
             self.stats.results += len(reply.results)
-            self._kick()  # (acknowledged with the jobs placed as these ends free slots)
+            # Acknowledged with the jobs placed as these ends free slots, else alone a moment later.
+            if len(self._acks) >= wire.MAX_BATCH:
+                self._kick()
+            elif self._ack_timer is None and not self._flushing:
+                self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._kick)
         for result in reply.results:
             self._sent.discard(result.job_id)
             future = self._results.pop(result.job_id, None)

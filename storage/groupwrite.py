@@ -27,6 +27,9 @@ from common.models import InsufficientStorage
 
 #: Files written in one group at most (the rest wait for the next).
 MAX_GROUP = 256
+#: The most one write(2) is given: measured on these machines, a 1.4 MB frame written in one
+#: call costs 2.3-4.2 ms of kernel CPU, in 256 KiB pieces 0.8 ms (the same bytes, the same file).
+WRITE_PIECE = 256 * 1024
 #: Files written unsynced are made durable (the whole filesystem synced) within this many seconds.
 SYNC_EVERY = 1.0
 
@@ -185,7 +188,7 @@ class GroupWriter:
         try:
             view = memoryview(f.data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view[:WRITE_PIECE]):]
             if f.sync:
                 os.fsync(fd)
         except BaseException:
