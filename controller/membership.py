@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -67,6 +68,7 @@ WELCOME_RETRY = 1.0  # seconds between two welcome attempts for one name
 MAX_WELCOMING = 32  # welcomes in flight at once, whatever the names
 WELCOME_RATE = 20.0  # welcome attempts per second in all (a burst of as many)
 WELCOME_TIMEOUT = 3.0  # seconds a welcome waits for the worker's acknowledgement
+RECEIVE_BATCH = 256  # messages handed to the loop in one call at most
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Membership:
         self._left: OrderedDict[str, None] = OrderedDict()  # key ids of workers that said goodbye
         self._log = LogLimiter(logger)
         self._sock: pynng.Sub0 | None = None
+        self._receiver: threading.Thread | None = None
         self._tasks: list[asyncio.Task] = []
         self._welcomes: set[asyncio.Task] = set()
         self._welcome_budget = WELCOME_RATE  # a token bucket: WELCOME_RATE per second
@@ -154,15 +157,18 @@ class Membership:
         if self.tls is not None:
             self._sock.tls_config = self.tls.listener()
         self._sock.listen(address)
-        self._tasks = [
-            asyncio.create_task(self._receive_loop(), name="membership-recv"),
-            asyncio.create_task(self._sweep_loop(), name="membership-sweep"),
-        ]
+        self._receiver = threading.Thread(target=self._receive_thread, args=(asyncio.get_running_loop(),),
+                                          name="membership-recv", daemon=True)
+        self._receiver.start()
+        self._tasks = [asyncio.create_task(self._sweep_loop(), name="membership-sweep")]
         logger.info("controller listening on %s (epoch %s)", address, self.epoch)
 
     async def close(self) -> None:
         if self._sock is not None:
-            self._sock.close()  # first: fails the pending arecv (see common.aio.stop_tasks)
+            self._sock.close()  # first: the receiving thread's wait ends (pynng.Closed)
+        if self._receiver is not None:
+            await asyncio.to_thread(self._receiver.join, 5.0)
+            self._receiver = None
         sessions = list(self.sessions.values())
         self.sessions.clear()
         for session in sessions:
@@ -197,18 +203,36 @@ class Membership:
 
     # -- receiving --------------------------------------------------------------------------
 
-    async def _receive_loop(self) -> None:
-        assert self._sock is not None
+    def _receive_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A thread of its own receives (a blocking receive, the GIL released while it waits)
+        and hands the loop every message that arrived meanwhile in one call. Measured with 64
+        idle workers: pynng's asyncio receive (an nng aio and a wake-up of the loop per message)
+        cost the server 1.0 ms of CPU per heartbeat."""
+        sock = self._sock
+        assert sock is not None
         while True:
             try:
-                message = await self._sock.arecv_msg()
+                batch = [sock.recv_msg()]
+                while len(batch) < RECEIVE_BATCH:
+                    batch.append(sock.recv_msg(block=False))
+            except pynng.TryAgain:
+                pass
             except pynng.Closed:
                 return
             except pynng.NNGException as e:
                 logger.debug("receive failed: %s", e)
                 continue
             try:
-                self._on_message(message.bytes, source_host(message))
+                loop.call_soon_threadsafe(self._on_batch, batch)
+            except RuntimeError:
+                return  # the loop is closed
+
+    def _on_batch(self, batch: list[pynng.Message]) -> None:
+        if self._receiver is None:
+            return  # closed meanwhile
+        for message in batch:
+            try:
+                self._on_message(message.bytes, message)
             except wire.VersionError as e:
                 self._refuse(f"{e}: a worker of another version of DPIP (upgrade it, or the server)")
             except wire.DecodeError as e:
@@ -218,8 +242,9 @@ class Membership:
             except Exception:  # a bug must cost one message, never the loop
                 self._log.log(logging.ERROR, "bug", "controller failed on a message", exc_info=True)
 
-    def _on_message(self, data: bytes, source: str = "") -> None:
-        """One message from the pub/sub socket; ``source`` is the host it came from."""
+    def _on_message(self, data: bytes, source: str | pynng.Message = "") -> None:
+        """One message from the pub/sub socket; ``source`` is the host it came from (or the
+        message, to ask only for a hello)."""
         msg = wire.decode(data)
         if isinstance(msg, wire.Hello):
             return self._refuse(f"hello from {msg.name!r} without the join token's seal (a worker on"
@@ -233,7 +258,7 @@ class Membership:
                 return self._refuse("hello with a wrong join token")
             if not isinstance(inner, wire.Hello):
                 return self._refuse(f"{inner.TYPE} sealed with the join key")
-            return self._on_hello(inner, source)
+            return self._on_hello(inner, source if isinstance(source, str) else source_host(source))
         info = self._by_kid.get(msg.kid)
         if info is None or info.channel is None:
             if msg.kid in self._left:

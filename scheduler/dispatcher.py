@@ -173,7 +173,10 @@ class Dispatcher:
             self._wake.clear()
             self._place_what_fits()
 
-    def _views(self) -> list[WorkerView]:
+    def _views(self, free_only: bool = False) -> list[WorkerView]:
+        """Every member's view (``free_only``: of those ready with a free slot by our own
+        count, the only ones placement can choose: a wide fleet with a backlog frees one slot
+        per job, and a pass over 64 views per job cost more than the job's own dispatch)."""
         now = time.monotonic()
         finished = self._finished  # oldest first: prune from the front, O(1) per job
         while finished and now - next(iter(finished.values())) > 5.0:
@@ -182,6 +185,8 @@ class Dispatcher:
         views = []
         for w in self.membership.snapshot():
             ours = self._in_flight.get(w.name, {})
+            if free_only and (not w.ready or len(ours) >= w.slots()):
+                continue
             # Jobs the worker reports that we did not send it (e.g. before a server restart)
             # also take its slots; ours that just ended may still show in a stale heartbeat.
             foreign = {j for j in w.running_job_ids if j not in ours and j not in self._finished}
@@ -219,7 +224,8 @@ class Dispatcher:
             for wid in self._queues:
                 self.waiting.setdefault(wid, "waiting for a free slot")
             return
-        workers = self._views()
+        workers = self._views(free_only=True)
+        everyone: list[WorkerView] | None = None  # every member's view, to say why nobody fits
         if workers:  # rotate, so ties between equal workers go round (one step per job placed,
             # not per call: calls come in a fixed number per job, which would alias the turn)
             turn = self._turn % len(workers)
@@ -243,7 +249,9 @@ class Dispatcher:
                 jv = self._view(job)
                 name = place(jv, views.values())
                 if name is None:
-                    self.waiting[wid] = why_not(jv, views.values())
+                    if everyone is None:
+                        everyone = [views.get(v.name, v) for v in self._views()]
+                    self.waiting[wid] = why_not(jv, everyone)
                     blocked.add(wid)
                     continue
                 self.waiting.pop(wid, None)
