@@ -57,17 +57,25 @@ def record_result(workload_id: str, image_id: int, fmt: str, size: int, now: flo
     ``timing`` (worker, download, process, upload) if known: RECORDED, DUPLICATE or GONE."""
     if not (yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows:
         return GONE  # deleted while its job ran: nothing to record
+    # The job's row first, then the image's (whose counters take the workload's row): the order
+    # of every transition (a job's row, then its workload's), so that two never wait for each
+    # other. PostgreSQL found the other order deadlocking with the job's dispatch, which is
+    # written while the job travels. A job is done exactly when its result's row exists: the
+    # first copy to mark it done is the one recorded.
+    done = JobState.DONE.value
+    if timing is None:
+        marked = (yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ?"
+                          " AND image_id = ? AND state <> ?", done, now, workload_id, image_id, done)).rowcount
+    else:
+        marked = (yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
+                          " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ? AND state <> ?",
+                          done, now, *timing, workload_id, image_id, done)).rowcount
+    if marked != 1:
+        return DUPLICATE
     if (yield q("INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 workload_id, image_id, ImageType.FILTERED.value, fmt, size, now)).rowcount != 1:
         return DUPLICATE
-    if timing is None:
-        yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ?"
-                " AND image_id = ?", JobState.DONE.value, now, workload_id, image_id)
-    else:
-        yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
-                " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ?",
-                JobState.DONE.value, now, *timing, workload_id, image_id)
     return RECORDED
 
 

@@ -122,6 +122,26 @@ async def test_concurrent_transitions_and_writes_stay_consistent(store):
     assert len(await store.list_images(w.id, ImageType.ORIGINAL)) == n
 
 
+async def test_a_dispatch_in_flight_and_its_result_never_deadlock(store):
+    """The scheduler writes a job's dispatch while the job travels, so a quick job's result is
+    recorded at the same moment as its dispatch, while uploads to the workload take ids: every
+    transition takes its job's row before its workload's (PostgreSQL found the other order, the
+    result's image row first, deadlocking with the dispatch in flight)."""
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    n = 120
+    queued = [await jobs.enqueue(w, i, "PNG", 10) for i in range(n)]
+
+    async def one(job) -> None:
+        await asyncio.gather(jobs.dispatch(job, "w1", 60), jobs.complete(w.id, job.image_id, "PNG", 5),
+                             jobs.ids.take(w.id))
+
+    await asyncio.gather(*(one(job) for job in queued))
+    assert await store.job_counts() == {"done": n}
+    view = await store.workload_view(w)
+    assert len(view.filtered_images) == n and view.running_jobs == 0, view
+
+
 async def test_workload_names_are_per_owner_and_users_do_not_inherit(store):
     a = await store.create_workload("same", "alice", Filter.GRAYSCALE, ())
     b = await store.create_workload("same", "bob", Filter.GRAYSCALE, ())
