@@ -80,6 +80,11 @@ CREATE TRIGGER revocations_changed AFTER INSERT OR DELETE ON revoked_tokens
 CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                      asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
                      asyncpg.exceptions.AdminShutdownError)
+#: Transactions PostgreSQL chose to abort for others to go on (a deadlock it broke, a
+#: serialisation conflict): nothing of them was written, and the same write may succeed now.
+#: DPIP's transitions take their rows in one order (a job's, then its workload's), so these are
+#: rare (bulk changes over many jobs); they are said as "try again", never as a 500.
+RETRYABLE_ERRORS = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -165,6 +170,9 @@ class PostgresDatastore(SqlDatastore):
                     return await sql.run_async(script, functools.partial(_execute, conn))
         except CONNECTION_ERRORS as e:
             raise unavailable(e) from e
+        except RETRYABLE_ERRORS as e:
+            raise Unavailable(f"the database aborted this change to let another through ({type(e).__name__});"
+                              " try again") from e
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> int | None:
         """Take or renew the lease ``name`` for ``ttl`` seconds (the database's clock, so the

@@ -281,3 +281,30 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     assert await upload(jobs) == 31, "counted past a chosen id"
     assert await upload(JobLifecycle(store, images)) == 32, "after a restart, from the datastore"
     await images.close()
+
+
+async def test_a_transaction_postgresql_aborts_to_break_a_deadlock_says_try_again(request, tmp_path):
+    """Two writes taking two rows in opposite orders: PostgreSQL aborts one of them; it fails as
+    Unavailable ("try again": a 503 at the API, a transient failure for a job), never as an
+    engine's exception, and the other is written."""
+    from common.models import Unavailable
+
+    store = _postgres(request, tmp_path)
+    await store.open()
+    try:
+        a = await store.create_workload("a", "alice", Filter.GRAYSCALE, ())
+        b = await store.create_workload("b", "alice", Filter.GRAYSCALE, ())
+
+        def crossing(first: str, second: str) -> Script[None]:
+            yield q("UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?", first)
+            yield q("SELECT pg_sleep(0.3)")
+            yield q("UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?", second)
+
+        outcomes = await asyncio.gather(store.write(crossing(a.id, b.id)), store.write(crossing(b.id, a.id)),
+                                        return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(failed) == 1 and isinstance(failed[0], Unavailable), outcomes
+        assert "try again" in str(failed[0])
+        assert await store.next_image_id(a.id) == 1 and await store.next_image_id(b.id) == 1
+    finally:
+        await store.close()
