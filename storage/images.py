@@ -81,6 +81,10 @@ class ImageStore(abc.ABC):
 
     #: Whether workers reach the store directly (presigned URLs) rather than through the API.
     direct = False
+    #: Whether a write is seen whole or not at all (an object store's PUT): a result need not be
+    #: placed "only if absent" (a file's O_EXCL, an object store's HEAD first), the datastore's
+    #: row says whether one was recorded already.
+    whole_writes = False
 
     def __init__(self, max_bytes: int, max_pixels: int) -> None:
         self.max_bytes = max_bytes

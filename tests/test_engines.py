@@ -203,6 +203,19 @@ async def test_a_result_a_worker_put_in_the_bucket_is_stripped_of_its_metadata(s
                     assert b"eXIf" not in kept and b"tEXt" not in kept and cleaned.size == len(kept)
                     with Image.open(io.BytesIO(kept)) as im, Image.open(io.BytesIO(honest)) as src:
                         assert im.tobytes() == src.tobytes() and dict(im.getexif()) == {}
+        # Judged in one ranged GET: its whole size from its Content-Range, nothing for an empty
+        # object, a missing one or one past the upload limit.
+        stored = await store.stored_result("big-clean.png")
+        assert stored is not None and stored.size == len(big.getvalue()) > 256 * 1024
+        await store.write("empty.png", b"")
+        assert await store.stored_result("empty.png") is None
+        assert await store.stored_result("never-written.png") is None
+        tight = S3ImageStore(f"s3://{bucket}", len(big.getvalue()) - 1, 50_000_000)
+        await tight.open()
+        try:
+            assert await tight.stored_result("big-clean.png") is None
+        finally:
+            await tight.close()
     finally:
         await store.close()
 
