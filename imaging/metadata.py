@@ -272,5 +272,24 @@ _SIGNS = {"PNG": (b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"), "JPEG": (b"\xff\
 
 
 def may_have_metadata(part: bytes, fmt: str) -> bool:
-    """Whether ``part`` of a file (its beginning, or its end) shows a sign of metadata."""
+    """Whether ``part`` of a file (its beginning, or its end) shows a sign of metadata. A PNG's
+    beginning is walked chunk by chunk (a few headers, where searching 256 KiB for five signs
+    cost the server a millisecond per 720p result)."""
+    if fmt == "PNG" and part.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _png_head_has_metadata(part)
     return any(sign in part for sign in _SIGNS.get(fmt, ()))
+
+
+def _png_head_has_metadata(part: bytes) -> bool:
+    """Whether a chunk that starts within ``part`` (a PNG's first bytes) is one of metadata."""
+    signs = _SIGNS["PNG"]
+    pos = 8
+    while pos + 8 <= len(part):
+        length = int.from_bytes(part[pos:pos + 4], "big")
+        kind = part[pos + 4:pos + 8]
+        if kind in signs:
+            return True
+        if kind == b"IEND":
+            return False
+        pos += 12 + length
+    return False

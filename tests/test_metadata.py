@@ -98,6 +98,19 @@ def test_signs_of_metadata_in_part_of_a_file():
     assert metadata.may_have_metadata(DIRTY["PNG"][0][:200], "PNG")
     assert not metadata.may_have_metadata(CLEAN["PNG"][0], "PNG")
     assert metadata.may_have_metadata(DIRTY["WEBP"][0][-100:], "WEBP")
+    # A PNG's beginning is walked chunk by chunk: a sign inside its pixels' compressed data is
+    # no metadata; a metadata chunk among the first ones is, wherever it sits in the part.
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    clean = CLEAN["PNG"][0]
+    idat_with_a_sign = clean[:33] + chunk(b"IDAT", b"tEXt" * 50) + clean[33:]
+    assert not metadata.may_have_metadata(idat_with_a_sign[:400], "PNG")
+    late_text = clean[:33] + chunk(b"IDAT", b"\0" * 300) + chunk(b"tEXt", b"k\0v") + clean[33:]
+    assert metadata.may_have_metadata(late_text[:400], "PNG")
 
 
 @settings(max_examples=300, deadline=None)
