@@ -13,6 +13,7 @@ start together do not race. A job inserted by any server is announced on the cha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -107,6 +108,18 @@ async def _execute(conn: asyncpg.Connection, statement: Statement) -> Result:
     return Result([], int(count) if count.isdigit() else 0)
 
 
+_BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
+_BEGIN_LAZY = _BEGIN + "; SET LOCAL synchronous_commit = off"  # (recovery redoes what a crash loses)
+_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+
+async def _kept_as_is(conn: asyncpg.Connection) -> None:
+    """A connection back in the pool is left as it is (asyncpg still rolls back a transaction
+    left open): nothing DPIP does outlives its transaction (settings are SET LOCAL, the schema's
+    advisory lock is the transaction's, LISTEN has a connection of its own), so the reset query
+    asyncpg sends by default would be a round trip per transaction for nothing."""
+
+
 def unavailable(e: BaseException) -> Unavailable:
     return Unavailable(f"the database is unavailable ({type(e).__name__}); try again shortly")
 
@@ -128,7 +141,8 @@ class PostgresDatastore(SqlDatastore):
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
-                                                   command_timeout=self.timeout, timeout=self.timeout)
+                                                   command_timeout=self.timeout, timeout=self.timeout,
+                                                   reset=_kept_as_is)
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                 await conn.execute(SCHEMA)
@@ -161,13 +175,21 @@ class PostgresDatastore(SqlDatastore):
         return await self._run(script, durable=durable)
 
     async def _run(self, script: Script[T], readonly: bool = False, durable: bool = True) -> T:
+        """``script`` in one transaction, begun (with its settings) in one round trip and
+        committed in another: asyncpg's transaction manager took two to begin a transaction that
+        need not wait for the disk, and the pool a third to reset each connection it got back."""
         try:
             async with self.pool.acquire(timeout=self.timeout) as conn:
-                async with conn.transaction(isolation="repeatable_read" if readonly else "read_committed",
-                                            readonly=readonly):
-                    if not durable:
-                        await conn.execute("SET LOCAL synchronous_commit = off")
-                    return await sql.run_async(script, functools.partial(_execute, conn))
+                await conn.execute(_BEGIN_READ if readonly else _BEGIN if durable else _BEGIN_LAZY)
+                try:
+                    outcome = await sql.run_async(script, functools.partial(_execute, conn))
+                except BaseException:
+                    if not conn.is_closed():  # (a broken one is dropped by the pool)
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(conn.execute("ROLLBACK"))
+                    raise
+                await conn.execute("COMMIT")
+                return outcome
         except CONNECTION_ERRORS as e:
             raise unavailable(e) from e
         except RETRYABLE_ERRORS as e:
