@@ -24,6 +24,10 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class ServerExited(RuntimeError):
+    """The server process ended while it was being waited for."""
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -82,6 +86,9 @@ class LocalSystem:
         self.log_dir = Path(log_dir) if log_dir else None
         self.port = port or free_port()
         self.controller_port = controller_port or free_port()
+        # Ports picked here may be taken by another process before the server binds them (a
+        # free port is only free when asked): the first start then tries new ones.
+        self._may_move = port is None and controller_port is None
         self.admin_password = admin_password
         self.server_args = server_args
         self.python = python
@@ -133,18 +140,29 @@ class LocalSystem:
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
 
     def start_server(self, wait: bool = True, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
-        """Start ``main.py``; ``prefix`` wraps the command (e.g. ``ip netns exec NS``)."""
-        argv = [*prefix,
-            self.python, "main.py", "--host", "127.0.0.1", "--port", str(self.port),
-            "--controller-port", str(self.controller_port), "--data-dir", str(self.data_dir),
-            *self.tls_server_args(), *self.server_args,
-        ]
+        """Start ``main.py``; ``prefix`` wraps the command (e.g. ``ip netns exec NS``). On the
+        first start, a server that exits at once (a port picked here taken meanwhile by another
+        process, as a free port can be) is started again on new ports, twice at most."""
         env = self._env(**self.server_env)
         if self.admin_password:
             env["DPIP_ADMIN_PASSWORD"] = self.admin_password
-        self.server = self._spawn("server", argv, ROOT, env)
-        if wait:
-            wait_until(self._api_up, 30, "the API to answer")
+        for attempt in range(3):
+            argv = [*prefix,
+                self.python, "main.py", "--host", "127.0.0.1", "--port", str(self.port),
+                "--controller-port", str(self.controller_port), "--data-dir", str(self.data_dir),
+                *self.tls_server_args(), *self.server_args,
+            ]
+            self.server = self._spawn("server", argv, ROOT, env)
+            if not wait:
+                break
+            try:
+                wait_until(self._api_up, 30, "the API to answer")
+                break
+            except ServerExited:
+                if not self._may_move or self.workers or attempt == 2:
+                    raise
+                self.port, self.controller_port = free_port(), free_port()
+        self._may_move = False  # (a restart keeps its ports: workers know them)
         return self.server
 
     def start_worker(
@@ -194,7 +212,7 @@ class LocalSystem:
 
     def _api_up(self) -> bool:
         if self.server is not None and self.server.poll() is not None:
-            raise RuntimeError(f"server exited with {self.server.returncode}")
+            raise ServerExited(f"server exited with {self.server.returncode}")
         try:
             urllib.request.urlopen(self.url + "/status", timeout=1, context=self._ssl)
         except urllib.error.HTTPError:

@@ -180,6 +180,8 @@ class PostgresDatastore(SqlDatastore):
         need not wait for the disk, and the pool a third to reset each connection it got back."""
         try:
             async with self.pool.acquire(timeout=self.timeout) as conn:
+                if readonly and sql.is_one_statement(script):  # one statement, one snapshot
+                    return await sql.run_async(script, functools.partial(_execute, conn))
                 await conn.execute(_BEGIN_READ if readonly else _BEGIN if durable else _BEGIN_LAZY)
                 try:
                     outcome = await sql.run_async(script, functools.partial(_execute, conn))

@@ -26,7 +26,7 @@ from common.models import (
     quoted,
 )
 from storage import schema
-from storage.sql import Script, q
+from storage.sql import Script, one_statement, q
 
 T = TypeVar("T")
 
@@ -421,10 +421,12 @@ def _rows(sql: str, *params: Any) -> Script[list]:
     return (yield q(sql, *params)).rows
 
 
+@one_statement
 def _one(sql: str, *params: Any) -> Script[Any]:
     return (yield q(sql, *params)).one()
 
 
+@one_statement
 def _scalar(sql: str, *params: Any) -> Script[Any]:
     return (yield q(sql, *params)).scalar()
 
