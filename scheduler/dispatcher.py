@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from common.aio import stop_tasks
 from common.models import DpipError, Job
 from controller.jobs import JobLifecycle
+from controller.workers import WorkerInfo
 from filtering import pipeline
 from scheduler.carrier import (
     Carrier,
@@ -185,7 +186,7 @@ class Dispatcher:
         views = []
         for w in self.membership.snapshot():
             ours = self._in_flight.get(w.name, {})
-            if free_only and (not w.ready or len(ours) >= w.slots()):
+            if free_only and not self._has_free_slot(w):
                 continue
             # Jobs the worker reports that we did not send it (e.g. before a server restart)
             # also take its slots; ours that just ended may still show in a stale heartbeat.
@@ -214,7 +215,11 @@ class Dispatcher:
         members = self.membership.snapshot()
         if not any(w.ready for w in members):
             return False  # (the full pass says why: no live worker, tags, filters)
-        return all(not w.ready or len(self._in_flight.get(w.name, ())) >= w.slots() for w in members)
+        return not any(self._has_free_slot(w) for w in members)
+
+    def _has_free_slot(self, w: WorkerInfo) -> bool:
+        """Ready, and fewer of our jobs on it than it is trusted with."""
+        return w.ready and len(self._in_flight.get(w.name, ())) < w.slots()
 
     def _place_what_fits(self) -> None:
         """Round-robin over workloads: each turn places the head job of the next workload."""

@@ -73,7 +73,7 @@ class S3ImageStore(ImageStore):
         self.timeout = timeout
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
-        self._http: aiohttp.ClientSession | None = None  # PUTs to URLs presigned here (see write)
+        self._http: aiohttp.ClientSession | None = None  # requests to URLs presigned here (_presigned)
 
     async def open(self) -> None:
         config = AioConfig(connect_timeout=5, read_timeout=self.timeout, retries={"max_attempts": 2},
@@ -112,13 +112,9 @@ class S3ImageStore(ImageStore):
         try:
             return await operation()
         except ClientError as e:
-            status, code = _status(e), e.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-                raise FileNotFoundError(what) from e
-            if code in ("EntityTooLarge", "QuotaExceeded", "InsufficientStorage") or status == 507:
-                raise InsufficientStorage(f"the object store is full ({code or status}): {what}") from e
-            if status >= 500:
-                raise Unavailable(f"the object store failed ({code or status}); try again shortly") from e
+            said = _said(what, _status(e), e.response.get("Error", {}).get("Code", ""))
+            if said is not None:
+                raise said from e
             raise
         except (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             if isinstance(e, FileNotFoundError):
@@ -212,15 +208,9 @@ class S3ImageStore(ImageStore):
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise Unavailable(f"the object store is unavailable ({type(e).__name__}); try again shortly") from e
         code = text.partition("<Code>")[2].partition("</Code>")[0]
-        if r.status == 404 or code in ("NoSuchKey", "NotFound"):
-            raise FileNotFoundError(key)
         if r.status == 416 or code == "InvalidRange":
             return b"", 0
-        if code in ("EntityTooLarge", "QuotaExceeded", "InsufficientStorage") or r.status == 507:
-            raise InsufficientStorage(f"the object store is full ({code or r.status}): {key}")
-        if r.status >= 500:
-            raise Unavailable(f"the object store failed ({code or r.status}); try again shortly")
-        raise RuntimeError(f"the object store refused {method} {key}: HTTP {r.status} {code}")
+        raise _said(key, r.status, code) or RuntimeError(f"the object store refused {method} {key}: HTTP {r.status} {code}")
 
     async def remove(self, key: str) -> None:
         self.forget(key)
@@ -262,8 +252,7 @@ class S3ImageStore(ImageStore):
 
     async def stored_result(self, key: str) -> ReceivedImage | None:
         """Judge a result a worker put: its size (at most the upload limit) and its header, in
-        one request (a ranged GET of its first bytes says the whole size too: no HEAD before it,
-        each request costing the server about a millisecond and a half of CPU)."""
+        one request (a ranged GET of its first bytes says the whole size too: no HEAD before it)."""
         try:  # (at most HEADER_BYTES read, should a store ignore the range)
             data, size = await self._presigned("GET", key, byte_range=f"bytes=0-{HEADER_BYTES - 1}", most=HEADER_BYTES)
         except FileNotFoundError:
@@ -311,6 +300,18 @@ def _total_size(content_range: str | None, length: int) -> int:
         if total.isdigit():
             return int(total)
     return length
+
+
+def _said(what: str, status: int, code: str) -> Exception | None:
+    """An object store's refusal the way the API says it (no such object, full, failed), or
+    None for any other."""
+    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+        return FileNotFoundError(what)
+    if code in ("EntityTooLarge", "QuotaExceeded", "InsufficientStorage") or status == 507:
+        return InsufficientStorage(f"the object store is full ({code or status}): {what}")
+    if status >= 500:
+        return Unavailable(f"the object store failed ({code or status}); try again shortly")
+    return None
 
 
 def _status(e: ClientError) -> int:
