@@ -27,7 +27,7 @@ import dataclasses
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import aiorwlock
@@ -47,6 +47,7 @@ from controller.imageids import image_ids
 from controller.results import expected, result_problem
 from imaging.facts import header_from_bytes
 from storage.datastore import Datastore
+from storage.groupwrite import FileWrite
 from storage.images import Download, ImageStore, ReceivedImage, image_key
 from storage import jobrows
 from storage.jobrows import GONE, RECORDED
@@ -125,17 +126,18 @@ class JobLifecycle:
 
     async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int,
                       header: tuple[int, int, str] | None = None, filename: str | None = None,
-                      photo: dict | None = None, quota: int = 0) -> Job:
+                      photo: dict | None = None, quota: int = 0, files: Sequence[FileWrite] = ()) -> Job:
         """An original is in place: record it (with its ``header``: width, height, mode; the
         name it was uploaded as; what its EXIF says) and queue its job, all or nothing. With a
         ``quota``, its owner's images must fit, checked in the same transaction as the row that
-        counts it (concurrent uploads cannot all pass one check)."""
+        counts it (concurrent uploads cannot all pass one check). ``files``: its file, written
+        just before (in the same trip, where the datastore can)."""
         width, height, mode = header or (None, None, None)
         now = time.time()
         facts = json.dumps(photo) if photo else None
 
-        job_id = await self.store.write(jobrows.enqueue(workload, image_id, fmt, size, now, width, height, mode,
-                                                         filename, facts, quota))
+        script = jobrows.enqueue(workload, image_id, fmt, size, now, width, height, mode, filename, facts, quota)
+        job_id = await (self.store.write_with_files(script, files) if files else self.store.write(script))
         assert job_id is not None
         return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
                    params=workload.params, workload_dir=workload.dir,
@@ -170,12 +172,20 @@ class JobLifecycle:
         if self.deleted(workload.id):
             raise NotFound(f"workload {quoted(workload.id)} not found (deleted meanwhile)")
         key = image_key(workload.dir, ImageType.ORIGINAL, image_id, stored.format)
-        await self.images.commit(stored, key, keep=True)
+        # In memory (a small one): written and synced by the datastore's thread just before its
+        # row, one trip for both; else moved into place first.
+        write = self.images.prepared(stored, key, keep=True)
+        if write is None:
+            await self.images.commit(stored, key, keep=True)
         try:
             return await self.enqueue(workload, image_id, stored.format, stored.size,
-                                      (stored.width, stored.height, stored.mode), filename, stored.photo, quota)
+                                      (stored.width, stored.height, stored.mode), filename, stored.photo, quota,
+                                      files=(write,) if write is not None else ())
         except (NotFound, QuotaExceeded):
             await self.images.remove(key)
+            raise
+        except BaseException:
+            self.images.forget(key)  # (its file could not be written: its bytes go too)
             raise
 
     async def dispatch(self, job: Job, worker: str, timeout: float) -> Job | None:
@@ -202,12 +212,15 @@ class JobLifecycle:
         return await self._record_result_row(workload_id, image_id, fmt, size, timing) == RECORDED
 
     async def _record_result_row(self, workload_id: str, image_id: int, fmt: str, size: int,
-                             timing: Timing | None) -> str:
-        """:meth:`complete`, saying which: RECORDED, DUPLICATE or GONE (no such workload)."""
+                                 timing: Timing | None, files: Sequence[FileWrite] = ()) -> str:
+        """:meth:`complete`, saying which: RECORDED, DUPLICATE or GONE (no such workload);
+        ``files``: the result's file, written just before (see :meth:`enqueue`)."""
         # Not waiting for the disk: a result lost with a crash (its row or its file) is made
         # again from its original (its job is still dispatched, or redo_lost_results finds it).
-        return await self.store.write(jobrows.record_result(workload_id, image_id, fmt, size, time.time(), timing),
-                                      durable=False)
+        script = jobrows.record_result(workload_id, image_id, fmt, size, time.time(), timing)
+        if files:
+            return await self.store.write_with_files(script, files, durable=False)
+        return await self.store.write(script, durable=False)
 
     async def has_result(self, job: Job) -> bool:
         """Whether the job's result is stored: what "done" means, whatever a worker says."""
@@ -348,9 +361,15 @@ class JobLifecycle:
                 if await self.store.has_image(workload_id, image_id, ImageType.FILTERED):
                     self.traffic.discarded += 1
                     return False
-            # Not synced one by one: a result lost with a crash is made again (redo_lost_results)
-            placed = await self.images.commit(stored, key, replace=self.images.whole_writes, durable=False)
-            outcome = await self._record_result_row(workload_id, image_id, stored.format, stored.size, timing)
+            # Not synced one by one: a result lost with a crash is made again (redo_lost_results).
+            # In memory: the file and its row in one trip to the datastore's thread.
+            write = self.images.prepared(stored, key, replace=self.images.whole_writes, durable=False)
+            if write is None:
+                placed = await self.images.commit(stored, key, replace=self.images.whole_writes, durable=False)
+            outcome = await self._record_result_row(workload_id, image_id, stored.format, stored.size, timing,
+                                                    (write,) if write is not None else ())
+            if write is not None:
+                placed = write.placed
             if outcome == GONE and placed:  # deleted meanwhile (by another server): take it away
                 await self.images.remove(key)
             elif outcome == RECORDED and not placed and stored.data is not None:

@@ -10,11 +10,14 @@ nothing. The job transitions themselves live in :mod:`controller.jobs`, as such 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from common.models import Filter, ImageType, Workload, WorkloadView
 from storage.sql import Script
+
+if TYPE_CHECKING:
+    from storage.groupwrite import FileWrite
 
 T = TypeVar("T")
 
@@ -31,6 +34,7 @@ class Datastore(Protocol):
     async def close(self) -> None: ...
     async def read(self, script: Script[T]) -> T: ...
     async def write(self, script: Script[T], durable: bool = True) -> T: ...
+    async def write_with_files(self, script: Script[T], files: Sequence[FileWrite], durable: bool = True) -> T: ...
 
     # users and tokens
     async def count_users(self) -> int: ...

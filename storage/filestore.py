@@ -18,7 +18,7 @@ from common.models import BadInput, NotFound
 from imaging import facts
 from imaging.formats import sniff_format
 from storage import files
-from storage.groupwrite import GroupWriter
+from storage.groupwrite import FileWrite, GroupWriter
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,15 @@ class FileImageStore(ImageStore):
         if placed and keep and stored.data is not None:
             self._remember(key, stored.data)
         return placed
+
+    def prepared(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False,
+                 durable: bool = True) -> FileWrite | None:
+        if stored.data is None:
+            return None  # received into a file: moved into place by commit()
+        write = self._writer.prepare(stored.data, self.path(key), replace, sync=self.fsync and durable)
+        if keep:
+            self._remember(key, stored.data)
+        return write
 
     async def discard(self, stored: ReceivedImage) -> None:
         """Drop a received file that was not committed (nothing to do once it was moved into

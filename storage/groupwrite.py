@@ -50,12 +50,18 @@ def _syncfs() -> Callable[[int], None]:
 
 
 @dataclass
-class _File:
+class FileWrite:
+    """A file to write from memory: through :meth:`GroupWriter.write`, or by the datastore's
+    own writing thread just before the transaction that records it
+    (:meth:`GroupWriter.write_now`: the file and its row in one trip)."""
+
+    writer: GroupWriter
     data: bytes
     final: Path
     replace: bool  # False: an existing file wins (first result wins), and this one is dropped
     sync: bool
-    future: asyncio.Future[bool]
+    future: asyncio.Future[bool] | None = None
+    placed: bool = False  # once written: False if ``replace`` was off and a file was there first
 
 
 class GroupWriter:
@@ -70,7 +76,7 @@ class GroupWriter:
         self._unsynced_since: float | None = None  # the first unsynced write not yet made durable
         self._syncfs = _syncfs()
         self.name = name
-        self._queue: list[_File] = []
+        self._queue: list[FileWrite] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,7 +84,9 @@ class GroupWriter:
         self._closed = False
         self.groups = 0
         self.files = 0
-        self.after_write: Callable[[Path], None] | None = None
+        #: held while files are written (by this writer's thread or another's: write_now) and
+        #: while the filesystem is synced, so that a sync never claims a file half written
+        self._writing = threading.Lock()
 
     async def write(self, data: bytes, final: Path, replace: bool = True, sync: bool = True) -> bool:
         """Put ``data`` at ``final`` (synced, with its directory, if ``sync``): True once it is
@@ -93,9 +101,28 @@ class GroupWriter:
             raise RuntimeError("the file writer is closed")
         future = loop.create_future()
         with self._lock:
-            self._queue.append(_File(data, final, replace, sync, future))
+            self._queue.append(FileWrite(self, data, final, replace, sync, future))
         self._wake.set()
         return await future
+
+    def prepare(self, data: bytes, final: Path, replace: bool = True, sync: bool = True) -> FileWrite:
+        """A write for :meth:`write_now` in another thread (this writer still makes the unsynced
+        ones durable within :data:`SYNC_EVERY`: its thread is started here, on the loop)."""
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        if self._closed:
+            raise RuntimeError("the file writer is closed")
+        return FileWrite(self, data, final, replace, sync)
+
+    def write_now(self, group: list[FileWrite]) -> list[bool | BaseException]:
+        """In the calling thread (another store's writing thread): ``group`` written as
+        :meth:`write` would (each synced file's directory synced once), each file's outcome."""
+        outcomes = self._write_group(group)
+        for f, outcome in zip(group, outcomes, strict=True):
+            f.placed = outcome is True
+        return outcomes
 
     def close(self) -> None:
         self._closed = True
@@ -106,18 +133,19 @@ class GroupWriter:
 
     def sync(self) -> None:
         """Make every file written so far durable (in the writer thread, or once it is gone)."""
-        began = time.time()
-        if self._unsynced_since is None:
-            return
-        try:
-            fd = os.open(self.incoming, os.O_RDONLY)
+        with self._writing:  # (no file half written by another thread meanwhile: write_now)
+            began = time.time()
+            if self._unsynced_since is None:
+                return
             try:
-                self._syncfs(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            return  # tried again a second later; until then they are not claimed durable
-        self._unsynced_since = None
+                fd = os.open(self.incoming, os.O_RDONLY)
+                try:
+                    self._syncfs(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                return  # tried again a second later; until then they are not claimed durable
+            self._unsynced_since = None
         if self.on_synced is not None:
             self.on_synced(began)
 
@@ -144,7 +172,11 @@ class GroupWriter:
             except RuntimeError:
                 return  # the loop is closed: nobody is waiting any more
 
-    def _write_group(self, group: list[_File]) -> list[bool | BaseException]:
+    def _write_group(self, group: list[FileWrite]) -> list[bool | BaseException]:
+        with self._writing:
+            return self._write_group_held(group)
+
+    def _write_group_held(self, group: list[FileWrite]) -> list[bool | BaseException]:
         self.groups += 1
         self.files += len(group)
         outcomes: list[bool | BaseException] = []
@@ -153,6 +185,8 @@ class GroupWriter:
             try:
                 if not f.sync and self._unsynced_since is None:
                     self._unsynced_since = time.time()
+                    if threading.current_thread() is not self._thread:
+                        self._wake.set()  # the writer's thread: a sync due within SYNC_EVERY
                 placed = self._write_one(f)
                 if placed and f.sync:
                     synced.add(f.final.parent)
@@ -172,7 +206,7 @@ class GroupWriter:
                             for f, o in zip(group, outcomes, strict=True)]
         return outcomes
 
-    def _write_one(self, f: _File) -> bool:
+    def _write_one(self, f: FileWrite) -> bool:
         """Straight to its final name (nobody reads it before its row, committed after this):
         created if absent (``replace`` off: an existing file wins) or truncated. A failure
         leaves nothing behind."""
@@ -205,8 +239,9 @@ def _as_storage_error(e: BaseException) -> BaseException:
     return e
 
 
-def _settle(group: list[_File], outcomes: list[bool | BaseException]) -> None:
+def _settle(group: list[FileWrite], outcomes: list[bool | BaseException]) -> None:
     for f, outcome in zip(group, outcomes, strict=True):
+        assert f.future is not None
         if f.future.done():
             continue
         if isinstance(outcome, BaseException):

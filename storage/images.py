@@ -27,6 +27,7 @@ from common.models import BadInput, ImageType, NotFound, TooLarge, quoted
 from imaging import facts, metadata
 from imaging.formats import FORMATS, sniff_format
 from storage import files, thumbnails
+from storage.groupwrite import FileWrite
 
 #: Files up to this size are kept in memory as they are received (a 720p frame is), so its job
 #: carries them (a frame of :class:`plane.wire.Assign`) without reading them back.
@@ -167,6 +168,14 @@ class ImageStore(abc.ABC):
         ``keep`` a small image's bytes stay in memory for :meth:`small_file` (an original, for
         its job). ``durable=False``: it need not be on disk when this returns (a result, which
         can be made again from its original: see :attr:`unsure_since`)."""
+
+    def prepared(self, stored: ReceivedImage, key: str, replace: bool = True, keep: bool = False,
+                 durable: bool = True) -> FileWrite | None:
+        """:meth:`commit` as a write for the datastore to make just before the row that records
+        it, in the same trip (:meth:`~storage.queries.SqlDatastore.write_with_files`), or None
+        where this store cannot (then :meth:`commit` first). ``keep`` as for :meth:`commit`
+        (the bytes are held from now; :meth:`forget` them if the write fails)."""
+        return None
 
     async def discard(self, stored: ReceivedImage) -> None:
         """Drop a received image that was not committed."""

@@ -13,7 +13,8 @@ import abc
 import json
 import time
 import uuid
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.models import (
     Conflict,
@@ -27,6 +28,9 @@ from common.models import (
 )
 from storage import schema
 from storage.sql import Script, one_statement, q
+
+if TYPE_CHECKING:
+    from storage.groupwrite import FileWrite
 
 T = TypeVar("T")
 
@@ -81,6 +85,15 @@ class SqlDatastore(abc.ABC):
     async def write(self, script: Script[T], durable: bool = True) -> T:
         """Run ``script`` as one transaction, all or nothing (possibly committed together with
         others); its result once committed, and on disk unless it need not be ``durable``."""
+
+    async def write_with_files(self, script: Script[T], files: Sequence[FileWrite], durable: bool = True) -> T:
+        """``files`` written (each knows its writer; ``placed`` set), then ``script`` run as
+        :meth:`write` runs it: a file is in place before the row that records it. A file's error
+        is raised without running the script. An engine whose writes run in a thread of its
+        own writes them there, in the same trip (SQLite)."""
+        for f in files:
+            f.placed = await f.writer.write(f.data, f.final, f.replace, f.sync)
+        return await self.write(script, durable)
 
     # -- users and tokens -------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ import aiosqlite
 from common.models import InsufficientStorage
 from storage import schema, sql
 from storage.queries import DEFAULT_PAGE, MAX_PAGE, SqlDatastore, stored_tags
+from storage.groupwrite import FileWrite
 from storage.sql import Result, Script, Statement, UniqueViolation
 
 __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "GroupCommit", "Reader", "SqliteDatastore", "stored_tags"]
@@ -120,7 +121,7 @@ class GroupCommit:
         self._conn: sqlite3.Connection | None = None
         self._execute: Callable[[Statement], Result] | None = None
         self._path = path
-        self._waiting: list[tuple[Script[Any], asyncio.Future, bool]] = []
+        self._waiting: list[tuple[Script[Any], asyncio.Future, bool, Sequence[FileWrite]]] = []
         self._synchronous = "FULL"
         self._flusher: asyncio.Task | None = None
         self.groups = self.transactions = self.lazy_groups = 0  # for the curious (and the tests)
@@ -143,11 +144,13 @@ class GroupCommit:
             self._conn = None
         self._pool.shutdown(wait=True)
 
-    async def run(self, script: Script[T], durable: bool = True) -> T:
+    async def run(self, script: Script[T], durable: bool = True, files: Sequence[FileWrite] = ()) -> T:
         """Run ``script`` with others; its result once committed, and on disk unless it is not
-        ``durable`` (see :meth:`SqliteDatastore.write`)."""
+        ``durable`` (see :meth:`SqliteDatastore.write`). ``files`` are written in the same trip
+        to the thread, just before the group's transaction (a file's error is the script's,
+        and the script does not run)."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((script, future, durable))
+        self._waiting.append((script, future, durable, files))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="group-commit")
         return await future
@@ -156,8 +159,9 @@ class GroupCommit:
         try:
             while self._waiting:
                 group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
-                outcomes = await self._commit([t for t, _, _ in group], any(d for _, _, d in group))
-                for (_, future, _), (ok, value) in zip(group, outcomes, strict=True):
+                outcomes = await self._commit([t for t, _, _, _ in group], any(d for _, _, d, _ in group),
+                                              [f for _, _, _, f in group])
+                for (_, future, _, _), (ok, value) in zip(group, outcomes, strict=True):
                     if future.done():
                         continue  # its caller was cancelled; the write stands (or not) regardless
                     if ok:
@@ -166,26 +170,32 @@ class GroupCommit:
                         future.set_exception(value)
         finally:
             self._flusher = None
-            for _, future, _ in self._waiting:  # only if we were stopped: nobody is left hanging
+            for _, future, _, _ in self._waiting:  # only if we were stopped: nobody is left hanging
                 if not future.done():
                     future.set_exception(RuntimeError("the datastore is closing"))
 
-    async def _commit(self, scripts: list[Script[Any]], durable: bool) -> list[tuple[bool, Any]]:
+    async def _commit(self, scripts: list[Script[Any]], durable: bool,
+                      files: list[Sequence[FileWrite]]) -> list[tuple[bool, Any]]:
         """Each transaction's (ok, result or exception); all fail if the COMMIT does."""
         self.groups += 1
         self.transactions += len(scripts)
         self.lazy_groups += not durable
         try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(self._pool, self._apply, scripts, durable)
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._apply, scripts, durable, files)
         except Exception as e:  # the group as a whole failed (disk full, I/O error...)
             return [(False, _full_disk(e) or e)] * len(scripts)
         return [(ok, value if ok else (_full_disk(value) or value)) for ok, value in outcomes]
 
-    def _apply(self, scripts: list[Script[Any]], durable: bool) -> list[tuple[bool, Any]]:
-        """In the thread: one BEGIN ... COMMIT around a savepoint per transaction; the COMMIT
-        waits for the disk (an fsync of the WAL) only if one of them must be durable."""
+    def _apply(self, scripts: list[Script[Any]], durable: bool,
+               files: list[Sequence[FileWrite]]) -> list[tuple[bool, Any]]:
+        """In the thread: the group's files first (each writer's in one group: a directory
+        synced once), then one BEGIN ... COMMIT around a savepoint per transaction whose files
+        are in place; the COMMIT waits for the disk (an fsync of the WAL) only if one of them
+        must be durable."""
         conn, execute = self._conn, self._execute
         assert conn is not None and execute is not None
+        failed = _write_files(files)
         synchronous = "FULL" if durable else "NORMAL"  # NORMAL: the WAL is synced by a later commit
         if synchronous != self._synchronous:
             conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -193,7 +203,10 @@ class GroupCommit:
         conn.execute("BEGIN IMMEDIATE")
         outcomes: list[tuple[bool, Any]] = []
         try:
-            for script in scripts:
+            for i, script in enumerate(scripts):
+                if i in failed:
+                    outcomes.append((False, failed[i]))
+                    continue
                 conn.execute("SAVEPOINT one")
                 try:
                     outcomes.append((True, sql.run(script, execute)))
@@ -207,6 +220,22 @@ class GroupCommit:
                 conn.execute("ROLLBACK")
             raise
         return outcomes
+
+
+def _write_files(files: list[Sequence[FileWrite]]) -> dict[int, BaseException]:
+    """In the group's thread: every transaction's files, one group per writer; the first error
+    of each transaction whose files could not all be written."""
+    by_writer: dict[int, list[tuple[int, FileWrite]]] = {}
+    for i, some in enumerate(files):
+        for f in some:
+            by_writer.setdefault(id(f.writer), []).append((i, f))
+    failed: dict[int, BaseException] = {}
+    for pairs in by_writer.values():
+        group = [f for _, f in pairs]
+        for (i, _), outcome in zip(pairs, group[0].writer.write_now(group), strict=True):
+            if isinstance(outcome, BaseException):
+                failed.setdefault(i, outcome)
+    return failed
 
 
 class SqliteDatastore(SqlDatastore):
@@ -235,6 +264,10 @@ class SqliteDatastore(SqlDatastore):
         ``durable`` (a crash losing it loses nothing: recovery redoes it), once it is committed,
         to be synced by the next durable commit (never out of order: one WAL)."""
         return await self._group.run(script, durable)
+
+    async def write_with_files(self, script: Script[T], files: Sequence[FileWrite], durable: bool = True) -> T:
+        """The files, then the script, in one trip to the group's thread (see the base class)."""
+        return await self._group.run(script, durable, files)
 
     async def open(self) -> None:
         # isolation_level=None: no implicit BEGIN; transactions are explicit.

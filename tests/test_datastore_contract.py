@@ -283,6 +283,40 @@ async def test_original_ids_are_distinct_dense_and_given_back(store, tmp_path):
     await images.close()
 
 
+async def test_an_original_and_its_row_are_written_together_and_a_file_that_fails_writes_no_row(store, tmp_path):
+    """write_with_files: each file is in place (synced) before the row that records it, in one
+    trip to SQLite's thread; a file that cannot be written fails its own transaction only (its
+    script never runs), and one already there with replace off is not placed, its script run."""
+    from storage.groupwrite import GroupWriter
+
+    (tmp_path / "incoming").mkdir()
+    writer = GroupWriter(tmp_path / "incoming")
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    (tmp_path / "blocked").write_bytes(b"a file where a directory should be")
+
+    def bump() -> Script[int]:
+        yield q("UPDATE workloads SET next_image_id = next_image_id + 1 WHERE id = ?", w.id)
+        return (yield q("SELECT next_image_id FROM workloads WHERE id = ?", w.id)).one()[0]
+
+    def target(i: int) -> Path:
+        return tmp_path / ("blocked" if i == 7 else "images") / f"{i}.png"
+
+    writes = [writer.prepare(b"x" * (i + 1), target(i), replace=True, sync=i % 2 == 0) for i in range(12)]
+    outcomes = await asyncio.gather(*(store.write_with_files(bump(), [f], durable=i % 2 == 0)
+                                      for i, f in enumerate(writes)), return_exceptions=True)
+    assert isinstance(outcomes[7], OSError) and not writes[7].placed
+    assert sorted(o for o in outcomes if isinstance(o, int)) == list(range(1, 12)), "11 scripts ran, once each"
+    assert await store.next_image_id(w.id) == 11
+    for i, f in enumerate(writes):
+        assert (i != 7) == f.placed == target(i).exists()
+        if i != 7:
+            assert target(i).read_bytes() == b"x" * (i + 1)
+    again = writer.prepare(b"second", target(0), replace=False)
+    assert await store.write_with_files(bump(), [again], durable=False) == 12
+    assert not again.placed and target(0).read_bytes() == b"x", "the first file wins"
+    writer.close()
+
+
 async def test_a_transaction_postgresql_aborts_to_break_a_deadlock_says_try_again(request, tmp_path):
     """Two writes taking two rows in opposite orders: PostgreSQL aborts one of them; it fails as
     Unavailable ("try again": a 503 at the API, a transient failure for a job), never as an
