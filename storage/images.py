@@ -32,6 +32,8 @@ from storage.groupwrite import FileWrite
 #: Files up to this size are kept in memory as they are received (a 720p frame is), so its job
 #: carries them (a frame of :class:`plane.wire.Assign`) without reading them back.
 KEEP_BYTES = 4 << 20
+#: A PNG result of at most this many chunks is walked for metadata on the event loop.
+QUICK_CHUNKS = 256
 
 #: Bytes of recently stored small originals kept in memory, waiting for their jobs.
 RECENT_BYTES = 64 << 20
@@ -194,8 +196,11 @@ class ImageStore(abc.ABC):
             return stored
         if stored.data is not None:
             try:
-                clean = await loop.run_in_executor(None, metadata.stripped, stored.data, stored.format) \
-                    if len(stored.data) > 65536 else metadata.stripped(stored.data, stored.format)
+                # A small image, or a PNG of few chunks (a 720p frame has ~25): walked here, as a
+                # thread trip costs more; any other, in a thread.
+                quick = len(stored.data) <= 65536 or metadata.few_pieces(stored.data, stored.format, QUICK_CHUNKS)
+                clean = metadata.stripped(stored.data, stored.format) if quick else \
+                    await loop.run_in_executor(None, metadata.stripped, stored.data, stored.format)
             except metadata.Malformed as e:
                 raise BadInput(f"the {stored.format} result is malformed: {e}") from e
             if clean is stored.data:

@@ -127,3 +127,25 @@ def test_crafted_bytes_are_malformed_or_walked_never_a_crash(fmt, at, junk, whic
     if ranges is not None:
         assert all(0 <= a < b <= len(data) for a, b in ranges)
         metadata.join(data, ranges, fmt)
+
+
+def test_a_png_of_few_chunks_is_walked_on_the_loop_and_one_of_many_in_a_thread():
+    """few_pieces decides where a result's metadata walk runs: a real frame's few chunks on the
+    event loop; a crafted PNG of thousands of tiny chunks (or another format) in a thread."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    out = io.BytesIO()
+    Image.new("RGB", (640, 360), (10, 200, 30)).save(out, "PNG")
+    png = out.getvalue()
+    assert metadata.few_pieces(png, "PNG", 256)
+    crafted = png[:33] + b"".join(chunk(b"tEXt", b"a") for _ in range(1000)) + png[33:]
+    assert not metadata.few_pieces(crafted, "PNG", 256)
+    assert metadata.stripped(crafted, "PNG") == png, "walked in a thread, it still drops them all"
+    disguised = png[:33] + chunk(b"tEXt", b"xxIEND" * 4) * 300 + png[33:]  # "IEND" inside chunk data
+    assert not metadata.few_pieces(disguised, "PNG", 256)
+    assert metadata.few_pieces(png[:40], "PNG", 256), "a truncated one: the walk says it is malformed"
+    assert not metadata.few_pieces(b"\xff\xd8\xff\xe0", "JPEG", 256)
