@@ -338,7 +338,8 @@ class JobLifecycle:
 
     async def accept_result(self, workload_id: str, workload_dir: str, filter_name: str, image_id: int,
                             original: tuple[str, int, int, str] | None, stored: ReceivedImage,
-                            timing: Timing | None = None, params: dict | None = None, worker: str = "") -> bool:
+                            timing: Timing | None = None, params: dict | None = None, worker: str = "",
+                            sole: Callable[[], bool] = lambda: False) -> bool:
         """A received result: judged against its ``original`` (format, size, mode; read from the
         image if the row predates headers), put in place and recorded. BadInput if it cannot be
         the job's result; False if another result was first (this one is dropped)."""
@@ -357,8 +358,10 @@ class JobLifecycle:
                 # An object store: whether a copy's result was recorded first is the datastore's
                 # word (copies of an image take turns here), asked of it instead of the store (a
                 # HEAD cost the server 1.4 ms of CPU, a row's read a fraction); this one replaces
-                # whatever a crash may have left without a row.
-                if await self.store.has_image(workload_id, image_id, ImageType.FILTERED):
+                # whatever a crash may have left without a row. Not even asked for the only copy
+                # of a first attempt (``sole()``, asked in this turn: a copy sent after it waits for
+                # the turn and then asks): no other result of the job exists anywhere.
+                if not sole() and await self.store.has_image(workload_id, image_id, ImageType.FILTERED):
                     self.traffic.discarded += 1
                     return False
             # Not synced one by one: a result lost with a crash is made again (redo_lost_results).
@@ -438,16 +441,18 @@ class JobLifecycle:
         fmt = expected(job.filter.value, job.params, job.original, self.declarations(worker)).format
         return image_key(job.workload_dir, ImageType.FILTERED, job.image_id, fmt)
 
-    async def store_inline_result(self, job: Job, data: bytes, timing: Timing) -> None:
+    async def store_inline_result(self, job: Job, data: bytes, timing: Timing,
+                                  sole: Callable[[], bool] = lambda: False) -> None:
         """A result that came back inside the job's reply: stored as an upload would be, with
         the copy's ``timing``; the original's bytes are no longer needed in memory. BadInput if
-        it cannot be the result."""
+        it cannot be the result. ``sole()``: whether this is the only copy of the job's first
+        attempt (then no other result of it can have been recorded: see :meth:`accept_result`)."""
         assert self.images is not None
         self.traffic.from_workers += len(data)
         stored = await self.images.receive_bytes(data)
         try:
             await self.accept_result(job.workload_id, job.workload_dir, job.filter.value, job.image_id,
-                                     job.original, stored, timing, job.params)
+                                     job.original, stored, timing, job.params, sole=sole)
         finally:
             await self.images.discard(stored)
         if job.original is not None:

@@ -106,6 +106,11 @@ class Carrier:
         self.latency = latency
         self.stats = stats
         self.slots = slots
+        self._copies: dict[int, int] = {}  # job id -> copies sent of its attempt being carried
+
+    def forget(self, job_id: int) -> None:
+        """The job's attempt is settled: a copy's result that comes after is not its only one."""
+        self._copies.pop(job_id, None)
 
     async def send(self, job: Job, primary: str) -> dict[str, asyncio.Task[Outcome]]:
         policy = self.settings.hedge
@@ -155,6 +160,7 @@ class Carrier:
     def _start(self, job: Job, worker: str, tied: tuple[str, str] = ("", ""),
                answered: asyncio.Future[float] | None = None) -> asyncio.Task[Outcome]:
         self.stats.copies_sent += 1
+        self._copies[job.id] = self._copies.get(job.id, 0) + 1
         answered = answered or asyncio.get_running_loop().create_future()
         return self.slots.spawn(self._copy(job, worker, tied, answered))
 
@@ -198,7 +204,9 @@ class Carrier:
         was refused, or None once it is stored (or another copy's result was first)."""
         try:
             timing = Timing(worker, reply.download_ms, reply.process_ms, reply.upload_ms)
-            await self.jobs.store_inline_result(job, reply.payload, timing)
+            # The only copy of the job's first attempt: no other result of it can be recorded.
+            await self.jobs.store_inline_result(
+                job, reply.payload, timing, lambda: job.attempts == 1 and self._copies.get(job.id, 0) == 1)
         except (Unavailable, InsufficientStorage) as e:
             return Failure(f"the result of worker {worker} could not be stored: {e}", transient=True)
         except DpipError as e:

@@ -323,6 +323,7 @@ class Dispatcher:
             logger.exception("dispatching job %d failed", job.id)
             await self._attempt_failed(job, primary, Failure("internal error while dispatching"))
         finally:
+            self.carrier.forget(job.id)
             self.wake()
 
     def reserve_second(self, job: Job, primary: str) -> str | None:

@@ -324,3 +324,64 @@ def test_postgresql_and_s3_over_tls_behind_a_server_over_tls(tmp_path, postgres,
     finally:
         refused.stop()
     assert "certificate verify failed" in (tmp_path / "logs2" / "server.log").read_text()
+
+
+def test_a_sole_copys_result_skips_the_check_and_a_second_copy_never_replaces_the_first(
+        tmp_path, postgres, s3, monkeypatch):
+    """On PostgreSQL + S3 (objects are written whole, replacing): the only copy of a first attempt
+    stores its result without asking the datastore first; a second copy's result (another
+    worker's bytes) is then refused as a duplicate by the datastore's word and never replaces the
+    first one's object."""
+    import asyncio
+
+    from common.models import Filter
+    from controller.jobs import JobLifecycle, Timing
+    from storage.postgres import PostgresDatastore
+    from storage.s3 import S3ImageStore
+
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+
+    async def run() -> None:
+        store = PostgresDatastore(postgres.new_database(f"sole_{tmp_path.name}"))
+        images = S3ImageStore(f"s3://{s3.new_bucket_name('sole')}", 10**7, 10**8)
+        await store.open()
+        await images.open()
+        try:
+            jobs = JobLifecycle(store, images)
+            w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+            original = frame_png(1, 32, 32)
+            job = await jobs.accept_original(w, await images.receive_bytes(original), None)
+            job = jobs.as_dispatched(job)
+            first = registry_png(original, "grayscale", 1)
+            second = registry_png(original, "grayscale", 9)
+            assert first != second
+            asked: list[str] = []
+            real = store.has_image
+
+            async def counted(*args):
+                asked.append("has_image")
+                return await real(*args)
+
+            store.has_image = counted  # type: ignore[method-assign]
+            await jobs.store_inline_result(job, first, Timing("w1", 1, 1, 1), lambda: True)
+            assert asked == [], "the sole copy's result did not ask whether another was recorded"
+            await jobs.store_inline_result(job, second, Timing("w2", 1, 1, 1), lambda: False)
+            assert asked == ["has_image"]
+            key = f"{w.dir}/filtered/{job.image_id}.png"
+            assert await images.read(key) == first, "the second copy's bytes never replaced the first's"
+            assert (await store.view_of(w.id)).filtered_images == [job.image_id]
+        finally:
+            await images.close()
+            await store.close()
+
+    asyncio.run(run())
+
+
+def registry_png(original: bytes, filter_name: str, level: int) -> bytes:
+    """``original`` filtered, as a PNG of zlib ``level`` (two workers' encodings of one result)."""
+    with Image.open(io.BytesIO(original)) as im:
+        im.load()
+        out = io.BytesIO()
+        registry.spec(filter_name).apply(im, {}).save(out, "PNG", compress_level=level)
+        return out.getvalue()
