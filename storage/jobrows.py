@@ -10,7 +10,7 @@ from typing import Any
 
 from common.models import Conflict, Filter, ImageType, Job, JobState, NotFound, QuotaExceeded, quoted
 from storage.queries import stored_tags
-from storage.sql import Script, q
+from storage.sql import Script, one_statement, q
 
 #: How recording a result ended (:func:`record_result`).
 RECORDED, DUPLICATE, GONE = "recorded", "duplicate", "gone"
@@ -39,6 +39,7 @@ def enqueue(workload: Any, image_id: int, fmt: str, size: int, now: float, width
                     " RETURNING id", workload.id, image_id, JobState.QUEUED.value, now)).scalar()
 
 
+@one_statement
 def dispatch(job_id: int, worker: str, now: float, deadline: float) -> Script[bool]:
     """queued -> dispatched on ``worker``: one more attempt and copy, a deadline."""
     return (yield from statement(
@@ -47,6 +48,7 @@ def dispatch(job_id: int, worker: str, now: float, deadline: float) -> Script[bo
         JobState.DISPATCHED.value, worker, now, deadline, job_id, JobState.QUEUED.value))
 
 
+@one_statement
 def add_copy(job_id: int) -> Script[bool]:
     return (yield from statement("UPDATE jobs SET copies = copies + 1 WHERE id = ?", job_id))
 
@@ -79,11 +81,13 @@ def record_result(workload_id: str, image_id: int, fmt: str, size: int, now: flo
     return RECORDED
 
 
+@one_statement
 def record_timing(job_id: int, worker: str, download_ms: float, process_ms: float, upload_ms: float) -> Script[bool]:
     return (yield from statement("UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ?"
                                  " WHERE id = ?", worker, download_ms, process_ms, upload_ms, job_id))
 
 
+@one_statement
 def retry(job_id: int, error: str) -> Script[bool]:
     """dispatched -> queued after a failed attempt."""
     return (yield from statement("UPDATE jobs SET state = ?, worker = NULL, error = ? WHERE id = ? AND state = ?",

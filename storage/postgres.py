@@ -1,9 +1,11 @@
 """The PostgreSQL datastore (asyncpg): the same scripts as SQLite's (:mod:`storage.queries`),
 for deployments past one machine, where several servers share one database.
 
-A script runs on a pooled connection inside one transaction; a transaction that need not be
-durable says ``SET LOCAL synchronous_commit = off`` (PostgreSQL flushes its WAL a moment later,
-in order, as SQLite's lazy groups do). Concurrent transactions are PostgreSQL's business: row
+A script runs on a pooled connection inside one transaction; the pool's connections commit
+without waiting for the disk (``synchronous_commit = off``: PostgreSQL flushes its WAL a moment
+later, in order, as SQLite's lazy groups do) and a durable transaction says ``SET LOCAL
+synchronous_commit`` to the database's own setting; a read, or a write that need not be durable,
+of one statement runs without a transaction of its own (one round trip). Concurrent transactions are PostgreSQL's business: row
 locks serialize those that touch one workload (its counters are kept by triggers, as in
 SQLite). The schema is created, or migrated, at start under an advisory lock, so servers that
 start together do not race. A job inserted by any server is announced on the channel
@@ -108,9 +110,13 @@ async def _execute(conn: asyncpg.Connection, statement: Statement) -> Result:
     return Result([], int(count) if count.isdigit() else 0)
 
 
-_BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
-_BEGIN_LAZY = _BEGIN + "; SET LOCAL synchronous_commit = off"  # (recovery redoes what a crash loses)
+_BEGIN_LAZY = "BEGIN ISOLATION LEVEL READ COMMITTED"  # (the connection's own: synchronous_commit off)
 _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+#: Our connections commit without waiting for the disk unless a transaction says otherwise (a
+#: lazy write of one statement then needs no transaction of its own: one round trip, not three;
+#: recovery redoes what a crash of PostgreSQL loses of those); a durable one waits as the
+#: database is configured to (``synchronous_commit`` as it was before our connections set it).
+_LAZY_CONNECTIONS = {"synchronous_commit": "off"}
 
 
 async def _kept_as_is(conn: asyncpg.Connection) -> None:
@@ -134,16 +140,26 @@ class PostgresDatastore(SqlDatastore):
         self.pool_size = pool_size
         self.timeout = timeout
         self._pool: asyncpg.Pool | None = None
+        self._begin = _BEGIN_LAZY  # (set by open(): with the database's own synchronous_commit)
 
     def __repr__(self) -> str:
         return f"PostgresDatastore({_without_password(self.url)})"
 
     async def open(self) -> None:
         try:
+            probe = await asyncpg.connect(self.url, timeout=self.timeout)
+            try:
+                configured = await probe.fetchval("SHOW synchronous_commit")
+            finally:
+                await probe.close()
+            if configured not in ("on", "off", "local", "remote_write", "remote_apply"):
+                configured = "on"
+            self._begin = f"{_BEGIN_LAZY}; SET LOCAL synchronous_commit = {configured}"
             self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
                                                    command_timeout=self.timeout, timeout=self.timeout,
-                                                   reset=_kept_as_is)
+                                                   reset=_kept_as_is, server_settings=_LAZY_CONNECTIONS)
             async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL synchronous_commit = {configured}")
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                 await conn.execute(SCHEMA)
                 if await conn.fetchval("SELECT COUNT(*) FROM schema_version") == 0:
@@ -180,9 +196,11 @@ class PostgresDatastore(SqlDatastore):
         need not wait for the disk, and the pool a third to reset each connection it got back."""
         try:
             async with self.pool.acquire(timeout=self.timeout) as conn:
-                if readonly and sql.is_one_statement(script):  # one statement, one snapshot
+                if (readonly or not durable) and sql.is_one_statement(script):
+                    # one statement: one snapshot, all or nothing, and (the connection's
+                    # setting) a commit that does not wait for the disk
                     return await sql.run_async(script, functools.partial(_execute, conn))
-                await conn.execute(_BEGIN_READ if readonly else _BEGIN if durable else _BEGIN_LAZY)
+                await conn.execute(_BEGIN_READ if readonly else self._begin if durable else _BEGIN_LAZY)
                 try:
                     outcome = await sql.run_async(script, functools.partial(_execute, conn))
                 except BaseException:

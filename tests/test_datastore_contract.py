@@ -342,3 +342,31 @@ async def test_a_transaction_postgresql_aborts_to_break_a_deadlock_says_try_agai
         assert await store.next_image_id(a.id) == 1 and await store.next_image_id(b.id) == 1
     finally:
         await store.close()
+
+
+async def test_postgresql_waits_for_the_disk_only_where_a_write_must_be_durable(request, tmp_path):
+    """The pool's connections commit lazily; a durable transaction waits as the database is
+    configured to (here: on); a lazy write of one statement runs without a transaction of its
+    own and is committed when it returns (another connection sees it)."""
+    import asyncpg
+
+    store = _postgres(request, tmp_path)
+    await store.open()
+    try:
+        def setting() -> Script[str]:
+            yield q("SELECT 1")  # (two statements: a transaction of its own)
+            return (yield q("SELECT current_setting('synchronous_commit')")).one()[0]
+
+        assert await store.write(setting()) == "on"
+        assert await store.write(setting(), durable=False) == "off"
+        jobs = JobLifecycle(store)
+        w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+        job = await jobs.enqueue(w, 0, "PNG", 10)
+        assert await jobs.dispatch(job, "w1", 60) is not None
+        other = await asyncpg.connect(store.url)
+        try:
+            assert await other.fetchval("SELECT state FROM jobs WHERE id = $1", job.id) == "dispatched"
+        finally:
+            await other.close()
+    finally:
+        await store.close()
