@@ -10,6 +10,7 @@ import asyncio
 import io
 import threading
 
+import pytest
 from PIL import Image
 
 from api.keys import AUTH, IMAGES, STORE
@@ -23,6 +24,7 @@ from tests.helpers import (
     new_workload,
     png_bytes,
     push,
+    ref,
     slow,
     upload,
     wait_completed,
@@ -84,29 +86,54 @@ async def test_a_thumbnail_finished_after_its_delete_is_never_written_nor_served
     assert all(f.startswith(bob_dir + "/") for f in _files_under(images_root))
 
 
-async def test_an_upload_that_loses_to_a_delete_leaves_no_file(client, monkeypatch):
+@pytest.mark.parametrize("size", ["in memory", "streamed to a file"])
+async def test_an_upload_that_loses_to_a_delete_leaves_no_file(client, monkeypatch, size):
     """The original was received; its workload is deleted (rows, then files) before the file is
-    placed: the upload is a 404 and no file of it stays behind."""
+    placed: the upload is a 404 and no file of it stays behind. A small one is placed with its
+    row, in one trip (the datastore's write_with_files); one over KEEP_BYTES was streamed to a
+    temporary file and is moved into place first (the image store's commit)."""
+    import os
+
+    from storage.images import KEEP_BYTES
+
     app = client.app
     token = await login(client)
     w = await new_workload(client, token)
     images = app[IMAGES]
-    real_commit = images.commit
     received, release = asyncio.Event(), asyncio.Event()
+    if size == "in memory":
+        data = png_bytes(32, 32)
+        owner, name = app[STORE], "write_with_files"
+    else:
+        side = 1200
+        data = _png_of(Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)))
+        assert len(data) > KEEP_BYTES
+        owner, name = images, "commit"
+    real = getattr(owner, name)
 
-    async def commit_later(*args, **kwargs):
+    async def later(*args, **kwargs):
         received.set()
         await release.wait()
-        return await real_commit(*args, **kwargs)
+        return await real(*args, **kwargs)
 
-    monkeypatch.setattr(images, "commit", commit_later)
-    pending = asyncio.ensure_future(upload(client, token, w["workload_id"], png_bytes(32, 32)))
-    await asyncio.wait_for(received.wait(), 30)
+    monkeypatch.setattr(owner, name, later)
+    body, ctype = ref.multipart({"workload_id": w["workload_id"]}, "data", "17.png", data)
+    pending = asyncio.ensure_future(client.post("/images", data=io.BytesIO(body),
+                                                headers={**bearer(token), "Content-Type": ctype}))
+    await asyncio.wait([pending, asyncio.ensure_future(received.wait())], timeout=30,
+                       return_when=asyncio.FIRST_COMPLETED)
+    assert received.is_set(), pending.done() and await pending.result().text()
     r = await client.delete(f"/workloads/{w['workload_id']}", headers=bearer(token))
     assert r.status == 200, await r.text()
     release.set()
     await assert_error(await pending, 404, "not found")
     assert _files_under(images.root) == []
+
+
+def _png_of(im: Image.Image) -> bytes:
+    out = io.BytesIO()
+    im.save(out, "PNG", compress_level=1)
+    return out.getvalue()
 
 
 # -- a job longer than the RPC socket's default timeout -----------------------------------
