@@ -370,3 +370,24 @@ async def test_postgresql_waits_for_the_disk_only_where_a_write_must_be_durable(
             await other.close()
     finally:
         await store.close()
+
+
+async def test_a_result_is_recorded_once_and_one_of_a_deleted_workload_says_gone(store):
+    """record_result: the first result of a job is RECORDED (its job done, its row counted), a
+    second is a DUPLICATE, and one whose workload was deleted meanwhile is GONE (its caller then
+    takes its file or object away)."""
+    from storage import jobrows
+
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    job = await jobs.enqueue(w, 0, "PNG", 10)
+    await jobs.dispatch(job, "w1", 60)
+    timing = ("w1", 1.0, 2.0, 3.0)
+    assert await store.write(jobrows.record_result(w.id, 0, "PNG", 7, 1.0, timing)) == jobrows.RECORDED
+    assert await store.write(jobrows.record_result(w.id, 0, "PNG", 8, 2.0, None)) == jobrows.DUPLICATE
+    assert await job_state(store, w.id, 0) == ("done", 1)
+    assert (await store.workload_view(w)).filtered_images == [0]
+    other = await store.create_workload("v", "alice", Filter.GRAYSCALE, ())
+    await jobs.enqueue(other, 0, "PNG", 10)
+    assert await store.delete_workload(other.id) is not None
+    assert await store.write(jobrows.record_result(other.id, 0, "PNG", 7, 1.0, timing)) == jobrows.GONE
