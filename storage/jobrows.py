@@ -121,6 +121,7 @@ def overdue(exclude: set[int], now: float, limit: int) -> Script[list]:
     return (yield from queued(ids))
 
 
+@one_statement
 def recent_results(since: float, limit: int) -> Script[list]:
     """Results recorded at or after ``since``: (workload id, its directory, image id, format, size)."""
     return (yield q("SELECT i.workload_id, w.dir, i.image_id, i.format, i.size FROM images i JOIN workloads w"
@@ -137,10 +138,12 @@ def redo_result(workload_id: str, image_id: int) -> Script[bool]:
                                  " AND image_id = ?", JobState.QUEUED.value, workload_id, image_id))
 
 
+@one_statement
 def workload_exists(workload_id: str) -> Script[bool]:
     return bool((yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows)
 
 
+@one_statement
 def queued(ids: tuple[int, ...], after: int = -1, limit: int = 1_000_000) -> Script[list]:
     """Queued jobs' rows (those of ``ids``, or of ids above ``after``), oldest first (:func:`job_of`)."""
     where = f" AND j.id IN ({','.join('?' * len(ids))})" if ids else " AND j.id > ?"
