@@ -33,7 +33,7 @@ from common.aio import stop_tasks
 from plane import wire
 from plane.rpc import RpcError
 from plane.seal import Channel, SealError
-from plane.stream import StreamClosed, read_frame, write_frame
+from plane.stream import FrameConnection, StreamClosed, write_frame
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Session:
         self._results: dict[int, asyncio.Future[wire.JobResult]] = {}  # job id -> its end, awaited
         self._stops: dict[int, asyncio.Future[None]] = {}  # job id -> its work stopped
         self._sent: set[int] = set()  # jobs sent on the current connection
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: FrameConnection | None = None
         self._task: asyncio.Task | None = None
         self._flushing = False
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -191,9 +191,9 @@ class Session:
     async def _run(self) -> None:
         while not self._closed:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                    self.host, self.port, ssl=self.tls, server_hostname=self.name if self.tls else None,
-                    limit=1 << 20), CONNECT_TIMEOUT)
+                _, writer = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                    lambda: FrameConnection(wire.MAX_SESSION_BYTES), self.host, self.port, ssl=self.tls,
+                    server_hostname=self.name if self.tls else None), CONNECT_TIMEOUT)
             except (OSError, TimeoutError, ssl.SSLError) as e:
                 logger.debug("session with %s: cannot connect to %s:%d: %s", self.name, self.host, self.port, e)
                 await asyncio.sleep(RECONNECT)
@@ -202,7 +202,7 @@ class Session:
             self._writer = writer
             try:
                 self._flush(hello=True)  # the first message says who we are
-                await self._receive(reader)
+                await self._receive(writer)
             except (StreamClosed, wire.DecodeError) as e:
                 if not self._closed:
                     logger.info("session with %s lost (%s): connecting again", self.name, e)
@@ -214,9 +214,9 @@ class Session:
                     self._fail(job_id, "the session connection was lost")
             await asyncio.sleep(RECONNECT)
 
-    async def _receive(self, reader: asyncio.StreamReader) -> None:
+    async def _receive(self, connection: FrameConnection) -> None:
         while True:
-            data = await read_frame(reader)
+            data = await connection.read()
             sealed = wire.decode(data, wire.MAX_SESSION_BYTES)
             if not isinstance(sealed, wire.Sealed):
                 raise wire.DecodeError(f"an unsealed {sealed.TYPE} on the session")

@@ -543,3 +543,119 @@ def test_welcomes_in_all_are_bounded(monkeypatch):
     assert started == int(m.WELCOME_RATE)
     assert members._take_welcome_budget(now + 0.5) and sum(
         members._take_welcome_budget(now + 0.5) for _ in range(100)) == int(m.WELCOME_RATE / 2) - 1
+
+
+# -- the session's framing (plane.stream.FrameConnection) -----------------------------------------
+
+class _Transport:
+    """What FrameConnection asks of a transport, recorded."""
+
+    def __init__(self) -> None:
+        self.paused = self.aborted = False
+        self.written: list[bytes] = []
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def writelines(self, parts) -> None:
+        self.written += [bytes(p) for p in parts]
+
+    def close(self) -> None:
+        self.aborted = True
+
+
+def _fed(connection, data: bytes, cuts: list[int]) -> None:
+    """``data`` given to the protocol as a socket would, in pieces of the sizes in ``cuts``
+    (cycled), each no larger than the buffer it offers."""
+    at, i = 0, 0
+    while at < len(data):
+        buffer = connection.get_buffer(-1)
+        n = min(len(buffer), cuts[i % len(cuts)], len(data) - at)
+        assert n > 0, "the protocol offered an empty buffer"
+        buffer[:n] = data[at:at + n]
+        connection.buffer_updated(n)
+        at, i = at + n, i + 1
+
+
+@pytest.mark.parametrize("cuts", [[1], [3, 5], [4096], [70_000, 1], [1 << 20]])
+async def test_frames_cut_anywhere_come_out_whole_and_in_order(cuts):
+    from plane.stream import BIG_FRAME, STAGE_BYTES, FrameConnection
+
+    sizes = [0, 1, 3, 4, 100, BIG_FRAME - 1, BIG_FRAME, STAGE_BYTES - 4, STAGE_BYTES + 1, 1_500_000, 7, 2]
+    frames = [os.urandom(n) for n in sizes]
+    connection = FrameConnection(max_bytes=2_000_000)
+    connection.connection_made(_Transport())
+    _fed(connection, b"".join(len(f).to_bytes(4, "big") + f for f in frames), cuts)
+    assert [bytes(await connection.read()) for _ in frames] == frames
+
+
+async def test_a_frame_over_the_limit_closes_the_connection_before_any_of_it_is_held():
+    from plane.stream import FrameConnection
+
+    connection = FrameConnection(max_bytes=1000)
+    transport = _Transport()
+    connection.connection_made(transport)
+    _fed(connection, (5).to_bytes(4, "big") + b"hello" + (1001).to_bytes(4, "big") + b"x" * 10, [4096])
+    assert await connection.read() == b"hello", "what came whole before it is still delivered"
+    with pytest.raises(StreamClosed, match="1001 bytes"):
+        await connection.read()
+    assert transport.aborted and connection._big is None
+
+
+async def test_a_connection_cut_mid_frame_says_so_and_a_reader_that_falls_behind_pauses_the_socket():
+    from plane.stream import MAX_QUEUED, FrameConnection
+
+    connection = FrameConnection()
+    transport = _Transport()
+    connection.connection_made(transport)
+    _fed(connection, b"".join((1).to_bytes(4, "big") + b"x" for _ in range(MAX_QUEUED)), [4096])
+    assert transport.paused, "reading stops while the session is behind"
+    for _ in range(MAX_QUEUED // 2 + 1):
+        assert await connection.read() == b"x"
+    assert not transport.paused
+    _fed(connection, (10).to_bytes(4, "big") + b"abc", [4096])
+    connection.connection_lost(None)
+    for _ in range(MAX_QUEUED // 2 - 1):
+        assert await connection.read() == b"x"
+    with pytest.raises(StreamClosed):
+        await connection.read()
+
+
+async def test_frames_over_a_real_socket_in_odd_pieces():
+    """A loopback TCP connection: a sender writing frames in odd pieces (its header cut too),
+    the receiving end a FrameConnection made by a real event loop's server."""
+    from plane.stream import FrameConnection
+
+    frames = [os.urandom(n) for n in (10, 1_200_000, 3, 70_000, 0, 500)]
+    data = b"".join(len(f).to_bytes(4, "big") + f for f in frames)
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[FrameConnection] = loop.create_future()
+
+    def accept() -> FrameConnection:
+        connection = FrameConnection()
+        accepted.set_result(connection)
+        return connection
+
+    server = await loop.create_server(accept, "127.0.0.1", 0)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        for at in range(0, len(data), 99_991):
+            writer.write(data[at:at + 99_991])
+            await writer.drain()
+        connection = await asyncio.wait_for(accepted, 10)
+        got = [bytes(await asyncio.wait_for(connection.read(), 10)) for _ in frames]
+        assert got == frames
+        writer.close()
+        with pytest.raises(StreamClosed):
+            await asyncio.wait_for(connection.read(), 10)
+    finally:
+        server.close()

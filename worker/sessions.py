@@ -22,7 +22,7 @@ from typing import Protocol
 from common.aio import stop_tasks
 from common.logs import LogLimiter
 from plane import wire
-from plane.stream import FIRST_MESSAGE_TIMEOUT, StreamClosed, read_frame, write_frame
+from plane.stream import FIRST_MESSAGE_TIMEOUT, FrameConnection, StreamClosed, write_frame
 from worker.link import ControllerLink, Refused
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Sessions:
         self._log = LogLimiter(logger)
 
     async def start(self, host: str, port: int = 0) -> int:
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=self.tls, limit=1 << 20)
+        self._server = await asyncio.get_running_loop().create_server(self._accept, host, port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -63,30 +63,32 @@ class Sessions:
         self.refused += 1
         self._log.warning("refused", "session connection refused: %s (%d so far)", why, self.refused)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _accept(self) -> FrameConnection:
+        """A new connection's protocol, and the task that serves it."""
+        connection = FrameConnection(wire.MAX_SESSION_BYTES)
+        task = asyncio.get_running_loop().create_task(self._serve(connection), name="session-connection")
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return connection
+
+    async def _serve(self, connection: FrameConnection) -> None:
         try:
-            await self._connection(reader, writer)
+            await self._connection(connection)
         except (StreamClosed, ConnectionError, ssl.SSLError):
             pass
         except Refused as e:
             self._refuse(str(e))
         except asyncio.CancelledError:
-            # Our close(): end quietly (asyncio's server logs a connection task that ends
-            # cancelled as an error, in 3.11).
-            pass
+            pass  # our close(): end quietly
         finally:
-            self._tasks.discard(task)
-            writer.close()
+            connection.close()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _connection(self, connection: FrameConnection) -> None:
         if self._unproven >= MAX_UNPROVEN:
             raise Refused("too many connections that have not proven themselves")
         self._unproven += 1
-        try:
-            first = await asyncio.wait_for(read_frame(reader), FIRST_MESSAGE_TIMEOUT)
+        try:  # (a TLS handshake that never ends never makes the connection: timed out too)
+            first = await asyncio.wait_for(self._first(connection), FIRST_MESSAGE_TIMEOUT)
         except TimeoutError:
             raise Refused(f"nothing sealed within {FIRST_MESSAGE_TIMEOUT:.0f}s") from None
         finally:
@@ -97,18 +99,23 @@ class Sessions:
             old.cancel()  # the session's new connection replaces it
         self._current[id(c)] = asyncio.current_task()  # type: ignore[assignment]
         c.outbox.resend_unacked()  # what the old connection may not have delivered
-        sender = asyncio.create_task(self._send(c, writer), name="session-send")
+        sender = asyncio.create_task(self._send(c, connection), name="session-send")
         try:
             self.handler.exchange(msg, c)
             while True:
-                _, msg = self._open(await read_frame(reader), c)
+                _, msg = self._open(await connection.read(), c)
                 self.handler.exchange(msg, c)
         finally:
             if self._current.get(id(c)) is asyncio.current_task():
                 del self._current[id(c)]
             await stop_tasks([sender])
 
-    def _open(self, data: bytes, bound: ControllerLink | None) -> tuple[ControllerLink, wire.Exchange]:
+    @staticmethod
+    async def _first(connection: FrameConnection) -> bytes | bytearray:
+        await connection.made
+        return await connection.read()
+
+    def _open(self, data: bytes | bytearray, bound: ControllerLink | None) -> tuple[ControllerLink, wire.Exchange]:
         try:
             sealed = wire.decode(data, wire.MAX_SESSION_BYTES)
         except wire.DecodeError as e:
@@ -124,7 +131,7 @@ class Sessions:
         return c, msg
 
     @staticmethod
-    async def _send(c: ControllerLink, writer: asyncio.StreamWriter) -> None:
+    async def _send(c: ControllerLink, writer: FrameConnection) -> None:
         """Each batch of ends, as soon as there is one, sealed for the session."""
         while True:
             results = await c.outbox.take(3600.0)
