@@ -611,6 +611,20 @@ async def test_a_frame_over_the_limit_closes_the_connection_before_any_of_it_is_
     assert transport.aborted and connection._big is None
 
 
+async def test_a_length_announced_is_not_memory_taken_before_its_bytes_come():
+    """A peer that announces the largest frame allowed and sends nothing more holds one piece
+    (PIECE_BYTES), not the frame's size; as the bytes come, pieces follow them."""
+    from plane.stream import PIECE_BYTES, FrameConnection
+
+    connection = FrameConnection()
+    connection.connection_made(_Transport())
+    size = wire.MAX_SESSION_BYTES
+    _fed(connection, size.to_bytes(4, "big") + b"x" * 1000, [4096])
+    assert connection._big is not None and sum(len(p) for p in connection._big) <= PIECE_BYTES
+    _fed(connection, b"y" * (3 * PIECE_BYTES), [1 << 20])
+    assert sum(len(p) for p in connection._big) <= 4 * PIECE_BYTES, "pieces follow what arrived"
+
+
 async def test_a_connection_cut_mid_frame_says_so_and_a_reader_that_falls_behind_pauses_the_socket():
     from plane.stream import MAX_QUEUED, FrameConnection
 
