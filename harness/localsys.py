@@ -7,6 +7,7 @@ the system the same way an operator does: with the real commands, over real sock
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -217,7 +218,9 @@ class LocalSystem:
             urllib.request.urlopen(self.url + "/status", timeout=1, context=self._ssl)
         except urllib.error.HTTPError:
             return True  # 401: it is up
-        except OSError:
+        except (OSError, http.client.HTTPException):
+            # (not an answer of ours: another process may have taken the port picked for it, and
+            # this one is about to exit, which moves it to new ports)
             return False
         return True
 
