@@ -92,18 +92,12 @@ class GroupWriter:
         """Put ``data`` at ``final`` (synced, with its directory, if ``sync``): True once it is
         there, False if ``replace`` is off and a file was there first. InsufficientStorage on a
         full disk, leaving nothing behind."""
-        loop = asyncio.get_running_loop()
-        if self._thread is None:
-            self._loop = loop
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
-        if self._closed:
-            raise RuntimeError("the file writer is closed")
-        future = loop.create_future()
+        f = self.prepare(data, final, replace, sync)
+        f.future = asyncio.get_running_loop().create_future()
         with self._lock:
-            self._queue.append(FileWrite(self, data, final, replace, sync, future))
+            self._queue.append(f)
         self._wake.set()
-        return await future
+        return await f.future
 
     def prepare(self, data: bytes, final: Path, replace: bool = True, sync: bool = True) -> FileWrite:
         """A write for :meth:`write_now` in another thread (this writer still makes the unsynced

@@ -5,8 +5,8 @@ A script runs on a pooled connection inside one transaction; the pool's connecti
 without waiting for the disk (``synchronous_commit = off``: PostgreSQL flushes its WAL a moment
 later, in order, as SQLite's lazy groups do) and a durable transaction says ``SET LOCAL
 synchronous_commit`` to the database's own setting; a read, or a write that need not be durable,
-of one statement runs without a transaction of its own (one round trip). Concurrent transactions are PostgreSQL's business: row
-locks serialize those that touch one workload (its counters are kept by triggers, as in
+of one statement runs without a transaction of its own (one round trip). Concurrent
+transactions are PostgreSQL's business: row locks serialize those that touch one workload (its counters are kept by triggers, as in
 SQLite). The schema is created, or migrated, at start under an advisory lock, so servers that
 start together do not race. A job inserted by any server is announced on the channel
 ``dpip_jobs`` (a trigger), which the leading server listens to.
