@@ -85,7 +85,10 @@ SCHEMAS: dict[str, Any] = {
             "gpu": {"type": "object", "required": ["count"], "properties": {
                 "count": {"type": "integer"}, "utilization_percent": {"type": "number"},
                 "memory_percent": {"type": "number"}}},
-            "running_jobs": {"type": "integer"}, "capacity": {"type": "integer"}, "jobs_done": {"type": "integer"},
+            "running_jobs": {"type": "integer", "description": "its jobs running or waiting there for a slot"},
+            "capacity": {"type": "integer"},
+            "prefetch": {"type": "integer", "description": "jobs it takes beyond capacity, to start as others end"},
+            "jobs_done": {"type": "integer"},
             "last_seen": {"type": "number"}, "rpc_address": {"type": "string", "description": "where the server sends jobs; admin only"},
             "autoscaled": {"type": "boolean", "description": "started (and to be retired) by the autoscaler"},
             "filters": {"type": "array", "description": "the filters it runs, as it declared them when it joined",

@@ -420,6 +420,7 @@ class Membership:
         info.gpu = hb.gpu
         info.running_jobs = hb.running_jobs
         info.capacity = hb.capacity
+        info.prefetch = hb.prefetch
         info.jobs_done = hb.jobs_done
         info.running_job_ids = list(hb.running_job_ids)
         info.last_seen = time.time()

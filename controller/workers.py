@@ -48,6 +48,7 @@ class WorkerInfo:
     gpu: wire.Gpu = field(default_factory=wire.Gpu)
     running_jobs: int = 0
     capacity: int = 0
+    prefetch: int = 0  # jobs it takes beyond its capacity, waiting there for a slot
     jobs_done: int = 0
     last_seen: float = 0.0  # wall clock, for people
     last_seen_mono: float = 0.0  # monotonic, for the TTL and forgetting
@@ -95,6 +96,11 @@ class WorkerInfo:
         after one round of jobs)."""
         return min(self.capacity, self.trust)
 
+    def ahead(self) -> int:
+        """The jobs it may be sent beyond its slots, to wait there for one (its prefetch, no more
+        than its trusted slots)."""
+        return min(self.prefetch, self.slots())
+
     def credit(self) -> None:
         """One of its results was stored."""
         if self.trust >= self.capacity:
@@ -122,6 +128,7 @@ class WorkerInfo:
             },
             "running_jobs": self.running_jobs,
             "capacity": self.capacity,
+            "prefetch": self.prefetch,
             "jobs_done": self.jobs_done,
             "last_seen": self.last_seen,
             # compact (a worker's entry is sent again on the event stream whenever its load moves):

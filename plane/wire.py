@@ -111,6 +111,7 @@ class Heartbeat:
     gpu: Gpu = field(default_factory=Gpu)
     running_jobs: int = number(0, hi=100_000)
     capacity: int = number(0, hi=4096)
+    prefetch: int = number(0, hi=4096)  # jobs it takes beyond capacity, waiting for a slot
     jobs_done: int = number(0)
     draining: bool = False
     running_job_ids: list[int] = _bounds(factory=list, max_items=MAX_LIST, lo=0, hi=MAX_INT)

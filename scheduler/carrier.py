@@ -65,6 +65,7 @@ class DispatchStats:
     copies_sent: int = 0  # every RunJob sent, first copies included
     copies_started: int = 0  # copies that did work (a cancelled waiting copy did none)
     hedges: int = 0
+    sent_ahead: int = 0  # jobs sent to wait on their worker for a slot (its prefetch)
 
 
 @dataclass
@@ -112,8 +113,10 @@ class Carrier:
         """The job's attempt is settled: a copy's result that comes after is not its only one."""
         self._copies.pop(job_id, None)
 
-    async def send(self, job: Job, primary: str) -> dict[str, asyncio.Task[Outcome]]:
-        policy = self.settings.hedge
+    async def send(self, job: Job, primary: str, ahead: bool = False) -> dict[str, asyncio.Task[Outcome]]:
+        """The attempt's copies. A job sent ``ahead`` (to wait on its worker for a slot) goes
+        alone: its time there is not a slow worker's, and a second copy would take a slot."""
+        policy = HedgePolicy.OFF if ahead else self.settings.hedge
         copies: dict[str, asyncio.Task[Outcome]] = {}
         if policy == HedgePolicy.TIED:
             peer = self.slots.reserve_second(job, primary)
@@ -125,7 +128,7 @@ class Carrier:
                 await self.jobs.add_copy(job)
                 return copies
         answered: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        copies[primary] = self._start(job, primary, answered=answered)
+        copies[primary] = self._start(job, primary, answered=answered, ahead=ahead)
         if policy == HedgePolicy.HEDGED:
             # Hedge a worker that has not answered; a result that is being stored needs no copy.
             try:
@@ -158,18 +161,19 @@ class Carrier:
         return info.rpc_address if info is not None else ""
 
     def _start(self, job: Job, worker: str, tied: tuple[str, str] = ("", ""),
-               answered: asyncio.Future[float] | None = None) -> asyncio.Task[Outcome]:
+               answered: asyncio.Future[float] | None = None, ahead: bool = False) -> asyncio.Task[Outcome]:
         self.stats.copies_sent += 1
         self._copies[job.id] = self._copies.get(job.id, 0) + 1
         answered = answered or asyncio.get_running_loop().create_future()
-        return self.slots.spawn(self._copy(job, worker, tied, answered))
+        return self.slots.spawn(self._copy(job, worker, tied, answered, ahead))
 
-    async def _copy(self, job: Job, worker: str, tied: tuple[str, str], answered: asyncio.Future[float]) -> Outcome:
+    async def _copy(self, job: Job, worker: str, tied: tuple[str, str], answered: asyncio.Future[float],
+                    ahead: bool = False) -> Outcome:
         """One copy on one worker; its slot is held until the worker has answered (``answered``
         gets the time then, before the result is stored)."""
         outcome: Outcome | None = None
         try:
-            outcome = await self._call(job, worker, tied, answered)
+            outcome = await self._call(job, worker, tied, answered, ahead)
         except Exception as e:
             logger.exception("job %d on %s", job.id, worker)
             outcome = Outcome(worker, failure=Failure(f"internal error: {e!r}"))
@@ -234,13 +238,15 @@ class Carrier:
         except RpcError as e:
             logger.debug("could not cancel job %d on %s: %s", job.id, worker, e)
 
-    async def _call(self, job: Job, worker: str, tied: tuple[str, str], answered: asyncio.Future[float]) -> Outcome:
-        """Run the job on ``worker``: success once its result is stored, else what went wrong."""
+    async def _call(self, job: Job, worker: str, tied: tuple[str, str], answered: asyncio.Future[float],
+                    ahead: bool = False) -> Outcome:
+        """Run the job on ``worker``: success once its result is stored, else what went wrong
+        (``ahead``: it waits there for a slot first, within one more timeout)."""
         info = self.membership.member(worker)
         if info is None or info.channel is None:
             return Outcome(worker, failure=Failure(f"worker {worker} went away before the job was sent",
                                                    backoff=False))
-        timeout = self.settings.job_timeout
+        timeout = self.settings.job_timeout * (2 if ahead else 1)
         try:  # an object store: the worker reads and writes it directly, for this job only
             direct = await self.jobs.direct_urls(job, timeout + 5.0, worker)
         except DpipError as e:

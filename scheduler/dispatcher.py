@@ -156,6 +156,7 @@ class Dispatcher:
             "copies_sent": st.copies_sent,
             "copies_started": st.copies_started,
             "hedges": st.hedges,
+            "sent_ahead": st.sent_ahead,
         }
 
     # -- placing ----------------------------------------------------------------------------
@@ -200,6 +201,7 @@ class Dispatcher:
                 gpu_utilization=w.gpu.utilization_percent,
                 in_flight=len(ours) + len(foreign),
                 capacity=w.slots(),  # its claim, as far as it has proven it
+                ahead=w.ahead(),
                 ready=w.ready,
                 probation=self._probation.get(w.name, 0.0) > now,
                 filters=w.filter_names,
@@ -218,11 +220,14 @@ class Dispatcher:
         return not any(self._has_free_slot(w) for w in members)
 
     def _has_free_slot(self, w: WorkerInfo) -> bool:
-        """Ready, and fewer of our jobs on it than it is trusted with."""
-        return w.ready and len(self._in_flight.get(w.name, ())) < w.slots()
+        """Ready, and fewer of our jobs on it than it is trusted with (its slots, and the jobs
+        it takes ahead to wait for one)."""
+        return w.ready and len(self._in_flight.get(w.name, ())) < w.slots() + w.ahead()
 
     def _place_what_fits(self) -> None:
-        """Round-robin over workloads: each turn places the head job of the next workload."""
+        """Round-robin over workloads: each turn places the head job of the next workload in a
+        free slot; then, while the backlog is deep enough to give every worker with room one,
+        jobs are sent ahead to wait on their worker for a slot (its prefetch)."""
         if self._closing or not self._queues:
             return  # nothing to place: no views to build (a wide fleet frees a slot per job)
         if self._full():
@@ -230,16 +235,35 @@ class Dispatcher:
                 self.waiting.setdefault(wid, "waiting for a free slot")
             return
         workers = self._views(free_only=True)
-        everyone: list[WorkerView] | None = None  # every member's view, to say why nobody fits
         if workers:  # rotate, so ties between equal workers go round (one step per job placed,
             # not per call: calls come in a fixed number per job, which would alias the turn)
             turn = self._turn % len(workers)
             workers = workers[turn:] + workers[:turn]
         views = {v.name: v for v in workers}
         now = time.monotonic()
+        next_retry = self._place_round(views, now, ahead=False)
+        if self._queues and any(v.ahead for v in views.values()):
+            later = self._place_round(views, now, ahead=True)
+            next_retry = min(next_retry, later) if next_retry is not None and later is not None else next_retry or later
+        if next_retry is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(
+                max(0.0, next_retry - time.monotonic()), self.wake
+            )
+
+    def _place_round(self, views: dict[str, WorkerView], now: float, ahead: bool) -> float | None:
+        """Place head jobs until none fits (``ahead``: in the room workers have beyond their
+        slots, and only while at least as many jobs are queued as workers have such room, so
+        that near a workload's end no job waits behind another while a worker is idle); when
+        the next job held back by its backoff may go."""
+        everyone: list[WorkerView] | None = None  # every member's view, to say why nobody fits
         next_retry: float | None = None
         blocked: set[str] = set()
         while True:
+            if ahead and self.queued() < sum(1 for v in views.values()
+                                             if v.ready and v.capacity <= v.in_flight < v.capacity + v.ahead):
+                break
             progressed = False
             for wid in list(self._queues):
                 if wid in blocked:
@@ -252,11 +276,12 @@ class Dispatcher:
                     blocked.add(wid)
                     continue
                 jv = self._view(job)
-                name = place(jv, views.values())
+                name = place(jv, views.values(), ahead)
                 if name is None:
-                    if everyone is None:
-                        everyone = [views.get(v.name, v) for v in self._views()]
-                    self.waiting[wid] = why_not(jv, everyone)
+                    if not ahead:
+                        if everyone is None:
+                            everyone = [views.get(v.name, v) for v in self._views()]
+                        self.waiting[wid] = why_not(jv, everyone)
                     blocked.add(wid)
                     continue
                 self.waiting.pop(wid, None)
@@ -269,30 +294,30 @@ class Dispatcher:
                 self._turn += 1
                 v = views[name]
                 views[name] = WorkerView(**{**v.__dict__, "in_flight": v.in_flight + 1})
-                self.spawn(self._dispatch(job, name))
+                if v.in_flight >= v.capacity:
+                    self.stats.sent_ahead += 1
+                self.spawn(self._dispatch(job, name, ahead=v.in_flight >= v.capacity))
                 progressed = True
                 break  # restart the round from the (rotated) front
             if not progressed:
-                break
-        if next_retry is not None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = asyncio.get_running_loop().call_later(
-                max(0.0, next_retry - time.monotonic()), self.wake
-            )
+                return next_retry
+        return next_retry
 
     # -- carrying ---------------------------------------------------------------------------
 
-    async def _dispatch(self, job: Job, primary: str) -> None:
-        """One attempt of a job: its copies (one, or two with a tail policy), then the outcome."""
+    async def _dispatch(self, job: Job, primary: str, ahead: bool = False) -> None:
+        """One attempt of a job: its copies (one, or two with a tail policy), then the outcome.
+        A job sent ``ahead`` waits on its worker for a slot: one copy, given twice the timeout
+        (every job running there ends within one, so it starts within one)."""
         try:
             # The job travels while its transition is written (one trip to SQLite, but behind
             # the uploads' writes when they pour in): the write lock is first come, first
             # served, so it lands before this attempt's result or retry does.
-            recording = self.spawn(self.jobs.dispatch(job, primary, self.settings.job_timeout))
+            timeout = self.settings.job_timeout * (2 if ahead else 1)
+            recording = self.spawn(self.jobs.dispatch(job, primary, timeout))
             job = self.jobs.as_dispatched(job)
             t0 = time.monotonic()
-            copies = await self.carrier.send(job, primary)
+            copies = await self.carrier.send(job, primary, ahead)
             outcome, failure = await self.carrier.first_success(copies)
             if await recording is None and (outcome is None or outcome.result is None):
                 self._settled(job)
@@ -305,7 +330,8 @@ class Dispatcher:
                         # cancelled, would take ever more jobs and need ever more hedges.
                         self._probation[name] = time.monotonic() + self.settings.probation
             if outcome is not None and outcome.result is not None:
-                self.latency.record(job.size, outcome.answered_at - t0)  # what a hedge waits for
+                if not ahead:  # (a job sent ahead waited for a slot: not its latency)
+                    self.latency.record(job.size, outcome.answered_at - t0)  # what a hedge waits for
                 self.stats.jobs_done += 1
                 self.membership.credit(outcome.worker)  # its result is stored: trusted with one more slot
                 r = outcome.result

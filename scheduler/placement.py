@@ -25,6 +25,7 @@ class WorkerView:
     probation: bool = False  # another worker just beat it to a job it held: others first
     filters: frozenset[str] | None = None  # the filters it runs (None: any)
     gpu_filters: frozenset[str] = frozenset()  # those it runs on its GPU
+    ahead: int = 0  # jobs it may hold beyond capacity, waiting there for a slot (its prefetch)
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,11 @@ class JobView:
     needs: frozenset[str] = frozenset()  # the filters of its pipeline
 
 
-def eligible(job: JobView, w: WorkerView) -> bool:
-    """A worker may take a job if it is ready, has a free slot, every tag the job needs and
-    every filter of its pipeline."""
-    return w.ready and w.in_flight < w.capacity and job.tags <= w.tags and runs(job, w)
+def eligible(job: JobView, w: WorkerView, ahead: bool = False) -> bool:
+    """A worker may take a job if it is ready, has a free slot (``ahead``: or room for a job
+    to wait there for one), every tag the job needs and every filter of its pipeline."""
+    room = w.capacity + (w.ahead if ahead else 0)
+    return w.ready and w.in_flight < room and job.tags <= w.tags and runs(job, w)
 
 
 def runs(job: JobView, w: WorkerView) -> bool:
@@ -78,15 +80,16 @@ def why_not(job: JobView, workers: Iterable[WorkerView]) -> str:
     return f"waiting for a free slot: {len(tagged)} eligible worker(s) are full"
 
 
-def place(job: JobView, workers: Iterable[WorkerView]) -> str | None:
-    """The best eligible worker's name, ties going to the first listed; None if nobody fits.
+def place(job: JobView, workers: Iterable[WorkerView], ahead: bool = False) -> str | None:
+    """The best eligible worker's name, ties going to the first listed; None if nobody fits
+    (``ahead``: counting the room for jobs sent ahead, to wait on the worker for a slot).
 
     The caller rotates the list between calls, so equal workers share the work instead of
     the same one winning every tie (on one machine all workers report the same CPU).
     """
     best: tuple[float, str] | None = None
     for w in workers:
-        if not eligible(job, w):
+        if not eligible(job, w, ahead):
             continue
         s = score(job, w)
         if best is None or s > best[0]:

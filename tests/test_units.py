@@ -100,6 +100,15 @@ def test_placement_never_exceeds_capacity_or_uses_unready_workers():
     assert place(JobView(), []) is None
 
 
+def test_a_job_goes_ahead_only_into_a_workers_prefetch_room_and_the_least_loaded_first():
+    full = [WorkerView("a", frozenset(), 10, 10, 0, 0.0, 2, 2, ahead=1),
+            WorkerView("b", frozenset(), 10, 10, 0, 0.0, 3, 2, ahead=1),
+            WorkerView("c", frozenset(), 10, 10, 0, 0.0, 1, 1, ahead=0)]
+    assert place(JobView(), full) is None  # no free slot: nothing placed in a slot
+    assert place(JobView(), full, ahead=True) == "a"  # b's room is taken, c has none
+    assert place(JobView(), [*full, worker("d", in_flight=1)], ahead=True) == "d"  # a free slot still wins
+
+
 def test_placement_honours_required_tags():
     job = JobView(tags=frozenset({"gpu"}))
     assert place(job, [worker("plain")]) is None

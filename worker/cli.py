@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     host, port = controllers[0]
     if a.capacity < 1:
         p.error("--capacity must be at least 1")
+    if not -1 <= a.prefetch <= 4096:
+        p.error("--prefetch must be between 0 and 4096 (or -1: the default)")
     for flag in ("slow_rate", "fail_rate"):
         if not 0.0 <= getattr(a, flag) <= 1.0:
             p.error(f"--{flag.replace('_', '-')} must be between 0 and 1")

@@ -38,11 +38,12 @@ from plane.stream import worker_context
 from plane.tls import WorkerTls, http_client_context, nng_url
 from worker import memory
 from worker.filters import FilterError, process, warm_up, warm_up_image
+from worker.gate import SlotGate
 from worker.link import ControllerLink, Refused, WorkerLink
 from worker.outbox import Outbox
 from worker.sessions import Sessions
 from worker.ties import Ties, Untied
-from worker.settings import WorkerSettings, join_token_for
+from worker.settings import WorkerSettings, join_token_for, prefetch_of
 from worker.telemetry import Telemetry
 from worker.transfers import JobFailed, Transfers
 
@@ -85,6 +86,8 @@ class Worker:
         self.session = self.link.session
         self.executor = ThreadPoolExecutor(settings.capacity, thread_name_prefix="filter")
         self.jobs: dict[int, asyncio.Task[wire.JobResult]] = {}
+        self.prefetch = prefetch_of(settings)  # jobs taken beyond capacity, waiting for a slot
+        self.gate = SlotGate(settings.capacity)
         self.limits = pipeline.Limits()  # the server's, once it welcomed us (wire.Welcome)
         self.jobs_done = 0
         self.draining = False
@@ -141,6 +144,7 @@ class Worker:
     async def drain(self) -> None:
         """Stop taking jobs, tell the controller, let running jobs finish (bounded)."""
         self.draining = True
+        self.gate.close()  # jobs waiting for a slot end now, to be sent elsewhere
         await self._send_heartbeat()
         running = [t for t in self.jobs.values() if not t.done()]
         if running:
@@ -191,6 +195,7 @@ class Worker:
             gpu=self.telemetry.gpu(),
             running_jobs=self.running(),
             capacity=self.s.capacity,
+            prefetch=self.prefetch,
             jobs_done=self.jobs_done,
             draining=self.draining,
             running_job_ids=[jid for jid, t in self.jobs.items() if not t.done()],
@@ -353,7 +358,7 @@ class Worker:
             return None
         if self.draining:
             return end("worker is shutting down")
-        if self.running() >= self.s.capacity:  # (a cancelled job still stopping holds its slot)
+        if self.running() >= self.s.capacity + self.prefetch:  # (a cancelled job still stopping holds its slot)
             return end("worker is full", transient=True)
         task = asyncio.create_task(self._execute(msg, c.api_url or self.api_url), name=f"job-{msg.job_id}")
         self.jobs[msg.job_id] = task
@@ -379,6 +384,16 @@ class Worker:
         c.outbox.put(result)
 
     async def _execute(self, msg: wire.RunJob, api_url: str) -> wire.JobResult:
+        """The job, once one of the worker's slots is free for it (a job sent ahead waits)."""
+        if not await self.gate.enter():
+            return wire.JobResult(msg.job_id, ok=False, error="worker is shutting down", worker=self.s.name,
+                                  transient=True)
+        try:
+            return await self._run(msg, api_url)
+        finally:
+            self.gate.leave()
+
+    async def _run(self, msg: wire.RunJob, api_url: str) -> wire.JobResult:
         if self.s.fail_rate and random.random() < self.s.fail_rate:
             logger.info("fault knob: dropping job %d without a reply", msg.job_id)
             await asyncio.Event().wait()  # until cancelled; the scheduler's timeout must act

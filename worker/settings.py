@@ -24,6 +24,8 @@ class WorkerSettings:
     controllers: tuple[tuple[str, int], ...] = ()
     tags: tuple[str, ...] = ()
     capacity: int = option(os.cpu_count() or 1, "jobs run at once (default: number of cores)")
+    prefetch: int = option(-1, "jobs it takes beyond --capacity, waiting for a slot, so that the next job"
+                               " starts as one ends (default: a quarter of --capacity, at least 1; 0: none)")
     advertise_host: str = option("", "address the server dials for RPC (default: our address towards the"
                                      " controller)")
     rpc_bind: str = option("", "address to listen on for RPC (default: the advertised one)")
@@ -53,6 +55,12 @@ class WorkerSettings:
     tls_key: str = option("", "PEM private key of --tls-cert", metavar="PEM")
     exit_with_parent: bool = option(False, "drain and exit when the process that started us ends (the"
                                            " server's autoscaler uses it)")
+
+
+def prefetch_of(settings: WorkerSettings) -> int:
+    """The jobs a worker takes beyond its capacity (``--prefetch``; by default a quarter of its
+    slots, at least one)."""
+    return max(1, settings.capacity // 4) if settings.prefetch < 0 else settings.prefetch
 
 
 def join_token_for(settings: WorkerSettings, host: str, port: int) -> str | Callable[[], str]:
