@@ -254,15 +254,17 @@ class Dispatcher:
 
     def _place_round(self, views: dict[str, WorkerView], now: float, ahead: bool) -> float | None:
         """Place head jobs until none fits (``ahead``: in the room workers have beyond their
-        slots, and only while at least as many jobs are queued as workers have such room, so
-        that near a workload's end no job waits behind another while a worker is idle); when
-        the next job held back by its backoff may go."""
+        slots, and only while more jobs are queued than a whole round of the fleet's slots and
+        that room: the jobs of a workload's last round are never sent ahead, so none of them
+        waits behind another on one worker while a slot elsewhere is free); when the next job
+        held back by its backoff may go."""
         everyone: list[WorkerView] | None = None  # every member's view, to say why nobody fits
         next_retry: float | None = None
         blocked: set[str] = set()
+        fleet = sum(w.slots() for w in self.membership.snapshot() if w.ready) if ahead else 0
         while True:
-            if ahead and self.queued() < sum(1 for v in views.values()
-                                             if v.ready and v.capacity <= v.in_flight < v.capacity + v.ahead):
+            if ahead and self.queued() < fleet + sum(1 for v in views.values()
+                                                     if v.ready and v.capacity <= v.in_flight < v.capacity + v.ahead):
                 break
             progressed = False
             for wid in list(self._queues):
