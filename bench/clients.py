@@ -44,6 +44,7 @@ class Push:
     workload_id: str
     images: int
     elapsed: float  # seconds, first upload -> workload completed
+    polls: int = 0  # GET /workloads/{id} the watcher sent (where counted)
 
     @property
     def rate(self) -> float:
@@ -77,8 +78,12 @@ async def _aiohttp_push(url: str, token: str, images: list[bytes], clients: int)
                 async with http.post(f"{url}/images", data=form) as r:
                     assert r.status == 200, await r.text()
 
+        polls = 0
+
         async def watcher() -> None:
+            nonlocal polls
             while True:
+                polls += 1
                 async with http.get(f"{url}/workloads/{wid}") as r:
                     if finished(await r.json(), len(images)):
                         return
@@ -86,7 +91,7 @@ async def _aiohttp_push(url: str, token: str, images: list[bytes], clients: int)
 
         t0 = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(uploader() for _ in range(clients)), watcher()), TIMEOUT)
-        return Push(wid, len(images), time.perf_counter() - t0)
+        return Push(wid, len(images), time.perf_counter() - t0, polls)
 
 
 def aiohttp_push(url: str, token: str, images: list[bytes], clients: int) -> Push:

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -126,6 +127,171 @@ def _serve(port: int, mode: str, root: Path, echo_port: int = 0) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
+def _sink(port: int, reply: int) -> None:
+    """The child standing for a worker in the lean floor: each length-prefixed message taken,
+    ``reply`` bytes sent back for it (a result's size)."""
+    from common.aio import run
+
+    answer = bytes(reply)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.read(4):
+            head += await reader.readexactly(4 - len(head))
+            await reader.readexactly(int.from_bytes(head, "big"))
+            writer.write(len(answer).to_bytes(4, "big") + answer)
+            await writer.drain()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", port, limit=1 << 20)
+        await server.serve_forever()
+    run(main())
+
+
+def _serve_lean(port: int, root: Path, sink_port: int, view_ids: int) -> None:
+    """The lean floor's child: aiohttp on uvloop (as DPIP runs), doing per upload only what a
+    server that keeps each upload and has a worker filter it cannot avoid, each step the
+    cheapest way this stack has: the body taken as it comes (no multipart parser, no join),
+    written durably in 256 KiB pieces on the loop itself (no thread trip), sent to the worker
+    (the sink) as it is, the result (``--result-bytes``) received and written unsynced. And
+    ``GET /view``: a workload's view of ``view_ids`` filtered ids, from memory."""
+    from aiohttp import web
+
+    from common.aio import run
+
+    counter = iter(range(10**9))
+    dir_fd = os.open(root, os.O_RDONLY)
+    view = {"workload_id": "w", "status": "running", "images": view_ids,
+            "filtered_images": list(range(view_ids)), "failed_images": []}
+
+    def store(chunks: list[bytes], durable: bool) -> None:
+        fd = os.open(root / f"{next(counter)}.png", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for chunk in chunks:
+                piece = memoryview(chunk)
+                while piece:
+                    piece = piece[os.write(fd, piece[:PIECE]):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if durable:
+            os.fsync(dir_fd)
+
+    spent = {"durable write": 0.0, "send to the worker": 0.0, "result written": 0.0}  # CPU seconds
+
+    async def upload(request: web.Request) -> web.Response:
+        chunks = [chunk async for chunk in request.content.iter_any()]
+        size = sum(len(c) for c in chunks)
+        t0 = time.thread_time()
+        store(chunks, True)
+        t1 = time.thread_time()
+        spent["durable write"] += t1 - t0
+        reader, writer = await peers.get()
+        try:
+            t0 = time.thread_time()
+            writer.writelines([size.to_bytes(4, "big"), *chunks])
+            spent["send to the worker"] += time.thread_time() - t0
+            back = await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+        finally:
+            peers.put_nowait((reader, writer))
+        t0 = time.thread_time()
+        store([back], False)
+        spent["result written"] += time.thread_time() - t0
+        return web.json_response({"id": 1, "bytes": size})
+
+    async def get_view(request: web.Request) -> web.Response:
+        return web.json_response(view)
+
+    async def get_spent(request: web.Request) -> web.Response:
+        return web.json_response(spent)
+
+    peers: asyncio.Queue = asyncio.Queue()
+
+    async def main() -> None:
+        for _ in range(8):
+            peers.put_nowait(await asyncio.open_connection("127.0.0.1", sink_port, limit=1 << 20))
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/images", upload)
+        app.router.add_get("/view", get_view)
+        app.router.add_get("/spent", get_spent)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+    run(main())
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The lean floor's server CPU (ms): per upload (and the steps measured inside it, the
+    rest being aiohttp's receiving and answering), per GET of a view."""
+
+    upload_ms: float
+    get_ms: float
+    steps: dict[str, float]
+
+    def breakdown(self) -> str:
+        rest = self.upload_ms - sum(self.steps.values())
+        return ", ".join([f"the upload received and answered {rest:.2f}"] +
+                         [f"{k} {v:.2f}" for k, v in self.steps.items()])
+
+
+def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: int,
+               uploads: int = 200, gets: int = 500) -> Floor:
+    """The lean floor per upload of ``frames`` (server CPU ms, by step) and per ``GET`` of a
+    view of ``view_ids`` ids, each measured alone."""
+    port, sink_port = _free_port(), _free_port()
+    with tempfile.TemporaryDirectory() as root:
+        sink = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--sink", str(sink_port),
+                                 "--result-bytes", str(result_bytes)])
+        time.sleep(0.3)  # (the sink listens before the server connects to it)
+        server = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--serve", "lean", "--port", str(port),
+                                   "--root", root, "--echo-port", str(sink_port), "--view-ids", str(view_ids)])
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_up(url + "/view", server)
+            bodies = [multipart({"workload_id": "w", "type": "original"}, "data", f"{i}.png",
+                                frames[i % len(frames)]) for i in range(uploads + 20)]
+
+            def push(part: list[tuple[bytes, str]]) -> None:
+                with requests.Session() as session:
+                    for body, ctype in part:
+                        session.post(url + "/images", data=body, headers={"Content-Type": ctype}).raise_for_status()
+
+            def run(batch: list[tuple[bytes, str]]) -> None:
+                with ThreadPoolExecutor(clients) as threads:
+                    list(threads.map(push, [batch[i::clients] for i in range(clients)]))
+
+            run(bodies[:20])
+            before = process_cpu(server.pid)
+            steps0 = requests.get(url + "/spent").json()
+            run(bodies[20:])
+            upload_ms = 1000 * (process_cpu(server.pid) - before).total / uploads
+            steps = {k: 1000 * (v - steps0[k]) / uploads for k, v in requests.get(url + "/spent").json().items()}
+            with requests.Session() as session:
+                before = process_cpu(server.pid)
+                for _ in range(gets):
+                    session.get(url + "/view").raise_for_status()
+                get_ms = 1000 * (process_cpu(server.pid) - before).total / gets
+            return Floor(upload_ms, get_ms, steps)
+        finally:
+            for child in (server, sink):
+                child.terminate()
+                child.wait(10)
+
+
+def _wait_up(url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the floor's server did not start") from None
+            time.sleep(0.05)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -184,11 +350,20 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--echo-port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--result-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--view-ids", type=int, default=200, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=Path, help="a directory of images to upload instead of tiny PNGs")
     parser.add_argument("--modes", default=",".join(MODES), help="which, in this order (default: all)")
     args = parser.parse_args()
     if args.echo:
         _echo(args.echo)
+        return
+    if args.sink:
+        _sink(args.sink, args.result_bytes)
+        return
+    if args.serve == "lean":
+        _serve_lean(args.port, args.root, args.echo_port, args.view_ids)
         return
     if args.serve:
         _serve(args.port, args.serve, args.root, args.echo_port)

@@ -47,7 +47,8 @@ from pathlib import Path
 from PIL import Image, ImageFilter
 
 from bench import celery_noop
-from bench.clients import aiohttp_push, cli_push, requests_push, round_trips
+from bench.clients import Push, aiohttp_push, cli_push, requests_push, round_trips
+from bench.serverfloor import lean_floor
 from bench.table import Row, latencies_ms, percentile, table
 from harness.engines import EngineError, EngineUnavailable, SeaweedS3
 from harness.frames import frame_png
@@ -182,6 +183,7 @@ def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: in
                 f"{spent.per_image_ms(big.images):.1f} vs {1000 * spent.workers.total / big.images:.1f} ms per frame")
     say(f"720p CPU per frame: server {spent.per_image_ms(big.images):.1f} ms ({spent.breakdown(big.images)}),"
         f" workers {1000 * spent.workers.total / big.images:.1f} ms: ratio {share.value:.3f} ({share.judgement})")
+    floor = floor_720p(system, big, frames, clients, 1000 * spent.workers.total / big.images)
 
     plain = requests_push(system.url, token, frames, clients)
     req = Row(f"720p / local pool, {clients} requests clients", plain.rate / pool_rate, "", POOL_RATIO, True)
@@ -192,7 +194,32 @@ def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: in
     dpip = Row(f"720p / local pool, dpip push --jobs {clients}", cli.rate / pool_rate, "", POOL_RATIO, True)
     say(f"DPIP end to end, dpip push --jobs {clients} (its start included) until completed: {cli.rate:.1f} img/s"
         f" in {cli.elapsed:.1f}s; ratio to local pool {dpip.value:.2f} ({dpip.judgement})")
-    return [req, aio, dpip, share]
+    return [req, aio, dpip, share, floor]
+
+
+def floor_720p(system: LocalSystem, big: Push, frames: list[bytes], clients: int, workers_ms: float) -> Row:
+    """The least a server on this stack (aiohttp on uvloop) spends per 720p frame, measured
+    alone right after DPIP's run (:func:`bench.serverfloor.lean_floor`: the upload received,
+    written durably, sent to a worker, a result of the same size as DPIP's back and written,
+    and the watcher's GETs of that run, answered from memory), over the same run's workers'
+    CPU per frame: the floor under the 720p server-share row."""
+    folder = system.data_dir / "images" / view_name(system, big.workload_id) / "filtered"
+    sizes = [p.stat().st_size for p in folder.iterdir()]
+    lean = lean_floor(frames, clients, round(statistics.mean(sizes)), big.images)
+    per_frame = lean.upload_ms + lean.get_ms * big.polls / big.images
+    row = Row("720p floor: lean server CPU / workers' CPU (same run)", per_frame / workers_ms, "", None, False,
+              f"{per_frame:.1f} ms per frame; the <= {SERVER_SHARE_720P:g} target allows"
+              f" {SERVER_SHARE_720P * workers_ms:.1f}")
+    say(f"720p floor, bare aiohttp on uvloop, same frames: {lean.upload_ms:.2f} ms per upload ({lean.breakdown()})"
+        f" + {big.polls / big.images:.2f} GETs per frame x {lean.get_ms:.2f} ms = {per_frame:.2f} ms per frame,"
+        f" {row.value:.3f} of the workers' {workers_ms:.1f} ms: the target {SERVER_SHARE_720P:g} allows"
+        f" {SERVER_SHARE_720P * workers_ms:.2f} ms")
+    return row
+
+
+def view_name(system: LocalSystem, workload_id: str) -> str:
+    with sqlite3.connect(system.data_dir / "dpip.sqlite3") as db:
+        return db.execute("SELECT dir FROM workloads WHERE id = ?", (workload_id,)).fetchone()[0]
 
 
 def measure_pipeline(system: LocalSystem, token: str, files: list[Path], clients: int, pool_rate: float) -> Row:
