@@ -175,20 +175,18 @@ class Dispatcher:
             self._wake.clear()
             self._place_what_fits()
 
-    def _views(self, free_only: bool = False) -> list[WorkerView]:
-        """Every member's view (``free_only``: of those ready with a free slot by our own
-        count, the only ones placement can choose: a wide fleet with a backlog frees one slot
-        per job, and a pass over 64 views per job cost more than the job's own dispatch)."""
+    def _views(self, members: list[WorkerInfo] | None = None) -> list[WorkerView]:
+        """The views of ``members`` (default: every member). Placement passes build them only
+        for the workers they can choose (a wide fleet with a backlog frees one slot per job,
+        and a pass over 64 views per job cost more than the job's own dispatch)."""
         now = time.monotonic()
         finished = self._finished  # oldest first: prune from the front, O(1) per job
         while finished and now - next(iter(finished.values())) > 5.0:
             # older than any heartbeat that could still report it running
             finished.popitem(last=False)
         views = []
-        for w in self.membership.snapshot():
+        for w in self.membership.snapshot() if members is None else members:
             ours = self._in_flight.get(w.name, {})
-            if free_only and not self._has_free_slot(w):
-                continue
             # Jobs the worker reports that we did not send it (e.g. before a server restart)
             # also take its slots; ours that just ended may still show in a stale heartbeat.
             foreign = {j for j in w.running_job_ids if j not in ours and j not in self._finished}
@@ -201,50 +199,57 @@ class Dispatcher:
                 gpu_utilization=w.gpu.utilization_percent,
                 in_flight=len(ours) + len(foreign),
                 capacity=w.slots(),  # its claim, as far as it has proven it
-                ahead=w.ahead(),
                 ready=w.ready,
                 probation=self._probation.get(w.name, 0.0) > now,
                 filters=w.filter_names,
                 gpu_filters=w.gpu_filters,
+                ahead=w.ahead(),
             ))
         return views
 
-    def _full(self) -> bool:
-        """No live worker has a free slot (by our own count of what we sent it): nothing can be
-        placed, so no views are built. A wide fleet with a backlog wakes the scheduler on every
-        heartbeat (64 a second for 64 workers): each pass would build every worker's view for
-        nothing."""
-        members = self.membership.snapshot()
-        if not any(w.ready for w in members):
-            return False  # (the full pass says why: no live worker, tags, filters)
-        return not any(self._has_free_slot(w) for w in members)
-
     def _has_free_slot(self, w: WorkerInfo) -> bool:
-        """Ready, and fewer of our jobs on it than it is trusted with (its slots, and the jobs
-        it takes ahead to wait for one)."""
-        return w.ready and len(self._in_flight.get(w.name, ())) < w.slots() + w.ahead()
+        """(Of a ready worker) fewer of our jobs on it than it is trusted with."""
+        return len(self._in_flight.get(w.name, ())) < w.slots()
+
+    def _has_room_ahead(self, w: WorkerInfo) -> bool:
+        """(Of a ready worker) its slots taken, and room for a job to wait there for one."""
+        held, slots = len(self._in_flight.get(w.name, ())), w.slots()
+        return slots <= held < slots + w.ahead()
+
+    def _rotated(self, views: list[WorkerView]) -> dict[str, WorkerView]:
+        """By name, rotated, so ties between equal workers go round (one step per job placed,
+        not per call: calls come in a fixed number per job, which would alias the turn)."""
+        if views:
+            turn = self._turn % len(views)
+            views = views[turn:] + views[:turn]
+        return {v.name: v for v in views}
 
     def _place_what_fits(self) -> None:
         """Round-robin over workloads: each turn places the head job of the next workload in a
-        free slot; then, while the backlog is deep enough to give every worker with room one,
-        jobs are sent ahead to wait on their worker for a slot (its prefetch)."""
+        free slot; then, while the backlog is deep enough (more jobs queued than a round of the
+        fleet's slots and the room ahead), jobs are sent ahead to wait on their worker for a
+        slot (its prefetch). Views are built only of the workers a pass can choose: with no
+        free slot and no room ahead, none (a wide fleet with a backlog wakes the scheduler on
+        every heartbeat and every job's end)."""
         if self._closing or not self._queues:
             return  # nothing to place: no views to build (a wide fleet frees a slot per job)
-        if self._full():
+        members = self.membership.snapshot()
+        now = time.monotonic()
+        next_retry: float | None = None
+        ready = [w for w in members if w.ready]
+        free = [w for w in ready if self._has_free_slot(w)]
+        if free or not ready:  # (nobody ready: the full pass says why)
+            next_retry = self._place_round(self._rotated(self._views(free)), now, ahead=False)
+        else:
             for wid in self._queues:
                 self.waiting.setdefault(wid, "waiting for a free slot")
-            return
-        workers = self._views(free_only=True)
-        if workers:  # rotate, so ties between equal workers go round (one step per job placed,
-            # not per call: calls come in a fixed number per job, which would alias the turn)
-            turn = self._turn % len(workers)
-            workers = workers[turn:] + workers[:turn]
-        views = {v.name: v for v in workers}
-        now = time.monotonic()
-        next_retry = self._place_round(views, now, ahead=False)
-        if self._queues and any(v.ahead for v in views.values()):
-            later = self._place_round(views, now, ahead=True)
-            next_retry = min(next_retry, later) if next_retry is not None and later is not None else next_retry or later
+        queued = self.queued() if self._queues else 0
+        if queued >= len(ready) > 0:  # (the fleet has at least a slot per worker ready)
+            fleet = sum(w.slots() for w in ready)
+            room = [w for w in ready if self._has_room_ahead(w)] if queued >= fleet else []
+            if room and queued >= fleet + len(room):
+                later = self._place_round(self._rotated(self._views(room)), now, ahead=True, fleet=fleet)
+                next_retry = later if next_retry is None else next_retry if later is None else min(next_retry, later)
         if next_retry is not None:
             if self._timer is not None:
                 self._timer.cancel()
@@ -252,7 +257,7 @@ class Dispatcher:
                 max(0.0, next_retry - time.monotonic()), self.wake
             )
 
-    def _place_round(self, views: dict[str, WorkerView], now: float, ahead: bool) -> float | None:
+    def _place_round(self, views: dict[str, WorkerView], now: float, ahead: bool, fleet: int = 0) -> float | None:
         """Place head jobs until none fits (``ahead``: in the room workers have beyond their
         slots, and only while more jobs are queued than a whole round of the fleet's slots and
         that room: the jobs of a workload's last round are never sent ahead, so none of them
@@ -261,10 +266,9 @@ class Dispatcher:
         everyone: list[WorkerView] | None = None  # every member's view, to say why nobody fits
         next_retry: float | None = None
         blocked: set[str] = set()
-        fleet = sum(w.slots() for w in self.membership.snapshot() if w.ready) if ahead else 0
+        rooms = len(views)  # (ahead: the workers with room left)
         while True:
-            if ahead and self.queued() < fleet + sum(1 for v in views.values()
-                                                     if v.ready and v.capacity <= v.in_flight < v.capacity + v.ahead):
+            if ahead and self.queued() < fleet + rooms:
                 break
             progressed = False
             for wid in list(self._queues):
@@ -298,6 +302,8 @@ class Dispatcher:
                 views[name] = WorkerView(**{**v.__dict__, "in_flight": v.in_flight + 1})
                 if v.in_flight >= v.capacity:
                     self.stats.sent_ahead += 1
+                    if v.in_flight + 1 >= v.capacity + v.ahead:
+                        rooms -= 1
                 self.spawn(self._dispatch(job, name, ahead=v.in_flight >= v.capacity))
                 progressed = True
                 break  # restart the round from the (rotated) front
