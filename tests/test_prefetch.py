@@ -66,3 +66,21 @@ def test_a_draining_worker_gives_its_waiting_job_back_at_once(make_system):
     # The job that waited went elsewhere as the drain began, not once the running one ended.
     assert running["worker"] == "leaving" and waiting["worker"] == "staying"
     assert waiting["dispatched_at"] < running["finished_at"], jobs
+
+
+def test_a_worker_killed_with_a_job_running_and_one_waiting_loses_neither(make_system):
+    system = make_system("--hedge", "off")
+    token = system.start_workers({"doomed": ("--capacity", "1", *slow(5000))})
+    wid = workload(system.url, token)
+    frames = {i: frame_png(i, 48, 32) for i in range(3)}
+    push(system, token, wid, frames)
+    wait_until(lambda: worker_entry(system, token, "doomed")["running_jobs"] == 2, 30,
+               "a job waiting on the worker beside the one it runs", interval=0.02)
+    system.start_workers({"survivor": ()})
+    doomed = system.workers.pop("doomed")
+    doomed.kill()  # SIGKILL: nothing said, both its jobs must come back
+    doomed.wait(10)
+    wait_completed(system.url, token, wid, timeout=60)
+    check_filtered(system, token, wid, frames)
+    jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
+    assert all(j["state"] == "done" and j["worker"] == "survivor" for j in jobs), jobs
