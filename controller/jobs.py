@@ -217,7 +217,8 @@ class JobLifecycle:
         ``files``: the result's file, written just before (see :meth:`enqueue`)."""
         # Not waiting for the disk: a result lost with a crash (its row or its file) is made
         # again from its original (its job is still dispatched, or redo_lost_results finds it).
-        script = jobrows.record_result(workload_id, image_id, fmt, size, time.time(), timing)
+        record = jobrows.record_result_at_once if self.store.modifying_ctes else jobrows.record_result
+        script = record(workload_id, image_id, fmt, size, time.time(), timing)
         if files:
             return await self.store.write_with_files(script, files, durable=False)
         return await self.store.write(script, durable=False)

@@ -29,6 +29,9 @@ class Datastore(Protocol):
     #: the join token), take image ids from its counters, and one of them schedules, by a lease
     #: (it is then a :class:`SharedDatastore`).
     shared: bool
+    #: Whether its SQL can modify rows inside a ``WITH`` (PostgreSQL): a transition of several
+    #: statements can then be one (one round trip), e.g. :func:`storage.jobrows.record_result_at_once`.
+    modifying_ctes: bool
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...

@@ -83,6 +83,30 @@ def record_result(workload_id: str, image_id: int, fmt: str, size: int, now: flo
 
 
 @one_statement
+def record_result_at_once(workload_id: str, image_id: int, fmt: str, size: int, now: float,
+                          timing: Sequence | None) -> Script[str]:
+    """:func:`record_result` in one statement, for an engine whose ``WITH`` may modify rows
+    (PostgreSQL): the job's row, then the image's (the same order, the same triggers), and
+    whether the workload is still there, in one round trip instead of four (a lazy
+    transaction's BEGIN and COMMIT, and its two statements)."""
+    done = JobState.DONE.value
+    sets = "state = ?, finished_at = ?, error = NULL"
+    if timing is not None:
+        sets += ", worker = ?, download_ms = ?, process_ms = ?, upload_ms = ?"
+    marked, inserted, exists = (yield q(
+        f"WITH j AS (UPDATE jobs SET {sets} WHERE workload_id = ? AND image_id = ? AND state <> ? RETURNING 1),"
+        " i AS (INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
+        " SELECT CAST(? AS TEXT), CAST(? AS INTEGER), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT),"
+        " CAST(? AS DOUBLE PRECISION) FROM j ON CONFLICT DO NOTHING RETURNING 1)"
+        " SELECT (SELECT COUNT(*) FROM j), (SELECT COUNT(*) FROM i), EXISTS (SELECT 1 FROM workloads WHERE id = ?)",
+        done, now, *(timing or ()), workload_id, image_id, done,
+        workload_id, image_id, ImageType.FILTERED.value, fmt, size, now, workload_id)).one()
+    if marked != 1:
+        return DUPLICATE if exists else GONE
+    return RECORDED if inserted == 1 else DUPLICATE
+
+
+@one_statement
 def record_timing(job_id: int, worker: str, download_ms: float, process_ms: float, upload_ms: float) -> Script[bool]:
     return (yield from statement("UPDATE jobs SET worker = ?, download_ms = ?, process_ms = ?, upload_ms = ?"
                                  " WHERE id = ?", worker, download_ms, process_ms, upload_ms, job_id))

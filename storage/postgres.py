@@ -134,6 +134,7 @@ class PostgresDatastore(SqlDatastore):
     """The datastore on a PostgreSQL database (``postgresql://USER[:PW]@HOST:PORT/DB``)."""
 
     shared = True  # other servers may write to it too
+    modifying_ctes = True
 
     def __init__(self, url: str, pool_size: int = 10, timeout: float = 10.0) -> None:
         self.url = url

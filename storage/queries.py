@@ -77,6 +77,8 @@ class SqlDatastore(abc.ABC):
     """Users, tokens, workloads, images, jobs and workers in SQL; an engine subclass provides
     :meth:`read`, :meth:`write` (and opening, closing, its schema)."""
 
+    modifying_ctes = False  # (see storage.datastore.Datastore)
+
     @abc.abstractmethod
     async def read(self, script: Script[T]) -> T:
         """Run a read-only ``script``: it sees committed data, consistently."""

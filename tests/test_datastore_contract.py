@@ -379,15 +379,20 @@ async def test_a_result_is_recorded_once_and_one_of_a_deleted_workload_says_gone
     from storage import jobrows
 
     jobs = JobLifecycle(store)
-    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
-    job = await jobs.enqueue(w, 0, "PNG", 10)
-    await jobs.dispatch(job, "w1", 60)
-    timing = ("w1", 1.0, 2.0, 3.0)
-    assert await store.write(jobrows.record_result(w.id, 0, "PNG", 7, 1.0, timing)) == jobrows.RECORDED
-    assert await store.write(jobrows.record_result(w.id, 0, "PNG", 8, 2.0, None)) == jobrows.DUPLICATE
-    assert await job_state(store, w.id, 0) == ("done", 1)
-    assert (await store.workload_view(w)).filtered_images == [0]
-    other = await store.create_workload("v", "alice", Filter.GRAYSCALE, ())
-    await jobs.enqueue(other, 0, "PNG", 10)
-    assert await store.delete_workload(other.id) is not None
-    assert await store.write(jobrows.record_result(other.id, 0, "PNG", 7, 1.0, timing)) == jobrows.GONE
+    # Every form the engine runs: the statements one by one, and (PostgreSQL) all in one.
+    forms = [jobrows.record_result] + ([jobrows.record_result_at_once] if store.modifying_ctes else [])
+    for n, record in enumerate(forms):
+        w = await store.create_workload(f"w{n}", "alice", Filter.GRAYSCALE, ())
+        job = await jobs.enqueue(w, 0, "PNG", 10)
+        await jobs.dispatch(job, "w1", 60)
+        timing = ("w1", 1.0, 2.0, 3.0)
+        assert await store.write(record(w.id, 0, "PNG", 7, 1.0, timing), durable=False) == jobrows.RECORDED
+        assert await store.write(record(w.id, 0, "PNG", 8, 2.0, None), durable=False) == jobrows.DUPLICATE
+        assert await job_state(store, w.id, 0) == ("done", 1)
+        view = await store.workload_view(w)
+        assert view.filtered_images == [0] and view.image_count == 1 and view.running_jobs == 0
+        assert (await store.job_timings(w.id))[0]["worker"] == "w1"
+        other = await store.create_workload(f"v{n}", "alice", Filter.GRAYSCALE, ())
+        await jobs.enqueue(other, 0, "PNG", 10)
+        assert await store.delete_workload(other.id) is not None
+        assert await store.write(record(other.id, 0, "PNG", 7, 1.0, timing), durable=False) == jobrows.GONE
