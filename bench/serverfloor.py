@@ -244,7 +244,7 @@ def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: i
     with tempfile.TemporaryDirectory() as root:
         sink = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--sink", str(sink_port),
                                  "--result-bytes", str(result_bytes)])
-        time.sleep(0.3)  # (the sink listens before the server connects to it)
+        _wait_listening(sink_port, sink)  # (the server connects to it as it starts)
         server = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--serve", "lean", "--port", str(port),
                                    "--root", root, "--echo-port", str(sink_port), "--view-ids", str(view_ids)])
         try:
@@ -278,6 +278,18 @@ def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: i
             for child in (server, sink):
                 child.terminate()
                 child.wait(10)
+
+
+def _wait_listening(port: int, child: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or child.poll() is not None:
+                raise RuntimeError("the floor's stand-in worker did not start") from None
+            time.sleep(0.05)
 
 
 def _wait_up(url: str, server: subprocess.Popen) -> None:
