@@ -85,7 +85,8 @@ SCHEMAS: dict[str, Any] = {
             "gpu": {"type": "object", "required": ["count"], "properties": {
                 "count": {"type": "integer"}, "utilization_percent": {"type": "number"},
                 "memory_percent": {"type": "number"}}},
-            "running_jobs": {"type": "integer", "description": "its jobs running or waiting there for a slot"},
+            "running_jobs": {"type": "integer", "description": "its jobs running now (at most its capacity)"},
+            "waiting_jobs": {"type": "integer", "description": "jobs sent ahead, waiting there for a slot"},
             "capacity": {"type": "integer"},
             "prefetch": {"type": "integer", "description": "jobs it takes beyond capacity, to start as others end"},
             "jobs_done": {"type": "integer"},

@@ -419,6 +419,7 @@ class Membership:
         info.memory_percent = hb.memory_percent
         info.gpu = hb.gpu
         info.running_jobs = hb.running_jobs
+        info.waiting_jobs = hb.waiting_jobs
         info.capacity = hb.capacity
         info.prefetch = hb.prefetch
         info.jobs_done = hb.jobs_done

@@ -47,6 +47,7 @@ class WorkerInfo:
     memory_percent: float = 0.0
     gpu: wire.Gpu = field(default_factory=wire.Gpu)
     running_jobs: int = 0
+    waiting_jobs: int = 0  # sent ahead, waiting there for a slot
     capacity: int = 0
     prefetch: int = 0  # jobs it takes beyond its capacity, waiting there for a slot
     jobs_done: int = 0
@@ -127,6 +128,7 @@ class WorkerInfo:
                 "memory_percent": self.gpu.memory_percent,
             },
             "running_jobs": self.running_jobs,
+            "waiting_jobs": self.waiting_jobs,
             "capacity": self.capacity,
             "prefetch": self.prefetch,
             "jobs_done": self.jobs_done,

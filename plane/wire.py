@@ -109,7 +109,8 @@ class Heartbeat:
     cpu_percent: float = percent()
     memory_percent: float = percent()
     gpu: Gpu = field(default_factory=Gpu)
-    running_jobs: int = number(0, hi=100_000)
+    running_jobs: int = number(0, hi=100_000)  # started (holding a slot)
+    waiting_jobs: int = number(0, hi=100_000)  # sent ahead, waiting there for a slot
     capacity: int = number(0, hi=4096)
     prefetch: int = number(0, hi=4096)  # jobs it takes beyond capacity, waiting for a slot
     jobs_done: int = number(0)

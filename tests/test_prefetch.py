@@ -20,9 +20,15 @@ def test_a_workers_next_job_waits_there_and_starts_as_one_ends(make_system):
     frames = {i: frame_png(i, 48, 32) for i in range(6)}
     push(system, token, wid, frames)
     # One job running, one sent ahead waiting there for the slot (the rest at the server).
-    wait_until(lambda: worker_entry(system, token, "one")["running_jobs"] == 2, 30,
-               "a job waiting on the worker beside the one it runs", interval=0.02)
+    seen = []
+
+    def waiting() -> bool:
+        seen.append(worker_entry(system, token, "one"))
+        return seen[-1]["waiting_jobs"] == 1 and seen[-1]["running_jobs"] == 1
+
+    wait_until(waiting, 30, "a job waiting on the worker beside the one it runs", interval=0.02)
     wait_completed(system.url, token, wid, timeout=60)
+    assert all(w["running_jobs"] <= w["capacity"] for w in seen), seen  # running means running
     check_filtered(system, token, wid, frames)
     assert system.get("/status", token)["scheduler"]["sent_ahead"] >= 1
     jobs = ref.get_json(system.url, token, f"/workloads/{wid}/jobs")
@@ -38,7 +44,8 @@ def test_without_prefetch_a_worker_holds_only_what_it_runs(make_system):
     seen = set()
 
     def done() -> bool:
-        seen.add(worker_entry(system, token, "one")["running_jobs"])
+        w = worker_entry(system, token, "one")
+        seen.add(w["running_jobs"] + w["waiting_jobs"])
         return ref.get_json(system.url, token, f"/workloads/{wid}")["status"] == "completed"
 
     wait_until(done, 60, "the workload to complete", interval=0.02)
@@ -52,7 +59,7 @@ def test_a_draining_worker_gives_its_waiting_job_back_at_once(make_system):
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 48, 32) for i in range(3)}
     push(system, token, wid, frames)
-    wait_until(lambda: worker_entry(system, token, "leaving")["running_jobs"] == 2, 30,
+    wait_until(lambda: worker_entry(system, token, "leaving")["waiting_jobs"] == 1, 30,
                "a job waiting on the worker", interval=0.02)
     system.start_workers({"staying": ()})
     assert system.stop_worker("leaving") == 0  # drains: finishes the job it runs, gives back the other
@@ -74,7 +81,7 @@ def test_a_worker_killed_with_a_job_running_and_one_waiting_loses_neither(make_s
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 48, 32) for i in range(3)}
     push(system, token, wid, frames)
-    wait_until(lambda: worker_entry(system, token, "doomed")["running_jobs"] == 2, 30,
+    wait_until(lambda: worker_entry(system, token, "doomed")["waiting_jobs"] == 1, 30,
                "a job waiting on the worker beside the one it runs", interval=0.02)
     system.start_workers({"survivor": ()})
     doomed = system.workers.pop("doomed")
