@@ -71,24 +71,10 @@ def _serve(port: int, mode: str, root: Path, echo_port: int = 0) -> None:
 
     pool = ThreadPoolExecutor(1)  # one writer thread, as DPIP's
     counter = iter(range(10**9))
+    dir_fd = os.open(root, os.O_RDONLY)
 
     def store(data: bytes, n: int, durable: bool) -> None:
-        # Straight to its name (no temporary, no rename), in pieces: as DPIP's group writer.
-        fd = os.open(root / f"{n}.png", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view[:PIECE]):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if durable:
-            fd = os.open(root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        _write(root / f"{n}.png", [data], durable, dir_fd)
 
     async def upload(request: web.Request) -> web.Response:
         if mode == "read":
@@ -164,18 +150,7 @@ def _serve_lean(port: int, root: Path, sink_port: int, view_ids: int) -> None:
             "filtered_images": list(range(view_ids)), "failed_images": []}
 
     def store(chunks: list[bytes], durable: bool) -> None:
-        fd = os.open(root / f"{next(counter)}.png", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            for chunk in chunks:
-                piece = memoryview(chunk)
-                while piece:
-                    piece = piece[os.write(fd, piece[:PIECE]):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if durable:
-            os.fsync(dir_fd)
+        _write(root / f"{next(counter)}.png", chunks, durable, dir_fd)
 
     spent = {"durable write": 0.0, "send to the worker": 0.0, "result written": 0.0}  # CPU seconds
 
@@ -252,20 +227,10 @@ def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: i
             _wait_up(url + "/view", server)
             bodies = [multipart({"workload_id": "w", "type": "original"}, "data", f"{i}.png",
                                 frames[i % len(frames)]) for i in range(uploads + 20)]
-
-            def push(part: list[tuple[bytes, str]]) -> None:
-                with requests.Session() as session:
-                    for body, ctype in part:
-                        session.post(url + "/images", data=body, headers={"Content-Type": ctype}).raise_for_status()
-
-            def run(batch: list[tuple[bytes, str]]) -> None:
-                with ThreadPoolExecutor(clients) as threads:
-                    list(threads.map(push, [batch[i::clients] for i in range(clients)]))
-
-            run(bodies[:20])
+            _push(url + "/images", bodies[:20], clients)
             before = process_cpu(server.pid)
             steps0 = requests.get(url + "/spent").json()
-            run(bodies[20:])
+            _push(url + "/images", bodies[20:], clients)
             upload_ms = 1000 * (process_cpu(server.pid) - before).total / uploads
             steps = {k: 1000 * (v - steps0[k]) / uploads for k, v in requests.get(url + "/spent").json().items()}
             with requests.Session() as session:
@@ -278,6 +243,35 @@ def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: i
             for child in (server, sink):
                 child.terminate()
                 child.wait(10)
+
+
+def _write(path: Path, chunks: list[bytes], durable: bool, dir_fd: int) -> None:
+    """Straight to its name (no temporary, no rename), in pieces: as DPIP's group writer;
+    ``durable``: synced, and its directory (``dir_fd``) too."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in chunks:
+            piece = memoryview(chunk)
+            while piece:
+                piece = piece[os.write(fd, piece[:PIECE]):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if durable:
+        os.fsync(dir_fd)
+
+
+def _push(url: str, bodies: list[tuple[bytes, str]], clients: int) -> None:
+    """POST every multipart body to ``url`` from ``clients`` plain ``requests`` threads."""
+    def push(part: list[tuple[bytes, str]]) -> None:
+        with requests.Session() as session:
+            for body, ctype in part:
+                session.post(url, data=body, headers={"Content-Type": ctype,
+                                                      "Authorization": "Bearer x"}).raise_for_status()
+
+    with ThreadPoolExecutor(clients) as threads:
+        list(threads.map(push, [bodies[i::clients] for i in range(clients)]))
 
 
 def _wait_listening(port: int, child: subprocess.Popen) -> None:
@@ -319,32 +313,13 @@ def measure(mode: str, images: int, clients: int, frames: list[bytes]) -> float:
                                    "--port", str(port), "--root", root, "--echo-port", str(echo_port)])
         try:
             url = f"http://127.0.0.1:{port}/images"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    requests.get(url, timeout=1)
-                    break
-                except requests.ConnectionError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError(f"the {mode} server did not start")
-                    time.sleep(0.05)
+            _wait_up(url, server)
             bodies = [multipart({"workload_id": "w", "type": "original"}, "data", f"{i}.png",
                                 frames[i % len(frames)] if frames else frame_png(i, 64, 64))
                       for i in range(images + 100)]
-
-            def push(part: list[tuple[bytes, str]]) -> None:
-                with requests.Session() as session:
-                    for body, ctype in part:
-                        session.post(url, data=body, headers={"Content-Type": ctype,
-                                                              "Authorization": "Bearer x"}).raise_for_status()
-
-            def run(batch: list[tuple[bytes, str]]) -> None:
-                with ThreadPoolExecutor(clients) as threads:
-                    list(threads.map(push, [batch[i::clients] for i in range(clients)]))
-
-            run(bodies[:100])  # warm up
+            _push(url, bodies[:100], clients)  # warm up
             before = process_cpu(server.pid)
-            run(bodies[100:])
+            _push(url, bodies[100:], clients)
             spent = process_cpu(server.pid) - before
             return 1000 * spent.total / images
         finally:
