@@ -10,7 +10,9 @@ each with one worker per core, timed from the first upload until the workload is
 and the image bytes the servers relayed for jobs (``dpip_job_image_bytes`` in each server's
 ``/metrics``: originals sent to workers, results received from them), which an object store
 should bring to about none. The control cost: tiny PNGs uploaded to the standby only, the
-scheduling server's CPU per job and the standby's per upload. Then the takeover: the scheduling server is killed (-9) a few
+scheduling server's CPU per job and the standby's per upload, and beside it, at the same rate of
+jobs, the floor under it (:mod:`bench.controlfloor`: a bare scheduler on the same PostgreSQL
+doing per job only what no scheduling server can leave out). Then the takeover: the scheduling server is killed (-9) a few
 times while a workload runs, and the time until the standby schedules is measured.
 
     .venv/bin/python scripts/bench_cluster.py [--frames 120] [--clients 4] [--takeovers 3]
@@ -29,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.clients import requests_push, watch
+from bench.controlfloor import control_floor
 from bench.table import Row, table
 from harness import refclient as ref
 from harness.engines import EngineUnavailable, Postgres, SeaweedS3
@@ -204,6 +207,9 @@ def main() -> int:
             say(f"the control cost: {a.tiny} tiny PNGs to the standby only, {cores} workers:"
                 f" the leader's CPU {control[0]:.2f} ms per job (ceiling {1000 / control[0]:.0f} jobs/s per"
                 f" scheduling core), the standby's {control[1]:.2f} ms per upload; {control[2]:.0f} img/s end to end")
+            floor = control_floor(pg.new_database("control-floor"), a.tiny, control[2], tmp)
+            say(f"the control floor: a bare scheduler (NOTIFY heard, job sent, reply read, one UPDATE) at the"
+                f" same {floor.rate:.0f} jobs/s: {floor.ms_per_job:.2f} ms CPU per job")
             takeovers = run_takeovers(Path(tmp), pg, s3, a.takeovers, cores) if a.takeovers else []
         finally:
             s3.close()
@@ -217,6 +223,9 @@ def main() -> int:
         Row("the control cost: the scheduling server's CPU per job (uploads to the standby)", control[0], "ms",
             CONTROL_MS_PER_JOB, False, f"ceiling {1000 / control[0]:.0f} jobs/s per scheduling core; the standby"
             f" {control[1]:.2f} ms per upload; {control[2]:.0f} img/s"),
+        Row("control floor: a bare scheduler's CPU per job at the same rate (same run)", floor.ms_per_job, "ms",
+            None, False, f"{floor.ms_per_job:.2f} ms at {floor.rate:.0f} jobs/s; the <= {CONTROL_MS_PER_JOB:g} ms target"
+            f" {'is under this floor' if floor.ms_per_job > CONTROL_MS_PER_JOB else 'is above it'}"),
     ]
     if takeovers:
         rows.append(Row("takeover after kill -9 of the leader, worst", max(takeovers), "s", TAKEOVER_S, False,

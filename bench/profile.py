@@ -71,6 +71,8 @@ def main() -> int:
     p.add_argument("--top", type=int, default=45)
     p.add_argument("--out", default="/tmp/dpip-profile")
     p.add_argument("--server-args", default="", help="extra server flags, e.g. '--no-fsync'")
+    p.add_argument("--native", action="store_true",
+                   help="C frames too (uvloop, libc; py-spy then pauses the server to sample it)")
     p.add_argument("--no-spy", action="store_true", help="only the CPU figures (py-spy costs the server some)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", default="", help="fold only the stacks through this text (main.py: the event loop)")
@@ -94,7 +96,7 @@ def main() -> int:
         assert system.server is not None
         raw = out / "server.txt"
         recorder = subprocess.Popen(["true"]) if a.no_spy else subprocess.Popen([spy, "record", "--pid", str(system.server.pid), "--rate", "250",
-                                     "--threads", "--format", "raw", "--output", str(raw), "--nonblocking"],
+                                     "--threads", "--format", "raw", "--output", str(raw)] + (["--native"] if a.native else ["--nonblocking"]),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         tids0 = _per_thread(system.server.pid)
         meter = CpuMeter(system.server.pid, [p.pid for p in system.workers.values()]).start()
