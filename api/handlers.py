@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -16,6 +17,7 @@ from api.keys import (
     CLAIMS,
     IMAGES,
     JOB_CLAIMS,
+    JOBS,
     LOGIN_LIMITS,
     MEMBERSHIP,
     SCHEDULER,
@@ -73,6 +75,9 @@ def requires(*scopes: str) -> Callable[[Handler], Handler]:
 
 def _workload_json(request: web.Request, view: WorkloadView) -> dict:
     w = view.workload
+    if JOBS in request.app and (unwritten := request.app[JOBS].running_unwritten(w.id)):
+        # jobs this server sent whose dispatch is counted only with their result (dispatch_later)
+        view = dataclasses.replace(view, running_jobs=view.running_jobs + unwritten)
     return {**view.to_json(request.app[SCHEDULER].waiting.get(w.id)), "steps": pipeline.steps_json(w.filter.value, w.params)}
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -212,11 +213,17 @@ class Floor:
 
 
 def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: int,
-               uploads: int = 200, gets: int = 500) -> Floor:
+               uploads: int = 200, gets: int = 500, scratch: Path | None = None) -> Floor:
     """The lean floor per upload of ``frames`` (server CPU ms, by step) and per ``GET`` of a
-    view of ``view_ids`` ids, each measured alone."""
+    view of ``view_ids`` ids, each measured alone. Its files go into ``scratch`` if given (a
+    caller measuring more afterwards removes them at its end: on this machine's journal-less
+    ext4, creating files costs several times more for half a minute after many were deleted
+    nearby, as the allocator skips recently deleted inodes one by one), else a temporary
+    directory removed on return."""
     port, sink_port = _free_port(), _free_port()
-    with tempfile.TemporaryDirectory() as root:
+    if scratch is not None:
+        scratch.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() if scratch is None else contextlib.nullcontext(str(scratch)) as root:
         sink = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--sink", str(sink_port),
                                  "--result-bytes", str(result_bytes)])
         _wait_listening(sink_port, sink)  # (the server connects to it as it starts)

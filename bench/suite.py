@@ -205,7 +205,8 @@ def floor_720p(system: LocalSystem, big: Push, frames: list[bytes], clients: int
     CPU per frame: the floor under the 720p server-share row."""
     folder = system.data_dir / "images" / view_name(system, big.workload_id) / "filtered"
     sizes = [p.stat().st_size for p in folder.iterdir()]
-    lean = lean_floor(frames, clients, round(statistics.mean(sizes)), big.images)
+    lean = lean_floor(frames, clients, round(statistics.mean(sizes)), big.images,
+                      scratch=system.data_dir.parent / "lean-floor")  # (removed with the rest, at the end)
     per_frame = lean.upload_ms + lean.get_ms * big.polls / big.images
     row = Row("720p floor: lean server CPU / workers' CPU (same run)", per_frame / workers_ms, "", None, False,
               f"{per_frame:.1f} ms per frame; the <= {SERVER_SHARE_720P:g} target allows"

@@ -54,6 +54,24 @@ from storage.jobrows import GONE, RECORDED
 
 
 
+#: A dispatch is written once its job has run this long (seconds) without ending: a job that
+#: ends sooner has its dispatch counted by the statement that records its result (one write per
+#: job instead of two). Its row says ``queued`` meanwhile; a takeover requeues either.
+DISPATCH_WRITE_DELAY = 0.25
+
+
+@dataclasses.dataclass
+class _Sent:
+    """A dispatch not written yet (:meth:`JobLifecycle.dispatch_later`)."""
+
+    job_id: int
+    worker: str
+    at: float
+    deadline: float
+    timer: asyncio.TimerHandle | None = None
+    write: asyncio.Future[bool] | None = None  # once begun
+
+
 class Timing(NamedTuple):
     """Which copy of a job won, and where its time went."""
 
@@ -73,6 +91,12 @@ class JobTraffic:
     discarded: int = 0  # results another copy's beat (dropped)
 
 
+def _retrieved(write: asyncio.Future) -> None:
+    """A dispatch's write ended: its failure is the attempt's to hear (:meth:`JobLifecycle.dispatched`)."""
+    if not write.cancelled():
+        write.exception()
+
+
 class JobLifecycle:
     """Transitions of persisted jobs (see the module's diagram)."""
 
@@ -84,6 +108,9 @@ class JobLifecycle:
         self._gates: dict[str, aiorwlock.RWLock] = {}
         self._image_locks: dict[tuple[str, int], tuple[asyncio.Lock, int]] = {}  # -> (lock, holders and waiters)
         self._deleted: OrderedDict[str, float] = OrderedDict()  # workloads deleted here, recently
+        self._sent: dict[tuple[str, int], _Sent] = {}  # (workload, image) -> its job's dispatch, unwritten
+        self._started: OrderedDict[str, None] = OrderedDict()  # workloads whose first dispatch was written here
+        self._unwritten: dict[str, int] = {}  # workload -> its jobs running whose dispatch is not written
         #: what a worker declared it runs (set by the server: membership's view), by worker name;
         #: a result of a filter this server lacks is judged by its own worker's declaration
         self.declarations: Callable[[str], Mapping[str, Any] | None] = lambda worker: None
@@ -194,6 +221,94 @@ class JobLifecycle:
         changed = await self.store.write(jobrows.dispatch(job.id, worker, now, now + timeout), durable=False)
         return self.as_dispatched(job) if changed else None
 
+    def dispatch_later(self, job: Job, worker: str, timeout: float) -> Job:
+        """:meth:`dispatch`, written only if the job is still running ``DISPATCH_WRITE_DELAY``
+        later, or before another transition of it (:meth:`dispatched`); a job whose result is
+        recorded sooner has its dispatch counted in the same statement. The dispatched snapshot."""
+        now = time.time()
+        key = (job.workload_id, job.image_id)
+        self.forget_dispatch(job)  # (one attempt at a time: none should be left)
+        sent = self._sent[key] = _Sent(job.id, worker, now, now + timeout)
+        if job.workload_id in self._started:
+            sent.timer = asyncio.get_running_loop().call_later(DISPATCH_WRITE_DELAY, self._write_sent, key)
+            self._count(job.workload_id, 1)
+        else:  # a workload's first job here is written at once: it says "running" as it starts
+            self._started[job.workload_id] = None
+            while len(self._started) > 4096:
+                self._started.popitem(last=False)
+            self._write_sent(key)
+        return self.as_dispatched(job)
+
+    def _count(self, workload_id: str, n: int) -> None:
+        left = self._unwritten.get(workload_id, 0) + n
+        if left > 0:
+            self._unwritten[workload_id] = left
+        else:
+            self._unwritten.pop(workload_id, None)
+
+    def running_unwritten(self, workload_id: str) -> int:
+        """The workload's jobs running whose dispatch is not written yet: what its view adds to
+        the datastore's count of running jobs (on the server that schedules)."""
+        return self._unwritten.get(workload_id, 0)
+
+    def _write_sent(self, key: tuple[str, int]) -> None:
+        sent = self._sent.get(key)
+        if sent is not None and sent.write is None:
+            if sent.timer is not None:
+                self._count(key[0], -1)
+            sent.write = asyncio.ensure_future(self.store.write(
+                jobrows.dispatch(sent.job_id, sent.worker, sent.at, sent.deadline), durable=False))
+            sent.write.add_done_callback(_retrieved)
+
+    async def dispatched(self, job: Job) -> bool:
+        """The job's dispatch (:meth:`dispatch_later`) written, now if it was not yet: whether it
+        found the job queued (False: it had ended meanwhile). Before any other transition of a
+        job whose attempt did not end with a result."""
+        key = (job.workload_id, job.image_id)
+        sent = self._sent.get(key)
+        if sent is None:
+            return True  # counted with its result
+        self._write_sent(key)
+        try:
+            assert sent.write is not None
+            return await asyncio.shield(sent.write)
+        finally:
+            self.forget_dispatch(job)
+
+    def forget_dispatch(self, job: Job) -> None:
+        """Whatever is left of the job's dispatch once its attempt is over (a write begun goes on)."""
+        sent = self._sent.pop((job.workload_id, job.image_id), None)
+        if sent is not None and sent.timer is not None:
+            sent.timer.cancel()
+            if sent.write is None:
+                self._count(job.workload_id, -1)
+
+    def forget_dispatches(self) -> None:
+        """Every dispatch not written yet is dropped (this server stops scheduling: their jobs
+        are queued again by whoever schedules next, and no late write may mark them dispatched)."""
+        for sent in self._sent.values():
+            if sent.timer is not None:
+                sent.timer.cancel()
+        self._sent.clear()
+        self._unwritten.clear()
+
+    async def _unwritten_dispatch(self, workload_id: str, image_id: int) -> _Sent | None:
+        """For the statement recording the image's result: its job's dispatch if not written
+        (then it is counted there), else None once its write (if begun) has landed."""
+        key = (workload_id, image_id)
+        sent = self._sent.get(key)
+        if sent is None:
+            return None
+        if sent.write is None:
+            del self._sent[key]
+            if sent.timer is not None:
+                sent.timer.cancel()
+                self._count(workload_id, -1)
+            return sent
+        with contextlib.suppress(Exception):
+            await asyncio.shield(sent.write)  # (the result lands after it, as the order of transitions goes)
+        return None
+
     @staticmethod
     def as_dispatched(job: Job) -> Job:
         """The snapshot :meth:`dispatch` returns, for a caller that sends the job while the
@@ -218,10 +333,19 @@ class JobLifecycle:
         # Not waiting for the disk: a result lost with a crash (its row or its file) is made
         # again from its original (its job is still dispatched, or redo_lost_results finds it).
         record = jobrows.record_result_at_once if self.store.modifying_ctes else jobrows.record_result
-        script = record(workload_id, image_id, fmt, size, time.time(), timing)
-        if files:
-            return await self.store.write_with_files(script, files, durable=False)
-        return await self.store.write(script, durable=False)
+        sent = await self._unwritten_dispatch(workload_id, image_id)
+        script = record(workload_id, image_id, fmt, size, time.time(), timing,
+                        (sent.worker, sent.at, sent.deadline) if sent is not None else None)
+        try:
+            if files:
+                return await self.store.write_with_files(script, files, durable=False)
+            return await self.store.write(script, durable=False)
+        except BaseException:
+            if sent is not None and (workload_id, image_id) not in self._sent:  # not counted: the
+                self._sent[(workload_id, image_id)] = sent  # attempt's failure writes it (dispatched())
+                if sent.timer is not None:
+                    self._count(workload_id, 1)
+            raise
 
     async def has_result(self, job: Job) -> bool:
         """Whether the job's result is stored: what "done" means, whatever a worker says."""

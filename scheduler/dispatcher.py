@@ -101,6 +101,7 @@ class Dispatcher:
         self.membership.unsubscribe(on_change=self.wake, on_lost=self._on_lost)
         if self._timer is not None:
             self._timer.cancel()
+        self.jobs.forget_dispatches()  # (its jobs are queued again by whoever schedules next)
         await stop_tasks([t for t in (self._loop_task, *self._tasks) if t is not None])
 
     def submit(self, job: Job) -> None:
@@ -318,16 +319,14 @@ class Dispatcher:
         A job sent ``ahead`` waits on its worker for a slot: one copy, given twice the timeout
         (every job running there ends within one, so it starts within one)."""
         try:
-            # The job travels while its transition is written (one trip to SQLite, but behind
-            # the uploads' writes when they pour in): the write lock is first come, first
-            # served, so it lands before this attempt's result or retry does.
+            # The job travels at once; its transition is written only if it runs a while, else
+            # counted by the statement that records its result (dispatch_later).
             timeout = self.settings.job_timeout * (2 if ahead else 1)
-            recording = self.spawn(self.jobs.dispatch(job, primary, timeout))
-            job = self.jobs.as_dispatched(job)
+            job = self.jobs.dispatch_later(job, primary, timeout)
             t0 = time.monotonic()
             copies = await self.carrier.send(job, primary, ahead)
             outcome, failure = await self.carrier.first_success(copies)
-            if await recording is None and (outcome is None or outcome.result is None):
+            if (outcome is None or outcome.result is None) and not await self.jobs.dispatched(job):
                 self._settled(job)
                 return  # it had finished (or failed for good) meanwhile: nothing to retry
             for name, task in copies.items():
@@ -358,6 +357,7 @@ class Dispatcher:
             await self._attempt_failed(job, primary, Failure("internal error while dispatching"))
         finally:
             self.carrier.forget(job.id)
+            self.jobs.forget_dispatch(job)
             self.wake()
 
     def reserve_second(self, job: Job, primary: str) -> str | None:

@@ -53,23 +53,37 @@ def add_copy(job_id: int) -> Script[bool]:
     return (yield from statement("UPDATE jobs SET copies = copies + 1 WHERE id = ?", job_id))
 
 
+def _done_sets(now: float, timing: Sequence | None, dispatched: Sequence | None) -> tuple[str, tuple]:
+    """The ``SET`` of a job marked done, and its values: with the winning copy's ``timing``
+    (worker, download, process, upload), and with its dispatch (worker, time, deadline) when
+    that was not written before (:meth:`~controller.jobs.JobLifecycle.dispatch_later`)."""
+    sets, values = "state = ?, finished_at = ?, error = NULL", (JobState.DONE.value, now)
+    if dispatched is not None:  # (its worker, unless the winning copy's is named below)
+        worker, at, deadline = dispatched
+        sets += ", attempts = attempts + 1, copies = copies + 1, dispatched_at = ?, deadline = ?"
+        values += (at, deadline)
+        if timing is None:
+            sets += ", worker = ?"
+            values += (worker,)
+    if timing is not None:
+        sets += ", worker = ?, download_ms = ?, process_ms = ?, upload_ms = ?"
+        values += tuple(timing)
+    return sets, values
+
+
 def record_result(workload_id: str, image_id: int, fmt: str, size: int, now: float,
-                  timing: Sequence | None) -> Script[str]:
+                  timing: Sequence | None, dispatched: Sequence | None = None) -> Script[str]:
     """A result's row and its job done (whatever was decided meanwhile), with the winning copy's
-    ``timing`` (worker, download, process, upload) if known: RECORDED, DUPLICATE or GONE."""
+    ``timing`` (worker, download, process, upload) if known, and the job's ``dispatched``
+    (worker, time, deadline) if it was not written: RECORDED, DUPLICATE or GONE."""
     # The job's row first, then the image's (whose counters take the workload's row): the order
     # of every transition (a job's row, then its workload's), so that two never wait for each
     # other. PostgreSQL found the other order deadlocking with the job's dispatch, which is
     # written while the job travels. A job is done exactly when its result's row exists: the
     # first copy to mark it done is the one recorded.
-    done = JobState.DONE.value
-    if timing is None:
-        marked = (yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL WHERE workload_id = ?"
-                          " AND image_id = ? AND state <> ?", done, now, workload_id, image_id, done)).rowcount
-    else:
-        marked = (yield q("UPDATE jobs SET state = ?, finished_at = ?, error = NULL, worker = ?, download_ms = ?,"
-                          " process_ms = ?, upload_ms = ? WHERE workload_id = ? AND image_id = ? AND state <> ?",
-                          done, now, *timing, workload_id, image_id, done)).rowcount
+    sets, values = _done_sets(now, timing, dispatched)
+    marked = (yield q(f"UPDATE jobs SET {sets} WHERE workload_id = ? AND image_id = ? AND state <> ?",
+                      *values, workload_id, image_id, JobState.DONE.value)).rowcount
     if marked != 1:  # (whether its workload is still there is asked only now: one statement
         # less on the common path, a round trip on PostgreSQL)
         if not (yield q("SELECT 1 FROM workloads WHERE id = ?", workload_id)).rows:
@@ -84,22 +98,19 @@ def record_result(workload_id: str, image_id: int, fmt: str, size: int, now: flo
 
 @one_statement
 def record_result_at_once(workload_id: str, image_id: int, fmt: str, size: int, now: float,
-                          timing: Sequence | None) -> Script[str]:
+                          timing: Sequence | None, dispatched: Sequence | None = None) -> Script[str]:
     """:func:`record_result` in one statement, for an engine whose ``WITH`` may modify rows
     (PostgreSQL): the job's row, then the image's (the same order, the same triggers), and
     whether the workload is still there, in one round trip instead of four (a lazy
     transaction's BEGIN and COMMIT, and its two statements)."""
-    done = JobState.DONE.value
-    sets = "state = ?, finished_at = ?, error = NULL"
-    if timing is not None:
-        sets += ", worker = ?, download_ms = ?, process_ms = ?, upload_ms = ?"
+    sets, values = _done_sets(now, timing, dispatched)
     marked, inserted, exists = (yield q(
         f"WITH j AS (UPDATE jobs SET {sets} WHERE workload_id = ? AND image_id = ? AND state <> ? RETURNING 1),"
         " i AS (INSERT INTO images(workload_id, image_id, type, format, size, created_at)"
         " SELECT CAST(? AS TEXT), CAST(? AS INTEGER), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT),"
         " CAST(? AS DOUBLE PRECISION) FROM j ON CONFLICT DO NOTHING RETURNING 1)"
         " SELECT (SELECT COUNT(*) FROM j), (SELECT COUNT(*) FROM i), EXISTS (SELECT 1 FROM workloads WHERE id = ?)",
-        done, now, *(timing or ()), workload_id, image_id, done,
+        *values, workload_id, image_id, JobState.DONE.value,
         workload_id, image_id, ImageType.FILTERED.value, fmt, size, now, workload_id)).one()
     if marked != 1:
         return DUPLICATE if exists else GONE

@@ -396,3 +396,63 @@ async def test_a_result_is_recorded_once_and_one_of_a_deleted_workload_says_gone
         await jobs.enqueue(other, 0, "PNG", 10)
         assert await store.delete_workload(other.id) is not None
         assert await store.write(record(other.id, 0, "PNG", 7, 1.0, timing), durable=False) == jobrows.GONE
+
+
+async def test_a_dispatch_not_written_is_counted_with_the_result(store):
+    """record_result with the job's unwritten dispatch: the job done, one attempt and one copy
+    counted, its dispatch time and deadline kept, its worker named (the winning copy's when
+    timed), on every form the engine runs."""
+    from storage import jobrows
+
+    forms = [jobrows.record_result] + ([jobrows.record_result_at_once] if store.modifying_ctes else [])
+    jobs = JobLifecycle(store)
+    for n, record in enumerate(forms):
+        for timing in (None, ("w2", 1.0, 2.0, 3.0)):
+            w = await store.create_workload(f"f{n}{timing is None}", "alice", Filter.GRAYSCALE, ())
+            await jobs.enqueue(w, 0, "PNG", 10)
+            script = record(w.id, 0, "PNG", 7, 5.0, timing, ("w1", 4.0, 64.0))
+            assert await store.write(script, durable=False) == jobrows.RECORDED
+            assert await job_state(store, w.id, 0) == ("done", 1)
+            row = (await store.job_timings(w.id))[0]
+            assert row["copies"] == 1 and row["dispatched_at"] == 4.0 and row["finished_at"] == 5.0
+            assert row["worker"] == ("w1" if timing is None else "w2")
+            assert (await store.workload_view(w)).filtered_images == [0]
+
+
+async def test_a_quick_job_has_one_write_and_a_slow_one_is_seen_dispatched(store):
+    """dispatch_later: a workload's first dispatch is written at once; then a job whose result
+    comes back at once is written once (its result's row counts its dispatch); one still running DISPATCH_WRITE_DELAY later is written
+    ``dispatched``; an attempt that failed writes its dispatch before its retry."""
+    jobs = JobLifecycle(store)
+    w = await store.create_workload("d", "alice", Filter.GRAYSCALE, ())
+    first, quick, slow, failing = [await jobs.enqueue(w, i, "PNG", 10) for i in (5, 0, 1, 2)]
+    jobs.dispatch_later(first, "w1", 60)  # a workload's first: written at once (it says "running")
+    await wait_for_state(store, w.id, 5, "dispatched")
+    assert (await store.workload_view(w)).status.value == "running"
+    jobs.dispatch_later(quick, "w1", 60)
+    assert await job_state(store, w.id, 0) == ("queued", 0)
+    assert jobs.running_unwritten(w.id) == 1  # (what the API adds to the row's running jobs)
+    assert await jobs.complete(w.id, 0, "PNG", 7)
+    assert await job_state(store, w.id, 0) == ("done", 1) and jobs.running_unwritten(w.id) == 0
+    jobs.dispatch_later(slow, "w1", 60)
+    await wait_for_state(store, w.id, 1, "dispatched")
+    assert jobs.running_unwritten(w.id) == 0
+    assert await jobs.complete(w.id, 1, "PNG", 7)
+    assert await job_state(store, w.id, 1) == ("done", 1)
+    dispatched = jobs.dispatch_later(failing, "w1", 60)
+    assert await jobs.dispatched(dispatched) and jobs.running_unwritten(w.id) == 0
+    assert await jobs.retry(dispatched, "worker lost") is not None
+    assert await job_state(store, w.id, 2) == ("queued", 1)
+    jobs.dispatch_later(await jobs.enqueue(w, 3, "PNG", 10), "w1", 60)
+    jobs.forget_dispatches()  # (stepping down: nothing written late)
+    jobs.dispatch_later(await jobs.enqueue(w, 4, "PNG", 10), "w1", 60)  # (its timer fires after the one dropped)
+    await wait_for_state(store, w.id, 4, "dispatched")
+    assert await job_state(store, w.id, 3) == ("queued", 0)
+
+
+async def wait_for_state(store: Datastore, workload_id: str, image_id: int, state: str) -> None:
+    for _ in range(500):
+        if (await job_state(store, workload_id, image_id))[0] == state:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"job of image {image_id} never {state}")

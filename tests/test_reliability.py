@@ -36,7 +36,10 @@ def test_kill_9_of_a_worker_mid_workload_loses_nothing(make_system):
     frames = {i: frame_png(i, 96, 64) for i in range(40)}
     push(system, token, wid, frames)
     wait_until(lambda: len(view(system.url, token, wid)["filtered_images"]) >= 8, 60, "8 results")
-    assert any(w == "a" and s == "dispatched" for _, s, _, w in job_rows(system, wid))
+    # a runs jobs (its own telemetry; a 150 ms job's dispatch is counted with its result, not
+    # written while it runs)
+    wait_until(lambda: next(w for w in ref.get_json(system.url, token, "/status")["workers"]
+                            if w["name"] == "a")["running_jobs"] > 0, 30, "a running jobs")
     system.workers["a"].kill()  # SIGKILL: no goodbye, jobs in flight on it are lost
     system.workers["a"].wait()
     wait_completed(system.url, token, wid)
@@ -125,8 +128,11 @@ def test_sigterm_drains_a_worker_then_it_leaves(make_system):
         return next(w for w in ref.get_json(system.url, token, "/status")["workers"]
                     if w["name"] == "a")["running_jobs"]
 
-    wait_until(lambda: a_running() == 2, 30, "two jobs running on worker a")
-    held_by_a = {i for i, s, _, w in job_rows(system, wid) if w == "a" and s == "dispatched"}
+    def held_by(name: str) -> set[int]:  # (a dispatch is written once its job has run 0.25 s)
+        return {i for i, s, _, w in job_rows(system, wid) if w == name and s == "dispatched"}
+
+    wait_until(lambda: a_running() == 2 and len(held_by("a")) >= 2, 30, "two jobs running on worker a")
+    held_by_a = held_by("a")
     assert system.stop_worker("a") == 0  # SIGTERM: finish what it runs, say goodbye, exit 0
     rows = {i: (s, n, w) for i, s, n, w in job_rows(system, wid)}
     finished_by_a = {i for i in held_by_a if rows[i] == ("done", 1, "a")}
