@@ -447,3 +447,25 @@ def test_a_presigned_url_is_good_for_one_second_to_seven_days():
     for bad in (0, 7 * 24 * 3600 + 1):
         with pytest.raises(ValueError):
             signer.url("GET", "b", "k", bad, Credentials("a", "s"))
+
+
+def test_a_tiny_job_through_built_in_filters_runs_on_the_worker_loop_within_a_small_budget():
+    """worker.service._inline: a small image through built-in filters runs on the loop; a large
+    one, or a pipeline over the inline budget (its first check refuses it before any work), goes
+    to a filter thread with the job's own limits, where it succeeds."""
+    from worker import service
+
+    tiny = png_bytes(64, 64)
+    job = wire.RunJob(1, "w", 0, "grayscale")
+    assert service._inline(tiny, job)
+    assert not service._inline(bytes(service.INLINE_BYTES + 1), job)
+    assert not service._inline(tiny, wire.RunJob(1, "w", 0, "no-such-filter"))
+    inline = service._inline_limits(service.pipeline.Limits())
+    assert inline == service.INLINE_LIMITS
+    out, fmt = process(tiny, "grayscale", None, EncodeOptions(), inline)
+    assert Image.open(io.BytesIO(out)).mode == "L" and fmt == "PNG"
+    grown = "resize(width=1000)"
+    with pytest.raises(FilterError):
+        process(tiny, grown, None, EncodeOptions(), inline)
+    out, _ = process(tiny, grown, None, EncodeOptions(), service.pipeline.Limits())
+    assert Image.open(io.BytesIO(out)).width == 1000

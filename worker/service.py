@@ -37,7 +37,7 @@ from plane.rpc import RpcServer
 from plane.stream import worker_context
 from plane.tls import WorkerTls, http_client_context, nng_url
 from worker import memory
-from worker.filters import FilterError, process, warm_up, warm_up_image
+from worker.filters import FilterError, process, steps_of, warm_up, warm_up_image
 from worker.gate import SlotGate
 from worker.link import ControllerLink, Refused, WorkerLink
 from worker.outbox import Outbox
@@ -46,6 +46,31 @@ from worker.ties import Ties, Untied
 from worker.settings import WorkerSettings, join_token_for, prefetch_of
 from worker.telemetry import Telemetry
 from worker.transfers import JobFailed, Transfers
+
+
+#: A job whose image is at most this many bytes, and whose pipeline fits INLINE_LIMITS, runs on
+#: the worker's loop instead of a filter thread: a 64x64 grayscale takes 0.18 ms there, 0.6-0.85 ms
+#: through the thread pool (waking an idle thread, and the loop again after it), measured here.
+INLINE_BYTES = 32 * 1024
+#: At most this many pixels in any step's image, and pixel-steps in all (64x64 through 4 steps):
+#: well under a millisecond of Pillow, so heartbeats and other jobs' I/O never wait on it.
+INLINE_LIMITS = pipeline.Limits(max_pixels=128 * 128, max_pixel_steps=4 * 64 * 64)
+
+
+def _inline(data: bytes, msg: wire.RunJob) -> bool:
+    """Whether the job may run on the loop: a small image through built-in filters only (a
+    plugin's cost need not follow its pixels)."""
+    if len(data) > INLINE_BYTES:
+        return False
+    try:
+        return all(spec.builtin for spec, _ in steps_of(msg.filter, msg.params))
+    except FilterError:
+        return False  # (said by the filter thread's run)
+
+
+def _inline_limits(limits: pipeline.Limits) -> pipeline.Limits:
+    return pipeline.Limits(min(limits.max_pixels, INLINE_LIMITS.max_pixels),
+                           min(limits.max_pixel_steps, INLINE_LIMITS.max_pixel_steps))
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +469,13 @@ class Worker:
     async def _filter(self, data: bytes, msg: wire.RunJob) -> tuple[bytes, str]:
         """The job's pipeline in a filter thread. Cancelled, the work is told to stop and this
         returns (raising CancelledError) only once it has: until then the job holds its slot,
-        so the worker never takes more work than it has threads for."""
+        so the worker never takes more work than it has threads for. A tiny job runs here, on
+        the loop, within a budget small enough not to hold it (see INLINE_LIMITS)."""
+        if _inline(data, msg):
+            try:
+                return process(data, msg.filter, msg.params, self.s.encode, _inline_limits(self.limits))
+            except FilterError:
+                pass  # more than the inline budget (or a real error): in a thread, within the job's limits
         stop = threading.Event()
         work = asyncio.get_running_loop().run_in_executor(
             self.executor, process, data, msg.filter, msg.params, self.s.encode, self.limits, stop)
