@@ -215,11 +215,12 @@ class Floor:
 def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: int,
                uploads: int = 200, gets: int = 500, scratch: Path | None = None) -> Floor:
     """The lean floor per upload of ``frames`` (server CPU ms, by step) and per ``GET`` of a
-    view of ``view_ids`` ids, each measured alone. Its files go into ``scratch`` if given (a
-    caller measuring more afterwards removes them at its end: on this machine's journal-less
+    view of ``view_ids`` ids, each measured alone. Its files go into ``scratch`` if given,
+    emptied on return and removed by the caller at its end (on this machine's journal-less
     ext4, creating files costs several times more for half a minute after many were deleted
-    nearby, as the allocator skips recently deleted inodes one by one), else a temporary
-    directory removed on return."""
+    nearby, as the allocator skips recently deleted inodes one by one; and hundreds of MB left
+    dirty would be written back under the next measurement), else a temporary directory
+    removed on return."""
     port, sink_port = _free_port(), _free_port()
     if scratch is not None:
         scratch.mkdir(parents=True)
@@ -250,6 +251,9 @@ def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: i
             for child in (server, sink):
                 child.terminate()
                 child.wait(10)
+            if scratch is not None:  # emptied now (their pages dropped, none written back under
+                for f in scratch.iterdir():  # the next measurement), unlinked at the caller's end
+                    os.truncate(f, 0)
 
 
 def _write(path: Path, chunks: list[bytes], durable: bool, dir_fd: int) -> None:
