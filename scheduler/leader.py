@@ -6,8 +6,8 @@ lease ``scheduler`` (TTL ``lease_ttl``, at most 3 s, renewed three times per TTL
 :class:`~scheduler.dispatcher.Dispatcher`: the first server to start takes it; the others try
 every sixth of a TTL, so one of them takes over within a TTL and a half of the leader's death.
 A new term starts by requeueing what was dispatched (by whoever led before) and then schedules
-what is queued; jobs enqueued by other servers reach it by notification (and a sweep every
-few seconds, in case one was missed). A leader that cannot renew before its lease would
+what is queued; jobs enqueued by other servers reach it by notification, which carries the
+job itself (a sweep every few seconds finds one that was missed). A leader that cannot renew before its lease would
 expire (by its own clock, with a margin) stops scheduling at once: two never schedule together.
 """
 
@@ -56,7 +56,7 @@ class LeadingScheduler:
         self._task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         self._listener: JobListener | None = None
-        self._heard: set[int] = set()
+        self._heard: set[int] = set()  # ids of jobs to read (their notification carried only that)
         self._heard_event = asyncio.Event()
         self._valid_until = 0.0  # monotonic: when our lease may have expired, with a margin
 
@@ -137,7 +137,12 @@ class LeadingScheduler:
 
     # -- jobs enqueued elsewhere --------------------------------------------------------------
 
-    def _heard_of(self, job_id: int) -> None:
+    def _heard_of(self, job_id: int, job: Job | None = None) -> None:
+        """A job another server enqueued: scheduled at once if the notification carried it
+        (called on the loop), else read by its id on the sweeper's next turn."""
+        if job is not None and self.current is not None:
+            self.current.submit(job)
+            return
         self._heard.add(job_id)
         self._heard_event.set()
 

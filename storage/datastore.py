@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
-from common.models import Filter, ImageType, Workload, WorkloadView
+from common.models import Filter, ImageType, Job, Workload, WorkloadView
 from storage.sql import Script
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class SharedDatastore(Datastore, Protocol):
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> int | None: ...
     async def release_lease(self, name: str, holder: str) -> None: ...
     async def lease_holder(self, name: str) -> str | None: ...
-    async def listen_jobs(self, on_job: Callable[[int], None]) -> JobListener: ...
+    async def listen_jobs(self, on_job: Callable[[int, Job | None], None]) -> JobListener: ...
 
 
 def as_shared(store: Datastore) -> SharedDatastore | None:

@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 from collections.abc import Callable
 from typing import TypeVar
 
 import asyncpg
 
-from common.models import Unavailable
-from storage import schema, sql
+from common.models import Job, Unavailable
+from storage import jobrows, schema, sql
 from storage.queries import SqlDatastore
 from storage.sql import Result, Script, Statement, UniqueViolation
 
@@ -32,8 +33,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Notified with a job's id whenever one is inserted (by any server).
+#: Notified whenever a job is inserted (by any server): its facts as a JSON array, or its id.
 JOBS_CHANNEL = "dpip_jobs"
+#: A notification carries a job's facts up to this many bytes (PostgreSQL's limit is 8000), else its id.
+NOTIFY_FACTS_BYTES = 7900
 SCHEMA_LOCK = 0x6470_6970  # "dpip": the advisory lock held while the schema is created
 SCHEMA_VERSION = 1
 
@@ -59,8 +62,20 @@ DROP TRIGGER IF EXISTS jobs_counted ON jobs;
 CREATE TRIGGER jobs_counted AFTER UPDATE OF state ON jobs FOR EACH ROW EXECUTE FUNCTION dpip_jobs_counted();
 
 CREATE OR REPLACE FUNCTION dpip_job_announced() RETURNS trigger AS $$
+DECLARE
+    facts text;
 BEGIN
-    PERFORM pg_notify('{JOBS_CHANNEL}', NEW.id::text);
+    -- the job as the scheduler reads it (jobrows.queued's columns), so that the server that
+    -- schedules needs no read of its own; only its id if that would not fit a notification
+    SELECT json_build_array(NEW.id, NEW.workload_id, NEW.image_id, NEW.attempts, w.filter, w.tags::text,
+                            i.size, w.params::text, w.dir, i.format, i.width, i.height, i.mode)::text
+      INTO facts
+      FROM workloads w JOIN images i ON i.workload_id = w.id AND i.image_id = NEW.image_id AND i.type = 'original'
+     WHERE w.id = NEW.workload_id AND NEW.state = 'queued';
+    IF facts IS NULL OR octet_length(facts) > {NOTIFY_FACTS_BYTES} THEN
+        facts := NEW.id::text;
+    END IF;
+    PERFORM pg_notify('{JOBS_CHANNEL}', facts);
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
 DROP TRIGGER IF EXISTS job_announced ON jobs;
@@ -247,17 +262,33 @@ class PostgresDatastore(SqlDatastore):
         """Changes whenever users or revocations change, from any server."""
         return await self.read(_auth_version())
 
-    async def listen_jobs(self, on_job: Callable[[int], None]) -> _Listener:
-        """Call ``on_job(id)`` for each job inserted from now on, until the listener is closed.
-        The connection is dedicated (a pooled one would be handed to others)."""
+    async def listen_jobs(self, on_job: Callable[[int, Job | None], None]) -> _Listener:
+        """Call ``on_job(id, job)`` for each job inserted from now on, until the listener is
+        closed: ``job`` as the notification carried it (None: read it by its id). The connection
+        is dedicated (a pooled one would be handed to others)."""
         conn = await asyncpg.connect(self.url, timeout=self.timeout)
 
         def notified(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            if payload.isdigit():
-                on_job(int(payload))
+            heard = announced(payload)
+            if heard is not None:
+                on_job(*heard)
 
         await conn.add_listener(JOBS_CHANNEL, notified)
         return _Listener(conn)
+
+
+def announced(payload: str) -> tuple[int, Job | None] | None:
+    """A ``dpip_jobs`` notification: (the job's id, the job if it came whole), or None if it
+    says nothing usable (the sweep for queued jobs finds whatever such a one was about)."""
+    if payload.isdigit():
+        return int(payload), None
+    try:
+        row = json.loads(payload)
+        if not (isinstance(row, list) and len(row) == 13 and isinstance(row[0], int) and row[0] >= 0):
+            return None
+        return row[0], jobrows.job_of(row)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        return None
 
 
 class _Listener:

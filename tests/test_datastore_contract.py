@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.models import Conflict, Filter, ImageType, JobState, NotFound
+from common.models import Conflict, Filter, ImageType, Job, JobState, NotFound
 from controller.jobs import JobLifecycle
 from storage.datastore import Datastore
 from storage.sql import Script, q
@@ -456,3 +456,39 @@ async def wait_for_state(store: Datastore, workload_id: str, image_id: int, stat
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"job of image {image_id} never {state}")
+
+
+async def test_a_job_inserted_on_postgresql_is_announced_whole(request, tmp_path):
+    """The notification of a job another server enqueued carries the job as the scheduler reads
+    it (no read of its own); one too large to carry says its id; anything else is ignored."""
+    import json
+
+    from storage import jobrows
+    from storage.postgres import announced
+
+    store = _postgres(request, tmp_path)
+    await store.open()
+    heard: list[tuple[int, Job | None]] = []
+    got = asyncio.Event()
+    try:
+        listener = await store.listen_jobs(lambda job_id, job: heard.append((job_id, job)) or got.set())
+        jobs = JobLifecycle(store)
+        w = await store.create_workload("n", "alice", Filter.GRAYSCALE, ("gpu",))
+        job = await jobs.enqueue(w, 3, "PNG", 10, (64, 48, "RGB"))
+        await asyncio.wait_for(got.wait(), 10)
+        (job_id, whole), = heard
+        assert job_id == job.id and whole is not None
+        (read,) = await store.read(jobrows.queued((job.id,)))
+        assert whole == jobrows.job_of(read)  # what the scheduler would have read
+        assert whole.original == ("PNG", 64, 48, "RGB") and whole.tags == w.tags
+        big = await store.create_workload("b", "alice", Filter.GRAYSCALE, (), params={"note": "x" * 8000})
+        got.clear()
+        large = await jobs.enqueue(big, 0, "PNG", 10)
+        await asyncio.wait_for(got.wait(), 10)
+        assert heard[-1] == (large.id, None)  # (read by its id)
+        await listener.close()
+    finally:
+        await store.close()
+    assert announced("42") == (42, None)
+    for junk in ("", "x", "[1, 2]", '{"id": 1}', json.dumps([-1] + [None] * 12), "[" * 5000):
+        assert announced(junk) is None, junk
