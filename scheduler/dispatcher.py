@@ -56,6 +56,9 @@ class Pending:
     final_by: set[str] = field(default_factory=set)  # workers that said no attempt can help
 
 
+#: How many settled jobs a scheduler remembers, so that a late notification of one is ignored.
+GONE_KEPT = 65_536
+
 class Dispatcher:
     """The scheduling of one term of leadership (:class:`scheduler.leader.LeadingScheduler`
     runs one while this server leads): owns the queue and the jobs in flight, places queued
@@ -69,6 +72,7 @@ class Dispatcher:
         self._pending: dict[int, Pending] = {}  # job id -> its record, while queued or attempted
         self._in_flight: dict[str, dict[int, Job]] = {}  # worker -> job id -> job
         self._finished: OrderedDict[int, float] = OrderedDict()  # job id -> when its call ended (recently)
+        self._gone: OrderedDict[int, None] = OrderedDict()  # jobs settled here, the latest GONE_KEPT
         self._probation: dict[str, float] = {}  # worker -> until when others go first
         self.waiting: dict[str, str] = {}  # workload id -> why its next job is not placed
         self._tasks: set[asyncio.Task] = set()
@@ -448,6 +452,16 @@ class Dispatcher:
     def _settled(self, job: Job) -> None:
         """The job left the scheduler for good (done, failed, or finished elsewhere)."""
         self._pending.pop(job.id, None)
+        self._gone[job.id] = None
+        while len(self._gone) > GONE_KEPT:
+            self._gone.popitem(last=False)
+
+    def submit_announced(self, job: Job) -> None:
+        """:meth:`submit` a job as its notification carried it, unless this scheduler holds it
+        or has settled it already (a notification arrives when it arrives: this server's own
+        upload may have been scheduled and done before it came)."""
+        if job.id not in self._pending and job.id not in self._gone:
+            self.submit(job)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -141,7 +141,7 @@ class LeadingScheduler:
         """A job another server enqueued: scheduled at once if the notification carried it
         (called on the loop), else read by its id on the sweeper's next turn."""
         if job is not None and self.current is not None:
-            self.current.submit(job)
+            self.current.submit_announced(job)
             return
         self._heard.add(job_id)
         self._heard_event.set()

@@ -211,3 +211,30 @@ async def test_equal_workers_share_jobs_sent_one_at_a_time(store):
 async def _all_done(fleet: Fleet, wl, n: int) -> bool:
     states = await fleet.states(wl)
     return len(states) == n and all(state == "done" for state, _ in states.values())
+
+
+async def test_a_late_notification_of_a_job_already_done_here_runs_nothing(store):
+    """A job's notification (PostgreSQL) may come after this server scheduled and finished the
+    job itself (its own upload): submit_announced ignores it, and one it holds is not queued
+    twice; a job it never saw is scheduled."""
+    fleet = await fleet_of(store)
+    w = fleet.membership.add(StubWorker("w"))
+    wl = await fleet.workload("w")
+    done = await fleet.jobs.enqueue(wl, 0, "PNG", 10)
+    fleet.scheduler.submit(done)
+    try:
+        await until(lambda: len(w.received) == 1, 10, "the job")
+        w.finish(done.id)
+        await until(lambda: _state(fleet, wl, 0, ("done", 1)), 10, "done")
+        await until(lambda: fleet.scheduler.queued() == 0 and not fleet.scheduler._pending, 10, "settled")
+        fleet.scheduler.submit_announced(done)  # its notification, late
+        other = await fleet.jobs.enqueue(wl, 1, "PNG", 10)
+        fleet.scheduler.submit_announced(other)  # another server's: scheduled
+        fleet.scheduler.submit_announced(other)  # (heard twice: queued once)
+        await until(lambda: len(w.received) == 2, 10, "the other job")
+        assert [m.image_id for m in w.received] == [0, 1]
+        w.finish(other.id)
+        await until(lambda: _state(fleet, wl, 1, ("done", 1)), 10, "the other done")
+        assert len(w.received) == 2 and await _state(fleet, wl, 0, ("done", 1))
+    finally:
+        await fleet.scheduler.close()
