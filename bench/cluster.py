@@ -177,13 +177,36 @@ def run_takeovers(tmp: Path, pg: Postgres, s3: SeaweedS3, n: int, cores: int) ->
         return times
 
 
+def only_control(runs: int, tiny: int) -> int:
+    """The control cost and its floor, ``runs`` times, each on a fresh pair of servers."""
+    pg, s3 = Postgres(), SeaweedS3()
+    with tempfile.TemporaryDirectory(prefix="dpip-bench-cluster-") as tmp:
+        try:
+            pg.setup()
+            s3.setup()
+            for n in range(runs):
+                lead, stand, rate = run_control_cost(Path(tmp) / str(n), pg, s3, tiny, 8, os.cpu_count() or 1)
+                floor = control_floor(pg.new_database(f"control-floor-{n}"), tiny, rate, tmp)
+                say(f"control cost: the leader {lead:.2f} ms per job, the standby {stand:.2f} ms per upload,"
+                    f" {rate:.0f} img/s; the floor {floor.ms_per_job:.2f} ms per job at the same rate")
+        finally:
+            s3.close()
+            pg.close()
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=120)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--takeovers", type=int, default=3)
     p.add_argument("--tiny", type=int, default=600, help="tiny PNGs for the control cost")
+    p.add_argument("--only-control", type=int, default=0, metavar="N",
+                   help="measure only the control cost and its floor, N times (e.g. to compare two"
+                        " versions in alternating runs: PYTHONPATH=<a worktree> python -m bench.cluster ...)")
     a = p.parse_args()
+    if a.only_control:
+        return only_control(a.only_control, a.tiny)
     cores = os.cpu_count() or 1
     images = frames(a.frames)
     say(f"{len(images)} frames of 1280x720, {sum(map(len, images)) / len(images) / 1e6:.2f} MB each;"
