@@ -71,6 +71,12 @@ class _Sent:
     timer: asyncio.TimerHandle | None = None
     write: asyncio.Future[bool] | None = None  # once begun
 
+    @property
+    def counted(self) -> bool:
+        """Among its workload's running jobs that the datastore does not show yet (written
+        later, not begun)."""
+        return self.timer is not None and self.write is None
+
 
 class Timing(NamedTuple):
     """Which copy of a job won, and where its time went."""
@@ -254,7 +260,7 @@ class JobLifecycle:
     def _write_sent(self, key: tuple[str, int]) -> None:
         sent = self._sent.get(key)
         if sent is not None and sent.write is None:
-            if sent.timer is not None:
+            if sent.counted:
                 self._count(key[0], -1)
             sent.write = asyncio.ensure_future(self.store.write(
                 jobrows.dispatch(sent.job_id, sent.worker, sent.at, sent.deadline), durable=False))
@@ -277,11 +283,16 @@ class JobLifecycle:
 
     def forget_dispatch(self, job: Job) -> None:
         """Whatever is left of the job's dispatch once its attempt is over (a write begun goes on)."""
-        sent = self._sent.pop((job.workload_id, job.image_id), None)
+        self._drop((job.workload_id, job.image_id))
+
+    def _drop(self, key: tuple[str, int]) -> _Sent | None:
+        """The image's dispatch taken out (its timer stopped, no longer counted), if any."""
+        sent = self._sent.pop(key, None)
         if sent is not None and sent.timer is not None:
+            if sent.counted:
+                self._count(key[0], -1)
             sent.timer.cancel()
-            if sent.write is None:
-                self._count(job.workload_id, -1)
+        return sent
 
     def forget_dispatches(self) -> None:
         """Every dispatch not written yet is dropped (this server stops scheduling: their jobs
@@ -300,11 +311,7 @@ class JobLifecycle:
         if sent is None:
             return None
         if sent.write is None:
-            del self._sent[key]
-            if sent.timer is not None:
-                sent.timer.cancel()
-                self._count(workload_id, -1)
-            return sent
+            return self._drop(key)
         with contextlib.suppress(Exception):
             await asyncio.shield(sent.write)  # (the result lands after it, as the order of transitions goes)
         return None
@@ -343,7 +350,7 @@ class JobLifecycle:
         except BaseException:
             if sent is not None and (workload_id, image_id) not in self._sent:  # not counted: the
                 self._sent[(workload_id, image_id)] = sent  # attempt's failure writes it (dispatched())
-                if sent.timer is not None:
+                if sent.counted:
                     self._count(workload_id, 1)
             raise
 

@@ -53,14 +53,21 @@ def test_without_prefetch_a_worker_holds_only_what_it_runs(make_system):
     assert max(seen) <= 1 and system.get("/status", token)["scheduler"]["sent_ahead"] == 0
 
 
-def test_a_draining_worker_gives_its_waiting_job_back_at_once(make_system):
-    system = make_system("--hedge", "off")
-    token = system.start_workers({"leaving": ("--capacity", "1", *slow(5000))})
+def one_running_one_waiting(system, name: str) -> tuple[str, str, dict[int, bytes]]:
+    """A one-slot worker ``name`` of 5 s jobs, running one job with another waiting on it (and
+    a third queued); (token, workload id, frames)."""
+    token = system.start_workers({name: ("--capacity", "1", *slow(5000))})
     wid = workload(system.url, token)
     frames = {i: frame_png(i, 48, 32) for i in range(3)}
     push(system, token, wid, frames)
-    wait_until(lambda: worker_entry(system, token, "leaving")["waiting_jobs"] == 1, 30,
-               "a job waiting on the worker", interval=0.02)
+    wait_until(lambda: worker_entry(system, token, name)["waiting_jobs"] == 1, 30,
+               "a job waiting on the worker beside the one it runs", interval=0.02)
+    return token, wid, frames
+
+
+def test_a_draining_worker_gives_its_waiting_job_back_at_once(make_system):
+    system = make_system("--hedge", "off")
+    token, wid, frames = one_running_one_waiting(system, "leaving")
     system.start_workers({"staying": ()})
     assert system.stop_worker("leaving") == 0  # drains: finishes the job it runs, gives back the other
     wait_completed(system.url, token, wid, timeout=60)
@@ -77,12 +84,7 @@ def test_a_draining_worker_gives_its_waiting_job_back_at_once(make_system):
 
 def test_a_worker_killed_with_a_job_running_and_one_waiting_loses_neither(make_system):
     system = make_system("--hedge", "off")
-    token = system.start_workers({"doomed": ("--capacity", "1", *slow(5000))})
-    wid = workload(system.url, token)
-    frames = {i: frame_png(i, 48, 32) for i in range(3)}
-    push(system, token, wid, frames)
-    wait_until(lambda: worker_entry(system, token, "doomed")["waiting_jobs"] == 1, 30,
-               "a job waiting on the worker beside the one it runs", interval=0.02)
+    token, wid, frames = one_running_one_waiting(system, "doomed")
     system.start_workers({"survivor": ()})
     doomed = system.workers.pop("doomed")
     doomed.kill()  # SIGKILL: nothing said, both its jobs must come back
