@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,9 +139,13 @@ def _serve_lean(port: int, root: Path, sink_port: int, view_ids: int) -> None:
     """The lean floor's child: aiohttp on uvloop (as DPIP runs), doing per upload only what a
     server that keeps each upload and has a worker filter it cannot avoid, each step the
     cheapest way this stack has: the body taken as it comes (no multipart parser, no join),
-    written durably in 256 KiB pieces on the loop itself (no thread trip), sent to the worker
-    (the sink) as it is, the result (``--result-bytes``) received and written unsynced. And
-    ``GET /view``: a workload's view of ``view_ids`` filtered ids, from memory."""
+    written durably in 256 KiB pieces on the loop itself (no thread trip), recorded in SQLite
+    (its row, one synced commit; as DPIP's own file, WAL), sent to the worker (the sink) as it
+    is, the result (``--result-bytes``) received, written unsynced and recorded (one unsynced
+    commit). ``POST /accept``: only the upload's own part (received, written durably, recorded,
+    answered). And ``GET /view``: a workload's view of ``view_ids`` filtered ids, from memory."""
+    import sqlite3
+
     from aiohttp import web
 
     from common.aio import run
@@ -149,19 +154,43 @@ def _serve_lean(port: int, root: Path, sink_port: int, view_ids: int) -> None:
     dir_fd = os.open(root, os.O_RDONLY)
     view = {"workload_id": "w", "status": "running", "images": view_ids,
             "filtered_images": list(range(view_ids)), "failed_images": []}
+    db = sqlite3.connect(root / "floor.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, bytes INTEGER, status TEXT, result INTEGER)")
+    synchronous = [""]
+
+    def record(sql: str, args: tuple, durable: bool) -> int:
+        wanted = "FULL" if durable else "OFF"
+        if synchronous[0] != wanted:
+            db.execute(f"PRAGMA synchronous={wanted}")
+            synchronous[0] = wanted
+        db.execute("BEGIN")
+        row = db.execute(sql, args).lastrowid
+        db.execute("COMMIT")
+        return row or 0
 
     def store(chunks: list[bytes], durable: bool) -> None:
         _write(root / f"{next(counter)}.png", chunks, durable, dir_fd)
 
-    spent = {"durable write": 0.0, "send to the worker": 0.0, "result written": 0.0}  # CPU seconds
+    spent = {"durable write": 0.0, "datastore": 0.0, "send to the worker": 0.0, "result written": 0.0}  # CPU s
 
-    async def upload(request: web.Request) -> web.Response:
+    async def accepted(request: web.Request) -> tuple[list[bytes], int, int]:
         chunks = [chunk async for chunk in request.content.iter_any()]
         size = sum(len(c) for c in chunks)
         t0 = time.thread_time()
         store(chunks, True)
         t1 = time.thread_time()
+        image = record("INSERT INTO images (bytes, status) VALUES (?, 'queued')", (size,), True)
         spent["durable write"] += t1 - t0
+        spent["datastore"] += time.thread_time() - t1
+        return chunks, size, image
+
+    async def accept(request: web.Request) -> web.Response:
+        _, size, image = await accepted(request)
+        return web.json_response({"id": image, "bytes": size})
+
+    async def upload(request: web.Request) -> web.Response:
+        chunks, size, image = await accepted(request)
         reader, writer = await peers.get()
         try:
             t0 = time.thread_time()
@@ -172,8 +201,11 @@ def _serve_lean(port: int, root: Path, sink_port: int, view_ids: int) -> None:
             peers.put_nowait((reader, writer))
         t0 = time.thread_time()
         store([back], False)
-        spent["result written"] += time.thread_time() - t0
-        return web.json_response({"id": 1, "bytes": size})
+        t1 = time.thread_time()
+        record("UPDATE images SET status = 'done', result = ? WHERE id = ?", (len(back), image), False)
+        spent["result written"] += t1 - t0
+        spent["datastore"] += time.thread_time() - t1
+        return web.json_response({"id": image, "bytes": size})
 
     async def get_view(request: web.Request) -> web.Response:
         return web.json_response(view)
@@ -188,6 +220,7 @@ def _serve_lean(port: int, root: Path, sink_port: int, view_ids: int) -> None:
             peers.put_nowait(await asyncio.open_connection("127.0.0.1", sink_port, limit=1 << 20))
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/images", upload)
+        app.router.add_post("/accept", accept)
         app.router.add_get("/view", get_view)
         app.router.add_get("/spent", get_spent)
         runner = web.AppRunner(app, access_log=None)
@@ -212,48 +245,93 @@ class Floor:
                          [f"{k} {v:.2f}" for k, v in self.steps.items()])
 
 
-def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: int,
-               uploads: int = 200, gets: int = 500, scratch: Path | None = None) -> Floor:
-    """The lean floor per upload of ``frames`` (server CPU ms, by step) and per ``GET`` of a
-    view of ``view_ids`` ids, each measured alone. Its files go into ``scratch`` if given,
-    emptied on return and removed by the caller at its end (on this machine's journal-less
-    ext4, creating files costs several times more for half a minute after many were deleted
-    nearby, as the allocator skips recently deleted inodes one by one; and hundreds of MB left
-    dirty would be written back under the next measurement), else a temporary directory
-    removed on return."""
+@contextlib.contextmanager
+def lean_server(result_bytes: int = 300, view_ids: int = 200, scratch: Path | None = None) -> Iterator[tuple[str, int]]:
+    """The lean server (and its stand-in worker, answering ``result_bytes`` per job) running:
+    its URL and process id. Its files go into ``scratch`` if given, emptied on return and
+    removed by the caller at its end (on this machine's journal-less ext4, creating files costs
+    several times more for half a minute after many were deleted nearby, as the allocator skips
+    recently deleted inodes one by one; and hundreds of MB left dirty would be written back
+    under the next measurement), else a temporary directory removed on return."""
     port, sink_port = _free_port(), _free_port()
     if scratch is not None:
         scratch.mkdir(parents=True)
     with tempfile.TemporaryDirectory() if scratch is None else contextlib.nullcontext(str(scratch)) as root:
         sink = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--sink", str(sink_port),
                                  "--result-bytes", str(result_bytes)])
-        _wait_listening(sink_port, sink)  # (the server connects to it as it starts)
-        server = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--serve", "lean", "--port", str(port),
-                                   "--root", root, "--echo-port", str(sink_port), "--view-ids", str(view_ids)])
+        server = None
         try:
+            _wait_listening(sink_port, sink)  # (the server connects to it as it starts)
+            server = subprocess.Popen([sys.executable, "-m", "bench.serverfloor", "--serve", "lean", "--port",
+                                       str(port), "--root", root, "--echo-port", str(sink_port),
+                                       "--view-ids", str(view_ids)])
             url = f"http://127.0.0.1:{port}"
             _wait_up(url + "/view", server)
-            bodies = [multipart({"workload_id": "w", "type": "original"}, "data", f"{i}.png",
-                                frames[i % len(frames)]) for i in range(uploads + 20)]
-            _push(url + "/images", bodies[:20], clients)
-            before = process_cpu(server.pid)
-            steps0 = requests.get(url + "/spent").json()
-            _push(url + "/images", bodies[20:], clients)
-            upload_ms = 1000 * (process_cpu(server.pid) - before).total / uploads
-            steps = {k: 1000 * (v - steps0[k]) / uploads for k, v in requests.get(url + "/spent").json().items()}
-            with requests.Session() as session:
-                before = process_cpu(server.pid)
-                for _ in range(gets):
-                    session.get(url + "/view").raise_for_status()
-                get_ms = 1000 * (process_cpu(server.pid) - before).total / gets
-            return Floor(upload_ms, get_ms, steps)
+            yield url, server.pid
         finally:
             for child in (server, sink):
-                child.terminate()
-                child.wait(10)
+                if child is not None:
+                    child.terminate()
+                    child.wait(10)
             if scratch is not None:  # emptied now (their pages dropped, none written back under
                 for f in scratch.iterdir():  # the next measurement), unlinked at the caller's end
                     os.truncate(f, 0)
+
+
+def _bodies(images: list[bytes], n: int) -> list[tuple[bytes, str]]:
+    return [multipart({"workload_id": "w", "type": "original"}, "data", f"{i}.png", images[i % len(images)])
+            for i in range(n)]
+
+
+def lean_floor(frames: list[bytes], clients: int, result_bytes: int, view_ids: int,
+               uploads: int = 200, gets: int = 500, scratch: Path | None = None) -> Floor:
+    """The lean floor per upload of ``frames`` (server CPU ms, by step) and per ``GET`` of a
+    view of ``view_ids`` ids, each measured alone (files in ``scratch``: :func:`lean_server`)."""
+    with lean_server(result_bytes, view_ids, scratch) as (url, pid):
+        bodies = _bodies(frames, uploads + 20)
+        _push(url + "/images", bodies[:20], clients)
+        before = process_cpu(pid)
+        steps0 = requests.get(url + "/spent").json()
+        _push(url + "/images", bodies[20:], clients)
+        upload_ms = 1000 * (process_cpu(pid) - before).total / uploads
+        steps = {k: 1000 * (v - steps0[k]) / uploads for k, v in requests.get(url + "/spent").json().items()}
+        with requests.Session() as session:
+            before = process_cpu(pid)
+            for _ in range(gets):
+                session.get(url + "/view").raise_for_status()
+            get_ms = 1000 * (process_cpu(pid) - before).total / gets
+        return Floor(upload_ms, get_ms, steps)
+
+
+def round_trip_floor(images: list[bytes], scratch: Path | None = None, warm: int = 50) -> list[float]:
+    """The least one image's round trip can take with the course's client (one ``requests``
+    session, one image at a time) on this machine: the lean server takes the upload, writes
+    and records it durably, has the stand-in worker answer it (no filtering at all) and records
+    the result, all before it answers; then the one ``GET`` any client needs to see it done.
+    Each round trip's wall time (ms), sorted (the first ``warm`` left out)."""
+    times = []
+    with lean_server(300, 200, scratch) as (url, _), requests.Session() as session:
+        session.headers["Authorization"] = "Bearer x"
+        for i, (body, ctype) in enumerate(_bodies(images, warm + len(images))):
+            t0 = time.perf_counter()
+            session.post(url + "/images", data=body, headers={"Content-Type": ctype}).raise_for_status()
+            session.get(url + "/view").json()
+            if i >= warm:
+                times.append(1000 * (time.perf_counter() - t0))
+    return sorted(times)
+
+
+def fill_seconds(images: list[bytes], clients: int, scratch: Path | None = None) -> float:
+    """How long ``clients`` fresh ``requests`` sessions take to upload ``images`` to the lean
+    server's ``/accept`` (each received, written and recorded durably, answered: nothing
+    more), timed as the bench's pushes are, from before the sessions start: the least time in
+    which a fleet's slots can all have their first image."""
+    with lean_server(300, 200, scratch) as (url, _):
+        _push(url + "/accept", _bodies(images, 20), clients)  # (the server's own first requests)
+        bodies = _bodies(images, len(images))
+        t0 = time.perf_counter()
+        _push(url + "/accept", bodies, clients)
+        return time.perf_counter() - t0
 
 
 def _write(path: Path, chunks: list[bytes], durable: bool, dir_fd: int) -> None:

@@ -48,7 +48,7 @@ from PIL import Image, ImageFilter
 
 from bench import celery_noop
 from bench.clients import Push, aiohttp_push, cli_push, requests_push, round_trips
-from bench.serverfloor import lean_floor
+from bench.serverfloor import fill_seconds, lean_floor, round_trip_floor
 from bench.table import Row, latencies_ms, percentile, table
 from harness.engines import EngineError, EngineUnavailable, SeaweedS3
 from harness.frames import frame_png
@@ -200,7 +200,8 @@ def measure_720p(system: LocalSystem, token: str, files: list[Path], clients: in
 def floor_720p(system: LocalSystem, big: Push, frames: list[bytes], clients: int, workers_ms: float) -> Row:
     """The least a server on this stack (aiohttp on uvloop) spends per 720p frame, measured
     alone right after DPIP's run (:func:`bench.serverfloor.lean_floor`: the upload received,
-    written durably, sent to a worker, a result of the same size as DPIP's back and written,
+    written durably and recorded in SQLite, sent to a worker, a result of the same size as
+    DPIP's back, written and recorded,
     and the watcher's GETs of that run, answered from memory), over the same run's workers'
     CPU per frame: the floor under the 720p server-share row."""
     folder = system.data_dir / "images" / view_name(system, big.workload_id) / "filtered"
@@ -319,7 +320,7 @@ def measure_tiny(system: LocalSystem, token: str, tiny: list[bytes], clients: in
     return [row, cpu]
 
 
-def measure_round_trip(system: LocalSystem, token: str, tiny: list[bytes]) -> Row:
+def measure_round_trip(system: LocalSystem, token: str, tiny: list[bytes]) -> list[Row]:
     """One client: pushing back to back (server-side latency), then one image at a time."""
     lone = aiohttp_push(system.url, token, tiny, 1)
     p50, p99 = server_latency(system, lone.workload_id, lone.images)
@@ -331,6 +332,21 @@ def measure_round_trip(system: LocalSystem, token: str, tiny: list[bytes]) -> Ro
     say(f"one at a time: {len(tiny)} tiny PNGs, 1 requests client, upload -> id in filtered_images: round trip"
         f" p50 {row.value:.1f} ms, p99 {percentile(times, 0.99):.1f} ms ({row.judgement});"
         f" server side, upload stored -> filtered stored, p50 {server_p50:.1f} ms")
+    return [row, floor_round_trip(system, tiny)]
+
+
+def floor_round_trip(system: LocalSystem, tiny: list[bytes]) -> Row:
+    """The least a round trip takes with the same client here and now
+    (:func:`bench.serverfloor.round_trip_floor`: an upload a bare server stores, records, has
+    a stand-in worker answer without filtering and records again before it answers, then one
+    GET): the floor under the round-trip row."""
+    times = round_trip_floor(tiny, scratch=system.data_dir.parent / "rt-floor")
+    row = Row("round trip floor: upload + one GET to a bare server (same run)", statistics.median(times), "ms",
+              None, False, f"the <= {ROUND_TRIP_MS:g} ms target is {'under' if statistics.median(times) > ROUND_TRIP_MS else 'over'}"
+              " this floor")
+    say(f"round trip floor, bare aiohttp on uvloop, the same requests client: p50 {row.value:.2f} ms,"
+        f" p99 {percentile(times, 0.99):.2f} ms (upload stored durably, relayed to a stand-in worker and back,"
+        f" recorded, answered; then one GET of a view)")
     return row
 
 
@@ -436,7 +452,7 @@ FLEET_TARGETS = {1: 0.95, 8: 0.93}  # fraction of linear by slots per worker, fr
 FLEET_ROUNDS = 4  # the measured push gives every slot this many jobs
 
 
-def measure_fleet(folder: Path, workers: int, slots: int, tiny: list[bytes], clients: int) -> Row:
+def measure_fleet(folder: Path, workers: int, slots: int, tiny: list[bytes], clients: int) -> list[Row]:
     """A fresh system of ``workers`` workers of ``slots`` slots each, every job 1 s, pushed
     ``FLEET_ROUNDS`` jobs per slot from a cold start (no warm-up: each newcomer's trusted slots
     ramp up within the run); rate vs linear, and the server's CPU per image in the run, which
@@ -458,6 +474,26 @@ def measure_fleet(folder: Path, workers: int, slots: int, tiny: list[bytes], cli
         f" {clients} plain requests clients: {push.rate:.1f} img/s = {row.value:.2f} of linear ({linear:.0f} img/s)"
         f" ({row.judgement if target else 'reported'}); server CPU {ms:.2f} ms per image"
         f" ({spent.breakdown(need)}): one server core's ceiling {1000 / ms:.0f} img/s")
+    return [row] if target is None else [row, fleet_fill_floor(folder, total, tiny, clients, target)]
+
+
+def fleet_fill_floor(folder: Path, slots: int, tiny: list[bytes], clients: int, target: float) -> Row:
+    """The most a fleet of ``slots`` slots can reach with FLEET_ROUNDS jobs per slot from a cold
+    start, given how fast the same clients get its first ``slots`` images to a bare server that
+    only stores them (:func:`bench.serverfloor.fill_seconds`, measured here): no slot's first
+    job starts before its image is in, so the run lasts at least FLEET_ROUNDS jobs plus that
+    fill (one slot doing a job more would last a whole job more). The floor under a wide
+    fleet's row."""
+    fill = fill_seconds((tiny * (slots // len(tiny) + 1))[:slots], clients, scratch=folder / "fill-floor")
+    rounds = FLEET_ROUNDS * FLEET_JOB_MS / 1000
+    ceiling = rounds / (rounds + min(fill, FLEET_JOB_MS / 1000))
+    row = Row(f"  its ceiling from {slots} uploads to a bare server (same run)", ceiling, "", None, True,
+              f"those uploads took {1000 * fill:.0f} ms; the >= {target:g} target needs them in"
+              f" {1000 * (rounds / target - rounds):.0f} ms")
+    say(f"fleet fill floor: {slots} tiny PNGs from {clients} fresh requests sessions to a bare aiohttp server"
+        f" (each stored and recorded durably, answered): {1000 * fill:.0f} ms, so {slots} slots x {FLEET_ROUNDS}"
+        f" jobs of {FLEET_JOB_MS} ms end {1000 * fill:.0f} ms late at best: at most {ceiling:.3f} of linear"
+        f" (the target {target:g} needs {1000 * (rounds / target - rounds):.0f} ms)")
     return row
 
 
@@ -513,15 +549,15 @@ def main() -> int:
             big = measure_720p(system, token, files, a.clients, pool_rate, Path(tmp) / "config")
             big.append(measure_pipeline(system, token, files, a.clients, pipeline_rate))
             throughput, server_cpu = measure_tiny(system, token, tiny[:a.tiny], a.clients, a.tiny_clients)
-            round_trip = measure_round_trip(system, token, tiny[:a.round_trips])
+            round_trip, rt_floor = measure_round_trip(system, token, tiny[:a.round_trips])
             history = measure_history(system, token, a.history)
         big += measure_720p_s3(Path(tmp) / "s3", workers, files, a.clients)
         tls = measure_tls(Path(tmp) / "tls", workers, files, tiny[:a.tiny], a.clients, a.tiny_clients, pool_rate)
         scaling = [measure_scaling(Path(tmp) / f"scale-{n}", n, tiny[:n * IMAGES_PER_WORKER], a.tiny_clients)
                    for n in a.scale]
-        scaling += [measure_fleet(Path(tmp) / f"fleet-{w}x{s}", w, s, tiny, a.tiny_clients) for w, s in a.fleets]
+        scaling += [row for w, s in a.fleets for row in measure_fleet(Path(tmp) / f"fleet-{w}x{s}", w, s, tiny, a.tiny_clients)]
     baseline = measure_celery(a.tiny * 4, a.tiny_clients, throughput, round_trip)
-    text = table([server_cpu, throughput, round_trip, *baseline, *scaling, *big, *tls, *history])
+    text = table([server_cpu, throughput, round_trip, rt_floor, *baseline, *scaling, *big, *tls, *history])
     print(f"\n{text}")
     CACHE.mkdir(exist_ok=True)
     run = " ".join(sys.argv[1:]) or "defaults"
