@@ -140,9 +140,9 @@ async def _accept(request: web.Request, params: dict[str, str], stored: Received
         await app[WORKLOADS].quota_allows(claims.subject, stored.size)
         # the CLI numbers frames itself to keep their order
         chosen = int_param(params, "image_id", required=False, maximum=MAX_IMAGE_ID)
-        job = await app[JOBS].accept_original(workload, stored, chosen, uploaded_as, app[SETTINGS].quota_bytes)
+        job = await app[JOBS].accept_original(workload, stored, chosen, uploaded_as, app[SETTINGS].quota_bytes,
+                                              send=app[SCHEDULER].submit)
         image_id = job.image_id
-        app[SCHEDULER].submit(job)
     else:
         if claims.scope != JOB:
             raise Forbidden("only workers upload filtered images, with their job's capability")

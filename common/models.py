@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 #: The two filters of the course; a bodiless POST /workloads means the first.
 COURSE = ("grayscale", "blur")
@@ -284,6 +285,9 @@ class Job:
     workload_dir: str = field(default="", compare=False)  # where its images live (Workload.dir)
     #: the original's (format, width, height, mode), to judge a result by; None if unknown
     original: tuple[str, int, int, str] | None = field(default=None, compare=False)
+    #: a job sent while its upload's row is being committed (JobLifecycle.accept_original):
+    #: whether that row was committed, once known. None: the row was there before the job left.
+    committed: Any = field(default=None, compare=False, repr=False)  # asyncio.Future[bool] | None
 
 
 #: What a workload's name (its directory) may be, like a worker's and a tag: always fullmatch

@@ -117,6 +117,9 @@ class JobLifecycle:
         self._sent: dict[tuple[str, int], _Sent] = {}  # (workload, image) -> its job's dispatch, unwritten
         self._started: OrderedDict[str, None] = OrderedDict()  # workloads whose first dispatch was written here
         self._unwritten: dict[str, int] = {}  # workload -> its jobs running whose dispatch is not written
+        #: originals up to this size are sent to a worker while their row is being committed
+        #: (:meth:`_enqueue_sent`): those that travel with their job (0: none; the server sets it)
+        self.send_early_bytes = 0
         #: what a worker declared it runs (set by the server: membership's view), by worker name;
         #: a result of a filter this server lacks is judged by its own worker's declaration
         self.declarations: Callable[[str], Mapping[str, Any] | None] = lambda worker: None
@@ -169,25 +172,56 @@ class JobLifecycle:
         now = time.time()
         facts = json.dumps(photo) if photo else None
 
-        script = jobrows.enqueue(workload, image_id, fmt, size, now, width, height, mode, filename, facts, quota)
+        reserve = getattr(self.store, "reserve_job_id", None)
+        script = jobrows.enqueue(workload, image_id, fmt, size, now, width, height, mode, filename, facts, quota,
+                                 job_id=reserve() if reserve is not None else None)
         job_id = await (self.store.write_with_files(script, files) if files else self.store.write(script))
         assert job_id is not None
         return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
                    params=workload.params, workload_dir=workload.dir,
                    original=(fmt, width, height, mode) if header else None)
 
+    async def _enqueue_sent(self, workload: Workload, image_id: int, stored: ReceivedImage, filename: str | None,
+                            quota: int, write: FileWrite, send: Callable[[Job], None]) -> Job:
+        """:meth:`enqueue`, with the job given to ``send`` as its transaction is put in line,
+        not once it is on disk: the worker filters the image while the upload's file and row
+        are synced (the job's bytes travel with it, from memory). Every later write about the
+        job is applied after that transaction (one writer, in order), and its result is recorded
+        only once ``job.committed`` says the row is there (False: it never will be; the job is
+        dropped wherever it is)."""
+        job_id = self.store.reserve_job_id()
+        facts = json.dumps(stored.photo) if stored.photo else None
+        script = jobrows.enqueue(workload, image_id, stored.format, stored.size, time.time(), stored.width,
+                                 stored.height, stored.mode, filename, facts, quota, job_id=job_id)
+        written = self.store.write_queued(script, (write,))
+        committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settle(f: asyncio.Future) -> None:  # (also if the upload's request is cancelled meanwhile)
+            if not committed.done():
+                committed.set_result(not f.cancelled() and f.exception() is None)
+        written.add_done_callback(settle)
+        job = Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=stored.size,
+                  params=workload.params, workload_dir=workload.dir,
+                  original=(stored.format, stored.width, stored.height, stored.mode), committed=committed)
+        send(job)
+        await asyncio.shield(written)
+        return job
+
     async def accept_original(self, workload: Workload, stored: ReceivedImage, chosen: int | None,
-                              filename: str | None = None, quota: int = 0) -> Job:
+                              filename: str | None = None, quota: int = 0,
+                              send: Callable[[Job], None] | None = None) -> Job:
         """A received original: given the workload's next id (or the ``chosen`` one, the CLI's
         frame number), put in place, recorded, and its job queued. The file is in place before
-        its row; ids follow arrival order."""
+        its row; ids follow arrival order. ``send``: where the job goes as soon as it may (the
+        scheduler), called before this returns; for an image small enough to travel with its
+        job, while its file and row are being synced (:meth:`_enqueue_sent`)."""
         assert self.images is not None
         if chosen is None:
             image_id = await self.ids.take(workload.id)
         else:
             image_id = await self.ids.choose(workload.id, chosen)
         try:
-            return await self._place_original(workload, image_id, stored, filename, quota)
+            return await self._place_original(workload, image_id, stored, filename, quota, send)
         except asyncio.CancelledError:
             self.ids.cancelled(workload.id, image_id)
             raise
@@ -198,7 +232,7 @@ class JobLifecycle:
             self.ids.placed(workload.id, image_id)
 
     async def _place_original(self, workload: Workload, image_id: int, stored: ReceivedImage,
-                              filename: str | None, quota: int) -> Job:
+                              filename: str | None, quota: int, send: Callable[[Job], None] | None = None) -> Job:
         """The file first, then its row; an upload that loses to a delete of its workload
         (between the two), or to its owner's quota, takes its file away again."""
         assert self.images is not None
@@ -211,9 +245,15 @@ class JobLifecycle:
         if write is None:
             await self.images.commit(stored, key, keep=True)
         try:
-            return await self.enqueue(workload, image_id, stored.format, stored.size,
-                                      (stored.width, stored.height, stored.mode), filename, stored.photo, quota,
-                                      files=(write,) if write is not None else ())
+            if send is not None and write is not None and stored.size <= self.send_early_bytes \
+                    and hasattr(self.store, "reserve_job_id"):
+                return await self._enqueue_sent(workload, image_id, stored, filename, quota, write, send)
+            job = await self.enqueue(workload, image_id, stored.format, stored.size,
+                                     (stored.width, stored.height, stored.mode), filename, stored.photo, quota,
+                                     files=(write,) if write is not None else ())
+            if send is not None:
+                send(job)
+            return job
         except (NotFound, QuotaExceeded):
             await self.images.remove(key)
             raise
@@ -558,6 +598,10 @@ class JobLifecycle:
         if data is not None:
             self.traffic.to_workers += len(data)
         return data
+
+    def original_in_memory(self, job: Job) -> bool:
+        """Whether the job's original is in memory (no read of its file needed to send it)."""
+        return self.images is not None and job.original is not None and self.images.remembered(self._original_key(job))
 
     async def direct_urls(self, job: Job, expires_in: float, worker: str = "") -> tuple[str, str] | None:
         """Where the worker gets the original and puts the result itself (an object store's

@@ -206,6 +206,8 @@ class Carrier:
     async def _store_inline(self, job: Job, worker: str, reply: wire.JobResult) -> Failure | None:
         """Store a result that came back inside the reply, judged as an upload would be; why it
         was refused, or None once it is stored (or another copy's result was first)."""
+        if job.committed is not None and not await asyncio.shield(job.committed):
+            return Failure(f"the result of worker {worker} has no job: its upload was not stored")
         try:
             timing = Timing(worker, reply.download_ms, reply.process_ms, reply.upload_ms)
             # The only copy of the job's first attempt: no other result of it can be recorded.
@@ -254,6 +256,11 @@ class Carrier:
         inline = min(self.settings.inline_max_bytes, wire.INLINE_MAX_BYTES)
         if direct:  # only small images through this server: the rest between worker and store
             inline = min(inline, wire.DIRECT_INLINE_BYTES)
+        if job.committed is not None and not job.committed.done() and not self.jobs.original_in_memory(job):
+            # sent as its upload is committed, its bytes no longer in memory: read from its file
+            # once that is written (never while it is being written)
+            if not await asyncio.shield(job.committed):
+                return Outcome(worker, failure=Failure("its upload was not stored", backoff=False))
         original = await self.jobs.inline_original(job, inline) if inline else None  # it travels with the job
         # Over HTTP only what is too large for a frame: then the job carries its capability.
         # (A result larger than the inline limit goes over HTTP too, unless the limit is the most a

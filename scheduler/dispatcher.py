@@ -109,9 +109,22 @@ class Dispatcher:
         await stop_tasks([t for t in (self._loop_task, *self._tasks) if t is not None])
 
     def submit(self, job: Job) -> None:
-        """Queue a job that the datastore already holds as ``queued``."""
+        """Queue a job that the datastore holds as ``queued``, or soon will (``job.committed``:
+        sent as its upload is committed; one that never gets its row leaves the queue then)."""
         self._enqueue(job)
+        if job.committed is not None and not job.committed.done():
+            job.committed.add_done_callback(lambda done: None if done.result() else self._unstored(job))
         self._place_now()
+
+    def _unstored(self, job: Job) -> None:
+        """A job whose upload failed after it was queued: out of the queue if still there
+        (one on its way to a worker is dropped by :meth:`_dispatch`)."""
+        queue = self._queues.get(job.workload_id)
+        if queue is not None and job in queue:
+            queue.remove(job)
+            if not queue:
+                del self._queues[job.workload_id]
+            self._settled(job)
 
     def _place_now(self) -> None:
         """Place at once rather than on the scheduler task's next turn: with many workers
@@ -323,6 +336,9 @@ class Dispatcher:
         A job sent ``ahead`` waits on its worker for a slot: one copy, given twice the timeout
         (every job running there ends within one, so it starts within one)."""
         try:
+            if _never_stored(job):
+                self._settled(job)  # its upload failed after the job was queued: nothing to run
+                return
             # The job travels at once; its transition is written only if it runs a while, else
             # counted by the statement that records its result (dispatch_later).
             timeout = self.settings.job_timeout * (2 if ahead else 1)
@@ -330,6 +346,9 @@ class Dispatcher:
             t0 = time.monotonic()
             copies = await self.carrier.send(job, primary, ahead)
             outcome, failure = await self.carrier.first_success(copies)
+            if job.committed is not None and not await asyncio.shield(job.committed):
+                self._settled(job)  # sent while its upload was being committed, which failed:
+                return  # no row to record anything in (its result, if any, was not stored)
             if (outcome is None or outcome.result is None) and not await self.jobs.dispatched(job):
                 self._settled(job)
                 return  # it had finished (or failed for good) meanwhile: nothing to retry
@@ -475,3 +494,10 @@ def needed_filters(filter_: str) -> frozenset[str]:
 
 async def _nothing() -> None:
     """What a task spawned while the scheduler closes runs instead."""
+
+
+def _never_stored(job: Job) -> bool:
+    """A job sent as its upload was being committed (JobLifecycle.accept_original) whose
+    commit is known to have failed."""
+    c = job.committed
+    return c is not None and c.done() and not c.result()

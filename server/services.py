@@ -44,7 +44,7 @@ from controller.jobs import JobLifecycle
 from controller.membership import Membership
 from controller.workloads import Workloads
 from filtering.pipeline import Plans
-from plane import localjoin
+from plane import localjoin, wire
 from plane.tls import ServerTls, nng_url
 from scheduler.autoscale import Autoscaler, ScalePolicy
 from scheduler.dispatcher import HedgePolicy, SchedulerSettings
@@ -181,6 +181,8 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     ), s.name(), s.lease_ttl, shared=as_shared(app[STORE]))
     scheduler.on_job_done = app[METRICS].job_done
     app[SCHEDULER] = scheduler
+    if not app[IMAGES].direct:  # originals that travel with their jobs leave as they are committed
+        app[JOBS].send_early_bytes = min(s.inline_max_bytes, wire.INLINE_MAX_BYTES)
     app[WORKLOADS] = Workloads(app[STORE], app[JOBS], s.quota_bytes, drop_jobs=scheduler.drop_workload)
     try:
         await scheduler.start()

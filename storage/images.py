@@ -245,6 +245,10 @@ class ImageStore(abc.ABC):
             return data
         return await self.read(key)
 
+    def remembered(self, key: str) -> bool:
+        """Whether an image's bytes are in memory (:meth:`small_file` gives them without a read)."""
+        return key in self._recent
+
     def forget(self, key: str) -> None:
         """Drop an image's bytes from memory (its job is done with it)."""
         data = self._recent.pop(key, None)

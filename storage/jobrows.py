@@ -22,9 +22,11 @@ def statement(sql: str, *params: Any) -> Script[bool]:
 
 
 def enqueue(workload: Any, image_id: int, fmt: str, size: int, now: float, width: int | None, height: int | None,
-            mode: str | None, filename: str | None, facts: str | None, quota: int) -> Script[int]:
+            mode: str | None, filename: str | None, facts: str | None, quota: int,
+            job_id: int | None = None) -> Script[int]:
     """An original's row, its workload's next id moved past it, and its queued job (with a
-    ``quota``, reserved in the same transaction); the job's id."""
+    ``quota``, reserved in the same transaction); the job's id (``job_id`` if given: one the
+    datastore reserved, :meth:`~storage.sqlite.SqliteDatastore.reserve_job_id`)."""
     if quota:
         yield from reserve_quota(workload.owner, size, quota)
     if (yield q("UPDATE workloads SET next_image_id = CASE WHEN next_image_id > ? THEN next_image_id"
@@ -35,6 +37,9 @@ def enqueue(workload: Any, image_id: int, fmt: str, size: int, now: float, width
                 " ON CONFLICT DO NOTHING", workload.id, image_id, ImageType.ORIGINAL.value, fmt, size,
                 now, width, height, mode, filename, facts)).rowcount != 1:  # another server took that id meanwhile
         raise Conflict(f"original image {image_id} of workload {quoted(workload.id)} already exists")
+    if job_id is not None:
+        return (yield q("INSERT INTO jobs(id, workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?, ?)"
+                        " RETURNING id", job_id, workload.id, image_id, JobState.QUEUED.value, now)).scalar()
     return (yield q("INSERT INTO jobs(workload_id, image_id, state, created_at) VALUES (?, ?, ?, ?)"
                     " RETURNING id", workload.id, image_id, JobState.QUEUED.value, now)).scalar()
 

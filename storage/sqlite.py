@@ -149,11 +149,16 @@ class GroupCommit:
         ``durable`` (see :meth:`SqliteDatastore.write`). ``files`` are written in the same trip
         to the thread, just before the group's transaction (a file's error is the script's,
         and the script does not run)."""
-        future = asyncio.get_running_loop().create_future()
+        return await self.queue(script, durable, files)
+
+    def queue(self, script: Script[T], durable: bool = True, files: Sequence[FileWrite] = ()) -> asyncio.Future[T]:
+        """:meth:`run`, in line now: every script queued after this one (from this loop) is
+        applied after it; the future of its outcome."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._waiting.append((script, future, durable, files))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="group-commit")
-        return await future
+        return future
 
     async def _flush(self) -> None:
         try:
@@ -248,6 +253,7 @@ class SqliteDatastore(SqlDatastore):
         self._db: aiosqlite.Connection | None = None  # opening and migrations only
         self._group = GroupCommit(path)
         self._reader = Reader(path)
+        self._last_job_id = 0  # the last job id given out (reserve_job_id)
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -269,6 +275,19 @@ class SqliteDatastore(SqlDatastore):
         """The files, then the script, in one trip to the group's thread (see the base class)."""
         return await self._group.run(script, durable, files)
 
+    def write_queued(self, script: Script[T], files: Sequence[FileWrite] = (), durable: bool = True) -> asyncio.Future[T]:
+        """:meth:`write_with_files`, in line at once: any write asked for after this call is
+        applied after it (one writer thread, in order). The future of its outcome."""
+        return self._group.queue(script, durable, files)
+
+    def reserve_job_id(self) -> int:
+        """The id of a job row to be inserted (:func:`storage.jobrows.enqueue`), known before
+        its transaction runs: above any id the file has had (AUTOINCREMENT never reuses one),
+        never given twice. This process is the file's only writer of jobs, and every job it
+        inserts takes its id here."""
+        self._last_job_id += 1
+        return self._last_job_id
+
     async def open(self) -> None:
         # isolation_level=None: no implicit BEGIN; transactions are explicit.
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -280,6 +299,9 @@ class SqliteDatastore(SqlDatastore):
         await self._db.executescript(SCHEMA)
         await self._migrate()
         await self._db.executescript(COUNTERS)
+        async with self._db.execute("SELECT MAX(COALESCE((SELECT MAX(seq) FROM sqlite_sequence WHERE name = 'jobs'), 0),"
+                                    " COALESCE((SELECT MAX(id) FROM jobs), 0))") as cur:
+            self._last_job_id = (await cur.fetchone())[0]
         await self._group.open()
         await self._reader.open()
 

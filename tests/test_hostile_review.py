@@ -13,7 +13,7 @@ import threading
 import pytest
 from PIL import Image
 
-from api.keys import AUTH, IMAGES, STORE
+from api.keys import AUTH, IMAGES, SCHEDULER, STORE
 from storage import thumbnails as image_module
 from tests.helpers import (
     assert_error,
@@ -90,8 +90,9 @@ async def test_a_thumbnail_finished_after_its_delete_is_never_written_nor_served
 async def test_an_upload_that_loses_to_a_delete_leaves_no_file(client, monkeypatch, size):
     """The original was received; its workload is deleted (rows, then files) before the file is
     placed: the upload is a 404 and no file of it stays behind. A small one is placed with its
-    row, in one trip (the datastore's write_with_files); one over KEEP_BYTES was streamed to a
-    temporary file and is moved into place first (the image store's commit)."""
+    row, in one trip (the datastore's write_queued: its job was sent meanwhile, and is dropped);
+    one over KEEP_BYTES was streamed to a temporary file and is moved into place first (the
+    image store's commit)."""
     import os
 
     from storage.images import KEEP_BYTES
@@ -103,7 +104,7 @@ async def test_an_upload_that_loses_to_a_delete_leaves_no_file(client, monkeypat
     received, release = asyncio.Event(), asyncio.Event()
     if size == "in memory":
         data = png_bytes(32, 32)
-        owner, name = app[STORE], "write_with_files"
+        owner, name = app[STORE], "write_queued"
     else:
         side = 1200
         data = _png_of(Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)))
@@ -111,12 +112,15 @@ async def test_an_upload_that_loses_to_a_delete_leaves_no_file(client, monkeypat
         owner, name = images, "commit"
     real = getattr(owner, name)
 
-    async def later(*args, **kwargs):
+    async def held(*args, **kwargs):
         received.set()
         await release.wait()
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(owner, name, later)
+    if size == "in memory":  # (put in line at once: a future)
+        monkeypatch.setattr(owner, name, lambda *args, **kwargs: asyncio.ensure_future(held(*args, **kwargs)))
+    else:
+        monkeypatch.setattr(owner, name, held)
     body, ctype = ref.multipart({"workload_id": w["workload_id"]}, "data", "17.png", data)
     pending = asyncio.ensure_future(client.post("/images", data=io.BytesIO(body),
                                                 headers={**bearer(token), "Content-Type": ctype}))
@@ -128,6 +132,7 @@ async def test_an_upload_that_loses_to_a_delete_leaves_no_file(client, monkeypat
     release.set()
     await assert_error(await pending, 404, "not found")
     assert _files_under(images.root) == []
+    assert app[SCHEDULER].queued() == 0  # (a job sent as its upload was being committed: gone too)
 
 
 def _png_of(im: Image.Image) -> bytes:
@@ -241,6 +246,10 @@ async def test_concurrent_uploads_cannot_all_pass_the_quota(aiohttp_client, sett
             await assert_error(r, 413, "quota exceeded")
     assert await client.app[STORE].bytes_of("admin") <= 1_000_000
     assert len(_files_under(client.app[IMAGES].root)) == 3
+    # The jobs of refused uploads never stay in line (each was queued as its upload's row was
+    # being committed: those whose commit failed left the queue then), and none has a row.
+    assert client.app[SCHEDULER].queued() == 3
+    assert (await client.app[STORE].view_of(w["workload_id"])).image_count == 3
 
 
 def _noise_png(width: int, height: int, seed: int) -> bytes:

@@ -5,9 +5,13 @@ Real server and worker processes; the outbox's rules also against an in-memory m
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pynng
+from PIL import Image
 
 from plane import wire
 from tests.helpers import (
@@ -43,6 +47,37 @@ def test_jobs_queued_before_a_worker_joins_leave_together_and_come_back_whole(ma
     # together share one: fewer messages than jobs each way.
     assert plane["jobs_per_message"] > 1 and plane["result_batches"] < plane["results_received"], plane
     assert all(state == "done" and attempts == 1 for _, state, attempts, _ in job_rows(system, wid))
+
+
+def test_jobs_sent_as_their_uploads_commit_leave_nothing_when_the_commit_fails(make_system):
+    """Each small upload's job leaves for a worker while the upload's row is being committed.
+    Ten uploads race for a quota three fit: those refused in their transaction (413) had their
+    jobs sent already; none of those leaves a row, a result, a file or a job in line, and the
+    workload ends with the three accepted, each filtered once and whole."""
+    system = make_system("--quota-bytes", "1380000", "--hedge", "off")
+    token = system.start_workers({"w": ("--capacity", "8")})
+    wid = workload(system.url, token)
+    rng = random.Random(7)
+    frames = []
+    for _ in range(10):  # incompressible: 360 KB each, their grayscale results 120 KB
+        buf = io.BytesIO()
+        Image.frombytes("RGB", (346, 346), rng.randbytes(346 * 346 * 3)).save(buf, "PNG", compress_level=1)
+        frames.append(buf.getvalue())
+    # whatever the order: the third fits beside two others and two results, a fourth never
+    assert all(355_000 < len(f) < 365_000 for f in frames)
+    with ThreadPoolExecutor(10) as threads:
+        answers = list(threads.map(lambda i: ref.upload(system.url, token, wid, f"{i}.png", frames[i]), range(10)))
+    accepted = {a.json()["image_id"]: frames[i] for i, a in enumerate(answers) if a.status == 200}
+    assert sorted(a.status for a in answers) == [200] * 3 + [413] * 7, [a.status for a in answers]
+    wait_completed(system.url, token, wid)
+    check_filtered(system, token, wid, accepted)
+    assert [(image, state, attempts) for image, state, attempts, _ in job_rows(system, wid)] == \
+        [(image, "done", 1) for image in sorted(accepted)]
+    name = view(system.url, token, wid)["workload_name"]
+    filtered = system.data_dir / "images" / name / "filtered"
+    assert sorted(int(f.stem) for f in filtered.iterdir()) == sorted(accepted)
+    status = ref.get_json(system.url, token, "/status")
+    assert status["queued_jobs"] == 0 and status["scheduler"]["jobs_done"] == 3, status
 
 
 def test_a_result_a_crash_lost_is_made_again_from_its_original(make_system):
