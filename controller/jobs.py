@@ -172,9 +172,7 @@ class JobLifecycle:
         now = time.time()
         facts = json.dumps(photo) if photo else None
 
-        reserve = getattr(self.store, "reserve_job_id", None)
-        script = jobrows.enqueue(workload, image_id, fmt, size, now, width, height, mode, filename, facts, quota,
-                                 job_id=reserve() if reserve is not None else None)
+        script = jobrows.enqueue(workload, image_id, fmt, size, now, width, height, mode, filename, facts, quota)
         job_id = await (self.store.write_with_files(script, files) if files else self.store.write(script))
         assert job_id is not None
         return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
@@ -182,14 +180,13 @@ class JobLifecycle:
                    original=(fmt, width, height, mode) if header else None)
 
     async def _enqueue_sent(self, workload: Workload, image_id: int, stored: ReceivedImage, filename: str | None,
-                            quota: int, write: FileWrite, send: Callable[[Job], None]) -> Job:
+                            quota: int, write: FileWrite, send: Callable[[Job], None], job_id: int) -> Job:
         """:meth:`enqueue`, with the job given to ``send`` as its transaction is put in line,
         not once it is on disk: the worker filters the image while the upload's file and row
         are synced (the job's bytes travel with it, from memory). Every later write about the
         job is applied after that transaction (one writer, in order), and its result is recorded
         only once ``job.committed`` says the row is there (False: it never will be; the job is
         dropped wherever it is)."""
-        job_id = self.store.reserve_job_id()
         facts = json.dumps(stored.photo) if stored.photo else None
         script = jobrows.enqueue(workload, image_id, stored.format, stored.size, time.time(), stored.width,
                                  stored.height, stored.mode, filename, facts, quota, job_id=job_id)
@@ -245,9 +242,12 @@ class JobLifecycle:
         if write is None:
             await self.images.commit(stored, key, keep=True)
         try:
-            if send is not None and write is not None and stored.size <= self.send_early_bytes \
-                    and hasattr(self.store, "reserve_job_id"):
-                return await self._enqueue_sent(workload, image_id, stored, filename, quota, write, send)
+            reserve = getattr(self.store, "reserve_job_id", None)  # (SQLite: ids known before the row)
+            job_id = reserve() if send is not None and write is not None and reserve is not None \
+                and stored.size <= self.send_early_bytes else None
+            if job_id is not None:
+                assert send is not None and write is not None
+                return await self._enqueue_sent(workload, image_id, stored, filename, quota, write, send, job_id)
             job = await self.enqueue(workload, image_id, stored.format, stored.size,
                                      (stored.width, stored.height, stored.mode), filename, stored.photo, quota,
                                      files=(write,) if write is not None else ())

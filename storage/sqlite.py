@@ -254,6 +254,8 @@ class SqliteDatastore(SqlDatastore):
         self._group = GroupCommit(path)
         self._reader = Reader(path)
         self._last_job_id = 0  # the last job id given out (reserve_job_id)
+        self._reserved_to = 0  # ... and the last of the block written down for it
+        self._refill: asyncio.Task | None = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -280,13 +282,29 @@ class SqliteDatastore(SqlDatastore):
         applied after it (one writer thread, in order). The future of its outcome."""
         return self._group.queue(script, durable, files)
 
-    def reserve_job_id(self) -> int:
+    def reserve_job_id(self) -> int | None:
         """The id of a job row to be inserted (:func:`storage.jobrows.enqueue`), known before
-        its transaction runs: above any id the file has had (AUTOINCREMENT never reuses one),
-        never given twice. This process is the file's only writer of jobs, and every job it
-        inserts takes its id here."""
-        self._last_job_id += 1
-        return self._last_job_id
+        its transaction runs, or None (then the row takes the next one itself). Ids come from a
+        block written down first (the jobs' AUTOINCREMENT counter moved past it, synced), so
+        that no id given out is ever given again, not even after a crash that lost the rows
+        of some: a result still on its way for one of those can never be taken for another
+        job's. A block used up is replaced in the background (ids are None meanwhile)."""
+        if self._last_job_id < self._reserved_to:
+            self._last_job_id += 1
+            return self._last_job_id
+        if self._refill is None:
+            self._refill = asyncio.ensure_future(self._next_block())
+        return None
+
+    async def _next_block(self) -> None:
+        try:
+            end = await self.write(_job_id_block(JOB_ID_BLOCK))
+            self._last_job_id = max(self._last_job_id, end - JOB_ID_BLOCK)
+            self._reserved_to = end
+        except Exception as e:  # (tried again at the next upload; rows take their own ids meanwhile)
+            logger.warning("could not set job ids aside: %s", e)
+        finally:
+            self._refill = None
 
     async def open(self) -> None:
         # isolation_level=None: no implicit BEGIN; transactions are explicit.
@@ -299,11 +317,9 @@ class SqliteDatastore(SqlDatastore):
         await self._db.executescript(SCHEMA)
         await self._migrate()
         await self._db.executescript(COUNTERS)
-        async with self._db.execute("SELECT MAX(COALESCE((SELECT MAX(seq) FROM sqlite_sequence WHERE name = 'jobs'), 0),"
-                                    " COALESCE((SELECT MAX(id) FROM jobs), 0))") as cur:
-            self._last_job_id = (await cur.fetchone())[0]
         await self._group.open()
         await self._reader.open()
+        await self._next_block()  # (the first job ids, set aside)
 
     async def close(self) -> None:
         await self._group.close()
@@ -395,6 +411,20 @@ def _full_disk(e: object) -> InsufficientStorage | None:
         error.__cause__ = e
         return error
     return None
+
+
+#: Job ids set aside at a time (reserve_job_id): what a crash may skip.
+JOB_ID_BLOCK = 1024
+
+
+def _job_id_block(n: int) -> Script[int]:
+    """The jobs' AUTOINCREMENT counter moved ``n`` past every id used so far: the end of a block
+    of ``n`` ids no row takes by itself."""
+    used = (yield sql.q("SELECT MAX(COALESCE((SELECT MAX(seq) FROM sqlite_sequence WHERE name = 'jobs'), 0),"
+                        " COALESCE((SELECT MAX(id) FROM jobs), 0))")).scalar()
+    if (yield sql.q("UPDATE sqlite_sequence SET seq = ? WHERE name = 'jobs'", used + n)).rowcount == 0:
+        yield sql.q("INSERT INTO sqlite_sequence(name, seq) VALUES ('jobs', ?)", used + n)
+    return used + n
 
 
 def _data_version() -> Script[int]:

@@ -238,3 +238,35 @@ async def test_a_late_notification_of_a_job_already_done_here_runs_nothing(store
         assert len(w.received) == 2 and await _state(fleet, wl, 0, ("done", 1))
     finally:
         await fleet.scheduler.close()
+
+
+async def test_job_ids_known_before_their_rows_are_never_given_twice(tmp_path):
+    """Ids handed out before their rows (SqliteDatastore.reserve_job_id) come from a block set
+    aside on disk first: after a "crash" that lost the rows of some (the file reopened, those
+    never inserted), no id is given again, and rows that take their own ids land above every
+    block. Real SQLite file."""
+    from common.models import Filter
+    from controller.jobs import JobLifecycle
+    from storage import jobrows, sqlite
+
+    path = tmp_path / "dpip.sqlite3"
+    store = SqliteDatastore(path)
+    await store.open()
+    w = await store.create_workload("w", "alice", Filter.GRAYSCALE, ())
+    given = [store.reserve_job_id() for _ in range(5)]
+    assert None not in given and len(set(given)) == 5
+    await store.write(jobrows.enqueue(w, 0, "PNG", 10, 0.0, None, None, None, None, None, 0, job_id=given[0]))
+    await store.close()  # the rows of given[1:] never written: as a crash would leave them
+
+    again = SqliteDatastore(path)
+    await again.open()
+    try:
+        after = [again.reserve_job_id() for _ in range(sqlite.JOB_ID_BLOCK)]
+        assert all(i is not None for i in after) and min(after) > max(given), (given, after[:3])
+        own = await JobLifecycle(again).enqueue(w, 1, "PNG", 10)  # a row that takes its own id
+        assert own.id > max(after)
+        assert again.reserve_job_id() is None  # the block used up: the next is being set aside
+        assert await until(lambda: again.reserve_job_id() is not None, 5, "the next block of ids")
+        assert again.reserve_job_id() > own.id
+    finally:
+        await again.close()
