@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from cli import names, pushes, show, transfer, video
+from cli import names, pushes, show, transfer
 from cli import session as saved
 from cli.client import RETRYABLE, Api, ApiError
 from cli.session import (
@@ -35,6 +35,13 @@ from cli.transfer import PushResult, Upload, err, progress_bar
 
 #: Where a new user finds the admin password (``make run`` prints it on the first start).
 PASSWORD_HINT = "printed by make run, also in data/admin-password"
+
+
+def _video():  # type: ignore[no-untyped-def]
+    """:mod:`cli.video`, loaded by the video commands only (PyAV takes tens of ms to import, at
+    every start of every other command otherwise)."""
+    from cli import video
+    return video
 
 
 def _session(args: argparse.Namespace, need_token: bool = True) -> Session:
@@ -288,18 +295,18 @@ async def _decoded(path: Path, pool: ThreadPoolExecutor) -> AsyncGenerator[Uploa
     """Frames as uploads, decoded one at a time in ``pool`` while earlier ones upload. Close it
     (``aclosing``) before ``pool`` shuts down: its cleanup runs in that thread."""
     loop = asyncio.get_running_loop()
-    frames = video.frames(path)
+    frames = _video().frames(path)
     try:
         index = 0
         while (image := await loop.run_in_executor(pool, next, frames, None)) is not None:
-            yield Upload(index, f"{index}.png", lambda image=image: video.png(image))
+            yield Upload(index, f"{index}.png", lambda image=image: _video().png(image))
             index += 1
     finally:
         await asyncio.shield(loop.run_in_executor(pool, frames.close))
 
 
 async def _video_target(api: Api, args: argparse.Namespace, pool: ThreadPoolExecutor) -> tuple[dict, bool, int | None]:
-    info = await asyncio.get_running_loop().run_in_executor(pool, video.probe, args.input)
+    info = await asyncio.get_running_loop().run_in_executor(pool, _video().probe, args.input)
     err.print(f"{args.input}: {info.width}x{info.height}, {float(info.fps):.3f} fps, "
               f"{info.frames or 'unknown'} frames, {info.codec}")
     workload, created = await _target(api, args, info.frames or None, info.meta(args.input.name))
@@ -347,11 +354,11 @@ async def _video_join(api: Api, args: argparse.Namespace, workload: dict, pool: 
                       progress: Progress, total: asyncio.Future[int] | None = None) -> None:
     """Join the filtered frames into ``args.output`` while they are being made."""
     wid = workload["workload_id"]
-    fps = args.fps or video.fps_of(workload.get("meta") or {})
+    fps = args.fps or _video().fps_of(workload.get("meta") or {})
     if fps is None:
         fps = Fraction(25)
         err.print("the workload has no frame rate (not pushed by `dpip video push`): using 25 fps")
-    writer = video.Writer(args.output, fps, args.codec)
+    writer = _video().Writer(args.output, fps, args.codec)
     loop = asyncio.get_running_loop()
     frames = pushes.expected(workload) or workload.get("images")
     task = progress.add_task("join", total=frames if total is None else None, rate="")
@@ -374,7 +381,7 @@ async def _video_join(api: Api, args: argparse.Namespace, workload: dict, pool: 
 
 
 async def cmd_video_pull(args: argparse.Namespace) -> int:
-    video.Writer.check(args.output, args.codec)
+    _video().Writer.check(args.output, args.codec)
     with _video_thread("encode") as pool:
         async with _api(args, connections=args.jobs) as api:
             workload = await api.workload(args.workload)
@@ -385,7 +392,7 @@ async def cmd_video_pull(args: argparse.Namespace) -> int:
 
 async def cmd_video_run(args: argparse.Namespace) -> int:
     """Push and join at once: frame k is encoded as soon as it is filtered."""
-    video.Writer.check(args.output, args.codec)  # a bad output name or codec fails before the work
+    _video().Writer.check(args.output, args.codec)  # a bad output name or codec fails before the work
     with _video_thread("decode") as decode, _video_thread("encode") as encode:
         async with _api(args, connections=2 * args.jobs) as api:
             workload, created, frames = await _video_target(api, args, decode)
@@ -402,6 +409,6 @@ async def cmd_video_run(args: argparse.Namespace) -> int:
 
 def cmd_video_sample(args: argparse.Namespace) -> int:
     """Blocking work, so not in the event loop: Ctrl-C stops it between two frames."""
-    count = video.sample(args.output, args.seconds, args.fps)
+    count = _video().sample(args.output, args.seconds, args.fps)
     err.print(f"wrote {args.output}: {count} frames, {args.fps} fps, 320x240")
     return EXIT_OK
