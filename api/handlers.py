@@ -265,7 +265,14 @@ async def list_workloads(request: web.Request) -> web.Response:
 
 @requires(USER)
 async def get_workload(request: web.Request) -> web.Response:
-    view = await request.app[STORE].view_of(request.match_info["workload_id"], _owner(request[CLAIMS]))
+    """The workload's view, with every result this server had received when asked (those being
+    recorded are waited for, briefly: a client polling for its image sees the result the worker
+    already sent)."""
+    workload_id = request.match_info["workload_id"]
+    if JOBS in request.app:
+        await request.app[WORKLOADS].get(workload_id, _owner(request[CLAIMS]))  # (someone else's: 404 now)
+        await request.app[JOBS].landed(workload_id)
+    view = await request.app[STORE].view_of(workload_id, _owner(request[CLAIMS]))
     return web.json_response(_workload_json(request, view))
 
 

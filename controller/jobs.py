@@ -60,6 +60,11 @@ from storage.jobrows import GONE, RECORDED
 DISPATCH_WRITE_DELAY = 0.25
 
 
+#: The longest a view waits for results being recorded (JobLifecycle.landed): one group commit
+#: takes a few ms; a disk that stalls longer holds no reader beyond this.
+LANDING_WAIT = 0.25
+
+
 @dataclasses.dataclass
 class _Sent:
     """A dispatch not written yet (:meth:`JobLifecycle.dispatch_later`)."""
@@ -117,6 +122,7 @@ class JobLifecycle:
         self._sent: dict[tuple[str, int], _Sent] = {}  # (workload, image) -> its job's dispatch, unwritten
         self._started: OrderedDict[str, None] = OrderedDict()  # workloads whose first dispatch was written here
         self._unwritten: dict[str, int] = {}  # workload -> its jobs running whose dispatch is not written
+        self._landing: dict[str, set[asyncio.Future[None]]] = {}  # workload -> results being recorded
         #: originals up to this size are sent to a worker while their row is being committed
         #: (:meth:`_enqueue_sent`): those that travel with their job (0: none; the server sets it)
         self.send_early_bytes = 0
@@ -598,6 +604,29 @@ class JobLifecycle:
         if data is not None:
             self.traffic.to_workers += len(data)
         return data
+
+    @contextlib.contextmanager
+    def landing(self, workload_id: str) -> Any:
+        """Around the recording of a result this server has received (:meth:`landed` waits for it)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._landing.setdefault(workload_id, set()).add(done)
+        try:
+            yield
+        finally:
+            done.set_result(None)
+            futures = self._landing.get(workload_id)
+            if futures is not None:
+                futures.discard(done)
+                if not futures:
+                    del self._landing[workload_id]
+
+    async def landed(self, workload_id: str, timeout: float = LANDING_WAIT) -> None:
+        """Once every result of the workload this server had received by now is recorded (or
+        failed to be), at most ``timeout``: what a view read next shows includes them. (A client
+        polling for its image sees the result the worker already sent, not the poll after.)"""
+        futures = self._landing.get(workload_id)
+        if futures:
+            await asyncio.wait(set(futures), timeout=timeout)
 
     def original_in_memory(self, job: Job) -> bool:
         """Whether the job's original is in memory (no read of its file needed to send it)."""

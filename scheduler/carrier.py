@@ -205,7 +205,12 @@ class Carrier:
 
     async def _store_inline(self, job: Job, worker: str, reply: wire.JobResult) -> Failure | None:
         """Store a result that came back inside the reply, judged as an upload would be; why it
-        was refused, or None once it is stored (or another copy's result was first)."""
+        was refused, or None once it is stored (or another copy's result was first). A view of
+        its workload read meanwhile waits for it (JobLifecycle.landed)."""
+        with self.jobs.landing(job.workload_id):
+            return await self._store_inline_now(job, worker, reply)
+
+    async def _store_inline_now(self, job: Job, worker: str, reply: wire.JobResult) -> Failure | None:
         if job.committed is not None and not await asyncio.shield(job.committed):
             return Failure(f"the result of worker {worker} has no job: its upload was not stored")
         try:

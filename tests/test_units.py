@@ -469,3 +469,46 @@ def test_a_tiny_job_through_built_in_filters_runs_on_the_worker_loop_within_a_sm
         process(tiny, grown, None, EncodeOptions(), inline)
     out, _ = process(tiny, grown, None, EncodeOptions(), service.pipeline.Limits())
     assert Image.open(io.BytesIO(out)).width == 1000
+
+
+async def test_a_view_waits_for_the_results_being_recorded_and_no_longer(tmp_path):
+    """JobLifecycle.landed: a view read of a workload waits for the results of it that this
+    server is recording (a client polling for its image sees the result the worker already
+    sent); not for another workload's, not for one that starts after it, and never beyond its
+    bound."""
+    import asyncio
+
+    from controller.jobs import JobLifecycle
+    from storage.sqlite import SqliteDatastore
+
+    store = SqliteDatastore(tmp_path / "dpip.sqlite3")
+    await store.open()
+    try:
+        jobs = JobLifecycle(store)
+        await asyncio.wait_for(jobs.landed("w"), 1)  # nothing being recorded: at once
+        release = asyncio.Event()
+        steps: list[str] = []
+
+        async def record(workload: str, name: str, until: asyncio.Event = release) -> None:
+            with jobs.landing(workload):
+                await until.wait()
+                steps.append(name)
+
+        first = asyncio.ensure_future(record("w", "recorded"))
+        other = asyncio.ensure_future(record("v", "other workload's"))
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(jobs.landed("w"))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        release.set()
+        await asyncio.wait_for(waiting, 1)
+        assert "recorded" in steps
+        await asyncio.gather(first, other)
+        stuck = asyncio.ensure_future(record("w", "never", asyncio.Event()))
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        await jobs.landed("w", timeout=0.05)  # bounded: answers what is committed
+        assert 0.04 < time.monotonic() - t0 < 1 and not stuck.done()
+        stuck.cancel()
+    finally:
+        await store.close()
