@@ -124,7 +124,7 @@ class JobLifecycle:
         self._unwritten: dict[str, int] = {}  # workload -> its jobs running whose dispatch is not written
         self._landing: dict[str, set[asyncio.Future[None]]] = {}  # workload -> results being recorded
         #: originals up to this size are sent to a worker while their row is being committed
-        #: (:meth:`_enqueue_sent`): those that travel with their job (0: none; the server sets it)
+        #: (:meth:`enqueue`): those that travel with their job (0: none; the server sets it)
         self.send_early_bytes = 0
         #: what a worker declared it runs (set by the server: membership's view), by worker name;
         #: a result of a filter this server lacks is judged by its own worker's declaration
@@ -168,46 +168,44 @@ class JobLifecycle:
 
     async def enqueue(self, workload: Workload, image_id: int, fmt: str, size: int,
                       header: tuple[int, int, str] | None = None, filename: str | None = None,
-                      photo: dict | None = None, quota: int = 0, files: Sequence[FileWrite] = ()) -> Job:
+                      photo: dict | None = None, quota: int = 0, files: Sequence[FileWrite] = (),
+                      send: Callable[[Job], None] | None = None, job_id: int | None = None) -> Job:
         """An original is in place: record it (with its ``header``: width, height, mode; the
         name it was uploaded as; what its EXIF says) and queue its job, all or nothing. With a
         ``quota``, its owner's images must fit, checked in the same transaction as the row that
         counts it (concurrent uploads cannot all pass one check). ``files``: its file, written
-        just before (in the same trip, where the datastore can)."""
+        just before (in the same trip, where the datastore can). ``send``: where the job goes
+        (the scheduler), once its row is committed; or, with a ``job_id`` the datastore reserved
+        (:meth:`~storage.sqlite.SqliteDatastore.reserve_job_id`), as its transaction is put in
+        line: the worker filters the image while the file and row are synced (its bytes travel
+        with it, from memory). Every later write about the job is applied after that transaction
+        (one writer, in order), and its result is recorded only once ``job.committed`` says the
+        row is there (False: it never will be; the job is dropped wherever it is)."""
         width, height, mode = header or (None, None, None)
-        now = time.time()
         facts = json.dumps(photo) if photo else None
+        script = jobrows.enqueue(workload, image_id, fmt, size, time.time(), width, height, mode, filename, facts,
+                                 quota, job_id=job_id)
+        written: asyncio.Future[int] | None = None
+        committed: asyncio.Future[bool] | None = None
+        if job_id is not None and send is not None:
+            written = self.store.write_queued(script, files)
+            committed = asyncio.get_running_loop().create_future()
 
-        script = jobrows.enqueue(workload, image_id, fmt, size, now, width, height, mode, filename, facts, quota)
-        job_id = await (self.store.write_with_files(script, files) if files else self.store.write(script))
+            def settle(f: asyncio.Future) -> None:  # (also if the upload's request is cancelled meanwhile)
+                assert committed is not None
+                if not committed.done():
+                    committed.set_result(not f.cancelled() and f.exception() is None)
+            written.add_done_callback(settle)
+        else:
+            job_id = await (self.store.write_with_files(script, files) if files else self.store.write(script))
         assert job_id is not None
-        return Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
-                   params=workload.params, workload_dir=workload.dir,
-                   original=(fmt, width, height, mode) if header else None)
-
-    async def _enqueue_sent(self, workload: Workload, image_id: int, stored: ReceivedImage, filename: str | None,
-                            quota: int, write: FileWrite, send: Callable[[Job], None], job_id: int) -> Job:
-        """:meth:`enqueue`, with the job given to ``send`` as its transaction is put in line,
-        not once it is on disk: the worker filters the image while the upload's file and row
-        are synced (the job's bytes travel with it, from memory). Every later write about the
-        job is applied after that transaction (one writer, in order), and its result is recorded
-        only once ``job.committed`` says the row is there (False: it never will be; the job is
-        dropped wherever it is)."""
-        facts = json.dumps(stored.photo) if stored.photo else None
-        script = jobrows.enqueue(workload, image_id, stored.format, stored.size, time.time(), stored.width,
-                                 stored.height, stored.mode, filename, facts, quota, job_id=job_id)
-        written = self.store.write_queued(script, (write,))
-        committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-        def settle(f: asyncio.Future) -> None:  # (also if the upload's request is cancelled meanwhile)
-            if not committed.done():
-                committed.set_result(not f.cancelled() and f.exception() is None)
-        written.add_done_callback(settle)
-        job = Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=stored.size,
+        job = Job(job_id, workload.id, image_id, workload.filter, workload.tags, size=size,
                   params=workload.params, workload_dir=workload.dir,
-                  original=(stored.format, stored.width, stored.height, stored.mode), committed=committed)
-        send(job)
-        await asyncio.shield(written)
+                  original=(fmt, width, height, mode) if header else None, committed=committed)
+        if send is not None:
+            send(job)
+        if written is not None:
+            await asyncio.shield(written)
         return job
 
     async def accept_original(self, workload: Workload, stored: ReceivedImage, chosen: int | None,
@@ -217,7 +215,7 @@ class JobLifecycle:
         frame number), put in place, recorded, and its job queued. The file is in place before
         its row; ids follow arrival order. ``send``: where the job goes as soon as it may (the
         scheduler), called before this returns; for an image small enough to travel with its
-        job, while its file and row are being synced (:meth:`_enqueue_sent`)."""
+        job, while its file and row are being synced (:meth:`enqueue`)."""
         assert self.images is not None
         if chosen is None:
             image_id = await self.ids.take(workload.id)
@@ -249,17 +247,12 @@ class JobLifecycle:
             await self.images.commit(stored, key, keep=True)
         try:
             reserve = getattr(self.store, "reserve_job_id", None)  # (SQLite: ids known before the row)
-            job_id = reserve() if send is not None and write is not None and reserve is not None \
-                and stored.size <= self.send_early_bytes else None
-            if job_id is not None:
-                assert send is not None and write is not None
-                return await self._enqueue_sent(workload, image_id, stored, filename, quota, write, send, job_id)
-            job = await self.enqueue(workload, image_id, stored.format, stored.size,
-                                     (stored.width, stored.height, stored.mode), filename, stored.photo, quota,
-                                     files=(write,) if write is not None else ())
-            if send is not None:
-                send(job)
-            return job
+            early = send is not None and write is not None and reserve is not None \
+                and stored.size <= self.send_early_bytes  # (its bytes in memory, to travel with it)
+            return await self.enqueue(workload, image_id, stored.format, stored.size,
+                                      (stored.width, stored.height, stored.mode), filename, stored.photo, quota,
+                                      files=(write,) if write is not None else (), send=send,
+                                      job_id=reserve() if early else None)
         except (NotFound, QuotaExceeded):
             await self.images.remove(key)
             raise

@@ -322,6 +322,8 @@ class SqliteDatastore(SqlDatastore):
         await self._next_block()  # (the first job ids, set aside)
 
     async def close(self) -> None:
+        if self._refill is not None:  # (a block being set aside: done before the writer closes)
+            await asyncio.wait([self._refill])
         await self._group.close()
         await self._reader.close()
         if self._db is not None:
